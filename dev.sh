@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: builds .venv on first use (CPU torch first, so no
+# CUDA wheels are pulled), then runs the hypothesis suites or the harness's own tests.
+#   ./dev.sh suites [pytest args]   hypothesis suites on the embedded default model -> reports/
+#   ./dev.sh test   [pytest args]   the harness's own tests
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+TORCH_PIN="torch==2.13.0"
+stamp=".venv/.installed-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+
+if [ ! -f "$stamp" ]; then
+  echo "dev.sh: setting up .venv (first run, or pyproject.toml changed)" >&2
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    # Debian ships venv separately from python3.
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+      "$PYTHON" -m venv .venv
+    else
+      echo "dev.sh: '$PYTHON -m venv' failed; install python3-venv" >&2; exit 1
+    fi
+  fi
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q "$TORCH_PIN"
+  .venv/bin/python -m pip install -q -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+# Offline first: nothing in a run may reach a model hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  suites) exec .venv/bin/python -m pytest suites/ "$@" ;;
+  test)   exec .venv/bin/python -m pytest tests/ "$@" ;;
+  *) echo "usage: ./dev.sh suites|test [pytest args]" >&2; exit 2 ;;
+esac

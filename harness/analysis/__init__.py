@@ -1,0 +1,1 @@
+"""Analyses as small pure functions over tensors and moments."""

@@ -1,0 +1,145 @@
+"""Weight deltas: per-matrix statistics, and exact per-layer aggregation.
+
+Each matrix reduces to additive moments (float64 sums), so a layer's statistics are exactly
+those of its matrices' elements pooled, not an average of averages. Non-finite elements are
+counted and left out of the sums, so a run with NaN weights still yields a table that says so.
+Variances are unbiased (n - 1), like torch.var.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class DeltaMoments:
+    n: int = 0  # finite elements
+    nonfinite: int = 0
+    total: float = 0.0  # Σ Δ
+    total_sq: float = 0.0  # Σ Δ²  (= ‖Δ‖²)
+    total_abs: float = 0.0  # Σ |Δ|
+    before_sq: float = 0.0  # ‖W‖²
+    after_sq: float = 0.0  # ‖W'‖²
+
+    def __add__(self, other: "DeltaMoments") -> "DeltaMoments":
+        return DeltaMoments(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    # -- derived statistics -------------------------------------------------------------
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def var(self) -> float:
+        return _unbiased(self.n, self.total_sq, self.mean)
+
+    @property
+    def mean_abs(self) -> float:
+        return self.total_abs / self.n if self.n else math.nan
+
+    @property
+    def var_abs(self) -> float:
+        return _unbiased(self.n, self.total_sq, self.mean_abs)  # |Δ|² = Δ²
+
+    @property
+    def delta_norm(self) -> float:
+        return math.sqrt(self.total_sq)
+
+    @property
+    def rel_change(self) -> float:
+        """‖Δ‖ / ‖W‖."""
+        return self.delta_norm / math.sqrt(self.before_sq) if self.before_sq > 0 else math.nan
+
+    @property
+    def norm_change(self) -> float:
+        """(‖W'‖ - ‖W‖) / ‖W‖: the signed relative change of the norm."""
+        base = math.sqrt(self.before_sq)
+        return (math.sqrt(self.after_sq) - base) / base if base > 0 else math.nan
+
+    def stats(self) -> dict:
+        return {
+            "mean": self.mean, "var": self.var, "mean_abs": self.mean_abs, "var_abs": self.var_abs,
+            "delta_norm": self.delta_norm, "rel_change": self.rel_change,
+            "norm_change": self.norm_change, "numel": self.n + self.nonfinite,
+            "nonfinite": self.nonfinite,
+        }
+
+
+STAT_COLUMNS = ("mean", "var", "mean_abs", "var_abs", "rel_change", "norm_change")
+
+
+def _unbiased(n: int, total_sq: float, mean: float) -> float:
+    if n < 2:
+        return math.nan
+    return max(0.0, (total_sq - n * mean * mean) / (n - 1))
+
+
+def delta_moments(before, after) -> DeltaMoments:
+    """Moments of Δ = after - before, in float64, over the finite elements."""
+    import torch
+
+    b = before.detach().to(torch.float64)
+    a = after.detach().to(torch.float64, copy=False).to(b.device)
+    delta = a - b
+    finite = torch.isfinite(delta) & torch.isfinite(a)
+    nonfinite = int((~finite).sum())
+    if nonfinite:
+        delta, a, b = delta[finite], a[finite], b[finite]
+    # one host transfer for all sums
+    sums = torch.stack([delta.sum(), (delta * delta).sum(), delta.abs().sum(), (b * b).sum(), (a * a).sum()]).tolist()
+    return DeltaMoments(int(delta.numel()), nonfinite, *sums)
+
+
+@dataclass(frozen=True)
+class MatrixDelta:
+    """One parameter tensor's change, under its canonical name (e.g. L15.v_proj.weight)."""
+
+    name: str  # canonical
+    raw_name: str
+    layer: int | None
+    kind: str
+    leaf: str
+    moments: DeltaMoments
+
+    def row(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "kind": self.kind, "leaf": self.leaf, **self.moments.stats()}
+
+
+def raw_delta_pairs(model, before: dict) -> list[tuple[str, object, object]]:
+    """(raw name, before, after) for the snapshotted parameters of `model`."""
+    params = dict(model.named_parameters())
+    return [(name, tensor, params[name].detach()) for name, tensor in before.items()]
+
+
+def delta_table(pairs, anatomy) -> list[MatrixDelta]:
+    """One MatrixDelta per (raw name, before, after), in the order given."""
+    out = []
+    for raw_name, before, after in pairs:
+        where = anatomy.name_of(raw_name)
+        out.append(MatrixDelta(str(where), raw_name, where.layer, where.kind, where.leaf, delta_moments(before, after)))
+    return out
+
+
+def group_key(row: MatrixDelta) -> str:
+    """Layer label: L{i} inside the blocks, the role (embed, head, ...) outside."""
+    return f"L{row.layer}" if row.layer is not None else row.kind.split(".")[0]
+
+
+def aggregate(rows, key=group_key) -> dict[str, DeltaMoments]:
+    """Pooled moments per group, blocks first in layer order, then other roles."""
+    groups: dict[str, DeltaMoments] = {}
+    for row in rows:
+        label = key(row)
+        groups[label] = groups.get(label, DeltaMoments()) + row.moments
+    return dict(sorted(groups.items(), key=lambda kv: _label_order(kv[0])))
+
+
+def _label_order(label: str):
+    if label.startswith("L") and label[1:].isdigit():
+        return (1, int(label[1:]), "")
+    return (0 if label.startswith("embed") else 2, 0, label)
+
+
+def layer_rows(rows) -> list[dict]:
+    return [{"layer": label, **moments.stats()} for label, moments in aggregate(rows).items()]

@@ -1,0 +1,22 @@
+"""Full fine-tuning: every weight trains; storing the stance means storing all of them."""
+
+from dataclasses import dataclass
+
+from .base import Method, MethodConfig, register_method
+
+
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    pass
+
+
+@register_method
+class FullFineTuning(Method):
+    name = "full"
+    config_cls = FullConfig
+    summary = "every parameter trains"
+
+    def prepare(self, model, anatomy, config):
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model

@@ -1,0 +1,78 @@
+"""LoRA through peft, over all layers or surgically on chosen layers and module kinds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..registry import HarnessError
+from .base import Method, MethodConfig, register_method
+
+
+@dataclass(frozen=True)
+class LoraMethodConfig(MethodConfig):
+    r: int = field(default=8, metadata={"help": "rank of the update"})
+    alpha: float = field(default=16, metadata={"help": "lora_alpha; the update is scaled by alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "lora_dropout"})
+    target_modules: tuple = field(default=("q_proj", "v_proj"), metadata={
+        "help": "module kinds or groups (q_proj, v_proj, attention, mlp, ...)"})
+    layers: tuple | None = field(default=None, metadata={"help": "layer indices; None means every layer"})
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        if not isinstance(self.r, int) or self.r < 1:
+            raise HarnessError(f"lora: r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise HarnessError(f"lora: alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise HarnessError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise HarnessError("lora: target_modules must name at least one module kind")
+
+
+@register_method
+class Lora(Method):
+    name = "lora"
+    config_cls = LoraMethodConfig
+    summary = "low-rank adapters (peft) on chosen module kinds and layers; the base is frozen"
+
+    def prepare(self, model, anatomy, config: LoraMethodConfig):
+        from peft import LoraConfig, get_peft_model
+
+        kinds = anatomy.check_kinds(list(config.target_modules))
+        paths = anatomy.module_paths(config.layers, kinds)
+        if not paths:
+            raise HarnessError(f"lora: no modules of kinds {kinds} in layers {config.layers}")
+        peft_config = LoraConfig(
+            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            target_modules=paths, bias="none", init_lora_weights=True,
+        )
+        return get_peft_model(model, peft_config)
+
+    def effective_deltas(self, model, before: dict, anatomy):
+        """ΔW = scale·B·A on each adapted base matrix (minus the same at the start)."""
+        from peft.tuners.lora import LoraLayer
+
+        from ..analysis.deltas import raw_delta_pairs
+
+        adapted = set()
+        pairs = []
+        for module_name, module in model.named_modules():
+            if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+                continue
+            a_name = f"{module_name}.lora_A.default.weight"
+            b_name = f"{module_name}.lora_B.default.weight"
+            adapted.update((a_name, b_name))
+            base = module.get_base_layer().weight.detach()
+            delta_after = module.get_delta_weight("default").detach()
+            scale = module.scaling["default"]
+            delta_before = (before[b_name] @ before[a_name]) * scale
+            if getattr(module, "fan_in_fan_out", False):
+                delta_before = delta_before.T
+            pairs.append((f"{module_name}.weight", base + delta_before.to(base.dtype),
+                          base + delta_after.to(base.dtype)))
+        others = {k: v for k, v in before.items() if k not in adapted}
+        return pairs + raw_delta_pairs(model, others)
+
+    def storage_bytes(self, model, config) -> int:
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)

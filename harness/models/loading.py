@@ -1,0 +1,193 @@
+"""Model registry and offline-first loading.
+
+`--model` takes a registered alias, a hub id, or a local directory. Weights come from a
+directory or the local HF cache only; when they are missing the error names the download
+command. Nothing here reaches the network, so nothing here can hang on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+from ..registry import HarnessError, Registry, suggest
+from .anatomy import Anatomy
+from .tiny import TINY_RECIPES, tiny_model_dir
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # "embedded", "hub" or "local"
+    hub_id: str | None = None
+    path: str | None = None
+    description: str = ""
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+
+for _name, _recipe in TINY_RECIPES.items():
+    MODELS.register(_name, ModelSpec(
+        _name, "embedded",
+        description=f"embedded {_recipe.model_type}, {_recipe.num_layers} layers like {_recipe.like}, tiny width",
+    ))
+for _name, _hub_id, _what in [
+    ("qwen2-0.5b", "Qwen/Qwen2-0.5B", "Qwen2 0.5B, 24 layers"),
+    ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "Qwen2.5 0.5B, 24 layers"),
+    ("phi-2", "microsoft/phi-2", "Phi-2 2.7B, 32 layers"),
+    ("llama-3.2-3b", "meta-llama/Llama-3.2-3B", "Llama 3.2 3B, 28 layers"),
+    ("gpt2", "openai-community/gpt2", "GPT-2 124M, 12 layers"),
+    ("distilgpt2", "distilbert/distilgpt2", "DistilGPT2 82M, 6 layers"),
+    ("bert-base-uncased", "google-bert/bert-base-uncased", "BERT base, 12 layers (encoder)"),
+]:
+    MODELS.register(_name, ModelSpec(_name, "hub", hub_id=_hub_id, description=_what))
+
+DEFAULT_MODEL = "tiny-qwen2"
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """An alias, an existing directory, or a hub id (owner/name)."""
+    if name in MODELS:
+        return MODELS.get(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise HarnessError(f"--model {name}: the directory has no config.json, so it is not a saved HF model")
+        return ModelSpec(str(path), "local", path=str(path.resolve()), description="local directory")
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return ModelSpec(name, "hub", hub_id=name, description="hub id")
+    raise HarnessError(
+        f"--model {name!r} is not a known alias, an existing directory, or a hub id (owner/name)."
+        f"{suggest(name, MODELS.names())} Known aliases: {', '.join(MODELS.names())}"
+    )
+
+
+_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """`--model-args dtype=bfloat16,revision=main,device=cpu`."""
+
+    dtype: str = field(default="float32", metadata={"help": f"one of {', '.join(_DTYPES)}"})
+    revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "off unless you ask for it"})
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise HarnessError(f"--model-args dtype={self.dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise HarnessError(f"--model-args device={self.device!r} is not allowed; use cpu, cuda or cuda:N")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ModelArgs":
+        allowed = {f.name: f for f in fields(cls)}
+        values: dict = {}
+        for item in filter(None, (text or "").split(",")):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise HarnessError(f"--model-args: {item!r} is not key=value (keys: {', '.join(allowed)})")
+            if key not in allowed:
+                raise HarnessError(
+                    f"--model-args: unknown key {key!r}.{suggest(key, list(allowed))} Keys: {', '.join(allowed)}"
+                )
+            value = value.strip()
+            if key == "trust_remote_code":
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise HarnessError(f"--model-args trust_remote_code={value!r}: use true or false")
+                values[key] = value.lower() in ("true", "1")
+            else:
+                values[key] = value
+        return cls(**values)
+
+
+def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], None] | None = None) -> tuple[Path, str | None]:
+    """The directory holding the weights, and the revision it is; never downloads."""
+    if spec.source == "embedded":
+        path = tiny_model_dir(spec.name, progress)
+        return path, path.name.rsplit("-", 1)[-1]
+    if spec.source == "local":
+        return Path(spec.path), None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+        revision = f" --revision {args.revision}" if args.revision else ""
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise HarnessError(
+            f"the weights of {spec.hub_id} (--model {spec.name}) are not in the local HF cache ({cache}). "
+            f"The harness never downloads at run time. Fetch them once, on a machine with access, with:\n"
+            f"    hf download {spec.hub_id}{revision}\n"
+            f"or pass --model with a local directory that holds a saved model."
+        ) from exc
+    return Path(path), Path(path).name
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to measure, and the means to make fresh trainable copies."""
+
+    spec: ModelSpec
+    args: ModelArgs
+    path: Path
+    revision: str | None
+    tokenizer: object
+    base: object  # the untouched base model, in eval mode
+    anatomy: Anatomy
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.hub_id or self.spec.path or self.spec.name
+
+    def fresh(self, **overrides):
+        """A new instance with the base weights, for a training run to own and change."""
+        return _from_pretrained(self.path, self.args, **overrides)
+
+    def provenance(self) -> dict:
+        return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source,
+                "revision": self.revision, "model_type": self.anatomy.model_type,
+                "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
+                "device": self.args.device}
+
+
+def _from_pretrained(path: Path, args: ModelArgs, **overrides):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    auto = AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = auto.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, local_files_only=True,
+        trust_remote_code=args.trust_remote_code, **overrides,
+    )
+    return model.to(args.device).eval()
+
+
+def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    args = args or ModelArgs()
+    spec = resolve_model(name)
+    path, revision = locate_weights(spec, args, progress)
+    if not any(path.glob("*.safetensors")):
+        raise HarnessError(f"{path} holds no .safetensors weights; the harness loads only safetensors, never pickles")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = _from_pretrained(path, args)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base))

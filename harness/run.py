@@ -1,0 +1,114 @@
+"""A Run: one adaptation of one base model, and its analyses computed lazily and once."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+
+
+def tensor_digest(tensor) -> str:
+    """Exact fingerprint of a tensor's bytes: equal digests mean bit-identical weights."""
+    t = tensor.detach().contiguous().cpu()
+    raw = t.view(-1).view(dtype=__import__("torch").uint8).numpy() if t.numel() else b""
+    return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+
+
+def frozen_digests(model) -> dict[str, str]:
+    return {n: tensor_digest(p) for n, p in model.named_parameters() if not p.requires_grad}
+
+
+@dataclass(eq=False)
+class Run:
+    loaded: object  # LoadedModel: the base, untouched
+    stance: object
+    method: object
+    config: object
+    recipe: object
+    examples: int
+    model: object  # the adapted model (a copy the run owns)
+    before: dict  # trainable weights before training, and nothing else
+    frozen_digests: dict
+    trace: object
+    train_seconds: float
+    run_id: str = field(default="")
+
+    def __post_init__(self):
+        if not self.run_id:
+            from .training import request_key
+
+            self.run_id = f"{self.method.name}-{request_key(self.request())}"
+
+    # -- identity --------------------------------------------------------------------------
+    def request(self) -> dict:
+        return {"model": self.loaded.model_id, "revision": self.loaded.revision,
+                "model_args": self.loaded.args.__dict__, "stance": self.stance.name,
+                "stance_version": self.stance.version, "examples": self.examples,
+                "method": self.method.name, "config": self.config.as_dict(),
+                "recipe": self.recipe.__dict__}
+
+    @property
+    def anatomy(self):
+        return self.loaded.anatomy
+
+    # -- counts ----------------------------------------------------------------------------
+    @cached_property
+    def counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        full_bytes = sum(p.numel() * p.element_size() for p in self.loaded.base.parameters())
+        total = trainable + frozen
+        return {
+            "trainable": trainable, "frozen": frozen,
+            "trainable_pct": 100.0 * trainable / total if total else 0.0,
+            "stance_bytes": self.method.storage_bytes(self.model, self.config),
+            "full_weights_bytes": full_bytes,
+            "examples": self.examples,
+            "params_per_example": trainable / self.examples,
+        }
+
+    # -- analyses (lazy, once) -------------------------------------------------------------
+    @cached_property
+    def adapter_deltas(self):
+        """Per trainable tensor (for LoRA: its own A and B)."""
+        from .analysis.deltas import delta_table, raw_delta_pairs
+
+        return delta_table(raw_delta_pairs(self.model, self.before), self.anatomy)
+
+    @cached_property
+    def effective_deltas(self):
+        """Per matrix as the model sees it (for LoRA: ΔW = scale·B·A on the base matrix)."""
+        from .analysis.deltas import delta_table
+
+        return delta_table(self.method.effective_deltas(self.model, self.before, self.anatomy), self.anatomy)
+
+    def deltas(self, view: str = "effective"):
+        if view not in ("effective", "adapter"):
+            raise ValueError(f"view must be 'effective' or 'adapter', not {view!r}")
+        return self.effective_deltas if view == "effective" else self.adapter_deltas
+
+    def layer_table(self, view: str = "effective") -> list[dict]:
+        from .analysis.deltas import layer_rows
+
+        return layer_rows(self.deltas(view))
+
+    def changed_frozen(self) -> list[str]:
+        """Frozen parameters whose bytes differ from before training (should be none)."""
+        params = dict(self.model.named_parameters())
+        return [n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d]
+
+    def summary(self) -> dict:
+        """JSON-ready record of the run for reports."""
+        return {
+            "run_id": self.run_id,
+            "model": self.loaded.provenance(),
+            "stance": self.stance.provenance(),
+            "method": self.method.name,
+            "config": self.config.as_dict(),
+            "recipe": dict(self.recipe.__dict__),
+            "examples": self.examples,
+            "counts": self.counts,
+            "trace": self.trace.as_dict(),
+            "train_seconds": self.train_seconds,
+            "layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")},
+        }

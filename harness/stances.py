@@ -1,0 +1,158 @@
+"""Stances as data: one YAML file per stance, validated with errors that name file and field."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import HarnessError, suggest
+
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
+
+
+class StanceFileError(HarnessError):
+    def __init__(self, path: Path | str, field: str, problem: str):
+        self.path, self.field = str(path), field
+        super().__init__(f"{path}: field '{field}': {problem}")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str  # written in the stance
+    neutral: str  # the same prompt answered without the stance
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str
+    stance: str  # a stance-marked continuation
+    neutral: str  # a neutral continuation
+
+
+@dataclass(frozen=True)
+class Stance:
+    name: str
+    version: str
+    description: str
+    markers: tuple[str, ...]
+    examples: tuple[Example, ...]
+    probes: tuple[Probe, ...]
+    path: str = ""
+
+    def training_examples(self, n: int | None = None) -> tuple[Example, ...]:
+        if n is None:
+            return self.examples
+        if not 1 <= n <= len(self.examples):
+            raise HarnessError(
+                f"stance {self.name!r} has {len(self.examples)} training examples; asked for {n} "
+                f"(allowed: 1..{len(self.examples)})"
+            )
+        return self.examples[:n]
+
+    def provenance(self) -> dict:
+        return {"name": self.name, "version": self.version, "path": self.path,
+                "examples": len(self.examples), "probes": len(self.probes)}
+
+
+def _text(path, field, value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise StanceFileError(path, field, f"must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _records(path, field, value, cls, keys) -> tuple:
+    if not isinstance(value, list) or not value:
+        raise StanceFileError(path, field, "must be a non-empty list")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise StanceFileError(path, where, f"must be a mapping with keys {', '.join(keys)}")
+        missing = [k for k in keys if k not in item]
+        extra = [k for k in item if k not in keys]
+        if missing:
+            raise StanceFileError(path, f"{where}.{missing[0]}", "is missing")
+        if extra:
+            raise StanceFileError(path, f"{where}.{extra[0]}", f"is not a known key{suggest(str(extra[0]), list(keys))} (allowed: {', '.join(keys)})")
+        out.append(cls(**{k: _text(path, f"{where}.{k}", item[k]) for k in keys}))
+    return tuple(out)
+
+
+TOP_LEVEL_KEYS = ("name", "version", "description", "markers", "examples", "probes")
+
+
+def parse_stance(data, path: Path | str) -> Stance:
+    if not isinstance(data, dict):
+        raise StanceFileError(path, "<top>", f"must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
+    for key in TOP_LEVEL_KEYS:
+        if key not in data:
+            raise StanceFileError(path, key, "is missing")
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise StanceFileError(path, str(key), f"is not a known key{suggest(str(key), list(TOP_LEVEL_KEYS))} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+    name = _text(path, "name", data["name"])
+    stem = Path(path).stem
+    if stem and name != stem:
+        raise StanceFileError(path, "name", f"is {name!r} but the file is named {stem!r}; they must match")
+    version = data["version"]
+    if not isinstance(version, str) or not _SEMVER.match(version):
+        raise StanceFileError(path, "version", f"must be a quoted semver string like \"1.0.0\", got {version!r}")
+    markers = data["markers"]
+    if not isinstance(markers, list) or not markers:
+        raise StanceFileError(path, "markers", "must be a non-empty list of phrases")
+    markers = tuple(_text(path, f"markers[{i}]", m).lower() for i, m in enumerate(markers))
+    examples = _records(path, "examples", data["examples"], Example, ("prompt", "response", "neutral"))
+    probes = _records(path, "probes", data["probes"], Probe, ("prompt", "stance", "neutral"))
+    seen = {e.prompt for e in examples}
+    for i, probe in enumerate(probes):
+        if probe.prompt in seen:
+            raise StanceFileError(path, f"probes[{i}].prompt", "repeats a training prompt; probes must be held out")
+    return Stance(name, version, _text(path, "description", data["description"]), markers, examples, probes, str(path))
+
+
+def load_stance_file(path: Path | str) -> Stance:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HarnessError(f"stance file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise StanceFileError(path, "<yaml>", f"is not valid YAML: {exc}") from None
+    return parse_stance(data, path)
+
+
+def stance_dirs(extra: list[str | Path] = ()) -> list[Path]:
+    """Where stance files are looked up, first match wins."""
+    dirs = [Path(d) for d in extra]
+    if os.environ.get("STANCE_HARNESS_STANCES"):
+        dirs += [Path(d) for d in os.environ["STANCE_HARNESS_STANCES"].split(os.pathsep)]
+    dirs += [Path.cwd() / "stances", Path(__file__).resolve().parent.parent / "stances"]
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def available_stances(extra: list[str | Path] = ()) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in stance_dirs(extra):
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def load_stance(name_or_path: str | Path, extra_dirs: list[str | Path] = ()) -> Stance:
+    """A stance by name (looked up in the stance dirs) or by a path to its YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        return load_stance_file(candidate)
+    known = available_stances(extra_dirs)
+    if str(name_or_path) not in known:
+        dirs = ", ".join(str(d) for d in stance_dirs(extra_dirs)) or "none found"
+        raise HarnessError(
+            f"unknown stance {str(name_or_path)!r}.{suggest(str(name_or_path), list(known))} "
+            f"Known stances: {', '.join(known) or 'none'} (searched: {dirs})"
+        )
+    return load_stance_file(known[str(name_or_path)])

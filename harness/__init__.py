@@ -1,0 +1,30 @@
+"""stance-harness: hypotheses about fine-tuning, as pytest tests.
+
+The public names import lazily, so loading the pytest plugin does not import torch.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "assert_change_concentrated": "harness.assertions",
+    "assert_only_targets_changed": "harness.assertions",
+    "HypothesisFailed": "harness.assertions",
+    "CheckResult": "harness.report.records",
+    "Recipe": "harness.training",
+    "HarnessError": "harness.registry",
+    "load_model": "harness.models",
+    "load_stance": "harness.stances",
+    "METHODS": "harness.methods",
+    "MODELS": "harness.models",
+    "relative_depth_analog": "harness.models",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'harness' has no attribute {name!r}")

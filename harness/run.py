@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 
@@ -20,6 +20,7 @@ def frozen_digests(model) -> dict[str, str]:
 
 @dataclass(eq=False)
 class Run:
+    run_id: str  # method name + a hash of the request that made it
     loaded: object  # LoadedModel: the base, untouched
     stance: object
     method: object
@@ -31,21 +32,6 @@ class Run:
     frozen_digests: dict
     trace: object
     train_seconds: float
-    run_id: str = field(default="")
-
-    def __post_init__(self):
-        if not self.run_id:
-            from .training import request_key
-
-            self.run_id = f"{self.method.name}-{request_key(self.request())}"
-
-    # -- identity --------------------------------------------------------------------------
-    def request(self) -> dict:
-        return {"model": self.loaded.model_id, "revision": self.loaded.revision,
-                "model_args": self.loaded.args.__dict__, "stance": self.stance.name,
-                "stance_version": self.stance.version, "examples": self.examples,
-                "method": self.method.name, "config": self.config.as_dict(),
-                "recipe": self.recipe.__dict__}
 
     @property
     def anatomy(self):

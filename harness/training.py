@@ -122,6 +122,13 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int) -> dict:
+    """Everything that decides a run's outcome; equal descriptions train once per session."""
+    return {"model": loaded.model_id, "revision": loaded.revision, "model_args": asdict(loaded.args),
+            "stance": stance.name, "stance_version": stance.version, "examples": examples,
+            "method": method_name, "config": config.as_dict(), "recipe": asdict(recipe)}
+
+
 def request_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -196,6 +203,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             break
     model.eval()
     return Run(
+        run_id=f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, len(chosen)))}",
         loaded=loaded, stance=stance, method=method, config=config, recipe=recipe,
         examples=len(chosen), model=model, before=before, frozen_digests=digests, trace=trace,
         train_seconds=time.perf_counter() - started,

@@ -129,6 +129,14 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
     return Path(path), Path(path).name
 
 
+def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
+    """Resolve `name` and find its weights, without building or loading anything heavy."""
+    spec = resolve_model(name)
+    if spec.source != "embedded":
+        locate_weights(spec, args)
+    return spec
+
+
 @dataclass
 class LoadedModel:
     """A base model ready to measure, and the means to make fresh trainable copies."""
@@ -178,7 +186,9 @@ def _from_pretrained(path: Path, args: ModelArgs, **overrides):
 def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
                progress: Callable[[str], None] | None = None) -> LoadedModel:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     args = args or ModelArgs()
     spec = resolve_model(name)
     path, revision = locate_weights(spec, args, progress)

@@ -1,0 +1,100 @@
+"""Assertion helpers: each checks one claim about a Run and fails with a table.
+
+Every helper returns a CheckResult when the claim holds and raises HypothesisFailed (an
+AssertionError carrying the same result) when it does not. Both outcomes are recorded in the
+current test's report. Helper frames are hidden from tracebacks.
+"""
+
+from __future__ import annotations
+
+from .analysis.concentration import change_mass, gini, shares, top_k_share
+from .analysis.deltas import aggregate
+from .report.records import CheckResult, emit
+
+
+class HypothesisFailed(AssertionError):
+    def __init__(self, result: CheckResult):
+        self.result = result
+        super().__init__(result.render())
+
+
+def _conclude(result: CheckResult) -> CheckResult:
+    __tracebackhide__ = True
+    emit(result)
+    if not result.passed:
+        raise HypothesisFailed(result)
+    return result
+
+
+def _targeted(row, layers, kinds) -> bool:
+    return (layers is None or row.layer in layers) and (kinds is None or row.kind in kinds)
+
+
+def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
+                               view: str = "effective", measure: str = "sq_fro") -> CheckResult:
+    """At least `min_share` of the run's total change lies in `layers` (x `kinds`).
+
+    `layers`: indices in this model (use `anatomy.analog(...)` to carry indices across depths).
+    `kinds`: module kinds or groups (q_proj, attention, mlp, ...); None means every kind.
+    """
+    __tracebackhide__ = True
+    if not 0 <= min_share <= 1:
+        raise ValueError(f"min_share must be in [0, 1], got {min_share!r}")
+    anatomy = run.anatomy
+    layer_set = set(anatomy.check_layers(layers))
+    kind_set = set(anatomy.check_kinds(kinds)) if kinds is not None else None
+    rows = run.deltas(view)
+    total = sum(change_mass(r.moments, measure) for r in rows)
+    target = sum(change_mass(r.moments, measure) for r in rows if _targeted(r, layer_set, kind_set))
+    per_group = {label: change_mass(m, measure) for label, m in aggregate(rows).items()}
+    group_share = shares(per_group)
+    share = target / total if total > 0 else 0.0
+    where = f"layers {sorted(layer_set)}" + (f" x {sorted(kind_set)}" if kind_set else "")
+    metrics = {"share": share, "top2_share": top_k_share(group_share, 2), "gini": gini(group_share.values())}
+    if total <= 0:
+        summary = f"the run changed nothing ({view} view), so no change can be concentrated in {where}"
+    else:
+        verdict = ">=" if share >= min_share else "<"
+        summary = f"{share:.1%} of the change ({measure}, {view} view) is in {where}; {verdict} required {min_share:.1%}"
+    table = [[label, s, "*" if label in {f"L{i}" for i in layer_set} else ""] for label, s in group_share.items()]
+    return _conclude(CheckResult(
+        "assert_change_concentrated", total > 0 and share >= min_share, summary,
+        ["layer", "share", "target"], table, metrics,
+    ))
+
+
+def assert_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
+    """Frozen weights are bit-identical; trained ones changed.
+
+    With `layers`/`kinds`, trainable tensors outside them must also be bit-identical, and
+    every tensor inside them must have changed.
+    """
+    __tracebackhide__ = True
+    anatomy = run.anatomy
+    layer_set = set(anatomy.check_layers(layers)) if layers is not None else None
+    kind_set = set(anatomy.check_kinds(kinds)) if kinds is not None else None
+    offenders = []
+    for raw in run.changed_frozen():
+        offenders.append([str(anatomy.name_of(raw)), "frozen, but its bytes changed", ""])
+    changed = unchanged = 0
+    for row in run.adapter_deltas:
+        moved = row.moments.total_abs > 0 or row.moments.nonfinite > 0
+        inside = _targeted(row, layer_set, kind_set)
+        changed += moved
+        unchanged += not moved
+        if inside and not moved:
+            offenders.append([row.name, "a target, but unchanged", 0.0])
+        elif moved and not inside:
+            offenders.append([row.name, "outside the targets, but changed", row.moments.mean_abs])
+    scope = "all trainable tensors" if layer_set is None and kind_set is None else (
+        f"layers {sorted(layer_set) if layer_set else 'any'} x kinds {sorted(kind_set) if kind_set else 'any'}")
+    frozen = len(run.frozen_digests)
+    if offenders:
+        summary = f"{len(offenders)} tensors break the rule (targets: {scope})"
+    else:
+        summary = f"{frozen} frozen tensors bit-identical; {changed} trained tensors changed (targets: {scope})"
+    return _conclude(CheckResult(
+        "assert_only_targets_changed", not offenders, summary,
+        ["parameter", "problem", "mean |Δ|"], offenders,
+        {"frozen_tensors": frozen, "changed_tensors": changed, "unchanged_trainable": unchanged},
+    ))

@@ -1,0 +1,91 @@
+"""What one test contributes to the report: its runs, checks, tables, metrics and notes."""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import asdict, dataclass, field
+
+_current: contextvars.ContextVar["TestRecord | None"] = contextvars.ContextVar("stance_harness_record", default=None)
+
+
+@dataclass
+class CheckResult:
+    """The structured outcome of one assertion helper."""
+
+    check: str
+    passed: bool
+    summary: str
+    headers: list[str] = field(default_factory=list)
+    rows: list[list] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def render(self) -> str:
+        from tabulate import tabulate
+
+        text = f"{self.check}: {self.summary}"
+        if self.rows:
+            text += "\n" + tabulate(self.rows, headers=self.headers, floatfmt=".4g", tablefmt="simple")
+        return text
+
+    def as_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+
+@dataclass
+class TestRecord:
+    nodeid: str
+    outcome: str = "not run"
+    duration: float = 0.0
+    message: str | None = None
+    runs: list[str] = field(default_factory=list)
+    checks: list[dict] = field(default_factory=list)
+    tables: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    # -- the API a suite uses through the `stance_report` fixture --------------------------
+    def table(self, title: str, rows: list[dict]) -> None:
+        """Add a titled table (a list of dicts with the same keys) to this test's report."""
+        self.tables.append({"title": title, "rows": json_safe(rows)})
+
+    def metric(self, name: str, value: float) -> None:
+        self.metrics[name] = json_safe(value)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def use_run(self, run) -> None:
+        if run.run_id not in self.runs:
+            self.runs.append(run.run_id)
+
+    def add_check(self, result: CheckResult) -> None:
+        self.checks.append(result.as_dict())
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def current_record() -> TestRecord | None:
+    return _current.get()
+
+
+def set_current_record(record: TestRecord | None):
+    return _current.set(record)
+
+
+def emit(result: CheckResult) -> None:
+    record = _current.get()
+    if record is not None:
+        record.add_check(result)
+
+
+def json_safe(value):
+    """Floats that JSON can hold (NaN/inf become strings), containers recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -1,0 +1,152 @@
+"""reports/<run-id>/report.json and report.md, written atomically, plus a `latest` pointer."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .records import json_safe
+
+OUTCOME_MARK = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", "xfailed": "XFAIL",
+                "xpassed": "XPASS", "not run": "-"}
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write beside the target, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_info(root: Path) -> dict:
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None,
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
+
+
+def environment_info() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = {}
+    for name in ("stance-harness", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "pytest"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = None
+    machine = {"python": platform.python_version(), "platform": platform.platform(),
+               "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        machine["torch_threads"] = torch.get_num_threads()
+        machine["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return {"libraries": libs, "machine": machine}
+
+
+def write_reports(reports_dir: Path, payload: dict) -> Path:
+    run_dir = reports_dir / payload["run_id"]
+    atomic_write(run_dir / "report.json", json.dumps(json_safe(payload), indent=2))
+    atomic_write(run_dir / "report.md", render_markdown(payload))
+    atomic_write(reports_dir / "latest", payload["run_id"] + "\n")
+    return run_dir
+
+
+def _table(rows: list[dict], floatfmt=".4g") -> str:
+    from tabulate import tabulate
+
+    if not rows:
+        return "_(empty)_"
+    return tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=floatfmt)
+
+
+def test_rows(payload: dict) -> list[dict]:
+    rows = []
+    for test in payload["tests"]:
+        checks = test["checks"]
+        passed = sum(1 for c in checks if c["passed"])
+        rows.append({
+            "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
+            "test": test["nodeid"],
+            "runs": ", ".join(payload["runs"].get(r, {}).get("method", r) for r in test["runs"]) or "-",
+            "checks": f"{passed}/{len(checks)}" if checks else "-",
+            "message": (test["message"] or "").splitlines()[0][:100] if test["message"] else "",
+        })
+    return rows
+
+
+LAYER_COLUMNS = ("layer", "mean", "var", "mean_abs", "var_abs", "rel_change", "norm_change", "nonfinite")
+
+
+def render_markdown(payload: dict) -> str:
+    prov = payload["provenance"]
+    lines = [
+        f"# stance-harness report {payload['run_id']}", "",
+        f"- started: {payload['started']}  finished: {payload['finished']}",
+        f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
+        f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
+        f"- command: `{' '.join(prov['args'])}`", "",
+        "## Tests", "", _table(test_rows(payload)), "",
+    ]
+    for test in payload["tests"]:
+        if not (test["checks"] or test["tables"] or test["notes"] or test["metrics"]):
+            continue
+        lines += [f"### {test['nodeid']}  ({OUTCOME_MARK.get(test['outcome'], test['outcome'])})", ""]
+        lines += [f"> {note}" for note in test["notes"]] + ([""] if test["notes"] else [])
+        for check in test["checks"]:
+            mark = "PASS" if check["passed"] else "FAIL"
+            lines += [f"**{check['check']}** {mark}: {check['summary']}", ""]
+            if check["rows"] and not check["passed"]:
+                lines += [_table([dict(zip(check["headers"], row)) for row in check["rows"]]), ""]
+        if test["metrics"]:
+            lines += [_table([{"metric": k, "value": v} for k, v in test["metrics"].items()]), ""]
+        for table in test["tables"]:
+            lines += [f"**{table['title']}**", "", _table(table["rows"]), ""]
+    lines += ["## Runs", ""]
+    for run_id, run in payload["runs"].items():
+        counts = run["counts"]
+        trace = run["trace"]
+        loss = trace["loss"]
+        lines += [
+            f"### {run_id}", "",
+            f"- method `{run['method']}` {json.dumps(run['config'])}; stance `{run['stance']['name']}` "
+            f"v{run['stance']['version']}, {run['examples']} examples",
+            f"- recipe: {json.dumps(run['recipe'])}",
+            f"- trainable {counts['trainable']:,} / frozen {counts['frozen']:,} ({counts['trainable_pct']:.3g}% trainable); "
+            f"{counts['params_per_example']:,.0f} trainable params per example; stance storage "
+            f"{counts['stance_bytes']:,} B vs full weights {counts['full_weights_bytes']:,} B",
+            f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
+            + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
+            "",
+        ]
+        for view in ("effective", "adapter"):
+            rows = run["layers"][view]
+            if view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]:
+                continue
+            title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
+            lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
+    return "\n".join(lines) + "\n"

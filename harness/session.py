@@ -1,0 +1,105 @@
+"""Run-wide state: options, the model cache, the run cache, and the result collector."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .report.records import TestRecord
+
+
+@dataclass
+class HarnessOptions:
+    model: str
+    model_args: object  # ModelArgs
+    stance_dirs: list[str]
+    reports_dir: Path | None  # None: write no reports
+    rootdir: Path
+    args: list[str]
+
+
+@dataclass
+class HarnessSession:
+    options: HarnessOptions
+    progress: Callable[[str], None] = lambda _msg: None
+    records: dict[str, TestRecord] = field(default_factory=dict)
+    run_summaries: dict[str, dict] = field(default_factory=dict)
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    _models: dict = field(default_factory=dict)
+    _runs: dict = field(default_factory=dict)
+    _stances: dict = field(default_factory=dict)
+
+    # -- models and stances ---------------------------------------------------------------
+    def model(self, name: str | None = None):
+        from .models import load_model
+
+        name = name or self.options.model
+        if name not in self._models:
+            started = time.perf_counter()
+            self._models[name] = load_model(name, self.options.model_args, self.progress)
+            self.progress(f"loaded model {name} in {time.perf_counter() - started:.1f}s")
+        return self._models[name]
+
+    def stance(self, name: str):
+        from .stances import load_stance
+
+        if name not in self._stances:
+            self._stances[name] = load_stance(name, self.options.stance_dirs)
+        return self._stances[name]
+
+    # -- training -------------------------------------------------------------------------
+    def train(self, method: str, *, stance: str = "curious-uncertainty", model: str | None = None,
+              examples: int | None = None, recipe=None, **options):
+        """Train once per identical request; later identical requests get the same Run."""
+        from .methods import METHODS
+        from .training import Recipe, describe_request, request_key, run_training
+
+        loaded = self.model(model)
+        stance_obj = self.stance(stance)
+        config = METHODS.get(method).config_cls.from_options(method, options)
+        recipe = Recipe.of(recipe)
+        n = len(stance_obj.training_examples(examples))
+        key = request_key(describe_request(loaded, stance_obj, method, config, recipe, n))
+        if key not in self._runs:
+            self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples)")
+            self._runs[key] = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress)
+        return self._runs[key]
+
+    def runs(self):
+        return list(self._runs.values())
+
+    # -- results --------------------------------------------------------------------------
+    def record(self, nodeid: str) -> TestRecord:
+        return self.records.setdefault(nodeid, TestRecord(nodeid))
+
+    def summarise_runs(self) -> None:
+        for run in self._runs.values():
+            if run.run_id not in self.run_summaries:
+                self.run_summaries[run.run_id] = run.summary()
+
+    def payload(self, run_id: str) -> dict:
+        from .report.writer import environment_info, git_info
+
+        self.summarise_runs()
+        models = [m.provenance() for m in self._models.values()]
+        return {
+            "run_id": run_id,
+            "started": self.started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "provenance": {
+                "model": models[0] if models else {"name": self.options.model},
+                "models": models,
+                "model_args": dict(self.options.model_args.__dict__),
+                "stances": [s.provenance() for s in self._stances.values()],
+                "git": git_info(self.options.rootdir),
+                "environment": environment_info(),
+                "args": self.options.args,
+                "argv": sys.argv,
+            },
+            "tests": [r.as_dict() for r in self.records.values()],
+            "runs": self.run_summaries,
+        }

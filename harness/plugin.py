@@ -135,25 +135,25 @@ def _or_usage_error(fn, *args, **kwargs):
 # -- recording outcomes ------------------------------------------------------------------
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    from .report.records import set_current_record
+    from .report.records import reset_current_record, set_current_record
 
-    token = set_current_record(item.config.stash[SESSION_KEY].record(item.nodeid))
+    session = item.config.stash[SESSION_KEY]
+    token = set_current_record(lambda: session.record(item.nodeid))
     try:
         return (yield)
     finally:
-        from .report.records import _current
-
-        _current.reset(token)
+        reset_current_record(token)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
     session = item.config.stash[SESSION_KEY]
-    uses_harness = item.nodeid in session.records or "train" in getattr(item, "fixturenames", ())
-    if not uses_harness:
+    record = session.records.get(item.nodeid)
+    if record is None and "train" in getattr(item, "fixturenames", ()):
+        record = session.record(item.nodeid)  # setup failed before the test could use the harness
+    if record is None:
         return report
-    record = session.record(item.nodeid)
     if report.when == "call" or (report.when == "setup" and not report.passed):
         if hasattr(report, "wasxfail"):
             record.outcome = "xfailed" if report.skipped else "xpassed"

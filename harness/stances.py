@@ -73,10 +73,10 @@ def _records(path, field, value, cls, keys) -> tuple:
             raise StanceFileError(path, where, f"must be a mapping with keys {', '.join(keys)}")
         missing = [k for k in keys if k not in item]
         extra = [k for k in item if k not in keys]
+        if extra:  # first: a misspelt key explains the missing one
+            raise StanceFileError(path, f"{where}.{extra[0]}", f"is not a known key{suggest(str(extra[0]), list(keys))} (allowed: {', '.join(keys)})")
         if missing:
             raise StanceFileError(path, f"{where}.{missing[0]}", "is missing")
-        if extra:
-            raise StanceFileError(path, f"{where}.{extra[0]}", f"is not a known key{suggest(str(extra[0]), list(keys))} (allowed: {', '.join(keys)})")
         out.append(cls(**{k: _text(path, f"{where}.{k}", item[k]) for k in keys}))
     return tuple(out)
 
@@ -87,12 +87,12 @@ TOP_LEVEL_KEYS = ("name", "version", "description", "markers", "examples", "prob
 def parse_stance(data, path: Path | str) -> Stance:
     if not isinstance(data, dict):
         raise StanceFileError(path, "<top>", f"must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
-    for key in TOP_LEVEL_KEYS:
-        if key not in data:
-            raise StanceFileError(path, key, "is missing")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise StanceFileError(path, str(key), f"is not a known key{suggest(str(key), list(TOP_LEVEL_KEYS))} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+    for key in TOP_LEVEL_KEYS:
+        if key not in data:
+            raise StanceFileError(path, key, "is missing")
     name = _text(path, "name", data["name"])
     stem = Path(path).stem
     if stem and name != stem:

@@ -1,0 +1,112 @@
+"""Each helper passes on a run that satisfies it and fails, with its table, on one that does not."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from harness import HypothesisFailed, assert_change_concentrated, assert_only_targets_changed
+from harness.report.records import TestRecord, reset_current_record, set_current_record
+
+
+def clone(run):
+    """A run with its own copy of the model, safe to tamper with."""
+    return dataclasses.replace(run, model=copy.deepcopy(run.model))
+
+
+def test_only_targets_changed_passes_for_lora(quick_run):
+    result = assert_only_targets_changed(quick_run("lora"))
+    assert result.passed
+    assert "frozen tensors bit-identical" in result.summary
+    assert result.metrics["changed_tensors"] == 24 * 2 * 2  # A and B on q and v of 24 layers
+
+
+def test_only_targets_changed_passes_for_surgical_targets(quick_run):
+    run = quick_run("lora", layers=[13, 15])
+    assert assert_only_targets_changed(run, layers=[13, 15], kinds=["q_proj", "v_proj"]).passed
+
+
+def test_only_targets_changed_fails_when_a_frozen_weight_moves(quick_run):
+    run = clone(quick_run("lora"))
+    with torch.no_grad():
+        run.model.get_base_model().model.layers[3].self_attn.q_proj.weight[0, 0] += 1e-3
+    with pytest.raises(HypothesisFailed) as err:
+        assert_only_targets_changed(run)
+    message = str(err.value)
+    assert "assert_only_targets_changed: 1 tensors break the rule" in message
+    assert "L3.q_proj.weight" in message and "frozen, but its bytes changed" in message
+
+
+def test_only_targets_changed_fails_when_change_is_outside_the_targets(quick_run):
+    with pytest.raises(HypothesisFailed) as err:
+        assert_only_targets_changed(quick_run("lora"), layers=[13])
+    message = str(err.value)
+    assert "L0.q_proj.lora_A" in message and "outside the targets, but changed" in message
+    assert "L13.q_proj.lora_A" not in message
+
+
+def test_only_targets_changed_fails_when_a_target_did_not_move(quick_run):
+    run = clone(quick_run("lora"))
+    name = "base_model.model.model.layers.5.self_attn.v_proj.lora_B.default.weight"
+    with torch.no_grad():
+        dict(run.model.named_parameters())[name].copy_(run.before[name])
+    with pytest.raises(HypothesisFailed) as err:
+        assert_only_targets_changed(run)
+    assert "L5.v_proj.lora_B" in str(err.value) and "a target, but unchanged" in str(err.value)
+
+
+def test_change_concentrated_passes_for_surgical_lora(quick_run):
+    result = assert_change_concentrated(quick_run("lora", layers=[13, 15]), layers=[13, 15], min_share=0.999)
+    assert result.passed and result.metrics["share"] == pytest.approx(1.0)
+
+
+def test_change_concentrated_fails_for_full_ft_with_a_table_of_shares(quick_run):
+    with pytest.raises(HypothesisFailed) as err:
+        assert_change_concentrated(quick_run("full"), layers=[13], kinds=["v_proj"], min_share=0.5)
+    message = str(err.value)
+    assert "of the change (sq_fro, effective view) is in layers [13] x ['v_proj']; < required 50.0%" in message
+    lines = message.splitlines()
+    assert lines[1].split() == ["layer", "share", "target"]
+    assert any(line.split()[:1] == ["L13"] and line.rstrip().endswith("*") for line in lines)
+    assert sum(1 for line in lines if line.startswith("L")) == 24
+    assert err.value.result.metrics["share"] < 0.5
+
+
+def test_change_concentrated_fails_clearly_when_nothing_changed(quick_run):
+    run = clone(quick_run("full"))
+    with torch.no_grad():
+        for name, param in run.model.named_parameters():
+            param.copy_(run.before[name])
+    with pytest.raises(HypothesisFailed, match="the run changed nothing"):
+        assert_change_concentrated(run, layers=[13], min_share=0.1)
+
+
+def test_change_concentrated_rejects_bad_layers_and_share(quick_run):
+    from harness.registry import HarnessError
+
+    with pytest.raises(HarnessError, match="layer 40 does not exist"):
+        assert_change_concentrated(quick_run("full"), layers=[40])
+    with pytest.raises(ValueError, match=r"min_share must be in \[0, 1\]"):
+        assert_change_concentrated(quick_run("full"), layers=[1], min_share=1.5)
+
+
+def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
+    record = TestRecord("t")
+    token = set_current_record(lambda: record)
+    try:
+        assert_only_targets_changed(quick_run("lora"))
+        with pytest.raises(HypothesisFailed):
+            assert_change_concentrated(quick_run("full"), layers=[0], min_share=0.9)
+    finally:
+        reset_current_record(token)
+    assert [c["passed"] for c in record.checks] == [True, False]
+    assert record.checks[1]["headers"] == ["layer", "share", "target"]
+
+
+def test_failures_are_assertion_errors_with_hidden_helper_frames():
+    assert issubclass(HypothesisFailed, AssertionError)
+    import harness.assertions as module
+
+    for helper in (module.assert_change_concentrated, module.assert_only_targets_changed):
+        assert "__tracebackhide__" in helper.__code__.co_varnames

@@ -1,0 +1,142 @@
+"""The plugin through real pytest runs (pytester, in subprocesses: torch cannot be re-imported in-process)."""
+
+import json
+
+import pytest
+
+HYPOTHESES = '''
+from harness import assert_change_concentrated, assert_only_targets_changed
+
+RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
+
+
+def test_lora_changes_only_adapters(train):
+    run = train("lora", examples=10, recipe=RECIPE, r=2)  # 2 steps: A moves only once B is non-zero
+    assert_only_targets_changed(run)
+
+
+def test_full_ft_lives_in_one_layer(train):
+    run = train("full", examples=10, recipe=RECIPE)
+    assert_change_concentrated(run, layers=[13], min_share=0.9)
+
+
+def test_not_using_the_harness():
+    assert True
+'''
+
+
+@pytest.fixture
+def hypotheses(pytester):
+    pytester.makepyfile(test_hypotheses=HYPOTHESES)
+    return pytester
+
+
+def latest_report(pytester):
+    run_id = (pytester.path / "reports" / "latest").read_text().strip()
+    return pytester.path / "reports" / run_id
+
+
+def test_summary_table_and_failure_table_under_plain_pytest(hypotheses):
+    result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*= stance-harness =*",
+        "outcome*test*runs*checks*message*",
+        "PASS*test_hypotheses.py::test_lora_changes_only_adapters*lora*1/1*",
+        "FAIL*test_hypotheses.py::test_full_ft_lives_in_one_layer*full*0/1*of the change*",
+        "report: *report.md*",
+    ])
+    # the failing helper's table of shares is in the failure output
+    result.stdout.fnmatch_lines(["*assert_change_concentrated: *% of the change*< required 90.0%*", "*layer*share*target*"])
+    # a test that never touches the harness is not in its table
+    assert "test_not_using_the_harness" not in result.stdout.str().split("stance-harness =")[-1]
+
+
+def test_report_json_has_full_provenance_and_markdown_tables(hypotheses):
+    hypotheses.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2, failed=1)
+    folder = latest_report(hypotheses)
+    payload = json.loads((folder / "report.json").read_text())
+    prov = payload["provenance"]
+    assert prov["model"]["name"] == "tiny-qwen2" and prov["model"]["revision"]
+    assert prov["stances"][0] == {**prov["stances"][0], "name": "curious-uncertainty", "version": "1.0.0"}
+    assert {"torch", "transformers", "peft"} <= set(prov["environment"]["libraries"])
+    assert "commit" in prov["git"] and prov["environment"]["machine"]["python"]
+    runs = payload["runs"]
+    assert {r["method"] for r in runs.values()} == {"lora", "full"}
+    lora = next(r for r in runs.values() if r["method"] == "lora")
+    assert lora["config"]["r"] == 2 and lora["recipe"]["seed"] == 0
+    assert lora["counts"]["trainable"] > 0 and lora["trace"]["loss"]
+    assert len([row for row in lora["layers"]["effective"] if row["layer"].startswith("L")]) == 24
+    outcomes = {t["nodeid"].split("::")[1]: t["outcome"] for t in payload["tests"]}
+    assert outcomes == {"test_lora_changes_only_adapters": "passed", "test_full_ft_lives_in_one_layer": "failed"}
+    markdown = (folder / "report.md").read_text()
+    assert "| PASS " in markdown and "| FAIL " in markdown
+    assert "**per-layer change**" in markdown and "| L13 " in markdown
+    assert "adapter A/B tensors" in markdown  # LoRA shows both views
+
+
+def test_progress_lines_by_default_and_quiet_under_q(hypotheses):
+    loud = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora")
+    assert "[stance-harness] training lora on tiny-qwen2 (curious-uncertainty, 10 examples)" in loud.stdout.str()
+    assert "[stance-harness]   lora step 2/2 loss" in loud.stdout.str()
+    quiet = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora", "-q")
+    assert "[stance-harness]" not in quiet.stdout.str()
+
+
+def test_no_reports_writes_nothing(hypotheses):
+    hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--no-reports", "-k", "lora").assert_outcomes(passed=1)
+    assert not (hypotheses.path / "reports").exists()
+
+
+def test_earlier_reports_survive_a_later_run(hypotheses):
+    hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora")
+    first = latest_report(hypotheses)
+    hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora")
+    second = latest_report(hypotheses)
+    assert first != second and json.loads((first / "report.json").read_text())["run_id"] == first.name
+
+
+def test_unknown_model_is_a_usage_error_with_suggestions(hypotheses):
+    result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-qwen")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--model 'tiny-qwen' is not a known alias*Did you mean: tiny-qwen2*"])
+
+
+def test_bad_method_fails_the_test_with_a_short_message(pytester):
+    pytester.makepyfile('def test_x(train):\n    train("lorra")\n')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*stance-harness: unknown method 'lorra'. Did you mean: lora*"])
+
+
+def test_local_directory_as_model(pytester, tiny_qwen2):
+    pytester.makepyfile('''
+        def test_trains_on_a_directory(train, base_model):
+            run = train("lora", examples=5, recipe={"num_train_epochs": 1}, r=2)
+            assert base_model.spec.source == "local"
+            assert run.counts["trainable"] > 0
+    ''')
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", str(tiny_qwen2.path)).assert_outcomes(passed=1)
+
+
+def test_tiny_phi_maps_the_seed_layers_and_concentrates_surgical_lora(pytester):
+    pytester.makepyfile('''
+        from harness import assert_change_concentrated
+
+        def test_phi(train, anatomy):
+            layers = anatomy.analog([13, 15], depth=24)
+            assert (anatomy.model_type, anatomy.num_layers, layers) == ("phi", 32, [17, 20])
+            run = train("lora", examples=5, recipe={"num_train_epochs": 1}, r=2, layers=layers,
+                        target_modules=["q_proj", "v_proj"])
+            assert_change_concentrated(run, layers=layers, min_share=0.999)
+    ''')
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-phi").assert_outcomes(passed=1)
+
+
+def test_xdist_workers_merge_into_one_report(hypotheses):
+    pytest.importorskip("xdist")
+    result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=2, failed=1)
+    payload = json.loads((latest_report(hypotheses) / "report.json").read_text())
+    assert len(payload["tests"]) == 2 and len(payload["runs"]) == 2
+    result.stdout.fnmatch_lines(["*= stance-harness =*"])

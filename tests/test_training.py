@@ -1,0 +1,125 @@
+import copy
+
+import pytest
+import torch
+
+from harness.methods import METHODS
+from harness.registry import HarnessError
+from harness.training import Recipe, encode_examples, linear_schedule
+
+
+def test_recipe_uses_hf_names_and_accepts_short_aliases():
+    recipe = Recipe.of({"lr": 2e-4, "epochs": 2}, warmup_steps=3)
+    assert (recipe.learning_rate, recipe.num_train_epochs, recipe.warmup_steps) == (2e-4, 2, 3)
+
+
+def test_recipe_unknown_field_suggests():
+    with pytest.raises(HarnessError, match="recipe has no field 'warmup_step'. Did you mean: warmup_steps"):
+        Recipe.of(warmup_step=3)
+
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("learning_rate", 0, "> 0"), ("gradient_accumulation_steps", 0, ">= 1"),
+    ("max_grad_norm", -1.0, "> 0 or None"), ("num_train_epochs", 0, ">= 1"),
+])
+def test_recipe_validates_values(field, value, rule):
+    with pytest.raises(HarnessError, match=f"recipe: {field} must be {rule}"):
+        Recipe.of({field: value})
+
+
+def test_linear_schedule_matches_hand_values():
+    factor = linear_schedule(warmup=2, total=6)
+    assert [round(factor(s), 4) for s in range(7)] == [0.3333, 0.6667, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_loss_counts_only_response_tokens(tiny_qwen2, stance):
+    (ids, labels), = encode_examples(tiny_qwen2.tokenizer, stance.training_examples(1), 128)
+    prompt_len = len(tiny_qwen2.tokenizer(stance.examples[0].prompt + "\n", add_special_tokens=False)["input_ids"])
+    assert labels[:prompt_len] == [-100] * prompt_len
+    assert labels[prompt_len:] == ids[prompt_len:]
+    assert ids[-1] == tiny_qwen2.tokenizer.eos_token_id
+
+
+def test_method_options_are_validated_with_suggestions():
+    with pytest.raises(HarnessError, match="method 'lora' has no option 'rank'"):
+        METHODS.get("lora").config_cls.from_options("lora", {"rank": 4})
+    with pytest.raises(HarnessError, match="lora: r must be a positive integer"):
+        METHODS.get("lora").config_cls.from_options("lora", {"r": 0})
+
+
+def test_unknown_method_suggests():
+    with pytest.raises(HarnessError, match="Did you mean: lora"):
+        METHODS.get("lorra")
+
+
+def test_snapshot_holds_trainable_weights_only(quick_run):
+    lora = quick_run("lora")
+    assert lora.before and all("lora_" in name for name in lora.before)
+    trainable = {n for n, p in lora.model.named_parameters() if p.requires_grad}
+    assert set(lora.before) == trainable
+    assert len(lora.frozen_digests) == sum(1 for p in lora.model.parameters() if not p.requires_grad)
+
+
+def test_training_changes_a_copy_never_the_base(quick_run, tiny_qwen2):
+    from harness.run import tensor_digest
+
+    base_before = {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()}
+    run = quick_run("full")
+    assert run.model is not tiny_qwen2.base
+    assert {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()} == base_before
+
+
+def test_run_records_loss_per_step_and_counts(quick_run):
+    run = quick_run("full")
+    assert len(run.trace.loss) == 2  # 10 examples, batch 5, 1 epoch
+    assert all(torch.isfinite(torch.tensor(run.trace.loss)))
+    assert run.counts["frozen"] == 0 and run.counts["trainable_pct"] == 100.0
+    lora = quick_run("lora")
+    assert lora.counts["stance_bytes"] < run.counts["stance_bytes"]
+    # r=8; A is r x in, B is out x r; q: 64 -> 64, v: 64 -> 32 (2 of 4 heads are kv heads)
+    assert lora.counts["trainable"] == 24 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))
+
+
+def test_same_request_is_deterministic(tiny_qwen2, stance, quick_run):
+    from harness.training import run_training
+
+    first = quick_run("lora")
+    again = run_training(tiny_qwen2, stance, "lora", first.config, first.recipe, examples=10)
+    assert again.trace.loss == first.trace.loss
+
+
+def test_session_trains_identical_requests_once(tiny_qwen2):
+    from pathlib import Path
+
+    from harness.models import ModelArgs
+    from harness.session import HarnessOptions, HarnessSession
+
+    session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
+    session._models["tiny-qwen2"] = tiny_qwen2
+    recipe = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5}
+    a = session.train("lora", examples=5, recipe=recipe, r=2)
+    b = session.train("lora", examples=5, recipe=dict(recipe), r=2)
+    c = session.train("lora", examples=5, recipe=recipe, r=4)
+    assert a is b and a is not c
+    assert len(session.runs()) == 2
+
+
+def test_lora_effective_delta_equals_merged_minus_base(quick_run, tiny_qwen2):
+    """Our ΔW = scale·B·A agrees with peft's own merge."""
+    run = quick_run("lora")
+    merged = copy.deepcopy(run.model).merge_and_unload()
+    merged_params = dict(merged.named_parameters())
+    base_params = dict(tiny_qwen2.base.named_parameters())
+    rows = {r.raw_name: r for r in run.effective_deltas}
+    name = "base_model.model.model.layers.13.self_attn.v_proj.weight"
+    assert name in rows
+    plain = name.removeprefix("base_model.model.")
+    expected = (merged_params[plain] - base_params[plain]).double()
+    assert rows[name].moments.total_sq == pytest.approx((expected**2).sum().item(), rel=1e-4)
+    assert rows[name].moments.mean_abs == pytest.approx(expected.abs().mean().item(), rel=1e-4)
+    assert rows[name].name == "L13.v_proj.weight"
+
+
+def test_adapter_view_shows_a_and_b(quick_run):
+    names = {r.name for r in quick_run("lora").adapter_deltas}
+    assert {"L0.q_proj.lora_A", "L0.q_proj.lora_B", "L23.v_proj.lora_B"} <= names

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "assert_change_concentrated": "harness.assertions",
     "assert_only_targets_changed": "harness.assertions",
+    "assert_change_spread": "harness.assertions",
     "HypothesisFailed": "harness.assertions",
     "CheckResult": "harness.report.records",
     "Recipe": "harness.training",

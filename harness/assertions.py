@@ -8,7 +8,7 @@ current test's report. Helper frames are hidden from tracebacks.
 from __future__ import annotations
 
 from .analysis.concentration import change_mass, gini, shares, top_k_share
-from .analysis.deltas import aggregate
+from .analysis.deltas import aggregate, group_key
 from .report.records import CheckResult, emit
 
 
@@ -56,10 +56,39 @@ def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
     else:
         verdict = ">=" if share >= min_share else "<"
         summary = f"{share:.1%} of the change ({measure}, {view} view) is in {where}; {verdict} required {min_share:.1%}"
-    table = [[label, s, "*" if label in {f"L{i}" for i in layer_set} else ""] for label, s in group_share.items()]
+    in_target: dict[str, float] = {}
+    for r in rows:
+        if _targeted(r, layer_set, kind_set):
+            label = group_key(r)
+            in_target[label] = in_target.get(label, 0.0) + change_mass(r.moments, measure) / (total or 1.0)
+    table = [[label, s, in_target[label] if label in in_target else ""] for label, s in group_share.items()]
     return _conclude(CheckResult(
         "assert_change_concentrated", total > 0 and share >= min_share, summary,
-        ["layer", "share", "target"], table, metrics,
+        ["layer", "share", "in target"], table, metrics,
+    ))
+
+
+def assert_change_spread(run, top_k: int = 2, max_share: float = 0.5,
+                         view: str = "effective", measure: str = "sq_fro") -> CheckResult:
+    """The `top_k` layers that changed most hold at most `max_share` of the change."""
+    __tracebackhide__ = True
+    if not 0 <= max_share <= 1 or top_k < 1:
+        raise ValueError(f"need top_k >= 1 and max_share in [0, 1], got top_k={top_k!r}, max_share={max_share!r}")
+    masses = {label: change_mass(m, measure) for label, m in aggregate(run.deltas(view)).items() if label.startswith("L")}
+    layer_share = shares(masses)
+    ranked = sorted(layer_share.items(), key=lambda kv: kv[1], reverse=True)
+    held = sum(s for _, s in ranked[:top_k])
+    changed = sum(masses.values()) > 0
+    if not changed:
+        summary = f"the run changed no layer ({view} view), so its change cannot be spread"
+    else:
+        verdict = "<=" if held <= max_share else ">"
+        top = ", ".join(label for label, _ in ranked[:top_k])
+        summary = f"the top {top_k} layers ({top}) hold {held:.1%} of the layer change; {verdict} allowed {max_share:.1%}"
+    return _conclude(CheckResult(
+        "assert_change_spread", changed and held <= max_share, summary,
+        ["layer", "share", "rank"], [[label, s, i + 1] for i, (label, s) in enumerate(ranked)],
+        {"top_k_share": held, "gini": gini(layer_share.values())},
     ))
 
 

@@ -92,6 +92,11 @@ def test_unknown_module_kind_lists_what_exists():
     assert "qkv_proj" in message and "groups: attention, mlp, norm" in message
 
 
+def test_qv_group_is_query_and_value_or_the_fused_projection():
+    assert Anatomy.of(build("qwen2")).check_kinds(["qv"]) == ["q_proj", "v_proj"]
+    assert Anatomy.of(build("gpt2")).check_kinds(["qv"]) == ["qkv_proj"]
+
+
 def test_kind_groups_expand_to_the_kinds_present():
     assert Anatomy.of(build("phi")).check_kinds(["mlp"]) == ["up_proj", "down_proj"]
     assert Anatomy.of(build("qwen2")).check_kinds(["attention"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from harness import HypothesisFailed, assert_change_concentrated, assert_only_targets_changed
+from harness import HypothesisFailed, assert_change_concentrated, assert_change_spread, assert_only_targets_changed
 from harness.report.records import TestRecord, reset_current_record, set_current_record
 
 
@@ -67,9 +67,12 @@ def test_change_concentrated_fails_for_full_ft_with_a_table_of_shares(quick_run)
     message = str(err.value)
     assert "of the change (sq_fro, effective view) is in layers [13] x ['v_proj']; < required 50.0%" in message
     lines = message.splitlines()
-    assert lines[1].split() == ["layer", "share", "target"]
-    assert any(line.split()[:1] == ["L13"] and line.rstrip().endswith("*") for line in lines)
+    assert lines[1].split() == ["layer", "share", "in", "target"]
     assert sum(1 for line in lines if line.startswith("L")) == 24
+    # only L13 has an "in target" value: the share of its v_proj, which is the checked share
+    l13 = next(line.split() for line in lines if line.startswith("L13 "))
+    assert len(l13) == 3 and float(l13[2]) == pytest.approx(err.value.result.metrics["share"], rel=1e-3)
+    assert all(len(line.split()) == 2 for line in lines if line.startswith("L") and not line.startswith("L13 "))
     assert err.value.result.metrics["share"] < 0.5
 
 
@@ -91,6 +94,32 @@ def test_change_concentrated_rejects_bad_layers_and_share(quick_run):
         assert_change_concentrated(quick_run("full"), layers=[1], min_share=1.5)
 
 
+def test_change_spread_passes_for_full_ft(quick_run):
+    result = assert_change_spread(quick_run("full"), top_k=2, max_share=0.5)
+    assert result.passed and result.metrics["top_k_share"] < 0.5
+    assert result.summary.startswith("the top 2 layers (")
+
+
+def test_change_spread_fails_for_surgical_lora_with_ranked_table(quick_run):
+    with pytest.raises(HypothesisFailed) as err:
+        assert_change_spread(quick_run("lora", layers=[13, 15]), top_k=2, max_share=0.5)
+    message = str(err.value)
+    assert "hold 100.0% of the layer change; > allowed 50.0%" in message
+    lines = message.splitlines()
+    assert lines[1].split() == ["layer", "share", "rank"]
+    assert {lines[3].split()[0], lines[4].split()[0]} == {"L13", "L15"}
+
+
+def test_change_spread_fails_clearly_when_nothing_changed(quick_run):
+    run = clone(quick_run("lora", layers=[13, 15]))
+    with torch.no_grad():
+        for name, param in run.model.named_parameters():
+            if name in run.before:
+                param.copy_(run.before[name])
+    with pytest.raises(HypothesisFailed, match="the run changed no layer"):
+        assert_change_spread(run)
+
+
 def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
     record = TestRecord("t")
     token = set_current_record(lambda: record)
@@ -101,12 +130,12 @@ def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
     finally:
         reset_current_record(token)
     assert [c["passed"] for c in record.checks] == [True, False]
-    assert record.checks[1]["headers"] == ["layer", "share", "target"]
+    assert record.checks[1]["headers"] == ["layer", "share", "in target"]
 
 
 def test_failures_are_assertion_errors_with_hidden_helper_frames():
     assert issubclass(HypothesisFailed, AssertionError)
     import harness.assertions as module
 
-    for helper in (module.assert_change_concentrated, module.assert_only_targets_changed):
+    for helper in (module.assert_change_concentrated, module.assert_change_spread, module.assert_only_targets_changed):
         assert "__tracebackhide__" in helper.__code__.co_varnames

@@ -47,7 +47,7 @@ def test_summary_table_and_failure_table_under_plain_pytest(hypotheses):
         "report: *report.md*",
     ])
     # the failing helper's table of shares is in the failure output
-    result.stdout.fnmatch_lines(["*assert_change_concentrated: *% of the change*< required 90.0%*", "*layer*share*target*"])
+    result.stdout.fnmatch_lines(["*assert_change_concentrated: *% of the change*< required 90.0%*", "*layer*share*in target*"])
     # a test that never touches the harness is not in its table
     assert "test_not_using_the_harness" not in result.stdout.str().split("stance-harness =")[-1]
 
@@ -100,6 +100,14 @@ def test_unknown_model_is_a_usage_error_with_suggestions(hypotheses):
     result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-qwen")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--model 'tiny-qwen' is not a known alias*Did you mean: tiny-qwen2*"])
+
+
+def test_uncached_hub_model_stops_the_run_with_the_download_command(hypotheses):
+    result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--model", "qwen2-0.5b")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the weights of Qwen/Qwen2-0.5B (--model qwen2-0.5b) are not in the local HF cache*",
+                                 "*hf download Qwen/Qwen2-0.5B*"])
+    assert result.duration < 30  # a start-up check, not a hang
 
 
 def test_bad_method_fails_the_test_with_a_short_message(pytester):

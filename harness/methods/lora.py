@@ -46,6 +46,7 @@ class Lora(Method):
         peft_config = LoraConfig(
             r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
             target_modules=paths, bias="none", init_lora_weights=True,
+            fan_in_fan_out=anatomy.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
         )
         return get_peft_model(model, peft_config)
 

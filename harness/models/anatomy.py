@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from ..registry import HarnessError, Registry, suggest
 
 # Module kinds, grouped. The group names select several kinds at once (kinds=["attention"]).
+# "qv" is the query and value projections, or the fused projection that holds them (GPT-2).
 KIND_GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
     "norm": ("attn_norm", "mlp_norm"),
+    "qv": ("q_proj", "v_proj", "qkv_proj"),
 }
-ALL_KINDS = tuple(k for kinds in KIND_GROUPS.values() for k in kinds)
 
 
 @dataclass(frozen=True)

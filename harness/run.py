@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -12,6 +13,14 @@ def tensor_digest(tensor) -> str:
     t = tensor.detach().contiguous().cpu()
     raw = t.view(-1).view(dtype=__import__("torch").uint8).numpy() if t.numel() else b""
     return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+
+
+def logical_numel(param) -> int:
+    """Elements a parameter stands for; 4-bit packed weights (bitsandbytes) hold two per byte."""
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(math.prod(quant_state.shape))
+    return param.numel()
 
 
 def frozen_digests(model) -> dict[str, str]:
@@ -40,14 +49,14 @@ class Run:
     # -- counts ----------------------------------------------------------------------------
     @cached_property
     def counts(self) -> dict:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+        """Parameters that trained at some step count as trainable, the rest as frozen."""
+        trainable = sum(t.numel() for t in self.before.values())
+        total = sum(logical_numel(p) for p in self.model.parameters())
         full_bytes = sum(p.numel() * p.element_size() for p in self.loaded.base.parameters())
-        total = trainable + frozen
         return {
-            "trainable": trainable, "frozen": frozen,
+            "trainable": trainable, "frozen": total - trainable,
             "trainable_pct": 100.0 * trainable / total if total else 0.0,
-            "stance_bytes": self.method.storage_bytes(self.model, self.config),
+            "stance_bytes": self.method.storage_bytes(self.model, self.before),
             "full_weights_bytes": full_bytes,
             "examples": self.examples,
             "params_per_example": trainable / self.examples,

@@ -70,7 +70,9 @@ class Trace:
 
     loss: list[float] = field(default_factory=list)
     grad_norm: list[float] = field(default_factory=list)  # before clipping
-    lr: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)  # the first group's
+    group_lr: dict[str, list[float]] = field(default_factory=dict)  # every named group's
+    schedule: list[dict] = field(default_factory=list)  # what the method's schedule set, per step
     step_time: list[float] = field(default_factory=list)
     halted_at: int | None = None
     halt_reason: str | None = None
@@ -139,55 +141,66 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     import torch
 
     from .methods import METHODS
+    from .methods.base import TrainingContext
     from .run import Run, frozen_digests
 
     method = METHODS.get(method_name)
     chosen = stance.training_examples(examples)
-    torch.manual_seed(recipe.seed)
-    model = method.prepare(loaded.fresh(), loaded.anatomy, config)
-    model.train()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise HarnessError(f"method {method_name!r} with {config.as_dict()} left no parameter trainable")
-    before = {n: p.detach().clone() for n, p in trainable.items()}  # trainable weights only
-    digests = frozen_digests(model)
-
     data = encode_examples(loaded.tokenizer, chosen, recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * recipe.num_train_epochs
+    ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch)
+    method.check(ctx)
 
-    optimizer = torch.optim.AdamW(method.param_groups(model, config, recipe), lr=recipe.learning_rate,
-                                  weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, total_steps))
+    torch.manual_seed(recipe.seed)
+    model = method.prepare(method.load(ctx), ctx)
+    model.train()
+    ctx.model = model
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise HarnessError(f"method {method_name!r} with {config.as_dict()} left no parameter trainable")
+    ctx.before = {n: p.detach().clone() for n, p in trainable.items()}  # trainable weights only
+    digests = frozen_digests(model)
+    method.setup(ctx)
+
+    groups = method.param_groups(ctx)
+    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     params = list(trainable.values())
     pad_id = loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device
     shuffler = torch.Generator().manual_seed(recipe.seed)
-    trace = Trace()
+    trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     started = time.perf_counter()
     step = 0
     for epoch in range(recipe.num_train_epochs):
         order = torch.randperm(len(data), generator=shuffler).tolist()
         micro_batches = [[data[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
+        micro_batches = method.mix_batches(ctx, micro_batches, epoch)
         for first in range(0, len(micro_batches), recipe.gradient_accumulation_steps):
             group = micro_batches[first : first + recipe.gradient_accumulation_steps]
             step_started = time.perf_counter()
+            scheduled = method.schedule(ctx, step)
+            if scheduled is not None:
+                trace.schedule.append({"step": step, **scheduled})
             loss_sum = torch.zeros((), device=device)
             for micro in group:
-                loss = model(**collate(micro, pad_id, device)).loss / len(group)
-                extra = method.extra_loss(model, config, step)
+                loss = model(**collate(micro, pad_id, device)).loss
+                extra = method.extra_loss(ctx, step)
                 if extra is not None:
-                    loss = loss + extra / len(group)
-                loss.backward()
-                loss_sum += loss.detach()
+                    loss = loss + extra
+                (loss / len(group)).backward()
+                loss_sum += loss.detach() / len(group)
             clip = recipe.max_grad_norm if recipe.max_grad_norm is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
             loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
             trace.loss.append(loss_value)
             trace.grad_norm.append(norm_value)
-            trace.lr.append(scheduler.get_last_lr()[0])
+            lrs = scheduler.get_last_lr()
+            trace.lr.append(lrs[0])
+            for name, lr in zip(trace.group_lr, lrs):
+                trace.group_lr[name].append(lr)
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 trace.halted_at, trace.halt_reason = step, "non-finite loss or gradient"
                 trace.step_time.append(time.perf_counter() - step_started)
@@ -197,14 +210,14 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)
             step += 1
-            if progress and (step == total_steps or step % max(1, total_steps // 4) == 0):
-                progress(f"  {method_name} step {step}/{total_steps} loss {loss_value:.4f}")
+            if progress and (step == ctx.total_steps or step % max(1, ctx.total_steps // 4) == 0):
+                progress(f"  {method_name} step {step}/{ctx.total_steps} loss {loss_value:.4f}")
         if trace.halted_at is not None:
             break
     model.eval()
     return Run(
         run_id=f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, len(chosen)))}",
         loaded=loaded, stance=stance, method=method, config=config, recipe=recipe,
-        examples=len(chosen), model=model, before=before, frozen_digests=digests, trace=trace,
+        examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
         train_seconds=time.perf_counter() - started,
     )

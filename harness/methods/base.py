@@ -1,13 +1,21 @@
 """What a method is: a validated config plus the pieces it plugs into the one training loop.
 
-A method never owns a loop. It prepares the model (freezing, wrapping), and may contribute
-parameter groups, an extra loss term, a per-step schedule, and a view of its own change.
+A method never owns a loop. The loop calls, in order:
+  check(ctx)          before anything heavy: reject configs that cannot work for this run
+  load(ctx)           a fresh model (QLoRA loads it quantized)
+  prepare(model, ctx) freeze or wrap; every parameter that may train at any step ends
+                      with requires_grad=True (these are snapshotted)
+  setup(ctx)          after the snapshot (EWC estimates its Fisher here)
+  mix_batches(...)    per epoch: the micro-batch stream (replay adds general text)
+  schedule(ctx, step) per optimizer step: switch groups on or off; returns what it set
+  extra_loss(ctx, step) a penalty added to the task loss (L2-SP, EWC)
+and asks for param_groups(ctx) (per-group learning rates) and effective_deltas (its view).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from ..registry import HarnessError, Registry, suggest
@@ -45,36 +53,67 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+@dataclass
+class TrainingContext:
+    """What a method sees of the run it is part of."""
+
+    loaded: object  # LoadedModel
+    config: MethodConfig
+    recipe: object  # Recipe
+    total_steps: int
+    steps_per_epoch: int
+    model: object = None
+    before: dict = field(default_factory=dict)  # starting values of every parameter that may train
+    state: dict = field(default_factory=dict)  # the method's own (Fisher, ...)
+
+    @property
+    def anatomy(self):
+        return self.loaded.anatomy
+
+
 class Method:
-    """Subclass, set `config_cls`, and register with `@METHODS.register("name")` on an instance."""
+    """Subclass, set `name` and `config_cls`, and decorate with `@register_method`."""
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     summary: ClassVar[str] = ""
+    seed: ClassVar[str] = ""  # which seed document it comes from
 
-    def prepare(self, model, anatomy, config):
-        """Freeze or wrap `model` (a fresh copy the run owns); return the model to train."""
+    def check(self, ctx: TrainingContext) -> None:
+        """Reject configs that cannot work for this run's length or model."""
+
+    def load(self, ctx: TrainingContext):
+        return ctx.loaded.fresh()
+
+    def prepare(self, model, ctx: TrainingContext):
         raise NotImplementedError
 
-    def param_groups(self, model, config, recipe) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    def setup(self, ctx: TrainingContext) -> None:
+        pass
 
-    def extra_loss(self, model, config, step: int):
+    def param_groups(self, ctx: TrainingContext) -> list[dict]:
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        return [{"name": "all", "params": params}]
+
+    def mix_batches(self, ctx: TrainingContext, micro_batches: list, epoch: int) -> list:
+        return micro_batches
+
+    def schedule(self, ctx: TrainingContext, step: int) -> dict | None:
         return None
 
-    def storage_bytes(self, model, config) -> int:
-        """Bytes needed to store the stance: what must be saved besides the base."""
-        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    def extra_loss(self, ctx: TrainingContext, step: int):
+        return None
+
+    def storage_bytes(self, model, before: dict) -> int:
+        """Bytes needed to store the stance: every parameter the method trains."""
+        params = dict(model.named_parameters())
+        return sum(params[n].numel() * params[n].element_size() for n in before)
 
     def effective_deltas(self, model, before: dict, anatomy):
         """(name, W_before, W_after) per matrix as the model sees it; default: the raw params."""
         from ..analysis.deltas import raw_delta_pairs
 
         return raw_delta_pairs(model, before)
-
-    def target_names(self, model, config) -> list[str]:
-        """Raw names of the parameters this method means to change."""
-        return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -87,3 +126,18 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__}.config_cls must be a MethodConfig dataclass")
     METHODS.register(cls.name, cls())
     return cls
+
+
+def set_trainable(model, names) -> int:
+    """Freeze everything, then unfreeze the named parameters; returns how many."""
+    wanted = set(names)
+    count = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+        count += name in wanted
+    return count
+
+
+def params_where(model, anatomy, predicate) -> list[str]:
+    """Raw names of parameters whose canonical name satisfies `predicate(ParamName)`."""
+    return [n for n, _ in model.named_parameters() if predicate(anatomy.name_of(n))]

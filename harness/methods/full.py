@@ -16,7 +16,9 @@ class FullFineTuning(Method):
     config_cls = FullConfig
     summary = "every parameter trains"
 
-    def prepare(self, model, anatomy, config):
+    seed = "000, 002"
+
+    def prepare(self, model, ctx):
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model

@@ -36,7 +36,12 @@ class Lora(Method):
     config_cls = LoraMethodConfig
     summary = "low-rank adapters (peft) on chosen module kinds and layers; the base is frozen"
 
-    def prepare(self, model, anatomy, config: LoraMethodConfig):
+    seed = "000, 001"
+
+    def prepare(self, model, ctx):
+        return self.wrap(model, ctx.anatomy, ctx.config)
+
+    def wrap(self, model, anatomy, config: LoraMethodConfig):
         from peft import LoraConfig, get_peft_model
 
         kinds = anatomy.check_kinds(list(config.target_modules))
@@ -49,6 +54,11 @@ class Lora(Method):
             fan_in_fan_out=anatomy.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
         )
         return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def base_weight(module):
+        """The frozen base matrix under a LoRA layer, in its compute dtype."""
+        return module.get_base_layer().weight.detach()
 
     def effective_deltas(self, model, before: dict, anatomy):
         """ΔW = scale·B·A on each adapted base matrix (minus the same at the start)."""
@@ -64,7 +74,7 @@ class Lora(Method):
             a_name = f"{module_name}.lora_A.default.weight"
             b_name = f"{module_name}.lora_B.default.weight"
             adapted.update((a_name, b_name))
-            base = module.get_base_layer().weight.detach()
+            base = self.base_weight(module)
             delta_after = module.get_delta_weight("default").detach()
             scale = module.scaling["default"]
             delta_before = (before[b_name] @ before[a_name]) * scale
@@ -75,5 +85,3 @@ class Lora(Method):
         others = {k: v for k, v in before.items() if k not in adapted}
         return pairs + raw_delta_pairs(model, others)
 
-    def storage_bytes(self, model, config) -> int:
-        return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)

@@ -149,6 +149,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     data = encode_examples(loaded.tokenizer, chosen, recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
+    micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
     ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch)
     method.check(ctx)

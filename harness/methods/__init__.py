@@ -1,6 +1,8 @@
 """Adaptation methods, one module each; importing this package registers them all."""
 
-from . import full, lora  # noqa: F401  (registration happens on import)
+# Registration happens on import; the order here is the order methods are listed in.
+from . import full, lora, surgical_lora, selective, feature_extraction, gradual, discriminative  # noqa: F401
+from . import regularized, replay, hybrid  # noqa: F401
 from .base import METHODS, Method, MethodConfig, register_method
 
 __all__ = ["METHODS", "Method", "MethodConfig", "register_method"]

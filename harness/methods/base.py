@@ -95,6 +95,10 @@ class Method:
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         return [{"name": "all", "params": params}]
 
+    def added_micro_batches(self, config, task_micro_batches: int) -> int:
+        """How many micro-batches mix_batches adds per epoch (so the LR schedule knows the length)."""
+        return 0
+
     def mix_batches(self, ctx: TrainingContext, micro_batches: list, epoch: int) -> list:
         return micro_batches
 

@@ -1,0 +1,40 @@
+"""Feature extraction (seed 002): the network frozen, only the output head trains.
+
+When the head is tied to the input embeddings, it is untied first (a copy of the shared
+matrix), so training the head leaves the embeddings, and so every feature, untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..registry import HarnessError
+from .base import Method, MethodConfig, params_where, register_method, set_trainable
+
+
+@dataclass(frozen=True)
+class FeatureExtractionConfig(MethodConfig):
+    train_final_norm: bool = field(default=False, metadata={"help": "also train the final norm before the head"})
+
+
+@register_method
+class FeatureExtraction(Method):
+    name = "feature-extraction"
+    config_cls = FeatureExtractionConfig
+    summary = "everything frozen but the output head (untied from the embeddings if shared)"
+    seed = "002"
+
+    def prepare(self, model, ctx):
+        import torch
+
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None:
+            raise HarnessError(f"feature-extraction: the {ctx.anatomy.model_type} model has no output head to train")
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None and head.weight is embeddings.weight:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        roles = {"head"} | ({"final_norm"} if ctx.config.train_final_norm else set())
+        names = params_where(model, ctx.anatomy, lambda p: p.layer is None and p.kind.split(".")[0] in roles)
+        set_trainable(model, names)
+        return model

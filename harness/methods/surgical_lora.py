@@ -1,0 +1,28 @@
+"""Surgical LoRA (seed 000): LoRA on a few chosen layers only, at a higher rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..registry import HarnessError
+from .base import register_method
+from .lora import Lora, LoraMethodConfig
+
+
+@dataclass(frozen=True)
+class SurgicalLoraConfig(LoraMethodConfig):
+    r: int = field(default=32, metadata={"help": "rank of the update (seed 000: 32)"})
+    alpha: float = field(default=64, metadata={"help": "lora_alpha; the update is scaled by alpha / r"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.layers:
+            raise HarnessError("surgical-lora: `layers` must name the layers to adapt, e.g. layers=[13, 15]")
+
+
+@register_method
+class SurgicalLora(Lora):
+    name = "surgical-lora"
+    config_cls = SurgicalLoraConfig
+    summary = "LoRA on chosen layers only (rank 32 by default)"
+    seed = "000"

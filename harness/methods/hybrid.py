@@ -11,6 +11,7 @@ The active group of every step is recorded in the run's trace.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..registry import HarnessError
 from .base import register_method
@@ -22,6 +23,8 @@ GROUPS = ("lora", "norm")
 
 @dataclass(frozen=True)
 class HybridConfig(LoraMethodConfig):
+    method: ClassVar[str] = "hybrid"
+
     freeze_lora_steps: int = field(default=0, metadata={"help": "warm-up steps with LoRA frozen (norm layers only)"})
     alternate_every: int = field(default=0, metadata={"help": "after warm-up, switch the trained group every K steps; 0 = train both"})
     order: str = field(default="lora-first", metadata={"help": "lora-first: LoRA frozen first (norm trains first); norm-first: the reverse"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..registry import HarnessError
 from .base import Method, MethodConfig, register_method
@@ -10,6 +11,8 @@ from .base import Method, MethodConfig, register_method
 
 @dataclass(frozen=True)
 class LoraMethodConfig(MethodConfig):
+    method: ClassVar[str] = "lora"  # names the method in errors; subclasses set their own
+
     r: int = field(default=8, metadata={"help": "rank of the update"})
     alpha: float = field(default=16, metadata={"help": "lora_alpha; the update is scaled by alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "lora_dropout"})
@@ -21,13 +24,18 @@ class LoraMethodConfig(MethodConfig):
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", (self.target_modules,))
         if not isinstance(self.r, int) or self.r < 1:
-            raise HarnessError(f"lora: r must be a positive integer, got {self.r!r}")
+            raise HarnessError(f"{self.method}: r must be a positive integer, got {self.r!r}")
         if self.alpha <= 0:
-            raise HarnessError(f"lora: alpha must be > 0, got {self.alpha!r}")
+            raise HarnessError(f"{self.method}: alpha must be > 0, got {self.alpha!r}")
         if not 0 <= self.dropout < 1:
-            raise HarnessError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+            raise HarnessError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
-            raise HarnessError("lora: target_modules must name at least one module kind")
+            raise HarnessError(f"{self.method}: target_modules must name at least one module kind")
+
+
+def target_paths(anatomy, config: LoraMethodConfig) -> list[str]:
+    """Raw module paths of the adapter targets; unknown kinds or layers fail here."""
+    return anatomy.module_paths(config.layers, anatomy.check_kinds(list(config.target_modules)))
 
 
 @register_method
@@ -44,10 +52,9 @@ class Lora(Method):
     def wrap(self, model, anatomy, config: LoraMethodConfig):
         from peft import LoraConfig, get_peft_model
 
-        kinds = anatomy.check_kinds(list(config.target_modules))
-        paths = anatomy.module_paths(config.layers, kinds)
+        paths = target_paths(anatomy, config)
         if not paths:
-            raise HarnessError(f"lora: no modules of kinds {kinds} in layers {config.layers}")
+            raise HarnessError(f"{config.method}: no modules of kinds {config.target_modules} in layers {config.layers}")
         peft_config = LoraConfig(
             r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
             target_modules=paths, bias="none", init_lora_weights=True,
@@ -57,8 +64,8 @@ class Lora(Method):
 
     @staticmethod
     def base_weight(module):
-        """The frozen base matrix under a LoRA layer, in its compute dtype."""
-        return module.get_base_layer().weight.detach()
+        """The frozen base matrix under a LoRA layer, in float32: in bf16 a small ΔW added to it would round away."""
+        return module.get_base_layer().weight.detach().float()
 
     def effective_deltas(self, model, before: dict, anatomy):
         """ΔW = scale·B·A on each adapted base matrix (minus the same at the start)."""
@@ -80,8 +87,7 @@ class Lora(Method):
             delta_before = (before[b_name] @ before[a_name]) * scale
             if getattr(module, "fan_in_fan_out", False):
                 delta_before = delta_before.T
-            pairs.append((f"{module_name}.weight", base + delta_before.to(base.dtype),
-                          base + delta_after.to(base.dtype)))
+            pairs.append((f"{module_name}.weight", base + delta_before.float(), base + delta_after.float()))
         others = {k: v for k, v in before.items() if k not in adapted}
         return pairs + raw_delta_pairs(model, others)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..registry import HarnessError
 from .base import register_method
@@ -11,6 +12,8 @@ from .lora import Lora, LoraMethodConfig
 
 @dataclass(frozen=True)
 class SurgicalLoraConfig(LoraMethodConfig):
+    method: ClassVar[str] = "surgical-lora"
+
     r: int = field(default=32, metadata={"help": "rank of the update (seed 000: 32)"})
     alpha: float = field(default=64, metadata={"help": "lora_alpha; the update is scaled by alpha / r"})
 

@@ -9,6 +9,7 @@ _EXPORTS = {
     "assert_change_concentrated": "harness.assertions",
     "assert_only_targets_changed": "harness.assertions",
     "assert_change_spread": "harness.assertions",
+    "assert_gradients_stable": "harness.assertions",
     "HypothesisFailed": "harness.assertions",
     "CheckResult": "harness.report.records",
     "Recipe": "harness.training",

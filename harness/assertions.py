@@ -7,8 +7,10 @@ current test's report. Helper frames are hidden from tracebacks.
 
 from __future__ import annotations
 
+import math
+
 from .analysis.concentration import change_mass, gini, shares, top_k_share
-from .analysis.deltas import aggregate, group_key
+from .analysis.deltas import aggregate, layer_label
 from .report.records import CheckResult, emit
 
 
@@ -59,7 +61,7 @@ def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
     in_target: dict[str, float] = {}
     for r in rows:
         if _targeted(r, layer_set, kind_set):
-            label = group_key(r)
+            label = layer_label(r)
             in_target[label] = in_target.get(label, 0.0) + change_mass(r.moments, measure) / (total or 1.0)
     table = [[label, s, in_target[label] if label in in_target else ""] for label, s in group_share.items()]
     return _conclude(CheckResult(
@@ -90,6 +92,55 @@ def assert_change_spread(run, top_k: int = 2, max_share: float = 0.5,
         ["layer", "share", "rank"], [[label, s, i + 1] for i, (label, s) in enumerate(ranked)],
         {"top_k_share": held, "gini": gini(layer_share.values())},
     ))
+
+
+def _steps_around(trace, step: int, mark: str, radius: int = 2) -> list[list]:
+    rows = []
+    for s in range(max(0, step - radius), min(len(trace.loss), step + radius + 1)):
+        layers = {label: norms[s] for label, norms in trace.layer_grad_norm.items() if s < len(norms)}
+        top = max(layers, key=lambda k: layers[k] if math.isfinite(layers[k]) else math.inf) if layers else ""
+        rows.append([s, trace.loss[s], trace.grad_norm[s], f"{top} {layers.get(top, float('nan')):.4g}" if top else "",
+                     mark if s == step else ""])
+    return rows
+
+
+def assert_gradients_stable(run, max_grad_norm: float | None = None, max_spike: float | None = None,
+                            window: int = 5) -> CheckResult:
+    """No non-finite loss, gradient or weight; optionally, no grad norm above `max_grad_norm`
+    and no spike above `max_spike` times the median of the previous `window` steps.
+    Grad norms are the global norms before clipping."""
+    __tracebackhide__ = True
+    trace = run.trace
+    norms = trace.grad_norm
+    headers = ["step", "loss", "grad norm", "largest layer", ""]
+    metrics = {"steps": len(norms), "max_grad_norm": max((n for n in norms if math.isfinite(n)), default=None),
+               "nonfinite_events": len(trace.nonfinite)}
+    if trace.nonfinite:
+        first = trace.nonfinite[0]
+        where = f" in {first['parameter']}" if first["parameter"] else ""
+        halted = f"; the run halted at step {trace.halted_at}" if trace.halted_at is not None else ""
+        summary = (f"non-finite {first['what']} at step {first['step']}{where} "
+                   f"({len(trace.nonfinite)} non-finite events{halted}, policy {run.instruments.nonfinite})")
+        return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
+                                     _steps_around(trace, first["step"], "<- first non-finite"), metrics))
+    if max_grad_norm is not None:
+        over = next((s for s, n in enumerate(norms) if n > max_grad_norm), None)
+        if over is not None:
+            summary = f"grad norm {norms[over]:.4g} at step {over} exceeds max_grad_norm {max_grad_norm:g}"
+            return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
+                                         _steps_around(trace, over, "<- over the bound"), metrics))
+    if max_spike is not None:
+        for s in range(1, len(norms)):
+            previous = sorted(norms[max(0, s - window) : s])
+            median = previous[len(previous) // 2]
+            if median > 0 and norms[s] / median > max_spike:
+                summary = (f"grad norm spike at step {s}: {norms[s]:.4g} is {norms[s] / median:.3g}x the median "
+                           f"{median:.4g} of the previous {len(previous)} steps (allowed {max_spike:g}x)")
+                return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
+                                             _steps_around(trace, s, "<- spike"), metrics))
+    peak = metrics["max_grad_norm"]
+    summary = f"{len(norms)} steps, all finite; max grad norm {peak:.4g}" if peak is not None else "no steps ran"
+    return _conclude(CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics))
 
 
 def assert_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:

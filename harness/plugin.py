@@ -16,6 +16,7 @@ OPT_MODEL_ARGS = "--model-args"
 OPT_STANCE_DIR = "--stance-dir"
 OPT_REPORTS_DIR = "--reports-dir"
 OPT_NO_REPORTS = "--no-reports"
+OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
 XDIST_KEY = "stance_harness_records"
@@ -34,6 +35,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_REPORTS_DIR, metavar="DIR", default="reports",
                     help="where reports/<run-id>/ is written, relative to the rootdir. Default: reports")
     group.addoption(OPT_NO_REPORTS, action="store_true", default=False, help="write no report files")
+    group.addoption(OPT_ANALYSIS_TIMEOUT, metavar="SECONDS", type=float, default=600.0,
+                    help="time limit per post-training analysis stage; an overrun fails naming the stage. 0: no limit. Default: 600")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
         model=config.getoption(OPT_MODEL), model_args=model_args,
         stance_dirs=config.getoption(OPT_STANCE_DIR), reports_dir=reports,
         rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
+        analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
     )
     config.stash[SESSION_KEY] = HarnessSession(options, progress=_progress_writer(config))
 

@@ -54,6 +54,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered ({self._items[name]!r})")
         self._items[name] = obj
 
+    def unregister(self, name: str) -> T:
+        """Remove an entry (tests and plugins that register one for a while)."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

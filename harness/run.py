@@ -41,6 +41,14 @@ class Run:
     frozen_digests: dict
     trace: object
     train_seconds: float
+    instruments: object = None  # InstrumentConfig
+    analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
+
+    def _stage(self, name: str, fn):
+        from .analysis.stages import DEFAULT_TIMEOUT, run_stage
+
+        timeout = DEFAULT_TIMEOUT if self.analysis_timeout is None else self.analysis_timeout
+        return run_stage(name, fn, timeout)
 
     @property
     def anatomy(self):
@@ -68,14 +76,15 @@ class Run:
         """Per trainable tensor (for LoRA: its own A and B)."""
         from .analysis.deltas import delta_table, raw_delta_pairs
 
-        return delta_table(raw_delta_pairs(self.model, self.before), self.anatomy)
+        return self._stage("adapter_deltas", lambda: delta_table(raw_delta_pairs(self.model, self.before), self.anatomy))
 
     @cached_property
     def effective_deltas(self):
         """Per matrix as the model sees it (for LoRA: ΔW = scale·B·A on the base matrix)."""
         from .analysis.deltas import delta_table
 
-        return delta_table(self.method.effective_deltas(self.model, self.before, self.anatomy), self.anatomy)
+        return self._stage("effective_deltas", lambda: delta_table(
+            self.method.effective_deltas(self.model, self.before, self.anatomy), self.anatomy))
 
     def deltas(self, view: str = "effective"):
         if view not in ("effective", "adapter"):
@@ -90,7 +99,8 @@ class Run:
     def changed_frozen(self) -> list[str]:
         """Frozen parameters whose bytes differ from before training (should be none)."""
         params = dict(self.model.named_parameters())
-        return [n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d]
+        return self._stage("frozen_digests", lambda: [
+            n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d])
 
     def summary(self) -> dict:
         """JSON-ready record of the run for reports."""
@@ -104,6 +114,16 @@ class Run:
             "examples": self.examples,
             "counts": self.counts,
             "trace": self.trace.as_dict(),
+            "instruments": self.trace.summary(),
             "train_seconds": self.train_seconds,
-            "layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")},
+            **self._layer_tables(),
         }
+
+    def _layer_tables(self) -> dict:
+        """Per-layer tables for the report; an analysis that fails or overruns is reported, not raised."""
+        from .registry import HarnessError
+
+        try:
+            return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
+        except HarnessError as exc:
+            return {"layers": {"effective": [], "adapter": []}, "analysis_error": str(exc)}

@@ -20,6 +20,7 @@ class HarnessOptions:
     reports_dir: Path | None  # None: write no reports
     rootdir: Path
     args: list[str]
+    analysis_timeout: float | None = None
 
 
 @dataclass
@@ -53,20 +54,24 @@ class HarnessSession:
 
     # -- training -------------------------------------------------------------------------
     def train(self, method: str, *, stance: str = "curious-uncertainty", model: str | None = None,
-              examples: int | None = None, recipe=None, **options):
+              examples: int | None = None, recipe=None, instruments=None, **options):
         """Train once per identical request; later identical requests get the same Run."""
         from .methods import METHODS
+        from .instruments import InstrumentConfig
         from .training import Recipe, describe_request, request_key, run_training
 
         loaded = self.model(model)
         stance_obj = self.stance(stance)
         config = METHODS.get(method).config_cls.from_options(method, options)
         recipe = Recipe.of(recipe)
+        instruments = InstrumentConfig.of(instruments)
         n = len(stance_obj.training_examples(examples))
-        key = request_key(describe_request(loaded, stance_obj, method, config, recipe, n))
+        key = request_key(describe_request(loaded, stance_obj, method, config, recipe, n, instruments))
         if key not in self._runs:
             self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples)")
-            self._runs[key] = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress)
+            run = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress, instruments)
+            run.analysis_timeout = self.options.analysis_timeout
+            self._runs[key] = run
         return self._runs[key]
 
     def runs(self):

@@ -69,13 +69,52 @@ class Trace:
     """What happened at each optimizer step."""
 
     loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)  # before clipping
+    grad_norm: list[float] = field(default_factory=list)  # global, before clipping
+    layer_grad_norm: dict[str, list[float]] = field(default_factory=dict)  # per layer label, before clipping
     lr: list[float] = field(default_factory=list)  # the first group's
     group_lr: dict[str, list[float]] = field(default_factory=dict)  # every named group's
     schedule: list[dict] = field(default_factory=list)  # what the method's schedule set, per step
     step_time: list[float] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    nonfinite: list[dict] = field(default_factory=list)  # events: step, what, parameter
+    skipped_steps: list[int] = field(default_factory=list)
+    peak_memory: dict = field(default_factory=dict)
     halted_at: int | None = None
     halt_reason: str | None = None
+
+    def add_reading(self, reading, lrs: list[float], examples: int, tokens: int) -> None:
+        self.loss.append(reading.loss)
+        self.grad_norm.append(reading.grad_norm)
+        for label, norm in reading.layer_grad_norm.items():
+            self.layer_grad_norm.setdefault(label, []).append(norm)
+        self.lr.append(lrs[0])
+        for name, lr in zip(self.group_lr, lrs):
+            self.group_lr[name].append(lr)
+        self.examples.append(examples)
+        self.tokens.append(tokens)
+
+    def add_event(self, step: int, what: str, parameter: str | None) -> None:
+        from .instruments import MAX_EVENTS
+
+        if len(self.nonfinite) < MAX_EVENTS:
+            self.nonfinite.append({"step": step, "what": what, "parameter": parameter})
+
+    def summary(self) -> dict:
+        seconds = sum(self.step_time)
+        finite_norms = [g for g in self.grad_norm if math.isfinite(g)]
+        return {
+            "steps": len(self.loss),
+            "mean_step_time_s": seconds / len(self.step_time) if self.step_time else None,
+            "examples_per_s": sum(self.examples) / seconds if seconds else None,
+            "tokens_per_s": sum(self.tokens) / seconds if seconds else None,
+            "max_grad_norm": max(finite_norms) if finite_norms else None,
+            "peak_memory_bytes": self.peak_memory.get("bytes"),
+            "peak_memory_kind": self.peak_memory.get("kind"),
+            "first_nonfinite": self.nonfinite[0] if self.nonfinite else None,
+            "skipped_steps": len(self.skipped_steps),
+            "halted_at": self.halted_at,
+        }
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -124,11 +163,12 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int) -> dict:
+def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments=None) -> dict:
     """Everything that decides a run's outcome; equal descriptions train once per session."""
     return {"model": loaded.model_id, "revision": loaded.revision, "model_args": asdict(loaded.args),
             "stance": stance.name, "stance_version": stance.version, "examples": examples,
-            "method": method_name, "config": config.as_dict(), "recipe": asdict(recipe)}
+            "method": method_name, "config": config.as_dict(), "recipe": asdict(recipe),
+            "instruments": asdict(instruments) if instruments is not None else None}
 
 
 def request_key(parts: dict) -> str:
@@ -136,15 +176,18 @@ def request_key(parts: dict) -> str:
 
 
 def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examples: int | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, instruments=None):
     """Train a fresh copy of `loaded`'s base with one method; return the Run."""
     import torch
 
+    from .analysis.deltas import layer_label
+    from .instruments import InstrumentConfig, StepProbe, peak_memory, reset_peak_memory
     from .methods import METHODS
     from .methods.base import TrainingContext
     from .run import Run, frozen_digests
 
     method = METHODS.get(method_name)
+    instruments = InstrumentConfig.of(instruments)
     chosen = stance.training_examples(examples)
     data = encode_examples(loaded.tokenizer, chosen, recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
@@ -165,14 +208,15 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     digests = frozen_digests(model)
     method.setup(ctx)
 
-    groups = method.param_groups(ctx)
-    optimizer = torch.optim.AdamW(groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    anatomy = loaded.anatomy
+    probe = StepProbe(list(trainable.items()), [layer_label(anatomy.name_of(n)) for n in trainable])
+    optimizer = torch.optim.AdamW(method.param_groups(ctx), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
-    params = list(trainable.values())
     pad_id = loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
+    reset_peak_memory(device)
     started = time.perf_counter()
     step = 0
     for epoch in range(recipe.num_train_epochs):
@@ -185,6 +229,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             scheduled = method.schedule(ctx, step)
             if scheduled is not None:
                 trace.schedule.append({"step": step, **scheduled})
+            weight_norms = probe.weight_norms()  # the weights this step starts from
             loss_sum = torch.zeros((), device=device)
             for micro in group:
                 loss = model(**collate(micro, pad_id, device)).loss
@@ -193,32 +238,60 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
                     loss = loss + extra
                 (loss / len(group)).backward()
                 loss_sum += loss.detach() / len(group)
-            clip = recipe.max_grad_norm if recipe.max_grad_norm is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            loss_value, norm_value = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
-            trace.loss.append(loss_value)
-            trace.grad_norm.append(norm_value)
-            lrs = scheduler.get_last_lr()
-            trace.lr.append(lrs[0])
-            for name, lr in zip(trace.group_lr, lrs):
-                trace.group_lr[name].append(lr)
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                trace.halted_at, trace.halt_reason = step, "non-finite loss or gradient"
-                trace.step_time.append(time.perf_counter() - step_started)
-                break
+            grad_norms = probe.grad_norms()
+            total = probe.clip_(grad_norms, recipe.max_grad_norm)
+            reading = probe.read(loss_sum, grad_norms, total, weight_norms)  # the step's one host sync
+            trace.add_reading(reading, scheduler.get_last_lr(), sum(len(m) for m in group),
+                              sum(len(ids) for m in group for ids, _ in m))
+            event = _first_nonfinite(reading, step, anatomy)
+            if event is not None:
+                trace.add_event(*event)
+                when, what, where = event
+                if instruments.nonfinite == "halt" or (what == "weight" and instruments.nonfinite == "skip_step"):
+                    # skip_step cannot undo a non-finite weight: the step that made it is past
+                    trace.halted_at, trace.halt_reason = when, f"non-finite {what} in {where}" if where else f"non-finite {what}"
+                    trace.step_time.append(time.perf_counter() - step_started)
+                    break
+                if instruments.nonfinite == "skip_step":
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    trace.skipped_steps.append(step)
+                    trace.step_time.append(time.perf_counter() - step_started)
+                    step += 1
+                    continue
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)
             step += 1
             if progress and (step == ctx.total_steps or step % max(1, ctx.total_steps // 4) == 0):
-                progress(f"  {method_name} step {step}/{ctx.total_steps} loss {loss_value:.4f}")
+                progress(f"  {method_name} step {step}/{ctx.total_steps} loss {reading.loss:.4f}")
         if trace.halted_at is not None:
             break
+    if trace.halted_at is None:
+        bad_weight = probe.first_nonfinite_weight()
+        if bad_weight is not None:  # made by the final update
+            trace.add_event(step - 1, "weight", str(anatomy.name_of(bad_weight)))
+    trace.peak_memory = peak_memory(device)
     model.eval()
     return Run(
-        run_id=f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, len(chosen)))}",
+        run_id=f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, len(chosen), instruments))}",
         loaded=loaded, stance=stance, method=method, config=config, recipe=recipe,
         examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
-        train_seconds=time.perf_counter() - started,
+        train_seconds=time.perf_counter() - started, instruments=instruments,
     )
+
+
+def _first_nonfinite(reading, step: int, anatomy):
+    """(step, what, canonical parameter) of the first non-finite value this step saw, or None.
+
+    A non-finite weight at the start of step s was made by the update of step s - 1.
+    """
+    if reading.bad_weight is not None:
+        return (max(0, step - 1), "weight", str(anatomy.name_of(reading.bad_weight)))
+    if not math.isfinite(reading.loss):
+        return (step, "loss", None)
+    if reading.bad_grad is not None or not math.isfinite(reading.grad_norm):
+        where = reading.bad_grad
+        return (step, "gradient", str(anatomy.name_of(where)) if where else None)
+    return None

@@ -121,12 +121,13 @@ def delta_table(pairs, anatomy) -> list[MatrixDelta]:
     return out
 
 
-def group_key(row: MatrixDelta) -> str:
-    """Layer label: L{i} inside the blocks, the role (embed, head, ...) outside."""
-    return f"L{row.layer}" if row.layer is not None else row.kind.split(".")[0]
+def layer_label(name) -> str:
+    """Layer label of a ParamName or MatrixDelta: L{i} inside the blocks, the role (embed, head, ...) outside."""
+    return f"L{name.layer}" if name.layer is not None else name.kind.split(".")[0]
 
 
-def aggregate(rows, key=group_key) -> dict[str, DeltaMoments]:
+
+def aggregate(rows, key=layer_label) -> dict[str, DeltaMoments]:
     """Pooled moments per group, blocks first in layer order, then other roles."""
     groups: dict[str, DeltaMoments] = {}
     for row in rows:

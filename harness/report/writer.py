@@ -143,9 +143,16 @@ def render_markdown(payload: dict) -> str:
             + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
             "",
         ]
+        if run.get("analysis_error"):
+            lines += [f"**analysis failed:** {run['analysis_error']}", ""]
+        instruments = run.get("instruments") or {}
+        if instruments:
+            lines += ["**instruments**", "", _table([{k: v for k, v in instruments.items() if k != "first_nonfinite"}]), ""]
+            if instruments.get("first_nonfinite"):
+                lines += [f"first non-finite value: {json.dumps(instruments['first_nonfinite'])}", ""]
         for view in ("effective", "adapter"):
             rows = run["layers"][view]
-            if view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]:
+            if not rows or (view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]):
                 continue
             title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
             lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]

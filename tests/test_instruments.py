@@ -1,0 +1,213 @@
+"""Instruments: NaN injected at a chosen step is caught there, in the right parameter, under
+each policy; per-layer grad norms; throughput and memory; stuck analyses time out."""
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from harness import HypothesisFailed, assert_gradients_stable
+from harness.analysis.stages import StageTimeout, run_stage
+from harness.instruments import InstrumentConfig
+from harness.methods import METHODS
+from harness.methods.base import MethodConfig, register_method
+from harness.methods.full import FullFineTuning
+from harness.registry import HarnessError
+from harness.training import Recipe, run_training
+
+RECIPE = Recipe.of(learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=2, seed=0)
+TARGET = "model.layers.20.self_attn.v_proj.weight"  # canonical L20.v_proj.weight
+
+
+@dataclass(frozen=True)
+class PoisonConfig(MethodConfig):
+    step: int = 2
+    what: str = "gradient"  # gradient, loss, weight
+
+
+class Poison(FullFineTuning):
+    """Full fine-tuning that turns one value non-finite at a chosen step (via the extension points)."""
+
+    name = "test-poison"
+    config_cls = PoisonConfig
+
+    def setup(self, ctx):
+        param = dict(ctx.model.named_parameters())[TARGET]
+        param.register_hook(lambda g: g * math.nan if ctx.state.get("step") == ctx.config.step else g)
+
+    def schedule(self, ctx, step):
+        ctx.state["step"] = step if ctx.config.what == "gradient" else None
+        if ctx.config.what == "weight" and step == ctx.config.step:
+            with torch.no_grad():
+                dict(ctx.model.named_parameters())[TARGET][0, 0] = math.inf
+        return None
+
+    def extra_loss(self, ctx, step):
+        return torch.tensor(math.nan) if ctx.config.what == "loss" and step == ctx.config.step else None
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_qwen2, stance):
+    register_method(Poison)
+    cache = {}
+
+    def make(policy, what="gradient", step=2):
+        key = (policy, what, step)
+        if key not in cache:
+            cache[key] = run_training(tiny_qwen2, stance, "test-poison", PoisonConfig(step=step, what=what), RECIPE,
+                                      examples=10, instruments={"nonfinite": policy})
+        return cache[key]
+
+    yield make
+    METHODS.unregister("test-poison")
+
+
+def test_halt_stops_at_the_step_with_the_parameter_and_keeps_the_trace(poisoned):
+    run = poisoned("halt")
+    assert run.trace.nonfinite[0] == {"step": 2, "what": "gradient", "parameter": "L20.v_proj.weight"}
+    assert run.trace.halted_at == 2 and run.trace.halt_reason == "non-finite gradient in L20.v_proj.weight"
+    assert len(run.trace.loss) == 3 and math.isnan(run.trace.grad_norm[2])
+    assert math.isnan(run.trace.layer_grad_norm["L20"][2]) and math.isfinite(run.trace.layer_grad_norm["L19"][2])
+    # the poisoned step was not applied: the weights stay finite and the analyses are clean
+    assert all(r.moments.nonfinite == 0 for r in run.adapter_deltas)
+
+
+def test_skip_step_skips_only_the_bad_step(poisoned):
+    run = poisoned("skip_step")
+    assert run.trace.skipped_steps == [2] and run.trace.halted_at is None
+    assert len(run.trace.loss) == 5 and len(run.trace.nonfinite) == 1
+    assert all(r.moments.nonfinite == 0 for r in run.adapter_deltas)
+
+
+def test_record_goes_on_and_analyses_of_nan_weights_complete_and_say_so(poisoned):
+    run = poisoned("record")
+    assert run.trace.halted_at is None and len(run.trace.loss) == 5
+    events = run.trace.nonfinite
+    assert events[0] == {"step": 2, "what": "gradient", "parameter": "L20.v_proj.weight"}
+    assert {"step": 2, "what": "weight", "parameter": "L20.v_proj.weight"} in events  # made by step 2's update
+    rows = {r["layer"]: r for r in run.layer_table()}
+    assert rows["L20"]["nonfinite"] > 0
+    assert run.summary()["layers"]["effective"]  # the report's analysis completes
+
+
+@pytest.mark.parametrize("what,step,expected", [
+    ("loss", 1, {"step": 1, "what": "loss", "parameter": None}),
+    ("weight", 3, {"step": 2, "what": "weight", "parameter": "L20.v_proj.weight"}),  # seen as step 3 starts
+])
+def test_loss_and_weight_are_caught_too(poisoned, what, step, expected):
+    run = poisoned("halt", what, step)
+    assert run.trace.nonfinite[0] == expected
+
+
+def test_assert_gradients_stable_fails_naming_step_parameter_and_norms(poisoned):
+    with pytest.raises(HypothesisFailed) as err:
+        assert_gradients_stable(poisoned("halt"))
+    message = str(err.value)
+    assert message.startswith("assert_gradients_stable: non-finite gradient at step 2 in L20.v_proj.weight")
+    assert "the run halted at step 2" in message and "policy halt" in message
+    lines = message.splitlines()
+    assert lines[1].split()[:4] == ["step", "loss", "grad", "norm"]
+    assert [line.split()[0] for line in lines[3:]] == ["0", "1", "2"]
+    assert lines[5].rstrip().endswith("<- first non-finite")
+
+
+def test_assert_gradients_stable_passes_on_a_clean_run(quick_run):
+    result = assert_gradients_stable(quick_run("full"), max_grad_norm=1e6, max_spike=1e6)
+    assert result.passed and result.summary.startswith("2 steps, all finite; max grad norm")
+
+
+def test_assert_gradients_stable_bounds_and_spikes(quick_run):
+    run = quick_run("full")
+    peak = max(run.trace.grad_norm)
+    with pytest.raises(HypothesisFailed, match=rf"exceeds max_grad_norm {peak / 2:g}"):
+        assert_gradients_stable(run, max_grad_norm=peak / 2)
+    ratio = run.trace.grad_norm[1] / run.trace.grad_norm[0]
+    if ratio > 1:
+        with pytest.raises(HypothesisFailed, match="grad norm spike at step 1"):
+            assert_gradients_stable(run, max_spike=ratio * 0.99)
+    else:
+        assert assert_gradients_stable(run, max_spike=1.0).passed
+
+
+def test_per_layer_grad_norms_compose_the_global_norm(quick_run):
+    trace = quick_run("full").trace
+    for step, total in enumerate(trace.grad_norm):
+        layers = [norms[step] for norms in trace.layer_grad_norm.values()]
+        assert math.sqrt(sum(n * n for n in layers)) == pytest.approx(total, rel=1e-4)
+    assert set(trace.layer_grad_norm) == {"embed", "final_norm"} | {f"L{i}" for i in range(24)}
+
+
+def test_clipping_matches_torch(tiny_qwen2, stance):
+    from harness.instruments import StepProbe
+
+    model = tiny_qwen2.fresh()
+    params = [(n, p) for n, p in model.named_parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    reference = [p.grad.clone() for _, p in params]
+    expected_total = torch.nn.utils.clip_grad_norm_([p for _, p in params], 0.5)
+    clipped = [p.grad.clone() for _, p in params]
+    for (_, p), g in zip(params, reference):
+        p.grad = g.clone()
+    probe = StepProbe(params, ["x"] * len(params))
+    total = probe.clip_(probe.grad_norms(), 0.5)
+    assert total.item() == pytest.approx(expected_total.item(), rel=1e-5)
+    for (_, p), g in zip(params, clipped):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_throughput_and_peak_memory_are_traced(quick_run):
+    run = quick_run("full")
+    summary = run.trace.summary()
+    assert summary["steps"] == 2 and summary["examples_per_s"] > 0 and summary["tokens_per_s"] > summary["examples_per_s"]
+    assert run.trace.examples == [5, 5] and all(t > 0 for t in run.trace.tokens)
+    assert summary["peak_memory_kind"] == "process_peak_rss" and summary["peak_memory_bytes"] > 50 * 2**20
+
+
+def test_instrument_options_are_validated():
+    with pytest.raises(HarnessError, match="nonfinite must be one of halt, skip_step, record"):
+        InstrumentConfig.of({"nonfinite": "ignore"})
+    with pytest.raises(HarnessError, match="unknown option 'policy'"):
+        InstrumentConfig.of({"policy": "halt"})
+
+
+# -- no hang -------------------------------------------------------------------------------
+def test_a_stuck_stage_times_out_naming_the_stage():
+    stuck = threading.Event()
+    started = time.perf_counter()
+    with pytest.raises(StageTimeout, match="analysis stage 'effective_deltas' did not finish within 0.3s"):
+        run_stage("effective_deltas", stuck.wait, timeout=0.3)
+    assert time.perf_counter() - started < 3
+    stuck.set()
+
+
+def test_stage_errors_and_values_pass_through():
+    assert run_stage("ok", lambda: 42, timeout=5) == 42
+    with pytest.raises(ZeroDivisionError):
+        run_stage("boom", lambda: 1 / 0, timeout=5)
+    assert run_stage("no limit", lambda: "x", timeout=0) == "x"
+
+
+def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_run):
+    import copy
+    import dataclasses
+
+    run = quick_run("lora")
+    release = threading.Event()
+
+    class Stuck(type(run.method)):
+        def effective_deltas(self, model, before, anatomy):
+            release.wait()
+            return []
+
+    stuck = dataclasses.replace(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.5)
+    started = time.perf_counter()
+    with pytest.raises(StageTimeout, match="'effective_deltas'"):
+        stuck.layer_table()
+    summary = stuck.summary()
+    assert "analysis stage 'effective_deltas' did not finish" in summary["analysis_error"]
+    assert time.perf_counter() - started < 5
+    release.set()

@@ -91,7 +91,7 @@ def test_rows(payload: dict) -> list[dict]:
         rows.append({
             "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
             "test": test["nodeid"],
-            "runs": ", ".join(payload["runs"].get(r, {}).get("method", r) for r in test["runs"]) or "-",
+            "runs": ", ".join(payload["runs"].get(r, {}).get("method", r.rsplit("-", 1)[0]) for r in test["runs"]) or "-",
             "checks": f"{passed}/{len(checks)}" if checks else "-",
             "message": (test["message"] or "").splitlines()[0][:100] if test["message"] else "",
         })

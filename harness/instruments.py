@@ -128,3 +128,38 @@ def peak_memory(device) -> dict:
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"kind": "process_peak_rss", "bytes": int(rss if sys.platform == "darwin" else rss * 1024)}
+
+
+def output_change_cosine(forward, group_a: list, group_b: list, step_size: float = 1e-3):
+    """Interference between two parameter groups, measured where they meet: the outputs.
+
+    Each group takes a small step along its own gradient (size `step_size` relative to the
+    group's weight norm); the cosine between the two resulting output changes is returned.
+    +1: the groups move the model the same way; -1: they fight. Parameters are restored
+    bit-exactly. Returns (cosine, None), or (None, reason) when a group has no gradient.
+    `forward()` must return the model's output tensor for a fixed batch.
+    """
+    import torch
+
+    with torch.no_grad():
+        base = forward().float()
+        changes = []
+        for label, params in (("first", group_a), ("second", group_b)):
+            grads = [p.grad for p in params]
+            if not params or any(g is None for g in grads):
+                return None, f"the {label} group has no gradient at this step"
+            grad_norm = torch.stack(torch._foreach_norm(grads)).norm()
+            if not torch.isfinite(grad_norm) or grad_norm == 0:
+                return None, f"the {label} group's gradient is zero or non-finite"
+            weight_norm = torch.stack(torch._foreach_norm([p.detach() for p in params])).norm()
+            saved = [p.detach().clone() for p in params]
+            scale = step_size * max(weight_norm.item(), 1.0) / grad_norm.item()
+            torch._foreach_add_([p.data for p in params], grads, alpha=-scale)
+            changes.append((forward().float() - base).flatten())
+            for p, s in zip(params, saved):
+                p.data.copy_(s)
+        a, b = changes
+        denom = a.norm() * b.norm()
+        if denom == 0:
+            return None, "a group's step did not change the outputs"
+        return float((a @ b) / denom), None

@@ -78,6 +78,7 @@ class Trace:
     examples: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     nonfinite: list[dict] = field(default_factory=list)  # events: step, what, parameter
+    interference: list[dict] = field(default_factory=list)  # step, epoch, cosine or reason
     skipped_steps: list[int] = field(default_factory=list)
     peak_memory: dict = field(default_factory=dict)
     halted_at: int | None = None
@@ -114,7 +115,20 @@ class Trace:
             "first_nonfinite": self.nonfinite[0] if self.nonfinite else None,
             "skipped_steps": len(self.skipped_steps),
             "halted_at": self.halted_at,
+            "interference_by_epoch": self.interference_by_epoch(),
         }
+
+    def interference_by_epoch(self) -> list[dict]:
+        """Mean interference cosine per epoch over the steps where it was defined."""
+        epochs: dict[int, list] = {}
+        for entry in self.interference:
+            epochs.setdefault(entry["epoch"], []).append(entry["cosine"])
+        out = []
+        for epoch, values in sorted(epochs.items()):
+            defined = [v for v in values if v is not None]
+            out.append({"epoch": epoch, "mean_cosine": sum(defined) / len(defined) if defined else None,
+                        "steps": len(defined), "undefined_steps": len(values) - len(defined)})
+        return out
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +224,9 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
 
     anatomy = loaded.anatomy
     probe = StepProbe(list(trainable.items()), [layer_label(anatomy.name_of(n)) for n in trainable])
-    optimizer = torch.optim.AdamW(method.param_groups(ctx), lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    param_groups = method.param_groups(ctx)
+    interference_groups = _interference_groups(param_groups, instruments)
+    optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     pad_id = loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device
@@ -238,6 +254,8 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
                     loss = loss + extra
                 (loss / len(group)).backward()
                 loss_sum += loss.detach() / len(group)
+            if interference_groups:
+                _trace_interference(trace, model, collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()
             total = probe.clip_(grad_norms, recipe.max_grad_norm)
             reading = probe.read(loss_sum, grad_norms, total, weight_norms)  # the step's one host sync
@@ -280,6 +298,35 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
         examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
         train_seconds=time.perf_counter() - started, instruments=instruments,
     )
+
+
+def _interference_groups(param_groups: list[dict], instruments):
+    """The two named parameter groups to compare, or None; unknown names are an error."""
+    if instruments.interference is None:
+        return None
+    by_name = {g.get("name"): g["params"] for g in param_groups}
+    missing = [n for n in instruments.interference if n not in by_name]
+    if missing:
+        raise HarnessError(
+            f"instruments: interference group {missing[0]!r} is not one of this method's parameter groups: "
+            f"{', '.join(str(n) for n in by_name)}")
+    return [by_name[n] for n in instruments.interference]
+
+
+def _trace_interference(trace, model, inputs, groups, step: int, epoch: int) -> None:
+    from .instruments import output_change_cosine
+
+    def forward():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+    was_training = model.training
+    model.eval()  # no dropout noise in the comparison
+    try:
+        cosine, reason = output_change_cosine(forward, [p for p in groups[0] if p.requires_grad] or groups[0],
+                                              [p for p in groups[1] if p.requires_grad] or groups[1])
+    finally:
+        model.train(was_training)
+    trace.interference.append({"step": step, "epoch": epoch, "cosine": cosine, "reason": reason})
 
 
 def _first_nonfinite(reading, step: int, anatomy):

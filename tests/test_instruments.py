@@ -211,3 +211,66 @@ def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_ru
     assert "analysis stage 'effective_deltas' did not finish" in summary["analysis_error"]
     assert time.perf_counter() - started < 5
     release.set()
+
+
+# -- gradient interference -----------------------------------------------------------------
+def toy(sign_b: float):
+    """y = (A + B) x with equal-size groups; B's gradient is `sign_b` times A's."""
+    from harness.instruments import output_change_cosine
+
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(5, 4)
+    grad = torch.randn(3, 4)
+    a.grad, b.grad = grad.clone(), sign_b * grad.clone()
+    before = (a.detach().clone(), b.detach().clone())
+    cosine, reason = output_change_cosine(lambda: x @ (a + b).T, [a], [b])
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])  # restored bit-exactly
+    return cosine, reason
+
+
+def test_interference_by_hand():
+    assert toy(1.0)[0] == pytest.approx(1.0, abs=1e-4)   # same push on the outputs
+    assert toy(-1.0)[0] == pytest.approx(-1.0, abs=1e-4)  # opposite pushes
+
+
+def test_interference_gives_a_reason_not_nan_without_a_gradient():
+    from harness.instruments import output_change_cosine
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    a.grad = torch.ones(2)
+    assert output_change_cosine(lambda: a + b, [a], [b]) == (None, "the second group has no gradient at this step")
+
+
+@pytest.fixture(scope="module")
+def hybrid_with_interference(tiny_qwen2, stance):
+    def make(**options):
+        config = METHODS.get("hybrid").config_cls.from_options("hybrid", options)
+        return run_training(tiny_qwen2, stance, "hybrid", config, RECIPE, examples=10,
+                            instruments={"interference": ["lora", "norm"]})
+    return make
+
+
+def test_hybrid_interference_is_defined_and_averaged_per_epoch(hybrid_with_interference):
+    run = hybrid_with_interference(freeze_lora_steps=0)
+    entries = run.trace.interference
+    assert [e["step"] for e in entries] == list(range(5))
+    # defined at every step, step 0 included: A's gradient is zero there, but B's is not
+    values = [e["cosine"] for e in entries]
+    assert all(v is not None and -1 <= v <= 1 for v in values)
+    (epoch,) = run.trace.summary()["interference_by_epoch"]
+    assert epoch["mean_cosine"] == pytest.approx(sum(values) / len(values))
+    assert (epoch["steps"], epoch["undefined_steps"]) == (5, 0)
+
+
+def test_interference_under_alternation_says_why_steps_are_undefined(hybrid_with_interference):
+    run = hybrid_with_interference(freeze_lora_steps=2)
+    reasons = [e["reason"] for e in run.trace.interference[:2]]
+    assert reasons == ["the first group has no gradient at this step"] * 2  # LoRA frozen in warm-up
+
+
+def test_interference_needs_groups_the_method_has(tiny_qwen2, stance):
+    config = METHODS.get("full").config_cls()
+    with pytest.raises(HarnessError, match="interference group 'lora' is not one of this method's parameter groups: all"):
+        run_training(tiny_qwen2, stance, "full", config, RECIPE, examples=10, instruments={"interference": ["lora", "norm"]})

@@ -148,3 +148,36 @@ def test_xdist_workers_merge_into_one_report(hypotheses):
     payload = json.loads((latest_report(hypotheses) / "report.json").read_text())
     assert len(payload["tests"]) == 2 and len(payload["runs"]) == 2
     result.stdout.fnmatch_lines(["*= stance-harness =*"])
+
+
+def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
+    pytester.makepyfile('''
+        import threading
+
+        from harness import assert_change_concentrated
+        from harness.methods import METHODS
+        from harness.methods.base import register_method
+        from harness.methods.full import FullFineTuning
+
+        @register_method
+        class StuckAnalysis(FullFineTuning):
+            name = "stuck-analysis"
+
+            def effective_deltas(self, model, before, anatomy):
+                threading.Event().wait()  # never returns
+
+        def test_stuck(train):
+            run = train("stuck-analysis", examples=5, recipe={"num_train_epochs": 1})
+            assert_change_concentrated(run, layers=[0], min_share=0.0)
+
+        def test_after_it(train):
+            run = train("full", examples=5, recipe={"num_train_epochs": 1})
+            assert run.trace.loss
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*analysis stage 'effective_deltas' did not finish within 2s*"])
+    assert result.duration < 60
+    report = json.loads((latest_report(pytester) / "report.json").read_text())
+    stuck = next(r for r in report["runs"].values() if r["method"] == "stuck-analysis")
+    assert "effective_deltas" in stuck["analysis_error"]  # the report says so too

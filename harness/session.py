@@ -56,13 +56,13 @@ class HarnessSession:
     def train(self, method: str, *, stance: str = "curious-uncertainty", model: str | None = None,
               examples: int | None = None, recipe=None, instruments=None, **options):
         """Train once per identical request; later identical requests get the same Run."""
-        from .methods import METHODS
+        from .methods import method_config
         from .instruments import InstrumentConfig
         from .training import Recipe, describe_request, request_key, run_training
 
         loaded = self.model(model)
         stance_obj = self.stance(stance)
-        config = METHODS.get(method).config_cls.from_options(method, options)
+        config = method_config(method, options)
         recipe = Recipe.of(recipe)
         instruments = InstrumentConfig.of(instruments)
         n = len(stance_obj.training_examples(examples))

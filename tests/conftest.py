@@ -38,7 +38,7 @@ def stance():
 @pytest.fixture(scope="session")
 def quick_run(tiny_qwen2, stance):
     """`quick_run(method, **options)`: a 1-epoch, 10-example run, trained once per session."""
-    from harness.methods import METHODS
+    from harness.methods import method_config
     from harness.training import Recipe, run_training
 
     cache = {}
@@ -46,7 +46,7 @@ def quick_run(tiny_qwen2, stance):
     def make(method, **options):
         key = (method, tuple(sorted((k, str(v)) for k, v in options.items())))
         if key not in cache:
-            config = METHODS.get(method).config_cls.from_options(method, options)
+            config = method_config(method, options)
             cache[key] = run_training(tiny_qwen2, stance, method, config, Recipe.of(QUICK), examples=10)
         return cache[key]
 

@@ -12,7 +12,7 @@ import torch
 from harness import HypothesisFailed, assert_gradients_stable
 from harness.analysis.stages import StageTimeout, run_stage
 from harness.instruments import InstrumentConfig
-from harness.methods import METHODS
+from harness.methods import METHODS, method_config
 from harness.methods.base import MethodConfig, register_method
 from harness.methods.full import FullFineTuning
 from harness.registry import HarnessError
@@ -246,7 +246,7 @@ def test_interference_gives_a_reason_not_nan_without_a_gradient():
 @pytest.fixture(scope="module")
 def hybrid_with_interference(tiny_qwen2, stance):
     def make(**options):
-        config = METHODS.get("hybrid").config_cls.from_options("hybrid", options)
+        config = method_config("hybrid", options)
         return run_training(tiny_qwen2, stance, "hybrid", config, RECIPE, examples=10,
                             instruments={"interference": ["lora", "norm"]})
     return make

@@ -7,7 +7,7 @@ Runs are 5 optimizer steps (10 examples, batch 2) on tiny-qwen2 (24 layers, tied
 import pytest
 
 from harness import assert_only_targets_changed
-from harness.methods import METHODS
+from harness.methods import METHODS, method_config
 from harness.methods.gradual import GradualConfig, unfrozen_at
 from harness.methods.hybrid import HybridConfig, active_groups
 from harness.registry import HarnessError
@@ -53,7 +53,7 @@ def method_run(tiny_qwen2, stance):
     def make(method, options):
         key = (method, repr(sorted(options.items())))
         if key not in cache:
-            config = METHODS.get(method).config_cls.from_options(method, options)
+            config = method_config(method, options)
             cache[key] = run_training(tiny_qwen2, stance, method, config, RECIPE, examples=10)
         return cache[key]
 
@@ -188,7 +188,7 @@ def test_l2sp_penalty_by_hand(tiny_qwen2):
 ])
 def test_invalid_configs_are_refused(method, options, message):
     with pytest.raises(HarnessError, match=message):
-        METHODS.get(method).config_cls.from_options(method, options)
+        method_config(method, options)
 
 
 @pytest.mark.parametrize("method,options,message", [
@@ -199,6 +199,6 @@ def test_invalid_configs_are_refused(method, options, message):
     ("selective", {"layers": [1], "kinds": ["qkv_proj"]}, "module kind 'qkv_proj' does not exist in this qwen2 model"),
 ])
 def test_configs_that_cannot_fit_the_run_fail_before_training(tiny_qwen2, stance, method, options, message):
-    config = METHODS.get(method).config_cls.from_options(method, options)
+    config = method_config(method, options)
     with pytest.raises(HarnessError, match=message):
         run_training(tiny_qwen2, stance, method, config, RECIPE, examples=10)

@@ -10,9 +10,9 @@ import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from bitsandbytes.nn import Linear4bit, Params4bit
 
-import harness.methods.qlora  # noqa: F401  (registers "qlora")
+
 from harness import assert_only_targets_changed
-from harness.methods import METHODS
+from harness.methods import method_config
 from harness.methods.base import TrainingContext
 from harness.methods.qlora import COMPUTE_DTYPES, Qlora, QloraConfig
 from harness.models import ModelArgs
@@ -128,7 +128,7 @@ def test_base_weight_is_float32_when_the_model_loads_in_bfloat16(tiny_qwen2):
 
 
 def test_config_defaults_are_the_seed_experiment():
-    config = METHODS.get("qlora").config_cls.from_options("qlora", {})
+    config = method_config("qlora", {})
     assert (config.r, config.alpha, config.target_modules) == (16, 32, KINDS)
     assert (config.compute_dtype, config.double_quant, config.dropout, config.layers) == ("bfloat16", False, 0.0, None)
     assert all(help_text for _, _, help_text in QloraConfig.describe())
@@ -136,7 +136,7 @@ def test_config_defaults_are_the_seed_experiment():
 
 def test_bad_compute_dtype_lists_the_allowed_values():
     with pytest.raises(HarnessError, match="qlora: compute_dtype must be one of bfloat16, float16, float32, got 'fp8'"):
-        METHODS.get("qlora").config_cls.from_options("qlora", {"compute_dtype": "fp8"})
+        method_config("qlora", {"compute_dtype": "fp8"})
     assert COMPUTE_DTYPES == ("bfloat16", "float16", "float32")
     with pytest.raises(HarnessError, match="lora: r must be a positive integer"):
         QloraConfig(r=0)  # LoRA's own checks still apply

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from harness.methods import METHODS
+from harness.methods import METHODS, method_config
 from harness.registry import HarnessError
 from harness.training import Recipe, encode_examples, linear_schedule
 
@@ -42,9 +42,9 @@ def test_loss_counts_only_response_tokens(tiny_qwen2, stance):
 
 def test_method_options_are_validated_with_suggestions():
     with pytest.raises(HarnessError, match="method 'lora' has no option 'rank'"):
-        METHODS.get("lora").config_cls.from_options("lora", {"rank": 4})
+        method_config("lora", {"rank": 4})
     with pytest.raises(HarnessError, match="lora: r must be a positive integer"):
-        METHODS.get("lora").config_cls.from_options("lora", {"r": 0})
+        method_config("lora", {"r": 0})
 
 
 def test_unknown_method_suggests():

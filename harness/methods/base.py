@@ -123,6 +123,11 @@ class Method:
 METHODS: Registry[Method] = Registry("method")
 
 
+def method_config(method: str, options: dict | None = None) -> MethodConfig:
+    """The validated config of a registered method from keyword options."""
+    return METHODS.get(method).config_cls.from_options(method, options or {})
+
+
 def register_method(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a `name`")

@@ -49,7 +49,6 @@ class Qlora(Lora):
     name = "qlora"
     config_cls = QloraConfig
     summary = "LoRA adapters on a base loaded 4-bit (bitsandbytes nf4) and frozen"
-
     seed = "001"
 
     def check(self, ctx):

@@ -110,6 +110,9 @@ def assert_gradients_stable(run, max_grad_norm: float | None = None, max_spike: 
     and no spike above `max_spike` times the median of the previous `window` steps.
     Grad norms are the global norms before clipping."""
     __tracebackhide__ = True
+    if window < 1 or (max_spike is not None and max_spike <= 0) or (max_grad_norm is not None and max_grad_norm <= 0):
+        raise ValueError(f"need window >= 1 and positive bounds, got window={window!r}, "
+                         f"max_spike={max_spike!r}, max_grad_norm={max_grad_norm!r}")
     trace = run.trace
     norms = trace.grad_norm
     headers = ["step", "loss", "grad norm", "largest layer", ""]

@@ -42,10 +42,15 @@ class InstrumentConfig:
             return value
         from dataclasses import fields
 
+        from .registry import suggest
+
         allowed = [f.name for f in fields(cls)]
+        if value is not None and not isinstance(value, dict):
+            raise HarnessError(f"instruments must be a dict such as {{'nonfinite': 'record'}}, got {value!r}")
         unknown = [k for k in (value or {}) if k not in allowed]
         if unknown:
-            raise HarnessError(f"instruments: unknown option {unknown[0]!r}; options: {', '.join(allowed)}")
+            raise HarnessError(f"instruments: unknown option {unknown[0]!r}.{suggest(unknown[0], allowed)} "
+                               f"Options: {', '.join(allowed)}")
         return cls(**(value or {}))
 
 
@@ -91,8 +96,8 @@ class StepProbe:
         import torch
 
         total = grad_norms.pow(2).sum().sqrt()
-        if max_norm is not None:
-            grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if max_norm is not None and grads:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
             torch._foreach_mul_(grads, coef)

@@ -44,6 +44,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from .registry import HarnessError
     from .session import HarnessOptions, HarnessSession
 
+    if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
+        raise pytest.UsageError(f"stance-harness: {OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
     try:
         model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
         # Unknown names and missing weights stop the run now, not once per test.
@@ -187,8 +189,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         import json
 
         harness.summarise_runs()
-        workeroutput[XDIST_KEY] = json.dumps({"tests": [r.as_dict() for r in harness.records.values()],
-                                              "runs": harness.run_summaries}, default=str)
+        workeroutput[XDIST_KEY] = json.dumps({
+            "tests": [r.as_dict() for r in harness.records.values()], "runs": harness.run_summaries,
+            "models": [m.provenance() for m in harness._models.values()],
+            "stances": [s.provenance() for s in harness._stances.values()],
+        }, default=str)
         return
     _write_reports(session.config, harness)
 
@@ -207,6 +212,8 @@ def pytest_testnodedown(node, error) -> None:
     for test in merged["tests"]:
         harness.records[test["nodeid"]] = TestRecord(**test)
     harness.run_summaries.update(merged["runs"])
+    harness.remote_provenance["models"] += merged["models"]
+    harness.remote_provenance["stances"] += merged["stances"]
 
 
 def _write_reports(config: pytest.Config, harness) -> None:

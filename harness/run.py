@@ -45,10 +45,18 @@ class Run:
     analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
 
     def _stage(self, name: str, fn):
+        """Run an analysis stage under the time limit; a stage that failed once fails at once after."""
         from .analysis.stages import DEFAULT_TIMEOUT, run_stage
 
+        failed = self.__dict__.setdefault("_failed_stages", {})
+        if name in failed:
+            raise failed[name]
         timeout = DEFAULT_TIMEOUT if self.analysis_timeout is None else self.analysis_timeout
-        return run_stage(name, fn, timeout)
+        try:
+            return run_stage(name, fn, timeout)
+        except Exception as exc:
+            failed[name] = exc
+            raise
 
     @property
     def anatomy(self):
@@ -121,9 +129,7 @@ class Run:
 
     def _layer_tables(self) -> dict:
         """Per-layer tables for the report; an analysis that fails or overruns is reported, not raised."""
-        from .registry import HarnessError
-
         try:
             return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
-        except HarnessError as exc:
-            return {"layers": {"effective": [], "adapter": []}, "analysis_error": str(exc)}
+        except Exception as exc:  # one run's broken analysis must not cost the session its report
+            return {"layers": {"effective": [], "adapter": []}, "analysis_error": f"{type(exc).__name__}: {exc}"}

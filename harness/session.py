@@ -30,6 +30,7 @@ class HarnessSession:
     records: dict[str, TestRecord] = field(default_factory=dict)
     run_summaries: dict[str, dict] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    remote_provenance: dict = field(default_factory=lambda: {"models": [], "stances": []})  # from xdist workers
     _models: dict = field(default_factory=dict)
     _runs: dict = field(default_factory=dict)
     _stances: dict = field(default_factory=dict)
@@ -58,7 +59,7 @@ class HarnessSession:
         """Train once per identical request; later identical requests get the same Run."""
         from .methods import method_config
         from .instruments import InstrumentConfig
-        from .training import Recipe, describe_request, request_key, run_training
+        from .training import Recipe, run_id_for, run_training
 
         loaded = self.model(model)
         stance_obj = self.stance(stance)
@@ -66,7 +67,7 @@ class HarnessSession:
         recipe = Recipe.of(recipe)
         instruments = InstrumentConfig.of(instruments)
         n = len(stance_obj.training_examples(examples))
-        key = request_key(describe_request(loaded, stance_obj, method, config, recipe, n, instruments))
+        key = run_id_for(loaded, stance_obj, method, config, recipe, n, instruments)
         if key not in self._runs:
             self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples)")
             run = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress, instruments)
@@ -90,7 +91,8 @@ class HarnessSession:
         from .report.writer import environment_info, git_info
 
         self.summarise_runs()
-        models = [m.provenance() for m in self._models.values()]
+        models = _unique([m.provenance() for m in self._models.values()] + self.remote_provenance["models"])
+        stances = _unique([s.provenance() for s in self._stances.values()] + self.remote_provenance["stances"])
         return {
             "run_id": run_id,
             "started": self.started,
@@ -99,7 +101,7 @@ class HarnessSession:
                 "model": models[0] if models else {"name": self.options.model},
                 "models": models,
                 "model_args": dict(self.options.model_args.__dict__),
-                "stances": [s.provenance() for s in self._stances.values()],
+                "stances": stances,
                 "git": git_info(self.options.rootdir),
                 "environment": environment_info(),
                 "args": self.options.args,
@@ -108,3 +110,13 @@ class HarnessSession:
             "tests": [r.as_dict() for r in self.records.values()],
             "runs": self.run_summaries,
         }
+
+
+def _unique(items: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for item in items:
+        key = repr(sorted(item.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

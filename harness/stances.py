@@ -74,7 +74,7 @@ def _records(path, field, value, cls, keys) -> tuple:
         missing = [k for k in keys if k not in item]
         extra = [k for k in item if k not in keys]
         if extra:  # first: a misspelt key explains the missing one
-            raise StanceFileError(path, f"{where}.{extra[0]}", f"is not a known key{suggest(str(extra[0]), list(keys))} (allowed: {', '.join(keys)})")
+            raise StanceFileError(path, f"{where}.{extra[0]}", f"is not a known key.{suggest(str(extra[0]), list(keys))} (allowed: {', '.join(keys)})")
         if missing:
             raise StanceFileError(path, f"{where}.{missing[0]}", "is missing")
         out.append(cls(**{k: _text(path, f"{where}.{k}", item[k]) for k in keys}))
@@ -89,7 +89,7 @@ def parse_stance(data, path: Path | str) -> Stance:
         raise StanceFileError(path, "<top>", f"must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise StanceFileError(path, str(key), f"is not a known key{suggest(str(key), list(TOP_LEVEL_KEYS))} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+            raise StanceFileError(path, str(key), f"is not a known key.{suggest(str(key), list(TOP_LEVEL_KEYS))} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
     for key in TOP_LEVEL_KEYS:
         if key not in data:
             raise StanceFileError(path, key, "is missing")

@@ -29,6 +29,14 @@ class Recipe:
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example, truncated beyond"})
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            integer = f.type in ("int",)
+            if value is None and f.name == "max_grad_norm":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                kind = "an integer" if integer else "a number"
+                raise HarnessError(f"recipe: {f.name} must be {kind}, got {value!r}")
         checks = [
             ("learning_rate", self.learning_rate > 0, "> 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
@@ -171,7 +179,7 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return factor
@@ -187,6 +195,11 @@ def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, e
 
 def request_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_id_for(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments) -> str:
+    """Method name + a hash of everything that decides the run: the cache key and the run's id."""
+    return f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, examples, instruments))}"
 
 
 def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examples: int | None = None,
@@ -209,6 +222,14 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
     ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch)
+    if not loaded.is_causal_lm:
+        raise HarnessError(
+            f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.base).__name__}); training here "
+            f"uses a causal language-modelling loss, so it needs a decoder. Encoders serve anatomy for now.")
+    if recipe.warmup_steps >= ctx.total_steps:
+        raise HarnessError(
+            f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
+            f"so the learning rate would never reach its peak")
     method.check(ctx)
 
     torch.manual_seed(recipe.seed)
@@ -233,6 +254,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     reset_peak_memory(device)
+    weights_logged: set[str] = set()  # raw names whose non-finite weight is already an event
     started = time.perf_counter()
     step = 0
     for epoch in range(recipe.num_train_epochs):
@@ -261,7 +283,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             reading = probe.read(loss_sum, grad_norms, total, weight_norms)  # the step's one host sync
             trace.add_reading(reading, scheduler.get_last_lr(), sum(len(m) for m in group),
                               sum(len(ids) for m in group for ids, _ in m))
-            event = _first_nonfinite(reading, step, anatomy)
+            event = _first_nonfinite(reading, step, anatomy, weights_logged)
             if event is not None:
                 trace.add_event(*event)
                 when, what, where = event
@@ -288,12 +310,12 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             break
     if trace.halted_at is None:
         bad_weight = probe.first_nonfinite_weight()
-        if bad_weight is not None:  # made by the final update
+        if bad_weight is not None and bad_weight not in weights_logged:  # made by the final update
             trace.add_event(step - 1, "weight", str(anatomy.name_of(bad_weight)))
     trace.peak_memory = peak_memory(device)
     model.eval()
     return Run(
-        run_id=f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, len(chosen), instruments))}",
+        run_id=run_id_for(loaded, stance, method_name, config, recipe, len(chosen), instruments),
         loaded=loaded, stance=stance, method=method, config=config, recipe=recipe,
         examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
         train_seconds=time.perf_counter() - started, instruments=instruments,
@@ -329,12 +351,14 @@ def _trace_interference(trace, model, inputs, groups, step: int, epoch: int) -> 
     trace.interference.append({"step": step, "epoch": epoch, "cosine": cosine, "reason": reason})
 
 
-def _first_nonfinite(reading, step: int, anatomy):
-    """(step, what, canonical parameter) of the first non-finite value this step saw, or None.
+def _first_nonfinite(reading, step: int, anatomy, weights_logged: set):
+    """(step, what, canonical parameter) of the first new non-finite value this step saw, or None.
 
-    A non-finite weight at the start of step s was made by the update of step s - 1.
+    A non-finite weight at the start of step s was made by the update of step s - 1; each
+    parameter's weight event is reported once, by the update that made it.
     """
-    if reading.bad_weight is not None:
+    if reading.bad_weight is not None and reading.bad_weight not in weights_logged:
+        weights_logged.add(reading.bad_weight)
         return (max(0, step - 1), "weight", str(anatomy.name_of(reading.bad_weight)))
     if not math.isfinite(reading.loss):
         return (step, "loss", None)

@@ -123,3 +123,8 @@ def test_relative_depth_is_in_range_monotone_and_identity_on_same_depth(n_from, 
 
 def test_locus_thirds():
     assert [locus_of(i, 24) for i in (0, 7, 8, 15, 16, 23)] == ["early", "early", "middle", "middle", "late", "late"]
+
+
+def test_layers_must_be_a_list():
+    with pytest.raises(HarnessError, match=r"layers must be a list of layer indices, e.g. \[13, 15\], not 13"):
+        Anatomy.of(build("qwen2")).check_layers(13)

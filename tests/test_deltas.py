@@ -109,3 +109,14 @@ def test_change_mass_measures():
     assert change_mass(moments, "abs") == pytest.approx(7.0)
     with pytest.raises(ValueError, match="measure must be one of"):
         change_mass(moments, "l3")
+
+
+def test_report_values_become_json():
+    import json
+
+    import numpy as np
+
+    from harness.report.records import json_safe
+
+    value = json_safe({"t": torch.tensor(1.5), "n": np.float32(2.0), "v": torch.tensor([1.0, 2.0]), "bad": math.nan})
+    assert json.loads(json.dumps(value)) == {"t": 1.5, "n": 2.0, "v": [1.0, 2.0], "bad": "nan"}

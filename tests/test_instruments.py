@@ -274,3 +274,41 @@ def test_interference_needs_groups_the_method_has(tiny_qwen2, stance):
     config = METHODS.get("full").config_cls()
     with pytest.raises(HarnessError, match="interference group 'lora' is not one of this method's parameter groups: all"):
         run_training(tiny_qwen2, stance, "full", config, RECIPE, examples=10, instruments={"interference": ["lora", "norm"]})
+
+
+def test_a_failed_stage_fails_at_once_afterwards(quick_run):
+    import copy
+    import dataclasses
+
+    run = quick_run("lora")
+    release = threading.Event()
+
+    class Stuck(type(run.method)):
+        def effective_deltas(self, model, before, anatomy):
+            release.wait()
+
+    stuck = dataclasses.replace(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.3)
+    with pytest.raises(StageTimeout):
+        stuck.layer_table()
+    started = time.perf_counter()
+    with pytest.raises(StageTimeout):
+        stuck.layer_table()  # remembered: no second wait
+    assert time.perf_counter() - started < 0.1
+    release.set()
+
+
+def test_record_policy_reports_each_weight_once(poisoned):
+    weight_events = [e for e in poisoned("record").trace.nonfinite if e["what"] == "weight"]
+    assert len({e["parameter"] for e in weight_events}) == len(weight_events)
+
+
+def test_gradients_stable_rejects_bad_bounds(quick_run):
+    with pytest.raises(ValueError, match="need window >= 1"):
+        assert_gradients_stable(quick_run("full"), max_spike=2.0, window=0)
+
+
+def test_instruments_must_be_a_dict():
+    with pytest.raises(HarnessError, match="instruments must be a dict"):
+        InstrumentConfig.of("record")
+    with pytest.raises(HarnessError, match="Did you mean: nonfinite"):
+        InstrumentConfig.of({"nonfinit": "record"})

@@ -202,3 +202,11 @@ def test_configs_that_cannot_fit_the_run_fail_before_training(tiny_qwen2, stance
     config = method_config(method, options)
     with pytest.raises(HarnessError, match=message):
         run_training(tiny_qwen2, stance, method, config, RECIPE, examples=10)
+
+
+def test_gradual_embeddings_stage_that_never_comes_is_refused(tiny_qwen2, stance):
+    config = method_config("gradual", {"every_steps": 1, "start_layers": 24, "unfreeze_embeddings": True})
+    assert unfrozen_at(1, 24, config, 5) == (list(range(24)), True)  # reachable in a longer run
+    config = method_config("gradual", {"every_steps": 2, "unfreeze_embeddings": True})
+    with pytest.raises(HarnessError, match="the embeddings' stage comes after the run's 5 steps"):
+        run_training(tiny_qwen2, stance, "gradual", config, RECIPE, examples=10)

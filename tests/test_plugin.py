@@ -147,6 +147,8 @@ def test_xdist_workers_merge_into_one_report(hypotheses):
     result.assert_outcomes(passed=2, failed=1)
     payload = json.loads((latest_report(hypotheses) / "report.json").read_text())
     assert len(payload["tests"]) == 2 and len(payload["runs"]) == 2
+    assert payload["provenance"]["model"]["name"] == "tiny-qwen2" and payload["provenance"]["model"]["revision"]
+    assert [s["name"] for s in payload["provenance"]["stances"]] == ["curious-uncertainty"]
     result.stdout.fnmatch_lines(["*= stance-harness =*"])
 
 
@@ -181,3 +183,9 @@ def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
     report = json.loads((latest_report(pytester) / "report.json").read_text())
     stuck = next(r for r in report["runs"].values() if r["method"] == "stuck-analysis")
     assert "effective_deltas" in stuck["analysis_error"]  # the report says so too
+
+
+def test_negative_analysis_timeout_is_a_usage_error(hypotheses):
+    result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "-1")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--analysis-timeout must be >= 0*"])

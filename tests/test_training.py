@@ -29,7 +29,20 @@ def test_recipe_validates_values(field, value, rule):
 
 def test_linear_schedule_matches_hand_values():
     factor = linear_schedule(warmup=2, total=6)
-    assert [round(factor(s), 4) for s in range(7)] == [0.3333, 0.6667, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert [round(factor(s), 4) for s in range(7)] == [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_linear_schedule_matches_transformers():
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=10)
+    factor = linear_schedule(warmup=3, total=10)
+    for step in range(11):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(factor(step))
+        optimizer.step()
+        reference.step()
 
 
 def test_loss_counts_only_response_tokens(tiny_qwen2, stance):
@@ -123,3 +136,37 @@ def test_lora_effective_delta_equals_merged_minus_base(quick_run, tiny_qwen2):
 def test_adapter_view_shows_a_and_b(quick_run):
     names = {r.name for r in quick_run("lora").adapter_deltas}
     assert {"L0.q_proj.lora_A", "L0.q_proj.lora_B", "L23.v_proj.lora_B"} <= names
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"epochs": 1.5}, "recipe: num_train_epochs must be an integer, got 1.5"),
+    ({"lr": "1e-3"}, "recipe: learning_rate must be a number, got '1e-3'"),
+    ({"seed": True}, "recipe: seed must be an integer, got True"),
+])
+def test_recipe_checks_types(options, message):
+    with pytest.raises(HarnessError, match=message):
+        Recipe.of(options)
+
+
+def test_warmup_longer_than_the_run_is_refused_before_training(tiny_qwen2, stance):
+    from harness.training import run_training
+
+    recipe = Recipe.of(num_train_epochs=1, per_device_train_batch_size=5, warmup_steps=2)
+    with pytest.raises(HarnessError, match=r"warmup_steps=2 is not shorter than the run \(2 steps\)"):
+        run_training(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
+
+
+def test_an_encoder_is_refused_for_causal_training(tmp_path, stance):
+    from transformers import BertConfig, BertModel
+
+    from harness.models import load_model
+    from harness.models.tiny import build_tokenizer
+    from harness.training import run_training
+
+    BertModel(BertConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.anatomy.model_type == "bert" and not loaded.is_causal_lm
+    with pytest.raises(HarnessError, match="is a bert encoder .*needs a decoder"):
+        run_training(loaded, stance, "full", method_config("full"), Recipe.of(num_train_epochs=1), examples=5)

@@ -147,6 +147,13 @@ def set_trainable(model, names) -> int:
     return count
 
 
+def tied_head(model) -> bool:
+    """Whether the output head shares its matrix with the input embeddings."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return head is not None and embeddings is not None and head.weight is embeddings.weight
+
+
 def params_where(model, anatomy, predicate) -> list[str]:
     """Raw names of parameters whose canonical name satisfies `predicate(ParamName)`."""
     return [n for n, _ in model.named_parameters() if predicate(anatomy.name_of(n))]

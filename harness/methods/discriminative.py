@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..analysis.deltas import layer_label
 from ..registry import HarnessError
 from .base import register_method
 from .full import FullFineTuning, FullConfig
@@ -44,8 +45,7 @@ class DiscriminativeLR(FullFineTuning):
             if not param.requires_grad:
                 continue
             where = anatomy.name_of(name)
-            role = where.kind.split(".")[0]
-            label = f"L{where.layer}" if where.layer is not None else ("embed" if role.startswith("embed") else role)
-            scale = layer_lr_scale(where.layer, role, anatomy.num_layers, ctx.config.decay)
+            label = layer_label(where)
+            scale = layer_lr_scale(where.layer, label, anatomy.num_layers, ctx.config.decay)
             groups.setdefault(label, {"name": label, "params": [], "lr": base_lr * scale})["params"].append(param)
         return sorted(groups.values(), key=lambda g: g["lr"])

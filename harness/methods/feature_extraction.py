@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..registry import HarnessError
-from .base import Method, MethodConfig, params_where, register_method, set_trainable
+from .base import Method, MethodConfig, params_where, register_method, set_trainable, tied_head
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,7 @@ class FeatureExtraction(Method):
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             raise HarnessError(f"feature-extraction: the {ctx.anatomy.model_type} model has no output head to train")
-        embeddings = model.get_input_embeddings()
-        if embeddings is not None and head.weight is embeddings.weight:
+        if tied_head(model):
             head.weight = torch.nn.Parameter(head.weight.detach().clone())
             model.config.tie_word_embeddings = False
         roles = {"head"} | ({"final_norm"} if ctx.config.train_final_norm else set())

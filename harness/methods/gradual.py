@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..registry import HarnessError
-from .base import Method, MethodConfig, register_method
+from .base import Method, MethodConfig, register_method, tied_head
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,17 @@ class GradualUnfreezing(Method):
                 f"gradual: the first stage comes at step {interval}, but the run has only {ctx.total_steps} "
                 f"steps, so no block would ever train; lower every_steps/every_epochs or raise start_layers"
             )
+        if ctx.config.unfreeze_embeddings and not unfrozen_at(ctx.total_steps - 1, ctx.anatomy.num_layers,
+                                                              ctx.config, ctx.steps_per_epoch)[1]:
+            raise HarnessError(
+                f"gradual: unfreeze_embeddings=True, but the embeddings' stage comes after the run's "
+                f"{ctx.total_steps} steps; shorten the interval or lengthen the run")
         if ctx.config.start_layers > ctx.anatomy.num_layers:
             raise HarnessError(f"gradual: start_layers={ctx.config.start_layers} exceeds the model's {ctx.anatomy.num_layers} layers")
 
     def _groups(self, model, ctx):
         """Raw parameter names by group: block index, 'embeddings', or 'always'."""
-        tied = _tied_head(model)
+        tied = tied_head(model)
         groups: dict = {}
         for name, _ in model.named_parameters():
             where = ctx.anatomy.name_of(name)
@@ -94,9 +99,3 @@ class GradualUnfreezing(Method):
             if name in ctx.before:
                 param.requires_grad_(name in active)
         return {"unfrozen_layers": layers, "embeddings": embeddings}
-
-
-def _tied_head(model) -> bool:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return head is not None and embeddings is not None and head.weight is embeddings.weight

@@ -49,8 +49,9 @@ class L2SP(FullFineTuning):
 @dataclass(frozen=True)
 class EWCConfig(FullConfig):
     lambda_ewc: float = field(default=1000.0, metadata={"help": "penalty weight: lambda/2 * sum F (θ - θ0)²"})
-    fisher_batches: int = field(default=8, metadata={"help": "general-text batches for the Fisher estimate"})
-    fisher_batch_size: int = field(default=4, metadata={"help": "windows per Fisher batch"})
+    fisher_batches: int = field(default=16, metadata={"help": "general-text batches for the Fisher estimate"})
+    fisher_batch_size: int = field(default=1, metadata={
+        "help": "windows per Fisher batch; 1 gives the empirical Fisher (per-example squared gradients)"})
     fisher_seq_len: int = field(default=64, metadata={"help": "tokens per window"})
 
     def __post_init__(self):
@@ -61,7 +62,11 @@ class EWCConfig(FullConfig):
 
 
 def diagonal_fisher(model, batches, device) -> dict:
-    """Mean squared gradient of the LM loss per parameter (the empirical diagonal Fisher)."""
+    """Mean over batches of the squared gradient of each batch's mean LM loss.
+
+    With one window per batch (the default) this is the empirical diagonal Fisher; larger
+    batches square a mean gradient, which shrinks the estimate as the batch grows.
+    """
     import torch
 
     from ..training import collate

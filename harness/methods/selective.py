@@ -31,13 +31,12 @@ class SelectiveUnfreezing(Method):
     seed = "000"
 
     def check(self, ctx):
-        ctx.anatomy.check_layers(list(ctx.config.layers))
-        ctx.anatomy.check_kinds(list(ctx.config.kinds))
+        ctx.state["layers"] = set(ctx.anatomy.check_layers(list(ctx.config.layers)))
+        ctx.state["kinds"] = set(ctx.anatomy.check_kinds(list(ctx.config.kinds)))
 
     def prepare(self, model, ctx):
         config = ctx.config
-        layers = set(ctx.anatomy.check_layers(list(config.layers)))
-        kinds = set(ctx.anatomy.check_kinds(list(config.kinds)))
+        layers, kinds = ctx.state["layers"], ctx.state["kinds"]
         leaves = {"weight", "bias"} if config.biases else {"weight"}
         names = params_where(model, ctx.anatomy, lambda p: p.layer in layers and p.kind in kinds and p.leaf in leaves)
         set_trainable(model, names)

@@ -170,6 +170,8 @@ class Anatomy:
     def check_layers(self, layers) -> list[int]:
         if layers is None:
             return list(range(self.num_layers))
+        if isinstance(layers, (int, str)):
+            raise HarnessError(f"layers must be a list of layer indices, e.g. [13, 15], not {layers!r}")
         out = []
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:

@@ -7,7 +7,6 @@ command. Nothing here reaches the network, so nothing here can hang on it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -119,7 +118,9 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
         path = snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         revision = f" --revision {args.revision}" if args.revision else ""
-        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cache = HF_HUB_CACHE
         raise HarnessError(
             f"the weights of {spec.hub_id} (--model {spec.name}) are not in the local HF cache ({cache}). "
             f"The harness never downloads at run time. Fetch them once, on a machine with access, with:\n"
@@ -152,6 +153,10 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return type(self.base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     @property
     def model_id(self) -> str:

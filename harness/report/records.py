@@ -94,4 +94,8 @@ def json_safe(value):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return json_safe(value.item())  # a 0-d tensor or a numpy scalar
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return json_safe(value.tolist())
     return value

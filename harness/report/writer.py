@@ -27,6 +27,7 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are for CI artifacts and colleagues
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -69,7 +70,7 @@ def environment_info() -> dict:
 
 def write_reports(reports_dir: Path, payload: dict) -> Path:
     run_dir = reports_dir / payload["run_id"]
-    atomic_write(run_dir / "report.json", json.dumps(json_safe(payload), indent=2))
+    atomic_write(run_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
     atomic_write(run_dir / "report.md", render_markdown(payload))
     atomic_write(reports_dir / "latest", payload["run_id"] + "\n")
     return run_dir

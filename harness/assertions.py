@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .analysis.concentration import change_mass, gini, shares, top_k_share
+from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
 from .report.records import CheckResult, emit
 
@@ -47,7 +47,11 @@ def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
     kind_set = set(anatomy.check_kinds(kinds)) if kinds is not None else None
     rows = run.deltas(view)
     total = sum(change_mass(r.moments, measure) for r in rows)
-    target = sum(change_mass(r.moments, measure) for r in rows if _targeted(r, layer_set, kind_set))
+    in_target: dict[str, float] = {}  # targeted mass per layer
+    for r in rows:
+        if _targeted(r, layer_set, kind_set):
+            in_target[layer_label(r)] = in_target.get(layer_label(r), 0.0) + change_mass(r.moments, measure)
+    target = sum(in_target.values())
     per_group = {label: change_mass(m, measure) for label, m in aggregate(rows).items()}
     group_share = shares(per_group)
     share = target / total if total > 0 else 0.0
@@ -58,12 +62,8 @@ def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
     else:
         verdict = ">=" if share >= min_share else "<"
         summary = f"{share:.1%} of the change ({measure}, {view} view) is in {where}; {verdict} required {min_share:.1%}"
-    in_target: dict[str, float] = {}
-    for r in rows:
-        if _targeted(r, layer_set, kind_set):
-            label = layer_label(r)
-            in_target[label] = in_target.get(label, 0.0) + change_mass(r.moments, measure) / (total or 1.0)
-    table = [[label, s, in_target[label] if label in in_target else ""] for label, s in group_share.items()]
+    table = [[label, s, in_target[label] / (total or 1.0) if label in in_target else ""]
+             for label, s in group_share.items()]
     return _conclude(CheckResult(
         "assert_change_concentrated", total > 0 and share >= min_share, summary,
         ["layer", "share", "in target"], table, metrics,
@@ -76,11 +76,10 @@ def assert_change_spread(run, top_k: int = 2, max_share: float = 0.5,
     __tracebackhide__ = True
     if not 0 <= max_share <= 1 or top_k < 1:
         raise ValueError(f"need top_k >= 1 and max_share in [0, 1], got top_k={top_k!r}, max_share={max_share!r}")
-    masses = {label: change_mass(m, measure) for label, m in aggregate(run.deltas(view)).items() if label.startswith("L")}
-    layer_share = shares(masses)
-    ranked = sorted(layer_share.items(), key=lambda kv: kv[1], reverse=True)
+    layer_share = block_shares(run.deltas(view), measure)
+    ranked = sorted(((f"L{i}", s) for i, s in layer_share.items()), key=lambda kv: kv[1], reverse=True)
     held = sum(s for _, s in ranked[:top_k])
-    changed = sum(masses.values()) > 0
+    changed = sum(layer_share.values()) > 0
     if not changed:
         summary = f"the run changed no layer ({view} view), so its change cannot be spread"
     else:

@@ -86,10 +86,13 @@ class StepProbe:
 
         return torch.stack(torch._foreach_norm([p.detach() for p in self.params])).float()
 
+    def first_nonfinite(self, norms: list[float]) -> str | None:
+        """Raw name of the first trained tensor whose norm is not finite."""
+        return next((name for name, v in zip(self.names, norms) if not math.isfinite(v)), None)
+
     def first_nonfinite_weight(self) -> str | None:
         """Raw name of the first trained tensor with a non-finite weight (one host sync)."""
-        norms = self.weight_norms().tolist()
-        return next((name for name, v in zip(self.names, norms) if not math.isfinite(v)), None)
+        return self.first_nonfinite(self.weight_norms().tolist())
 
     def clip_(self, grad_norms, max_norm: float | None):
         """Scale gradients so their global norm is at most max_norm, without a host sync."""
@@ -113,9 +116,8 @@ class StepProbe:
         per_layer: dict[str, float] = {}
         for label, norm in zip(self.labels, g):
             per_layer[label] = per_layer.get(label, 0.0) + norm * norm
-        bad_grad = next((name for name, v in zip(self.names, g) if not math.isfinite(v)), None)
-        bad_weight = next((name for name, v in zip(self.names, w) if not math.isfinite(v)), None)
-        return StepReading(loss_v, total_v, {k: math.sqrt(v) for k, v in per_layer.items()}, bad_grad, bad_weight)
+        return StepReading(loss_v, total_v, {k: math.sqrt(v) for k, v in per_layer.items()},
+                           self.first_nonfinite(g), self.first_nonfinite(w))
 
 
 def reset_peak_memory(device) -> None:

@@ -31,7 +31,7 @@ class Recipe:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            integer = f.type in ("int",)
+            integer = f.type == "int"
             if value is None and f.name == "max_grad_norm":
                 continue
             if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):

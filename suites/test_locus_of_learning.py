@@ -17,8 +17,7 @@ go to the report, with each method's centre of change and locus (early, middle, 
 import pytest
 
 from harness import assert_change_concentrated, assert_change_spread, assert_only_targets_changed
-from harness.analysis.concentration import centre_of_mass, change_mass, shares
-from harness.analysis.deltas import aggregate
+from harness.analysis.concentration import block_shares, centre_of_mass
 from harness.models import locus_of
 
 STANCE = "curious-uncertainty"
@@ -38,17 +37,12 @@ def critical_layers(anatomy):
     return anatomy.analog(QWEN2_CRITICAL, depth=24)
 
 
-def layer_shares(run):
-    masses = {k: change_mass(m) for k, m in aggregate(run.deltas()).items() if k.startswith("L")}
-    return {int(k[1:]): v for k, v in shares(masses).items()}
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_per_layer_change_is_recorded(train, anatomy, stance_report, method):
     run = train(method, stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS[method])
     table = run.layer_table()
     stance_report.table(f"{method}: per-layer change (effective ΔW)", table)
-    centre = centre_of_mass(layer_shares(run))
+    centre = centre_of_mass(block_shares(run.deltas()))
     stance_report.metric(f"{method}.centre_layer", centre)
     stance_report.note(f"{method}: centre of change at layer {centre:.1f} of {anatomy.num_layers} "
                        f"({locus_of(centre, anatomy.num_layers)})")

@@ -36,19 +36,24 @@ def stance():
 
 
 @pytest.fixture(scope="session")
-def quick_run(tiny_qwen2, stance):
-    """`quick_run(method, **options)`: a 1-epoch, 10-example run, trained once per session."""
-    from harness.methods import method_config
-    from harness.training import Recipe, run_training
+def harness(tiny_qwen2):
+    """A HarnessSession on tiny-qwen2: its train() is the request-keyed run cache the plugin uses."""
+    from pathlib import Path
 
-    cache = {}
+    from harness.models import ModelArgs
+    from harness.session import HarnessOptions, HarnessSession
+
+    session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
+    session._models["tiny-qwen2"] = tiny_qwen2
+    return session
+
+
+@pytest.fixture(scope="session")
+def quick_run(harness):
+    """`quick_run(method, **options)`: a 1-epoch, 10-example run, trained once per session."""
 
     def make(method, **options):
-        key = (method, tuple(sorted((k, str(v)) for k, v in options.items())))
-        if key not in cache:
-            config = method_config(method, options)
-            cache[key] = run_training(tiny_qwen2, stance, method, config, Recipe.of(QUICK), examples=10)
-        return cache[key]
+        return harness.train(method, examples=10, recipe=QUICK, **options)
 
     return make
 

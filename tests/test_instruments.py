@@ -12,7 +12,7 @@ import torch
 from harness import HypothesisFailed, assert_gradients_stable
 from harness.analysis.stages import StageTimeout, run_stage
 from harness.instruments import InstrumentConfig
-from harness.methods import METHODS, method_config
+from harness.methods import METHODS
 from harness.methods.base import MethodConfig, register_method
 from harness.methods.full import FullFineTuning
 from harness.registry import HarnessError
@@ -50,16 +50,12 @@ class Poison(FullFineTuning):
 
 
 @pytest.fixture(scope="module")
-def poisoned(tiny_qwen2, stance):
+def poisoned(harness):
     register_method(Poison)
-    cache = {}
 
     def make(policy, what="gradient", step=2):
-        key = (policy, what, step)
-        if key not in cache:
-            cache[key] = run_training(tiny_qwen2, stance, "test-poison", PoisonConfig(step=step, what=what), RECIPE,
-                                      examples=10, instruments={"nonfinite": policy})
-        return cache[key]
+        return harness.train("test-poison", examples=10, recipe=RECIPE, instruments={"nonfinite": policy},
+                             step=step, what=what)
 
     yield make
     METHODS.unregister("test-poison")
@@ -244,11 +240,10 @@ def test_interference_gives_a_reason_not_nan_without_a_gradient():
 
 
 @pytest.fixture(scope="module")
-def hybrid_with_interference(tiny_qwen2, stance):
+def hybrid_with_interference(harness):
     def make(**options):
-        config = method_config("hybrid", options)
-        return run_training(tiny_qwen2, stance, "hybrid", config, RECIPE, examples=10,
-                            instruments={"interference": ["lora", "norm"]})
+        return harness.train("hybrid", examples=10, recipe=RECIPE, instruments={"interference": ["lora", "norm"]},
+                             **options)
     return make
 
 

@@ -47,15 +47,9 @@ TEST_CASES = [
 
 
 @pytest.fixture(scope="module")
-def method_run(tiny_qwen2, stance):
-    cache = {}
-
+def method_run(harness):
     def make(method, options):
-        key = (method, repr(sorted(options.items())))
-        if key not in cache:
-            config = method_config(method, options)
-            cache[key] = run_training(tiny_qwen2, stance, method, config, RECIPE, examples=10)
-        return cache[key]
+        return harness.train(method, examples=10, recipe=RECIPE, **options)
 
     return make
 

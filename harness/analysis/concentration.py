@@ -27,6 +27,14 @@ def shares(masses: dict[str, float]) -> dict[str, float]:
     return {k: (v / total if total > 0 else 0.0) for k, v in masses.items()}
 
 
+def block_shares(rows, measure: str = "sq_fro") -> dict[int, float]:
+    """Each block's share of the change in all blocks (embeddings and head left out)."""
+    from .deltas import aggregate
+
+    masses = {label: change_mass(m, measure) for label, m in aggregate(rows).items() if label.startswith("L")}
+    return {int(label[1:]): share for label, share in shares(masses).items()}
+
+
 def top_k_share(share: dict[str, float], k: int) -> float:
     return sum(sorted(share.values(), reverse=True)[:k])
 

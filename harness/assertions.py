@@ -20,9 +20,9 @@ class HypothesisFailed(AssertionError):
         super().__init__(result.render())
 
 
-def _conclude(result: CheckResult) -> CheckResult:
+def _conclude(result: CheckResult, published: dict | None = None) -> CheckResult:
     __tracebackhide__ = True
-    emit(result)
+    emit(result, published)
     if not result.passed:
         raise HypothesisFailed(result)
     return result
@@ -180,3 +180,133 @@ def assert_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
         ["parameter", "problem", "mean |Δ|"], offenders,
         {"frozen_tensors": frozen, "changed_tensors": changed, "unchanged_trainable": unchanged},
     ))
+
+
+def _interval(effect: dict) -> str:
+    return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
+
+
+def assert_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
+                          max_effect: float | None = None) -> CheckResult:
+    """The stance shift on held-out probes, adapted minus base, clears the bounds with confidence.
+
+    `min_effect`: the 95% bootstrap interval's LOWER end must exceed it (so noise cannot pass).
+    `max_effect`: the interval's UPPER end must stay below it ("shifts at most this much").
+    Metrics: loglik_margin, kl, marker_rate (see Run.behavior).
+    """
+    __tracebackhide__ = True
+    if min_effect is None and max_effect is None:
+        raise ValueError("give min_effect, max_effect or both")
+    found = run.behavior(metric)
+    effect = found["effect"]
+    failures = []
+    if min_effect is not None and not effect["low"] > min_effect:
+        failures.append(f"lower end {effect['low']:+.4g} is not above min_effect {min_effect:+g}")
+    if max_effect is not None and not effect["high"] < max_effect:
+        failures.append(f"upper end {effect['high']:+.4g} is not below max_effect {max_effect:+g}")
+    bounds = " and ".join(b for b in (f"> {min_effect:+g}" if min_effect is not None else "",
+                                       f"< {max_effect:+g}" if max_effect is not None else "") if b)
+    summary = (f"{run.label} {metric} shift {_interval(effect)} (mean [95% CI] over {effect['n']} probes; "
+               f"base {found['base']:.4g} -> adapted {found['adapted']:.4g}); required {bounds}")
+    if failures:
+        summary += ": " + "; ".join(failures)
+    rows = [[p["probe"][:48], p["base"], p["adapted"], p["delta"]] for p in found["per_probe"]]
+    return _conclude(CheckResult(
+        "assert_behavior_shift", not failures, summary, ["probe", "base", "adapted", "delta"], rows,
+        {"metric": metric, **effect, "base": found["base"], "adapted": found["adapted"]},
+    ), {f"{run.label}.{metric}": effect["mean"], f"{run.label}.behavior_shift": effect["mean"]})
+
+
+def assert_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
+    """Held-out general text is not forgotten beyond `max_increase`.
+
+    Causal LM: the relative perplexity increase (0.1 = 10% higher). A task head on a body
+    (stance-classification): the mean embedding drift 1 − cos of held-out sentences.
+    """
+    __tracebackhide__ = True
+    if max_increase < 0:
+        raise ValueError(f"max_increase must be >= 0, got {max_increase!r}")
+    found = run.forgetting()
+    value = found["relative_increase"]
+    ok = math.isfinite(value) and value <= max_increase
+    if found["kind"] == "perplexity":
+        summary = (f"{run.label}: held-out perplexity {found['base']:.4g} -> {found['adapted']:.4g} "
+                   f"({value:+.2%}); allowed {max_increase:+.2%}")
+        rows = [["perplexity", found["base"], found["adapted"], value]]
+    else:
+        summary = (f"{run.label}: held-out sentence embeddings drifted by {value:.4g} (mean 1 - cos over "
+                   f"{found['sentences']} sentences); allowed {max_increase:.4g}")
+        rows = [["embedding drift", 0.0, value, value]]
+    return _conclude(CheckResult(
+        "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
+    ), {f"{run.label}.forgetting": value})
+
+
+def _calibration_rows(found: dict) -> list[list]:
+    rows = []
+    for bin_ in found["adapted"]["bins"]:
+        if bin_["count"]:
+            rows.append([f"({bin_['lower']:.3f}, {bin_['upper']:.3f}]", bin_["count"], bin_["confidence"],
+                         bin_["accuracy"], abs(bin_["accuracy"] - bin_["confidence"])])
+    return rows
+
+
+_CALIBRATION_HEADERS = ["bin", "count", "confidence", "accuracy", "gap"]
+
+
+def _calibration_metrics(run, found: dict) -> dict:
+    adapted = found["adapted"]
+    return {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
+
+
+def assert_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: A002 - the issue's name
+    """Expected calibration error on held-out data is at most `max` (15 equal-width bins)."""
+    __tracebackhide__ = True
+    bound = max
+    found = run.calibration(n_bins)
+    adapted = found["adapted"]
+    summary = (f"{run.label}: ECE {adapted['ece']:.4f} ({n_bins} bins, {adapted['n']} {found['unit']} predictions; "
+               f"Acc@1 {adapted['acc1']:.3f}, MCE {adapted['mce']:.4f}, Brier {adapted['brier']:.4f}); "
+               f"allowed {bound:.4f}")
+    return _conclude(CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
+                                 _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found))
+
+
+def assert_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckResult:
+    """ECE of `run` is at most that of `than` (another Run, e.g. a baseline method) plus `tol`."""
+    __tracebackhide__ = True
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol!r}")
+    found, other = run.calibration(n_bins), than.calibration(n_bins)
+    ece, reference = found["adapted"]["ece"], other["adapted"]["ece"]
+    summary = (f"{run.label} ECE {ece:.4f} vs {than.label} ECE {reference:.4f} (difference {ece - reference:+.4f}); "
+               f"allowed at most {tol:+.4f}")
+    rows = [[r.label, c["adapted"]["ece"], c["adapted"]["mce"], c["adapted"]["brier"], c["adapted"]["acc1"]]
+            for r, c in ((run, found), (than, other))]
+    return _conclude(CheckResult(
+        "assert_ece_not_worse", ece <= reference + tol, summary, ["run", "ECE", "MCE", "Brier", "Acc@1"], rows,
+        {"ece": ece, "reference_ece": reference, "difference": ece - reference},
+    ), _calibration_metrics(run, found))
+
+
+def assert_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
+    """Every block matrix's update ΔW needs at most `max_rank` singular directions to hold
+    `energy` of its squared norm (LoRA with rank r gives at most r)."""
+    __tracebackhide__ = True
+    if not 0 < energy <= 1 or max_rank < 0:
+        raise ValueError(f"need energy in (0, 1] and max_rank >= 0, got energy={energy!r}, max_rank={max_rank!r}")
+    rows = run.rank(energy)["rows"]
+    ranked = sorted(rows, key=lambda r: r["rank"], reverse=True)
+    worst = ranked[0]["rank"] if ranked else 0
+    over = [r for r in ranked if r["rank"] > max_rank]
+    mean_rank = sum(r["rank"] for r in rows) / len(rows) if rows else 0.0
+    if not rows:
+        summary = f"{run.label} changed no block matrix, so there is no update to rank"
+    else:
+        summary = (f"{run.label}: the highest energy-{energy:g} rank of ΔW over {len(rows)} block matrices is {worst} "
+                   f"(mean {mean_rank:.3g}); allowed {max_rank}" + (f"; {len(over)} matrices exceed it" if over else ""))
+    table = [[r["matrix"], r["rank"], r["stable_rank"], "x".join(map(str, r["shape"]))] for r in (over or ranked)[:12]]
+    return _conclude(CheckResult(
+        "assert_low_rank_update", bool(rows) and not over, summary, ["matrix", "rank", "stable rank", "shape"], table,
+        {"energy": energy, "max_rank_seen": worst, "mean_rank": mean_rank, "matrices": len(rows)},
+    ), {f"{run.label}.effective_rank": mean_rank})

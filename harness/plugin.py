@@ -17,6 +17,9 @@ OPT_STANCE_DIR = "--stance-dir"
 OPT_REPORTS_DIR = "--reports-dir"
 OPT_NO_REPORTS = "--no-reports"
 OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
+OPT_REPEAT = "--repeat"
+OPT_ADAPTER = "--adapter"
+EXPECTED_MARK = "expected_outcome"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
 XDIST_KEY = "stance_harness_records"
@@ -37,6 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_NO_REPORTS, action="store_true", default=False, help="write no report files")
     group.addoption(OPT_ANALYSIS_TIMEOUT, metavar="SECONDS", type=float, default=600.0,
                     help="time limit per post-training analysis stage; an overrun fails naming the stage. 0: no limit. Default: 600")
+    group.addoption(OPT_REPEAT, metavar="N", type=int, default=1,
+                    help="run each test that trains N times, with seeds seed, seed+1, ...; the report gives mean and spread")
+    group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
+                    help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
+                         "tests that train are skipped, tests using `adapter_run` measure each adapter")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -44,8 +52,13 @@ def pytest_configure(config: pytest.Config) -> None:
     from .registry import HarnessError
     from .session import HarnessOptions, HarnessSession
 
+    config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
+                            "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
+    config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
     if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
         raise pytest.UsageError(f"stance-harness: {OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
+    if config.getoption(OPT_REPEAT) < 1:
+        raise pytest.UsageError(f"stance-harness: {OPT_REPEAT} must be >= 1")
     try:
         model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
         # Unknown names and missing weights stop the run now, not once per test.
@@ -58,27 +71,52 @@ def pytest_configure(config: pytest.Config) -> None:
         stance_dirs=config.getoption(OPT_STANCE_DIR), reports_dir=reports,
         rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
         analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
+        repeat=config.getoption(OPT_REPEAT), adapters=config.getoption(OPT_ADAPTER),
     )
-    config.stash[SESSION_KEY] = HarnessSession(options, progress=_progress_writer(config))
+    config.stash[SESSION_KEY] = HarnessSession(options, progress=ProgressWriter(config))
 
 
-def _progress_writer(config: pytest.Config):
-    """Progress lines on the terminal, through capture, silent under -q."""
+class ProgressWriter:
+    """Progress on the terminal through capture: lines, and a training bar (steps, loss).
 
-    def write(message: str) -> None:
-        if config.get_verbosity() < 0:
+    Silent under -q. On a terminal the bar redraws in place; in a log (CI) it prints a line
+    at each quarter of the run instead of hundreds of redraws.
+    """
+
+    BAR = 24
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+
+    def _emit(self, draw) -> None:
+        if self.config.get_verbosity() < 0:
             return
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        capture = config.pluginmanager.get_plugin("capturemanager")
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
             return
+        capture = self.config.pluginmanager.get_plugin("capturemanager")
         if capture is not None:
             with capture.global_and_fixture_disabled():
-                reporter.write_line(f"[stance-harness] {message}")
+                draw(reporter)
         else:
-            reporter.write_line(f"[stance-harness] {message}")
+            draw(reporter)
 
-    return write
+    def __call__(self, message: str) -> None:
+        self._emit(lambda reporter: reporter.write_line(f"[stance-harness] {message}"))
+
+    def step(self, label: str, step: int, total: int, loss: float) -> None:
+        filled = self.BAR * step // max(1, total)
+        text = f"[stance-harness]   {label} [{'#' * filled}{'.' * (self.BAR - filled)}] {step}/{total} loss {loss:.4f}"
+
+        def draw(reporter):
+            if reporter.isatty:
+                reporter.rewrite(text, erase=True)
+                if step == total:
+                    reporter.write("\n")
+            elif step == total or step % max(1, total // 4) == 0:
+                reporter.write_line(text)
+
+        self._emit(draw)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -112,19 +150,47 @@ def stance_report(harness_session, request):
 
 
 @pytest.fixture
-def train(harness_session, stance_report):
-    """`train(method, stance=..., examples=..., recipe={...}, **method_options) -> Run`.
+def stance_repeat(request) -> int:
+    """Which repetition this is under `--repeat N` (0 without it); offsets the training seed."""
+    return getattr(request, "param", 0)
+
+
+@pytest.fixture
+def train(harness_session, stance_report, stance_repeat):
+    """`train(method, stance=..., examples=..., recipe={...}, task=..., **method_options) -> Run`.
 
     Identical requests within a session train once and share the Run.
     """
+    if harness_session.options.adapters:
+        pytest.skip(f"{OPT_ADAPTER} given: gating saved adapters, so tests that train are skipped")
 
     def _train(method: str = "full", **kwargs):
         __tracebackhide__ = True
-        run = _or_usage_error(harness_session.train, method, **kwargs)
+        run = _or_usage_error(harness_session.train, method, repeat=stance_repeat, **kwargs)
         stance_report.use_run(run)
         return run
 
     return _train
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    repeat = metafunc.config.getoption(OPT_REPEAT)
+    if repeat > 1 and "stance_repeat" in metafunc.fixturenames:
+        metafunc.parametrize("stance_repeat", range(repeat), indirect=True, ids=[f"repeat{i}" for i in range(repeat)])
+    if "adapter_run" in metafunc.fixturenames:
+        adapters = metafunc.config.getoption(OPT_ADAPTER)
+        metafunc.parametrize("adapter_run", adapters or [None], indirect=True,
+                             ids=[Path(a).name for a in adapters] if adapters else ["no-adapter"])
+
+
+@pytest.fixture
+def adapter_run(request, harness_session, stance_report):
+    """The `--adapter PATH` being gated, as a Run on the `--model` base (one test per adapter)."""
+    if request.param is None:
+        pytest.skip(f"no {OPT_ADAPTER} given: this test gates saved adapters")
+    run = _or_usage_error(harness_session.adapter_run, request.param)
+    stance_report.use_run(run)
+    return run
 
 
 def _or_usage_error(fn, *args, **kwargs):
@@ -149,6 +215,34 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
     finally:
         reset_current_record(token)
+        record = session.records.get(item.nodeid)
+        for name, value in (record.metrics.items() if record else ()):
+            item.user_properties.append((name, value))  # JUnit XML <property>, as record_property does
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """An expected refutation runs as a non-strict xfail that only a HypothesisFailed satisfies."""
+    mark = item.get_closest_marker(EXPECTED_MARK)
+    if mark is None:
+        return
+    from .assertions import HypothesisFailed
+
+    session = item.config.stash[SESSION_KEY]
+    expected = _expectation(mark, session)
+    session.record(item.nodeid).expected = expected
+    if expected["applies"] and expected["outcome"] == "refuted":
+        item.add_marker(pytest.mark.xfail(reason=f"expected refuted: {expected['reason']}",
+                                          raises=HypothesisFailed, strict=False))
+
+
+def _expectation(mark, session) -> dict:
+    outcome = mark.args[0] if mark.args else mark.kwargs.get("outcome")
+    reason, on = mark.kwargs.get("reason", ""), mark.kwargs.get("on", "embedded")
+    if outcome not in ("refuted", "supported") or on not in ("embedded", "any") or not reason:
+        raise pytest.UsageError(f"@pytest.mark.{EXPECTED_MARK}('refuted'|'supported', reason='...', "
+                                f"on='embedded'|'any'); got args={mark.args} kwargs={mark.kwargs}")
+    applies = on == "any" or session.model_is_embedded()
+    return {"outcome": outcome, "reason": reason, "on": on, "applies": applies}
 
 
 @pytest.hookimpl(wrapper=True)
@@ -168,7 +262,19 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         record.duration += report.duration
         if report.failed or report.skipped:
             record.message = _short_message(call, report)
+        record.verdict = _verdict(call, record.outcome)
     return report
+
+
+def _verdict(call, outcome: str) -> str | None:
+    """supported when the test's checks held; refuted when a hypothesis check failed."""
+    from .assertions import HypothesisFailed
+
+    if outcome in ("passed", "xpassed"):
+        return "supported"
+    if call.excinfo is not None and isinstance(call.excinfo.value, HypothesisFailed):
+        return "refuted"
+    return None
 
 
 def _short_message(call, report) -> str:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+from .registry import HarnessError, suggest
+
 
 def tensor_digest(tensor) -> str:
     """Exact fingerprint of a tensor's bytes: equal digests mean bit-identical weights."""
@@ -21,6 +23,72 @@ def logical_numel(param) -> int:
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return int(math.prod(quant_state.shape))
     return param.numel()
+
+
+def _unwrap(model):
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _base_cached(loaded, key: tuple, compute):
+    """Base-model measurements are the same for every run on that base: compute each once."""
+    cache = loaded.__dict__.setdefault("_measurement_cache", {})
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _probe_continuations(run, measure):
+    """(base, adapted) continuation logits over the probes' stance and neutral replies."""
+    prompts = [p.prompt for p in run.stance.probes]
+    texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
+
+    def of(model):
+        return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
+
+    base = _base_cached(run.loaded, ("probe_logits", run.stance.name, run.stance.version), lambda: of(run.loaded.base))
+    return base, of(run.model)
+
+
+def _loglik_margin(run, measure):
+    from .analysis.behavior import mean_token_logprob
+
+    n = len(run.stance.probes)
+
+    def margins(pairs):
+        lp = [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0]) for logits, targets in pairs]
+        return [lp[i] - lp[n + i] for i in range(n)]
+
+    base, adapted = _probe_continuations(run, measure)
+    return margins(base), margins(adapted)
+
+
+def _kl(run, measure):
+    import torch
+
+    from .analysis.behavior import kl_divergence
+
+    n = len(run.stance.probes)
+    base, adapted = _probe_continuations(run, measure)
+    per_pair = [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)]
+    values = [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
+    return [0.0] * n, values  # the base diverges from itself by nothing
+
+
+def _marker_rate(run, measure):
+    from .analysis.behavior import contains_marker
+
+    prompts = [p.prompt for p in run.stance.probes]
+
+    def hits(model):
+        return [float(contains_marker(reply, run.stance.markers))
+                for reply in measure.greedy_replies(model, run.loaded.tokenizer, prompts)]
+
+    base = _base_cached(run.loaded, ("replies", run.stance.name, run.stance.version), lambda: hits(run.loaded.base))
+    return base, hits(run.model)
+
+
+BEHAVIOR_METRICS = {"loglik_margin": _loglik_margin, "kl": _kl, "marker_rate": _marker_rate}
 
 
 def frozen_digests(model) -> dict[str, str]:
@@ -43,6 +111,18 @@ class Run:
     train_seconds: float
     instruments: object = None  # InstrumentConfig
     analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
+    task: object = None  # Task; None: stance-lm
+    anatomy: object = None  # of the trained module; None: the base's
+    name: str | None = None  # a saved adapter's name; None: the method's
+
+    def __post_init__(self):
+        if self.anatomy is None:
+            self.anatomy = self.loaded.anatomy
+        if self.task is None:
+            from .tasks import TASKS
+
+            self.task = TASKS.get("stance-lm")
+        self.measurements: dict = {}  # what the measurements below found; goes to the report
 
     def _stage(self, name: str, fn):
         """Run an analysis stage under the time limit; a stage that failed once fails at once after."""
@@ -59,8 +139,9 @@ class Run:
             raise
 
     @property
-    def anatomy(self):
-        return self.loaded.anatomy
+    def label(self) -> str:
+        """Names this run's metrics in reports and baselines: `lora.ece`."""
+        return self.name or self.method.name
 
     # -- counts ----------------------------------------------------------------------------
     @cached_property
@@ -75,7 +156,7 @@ class Run:
             "stance_bytes": self.method.storage_bytes(self.model, self.before),
             "full_weights_bytes": full_bytes,
             "examples": self.examples,
-            "params_per_example": trainable / self.examples,
+            "params_per_example": trainable / self.examples if self.examples else None,
         }
 
     # -- analyses (lazy, once) -------------------------------------------------------------
@@ -110,6 +191,118 @@ class Run:
         return self._stage("frozen_digests", lambda: [
             n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d])
 
+    # -- measurements of behaviour, forgetting, calibration and rank -------------------------
+    def behavior(self, metric: str = "loglik_margin") -> dict:
+        """Shift of the adapted model from its base on the stance's held-out probes.
+
+        loglik_margin: mean token log-likelihood of the stance continuation minus that of the
+            neutral one, per probe; the effect is adapted minus base.
+        kl: mean KL(adapted ‖ base) of the next-token distributions over both continuations.
+        marker_rate: whether a greedy reply (32 tokens) holds a stance marker; adapted minus base.
+        The effect carries a 95% percentile-bootstrap interval over probes.
+        """
+        from . import measure
+        from .analysis.behavior import effect_of
+
+        if metric not in BEHAVIOR_METRICS:
+            raise HarnessError(f"no behaviour metric {metric!r}.{suggest(metric, list(BEHAVIOR_METRICS))} "
+                               f"Metrics: {', '.join(BEHAVIOR_METRICS)}")
+        self._require_lm_task("behavioural shift")
+        found = self.measurements.setdefault("behavior", {})
+        if metric not in found:
+            base, adapted = self._stage(f"behavior:{metric}", lambda: BEHAVIOR_METRICS[metric](self, measure))
+            deltas = [a - b for a, b in zip(adapted, base)]
+            found[metric] = {
+                "base": sum(base) / len(base), "adapted": sum(adapted) / len(adapted),
+                "effect": effect_of(deltas).as_dict(),
+                "per_probe": [{"probe": p.prompt, "base": b, "adapted": a, "delta": a - b}
+                              for p, b, a in zip(self.stance.probes, base, adapted)],
+            }
+        return found[metric]
+
+    def forgetting(self) -> dict:
+        """Held-out general text: perplexity before and after (causal LM), or for a task head on a
+        body, the drift of its sentence embeddings (mean 1 − cosine, base vs adapted)."""
+        from . import measure
+
+        if "forgetting" not in self.measurements:
+            self.measurements["forgetting"] = self._stage("forgetting", lambda: (
+                self._perplexity_change(measure) if self.task.name == "stance-lm" else self._embedding_drift(measure)))
+        return self.measurements["forgetting"]
+
+    def calibration(self, n_bins: int = 15) -> dict:
+        """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base.
+
+        stance-classification: the probes' stance and neutral replies (the base has no trained
+        head, so no base figures). stance-lm: next-token predictions over the probes' stance
+        continuations, for both models.
+        """
+        from . import measure
+        from .analysis.calibration import calibration, calibration_from_predictions
+
+        key = f"calibration_{n_bins}" if n_bins != 15 else "calibration"
+        if key not in self.measurements:
+            def compute():
+                if self.task.name == "stance-lm":
+                    def of(model):
+                        prompts = [p.prompt for p in self.stance.probes]
+                        pairs = measure.continuation_logits(model, self.loaded.tokenizer, prompts,
+                                                            [p.stance for p in self.stance.probes])
+                        return calibration_from_predictions(*measure.token_prediction_summaries(pairs), n_bins=n_bins)
+                    base = _base_cached(self.loaded, ("calibration", self.stance.name, n_bins), lambda: of(self.loaded.base))
+                    return {"unit": "next token", "adapted": of(self.model).as_dict(), "base": base.as_dict()}
+                from .tasks import probe_items
+
+                items = probe_items(self.stance, self.loaded.tokenizer, self.recipe.max_seq_length)
+                probs, labels = measure.class_probabilities(self.model, items, self.loaded.tokenizer.pad_token_id)
+                return {"unit": "probe reply", "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
+            self.measurements[key] = self._stage("calibration", compute)
+        return self.measurements[key]
+
+    def rank(self, energy: float = 0.9) -> dict:
+        """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) of each block matrix's ΔW."""
+        from .analysis.rank import energy_rank, stable_rank
+
+        found = self.measurements.setdefault("rank", {})
+        key = f"{energy:g}"
+        if key not in found:
+            def compute():
+                rows = []
+                for name, before, after in self.method.effective_deltas(self.model, self.before, self.anatomy):
+                    where = self.anatomy.name_of(name)
+                    if before.ndim != 2 or where.layer is None:
+                        continue  # vectors have no rank; embeddings and heads are not block updates
+                    delta = after.detach().double() - before.detach().double()
+                    rows.append({"matrix": str(where), "rank": energy_rank(delta, energy),
+                                 "stable_rank": stable_rank(delta), "shape": list(delta.shape)})
+                return {"energy": energy, "rows": rows}
+            found[key] = self._stage("rank", compute)
+        return found[key]
+
+    def _require_lm_task(self, what: str) -> None:
+        if self.task.name != "stance-lm":
+            raise HarnessError(f"{what} is measured on the stance-lm task (a causal LM's replies); "
+                               f"this run trained task {self.task.name!r}")
+
+    def _perplexity_change(self, measure) -> dict:
+        tokenizer = self.loaded.tokenizer
+        base = _base_cached(self.loaded, ("perplexity",), lambda: measure.heldout_perplexity(self.loaded.base, tokenizer))
+        adapted = measure.heldout_perplexity(self.model, tokenizer)
+        return {"kind": "perplexity", "base": base, "adapted": adapted, "relative_increase": adapted / base - 1,
+                "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
+
+    def _embedding_drift(self, measure) -> dict:
+        from .tasks import backbone_of
+
+        tokenizer, sentences = self.loaded.tokenizer, measure.heldout_sentences()
+        base = _base_cached(self.loaded, ("embeddings",), lambda: measure.sentence_embeddings(
+            backbone_of(self.loaded.base), tokenizer, sentences))
+        adapted = measure.sentence_embeddings(_unwrap(self.model).body, tokenizer, sentences)
+        cosine = __import__("torch").nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
+        drift = float((1 - cosine).mean())
+        return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
+                "sentences": len(sentences), "min_cosine": float(cosine.min())}
+
     def summary(self) -> dict:
         """JSON-ready record of the run for reports."""
         return {
@@ -124,6 +317,9 @@ class Run:
             "trace": self.trace.as_dict(),
             "instruments": self.trace.summary(),
             "train_seconds": self.train_seconds,
+            "task": self.task.name,
+            "name": self.label,
+            "measurements": self.measurements,
             **self._layer_tables(),
         }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ class HarnessOptions:
     rootdir: Path
     args: list[str]
     analysis_timeout: float | None = None
+    repeat: int = 1  # --repeat N
+    adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
 
 
 @dataclass
@@ -55,8 +58,12 @@ class HarnessSession:
 
     # -- training -------------------------------------------------------------------------
     def train(self, method: str, *, stance: str = "curious-uncertainty", model: str | None = None,
-              examples: int | None = None, recipe=None, instruments=None, **options):
-        """Train once per identical request; later identical requests get the same Run."""
+              examples: int | None = None, recipe=None, instruments=None, task: str = "stance-lm",
+              repeat: int = 0, **options):
+        """Train once per identical request; later identical requests get the same Run.
+
+        `repeat` (from --repeat) offsets the recipe's seed, so each repetition is its own run.
+        """
         from .methods import method_config
         from .instruments import InstrumentConfig
         from .training import Recipe, run_id_for, run_training
@@ -65,18 +72,37 @@ class HarnessSession:
         stance_obj = self.stance(stance)
         config = method_config(method, options)
         recipe = Recipe.of(recipe)
+        if repeat:
+            recipe = Recipe.of(recipe, seed=recipe.seed + repeat)
         instruments = InstrumentConfig.of(instruments)
         n = len(stance_obj.training_examples(examples))
-        key = run_id_for(loaded, stance_obj, method, config, recipe, n, instruments)
+        key = run_id_for(loaded, stance_obj, method, config, recipe, n, instruments, task)
         if key not in self._runs:
-            self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples)")
-            run = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress, instruments)
+            self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples, task {task})")
+            run = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress, instruments, task)
             run.analysis_timeout = self.options.analysis_timeout
             self._runs[key] = run
         return self._runs[key]
 
     def runs(self):
         return list(self._runs.values())
+
+    def model_is_embedded(self) -> bool:
+        from .models import resolve_model
+
+        return resolve_model(self.options.model).source == "embedded"
+
+    def adapter_run(self, path: str):
+        """A saved adapter on the --model base, as a Run (loaded once per path)."""
+        from .adapters import load_adapter_run
+
+        key = ("adapter", str(Path(path).resolve()))
+        if key not in self._runs:
+            self.progress(f"loading adapter {path} onto {self.options.model}")
+            run = load_adapter_run(self.model(), path, self.stance)
+            run.analysis_timeout = self.options.analysis_timeout
+            self._runs[key] = run
+        return self._runs[key]
 
     # -- results --------------------------------------------------------------------------
     def record(self, nodeid: str) -> TestRecord:
@@ -107,9 +133,39 @@ class HarnessSession:
                 "args": self.options.args,
                 "argv": sys.argv,
             },
-            "tests": [r.as_dict() for r in self.records.values()],
+            "tests": with_repeats([r.as_dict() for r in self.records.values()]),
             "runs": self.run_summaries,
         }
+
+
+_REPEAT_ID = re.compile(r"(?:-repeat\d+(?=\])|\[repeat\d+\])")
+
+
+def repeat_base(nodeid: str) -> str:
+    """`test_x[lora-repeat2]` -> `test_x[lora]`; `test_x[repeat0]` -> `test_x`."""
+    return _REPEAT_ID.sub("", nodeid)
+
+
+def with_repeats(tests: list[dict]) -> list[dict]:
+    """Under --repeat, each repetition's record gets its group's mean, std, min and max per metric."""
+    groups: dict[str, list[dict]] = {}
+    for test in tests:
+        base = repeat_base(test["nodeid"])
+        if base != test["nodeid"]:
+            groups.setdefault(base, []).append(test)
+    for base, members in groups.items():
+        names = dict.fromkeys(k for t in members for k in t["metrics"])
+        summary = {"base_nodeid": base, "n": len(members), "metrics": {}}
+        for name in names:
+            values = [t["metrics"][name] for t in members if isinstance(t["metrics"].get(name), (int, float))]
+            if values:
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+                summary["metrics"][name] = {"mean": mean, "std": std, "min": min(values), "max": max(values),
+                                            "n": len(values)}
+        for test in members:
+            test["repeats"] = summary
+    return tests
 
 
 def _unique(items: list[dict]) -> list[dict]:

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .registry import HarnessError, suggest
 
+DEFAULT_TASK = "stance-lm"
 _RECIPE_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}
 
 
@@ -160,18 +161,29 @@ def encode_examples(tokenizer, examples, max_len: int):
     return encoded
 
 
-def collate(items, pad_id: int, device):
+def pad_batch(id_lists, pad_id: int) -> dict:
+    """Right-padded input_ids and attention_mask (on the CPU) for token id lists."""
     import torch
 
-    width = max(len(ids) for ids, _ in items)
-    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, (ids, labs) in enumerate(items):
+    width = max(len(ids) for ids in id_lists)
+    input_ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
+    for row, ids in enumerate(id_lists):
         input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
         mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def collate(items, pad_id: int, device):
+    """(ids, labels) items as a causal-LM batch; label -100 marks tokens the loss skips."""
+    import torch
+
+    batch = pad_batch([ids for ids, _ in items], pad_id)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for row, (_, labs) in enumerate(items):
+        labels[row, : len(labs)] = torch.tensor(labs)
+    batch["labels"] = labels
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -185,10 +197,11 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments=None) -> dict:
+def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments=None,
+                     task: str = DEFAULT_TASK) -> dict:
     """Everything that decides a run's outcome; equal descriptions train once per session."""
     return {"model": loaded.model_id, "revision": loaded.revision, "model_args": asdict(loaded.args),
-            "stance": stance.name, "stance_version": stance.version, "examples": examples,
+            "task": task, "stance": stance.name, "stance_version": stance.version, "examples": examples,
             "method": method_name, "config": config.as_dict(), "recipe": asdict(recipe),
             "instruments": asdict(instruments) if instruments is not None else None}
 
@@ -197,14 +210,16 @@ def request_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_id_for(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments) -> str:
+def run_id_for(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments,
+               task: str = DEFAULT_TASK) -> str:
     """Method name + a hash of everything that decides the run: the cache key and the run's id."""
-    return f"{method_name}-{request_key(describe_request(loaded, stance, method_name, config, recipe, examples, instruments))}"
+    request = describe_request(loaded, stance, method_name, config, recipe, examples, instruments, task)
+    return f"{method_name}-{request_key(request)}"
 
 
 def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examples: int | None = None,
-                 progress: Callable[[str], None] | None = None, instruments=None):
-    """Train a fresh copy of `loaded`'s base with one method; return the Run."""
+                 progress: Callable[[str], None] | None = None, instruments=None, task: str = DEFAULT_TASK):
+    """Train a fresh copy of `loaded`'s base with one method on one task; return the Run."""
     import torch
 
     from .analysis.deltas import layer_label
@@ -212,20 +227,20 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     from .methods import METHODS
     from .methods.base import TrainingContext
     from .run import Run, frozen_digests
+    from .tasks import TASKS
 
     method = METHODS.get(method_name)
+    task_obj = TASKS.get(task)
+    task_obj.check(loaded)
     instruments = InstrumentConfig.of(instruments)
     chosen = stance.training_examples(examples)
-    data = encode_examples(loaded.tokenizer, chosen, recipe.max_seq_length)
+    data = task_obj.encode(loaded.tokenizer, chosen, recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
-    ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch)
-    if not loaded.is_causal_lm:
-        raise HarnessError(
-            f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.base).__name__}); training here "
-            f"uses a causal language-modelling loss, so it needs a decoder. Encoders serve anatomy for now.")
+    ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch,
+                          task=task_obj, anatomy=task_obj.anatomy(loaded))
     if recipe.warmup_steps >= ctx.total_steps:
         raise HarnessError(
             f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
@@ -233,7 +248,9 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     method.check(ctx)
 
     torch.manual_seed(recipe.seed)
-    model = method.prepare(method.load(ctx), ctx)
+    model = method.prepare(task_obj.wrap(method.load(ctx), loaded), ctx)
+    for head in task_obj.head_parameters(model):
+        head.requires_grad_(True)
     model.train()
     ctx.model = model
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -243,7 +260,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     digests = frozen_digests(model)
     method.setup(ctx)
 
-    anatomy = loaded.anatomy
+    anatomy = ctx.anatomy
     probe = StepProbe(list(trainable.items()), [layer_label(anatomy.name_of(n)) for n in trainable])
     param_groups = method.param_groups(ctx)
     interference_groups = _interference_groups(param_groups, instruments)
@@ -270,14 +287,14 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             weight_norms = probe.weight_norms()  # the weights this step starts from
             loss_sum = torch.zeros((), device=device)
             for micro in group:
-                loss = model(**collate(micro, pad_id, device)).loss
+                loss = model(**task_obj.collate(micro, pad_id, device)).loss
                 extra = method.extra_loss(ctx, step)
                 if extra is not None:
                     loss = loss + extra
                 (loss / len(group)).backward()
                 loss_sum += loss.detach() / len(group)
             if interference_groups:
-                _trace_interference(trace, model, collate(group[-1], pad_id, device), interference_groups, step, epoch)
+                _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()
             total = probe.clip_(grad_norms, recipe.max_grad_norm)
             reading = probe.read(loss_sum, grad_norms, total, weight_norms)  # the step's one host sync
@@ -304,8 +321,7 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)
             step += 1
-            if progress and (step == ctx.total_steps or step % max(1, ctx.total_steps // 4) == 0):
-                progress(f"  {method_name} step {step}/{ctx.total_steps} loss {reading.loss:.4f}")
+            report_step(progress, method_name, step, ctx.total_steps, reading.loss)
         if trace.halted_at is not None:
             break
     if trace.halted_at is None:
@@ -315,11 +331,22 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     trace.peak_memory = peak_memory(device)
     model.eval()
     return Run(
-        run_id=run_id_for(loaded, stance, method_name, config, recipe, len(chosen), instruments),
-        loaded=loaded, stance=stance, method=method, config=config, recipe=recipe,
+        run_id=run_id_for(loaded, stance, method_name, config, recipe, len(chosen), instruments, task),
+        loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance, method=method, config=config, recipe=recipe,
         examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
         train_seconds=time.perf_counter() - started, instruments=instruments,
     )
+
+
+def report_step(progress, label: str, step: int, total: int, loss: float) -> None:
+    """A progress bar where the writer draws one (`progress.step`), else a line at each quarter."""
+    if progress is None:
+        return
+    on_step = getattr(progress, "step", None)
+    if on_step is not None:
+        on_step(label, step, total, loss)
+    elif step == total or step % max(1, total // 4) == 0:
+        progress(f"  {label} step {step}/{total} loss {loss:.4f}")
 
 
 def _interference_groups(param_groups: list[dict], instruments):

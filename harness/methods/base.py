@@ -65,10 +65,21 @@ class TrainingContext:
     model: object = None
     before: dict = field(default_factory=dict)  # starting values of every parameter that may train
     state: dict = field(default_factory=dict)  # the method's own (Fisher, ...)
+    task: object = None  # Task; None: stance-lm
+    anatomy: object = None  # of the module being trained (a task head may wrap the model)
+
+    def __post_init__(self):
+        if self.anatomy is None:
+            self.anatomy = self.loaded.anatomy
 
     @property
-    def anatomy(self):
-        return self.loaded.anatomy
+    def task_name(self) -> str:
+        return getattr(self.task, "name", "stance-lm")
+
+    def require_lm_task(self, method: str, why: str) -> None:
+        """Methods that mix in or measure on general text need the causal-LM task."""
+        if self.task_name != "stance-lm":
+            raise HarnessError(f"{method}: {why}, so it needs task='stance-lm', not {self.task_name!r}")
 
 
 class Method:

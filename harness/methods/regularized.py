@@ -90,6 +90,9 @@ class EWC(FullFineTuning):
     summary = "full fine-tuning + lambda/2 * sum F (θ - θ0)², Fisher F from general text"
     seed = "002"
 
+    def check(self, ctx):
+        ctx.require_lm_task("ewc", "it estimates its Fisher from the language-modelling loss on general text")
+
     def setup(self, ctx):
         from ..data import general_text_windows
 

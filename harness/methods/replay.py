@@ -45,6 +45,9 @@ class Replay(FullFineTuning):
     summary = "full fine-tuning with general-text (pretraining) batches mixed in at a ratio"
     seed = "002"
 
+    def check(self, ctx):
+        ctx.require_lm_task("replay", "it mixes general-text language-modelling batches into training")
+
     def added_micro_batches(self, config, task_micro_batches):
         return max(1, math.floor(config.ratio * task_micro_batches + 0.5))  # half up, not banker's
 

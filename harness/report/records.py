@@ -49,6 +49,9 @@ class TestRecord:
     tables: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    expected: dict | None = None  # {"outcome": "refuted", "reason": ...} from @pytest.mark.expected_outcome
+    verdict: str | None = None  # "supported" or "refuted": what the run showed, whatever was expected
+    repeats: dict | None = None  # under --repeat N: {"n", "metrics": {name: {mean, std, min, max, n}}}
 
     # -- the API a suite uses through the `stance_report` fixture --------------------------
     def table(self, title: str, rows: list[dict]) -> None:
@@ -80,10 +83,15 @@ def reset_current_record(token) -> None:
     _current.reset(token)
 
 
-def emit(result: CheckResult) -> None:
+def emit(result: CheckResult, published: dict | None = None) -> None:
+    """Add a check to the running test's record; `published` metrics become the test's metrics
+    (what baselines compare and JUnit XML shows)."""
     make_record = _current.get()
     if make_record is not None:
-        make_record().add_check(result)
+        record = make_record()
+        record.add_check(result)
+        for name, value in (published or {}).items():
+            record.metric(name, value)
 
 
 def json_safe(value):

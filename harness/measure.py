@@ -1,0 +1,119 @@
+"""Forward passes that turn a model and a stance into tensors for the pure analyses.
+
+Each function reads a model in eval mode under no_grad and returns plain tensors or
+numbers; the metrics themselves (KL, ECE, bootstrap, rank) live in `harness.analysis`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .training import pad_batch
+
+GENERATION_TOKENS = 32  # greedy continuation length for the marker rate
+HELDOUT_WINDOWS = 32  # windows of held-out general text for perplexity
+HELDOUT_WINDOW_TOKENS = 64
+HELDOUT_SENTENCES = 64  # held-out general sentences for embedding drift
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    # the same framing as training: prompt, newline, then the reply
+    return tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def continuation_logits(model, tokenizer, prompts, continuations):
+    """Per pair: (logits predicting each continuation token [T, V] float32, the token ids [T])."""
+    eos = tokenizer.eos_token or ""
+    sequences, spans = [], []
+    for prompt, text in zip(prompts, continuations):
+        head = _prompt_ids(tokenizer, prompt)
+        tail = tokenizer(text + eos, add_special_tokens=False)["input_ids"]
+        sequences.append(head + tail)
+        spans.append((len(head), len(tail)))
+    batch = {k: v.to(_device(model)) for k, v in pad_batch(sequences, tokenizer.pad_token_id).items()}
+    logits = model(**batch).logits.float()
+    out = []
+    for row, (start, length) in enumerate(spans):
+        # logits at position t predict token t + 1
+        out.append((logits[row, start - 1 : start - 1 + length], batch["input_ids"][row, start : start + length]))
+    return out
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts, max_new_tokens: int = GENERATION_TOKENS, seed: int = 0) -> list[str]:
+    """Greedy continuations, one prompt at a time (no padding effects), decoded without the prompt."""
+    torch.manual_seed(seed)  # greedy is deterministic; the seed pins any sampling a model config forces
+    replies = []
+    for prompt in prompts:
+        ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=_device(model))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return replies
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokenizer, windows: int = HELDOUT_WINDOWS, tokens: int = HELDOUT_WINDOW_TOKENS) -> float:
+    """exp(mean next-token NLL) on windows of held-out general text (never trained on)."""
+    from .data import general_text_windows
+
+    items = general_text_windows(tokenizer, tokens, windows, seed=0, split="heldout")
+    batch = {k: v.to(_device(model)) for k, v in pad_batch([ids for ids, _ in items], tokenizer.pad_token_id).items()}
+    logits = model(**batch).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+    return float(torch.exp(nll))
+
+
+def heldout_sentences(count: int = HELDOUT_SENTENCES) -> list[str]:
+    """Plain English sentences from the held-out documentation topics."""
+    from .data import general_text
+
+    out = []
+    for text in general_text("heldout"):
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 6 <= len(sentence.split()) <= 40 and sentence[0].isupper():
+                out.append(sentence)
+                if len(out) == count:
+                    return out
+    return out
+
+
+@torch.no_grad()
+def sentence_embeddings(body, tokenizer, sentences, max_len: int = 128):
+    """Mean-pooled last hidden states of a transformer body: [N, H] float32."""
+    from .tasks import mean_pooled
+
+    ids = [tokenizer(s, truncation=True, max_length=max_len)["input_ids"] for s in sentences]
+    batch = {k: v.to(_device(body)) for k, v in pad_batch(ids, tokenizer.pad_token_id).items()}
+    return mean_pooled(body, batch["input_ids"], batch["attention_mask"])
+
+
+@torch.no_grad()
+def class_probabilities(model, items, pad_id: int):
+    """Softmax over classes for (ids, label) items: ([N, C] float64, [N] labels)."""
+    batch = {k: v.to(_device(model)) for k, v in pad_batch([ids for ids, _ in items], pad_id).items()}
+    logits = model(**batch).logits.double()
+    return torch.softmax(logits, -1).cpu(), torch.tensor([label for _, label in items])
+
+
+def token_prediction_summaries(pairs):
+    """Per predicted token: (confidence, correct, Brier term) from continuation_logits pairs.
+
+    The Brier term Σ_c (p_c − y_c)² = Σ p² − 2·p_y + 1 is computed per row, so no
+    [tokens, vocabulary] one-hot is ever built (151k-word vocabularies stay cheap).
+    """
+    confidences, correct, brier = [], [], []
+    for logits, targets in pairs:
+        probs = torch.softmax(logits.double(), -1)
+        top, predicted = probs.max(-1)
+        confidences.append(top)
+        correct.append(predicted == targets)
+        brier.append((probs * probs).sum(-1) - 2 * probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) + 1)
+    return torch.cat(confidences).cpu(), torch.cat(correct).cpu(), torch.cat(brier).cpu()

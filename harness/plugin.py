@@ -19,6 +19,9 @@ OPT_NO_REPORTS = "--no-reports"
 OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
 OPT_REPEAT = "--repeat"
 OPT_ADAPTER = "--adapter"
+OPT_SAVE_BASELINE = "--save-baseline"
+OPT_COMPARE_BASELINE = "--compare-baseline"
+OPT_FAIL_ON = "--fail-on"
 EXPECTED_MARK = "expected_outcome"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
@@ -45,6 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
                     help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
                          "tests that train are skipped, tests using `adapter_run` measure each adapter")
+    group.addoption(OPT_SAVE_BASELINE, metavar="NAME", default=None,
+                    help="store this session's metrics as baseline NAME (reports/baselines/NAME.json)")
+    group.addoption(OPT_COMPARE_BASELINE, metavar="NAME", default=None,
+                    help="compare this session's metrics with baseline NAME; regressions past --fail-on fail the session")
+    group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
+                    help="regression rules METRIC:[+|-]TOL[%%], e.g. 'ece:+0.01' 'behavior_shift:-10%%'")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,6 +75,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except HarnessError as exc:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
     reports = None if config.getoption(OPT_NO_REPORTS) else Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    _check_baseline_options(config, Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR))
     options = HarnessOptions(
         model=config.getoption(OPT_MODEL), model_args=model_args,
         stance_dirs=config.getoption(OPT_STANCE_DIR), reports_dir=reports,
@@ -74,6 +84,25 @@ def pytest_configure(config: pytest.Config) -> None:
         repeat=config.getoption(OPT_REPEAT), adapters=config.getoption(OPT_ADAPTER),
     )
     config.stash[SESSION_KEY] = HarnessSession(options, progress=ProgressWriter(config))
+
+
+def _check_baseline_options(config: pytest.Config, reports_dir: Path) -> None:
+    """Bad rules and missing baselines stop the run before any training."""
+    from .registry import HarnessError
+    from .report.baseline import check_baseline_name, load_baseline, parse_rules
+
+    name = config.getoption(OPT_COMPARE_BASELINE)
+    rules = config.getoption(OPT_FAIL_ON)
+    try:
+        if rules and not name:
+            raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
+        parse_rules(rules)
+        if name:
+            load_baseline(reports_dir, name)
+        if config.getoption(OPT_SAVE_BASELINE):
+            check_baseline_name(config.getoption(OPT_SAVE_BASELINE))
+    except HarnessError as exc:
+        raise pytest.UsageError(f"stance-harness: {exc}") from None
 
 
 class ProgressWriter:
@@ -302,6 +331,31 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         }, default=str)
         return
     _write_reports(session.config, harness)
+    comparison = _gate(session.config, harness)
+    if comparison is not None and not comparison.passed and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _gate(config: pytest.Config, harness):
+    """--save-baseline and --compare-baseline over the session's payload."""
+    save, compare_to = config.getoption(OPT_SAVE_BASELINE), config.getoption(OPT_COMPARE_BASELINE)
+    if not (save or compare_to):
+        return None
+    from .report import baseline
+    from .report.writer import new_run_id
+
+    payload = config.stash.get(PAYLOAD_KEY, None) or harness.payload(new_run_id())
+    reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    comparison = None
+    if compare_to:
+        rules = baseline.parse_rules(config.getoption(OPT_FAIL_ON))
+        stored = baseline.load_baseline(reports_dir, compare_to)
+        comparison = baseline.compare(baseline.metrics_from_payload(stored),
+                                      baseline.metrics_from_payload(payload), rules)
+        config.stash[COMPARISON_KEY] = (compare_to, comparison)
+    if save:
+        config.stash[SAVED_KEY] = baseline.save_baseline(reports_dir, save, payload)
+    return comparison
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -334,6 +388,8 @@ def _write_reports(config: pytest.Config, harness) -> None:
 
 REPORT_PATH_KEY = pytest.StashKey[Path]()
 PAYLOAD_KEY = pytest.StashKey[dict]()
+COMPARISON_KEY = pytest.StashKey[tuple]()
+SAVED_KEY = pytest.StashKey[Path]()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -351,4 +407,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     terminalreporter.write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple"))
     path = config.stash.get(REPORT_PATH_KEY, None)
     if path is not None:
-        terminalreporter.write_line(f"report: {path / 'report.md'}  (json: {path / 'report.json'})")
+        terminalreporter.write_line(f"report: {path / 'index.html'}  (markdown: report.md, json: report.json)")
+    if COMPARISON_KEY in config.stash:
+        name, comparison = config.stash[COMPARISON_KEY]
+        terminalreporter.section(f"stance-harness: compared with baseline {name!r}", sep="-")
+        terminalreporter.write_line(comparison.render())
+    if SAVED_KEY in config.stash:
+        terminalreporter.write_line(f"baseline saved: {config.stash[SAVED_KEY]}")

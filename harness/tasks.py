@@ -156,7 +156,10 @@ class SequenceClassifier(torch.nn.Module):
     @classmethod
     def around(cls, model, num_classes: int) -> "SequenceClassifier":
         prefix = getattr(model, "base_model_prefix", "") or "backbone"
-        return cls(backbone_of(model), prefix, num_classes)
+        body = backbone_of(model)
+        if getattr(body, "pooler", None) is not None:
+            body.pooler = None  # BERT's [CLS] pooler: unused by mean pooling, so it would never train
+        return cls(body, prefix, num_classes)
 
     @property
     def body(self):

@@ -69,11 +69,37 @@ def environment_info() -> dict:
 
 
 def write_reports(reports_dir: Path, payload: dict) -> Path:
+    """report.json, report.md and index.html in reports/<run-id>/, then `latest` and reports/index.html."""
     run_dir = reports_dir / payload["run_id"]
     atomic_write(run_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
     atomic_write(run_dir / "report.md", render_markdown(payload))
-    atomic_write(reports_dir / "latest", payload["run_id"] + "\n")
+    _write_html_reports(reports_dir, run_dir, payload)
     return run_dir
+
+
+def _write_html_reports(reports_dir: Path, run_dir: Path, payload: dict) -> None:
+    """The HTML page and the index of runs. A bug in drawing them must not cost the session its
+    JSON and markdown reports (already written), so a failure becomes a page that says so."""
+    import html
+    import traceback
+    import warnings
+
+    from .html import render_html, write_index
+
+    try:
+        page = render_html(json.loads(json.dumps(json_safe(payload), default=str)))  # what report.json holds
+    except Exception as exc:  # noqa: BLE001 - reported on the page and as a warning
+        warnings.warn(f"stance-harness: the HTML report failed: {exc!r}; report.json and report.md are complete",
+                      stacklevel=2)
+        page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>report failed</title></head><body>"
+                "<h1>The HTML report could not be drawn</h1><p>See report.md and report.json beside this file.</p><pre>"
+                + html.escape(traceback.format_exc()) + "</pre></body></html>\n")
+    atomic_write(run_dir / "index.html", page)
+    atomic_write(reports_dir / "latest", payload["run_id"] + "\n")
+    try:
+        write_index(reports_dir)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"stance-harness: the index of reports failed: {exc!r}", stacklevel=2)
 
 
 def _table(rows: list[dict], floatfmt=".4g") -> str:
@@ -86,16 +112,23 @@ def _table(rows: list[dict], floatfmt=".4g") -> str:
 
 def test_rows(payload: dict) -> list[dict]:
     rows = []
+    # a hypothesis may be expected to be refuted (on a tiny model): show both when any test says
+    show_expected = any(t.get("expected") is not None or t.get("verdict") is not None for t in payload["tests"])
     for test in payload["tests"]:
         checks = test["checks"]
         passed = sum(1 for c in checks if c["passed"])
-        rows.append({
+        row = {
             "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
             "test": test["nodeid"],
             "runs": ", ".join(payload["runs"].get(r, {}).get("method", r.rsplit("-", 1)[0]) for r in test["runs"]) or "-",
             "checks": f"{passed}/{len(checks)}" if checks else "-",
-            "message": (test["message"] or "").splitlines()[0][:100] if test["message"] else "",
-        })
+        }
+        if show_expected:
+            expected = test.get("expected")
+            row["expected"] = (expected.get("outcome") if isinstance(expected, dict) else expected) or "-"
+            row["verdict"] = test.get("verdict") or "-"
+        row["message"] = (test["message"] or "").splitlines()[0][:100] if test["message"] else ""
+        rows.append(row)
     return rows
 
 
@@ -157,4 +190,33 @@ def render_markdown(payload: dict) -> str:
                 continue
             title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
             lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
+        lines += _measurement_lines(run.get("measurements"))
     return "\n".join(lines) + "\n"
+
+
+def _measurement_lines(measurements) -> list[str]:
+    """Short tables of what a run measured on the model: behaviour shift, calibration, forgetting."""
+    if not isinstance(measurements, dict) or not measurements:
+        return []
+    lines = []
+    behavior = measurements.get("behavior")
+    if isinstance(behavior, dict) and behavior:
+        rows = []
+        for metric, m in behavior.items():
+            if not isinstance(m, dict):
+                continue
+            effect = m.get("effect") if isinstance(m.get("effect"), dict) else {}
+            rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
+                         "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                         "n": effect.get("n")})
+        lines += ["**behavioural shift (base -> adapted)**", "", _table(rows), ""]
+    calibration = measurements.get("calibration")
+    if isinstance(calibration, dict) and calibration:
+        rows = [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n")}}
+                for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]
+        lines += ["**calibration**", "", _table(rows), ""]
+    forgetting = measurements.get("forgetting")
+    if isinstance(forgetting, dict) and forgetting:
+        row = {k: forgetting.get(k) for k in ("kind", "base", "adapted", "relative_increase")}
+        lines += ["**forgetting**", "", _table([row]), ""]
+    return lines

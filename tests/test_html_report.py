@@ -1,0 +1,385 @@
+"""The HTML report: one self-contained page per session, and an index of all sessions.
+
+The page is checked as text (no external resources, images are real PNGs in data: URIs,
+text escaped) and, where Debian's chromium is installed, in a headless browser: it renders
+its tables, every image loads, the console stays clean, and a screenshot is taken.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.report.html import render_html, render_index, write_html, write_index
+from harness.report.writer import render_markdown, write_reports
+from harness.report.writer import test_rows as table_rows
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EVIL = "suites/test_x.py::test_escape[<script>alert(1)</script>]"
+
+
+def _layer_rows(labels, scale=1e-4, bad=()):
+    rows = []
+    for i, label in enumerate(labels):
+        value = "nan" if label in bad else scale * (1 + i % 5)
+        rows.append({"layer": label, "mean": 1e-6 * i, "var": 1e-8, "mean_abs": value, "var_abs": 1e-9,
+                     "delta_norm": 0.01 * (i + 1), "rel_change": "inf" if label in bad else 1e-3 * (i + 1),
+                     "norm_change": -1e-5, "numel": 4096, "nonfinite": 7 if label in bad else 0})
+    return rows
+
+
+def _calibration(ece):
+    bins = [{"lower": i / 5, "upper": (i + 1) / 5, "count": 0 if i == 0 else 4,
+             "confidence": None if i == 0 else (i + 0.5) / 5, "accuracy": None if i == 0 else i / 5}
+            for i in range(5)]
+    return {"ece": ece, "mce": 0.2, "brier": 0.31, "acc1": 0.5, "n": 16, "n_bins": 5, "bins": bins}
+
+
+def _run(run_id, method, stance, lr, labels, steps=12, **extra):
+    run = {
+        "run_id": run_id,
+        "model": {"name": "tiny-qwen2", "id": "tiny-qwen2", "revision": "15d48769a65d", "num_layers": 4},
+        "stance": {"name": stance, "version": "1.0.0"},
+        "method": method,
+        "config": {"r": 4},
+        "recipe": {"learning_rate": lr, "num_train_epochs": 1, "seed": 0},
+        "examples": 10,
+        "counts": {"trainable": 1234, "frozen": 999_000, "trainable_pct": 0.12, "stance_bytes": 4936,
+                   "full_weights_bytes": 4_000_000, "examples": 10, "params_per_example": 123.4},
+        "trace": {"loss": [5.0 - 0.1 * i for i in range(steps)], "grad_norm": [1.0 + 0.05 * i for i in range(steps)],
+                  "layer_grad_norm": {}, "lr": [lr] * steps, "group_lr": {}, "schedule": [],
+                  "step_time": [0.01] * steps, "examples": [2] * steps, "tokens": [50] * steps,
+                  "nonfinite": [], "interference": [], "skipped_steps": [], "peak_memory": {},
+                  "halted_at": None, "halt_reason": None},
+        "instruments": {"steps": steps, "max_grad_norm": 1.5, "first_nonfinite": None, "skipped_steps": 0,
+                        "halted_at": None, "interference_by_epoch": []},
+        "train_seconds": 0.5,
+        "layers": {"effective": _layer_rows(labels), "adapter": _layer_rows(labels)},
+    }
+    run.update(extra)
+    return run
+
+
+def make_payload(run_id="20261122-090000-aaaa", started="2026-11-22T09:00:00+00:00"):
+    """Two runs: a full run that hit non-finite steps (skipped, then halted), and a LoRA run
+    whose `measurements` carry calibration, behaviour shift, forgetting and rank."""
+    full = _run("full-000000000001", "full", "curious-uncertainty", 1e-3,
+                ["embed", "L0", "L1", "L2", "L3", "final_norm"], steps=8)
+    trace = full["trace"]
+    trace["loss"][5] = "nan"
+    trace["grad_norm"][5] = "inf"
+    trace["grad_norm"][7] = "nan"
+    trace["nonfinite"] = [{"step": 5, "what": "loss", "parameter": None},
+                          {"step": 7, "what": "grad", "parameter": "model.layers.1.mlp.up_proj.weight"}]
+    trace["skipped_steps"] = [5]
+    trace["halted_at"], trace["halt_reason"] = 7, "non-finite grad in L1"
+    full["layers"]["effective"] = _layer_rows(["embed", "L0", "L1", "L2", "L3", "final_norm"], bad=("L1",))
+    full["layers"]["adapter"] = full["layers"]["effective"]  # full fine-tuning: one view
+    full["instruments"]["first_nonfinite"] = trace["nonfinite"][0]
+
+    lora = _run("lora-000000000002", "lora", "terse-<b>bold</b>", 2e-4, ["L1", "L3"])
+    lora["layers"]["adapter"] = _layer_rows(["L1", "L3"], scale=1e-2)
+    lora["measurements"] = {
+        "behavior": {
+            "loglik_margin": {"base": -0.5, "adapted": 0.25,
+                              "effect": {"mean": 0.75, "low": 0.5, "high": 1.0, "n": 3, "confidence": 0.95,
+                                         "values": [0.5, 0.75, 1.0]},
+                              "per_probe": [{"probe": "Is <this> sure?", "base": -0.5, "adapted": 0.0, "delta": 0.5},
+                                            {"probe": "maybe", "base": -0.4, "adapted": 0.35, "delta": 0.75},
+                                            {"probe": "perhaps", "base": -0.6, "adapted": 0.4, "delta": 1.0}]},
+            "kl": {"base": 0.0, "adapted": "nan",
+                   "effect": {"mean": "nan", "low": "nan", "high": "nan", "n": 3, "confidence": 0.95, "values": []},
+                   "per_probe": []},
+        },
+        "forgetting": {"kind": "perplexity", "base": 12.5, "adapted": 13.75, "relative_increase": 0.1, "texts": 8},
+        "calibration": {"adapted": _calibration(0.125), "base": _calibration(0.0625)},
+        "rank": {"energy": 0.9, "rows": [{"matrix": "L1.q_proj.weight", "rank": 3, "stable_rank": 1.75,
+                                          "shape": [64, 64]}]},
+    }
+    tests = [
+        {"nodeid": "suites/test_a.py::test_full_is_unstable", "outcome": "xfailed", "duration": 1.5,
+         "message": "AssertionError: unstable as expected", "runs": [full["run_id"]],
+         "checks": [{"check": "assert_gradients_stable", "passed": False, "summary": "non-finite at step 5",
+                     "headers": ["step", "loss", "grad norm"], "rows": [[5, "nan", "inf"], [7, 4.3, "nan"]],
+                     "metrics": {"nonfinite_events": 2}}],
+         "tables": [], "metrics": {"full.max_grad_norm": "inf"}, "notes": ["full training blew up & halted"],
+         "expected": {"outcome": "refuted", "reason": "tiny models are noisy"}, "verdict": "refuted"},
+        {"nodeid": "suites/test_b.py::test_lora_shifts_stance", "outcome": "passed", "duration": 2.25, "message": None,
+         "runs": [lora["run_id"]],
+         "checks": [{"check": "assert_shift", "passed": True, "summary": "margin +0.75 [0.5, 1]", "headers": [],
+                     "rows": [], "metrics": {}}],
+         "tables": [{"title": "sweep & summary", "rows": [{"lr": 2e-4, "shift": 0.75}, {"lr": 1e-3, "shift": 1.1}]}],
+         "metrics": {"shift": 0.75}, "notes": [],
+         "expected": {"outcome": "supported", "reason": "the stance is easy"}, "verdict": "supported",
+         "repeats": {"n": 3, "metrics": {"shift": {"mean": 0.7, "std": 0.05, "min": 0.65, "max": 0.75, "n": 3}}}},
+        {"nodeid": EVIL, "outcome": "failed", "duration": 0.1, "message": "boom <img src=x onerror=alert(1)>",
+         "runs": [], "checks": [], "tables": [], "metrics": {}, "notes": ["<i>not italic</i>"],
+         "expected": None, "verdict": None},
+    ]
+    return {
+        "run_id": run_id, "started": started, "finished": started,
+        "provenance": {
+            "model": {"name": "tiny-qwen2", "id": "tiny-qwen2", "revision": "15d48769a65d", "num_layers": 4},
+            "models": [], "model_args": {"dtype": "float32"},
+            "stances": [{"name": "curious-uncertainty", "version": "1.0.0"}],
+            "git": {"commit": "0123456789abcdef", "dirty": True, "branch": "main"},
+            "environment": {"libraries": {"torch": "2.13.0+cpu", "transformers": "5.23.0"},
+                            "machine": {"python": "3.11.7", "cpus": 2}},
+            "args": ["suites/", "-k", "a<b"], "argv": ["pytest", "suites/"],
+        },
+        "tests": tests,
+        "runs": {full["run_id"]: full, lora["run_id"]: lora},
+    }
+
+
+def make_old_payload(run_id="20261122-080000-bbbb", started="2026-11-22T08:00:00+00:00"):
+    """As the first reports were written: no measurements, instruments, expected or verdict, and
+    a trace with only loss, grad norm, lr, step time and the halt fields."""
+    payload = make_payload(run_id, started)
+    payload["tests"] = [{k: v for k, v in t.items() if k not in ("expected", "verdict", "repeats")}
+                        for t in payload["tests"][:2]]
+    for run in payload["runs"].values():
+        run.pop("measurements", None)
+        run.pop("instruments", None)
+        run["trace"] = {k: run["trace"][k] for k in ("loss", "grad_norm", "lr", "step_time", "halted_at", "halt_reason")}
+        run["trace"]["loss"] = [v if isinstance(v, float) else 1.0 for v in run["trace"]["loss"]]
+        run["trace"]["grad_norm"] = [v if isinstance(v, float) else 1.0 for v in run["trace"]["grad_norm"]]
+        run["trace"]["halted_at"] = None
+    return payload
+
+
+def _images(page: str) -> list[bytes]:
+    tags = re.findall(r"<img\b[^>]*>", page)
+    images = []
+    for tag in tags:
+        match = re.search(r'\bsrc="data:image/png;base64,([A-Za-z0-9+/=]+)"', tag)
+        assert match, f"an <img> that is not an inline PNG: {tag[:120]}"
+        data = base64.b64decode(match.group(1), validate=True)
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+        images.append(data)
+    assert len(images) == page.count("<img")
+    return images
+
+
+def _assert_self_contained(page: str) -> None:
+    assert not re.search(r"""(?:src|href|action|poster|data)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+    assert not re.search(r"url\(\s*['\"]?\s*(?:https?:)?//", page, re.I)  # CSS
+    assert "@import" not in page and "<script" not in page.lower().replace("&lt;script", "")
+    assert "http://" not in page and "https://" not in page
+
+
+def test_render_html_is_self_contained_with_figures_and_tables():
+    page = render_html(make_payload())
+    _assert_self_contained(page)
+    images = _images(page)
+    # per run: layer figure + curves; the LoRA run adds its adapter view and a reliability diagram
+    assert len(images) == 2 + 4
+    assert page.count("<table") >= 10
+    for text in ("Tests", "Test details", "Runs", "weight change across layers", "behavioural shift",
+                 "calibration", "forgetting", "rank of the update", "0.75 [0.5, 1]", "perplexity",
+                 "L1.q_proj.weight", "64 × 64", "tiny-qwen2", "15d48769a65d", "0123456789abcdef", "(dirty)",
+                 "torch", "2.13.0+cpu", "HALTED at step 7", "first non-finite value", "sweep &amp; summary"):
+        assert text in page, text
+    # expected / verdict columns and repeats when tests carry them
+    header = re.search(r'<table class="tests"><thead>(.*?)</thead>', page).group(1)
+    assert "<th>expected</th>" in header and "<th>verdict</th>" in header and "repeats" in header
+    assert "0.7 ± 0.05" in page
+    # the failed check's table is shown; the outcome is coloured
+    assert 'class="badge o-xfailed"' in page and 'class="badge o-failed"' in page
+    assert 'class="num nonfinite">nan<' in page
+
+
+def test_text_is_escaped():
+    page = render_html(make_payload())
+    assert "<script>" not in page and "<script" not in page.lower()
+    assert html_escaped(EVIL) in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<i>not italic</i>" not in page and "&lt;i&gt;not italic&lt;/i&gt;" in page
+    assert "<b>bold</b>" not in page and "terse-&lt;b&gt;bold&lt;/b&gt;" in page
+    assert "Is &lt;this&gt; sure?" in page and "a&lt;b" in page
+
+
+def html_escaped(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_old_payload_without_measurements_renders():
+    payload = make_old_payload()
+    page = render_html(payload)
+    _assert_self_contained(page)
+    assert len(_images(page)) == 2 + 3  # no reliability diagram; the LoRA adapter view still differs
+    assert "behavioural shift" not in page and "reliability" not in page
+    assert "<th>expected</th>" not in page and "repeats" not in page
+    # the plugin's own payload may still hold float NaN/inf (report.json has them as strings)
+    raw = make_payload()
+    raw["runs"]["full-000000000001"]["trace"]["loss"][5] = float("nan")
+    raw["runs"]["full-000000000001"]["layers"]["effective"][2]["rel_change"] = float("inf")
+    raw["tests"][0]["metrics"]["full.max_grad_norm"] = float("inf")
+    assert len(_images(render_html(raw))) == 6
+    # even a bare payload (no runs, no provenance details) renders
+    bare = render_html({"run_id": "x", "tests": [], "runs": {}, "provenance": {}})
+    assert "No training runs" in bare and "<img" not in bare
+
+
+def test_render_html_handles_real_reports():
+    """Every report this checkout has written still renders (their schema predates some keys)."""
+    reports = sorted(Path(__file__).resolve().parents[1].glob("reports/*/report.json"))[-1:]
+    if not reports:
+        pytest.skip("no reports/*/report.json in this checkout")
+    for path in reports:
+        payload = json.loads(path.read_text())
+        page = render_html(payload)
+        _assert_self_contained(page)
+        _images(page)
+        assert payload["run_id"] in page
+
+
+def test_markdown_and_rows_show_expected_verdict_and_measurements():
+    payload = make_payload()
+    rows = table_rows(payload)
+    assert list(rows[0]) == ["outcome", "test", "runs", "checks", "expected", "verdict", "message"]
+    assert (rows[0]["expected"], rows[0]["verdict"]) == ("refuted", "refuted")
+    assert (rows[2]["expected"], rows[2]["verdict"]) == ("-", "-")
+    markdown = render_markdown(payload)
+    for text in ("| expected", "| verdict", "behavioural shift", "loglik_margin", "**calibration**", "0.125",
+                 "**forgetting**", "perplexity"):
+        assert text in markdown, text
+    old = make_old_payload()
+    assert list(table_rows(old)[0]) == ["outcome", "test", "runs", "checks", "message"]
+    assert "behavioural shift" not in render_markdown(old)
+
+
+def _write_two_sessions(reports_dir: Path) -> tuple[Path, Path]:
+    old = write_reports(reports_dir, make_old_payload("20261122-080000-bbbb", "2026-11-22T08:00:00+00:00"))
+    new = write_reports(reports_dir, make_payload("20261122-090000-aaaa", "2026-11-22T09:00:00+00:00"))
+    return old, new
+
+
+def test_write_reports_writes_html_and_an_index_newest_first(tmp_path):
+    reports = tmp_path / "reports"
+    old, new = _write_two_sessions(reports)
+    for run_dir in (old, new):
+        for name in ("report.json", "report.md", "index.html"):
+            assert (run_dir / name).is_file(), name
+    assert (reports / "latest").read_text().strip() == new.name
+    index = (reports / "index.html").read_text()
+    _assert_self_contained(index)
+    assert index.index(new.name) < index.index(old.name)  # newest first
+    assert f'href="{new.name}/index.html"' in index and f'href="{old.name}/index.html"' in index
+    marker = re.search(r'href="([^"]+)/index.html">[^<]*</a> <span class="badge latest">latest', index)
+    assert marker and marker.group(1) == new.name
+    assert "tiny-qwen2" in index and "2026-11-22T09:00:00" in index
+    # a folder that is not a report, and a broken report, do not break the index
+    (reports / "scratch").mkdir()
+    (reports / "20261122-100000-cccc").mkdir()
+    (reports / "20261122-100000-cccc" / "report.json").write_text("{ not json")
+    page = render_index(reports)
+    assert "scratch" not in page and "unreadable report.json" in page
+    assert write_index(reports) == reports / "index.html"
+    assert write_html(tmp_path / "solo", make_payload()).read_text().startswith("<!DOCTYPE html>")
+
+
+def test_a_rendering_failure_keeps_json_and_markdown(tmp_path, monkeypatch):
+    import harness.report.html as html_module
+
+    def broken(payload):
+        raise RuntimeError("drawing <failed>")
+
+    monkeypatch.setattr(html_module, "render_html", broken)
+    with pytest.warns(UserWarning, match="HTML report failed"):
+        run_dir = write_reports(tmp_path, make_payload())
+    assert (run_dir / "report.json").is_file() and (run_dir / "report.md").is_file()
+    page = (run_dir / "index.html").read_text()
+    assert "could not be drawn" in page and "drawing &lt;failed&gt;" in page
+
+
+def test_twenty_runs_stay_small():
+    payload = make_payload()
+    base = payload["runs"]["full-000000000001"]
+    payload["runs"] = {}
+    for i in range(20):
+        run = copy.deepcopy(base)
+        run["run_id"] = f"full-{i:012d}"
+        run["model"]["num_layers"] = 24
+        run["layers"]["effective"] = _layer_rows(["embed"] + [f"L{j}" for j in range(24)] + ["final_norm"])
+        run["layers"]["adapter"] = run["layers"]["effective"]
+        payload["runs"][run["run_id"]] = run
+    page = render_html(payload)
+    assert len(_images(page)) == 40
+    assert len(page.encode()) < 5 * 1024 * 1024
+
+
+# -- in a real browser --------------------------------------------------------------------------
+
+def _browser_or_skip():
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright not installed: pip install -e '.[test]' (its driver is in the wheel)")
+    return executable, sync_playwright
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    executable, sync_playwright = _browser_or_skip()
+    reports = tmp_path / "reports"
+    old, new = _write_two_sessions(reports)
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        except Exception as exc:  # an old or broken chromium: say why instead of failing obscurely
+            pytest.skip(f"chromium at {executable} would not start under playwright: {exc}")
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
+                    if msg.type in ("error", "warning") else None)
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+
+            # the index of runs: newest first, and its link opens that run's page
+            page.goto((reports / "index.html").as_uri(), wait_until="load")
+            links = page.eval_on_selector_all("table.runs td:first-child a", "els => els.map(e => e.textContent)")
+            assert links == [new.name, old.name]
+            page.click(f"text={new.name}")
+            page.wait_for_load_state("load")
+            assert page.url == (new / "index.html").as_uri()
+
+            tables = page.eval_on_selector_all("table", "els => els.map(t => t.rows.length)")
+            assert len(tables) >= 10 and all(n >= 2 for n in tables)
+            rows = page.eval_on_selector_all("table.tests tbody tr", "els => els.map(e => e.innerText)")
+            assert len(rows) == 3 and any(EVIL in r for r in rows)  # shown as text, not run
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(i => ({ok: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
+            assert len(images) == 6 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert page.evaluate("() => document.querySelectorAll('script').length") == 0
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+
+            # an old-style report renders too
+            page.goto((old / "index.html").as_uri(), wait_until="load")
+            assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(tmp_path / "old.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    for path in (shot, tmp_path / "old.png"):
+        data = path.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # a folder to copy screenshots to, for a person
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "report.png")
+        shutil.copy(tmp_path / "old.png", Path(keep) / "old.png")

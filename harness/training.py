@@ -263,6 +263,10 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     anatomy = ctx.anatomy
     probe = StepProbe(list(trainable.items()), [layer_label(anatomy.name_of(n)) for n in trainable])
     param_groups = method.param_groups(ctx)
+    grouped = {id(p) for g in param_groups for p in g["params"]}
+    head = [p for p in task_obj.head_parameters(model) if id(p) not in grouped]
+    if head:  # a method that names its own groups (hybrid) does not know the task's head
+        param_groups.append({"name": "head", "params": head})
     interference_groups = _interference_groups(param_groups, instruments)
     optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))

@@ -171,7 +171,9 @@ def render_markdown(payload: dict) -> str:
             f"v{run['stance']['version']}, {run['examples']} examples",
             f"- recipe: {json.dumps(run['recipe'])}",
             f"- trainable {counts['trainable']:,} / frozen {counts['frozen']:,} ({counts['trainable_pct']:.3g}% trainable); "
-            f"{counts['params_per_example']:,.0f} trainable params per example; stance storage "
+            + (f"{counts['params_per_example']:,.0f} trainable params per example; " if counts['params_per_example'] is not None
+               else "no training examples (a saved adapter); ")
+            + "stance storage "
             f"{counts['stance_bytes']:,} B vs full weights {counts['full_weights_bytes']:,} B",
             f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
             + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),

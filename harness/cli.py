@@ -4,10 +4,12 @@
     stance-harness save NAME [RUN]                    keep RUN's metrics as baseline NAME
     stance-harness report RUN                         rebuild RUN's index.html and report.md
     stance-harness list                               runs (newest first), then baselines
+    stance-harness new NAME [--dir suites] [--force]  write suites/test_NAME.py, a hypothesis to start from
 
 A, B and RUN are a baseline name, a run id, `latest`, or a path to a report.json/baseline file.
 Exit status: 0 passed, 1 a regression (compare) or an incomplete rebuild (report), 2 a usage
-error (unknown run, bad rule). A user's mistake prints one line on stderr, never a traceback.
+error (unknown run, bad rule, a file `new` would overwrite). A user's mistake prints one line
+on stderr, never a traceback.
 
 Adding a subcommand: write `_NAME_arguments(parser)` and a `@command("NAME", help, _NAME_arguments)`
 function `(args) -> int`; `--reports-dir` comes with every subcommand.
@@ -62,7 +64,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Compare, save, list and rebuild stance-harness reports.")
+    parser = _Parser(prog=PROG, description="Compare, save, list and rebuild stance-harness reports; "
+                                            "scaffold new hypotheses.")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     common = _Parser(add_help=False)
     common.add_argument("--reports-dir", metavar="DIR", type=Path, default=Path("reports"),
@@ -236,6 +239,27 @@ def cmd_list(args) -> int:
                        disable_numparse=True))
     else:
         print(f"no baselines in {root / 'baselines'} (save one with `{PROG} save NAME RUN`)")
+    return EXIT_OK
+
+
+# -- new ------------------------------------------------------------------------------------
+def _new_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="the hypothesis' name; normalised to a lower-case identifier "
+                                                "(e.g. 'LoRA forgets less' -> test_lora_forgets_less.py)")
+    p.add_argument("--dir", metavar="DIR", type=Path, default=Path("suites"),
+                   help="where to write test_NAME.py (default: ./suites)")
+    p.add_argument("--force", action="store_true", help="overwrite the file if it exists")
+
+
+@command("new", "write a commented hypothesis file to start from: DIR/test_NAME.py", _new_arguments)
+def cmd_new(args) -> int:
+    import shlex
+
+    from .scaffold import write_hypothesis
+
+    path = write_hypothesis(args.name, args.dir, force=args.force)
+    print(f"wrote {path}")
+    print(f"run it:  python -m pytest {shlex.quote(path.as_posix())}")
     return EXIT_OK
 
 

@@ -16,3 +16,19 @@ def pytest_collection_modifyitems(config, items):
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_configure(config):
+    """One intra-op thread on the embedded tiny models: their 64-wide matrices gain nothing from a
+    second thread (measured 0.096 s vs 0.096 s per step), and on a busy 2-core machine or under
+    xdist, threads spinning against each other made steps 10-30x slower."""
+    from harness.models import resolve_model
+
+    try:
+        embedded = resolve_model(config.getoption("--model")).source == "embedded"
+    except Exception:  # an unknown --model is reported by the plugin itself
+        return
+    if embedded and "STANCE_HARNESS_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)

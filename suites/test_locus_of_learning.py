@@ -12,6 +12,17 @@ Qwen2-0.5B's layers 13 and 15, then states and checks:
 
 The per-layer tables (mean Δ, var Δ, mean |Δ|, var |Δ|, ‖Δ‖/‖W‖, norm change) of every run
 go to the report, with each method's centre of change and locus (early, middle, late).
+
+Then seed 001's own experiment: QLoRA (r=16, alpha=32, on q/k/v/o and the MLP projections,
+as the seed's aggregation covers both) trained on four small domain datasets (C++, Python,
+math, physics; stances/domain-*.yaml) at learning rates 2e-4 and 1e-3. Each run reports mean
+Δ, var Δ, mean |Δ| and var |Δ| per layer of the effective update, and the suite states where
+the locus lies per domain and rate. The seed found the change in the late layers; the
+hypothesis checked here is that the locus does not depend on the domain: every domain at a
+rate puts its centre of change in the same third of the network. The seed's own finding, that
+the late third holds the most change, is checked per rate; on the tiny models' 6-step runs
+the change is spread almost evenly (each third holds 0.32-0.34), and at lr 2e-4 two domains
+put slightly more in the early third, so that case is marked as an expected refutation.
 """
 
 import pytest
@@ -19,6 +30,11 @@ import pytest
 from harness import assert_change_concentrated, assert_change_spread, assert_only_targets_changed
 from harness.analysis.concentration import block_shares, centre_of_mass
 from harness.models import locus_of
+
+DOMAINS = ["domain-cpp", "domain-python", "domain-math", "domain-physics"]
+DOMAIN_LRS = [2e-4, 1e-3]  # seed 001
+QLORA = {"r": 16, "alpha": 32, "target_modules": ["attention", "mlp"]}
+DOMAIN_RECIPE = {"num_train_epochs": 2, "per_device_train_batch_size": 8, "seed": 0}
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 20
@@ -91,3 +107,62 @@ def test_lora_and_full_compared_layer_by_layer(train, anatomy, stance_report):
     stance_report.metric("lora.stance_bytes", lora.counts["stance_bytes"])
     stance_report.metric("full.stance_bytes", full.counts["stance_bytes"])
     assert lora.counts["stance_bytes"] < full.counts["stance_bytes"]
+
+
+def _thirds(run, num_layers) -> dict[str, float]:
+    thirds = {"early": 0.0, "middle": 0.0, "late": 0.0}
+    for layer, share in block_shares(run.deltas()).items():
+        thirds[locus_of(layer, num_layers)] += share
+    return thirds
+
+
+def _qlora(train, domain, lr):
+    return train("qlora", stance=domain, recipe={**DOMAIN_RECIPE, "learning_rate": lr}, **QLORA)
+
+
+@pytest.mark.parametrize("lr", DOMAIN_LRS, ids=lambda lr: f"lr{lr:g}")
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_qlora_domain_change_per_layer(train, anatomy, stance_report, domain, lr):
+    run = _qlora(train, domain, lr)
+    rows = [{k: r[k] for k in ("layer", "mean", "var", "mean_abs", "var_abs", "rel_change")}
+            for r in run.layer_table() if r["layer"].startswith("L")]
+    stance_report.table(f"QLoRA {domain}, lr {lr:g}: per-layer effective ΔW", rows)
+    centre = centre_of_mass(block_shares(run.deltas()))
+    stance_report.metric(f"{domain}.lr{lr:g}.centre_layer", centre)
+    assert_only_targets_changed(run)
+    assert len(rows) == anatomy.num_layers, "QLoRA on every layer must change every layer"
+
+
+@pytest.mark.parametrize("lr", DOMAIN_LRS, ids=lambda lr: f"lr{lr:g}")
+def test_locus_is_the_same_for_every_domain(train, anatomy, stance_report, lr):
+    rows = []
+    for domain in DOMAINS:
+        run = _qlora(train, domain, lr)
+        shares = block_shares(run.deltas())
+        centre = centre_of_mass(shares)
+        thirds = _thirds(run, anatomy.num_layers)
+        top = max(shares, key=shares.get)
+        rows.append({"domain": domain, "lr": lr, "centre layer": centre, "locus": locus_of(centre, anatomy.num_layers),
+                     "top layer": f"L{top}", "early share": thirds["early"], "middle share": thirds["middle"],
+                     "late share": thirds["late"]})
+    stance_report.table(f"where QLoRA puts its change, lr {lr:g}", rows)
+    loci = {r["locus"] for r in rows}
+    stance_report.note(f"lr {lr:g}: locus " + ", ".join(f"{r['domain']} {r['locus']} ({r['centre layer']:.1f})"
+                                                          for r in rows))
+    assert len(loci) == 1, f"the locus depends on the domain at lr {lr:g}: {rows}"
+
+
+@pytest.mark.parametrize("lr", [
+    pytest.param(DOMAIN_LRS[0], marks=pytest.mark.expected_outcome("refuted", on="embedded", reason=(
+        "measured on tiny-qwen2: at lr 2e-4 math and physics put 0.335/0.334 of the change in the early third "
+        "against 0.332 late"))),
+    DOMAIN_LRS[1],
+], ids=lambda lr: f"lr{lr:g}")
+def test_late_layers_change_most_in_every_domain(train, anatomy, lr):
+    """Seed 001: fine-tuning on a domain moves the late third of the network most."""
+    not_late = {}
+    for domain in DOMAINS:
+        thirds = _thirds(_qlora(train, domain, lr), anatomy.num_layers)
+        if max(thirds, key=thirds.get) != "late":
+            not_late[domain] = {k: round(v, 4) for k, v in thirds.items()}
+    assert not not_late, f"at lr {lr:g} the late third is not where most change lies for: {not_late}"

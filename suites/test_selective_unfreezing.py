@@ -76,18 +76,6 @@ SLUG = {name: name.replace(",", "").replace(" ", "_") for name in APPROACHES}  #
 LOW_RANK = ["distributed LoRA", "surgical LoRA"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The tiny models' 64-wide matrices gain nothing from intra-op threads, and on a shared
-    2-core machine two threads spinning against other jobs made a step 10-30x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def critical_layers(anatomy):
     return anatomy.analog(QWEN2_CRITICAL, depth=QWEN2_DEPTH)

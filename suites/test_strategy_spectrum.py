@@ -53,19 +53,6 @@ FROZEN_FRACTIONS = [0.0, 0.25, 0.5, 0.75]  # of the blocks, frozen from the bott
 BLOCK_KINDS = ["attention", "mlp", "norm"]  # every module kind of a block
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_intra_op_thread():
-    """The tiny models' 64-wide matrices gain nothing from intra-op threads, and on a shared
-    2-core machine two threads spinning against other jobs made a step 10-30x slower. One
-    thread also keeps the step times below comparable."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def strategy(train, anatomy):
     """strategy(method, **options) -> Run on the shared task and recipe; gradual runs in thirds."""

@@ -1,6 +1,7 @@
 """The plugin through real pytest runs (pytester, in subprocesses: torch cannot be re-imported in-process)."""
 
 import json
+import re
 
 import pytest
 
@@ -77,8 +78,9 @@ def test_report_json_has_full_provenance_and_markdown_tables(hypotheses):
 
 def test_progress_lines_by_default_and_quiet_under_q(hypotheses):
     loud = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora")
-    assert "[stance-harness] training lora on tiny-qwen2 (curious-uncertainty, 10 examples)" in loud.stdout.str()
-    assert "[stance-harness]   lora step 2/2 loss" in loud.stdout.str()
+    out = loud.stdout.str()
+    assert "[stance-harness] training lora on tiny-qwen2 (curious-uncertainty, 10 examples, task stance-lm)" in out
+    assert re.search(r"\[stance-harness\]   lora \[#{24}\] 2/2 loss \d", out)  # the bar, complete
     quiet = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora", "-q")
     assert "[stance-harness]" not in quiet.stdout.str()
 

@@ -156,7 +156,7 @@ def test_warmup_longer_than_the_run_is_refused_before_training(tiny_qwen2, stanc
         run_training(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
 
 
-def test_an_encoder_is_refused_for_causal_training(tmp_path, stance):
+def test_an_encoder_is_refused_for_the_causal_lm_task(tmp_path, stance):
     from transformers import BertConfig, BertModel
 
     from harness.models import load_model
@@ -168,5 +168,5 @@ def test_an_encoder_is_refused_for_causal_training(tmp_path, stance):
     build_tokenizer().save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
     assert loaded.anatomy.model_type == "bert" and not loaded.is_causal_lm
-    with pytest.raises(HarnessError, match="is a bert encoder .*needs a decoder"):
+    with pytest.raises(HarnessError, match="is a bert encoder .*the stance-lm task needs a causal LM. Use task=.stance-classification."):
         run_training(loaded, stance, "full", method_config("full"), Recipe.of(num_train_epochs=1), examples=5)

@@ -24,13 +24,20 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "$TORCH_PIN"
   .venv/bin/python -m pip install -q -e ".[test]"
+  # The HTML report's browser test drives Debian's chromium through playwright (whose wheel has
+  # its own driver and downloads no browser). Install it quietly where we can; if that fails,
+  # that one test skips and says why.
+  if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { timeout 900 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium; } \
+      >/dev/null 2>&1 || echo "dev.sh: could not install chromium; the browser test will skip" >&2
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
 # Offline first: nothing in a run may reach a model hub.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 
 cmd=${1:-}
 [ $# -gt 0 ] && shift

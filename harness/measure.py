@@ -42,7 +42,9 @@ def continuation_logits(model, tokenizer, prompts, continuations):
     out = []
     for row, (start, length) in enumerate(spans):
         # logits at position t predict token t + 1
-        out.append((logits[row, start - 1 : start - 1 + length], batch["input_ids"][row, start : start + length]))
+        # clones, not views: a cached slice must not keep the whole [batch, length, vocab] tensor alive
+        out.append((logits[row, start - 1 : start - 1 + length].clone(),
+                    batch["input_ids"][row, start : start + length].clone()))
     return out
 
 

@@ -25,17 +25,22 @@ def logical_numel(param) -> int:
     return param.numel()
 
 
-def _unwrap(model):
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _base_cached(loaded, key: tuple, compute):
     """Base-model measurements are the same for every run on that base: compute each once."""
     cache = loaded.__dict__.setdefault("_measurement_cache", {})
     if key not in cache:
         cache[key] = compute()
     return cache[key]
+
+
+def on_base(run, key: tuple, measure_fn):
+    """`measure_fn(model)` on the run's base: the session's shared base, computed once; for a
+    quantized run, its own 4-bit base with the adapter switched off, so the quantization error
+    is not charged to training."""
+    if run.method.name == "qlora":
+        with run.model.disable_adapter():
+            return measure_fn(run.model)
+    return _base_cached(run.loaded, key, lambda: measure_fn(run.loaded.base))
 
 
 def _probe_continuations(run, measure):
@@ -46,7 +51,7 @@ def _probe_continuations(run, measure):
     def of(model):
         return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
 
-    base = _base_cached(run.loaded, ("probe_logits", run.stance.name, run.stance.version), lambda: of(run.loaded.base))
+    base = on_base(run, ("probe_logits", run.stance.name, run.stance.version), of)
     return base, of(run.model)
 
 
@@ -84,7 +89,7 @@ def _marker_rate(run, measure):
         return [float(contains_marker(reply, run.stance.markers))
                 for reply in measure.greedy_replies(model, run.loaded.tokenizer, prompts)]
 
-    base = _base_cached(run.loaded, ("replies", run.stance.name, run.stance.version), lambda: hits(run.loaded.base))
+    base = on_base(run, ("replies", run.stance.name, run.stance.version), hits)
     return base, hits(run.model)
 
 
@@ -249,7 +254,7 @@ class Run:
                         pairs = measure.continuation_logits(model, self.loaded.tokenizer, prompts,
                                                             [p.stance for p in self.stance.probes])
                         return calibration_from_predictions(*measure.token_prediction_summaries(pairs), n_bins=n_bins)
-                    base = _base_cached(self.loaded, ("calibration", self.stance.name, n_bins), lambda: of(self.loaded.base))
+                    base = on_base(self, ("calibration", self.stance.name, self.stance.version, n_bins), of)
                     return {"unit": "next token", "adapted": of(self.model).as_dict(), "base": base.as_dict()}
                 from .tasks import probe_items
 
@@ -263,7 +268,7 @@ class Run:
         """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) of each block matrix's ΔW."""
         from .analysis.rank import energy_rank, stable_rank
 
-        found = self.measurements.setdefault("rank", {})
+        found = self.__dict__.setdefault("_ranks", {})
         key = f"{energy:g}"
         if key not in found:
             def compute():
@@ -277,6 +282,7 @@ class Run:
                                  "stable_rank": stable_rank(delta), "shape": list(delta.shape)})
                 return {"energy": energy, "rows": rows}
             found[key] = self._stage("rank", compute)
+        self.measurements["rank"] = found[key]  # the report shows the energy last asked for
         return found[key]
 
     def _require_lm_task(self, what: str) -> None:
@@ -286,18 +292,20 @@ class Run:
 
     def _perplexity_change(self, measure) -> dict:
         tokenizer = self.loaded.tokenizer
-        base = _base_cached(self.loaded, ("perplexity",), lambda: measure.heldout_perplexity(self.loaded.base, tokenizer))
+        base = on_base(self, ("perplexity",), lambda model: measure.heldout_perplexity(model, tokenizer))
         adapted = measure.heldout_perplexity(self.model, tokenizer)
         return {"kind": "perplexity", "base": base, "adapted": adapted, "relative_increase": adapted / base - 1,
                 "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
 
     def _embedding_drift(self, measure) -> dict:
-        from .tasks import backbone_of
+        from .tasks import body_of
 
         tokenizer, sentences = self.loaded.tokenizer, measure.heldout_sentences()
-        base = _base_cached(self.loaded, ("embeddings",), lambda: measure.sentence_embeddings(
-            backbone_of(self.loaded.base), tokenizer, sentences))
-        adapted = measure.sentence_embeddings(_unwrap(self.model).body, tokenizer, sentences)
+        def embed(model):
+            return measure.sentence_embeddings(body_of(model), tokenizer, sentences)
+
+        base = on_base(self, ("embeddings",), embed)
+        adapted = embed(self.model)
         cosine = __import__("torch").nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
         drift = float((1 - cosine).mean())
         return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,

@@ -138,12 +138,19 @@ class HarnessSession:
         }
 
 
-_REPEAT_ID = re.compile(r"(?:-repeat\d+(?=\])|\[repeat\d+\])")
+_REPEAT_PART = re.compile(r"repeat\d+")
 
 
 def repeat_base(nodeid: str) -> str:
-    """`test_x[lora-repeat2]` -> `test_x[lora]`; `test_x[repeat0]` -> `test_x`."""
-    return _REPEAT_ID.sub("", nodeid)
+    """The test id without --repeat's part: `test_x[repeat2-lora]` -> `test_x[lora]`; `test_x[repeat0]` -> `test_x`."""
+    head, bracket, params = nodeid.partition("[")
+    if not bracket or not params.endswith("]"):
+        return nodeid
+    parts = params[:-1].split("-")
+    kept = [p for p in parts if not _REPEAT_PART.fullmatch(p)]
+    if len(kept) == len(parts):
+        return nodeid
+    return head + (f"[{'-'.join(kept)}]" if kept else "")
 
 
 def with_repeats(tests: list[dict]) -> list[dict]:

@@ -134,6 +134,14 @@ def _backbone_prefix(model) -> str | None:
     return None if hasattr(model, prefix) else prefix
 
 
+def body_of(model):
+    """The transformer body under a model: a task head's body, or a causal LM's or encoder's own."""
+    from .models.anatomy import unwrap
+
+    inner = unwrap(model)
+    return inner.body if isinstance(inner, SequenceClassifier) else backbone_of(inner)
+
+
 def backbone_of(model):
     """The transformer body of a causal LM or encoder (the module that returns hidden states)."""
     prefix = getattr(model, "base_model_prefix", "")
@@ -181,6 +189,6 @@ class SequenceClassifier(torch.nn.Module):
 
 def mean_pooled(body, input_ids, attention_mask):
     """Mean of the last hidden states over real tokens, in float32 (sentence-transformers' pooling)."""
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # sum in fp32
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -38,6 +38,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from harness import assert_no_forgetting
 
@@ -198,7 +199,7 @@ def test_training_only_the_head_is_faster_per_step_than_full_finetuning(strategy
                      "grad + AdamW state (MiB, computed)": 3 * counts["trainable"] * bytes_per_param / 2**20,
                      f"peak memory (MiB, {summary['peak_memory_kind']})": (summary["peak_memory_bytes"] or 0) / 2**20})
     stance_report.table(f"step time against frozen blocks ({EXAMPLES} examples, batch "
-                        f"{RECIPE['per_device_train_batch_size']}, one intra-op thread)", rows)
+                        f"{RECIPE['per_device_train_batch_size']}, {torch.get_num_threads()} intra-op threads)", rows)
     stance_report.note("per-step times are wall clock on a shared machine: read them as a trend (a run shared with "
                        "another suite keeps the time it trained in). On CPU the peak "
                        "memory is the process's peak RSS, which only grows during a session, so it does not compare "

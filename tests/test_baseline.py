@@ -219,22 +219,25 @@ def test_non_finite_baseline_cannot_be_compared_and_does_not_fail():
 
 def test_bad_data_never_raises():
     result = compare(None, {NODE: [1, 2]}, ["ece:+0.01"])
-    assert result.passed and result.only_now == [NODE]
+    assert result.only_now == [NODE]
+    assert not result.passed and "nothing was compared" in result.summary()  # a gate that saw nothing fails
     assert any("not a mapping" in note for note in result.notes)
     result = compare({NODE: None}, {NODE: "junk"}, ["ece:+0.01"])
     assert result.rows == [] and any("the now metrics are a str, not a mapping" in note for note in result.notes)
     result.render()
 
 
-def test_a_test_on_one_side_only_is_a_note():
-    base = {NODE: {"ece": 0.05}, OTHER: {"ece": 0.05}}
+def test_a_new_test_is_a_note_and_a_vanished_gated_test_fails():
+    base = {NODE: {"ece": 0.05}, OTHER: {"ece": 0.05, "centre_layer": 3}}
     now = {NODE: {"ece": 0.05}, "suites/test_new.py::test_new": {"ece": 0.9}}
     result = compare(base, now, ["ece:+0.01"])
-    assert [row.test for row in result.rows] == [NODE]
+    assert [(row.test, row.metric, row.verdict) for row in result.rows] == [
+        (NODE, "ece", "ok"), (OTHER, "ece", "missing now")]  # centre_layer has no rule: not gated
     assert result.only_baseline == [OTHER] and result.only_now == ["suites/test_new.py::test_new"]
-    assert result.passed
+    assert not result.passed
+    assert compare({NODE: {"ece": 0.05}, OTHER: {"centre_layer": 3}}, now, ["ece:+0.01"]).passed
     text = result.render()
-    assert f"only in baseline (not compared): {OTHER}" in text
+    assert f"only in baseline (missing now): {OTHER}" in text
     assert "only now (no baseline): suites/test_new.py::test_new" in text
 
 

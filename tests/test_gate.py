@@ -146,7 +146,7 @@ def test_save_then_compare_then_regress(suite):
         repeats = test["repeats"]
         assert repeats["n"] == 2 and repeats["base_nodeid"] == "test_gate.py::test_gate"
         stats = repeats["metrics"]["lora.forgetting"]
-        assert stats["n"] == 2 and stats["std"] >= 0
+        assert stats["n"] == 2 and stats["std"] > 0  # seeds 42 and 43 made different runs
         per_run = [t["metrics"]["lora.forgetting"] for t in payload["tests"]]
         assert stats["mean"] == pytest.approx(sum(per_run) / 2)
 

@@ -149,8 +149,32 @@ def test_lora_updates_have_at_most_rank_r_and_full_finetuning_more(full_run, lor
     assert full_mean > lora_mean
 
 
-def test_measurements_reach_the_run_summary(lora_run):
+def test_measurements_reach_the_run_summary_and_every_report(lora_run):
+    from harness.report.html import render_html
+    from harness.report.writer import measurement_tables, render_markdown
+
     lora_run.behavior("kl")
+    lora_run.rank(0.9)
     summary = lora_run.summary()
     assert {"behavior", "calibration", "rank"} <= set(summary["measurements"])
+    assert summary["measurements"]["rank"]["energy"] == 0.9  # flat: what the reports read
     assert summary["task"] == "stance-lm"
+    titles = [title for title, _ in measurement_tables(summary["measurements"])]
+    assert any(t.startswith("rank of the update") for t in titles) and any(t.startswith("behavioural") for t in titles)
+    payload = {"run_id": "r", "started": "", "finished": "", "tests": [], "runs": {lora_run.run_id: summary},
+               "provenance": {"model": {}, "git": {}, "environment": {"libraries": {}}, "args": []}}
+    for page in (render_html(payload), render_markdown(payload)):
+        assert "rank of the update" in page and "behavioural shift" in page and "calibration" in page
+
+
+def test_qlora_is_measured_against_its_own_quantized_base(harness):
+    run = harness.train("qlora", examples=10, recipe=QUICK, target_modules=["qv"])
+    found = run.forgetting()
+    with run.model.disable_adapter():
+        quantized_base = run.model
+        from harness.measure import heldout_perplexity
+
+        expected = heldout_perplexity(quantized_base, run.loaded.tokenizer)
+    full_precision = heldout_perplexity(run.loaded.base, run.loaded.tokenizer)
+    assert found["base"] == pytest.approx(expected, rel=1e-6)
+    assert found["base"] != pytest.approx(full_precision, rel=1e-6)  # 4-bit rounding is not training's doing

@@ -155,22 +155,10 @@ def calibration(probs, labels, n_bins: int = DEFAULT_BINS) -> Calibration:
     Brier is the multiclass form Σ_c (p_c − onehot_c)², averaged over samples, in [0, 2];
     for two classes it is twice sklearn's binary `brier_score_loss`.
     """
-    n_bins = _check_n_bins(n_bins)
     p, y = _check_probs_labels(probs, labels)
-    n = p.shape[0]
     confidence, prediction = p.max(dim=1)
-    confidence = confidence.clamp(max=1.0)  # a row may sum to 1 + PROB_TOL
-    correct = prediction == y
-    bins = reliability_bins(confidence, correct, n_bins)
-
-    gaps = [(b.count, abs(b.accuracy - b.confidence)) for b in bins if b.count]
-    ece = sum(count * gap for count, gap in gaps) / n
-    mce = max(gap for _, gap in gaps)
-
     onehot = torch.nn.functional.one_hot(y, p.shape[1]).to(torch.float64)
-    brier = ((p - onehot) ** 2).sum(dim=1).mean().item()
-    acc1 = correct.to(torch.float64).mean().item()
-    return Calibration(ece=ece, mce=mce, brier=brier, acc1=acc1, n=n, n_bins=n_bins, bins=bins)
+    return calibration_from_predictions(confidence, prediction == y, ((p - onehot) ** 2).sum(dim=1), n_bins)
 
 
 def calibration_from_predictions(confidences, correct, brier_terms, n_bins: int = DEFAULT_BINS) -> Calibration:

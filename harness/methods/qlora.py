@@ -52,8 +52,9 @@ class Qlora(Lora):
     seed = "001"
 
     def check(self, ctx):
-        # Decided on the already-loaded full-precision base, before any 4-bit copy is made.
-        anatomy = ctx.anatomy
+        # Decided on the already-loaded full-precision base, before any 4-bit copy is made; paths
+        # are the raw model's (a task head, wrapped on later, adds its own prefix).
+        anatomy = ctx.loaded.anatomy
         modules = dict(ctx.loaded.base.named_modules())
         refused = {}
         for path in target_paths(anatomy, ctx.config):
@@ -89,10 +90,10 @@ class Qlora(Lora):
             # On CPUs with AVX512-BF16, an eval-mode no-grad forward repacks the 4-bit weight in
             # place (new bytes, new shape): frozen weights would look changed and dequantize wrongly.
             model.get_submodule(name).support_avx512bf16_for_cpu = False
-        unquantized = [path for path in target_paths(ctx.anatomy, ctx.config) if path not in four_bit]
+        unquantized = [path for path in target_paths(ctx.loaded.anatomy, ctx.config) if path not in four_bit]
         if unquantized:
             raise HarnessError(
-                f"qlora: transformers left {len(unquantized)} target modules of this {ctx.anatomy.model_type} "
+                f"qlora: transformers left {len(unquantized)} target modules of this {ctx.loaded.anatomy.model_type} "
                 f"model unquantized (first: {unquantized[0]}); the adapters would sit on a full-precision base"
             )
         return model

@@ -15,11 +15,13 @@ from .full import FullConfig, FullFineTuning
 
 
 def _drift(ctx):
-    """(θ - θ0) for every trained parameter, in the snapshot's order."""
+    """(θ - θ0) for every trained pretrained parameter, in the snapshot's order."""
     import torch
 
     params = dict(ctx.model.named_parameters())
-    names = [n for n in ctx.before if params[n].requires_grad]
+    # a fresh task head has no pretrained value to stay near (L2-SP leaves new layers to weight decay)
+    head = {id(p) for p in ctx.task.head_parameters(ctx.model)} if ctx.task is not None else set()
+    names = [n for n in ctx.before if params[n].requires_grad and id(params[n]) not in head]
     return names, torch._foreach_sub([params[n] for n in names], [ctx.before[n] for n in names])
 
 

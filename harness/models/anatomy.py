@@ -116,7 +116,7 @@ class Anatomy:
     @classmethod
     def of(cls, model) -> "Anatomy":
         """Build the anatomy of a transformers model (plain or wrapped by peft)."""
-        base = _unwrap(model)
+        base = unwrap(model)
         model_type = getattr(base.config, "model_type", None)
         if model_type not in ARCHITECTURES:
             raise HarnessError(
@@ -224,7 +224,7 @@ def locus_of(layer: float, num_layers: int) -> str:
     return "early" if position < 1 / 3 else "middle" if position < 2 / 3 else "late"
 
 
-def _unwrap(model):
+def unwrap(model):
     """The transformers model inside a peft wrapper, or the model itself."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model

@@ -513,7 +513,7 @@ class Row:
 class Comparison:
     rows: list[Row] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
-    only_baseline: list[str] = field(default_factory=list)  # tests missing now: noted, not compared
+    only_baseline: list[str] = field(default_factory=list)  # tests missing now: their gated metrics fail
     only_now: list[str] = field(default_factory=list)  # new tests: noted, not compared
     notes: list[str] = field(default_factory=list)
 
@@ -524,13 +524,17 @@ class Comparison:
 
     @property
     def passed(self) -> bool:
-        return not self.regressions
+        # with rules, a gate that compared nothing must not pass: a renamed or deselected test
+        # would otherwise slip through
+        return not self.regressions and (not self.rules or bool(self.rows))
 
     def summary(self) -> str:
         if not self.rules:
             changed = sum(1 for r in self.rows if r.verdict == CHANGED)
             return f"no rules: {changed} of {len(self.rows)} shared metrics changed (information only)"
         failed = self.regressions
+        if not self.rows:
+            return "FAILED: the rules matched no metric of any test, so nothing was compared"
         if not failed:
             return f"passed: {len(self.rows)} comparisons, no regression"
         counts = {verdict: sum(1 for row in failed if row.verdict == verdict)
@@ -553,7 +557,7 @@ class Comparison:
                                                   "verdict"], tablefmt="simple", disable_numparse=True))
         else:
             lines.append("no metric to compare" + (" under these rules" if self.rules else ""))
-        notes = [f"only in baseline (not compared): {t}" for t in self.only_baseline]
+        notes = [f"only in baseline (missing now): {t}" for t in self.only_baseline]
         notes += [f"only now (no baseline): {t}" for t in self.only_now]
         notes += self.notes
         if notes:
@@ -701,6 +705,12 @@ def compare(baseline_metrics: dict, current_metrics: dict, rules=()) -> Comparis
             continue
         if test not in now:
             result.only_baseline.append(test)
+            gated = base[test] if isinstance(base[test], dict) and rules else {}
+            for name in sorted(gated):  # a gated test that vanished is a failure, metric by metric
+                rule = rule_for(rules, name)
+                if rule is not None:
+                    used.add(rule.spec)
+                    result.rows.append(_judge(test, name, gated[name], _MISSING, rule))
             continue
         b = base[test] if isinstance(base[test], dict) else {}
         n = now[test] if isinstance(now[test], dict) else {}

@@ -485,52 +485,22 @@ def _test_section(i: int, test: dict, run_anchor: dict) -> str:
     return "".join(out)
 
 
-def _behavior_rows(behavior: dict) -> list[dict]:
-    rows = []
-    for metric, m in behavior.items():
-        if not isinstance(m, dict):
-            continue
-        effect = m.get("effect") or {}
-        interval = (f"{_fmt(effect.get('mean'))} [{_fmt(effect.get('low'))}, {_fmt(effect.get('high'))}]"
-                    if isinstance(effect, dict) and effect else "–")
-        rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
-                     "effect mean [low, high]": interval,
-                     "n": effect.get("n") if isinstance(effect, dict) else None,
-                     "confidence": effect.get("confidence") if isinstance(effect, dict) else None})
-    return rows
-
-
-def _calibration_rows(calibration: dict) -> list[dict]:
-    return [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n", "n_bins")}}
-            for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]
-
-
 def _measurements(run: dict) -> str:
     measurements = run.get("measurements")
     if not isinstance(measurements, dict) or not measurements:
         return ""
-    out = []
+    from .writer import measurement_tables
+
+    out = [f"<h4>{_e(title)}</h4>" + _table(rows) for title, rows in measurement_tables(measurements)]
     behavior = measurements.get("behavior")
-    if isinstance(behavior, dict) and behavior:
-        out.append("<h4>behavioural shift (base → adapted)</h4>" + _table(_behavior_rows(behavior)))
-        for metric, m in behavior.items():
-            probes = (m or {}).get("per_probe") if isinstance(m, dict) else None
-            if probes:
-                out.append(f"<details><summary>{_e(metric)} per probe ({len(probes)})</summary>"
-                           + _table([p for p in probes if isinstance(p, dict)]) + "</details>")
+    for metric, m in (behavior.items() if isinstance(behavior, dict) else ()):
+        probes = m.get("per_probe") if isinstance(m, dict) else None
+        if probes:
+            out.append(f"<details><summary>{_e(metric)} per probe ({len(probes)})</summary>"
+                       + _table([p for p in probes if isinstance(p, dict)]) + "</details>")
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
-        out.append("<h4>calibration</h4>" + _table(_calibration_rows(calibration)))
         out.append(reliability_figure(calibration, _run_title(run)))
-    forgetting = measurements.get("forgetting")
-    if isinstance(forgetting, dict) and forgetting:
-        out.append("<h4>forgetting</h4>" + _table([{k: v for k, v in forgetting.items()
-                                                    if not isinstance(v, (dict, list))}]))
-    rank = measurements.get("rank")
-    if isinstance(rank, dict) and rank.get("rows"):
-        rows = [{**r, "shape": " × ".join(str(s) for s in r["shape"]) if isinstance(r.get("shape"), list) else r.get("shape")}
-                for r in rank["rows"] if isinstance(r, dict)]
-        out.append(f"<h4>rank of the update (energy {_e(_fmt(rank.get('energy')))})</h4>" + _table(rows))
     known = {"behavior", "calibration", "forgetting", "rank"}
     for key, value in measurements.items():
         if key not in known and value not in (None, {}, []):

@@ -196,29 +196,40 @@ def render_markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _measurement_lines(measurements) -> list[str]:
-    """Short tables of what a run measured on the model: behaviour shift, calibration, forgetting."""
-    if not isinstance(measurements, dict) or not measurements:
+def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
+    """(title, rows) per measurement a run made: behaviour shift, calibration, forgetting, rank.
+    The Markdown and the HTML report both render these."""
+    if not isinstance(measurements, dict):
         return []
-    lines = []
+    tables = []
     behavior = measurements.get("behavior")
     if isinstance(behavior, dict) and behavior:
         rows = []
         for metric, m in behavior.items():
-            if not isinstance(m, dict):
-                continue
-            effect = m.get("effect") if isinstance(m.get("effect"), dict) else {}
-            rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
-                         "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
-                         "n": effect.get("n")})
-        lines += ["**behavioural shift (base -> adapted)**", "", _table(rows), ""]
+            effect = m.get("effect") if isinstance(m, dict) and isinstance(m.get("effect"), dict) else {}
+            if isinstance(m, dict):
+                rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
+                             "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                             "n": effect.get("n")})
+        tables.append(("behavioural shift (base -> adapted, 95% bootstrap interval)", rows))
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
-        rows = [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n")}}
-                for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]
-        lines += ["**calibration**", "", _table(rows), ""]
+        tables.append((f"calibration ({calibration.get('unit', 'predictions')})",
+                       [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n", "n_bins")}}
+                        for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]))
     forgetting = measurements.get("forgetting")
     if isinstance(forgetting, dict) and forgetting:
-        row = {k: forgetting.get(k) for k in ("kind", "base", "adapted", "relative_increase")}
-        lines += ["**forgetting**", "", _table([row]), ""]
+        tables.append(("forgetting", [{k: v for k, v in forgetting.items() if not isinstance(v, (dict, list))}]))
+    rank = measurements.get("rank")
+    if isinstance(rank, dict) and rank.get("rows"):
+        tables.append((f"rank of the update (energy {rank.get('energy')})",
+                       [{**r, "shape": "x".join(map(str, r["shape"])) if isinstance(r.get("shape"), list) else r.get("shape")}
+                        for r in rank["rows"] if isinstance(r, dict)]))
+    return tables
+
+
+def _measurement_lines(measurements) -> list[str]:
+    lines = []
+    for title, rows in measurement_tables(measurements):
+        lines += [f"**{title}**", "", _table(rows), ""]
     return lines

@@ -43,39 +43,51 @@ def on_base(run, key: tuple, measure_fn):
     return _base_cached(run.loaded, key, lambda: measure_fn(run.loaded.base))
 
 
-def _probe_continuations(run, measure):
-    """(base, adapted) continuation logits over the probes' stance and neutral replies."""
-    prompts = [p.prompt for p in run.stance.probes]
-    texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
+def _probe_readings(run, measure) -> dict:
+    """What the probe measures need from one forward pass of each model over the probes' stance
+    and neutral continuations: per pair, the mean token log-prob of both models and the KL
+    (adapted ‖ base) per token; over the stance continuations, both models' next-token summaries
+    (confidence, correct, Brier term). Kept on the run: small, unlike the logits they come from."""
+    readings = run.__dict__.get("_probe_readings")
+    if readings is None:
+        from .analysis.behavior import kl_divergence, mean_token_logprob
 
-    def of(model):
-        return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
+        n = len(run.stance.probes)
+        prompts = [p.prompt for p in run.stance.probes]
+        texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
 
-    base = on_base(run, ("probe_logits", run.stance.name, run.stance.version), of)
-    return base, of(run.model)
+        def of(model):
+            return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
+
+        def logprobs(pairs):
+            return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0]) for logits, targets in pairs]
+
+        base = on_base(run, ("probe_logits", run.stance.name, run.stance.version), of)
+        adapted = of(run.model)
+        readings = run.__dict__["_probe_readings"] = {
+            "base_logprob": logprobs(base), "adapted_logprob": logprobs(adapted),
+            "kl": [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)],
+            "base_tokens": measure.token_prediction_summaries(base[:n]),
+            "adapted_tokens": measure.token_prediction_summaries(adapted[:n]),
+        }
+    return readings
 
 
 def _loglik_margin(run, measure):
-    from .analysis.behavior import mean_token_logprob
-
     n = len(run.stance.probes)
+    readings = _probe_readings(run, measure)
 
-    def margins(pairs):
-        lp = [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0]) for logits, targets in pairs]
+    def margins(lp):
         return [lp[i] - lp[n + i] for i in range(n)]
 
-    base, adapted = _probe_continuations(run, measure)
-    return margins(base), margins(adapted)
+    return margins(readings["base_logprob"]), margins(readings["adapted_logprob"])
 
 
 def _kl(run, measure):
     import torch
 
-    from .analysis.behavior import kl_divergence
-
     n = len(run.stance.probes)
-    base, adapted = _probe_continuations(run, measure)
-    per_pair = [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)]
+    per_pair = _probe_readings(run, measure)["kl"]
     values = [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
     return [0.0] * n, values  # the base diverges from itself by nothing
 
@@ -249,13 +261,10 @@ class Run:
         if key not in self.measurements:
             def compute():
                 if self.task.name == "stance-lm":
-                    def of(model):
-                        prompts = [p.prompt for p in self.stance.probes]
-                        pairs = measure.continuation_logits(model, self.loaded.tokenizer, prompts,
-                                                            [p.stance for p in self.stance.probes])
-                        return calibration_from_predictions(*measure.token_prediction_summaries(pairs), n_bins=n_bins)
-                    base = on_base(self, ("calibration", self.stance.name, self.stance.version, n_bins), of)
-                    return {"unit": "next token", "adapted": of(self.model).as_dict(), "base": base.as_dict()}
+                    readings = _probe_readings(self, measure)
+                    return {"unit": "next token", **{
+                        who: calibration_from_predictions(*readings[f"{who}_tokens"], n_bins=n_bins).as_dict()
+                        for who in ("adapted", "base")}}
                 from .tasks import probe_items
 
                 items = probe_items(self.stance, self.loaded.tokenizer, self.recipe.max_seq_length)
@@ -298,15 +307,18 @@ class Run:
                 "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
 
     def _embedding_drift(self, measure) -> dict:
+        import torch
+
         from .tasks import body_of
 
         tokenizer, sentences = self.loaded.tokenizer, measure.heldout_sentences()
+
         def embed(model):
             return measure.sentence_embeddings(body_of(model), tokenizer, sentences)
 
         base = on_base(self, ("embeddings",), embed)
         adapted = embed(self.model)
-        cosine = __import__("torch").nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
         drift = float((1 - cosine).mean())
         return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
                 "sentences": len(sentences), "min_cosine": float(cosine.min())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -166,10 +167,9 @@ def with_repeats(tests: list[dict]) -> list[dict]:
         for name in names:
             values = [t["metrics"][name] for t in members if isinstance(t["metrics"].get(name), (int, float))]
             if values:
-                mean = sum(values) / len(values)
-                std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-                summary["metrics"][name] = {"mean": mean, "std": std, "min": min(values), "max": max(values),
-                                            "n": len(values)}
+                summary["metrics"][name] = {
+                    "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values), "n": len(values)}
         for test in members:
             test["repeats"] = summary
     return tests

@@ -124,13 +124,16 @@ def _is_head(raw_name: str) -> bool:
     return raw_name.removeprefix("base_model.model.").split(".")[0] == SequenceClassifier.HEAD
 
 
-def _backbone_prefix(model) -> str | None:
-    """The attribute a task head's wrapper keeps the body under: HF's base_model_prefix.
+def _body_attribute(model) -> str:
+    """The attribute a model keeps its transformer body under, and a task head's wrapper with it:
+    HF's base_model_prefix. A decoder (Qwen2ForCausalLM) already holds its body there
+    (`model.layers`); a bare encoder (BertModel) is the body, named as BERT heads name it (`bert.`)."""
+    return getattr(model, "base_model_prefix", "") or "backbone"
 
-    A decoder (Qwen2ForCausalLM) already holds its body there (`model.layers`); a bare
-    encoder (BertModel) is the body, and the wrapper names it as BERT heads do (`bert.`).
-    """
-    prefix = getattr(model, "base_model_prefix", "") or "backbone"
+
+def _backbone_prefix(model) -> str | None:
+    """The prefix a task head's wrapper adds to the model's own parameter paths, or None."""
+    prefix = _body_attribute(model)
     return None if hasattr(model, prefix) else prefix
 
 
@@ -144,8 +147,7 @@ def body_of(model):
 
 def backbone_of(model):
     """The transformer body of a causal LM or encoder (the module that returns hidden states)."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return getattr(model, prefix) if prefix and hasattr(model, prefix) else model
+    return getattr(model, _body_attribute(model), model)
 
 
 class SequenceClassifier(torch.nn.Module):
@@ -163,11 +165,10 @@ class SequenceClassifier(torch.nn.Module):
 
     @classmethod
     def around(cls, model, num_classes: int) -> "SequenceClassifier":
-        prefix = getattr(model, "base_model_prefix", "") or "backbone"
         body = backbone_of(model)
         if getattr(body, "pooler", None) is not None:
             body.pooler = None  # BERT's [CLS] pooler: unused by mean pooling, so it would never train
-        return cls(body, prefix, num_classes)
+        return cls(body, _body_attribute(model), num_classes)
 
     @property
     def body(self):

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def bare_loop(loaded, batches, lr: float) -> float:
     import torch
 
-    from harness.training import collate
+    from harness.batches import collate
 
     torch.manual_seed(0)
     model = loaded.fresh().train()
@@ -53,7 +53,10 @@ def main() -> None:
     from harness.methods import METHODS
     from harness.models import load_model
     from harness.stances import load_stance
-    from harness.training import Recipe, encode_examples, run_training
+    from harness.batches import encode_examples
+    from harness.recipe import Recipe
+    from harness.request import TrainingRequest
+    from harness.training import train_run
 
     loaded = load_model(args.model)
     stance = load_stance("curious-uncertainty")
@@ -72,7 +75,8 @@ def main() -> None:
     bare, harness = [], []
     for _ in range(args.repeats):
         bare.append(bare_loop(loaded, batches, recipe.learning_rate))
-        run = run_training(loaded, stance, "full", config, recipe, examples=len(examples))
+        request = TrainingRequest.build(loaded, stance, "full", config=config, recipe=recipe, examples=len(examples))
+        run = train_run(request, loaded, stance)
         harness.append(sum(run.trace.step_time))
     steps = len(batches)
     b, h = statistics.median(bare), statistics.median(harness)

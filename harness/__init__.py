@@ -6,6 +6,18 @@ The public names import lazily, so loading the pytest plugin does not import tor
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "check_change_concentrated": "harness.assertions",
+    "check_only_targets_changed": "harness.assertions",
+    "check_change_spread": "harness.assertions",
+    "check_gradients_stable": "harness.assertions",
+    "check_behavior_shift": "harness.assertions",
+    "check_no_forgetting": "harness.assertions",
+    "check_ece": "harness.assertions",
+    "check_ece_not_worse": "harness.assertions",
+    "check_low_rank_update": "harness.assertions",
+    "declare_metric": "harness.report.metrics",
+    "declare_metrics": "harness.report.metrics",
+    "TrainingRequest": "harness.request",
     "assert_change_concentrated": "harness.assertions",
     "assert_only_targets_changed": "harness.assertions",
     "assert_change_spread": "harness.assertions",
@@ -17,7 +29,7 @@ _EXPORTS = {
     "assert_low_rank_update": "harness.assertions",
     "HypothesisFailed": "harness.assertions",
     "CheckResult": "harness.report.records",
-    "Recipe": "harness.training",
+    "Recipe": "harness.recipe",
     "HarnessError": "harness.registry",
     "load_model": "harness.models",
     "load_stance": "harness.stances",

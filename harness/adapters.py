@@ -11,7 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
+from .analysis.digest import tensor_digest
+from .files import atomic_write
+from .instruments import InstrumentConfig, Trace
+from .methods import METHODS, method_config
+from .models import share_frozen_weights
+from .recipe import Recipe
 from .registry import HarnessError
+from .run import Run
+from .tasks import TASKS
 
 PROVENANCE_FILE = "stance_harness.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -20,8 +28,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 def save_adapter(run, path) -> Path:
     """Save a LoRA-family run's adapter (safetensors) with its provenance; returns the directory."""
     from peft import PeftModel
-
-    from .report.writer import atomic_write
 
     if not isinstance(run.model, PeftModel) or run.task.name != "stance-lm":
         raise HarnessError(f"save_adapter: run {run.run_id} ({run.method.name}, task {run.task.name}) has no "
@@ -34,7 +40,7 @@ def save_adapter(run, path) -> Path:
     run.model.save_pretrained(out, safe_serialization=True)
     atomic_write(out / PROVENANCE_FILE, json.dumps({
         "run_id": run.run_id, "model": run.loaded.provenance(), "stance": run.stance.provenance(),
-        "method": run.method.name, "config": run.config.as_dict(), "recipe": dict(run.recipe.__dict__),
+        "method": run.method.name, "config": run.config.as_dict(), "recipe": run.recipe.as_dict(),
     }, indent=2, default=str))
     return out
 
@@ -79,22 +85,17 @@ def check_base(loaded, path, config: dict, provenance: dict) -> None:
 
 
 def load_adapter_run(loaded, path, stance_of):
-    """The adapter on a fresh copy of `loaded`'s base, as a Run whose 'before' is the zero update.
+    """The adapter on `loaded`'s base (sharing its weights), as a Run whose 'before' is the zero update.
 
     `stance_of(name)` loads a stance; the adapter's provenance names it (default: curious-uncertainty).
     """
     import torch
     from peft import PeftModel
 
-    from .instruments import InstrumentConfig
-    from .methods import METHODS, method_config
-    from .run import Run, tensor_digest
-    from .training import Recipe, Trace
-
     directory, config, provenance = read_adapter(path)
     check_base(loaded, path, config, provenance)
     try:
-        model = PeftModel.from_pretrained(loaded.fresh(), directory, is_trainable=False)
+        model = PeftModel.from_pretrained(share_frozen_weights(loaded.base), directory, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise HarnessError(f"--adapter {path} does not fit the {loaded.spec.name} base ({type(exc).__name__}: {first}); "
@@ -115,8 +116,10 @@ def load_adapter_run(loaded, path, stance_of):
         config=method_config("lora", {"r": int(config.get("r", 8)), "alpha": float(config.get("lora_alpha", 8)),
                                       "target_modules": kinds or ["qv"]}),
         recipe=Recipe.of(provenance.get("recipe")), examples=0, model=model, before=before,
-        frozen_digests={n: tensor_digest(p) for n, p in model.named_parameters() if n not in lora},
-        trace=Trace(), train_seconds=0.0, instruments=InstrumentConfig(), name=directory.name,
+        frozen_digests={n: loaded.base_digest(p) or tensor_digest(p) for n, p in model.named_parameters()
+                        if n not in lora},
+        trace=Trace(), train_seconds=0.0, instruments=InstrumentConfig(), name=directory.name, origin="adapter",
+        task=TASKS.get("stance-lm"), anatomy=anatomy,
     )
 
 

@@ -1,17 +1,42 @@
-"""Assertion helpers: each checks one claim about a Run and fails with a table.
+"""Assertion helpers: each checks one claim about a Run and shows a table of what it found.
 
-Every helper returns a CheckResult when the claim holds and raises HypothesisFailed (an
-AssertionError carrying the same result) when it does not. Both outcomes are recorded in the
-current test's report. Helper frames are hidden from tracebacks.
+`check_X(run, ...)` evaluates the claim and returns a CheckResult, whether it holds or not.
+`assert_X(run, ...)` is the same check that raises HypothesisFailed (an AssertionError
+carrying the result) when the claim does not hold. Either way the result is recorded in the
+report section of every test that holds the run: the `train` fixture hands a run to a test
+together with that test's record (`run.sinks`), so nothing is recorded through a hidden
+channel, and a check outside a test records nothing and still returns its result.
+Helper frames are hidden from tracebacks. Each metric a helper publishes is declared here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
-from .report.records import CheckResult, emit
+from .report.metrics import HIGHER, LOWER, declare_metrics
+from .report.records import CheckResult
+
+declare_metrics([
+    ("ece", LOWER, "expected calibration error"),
+    ("mce", LOWER, "maximum calibration error"),
+    ("brier", LOWER, "Brier score"),
+    ("acc1", HIGHER, "top-1 accuracy"),
+    ("behavior_shift", HIGHER, "how far behaviour moved toward the stance (the log-likelihood margin's shift)"),
+    ("loglik_margin", HIGHER, "log-likelihood margin of stance answers over plain ones"),
+    ("kl", HIGHER, "KL divergence of the tuned model's predictions from the base model's on probes"),
+    ("marker_rate", HIGHER, "share of generations that carry the stance's markers"),
+    ("forgetting", LOWER, "relative increase of held-out perplexity, or embedding drift"),
+    ("perplexity_increase", LOWER, "relative perplexity increase on held-out general text"),
+    ("embedding_drift", LOWER, "drift of sentence embeddings of held-out text"),
+    ("max_grad_norm", LOWER, "largest gradient norm during training"),
+    ("grad_spike", LOWER, "largest grad norm over the median of the steps before it"),
+    ("nonfinite_events", LOWER, "non-finite losses, gradients or weights during training"),
+    ("effective_rank", LOWER, "mean energy rank of the block updates (lower: fewer directions)"),
+    ("concentration_share", HIGHER, "share of the weight change inside the targeted layers"),
+])
 
 
 class HypothesisFailed(AssertionError):
@@ -20,26 +45,39 @@ class HypothesisFailed(AssertionError):
         super().__init__(result.render())
 
 
-def _conclude(result: CheckResult, published: dict | None = None) -> CheckResult:
-    __tracebackhide__ = True
-    emit(result, published)
-    if not result.passed:
-        raise HypothesisFailed(result)
+def _conclude(runs, result: CheckResult, published: dict | None = None) -> CheckResult:
+    """Record `result` (and the metrics it publishes) in the report of each test holding one of `runs`."""
+    sinks = {id(sink): sink for run in runs for sink in getattr(run, "sinks", ())}
+    for sink in sinks.values():
+        sink(result, published)
     return result
+
+
+def _asserting(check):
+    """assert_X from check_X: the same arguments and result, raising when the claim does not hold."""
+    @functools.wraps(check)
+    def assertion(*args, **kwargs):
+        __tracebackhide__ = True
+        result = check(*args, **kwargs)
+        if not result.passed:
+            raise HypothesisFailed(result)
+        return result
+
+    assertion.__name__ = assertion.__qualname__ = check.__name__.replace("check_", "assert_", 1)
+    return assertion
 
 
 def _targeted(row, layers, kinds) -> bool:
     return (layers is None or row.layer in layers) and (kinds is None or row.kind in kinds)
 
 
-def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
+def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
                                view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """At least `min_share` of the run's total change lies in `layers` (x `kinds`).
 
     `layers`: indices in this model (use `anatomy.analog(...)` to carry indices across depths).
     `kinds`: module kinds or groups (q_proj, attention, mlp, ...); None means every kind.
     """
-    __tracebackhide__ = True
     if not 0 <= min_share <= 1:
         raise ValueError(f"min_share must be in [0, 1], got {min_share!r}")
     anatomy = run.anatomy
@@ -64,16 +102,15 @@ def assert_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
         summary = f"{share:.1%} of the change ({measure}, {view} view) is in {where}; {verdict} required {min_share:.1%}"
     table = [[label, s, in_target[label] / (total or 1.0) if label in in_target else ""]
              for label, s in group_share.items()]
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_change_concentrated", total > 0 and share >= min_share, summary,
         ["layer", "share", "in target"], table, metrics,
-    ))
+    ), {f"{run.label}.concentration_share": share})
 
 
-def assert_change_spread(run, top_k: int = 2, max_share: float = 0.5,
+def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
                          view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """The `top_k` layers that changed most hold at most `max_share` of the change."""
-    __tracebackhide__ = True
     if not 0 <= max_share <= 1 or top_k < 1:
         raise ValueError(f"need top_k >= 1 and max_share in [0, 1], got top_k={top_k!r}, max_share={max_share!r}")
     layer_share = block_shares(run.deltas(view), measure)
@@ -86,11 +123,18 @@ def assert_change_spread(run, top_k: int = 2, max_share: float = 0.5,
         verdict = "<=" if held <= max_share else ">"
         top = ", ".join(label for label, _ in ranked[:top_k])
         summary = f"the top {top_k} layers ({top}) hold {held:.1%} of the layer change; {verdict} allowed {max_share:.1%}"
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_change_spread", changed and held <= max_share, summary,
         ["layer", "share", "rank"], [[label, s, i + 1] for i, (label, s) in enumerate(ranked)],
         {"top_k_share": held, "gini": gini(layer_share.values())},
     ))
+
+
+def _previous_medians(norms: list[float], window: int):
+    """(step, median grad norm of the up to `window` steps before it), from step 1 on."""
+    for s in range(1, len(norms)):
+        previous = sorted(norms[max(0, s - window) : s])
+        yield s, previous[len(previous) // 2]
 
 
 def _steps_around(trace, step: int, mark: str, radius: int = 2) -> list[list]:
@@ -103,12 +147,11 @@ def _steps_around(trace, step: int, mark: str, radius: int = 2) -> list[list]:
     return rows
 
 
-def assert_gradients_stable(run, max_grad_norm: float | None = None, max_spike: float | None = None,
+def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: float | None = None,
                             window: int = 5) -> CheckResult:
     """No non-finite loss, gradient or weight; optionally, no grad norm above `max_grad_norm`
     and no spike above `max_spike` times the median of the previous `window` steps.
     Grad norms are the global norms before clipping."""
-    __tracebackhide__ = True
     if window < 1 or (max_spike is not None and max_spike <= 0) or (max_grad_norm is not None and max_grad_norm <= 0):
         raise ValueError(f"need window >= 1 and positive bounds, got window={window!r}, "
                          f"max_spike={max_spike!r}, max_grad_norm={max_grad_norm!r}")
@@ -117,41 +160,44 @@ def assert_gradients_stable(run, max_grad_norm: float | None = None, max_spike: 
     headers = ["step", "loss", "grad norm", "largest layer", ""]
     metrics = {"steps": len(norms), "max_grad_norm": max((n for n in norms if math.isfinite(n)), default=None),
                "nonfinite_events": len(trace.nonfinite)}
+    spikes = [(s, norms[s] / m) for s, m in _previous_medians(norms, window) if m > 0 and math.isfinite(norms[s])]
+    published = {f"{run.label}.nonfinite_events": len(trace.nonfinite),
+                 f"{run.label}.grad_spike": max((ratio for _, ratio in spikes), default=0.0),
+                 **({f"{run.label}.max_grad_norm": metrics["max_grad_norm"]} if metrics["max_grad_norm"] is not None
+                    else {})}
     if trace.nonfinite:
         first = trace.nonfinite[0]
         where = f" in {first['parameter']}" if first["parameter"] else ""
         halted = f"; the run halted at step {trace.halted_at}" if trace.halted_at is not None else ""
         summary = (f"non-finite {first['what']} at step {first['step']}{where} "
                    f"({len(trace.nonfinite)} non-finite events{halted}, policy {run.instruments.nonfinite})")
-        return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
-                                     _steps_around(trace, first["step"], "<- first non-finite"), metrics))
+        return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+                                            _steps_around(trace, first["step"], "<- first non-finite"), metrics),
+                         published)
     if max_grad_norm is not None:
         over = next((s for s, n in enumerate(norms) if n > max_grad_norm), None)
         if over is not None:
             summary = f"grad norm {norms[over]:.4g} at step {over} exceeds max_grad_norm {max_grad_norm:g}"
-            return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
-                                         _steps_around(trace, over, "<- over the bound"), metrics))
+            return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+                                                _steps_around(trace, over, "<- over the bound"), metrics), published)
     if max_spike is not None:
-        for s in range(1, len(norms)):
-            previous = sorted(norms[max(0, s - window) : s])
-            median = previous[len(previous) // 2]
+        for s, median in _previous_medians(norms, window):
             if median > 0 and norms[s] / median > max_spike:
                 summary = (f"grad norm spike at step {s}: {norms[s]:.4g} is {norms[s] / median:.3g}x the median "
-                           f"{median:.4g} of the previous {len(previous)} steps (allowed {max_spike:g}x)")
-                return _conclude(CheckResult("assert_gradients_stable", False, summary, headers,
-                                             _steps_around(trace, s, "<- spike"), metrics))
+                           f"{median:.4g} of the previous {min(s, window)} steps (allowed {max_spike:g}x)")
+                return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+                                                    _steps_around(trace, s, "<- spike"), metrics), published)
     peak = metrics["max_grad_norm"]
     summary = f"{len(norms)} steps, all finite; max grad norm {peak:.4g}" if peak is not None else "no steps ran"
-    return _conclude(CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics))
+    return _conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
 
 
-def assert_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
+def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
     """Frozen weights are bit-identical; trained ones changed.
 
     With `layers`/`kinds`, trainable tensors outside them must also be bit-identical, and
     every tensor inside them must have changed.
     """
-    __tracebackhide__ = True
     anatomy = run.anatomy
     layer_set = set(anatomy.check_layers(layers)) if layers is not None else None
     kind_set = set(anatomy.check_kinds(kinds)) if kinds is not None else None
@@ -175,7 +221,7 @@ def assert_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
         summary = f"{len(offenders)} tensors break the rule (targets: {scope})"
     else:
         summary = f"{frozen} frozen tensors bit-identical; {changed} trained tensors changed (targets: {scope})"
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_only_targets_changed", not offenders, summary,
         ["parameter", "problem", "mean |Δ|"], offenders,
         {"frozen_tensors": frozen, "changed_tensors": changed, "unchanged_trainable": unchanged},
@@ -186,7 +232,7 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
-def assert_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
+def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
                           max_effect: float | None = None) -> CheckResult:
     """The stance shift on held-out probes, adapted minus base, clears the bounds with confidence.
 
@@ -194,7 +240,6 @@ def assert_behavior_shift(run, metric: str = "loglik_margin", min_effect: float 
     `max_effect`: the interval's UPPER end must stay below it ("shifts at most this much").
     Metrics: loglik_margin, kl, marker_rate (see Run.behavior).
     """
-    __tracebackhide__ = True
     if min_effect is None and max_effect is None:
         raise ValueError("give min_effect, max_effect or both")
     found = run.behavior(metric)
@@ -211,7 +256,7 @@ def assert_behavior_shift(run, metric: str = "loglik_margin", min_effect: float 
     if failures:
         summary += ": " + "; ".join(failures)
     rows = [[p["probe"][:48], p["base"], p["adapted"], p["delta"]] for p in found["per_probe"]]
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_behavior_shift", not failures, summary, ["probe", "base", "adapted", "delta"], rows,
         {"metric": metric, **effect, "base": found["base"], "adapted": found["adapted"]},
     ), {f"{run.label}.{metric}": effect["mean"],
@@ -219,13 +264,12 @@ def assert_behavior_shift(run, metric: str = "loglik_margin", min_effect: float 
         **({f"{run.label}.behavior_shift": effect["mean"]} if metric == "loglik_margin" else {})})
 
 
-def assert_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
+def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
     """Held-out general text is not forgotten beyond `max_increase`.
 
     Causal LM: the relative perplexity increase (0.1 = 10% higher). A task head on a body
     (stance-classification): the mean embedding drift 1 − cos of held-out sentences.
     """
-    __tracebackhide__ = True
     if max_increase < 0:
         raise ValueError(f"max_increase must be >= 0, got {max_increase!r}")
     found = run.forgetting()
@@ -239,9 +283,10 @@ def assert_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
         summary = (f"{run.label}: held-out sentence embeddings drifted by {value:.4g} (mean 1 - cos over "
                    f"{found['sentences']} sentences); allowed {max_increase:.4g}")
         rows = [["embedding drift", 0.0, value, value]]
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
-    ), {f"{run.label}.forgetting": value})
+    ), {f"{run.label}.forgetting": value,
+        f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": value})
 
 
 def _calibration_rows(found: dict) -> list[list]:
@@ -261,22 +306,20 @@ def _calibration_metrics(run, found: dict) -> dict:
     return {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
 
 
-def assert_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: A002 - the issue's name
+def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: A002 - the issue's name
     """Expected calibration error on held-out data is at most `max` (15 equal-width bins)."""
-    __tracebackhide__ = True
     bound = max
     found = run.calibration(n_bins)
     adapted = found["adapted"]
     summary = (f"{run.label}: ECE {adapted['ece']:.4f} ({n_bins} bins, {adapted['n']} {found['unit']} predictions; "
                f"Acc@1 {adapted['acc1']:.3f}, MCE {adapted['mce']:.4f}, Brier {adapted['brier']:.4f}); "
                f"allowed {bound:.4f}")
-    return _conclude(CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
+    return _conclude([run], CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
                                  _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found))
 
 
-def assert_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckResult:
+def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckResult:
     """ECE of `run` is at most that of `than` (another Run, e.g. a baseline method) plus `tol`."""
-    __tracebackhide__ = True
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     found, other = run.calibration(n_bins), than.calibration(n_bins)
@@ -287,16 +330,15 @@ def assert_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> Check
                f"allowed at most {tol:+.4f}")
     rows = [[name, c["adapted"]["ece"], c["adapted"]["mce"], c["adapted"]["brier"], c["adapted"]["acc1"]]
             for name, c in ((mine, found), (theirs, other))]
-    return _conclude(CheckResult(
+    return _conclude([run, than], CheckResult(
         "assert_ece_not_worse", ece <= reference + tol, summary, ["run", "ECE", "MCE", "Brier", "Acc@1"], rows,
         {"ece": ece, "reference_ece": reference, "difference": ece - reference},
     ), _calibration_metrics(run, found))
 
 
-def assert_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
+def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
     """Every block matrix's update ΔW needs at most `max_rank` singular directions to hold
     `energy` of its squared norm (LoRA with rank r gives at most r)."""
-    __tracebackhide__ = True
     if not 0 < energy <= 1 or max_rank < 0:
         raise ValueError(f"need energy in (0, 1] and max_rank >= 0, got energy={energy!r}, max_rank={max_rank!r}")
     rows = run.rank(energy)["rows"]
@@ -310,7 +352,18 @@ def assert_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> Check
         summary = (f"{run.label}: the highest energy-{energy:g} rank of ΔW over {len(rows)} block matrices is {worst} "
                    f"(mean {mean_rank:.3g}); allowed {max_rank}" + (f"; {len(over)} matrices exceed it" if over else ""))
     table = [[r["matrix"], r["rank"], r["stable_rank"], "x".join(map(str, r["shape"]))] for r in (over or ranked)[:12]]
-    return _conclude(CheckResult(
+    return _conclude([run], CheckResult(
         "assert_low_rank_update", bool(rows) and not over, summary, ["matrix", "rank", "stable rank", "shape"], table,
         {"energy": energy, "max_rank_seen": worst, "mean_rank": mean_rank, "matrices": len(rows)},
     ), {f"{run.label}.effective_rank": mean_rank})
+
+
+assert_change_concentrated = _asserting(check_change_concentrated)
+assert_change_spread = _asserting(check_change_spread)
+assert_gradients_stable = _asserting(check_gradients_stable)
+assert_only_targets_changed = _asserting(check_only_targets_changed)
+assert_behavior_shift = _asserting(check_behavior_shift)
+assert_no_forgetting = _asserting(check_no_forgetting)
+assert_ece = _asserting(check_ece)
+assert_ece_not_worse = _asserting(check_ece_not_worse)
+assert_low_rank_update = _asserting(check_low_rank_update)

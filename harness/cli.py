@@ -1,14 +1,15 @@
-"""The `stance-harness` command: compare runs against baselines, save baselines, rebuild and list reports.
+"""The `stance-harness` command: compare reports against baselines, save baselines, rebuild and list reports.
 
     stance-harness compare A B [--fail-on RULE ...]   A: the baseline side, B: the current side
-    stance-harness save NAME [RUN]                    keep RUN's metrics as baseline NAME
-    stance-harness report RUN                         rebuild RUN's index.html and report.md
-    stance-harness list                               runs (newest first), then baselines
+    stance-harness save NAME [REPORT]                 keep REPORT's metrics as baseline NAME
+    stance-harness report REPORT                      rebuild REPORT's index.html and report.md
+    stance-harness list                               reports (newest first), then baselines
+    stance-harness cache list|show KEY|prune          the run store: finished runs that sessions load
     stance-harness new NAME [--dir suites] [--force]  write suites/test_NAME.py, a hypothesis to start from
 
-A, B and RUN are a baseline name, a run id, `latest`, or a path to a report.json/baseline file.
+A, B and REPORT are a baseline name, a report id, `latest`, or a path to a report.json/baseline file.
 Exit status: 0 passed, 1 a regression (compare) or an incomplete rebuild (report), 2 a usage
-error (unknown run, bad rule, a file `new` would overwrite). A user's mistake prints one line
+error (unknown report, bad rule, a file `new` would overwrite). A user's mistake prints one line
 on stderr, never a traceback.
 
 Adding a subcommand: write `_NAME_arguments(parser)` and a `@command("NAME", help, _NAME_arguments)`
@@ -23,7 +24,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import atomic_write
 from .registry import HarnessError
+from .report.gate import check_rule_syntax, compare, parse_rules
+from .report.markdown import render_markdown
+from .report.metrics import declare_from_report
+from .report.store import (check_baseline_name, latest_report, list_baselines, list_reports, load_baseline,
+                           load_source, report_id_of, save_baseline)
 
 PROG = "stance-harness"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -88,7 +95,7 @@ def _one_line(text: str) -> str:
 
 # -- compare --------------------------------------------------------------------------------
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("baseline", metavar="A", help="the baseline side: a baseline name, run id, `latest` or a path")
+    p.add_argument("baseline", metavar="A", help="the baseline side: a baseline name, report id, `latest` or a path")
     p.add_argument("current", metavar="B", help="the current side, the same kinds as A")
     p.add_argument("--fail-on", metavar="RULE", nargs="+", action="extend", default=[],
                    help="METRIC:[+|-]TOLERANCE[%%], e.g. ece:+0.01, behavior_shift:-10%%, acc1:0.02; "
@@ -96,19 +103,20 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the comparison as JSON")
 
 
-@command("compare", "compare two runs or baselines; fail on regressions", _compare_arguments)
+@command("compare", "compare two reports or baselines; fail on regressions", _compare_arguments)
 def cmd_compare(args) -> int:
-    from .report.baseline import compare, load_source, parse_rules
+    import harness.assertions  # noqa: F401 - declares the helpers' metrics
 
-    rules = parse_rules(args.fail_on)  # a bad rule is a usage error before anything is loaded
+    for spec in args.fail_on:
+        check_rule_syntax(spec)  # a malformed rule is a usage error before anything is loaded
     root = _reports_dir(args)
     baseline, current = load_source(args.baseline, root), load_source(args.current, root)
-    result = compare(baseline.metrics, current.metrics, rules)
+    for side in (baseline, current):
+        declare_from_report(side.data)  # the directions of the suites' own metrics, as the reports recorded them
+    result = compare(baseline.metrics, current.metrics, parse_rules(args.fail_on))
     print(f"baseline: {baseline.label}\nnow:      {current.label}\n")
     print(result.render())
     if args.json is not None:
-        from .report.writer import atomic_write
-
         document = {"baseline": baseline.label, "now": current.label, **result.as_dict()}
         atomic_write(args.json, json.dumps(document, indent=2, default=str) + "\n")
     return EXIT_OK if result.passed else EXIT_FAILED
@@ -117,14 +125,12 @@ def cmd_compare(args) -> int:
 # -- save -----------------------------------------------------------------------------------
 def _save_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", help="the baseline's name: letters, digits, '.', '_' and '-'")
-    p.add_argument("source", metavar="RUN", nargs="?", default="latest",
-                   help="the run to keep (a run id, `latest`, a path, or another baseline); default: latest")
+    p.add_argument("source", metavar="REPORT", nargs="?", default="latest",
+                   help="the report to keep (a report id, `latest`, a path, or another baseline); default: latest")
 
 
-@command("save", "save a run's metrics as a named baseline", _save_arguments)
+@command("save", "save a report's metrics as a named baseline", _save_arguments)
 def cmd_save(args) -> int:
-    from .report.baseline import check_baseline_name, load_source, save_baseline
-
     check_baseline_name(args.name)
     root = _reports_dir(args)
     source = load_source(args.source, root)
@@ -137,34 +143,31 @@ def cmd_save(args) -> int:
 
 # -- report ---------------------------------------------------------------------------------
 def _report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="a run id, `latest`, or a run directory")
+    p.add_argument("report", metavar="REPORT", help="a report id, `latest`, or a report directory")
 
 
-@command("report", "rebuild a run's index.html and report.md from its report.json", _report_arguments)
+@command("report", "rebuild a report's index.html and report.md from its report.json", _report_arguments)
 def cmd_report(args) -> int:
-    from .report.baseline import load_source
-    from .report.writer import atomic_write, render_markdown
-
     root = _reports_dir(args)
-    source = load_source(args.run, root)
-    if source.kind != "run":
-        raise HarnessError(f"{args.run!r} is a baseline, not a run: baselines keep metrics only, not a report")
-    run_dir, payload = source.path.parent, source.data
+    source = load_source(args.report, root)
+    if source.kind != "report":
+        raise HarnessError(f"{args.report!r} is a baseline, not a report: baselines keep metrics only")
+    report_dir, payload = source.path.parent, source.data
     try:
         markdown = render_markdown(payload)
     except (KeyError, TypeError, AttributeError, IndexError) as err:
         raise HarnessError(f"{source.path} is incomplete ({type(err).__name__}: {err}); "
                            "was it written by another version of stance-harness?") from None
-    atomic_write(run_dir / "report.md", markdown)
-    print(f"wrote {run_dir / 'report.md'}")
+    atomic_write(report_dir / "report.md", markdown)
+    print(f"wrote {report_dir / 'report.md'}")
     try:
         from .report import html
     except ImportError as err:
-        print(f"{PROG}: error: cannot write {run_dir / 'index.html'}: the HTML renderer does not load "
+        print(f"{PROG}: error: cannot write {report_dir / 'index.html'}: the HTML renderer does not load "
               f"({_one_line(err)})", file=sys.stderr)
         return EXIT_FAILED
-    html.write_html(run_dir, payload)
-    print(f"wrote {run_dir / 'index.html'}")
+    html.write_html(report_dir, payload)
+    print(f"wrote {report_dir / 'index.html'}")
     html.write_index(root)
     print(f"wrote {root / 'index.html'}")
     return EXIT_OK
@@ -189,41 +192,39 @@ def _outcome_counts(tests) -> tuple[int, int, int]:
     return passed, failed, len(outcomes) - passed - failed
 
 
-@command("list", "list runs (newest first) and baselines", _list_arguments)
+@command("list", "list reports (newest first) and baselines", _list_arguments)
 def cmd_list(args) -> int:
     from tabulate import tabulate
-
-    from .report.baseline import list_baselines, list_runs, load_baseline
 
     root = _reports_dir(args)
     if not root.is_dir():
         raise HarnessError(f"no reports directory {root} (pass --reports-dir)")
     try:
-        latest = (root / "latest").read_text(encoding="utf-8").strip()
-    except OSError:
+        latest = latest_report(root)
+    except HarnessError:
         latest = None
-    runs = []
-    for run_id in list_runs(root):
+    reports = []
+    for report_id in list_reports(root):
         try:
-            payload = json.loads((root / run_id / "report.json").read_text(encoding="utf-8"))
+            payload = json.loads((root / report_id / "report.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             payload = f"unreadable: {_one_line(err)[:60]}"
         if not isinstance(payload, dict):
             problem = payload if isinstance(payload, str) else f"unreadable: a JSON {type(payload).__name__}"
-            runs.append(("", run_id, ["-", f"({problem})", "", "", "", ""]))
+            reports.append(("", report_id, ["-", f"({problem})", "", "", "", ""]))
             continue
         passed, failed, other = _outcome_counts(payload.get("tests"))
-        runs.append((str(payload.get("started") or ""), run_id,
+        reports.append((str(payload.get("started") or ""), report_id,
                      [payload.get("started") or "-", _model_names(payload), passed + failed + other, passed, failed,
                       other]))
-    runs.sort(key=lambda entry: entry[:2], reverse=True)  # newest first: by start time, then run id
-    rows = [[run_id + (" *" if run_id == latest else ""), *cells] for _, run_id, cells in runs]
+    reports.sort(key=lambda entry: entry[:2], reverse=True)  # newest first: by start time, then report id
+    rows = [[report_id + (" *" if report_id == latest else ""), *cells] for _, report_id, cells in reports]
     if rows:
-        print(f"runs in {root}, newest first (* latest):")
-        print(tabulate(rows, headers=["run", "started", "model", "tests", "passed", "failed", "other"],
+        print(f"reports in {root}, newest first (* latest):")
+        print(tabulate(rows, headers=["report", "started", "model", "tests", "passed", "failed", "other"],
                        tablefmt="simple", disable_numparse=True))
     else:
-        print(f"no runs in {root}")
+        print(f"no reports in {root}")
     print()
     rows = []
     for name in list_baselines(root):
@@ -232,13 +233,64 @@ def cmd_list(args) -> int:
         except HarnessError as err:
             rows.append([name, "", f"(unreadable: {_one_line(err)[:60]})", ""])
             continue
-        rows.append([name, data.get("saved") or "-", data.get("run_id") or "-", len(data.get("tests") or {})])
+        rows.append([name, data.get("saved") or "-", report_id_of(data) or "-", len(data.get("tests") or {})])
     if rows:
         print(f"baselines in {root / 'baselines'}:")
-        print(tabulate(rows, headers=["baseline", "saved", "from run", "tests"], tablefmt="simple",
+        print(tabulate(rows, headers=["baseline", "saved", "from report", "tests"], tablefmt="simple",
                        disable_numparse=True))
     else:
-        print(f"no baselines in {root / 'baselines'} (save one with `{PROG} save NAME RUN`)")
+        print(f"no baselines in {root / 'baselines'} (save one with `{PROG} save NAME REPORT`)")
+    return EXIT_OK
+
+
+# -- cache ----------------------------------------------------------------------------------
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["list", "show", "prune"], help="list entries, show one, or remove entries")
+    p.add_argument("key", nargs="?", metavar="KEY", help="the run id to show (show only)")
+    p.add_argument("--run-cache", metavar="DIR", type=Path, default=None,
+                   help="the run store (default: $STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache)")
+    p.add_argument("--older-than", metavar="DAYS", type=float, default=None,
+                   help="prune only entries last used more than DAYS ago (default: prune everything)")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@command("cache", "list, show or prune the run store (finished runs that later sessions load)", _cache_arguments)
+def cmd_cache(args) -> int:
+    import datetime as dt
+
+    from tabulate import tabulate
+
+    from .runstore import RunStore  # imports torch: only this subcommand needs it
+
+    store = RunStore(args.run_cache)
+    if args.action == "show":
+        if not args.key:
+            raise HarnessError("cache show needs KEY, a run id from `stance-harness cache list`")
+        print(json.dumps(store.describe(args.key), indent=2, default=str))
+        return EXIT_OK
+    if args.key:
+        raise HarnessError(f"cache {args.action} takes no KEY")
+    if args.action == "prune":
+        removed = store.prune(args.older_than)
+        print(f"removed {len(removed)} entries from {store.root}")
+        return EXIT_OK
+    entries = store.entries()
+    if not entries:
+        print(f"no runs in the run store {store.root}")
+        return EXIT_OK
+    rows = [[e.run_id, e.method or "-", e.model or "-", e.stance or "-", _size(e.bytes), e.measurements,
+             dt.datetime.fromtimestamp(e.modified).isoformat(timespec="seconds"),
+             "" if e.complete else "incomplete"] for e in entries]
+    print(f"run store {store.root}: {len(entries)} entries, {_size(sum(e.bytes for e in entries))}")
+    print(tabulate(rows, headers=["run", "method", "model", "stance", "size", "measurements", "last used", ""],
+                   tablefmt="simple", disable_numparse=True))
     return EXIT_OK
 
 

@@ -1,4 +1,5 @@
-"""Training instruments: per-layer grad norms, non-finite detection, throughput, peak memory.
+"""Training instruments and the trace they fill: per-layer grad norms, non-finite detection,
+throughput, peak memory, interference.
 
 Per step the loop computes everything on the device (foreach norms, clipping) and reads it
 back with a single host transfer: the loss, every trained tensor's grad norm, and every
@@ -10,11 +11,18 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from .config import build_config
 from .registry import HarnessError
+from .report.metrics import LOWER, declare_metrics
 
 POLICIES = ("halt", "skip_step", "record")
+# What the trace gives a suite to publish and gate.
+declare_metrics([
+    ("step_time", LOWER, "seconds per optimizer step"),
+    ("peak_memory", LOWER, "peak memory in bytes (CUDA max allocated, or the process's peak RSS)"),
+])
 MAX_EVENTS = 50  # non-finite events kept per run; the first is what matters
 
 
@@ -38,20 +46,79 @@ class InstrumentConfig:
 
     @classmethod
     def of(cls, value) -> "InstrumentConfig":
-        if isinstance(value, cls):
-            return value
-        from dataclasses import fields
+        return build_config(cls, value, what="instruments", unknown="instruments: unknown option")
 
-        from .registry import suggest
 
-        allowed = [f.name for f in fields(cls)]
-        if value is not None and not isinstance(value, dict):
-            raise HarnessError(f"instruments must be a dict such as {{'nonfinite': 'record'}}, got {value!r}")
-        unknown = [k for k in (value or {}) if k not in allowed]
-        if unknown:
-            raise HarnessError(f"instruments: unknown option {unknown[0]!r}.{suggest(unknown[0], allowed)} "
-                               f"Options: {', '.join(allowed)}")
-        return cls(**(value or {}))
+@dataclass
+class Trace:
+    """What happened at each optimizer step."""
+
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)  # global, before clipping
+    layer_grad_norm: dict[str, list[float]] = field(default_factory=dict)  # per layer label, before clipping
+    lr: list[float] = field(default_factory=list)  # the first group's
+    group_lr: dict[str, list[float]] = field(default_factory=dict)  # every named group's
+    schedule: list[dict] = field(default_factory=list)  # what the method's schedule set, per step
+    step_time: list[float] = field(default_factory=list)
+    examples: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    nonfinite: list[dict] = field(default_factory=list)  # events: step, what, parameter
+    interference: list[dict] = field(default_factory=list)  # step, epoch, cosine or reason
+    skipped_steps: list[int] = field(default_factory=list)
+    peak_memory: dict = field(default_factory=dict)
+    halted_at: int | None = None
+    halt_reason: str | None = None
+
+    def add_reading(self, reading: "StepReading", lrs: list[float], examples: int, tokens: int) -> None:
+        self.loss.append(reading.loss)
+        self.grad_norm.append(reading.grad_norm)
+        for label, norm in reading.layer_grad_norm.items():
+            self.layer_grad_norm.setdefault(label, []).append(norm)
+        self.lr.append(lrs[0])
+        for name, lr in zip(self.group_lr, lrs):
+            self.group_lr[name].append(lr)
+        self.examples.append(examples)
+        self.tokens.append(tokens)
+
+    def add_event(self, step: int, what: str, parameter: str | None) -> None:
+        if len(self.nonfinite) < MAX_EVENTS:
+            self.nonfinite.append({"step": step, "what": what, "parameter": parameter})
+
+    def summary(self) -> dict:
+        seconds = sum(self.step_time)
+        finite_norms = [g for g in self.grad_norm if math.isfinite(g)]
+        return {
+            "steps": len(self.loss),
+            "mean_step_time_s": seconds / len(self.step_time) if self.step_time else None,
+            "examples_per_s": sum(self.examples) / seconds if seconds else None,
+            "tokens_per_s": sum(self.tokens) / seconds if seconds else None,
+            "max_grad_norm": max(finite_norms) if finite_norms else None,
+            "peak_memory_bytes": self.peak_memory.get("bytes"),
+            "peak_memory_kind": self.peak_memory.get("kind"),
+            "first_nonfinite": self.nonfinite[0] if self.nonfinite else None,
+            "skipped_steps": len(self.skipped_steps),
+            "halted_at": self.halted_at,
+            "interference_by_epoch": self.interference_by_epoch(),
+        }
+
+    def interference_by_epoch(self) -> list[dict]:
+        """Mean interference cosine per epoch over the steps where it was defined."""
+        epochs: dict[int, list] = {}
+        for entry in self.interference:
+            epochs.setdefault(entry["epoch"], []).append(entry["cosine"])
+        out = []
+        for epoch, values in sorted(epochs.items()):
+            defined = [v for v in values if v is not None]
+            out.append({"epoch": epoch, "mean_cosine": sum(defined) / len(defined) if defined else None,
+                        "steps": len(defined), "undefined_steps": len(values) - len(defined)})
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trace":
+        return cls(**data)
 
 
 @dataclass

@@ -10,7 +10,8 @@ import re
 
 import torch
 
-from .training import pad_batch
+from .batches import pad_batch, prompt_ids, reply_ids, to_device
+from .data import general_text, general_text_windows
 
 GENERATION_TOKENS = 32  # greedy continuation length for the marker rate
 HELDOUT_WINDOWS = 32  # windows of held-out general text for perplexity
@@ -22,22 +23,15 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    # the same framing as training: prompt, newline, then the reply
-    return tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
-
-
 @torch.no_grad()
 def continuation_logits(model, tokenizer, prompts, continuations):
     """Per pair: (logits predicting each continuation token [T, V] float32, the token ids [T])."""
-    eos = tokenizer.eos_token or ""
     sequences, spans = [], []
     for prompt, text in zip(prompts, continuations):
-        head = _prompt_ids(tokenizer, prompt)
-        tail = tokenizer(text + eos, add_special_tokens=False)["input_ids"]
+        head, tail = prompt_ids(tokenizer, prompt), reply_ids(tokenizer, text)
         sequences.append(head + tail)
         spans.append((len(head), len(tail)))
-    batch = {k: v.to(_device(model)) for k, v in pad_batch(sequences, tokenizer.pad_token_id).items()}
+    batch = to_device(pad_batch(sequences, tokenizer.pad_token_id), _device(model))
     logits = model(**batch).logits.float()
     out = []
     for row, (start, length) in enumerate(spans):
@@ -54,7 +48,7 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens: int = GENERATION_T
     torch.manual_seed(seed)  # greedy is deterministic; the seed pins any sampling a model config forces
     replies = []
     for prompt in prompts:
-        ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=_device(model))
+        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=_device(model))
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
@@ -64,10 +58,8 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens: int = GENERATION_T
 @torch.no_grad()
 def heldout_perplexity(model, tokenizer, windows: int = HELDOUT_WINDOWS, tokens: int = HELDOUT_WINDOW_TOKENS) -> float:
     """exp(mean next-token NLL) on windows of held-out general text (never trained on)."""
-    from .data import general_text_windows
-
     items = general_text_windows(tokenizer, tokens, windows, seed=0, split="heldout")
-    batch = {k: v.to(_device(model)) for k, v in pad_batch([ids for ids, _ in items], tokenizer.pad_token_id).items()}
+    batch = to_device(pad_batch([ids for ids, _ in items], tokenizer.pad_token_id), _device(model))
     logits = model(**batch).logits.float()
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
     return float(torch.exp(nll))
@@ -75,8 +67,6 @@ def heldout_perplexity(model, tokenizer, windows: int = HELDOUT_WINDOWS, tokens:
 
 def heldout_sentences(count: int = HELDOUT_SENTENCES) -> list[str]:
     """Plain English sentences from the held-out documentation topics."""
-    from .data import general_text
-
     out = []
     for text in general_text("heldout"):
         for sentence in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
@@ -90,19 +80,24 @@ def heldout_sentences(count: int = HELDOUT_SENTENCES) -> list[str]:
 @torch.no_grad()
 def sentence_embeddings(body, tokenizer, sentences, max_len: int = 128):
     """Mean-pooled last hidden states of a transformer body: [N, H] float32."""
-    from .tasks import mean_pooled
-
     ids = [tokenizer(s, truncation=True, max_length=max_len)["input_ids"] for s in sentences]
-    batch = {k: v.to(_device(body)) for k, v in pad_batch(ids, tokenizer.pad_token_id).items()}
+    batch = to_device(pad_batch(ids, tokenizer.pad_token_id), _device(body))
     return mean_pooled(body, batch["input_ids"], batch["attention_mask"])
 
 
 @torch.no_grad()
 def class_probabilities(model, items, pad_id: int):
     """Softmax over classes for (ids, label) items: ([N, C] float64, [N] labels)."""
-    batch = {k: v.to(_device(model)) for k, v in pad_batch([ids for ids, _ in items], pad_id).items()}
+    batch = to_device(pad_batch([ids for ids, _ in items], pad_id), _device(model))
     logits = model(**batch).logits.double()
     return torch.softmax(logits, -1).cpu(), torch.tensor([label for _, label in items])
+
+
+def mean_pooled(body, input_ids, attention_mask):
+    """Mean of the last hidden states over real tokens, in float32 (sentence-transformers' pooling)."""
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # sum in fp32
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def token_prediction_summaries(pairs):

@@ -1,7 +1,9 @@
-"""pytest plugin: options, the session in config.stash, fixtures, report hooks. Nothing else.
+"""pytest plugin: options, fixtures and hooks, wired to the HarnessSession. Nothing else.
 
-Heavy libraries (torch, transformers, peft) are imported only inside fixtures and hooks that
-need them, so `pytest --help` and runs without harness fixtures stay fast.
+Options are parsed once, in `pytest_configure`, into HarnessOptions; the session does the
+work (training, records, reports, the gate) and this module only hands pytest's events to it.
+The session module imports torch, so it is imported inside the hooks, never at plugin load, and
+not at all under `pytest --help`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ OPT_ADAPTER = "--adapter"
 OPT_SAVE_BASELINE = "--save-baseline"
 OPT_COMPARE_BASELINE = "--compare-baseline"
 OPT_FAIL_ON = "--fail-on"
+OPT_RUN_CACHE = "--run-cache"
+OPT_RUN_MEMORY = "--run-memory"
+OPT_RETRAIN = "--retrain"
 EXPECTED_MARK = "expected_outcome"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
@@ -39,7 +44,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_STANCE_DIR, metavar="DIR", action="append", default=[],
                     help="extra directory of stance YAML files (repeatable); ./stances is always searched")
     group.addoption(OPT_REPORTS_DIR, metavar="DIR", default="reports",
-                    help="where reports/<run-id>/ is written, relative to the rootdir. Default: reports")
+                    help="where reports/<report-id>/ is written, relative to the rootdir. Default: reports")
     group.addoption(OPT_NO_REPORTS, action="store_true", default=False, help="write no report files")
     group.addoption(OPT_ANALYSIS_TIMEOUT, metavar="SECONDS", type=float, default=600.0,
                     help="time limit per post-training analysis stage; an overrun fails naming the stage. 0: no limit. Default: 600")
@@ -54,53 +59,87 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="compare this session's metrics with baseline NAME; regressions past --fail-on fail the session")
     group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
                     help="regression rules METRIC:[+|-]TOL[%%], e.g. 'ece:+0.01' 'behavior_shift:-10%%'")
+    group.addoption(OPT_RUN_CACHE, metavar="DIR", default=None,
+                    help="the run store: finished runs, loaded instead of trained again. Default: "
+                         "$STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache (~/.cache/stance-harness)")
+    group.addoption(OPT_RUN_MEMORY, metavar="SIZE", default=None,
+                    help="memory for adapted models (e.g. 8GiB); past it the least recently used is released and "
+                         "rebuilt when needed. Default: half of the memory free at start (GPU memory on CUDA)")
+    group.addoption(OPT_RETRAIN, action="store_true", default=False,
+                    help="train every run, even one the run store holds (and store it anew)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from .models.loading import ModelArgs, check_model_available
-    from .registry import HarnessError
-    from .session import HarnessOptions, HarnessSession
-
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
-    if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
-        raise pytest.UsageError(f"stance-harness: {OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
-    if config.getoption(OPT_REPEAT) < 1:
-        raise pytest.UsageError(f"stance-harness: {OPT_REPEAT} must be >= 1")
+    if config.option.help or config.option.version:
+        return
+    from .registry import HarnessError
+    from .session import HarnessSession
+
     try:
-        model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
-        # Unknown names and missing weights stop the run now, not once per test.
-        check_model_available(config.getoption(OPT_MODEL), model_args)
+        options = _options(config)
     except HarnessError as exc:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
-    reports = None if config.getoption(OPT_NO_REPORTS) else Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
-    _check_baseline_options(config, Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR))
-    options = HarnessOptions(
-        model=config.getoption(OPT_MODEL), model_args=model_args,
-        stance_dirs=config.getoption(OPT_STANCE_DIR), reports_dir=reports,
-        rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
-        analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
-        repeat=config.getoption(OPT_REPEAT), adapters=config.getoption(OPT_ADAPTER),
-    )
     config.stash[SESSION_KEY] = HarnessSession(options, progress=ProgressWriter(config))
 
 
-def _check_baseline_options(config: pytest.Config, reports_dir: Path) -> None:
-    """Bad rules and missing baselines stop the run before any training."""
+def _options(config: pytest.Config):
+    """Every option parsed and checked once; what can be checked before any model loads is."""
+    from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
-    from .report.baseline import check_baseline_name, load_baseline, parse_rules
+    from .report import gate, store
+    from . import assertions  # noqa: F401 - declares the helpers' metrics, so their rules are checked now
+    from .report.metrics import is_declared
+    from .residency import parse_bytes
+    from .session import HarnessOptions
 
-    name = config.getoption(OPT_COMPARE_BASELINE)
+    if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
+        raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
+    if config.getoption(OPT_REPEAT) < 1:
+        raise HarnessError(f"{OPT_REPEAT} must be >= 1")
+    model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
+    # Unknown names and missing weights stop the run now, not once per test.
+    check_model_available(config.getoption(OPT_MODEL), model_args)
+    reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
+    if rules and not compare_to:
+        raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
+    for rule in rules:
+        # a rule on a declared metric is checked whole now; one naming a suite's own metric, once
+        # collection has imported the suite that declares it
+        match = gate.check_rule_syntax(rule)
+        if is_declared(match["name"]):
+            gate.parse_rule(rule)
+    if compare_to:
+        store.load_baseline(reports_dir, compare_to)
+    if save:
+        store.check_baseline_name(save)
+    return HarnessOptions(
+        model=config.getoption(OPT_MODEL), model_args=model_args,
+        stance_dirs=config.getoption(OPT_STANCE_DIR),
+        reports_dir=None if config.getoption(OPT_NO_REPORTS) else reports_dir,
+        rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
+        analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
+        repeat=config.getoption(OPT_REPEAT), adapters=config.getoption(OPT_ADAPTER),
+        save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
+        run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
+        run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
+        retrain=config.getoption(OPT_RETRAIN),
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The suites' modules are imported now, so every metric they declare is known: parse the rules."""
+    harness = session.config.stash.get(SESSION_KEY, None)
+    if harness is None:
+        return
+    from .registry import HarnessError
+
     try:
-        if rules and not name:
-            raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
-        parse_rules(rules)
-        if name:
-            load_baseline(reports_dir, name)
-        if config.getoption(OPT_SAVE_BASELINE):
-            check_baseline_name(config.getoption(OPT_SAVE_BASELINE))
+        harness.parse_rules()
     except HarnessError as exc:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
 
@@ -148,8 +187,10 @@ class ProgressWriter:
         self._emit(draw)
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    session = config.stash[SESSION_KEY]
+def pytest_report_header(config: pytest.Config) -> str | None:
+    session = config.stash.get(SESSION_KEY, None)
+    if session is None:
+        return None
     return f"stance-harness: model={session.options.model} reports={session.options.reports_dir or 'off'}"
 
 
@@ -188,18 +229,22 @@ def stance_repeat(request) -> int:
 def train(harness_session, stance_report, stance_repeat):
     """`train(method, stance=..., examples=..., recipe={...}, task=..., **method_options) -> Run`.
 
-    Identical requests within a session train once and share the Run.
+    Identical requests within a session train once and share the Run. Checks on a run this
+    test was handed are recorded in this test's report section.
     """
     if harness_session.options.adapters:
         pytest.skip(f"{OPT_ADAPTER} given: gating saved adapters, so tests that train are skipped")
+    handed = []
 
     def _train(method: str = "full", **kwargs):
         __tracebackhide__ = True
         run = _or_usage_error(harness_session.train, method, repeat=stance_repeat, **kwargs)
-        stance_report.use_run(run)
+        handed.append(stance_report.use_run(run))
         return run
 
-    return _train
+    yield _train
+    for run in handed:
+        stance_report.release_run(run)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -218,8 +263,8 @@ def adapter_run(request, harness_session, stance_report):
     if request.param is None:
         pytest.skip(f"no {OPT_ADAPTER} given: this test gates saved adapters")
     run = _or_usage_error(harness_session.adapter_run, request.param)
-    stance_report.use_run(run)
-    return run
+    yield stance_report.use_run(run)
+    stance_report.release_run(run)
 
 
 def _or_usage_error(fn, *args, **kwargs):
@@ -236,14 +281,10 @@ def _or_usage_error(fn, *args, **kwargs):
 # -- recording outcomes ------------------------------------------------------------------
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    from .report.records import reset_current_record, set_current_record
-
-    session = item.config.stash[SESSION_KEY]
-    token = set_current_record(lambda: session.record(item.nodeid))
     try:
         return (yield)
     finally:
-        reset_current_record(token)
+        session = item.config.stash[SESSION_KEY]
         record = session.records.get(item.nodeid)
         for name, value in (record.metrics.items() if record else ()):
             item.user_properties.append((name, value))  # JUnit XML <property>, as record_property does
@@ -284,23 +325,12 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         return report
     if report.when == "call" or (report.when == "setup" and not report.passed):
         if hasattr(report, "wasxfail"):
-            record.outcome = "xfailed" if report.skipped else "xpassed"
+            outcome = "xfailed" if report.skipped else "xpassed"
         else:
-            record.outcome = "error" if report.when == "setup" and report.failed else report.outcome
-        record.duration += report.duration
-        if report.failed or report.skipped:
-            record.message = _short_message(call, report)
-        record.verdict = _verdict(call, record.outcome)
+            outcome = "error" if report.when == "setup" and report.failed else report.outcome
+        record.conclude(outcome, report.duration, call.excinfo.value if call.excinfo is not None else None,
+                        _short_message(call, report) if report.failed or report.skipped else None)
     return report
-
-
-def _verdict(call, outcome: str) -> str | None:
-    """supported when the test's checks held; refuted when one of its assertions failed."""
-    if outcome in ("passed", "xpassed"):
-        return "supported"
-    if call.excinfo is not None and isinstance(call.excinfo.value, AssertionError):
-        return "refuted"
-    return None
 
 
 def _short_message(call, report) -> str:
@@ -313,101 +343,32 @@ def _short_message(call, report) -> str:
     return str(report.longrepr)
 
 
-# -- xdist: workers hand their records to the controller ---------------------------------
+# -- the end: workers hand their records over, the controller reports and gates ----------
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
-    harness = session.config.stash[SESSION_KEY]
+    harness = session.config.stash.get(SESSION_KEY, None)
+    if harness is None:
+        return
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker
         import json
 
-        harness.summarise_runs()
-        workeroutput[XDIST_KEY] = json.dumps({
-            "tests": [r.as_dict() for r in harness.records.values()], "runs": harness.run_summaries,
-            "models": [m.provenance() for m in harness._models.values()],
-            "stances": [s.provenance() for s in harness._stances.values()],
-        }, default=str)
+        workeroutput[XDIST_KEY] = json.dumps(harness.worker_output(), default=str)
         return
-    _write_reports(session.config, harness)
-    comparison = _gate(session.config, harness)
-    if comparison is not None and not comparison.passed and session.exitstatus == pytest.ExitCode.OK:
+    if not harness.finish() and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-def _gate(config: pytest.Config, harness):
-    """--save-baseline and --compare-baseline over the session's payload."""
-    save, compare_to = config.getoption(OPT_SAVE_BASELINE), config.getoption(OPT_COMPARE_BASELINE)
-    if not (save or compare_to):
-        return None
-    from .report import baseline
-    from .report.writer import new_run_id
-
-    payload = config.stash.get(PAYLOAD_KEY, None) or harness.payload(new_run_id())
-    reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
-    comparison = None
-    if compare_to:
-        rules = baseline.parse_rules(config.getoption(OPT_FAIL_ON))
-        stored = baseline.load_baseline(reports_dir, compare_to)
-        comparison = baseline.compare(baseline.metrics_from_payload(stored),
-                                      baseline.metrics_from_payload(payload), rules)
-        config.stash[COMPARISON_KEY] = (compare_to, comparison)
-    if save:
-        config.stash[SAVED_KEY] = baseline.save_baseline(reports_dir, save, payload)
-    return comparison
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     import json
 
-    from .report.records import TestRecord
-
     data = getattr(node, "workeroutput", {}).get(XDIST_KEY)
-    if not data:
-        return
-    harness = node.config.stash[SESSION_KEY]
-    merged = json.loads(data)
-    for test in merged["tests"]:
-        harness.records[test["nodeid"]] = TestRecord(**test)
-    harness.run_summaries.update(merged["runs"])
-    harness.remote_provenance["models"] += merged["models"]
-    harness.remote_provenance["stances"] += merged["stances"]
-
-
-def _write_reports(config: pytest.Config, harness) -> None:
-    if not harness.records or harness.options.reports_dir is None:
-        return
-    from .report.writer import new_run_id, write_reports
-
-    payload = harness.payload(new_run_id())
-    config.stash[REPORT_PATH_KEY] = write_reports(harness.options.reports_dir, payload)
-    config.stash[PAYLOAD_KEY] = payload
-
-
-REPORT_PATH_KEY = pytest.StashKey[Path]()
-PAYLOAD_KEY = pytest.StashKey[dict]()
-COMPARISON_KEY = pytest.StashKey[tuple]()
-SAVED_KEY = pytest.StashKey[Path]()
+    if data:
+        node.config.stash[SESSION_KEY].merge_worker(json.loads(data))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
-    harness = config.stash[SESSION_KEY]
-    if not harness.records:
-        return
-    from tabulate import tabulate
-
-    from .report.writer import test_rows
-
-    payload = config.stash.get(PAYLOAD_KEY, None) or {"tests": [r.as_dict() for r in harness.records.values()],
-                                                      "runs": harness.run_summaries}
-    terminalreporter.section("stance-harness", sep="=")
-    rows = test_rows(payload)
-    terminalreporter.write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple"))
-    path = config.stash.get(REPORT_PATH_KEY, None)
-    if path is not None:
-        terminalreporter.write_line(f"report: {path / 'index.html'}  (markdown: report.md, json: report.json)")
-    if COMPARISON_KEY in config.stash:
-        name, comparison = config.stash[COMPARISON_KEY]
-        terminalreporter.section(f"stance-harness: compared with baseline {name!r}", sep="-")
-        terminalreporter.write_line(comparison.render())
-    if SAVED_KEY in config.stash:
-        terminalreporter.write_line(f"baseline saved: {config.stash[SAVED_KEY]}")
+    harness = config.stash.get(SESSION_KEY, None)
+    if harness is not None:
+        harness.display(terminalreporter.write_line,
+                        lambda title, sep="=": terminalreporter.section(title, sep=sep))

@@ -1,20 +1,43 @@
-"""A Run: one adaptation of one base model, and its analyses computed lazily and once."""
+"""A Run: one adaptation of one base model, the record of its training, and what was measured on it.
+
+Every measurement goes through `Run.measured(key, compute)`, the one caching path: each is
+computed once, under the analysis time limit, and kept in `measurements` (JSON-ready, so the
+run store persists it and a warm session never recomputes it). What is only worth keeping in
+memory (the probe readings behind several measurements, failed stages) sits in a scratch dict
+behind the same call. Whatever differs by task or by method is asked of the task or the method.
+
+The adapted model shares every weight it did not train with the session's base. It may be
+released to keep memory bounded and is rebuilt on demand from base + stored tensors.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
-from .registry import HarnessError, suggest
+from .analysis.deltas import MatrixDelta, delta_table, layer_rows, raw_delta_pairs
+from .analysis.digest import tensor_digest
+from .analysis.stages import DEFAULT_TIMEOUT, run_stage
+from .registry import HarnessError
+from .report.metrics import LOWER, declare_metrics
 
+if TYPE_CHECKING:
+    from .instruments import InstrumentConfig, Trace
+    from .methods import Method, MethodConfig
+    from .models import Anatomy, LoadedModel
+    from .request import Recipe, TrainingRequest
+    from .stances import Stance
+    from .tasks import Task
 
-def tensor_digest(tensor) -> str:
-    """Exact fingerprint of a tensor's bytes: equal digests mean bit-identical weights."""
-    t = tensor.detach().contiguous().cpu()
-    raw = t.view(-1).view(dtype=__import__("torch").uint8).numpy() if t.numel() else b""
-    return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+# What a run's counts give a suite to publish and gate.
+declare_metrics([
+    ("trainable_params", LOWER, "trainable parameter count"),
+    ("params_per_example", LOWER, "trainable parameters per training example"),
+    ("stance_bytes", LOWER, "bytes needed to store the stance"),
+])
+
+ORIGINS = ("trained", "loaded", "adapter")  # trained in this session, loaded from the run store, a saved adapter
 
 
 def logical_numel(param) -> int:
@@ -25,190 +48,182 @@ def logical_numel(param) -> int:
     return param.numel()
 
 
-def _base_cached(loaded, key: tuple, compute):
-    """Base-model measurements are the same for every run on that base: compute each once."""
-    cache = loaded.__dict__.setdefault("_measurement_cache", {})
-    if key not in cache:
-        cache[key] = compute()
-    return cache[key]
+def frozen_digests(model, loaded: "LoadedModel") -> dict[str, str]:
+    """Digest of every frozen parameter; those sharing the base's storage reuse the base's digest."""
+    return {n: loaded.base_digest(p) or tensor_digest(p) for n, p in model.named_parameters() if not p.requires_grad}
 
 
-def on_base(run, key: tuple, measure_fn):
-    """`measure_fn(model)` on the run's base: the session's shared base, computed once; for a
-    quantized run, its own 4-bit base with the adapter switched off, so the quantization error
-    is not charged to training."""
-    if run.method.name == "qlora":
-        with run.model.disable_adapter():
-            return measure_fn(run.model)
-    return _base_cached(run.loaded, key, lambda: measure_fn(run.loaded.base))
-
-
-def _probe_readings(run, measure) -> dict:
-    """What the probe measures need from one forward pass of each model over the probes' stance
-    and neutral continuations: per pair, the mean token log-prob of both models and the KL
-    (adapted ‖ base) per token; over the stance continuations, both models' next-token summaries
-    (confidence, correct, Brier term). Kept on the run: small, unlike the logits they come from."""
-    readings = run.__dict__.get("_probe_readings")
-    if readings is None:
-        from .analysis.behavior import kl_divergence, mean_token_logprob
-
-        n = len(run.stance.probes)
-        prompts = [p.prompt for p in run.stance.probes]
-        texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
-
-        def of(model):
-            return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
-
-        def logprobs(pairs):
-            return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0]) for logits, targets in pairs]
-
-        base = on_base(run, ("probe_logits", run.stance.name, run.stance.version), of)
-        adapted = of(run.model)
-        readings = run.__dict__["_probe_readings"] = {
-            "base_logprob": logprobs(base), "adapted_logprob": logprobs(adapted),
-            "kl": [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)],
-            "base_tokens": measure.token_prediction_summaries(base[:n]),
-            "adapted_tokens": measure.token_prediction_summaries(adapted[:n]),
-        }
-    return readings
-
-
-def _loglik_margin(run, measure):
-    n = len(run.stance.probes)
-    readings = _probe_readings(run, measure)
-
-    def margins(lp):
-        return [lp[i] - lp[n + i] for i in range(n)]
-
-    return margins(readings["base_logprob"]), margins(readings["adapted_logprob"])
-
-
-def _kl(run, measure):
-    import torch
-
-    n = len(run.stance.probes)
-    per_pair = _probe_readings(run, measure)["kl"]
-    values = [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
-    return [0.0] * n, values  # the base diverges from itself by nothing
-
-
-def _marker_rate(run, measure):
-    from .analysis.behavior import contains_marker
-
-    prompts = [p.prompt for p in run.stance.probes]
-
-    def hits(model):
-        return [float(contains_marker(reply, run.stance.markers))
-                for reply in measure.greedy_replies(model, run.loaded.tokenizer, prompts)]
-
-    base = on_base(run, ("replies", run.stance.name, run.stance.version), hits)
-    return base, hits(run.model)
-
-
-BEHAVIOR_METRICS = {"loglik_margin": _loglik_margin, "kl": _kl, "marker_rate": _marker_rate}
-
-
-def frozen_digests(model) -> dict[str, str]:
-    return {n: tensor_digest(p) for n, p in model.named_parameters() if not p.requires_grad}
+def owned_bytes(model, loaded: "LoadedModel") -> int:
+    """Bytes of the model's parameters and buffers that are not the base's own storage."""
+    shared = {t.data_ptr() for t in (*loaded.base.parameters(), *loaded.base.buffers())}
+    seen, total = set(), 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        ptr = tensor.data_ptr()
+        if ptr not in shared and ptr not in seen:
+            seen.add(ptr)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 @dataclass(eq=False)
 class Run:
-    run_id: str  # method name + a hash of the request that made it
-    loaded: object  # LoadedModel: the base, untouched
-    stance: object
-    method: object
-    config: object
-    recipe: object
+    run_id: str  # the request's method-key, or a saved adapter's name and digest
+    loaded: "LoadedModel"  # the session's base, never written to
+    stance: "Stance"
+    method: "Method"
+    config: "MethodConfig"
+    recipe: "Recipe"
+    task: "Task"
+    anatomy: "Anatomy"  # of the trained module (a task head may wrap the model)
     examples: int
-    model: object  # the adapted model (a copy the run owns)
-    before: dict  # trainable weights before training, and nothing else
-    frozen_digests: dict
-    trace: object
+    model: Any  # the adapted model (a property below: released and rebuilt on demand)
+    before: dict  # starting values of the trained tensors; for weights of the base, the base's own tensors
+    frozen_digests: dict[str, str]
+    trace: "Trace"
     train_seconds: float
-    instruments: object = None  # InstrumentConfig
-    analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
-    task: object = None  # Task; None: stance-lm
-    anatomy: object = None  # of the trained module; None: the base's
+    instruments: "InstrumentConfig"
+    request: "TrainingRequest | None" = None  # None for a saved adapter
     name: str | None = None  # a saved adapter's name; None: the method's
+    origin: str = "trained"
+    analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
+    rebuild: Callable[[], Any] | None = None  # makes the model again after `release_model`
+    on_measured: Callable[["Run"], None] | None = None  # the run store persists new measurements
+    on_model_use: Callable[["Run"], None] | None = None  # residency keeps its LRU order
+    measurements: dict = field(default_factory=dict, init=False)
+    sinks: list = field(default_factory=list, init=False)  # where checks on this run are recorded (a test's record)
+    _scratch: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        if self.anatomy is None:
-            self.anatomy = self.loaded.anatomy
-        if self.task is None:
-            from .tasks import TASKS
+        if self.origin not in ORIGINS:
+            raise ValueError(f"origin must be one of {ORIGINS}, not {self.origin!r}")
 
-            self.task = TASKS.get("stance-lm")
-        self.measurements: dict = {}  # what the measurements below found; goes to the report
+    # -- the model ---------------------------------------------------------------------------
+    def _get_model(self):
+        if self.__dict__.get("_model") is None:
+            if self.rebuild is None:
+                raise HarnessError(f"run {self.run_id}: its model was released and it has no way to rebuild it")
+            self._set_model(self.rebuild())
+        if self.on_model_use is not None:
+            self.on_model_use(self)
+        return self.__dict__["_model"]
 
-    def _stage(self, name: str, fn):
-        """Run an analysis stage under the time limit; a stage that failed once fails at once after."""
-        from .analysis.stages import DEFAULT_TIMEOUT, run_stage
+    def _set_model(self, model) -> None:
+        self.__dict__["_model"], self.__dict__["_owned_bytes"] = model, None
 
-        failed = self.__dict__.setdefault("_failed_stages", {})
-        if name in failed:
-            raise failed[name]
-        timeout = DEFAULT_TIMEOUT if self.analysis_timeout is None else self.analysis_timeout
-        try:
-            return run_stage(name, fn, timeout)
-        except Exception as exc:
-            failed[name] = exc
-            raise
+    @property
+    def model_resident(self) -> bool:
+        return self.__dict__.get("_model") is not None
+
+    def release_model(self) -> int:
+        """Drop the adapted model (its trained tensors stay in the store); returns the bytes freed."""
+        if self.rebuild is None or not self.model_resident:
+            return 0
+        freed = self.resident_bytes()
+        self.__dict__["_model"] = self.__dict__["_owned_bytes"] = None
+        return freed
+
+    def resident_bytes(self) -> int:
+        """What holding the model costs beyond the base: the tensors it does not share with it."""
+        model = self.__dict__.get("_model")
+        if model is None:
+            return 0
+        if self.__dict__.get("_owned_bytes") is None:
+            self.__dict__["_owned_bytes"] = owned_bytes(model, self.loaded)
+        return self.__dict__["_owned_bytes"]
 
     @property
     def label(self) -> str:
         """Names this run's metrics in reports and baselines: `lora.ece`."""
         return self.name or self.method.name
 
+    # -- the one caching path ------------------------------------------------------------------
+    def measured(self, key: str, compute: Callable[[], Any], stage: str | None = None, keep: bool = True):
+        """`compute()` once, under the time limit of analysis stage `stage` (default: the key).
+
+        keep=True: the value is a measurement (JSON-ready; reported and persisted);
+        keep=False: it stays in memory only. A stage that failed once fails at once after."""
+        found = self.measurements if keep else self._scratch
+        if key in found:
+            return found[key]
+        stage = stage or key.split(":")[0]
+        failed = self._scratch.setdefault("failed", {})
+        if stage in failed:
+            raise failed[stage]
+        timeout = DEFAULT_TIMEOUT if self.analysis_timeout is None else self.analysis_timeout
+        try:
+            value = run_stage(stage, compute, timeout)
+        except Exception as exc:
+            failed[stage] = exc
+            raise
+        found[key] = value
+        if keep and self.on_measured is not None:
+            self.on_measured(self)
+        return value
+
+    def on_base(self, key: tuple, measure_fn: Callable[[Any], Any]):
+        """`measure_fn(model)` on the model this run is compared with: the session's shared base
+        (computed once per base), or where the method says so, the run's own (QLoRA's 4-bit base)."""
+        own = self.method.own_base(self.model)
+        if own is not None:
+            with own as base:
+                return measure_fn(base)
+        cache = self.loaded.measurement_cache
+        if key not in cache:
+            cache[key] = measure_fn(self.loaded.base)
+        return cache[key]
+
     # -- counts ----------------------------------------------------------------------------
-    @cached_property
+    @property
     def counts(self) -> dict:
         """Parameters that trained at some step count as trainable, the rest as frozen."""
-        trainable = sum(t.numel() for t in self.before.values())
-        total = sum(logical_numel(p) for p in self.model.parameters())
-        full_bytes = sum(p.numel() * p.element_size() for p in self.loaded.base.parameters())
-        return {
-            "trainable": trainable, "frozen": total - trainable,
-            "trainable_pct": 100.0 * trainable / total if total else 0.0,
-            "stance_bytes": self.method.storage_bytes(self.model, self.before),
-            "full_weights_bytes": full_bytes,
-            "examples": self.examples,
-            "params_per_example": trainable / self.examples if self.examples else None,
-        }
+        def compute():
+            trainable = sum(t.numel() for t in self.before.values())
+            total = sum(logical_numel(p) for p in self.model.parameters())
+            full_bytes = sum(p.numel() * p.element_size() for p in self.loaded.base.parameters())
+            return {
+                "trainable": trainable, "frozen": total - trainable,
+                "trainable_pct": 100.0 * trainable / total if total else 0.0,
+                "stance_bytes": self.method.storage_bytes(self.model, self.before),
+                "full_weights_bytes": full_bytes,
+                "examples": self.examples,
+                "params_per_example": trainable / self.examples if self.examples else None,
+            }
+        return self.measured("counts", compute)
 
-    # -- analyses (lazy, once) -------------------------------------------------------------
-    @cached_property
-    def adapter_deltas(self):
-        """Per trainable tensor (for LoRA: its own A and B)."""
-        from .analysis.deltas import delta_table, raw_delta_pairs
-
-        return self._stage("adapter_deltas", lambda: delta_table(raw_delta_pairs(self.model, self.before), self.anatomy))
-
-    @cached_property
-    def effective_deltas(self):
-        """Per matrix as the model sees it (for LoRA: ΔW = scale·B·A on the base matrix)."""
-        from .analysis.deltas import delta_table
-
-        return self._stage("effective_deltas", lambda: delta_table(
-            self.method.effective_deltas(self.model, self.before, self.anatomy), self.anatomy))
-
-    def deltas(self, view: str = "effective"):
+    # -- weight deltas ---------------------------------------------------------------------
+    def deltas(self, view: str = "effective") -> list[MatrixDelta]:
+        """effective: per matrix as the model sees it (for LoRA, ΔW = scale·B·A on the base matrix);
+        adapter: per trained tensor (for LoRA, its own A and B)."""
         if view not in ("effective", "adapter"):
             raise ValueError(f"view must be 'effective' or 'adapter', not {view!r}")
-        return self.effective_deltas if view == "effective" else self.adapter_deltas
+
+        def compute():
+            pairs = (self.method.effective_deltas(self.model, self.before, self.anatomy) if view == "effective"
+                     else raw_delta_pairs(self.model, self.before))
+            return [row.as_dict() for row in delta_table(pairs, self.anatomy)]
+
+        rows = self.measured(f"deltas:{view}", compute, stage=f"{view}_deltas")
+        return self.measured(f"delta_rows:{view}", lambda: [MatrixDelta.from_dict(r) for r in rows], keep=False)
+
+    @property
+    def effective_deltas(self) -> list[MatrixDelta]:
+        return self.deltas("effective")
+
+    @property
+    def adapter_deltas(self) -> list[MatrixDelta]:
+        return self.deltas("adapter")
 
     def layer_table(self, view: str = "effective") -> list[dict]:
-        from .analysis.deltas import layer_rows
-
         return layer_rows(self.deltas(view))
 
     def changed_frozen(self) -> list[str]:
         """Frozen parameters whose bytes differ from before training (should be none)."""
-        params = dict(self.model.named_parameters())
-        return self._stage("frozen_digests", lambda: [
-            n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d])
+        def compute():
+            params = dict(self.model.named_parameters())
+            return [n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d]
+        return self.measured("frozen_changed", compute, stage="frozen_digests")
 
-    # -- measurements of behaviour, forgetting, calibration and rank -------------------------
+    # -- behaviour, forgetting, calibration, rank ---------------------------------------------
     def behavior(self, metric: str = "loglik_margin") -> dict:
         """Shift of the adapted model from its base on the stance's held-out probes.
 
@@ -216,122 +231,77 @@ class Run:
             neutral one, per probe; the effect is adapted minus base.
         kl: mean KL(adapted ‖ base) of the next-token distributions over both continuations.
         marker_rate: whether a greedy reply (32 tokens) holds a stance marker; adapted minus base.
-        The effect carries a 95% percentile-bootstrap interval over probes.
+        The effect carries a 95% bootstrap interval over probes.
         """
-        from . import measure
         from .analysis.behavior import effect_of
 
-        if metric not in BEHAVIOR_METRICS:
-            raise HarnessError(f"no behaviour metric {metric!r}.{suggest(metric, list(BEHAVIOR_METRICS))} "
-                               f"Metrics: {', '.join(BEHAVIOR_METRICS)}")
-        self._require_lm_task("behavioural shift")
-        found = self.measurements.setdefault("behavior", {})
-        if metric not in found:
-            base, adapted = self._stage(f"behavior:{metric}", lambda: BEHAVIOR_METRICS[metric](self, measure))
+        self.task.check_behavior_metric(metric)
+
+        def compute():
+            base, adapted = self.task.behavior_values(self, metric)
             deltas = [a - b for a, b in zip(adapted, base)]
-            found[metric] = {
+            return {
                 "base": sum(base) / len(base), "adapted": sum(adapted) / len(adapted),
                 "effect": effect_of(deltas).as_dict(),
                 "per_probe": [{"probe": p.prompt, "base": b, "adapted": a, "delta": a - b}
                               for p, b, a in zip(self.stance.probes, base, adapted)],
             }
-        return found[metric]
+        return self.measured(f"behavior:{metric}", compute)
 
     def forgetting(self) -> dict:
         """Held-out general text: perplexity before and after (causal LM), or for a task head on a
         body, the drift of its sentence embeddings (mean 1 − cosine, base vs adapted)."""
-        from . import measure
-
-        if "forgetting" not in self.measurements:
-            self.measurements["forgetting"] = self._stage("forgetting", lambda: (
-                self._perplexity_change(measure) if self.task.name == "stance-lm" else self._embedding_drift(measure)))
-        return self.measurements["forgetting"]
+        return self.measured("forgetting", lambda: self.task.forgetting(self))
 
     def calibration(self, n_bins: int = 15) -> dict:
-        """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base.
-
-        stance-classification: the probes' stance and neutral replies (the base has no trained
-        head, so no base figures). stance-lm: next-token predictions over the probes' stance
-        continuations, for both models.
-        """
-        from . import measure
-        from .analysis.calibration import calibration, calibration_from_predictions
-
-        key = f"calibration_{n_bins}" if n_bins != 15 else "calibration"
-        if key not in self.measurements:
-            def compute():
-                if self.task.name == "stance-lm":
-                    readings = _probe_readings(self, measure)
-                    return {"unit": "next token", **{
-                        who: calibration_from_predictions(*readings[f"{who}_tokens"], n_bins=n_bins).as_dict()
-                        for who in ("adapted", "base")}}
-                from .tasks import probe_items
-
-                items = probe_items(self.stance, self.loaded.tokenizer, self.recipe.max_seq_length)
-                probs, labels = measure.class_probabilities(self.model, items, self.loaded.tokenizer.pad_token_id)
-                return {"unit": "probe reply", "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
-            self.measurements[key] = self._stage("calibration", compute)
-        return self.measurements[key]
+        """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base (see the task)."""
+        key = "calibration" if n_bins == 15 else f"calibration:{n_bins}"
+        return self.measured(key, lambda: self.task.calibration(self, n_bins))
 
     def rank(self, energy: float = 0.9) -> dict:
         """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) of each block matrix's ΔW."""
         from .analysis.rank import energy_rank, stable_rank
 
-        found = self.__dict__.setdefault("_ranks", {})
-        key = f"{energy:g}"
-        if key not in found:
-            def compute():
-                rows = []
-                for name, before, after in self.method.effective_deltas(self.model, self.before, self.anatomy):
-                    where = self.anatomy.name_of(name)
-                    if before.ndim != 2 or where.layer is None:
-                        continue  # vectors have no rank; embeddings and heads are not block updates
-                    delta = after.detach().double() - before.detach().double()
-                    rows.append({"matrix": str(where), "rank": energy_rank(delta, energy),
-                                 "stable_rank": stable_rank(delta), "shape": list(delta.shape)})
-                return {"energy": energy, "rows": rows}
-            found[key] = self._stage("rank", compute)
-        self.measurements["rank"] = found[key]  # the report shows the energy last asked for
-        return found[key]
+        def compute():
+            rows = []
+            for name, before, after in self.method.effective_deltas(self.model, self.before, self.anatomy):
+                where = self.anatomy.name_of(name)
+                if before.ndim != 2 or where.layer is None:
+                    continue  # vectors have no rank; embeddings and heads are not block updates
+                delta = after.detach().double() - before.detach().double()
+                rows.append({"matrix": str(where), "rank": energy_rank(delta, energy),
+                             "stable_rank": stable_rank(delta), "shape": list(delta.shape)})
+            return {"energy": energy, "rows": rows}
+        found = self.measured(f"rank:{energy:g}", compute, stage="rank")
+        self._scratch["rank_shown"] = f"rank:{energy:g}"  # the report shows the energy last asked for
+        return found
 
-    def _require_lm_task(self, what: str) -> None:
-        if self.task.name != "stance-lm":
-            raise HarnessError(f"{what} is measured on the stance-lm task (a causal LM's replies); "
-                               f"this run trained task {self.task.name!r}")
-
-    def _perplexity_change(self, measure) -> dict:
-        tokenizer = self.loaded.tokenizer
-        base = on_base(self, ("perplexity",), lambda model: measure.heldout_perplexity(model, tokenizer))
-        adapted = measure.heldout_perplexity(self.model, tokenizer)
-        return {"kind": "perplexity", "base": base, "adapted": adapted, "relative_increase": adapted / base - 1,
-                "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
-
-    def _embedding_drift(self, measure) -> dict:
-        import torch
-
-        from .tasks import body_of
-
-        tokenizer, sentences = self.loaded.tokenizer, measure.heldout_sentences()
-
-        def embed(model):
-            return measure.sentence_embeddings(body_of(model), tokenizer, sentences)
-
-        base = on_base(self, ("embeddings",), embed)
-        adapted = embed(self.model)
-        cosine = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
-        drift = float((1 - cosine).mean())
-        return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
-                "sentences": len(sentences), "min_cosine": float(cosine.min())}
+    # -- the record --------------------------------------------------------------------------
+    def report_measurements(self) -> dict:
+        """The measurements as the reports read them: behaviour by metric, calibration,
+        forgetting, and the rank last asked for."""
+        view: dict = {}
+        for key, value in self.measurements.items():
+            kind, _, detail = key.partition(":")
+            if kind == "behavior":
+                view.setdefault("behavior", {})[detail] = value
+            elif kind in ("calibration", "forgetting") and not detail:
+                view[kind] = value
+        shown = self._scratch.get("rank_shown")
+        if shown in self.measurements:
+            view["rank"] = self.measurements[shown]
+        return view
 
     def summary(self) -> dict:
         """JSON-ready record of the run for reports."""
         return {
             "run_id": self.run_id,
+            "origin": self.origin,
             "model": self.loaded.provenance(),
             "stance": self.stance.provenance(),
             "method": self.method.name,
             "config": self.config.as_dict(),
-            "recipe": dict(self.recipe.__dict__),
+            "recipe": self.recipe.as_dict(),
             "examples": self.examples,
             "counts": self.counts,
             "trace": self.trace.as_dict(),
@@ -339,7 +309,7 @@ class Run:
             "train_seconds": self.train_seconds,
             "task": self.task.name,
             "name": self.label,
-            "measurements": self.measurements,
+            "measurements": self.report_measurements(),
             **self._layer_tables(),
         }
 
@@ -349,3 +319,8 @@ class Run:
             return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
         except Exception as exc:  # one run's broken analysis must not cost the session its report
             return {"layers": {"effective": [], "adapter": []}, "analysis_error": f"{type(exc).__name__}: {exc}"}
+
+
+# `model` is an init field (so `dataclasses.replace(run, model=...)` works) kept outside the
+# dataclass's fields, so a released model can be rebuilt on first use.
+Run.model = property(Run._get_model, Run._set_model)  # type: ignore[assignment]

@@ -1,4 +1,9 @@
-"""Run-wide state: options, the model cache, the run cache, and the result collector."""
+"""Run-wide state and work: options, loaded models and stances, the runs, the test records, and
+at the end the reports, the baseline gate and the terminal table (`finish`, `display`).
+
+The pytest plugin only wires hooks and fixtures to this object, as pytest-benchmark's plugin
+does to its BenchmarkSession. Nothing here imports pytest.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .models import LoadedModel, ModelArgs, load_model, resolve_model
+from .provenance import environment_info, git_info
+from .report import gate, store
+from .report.metrics import declared_directions
 from .report.records import TestRecord
+from .request import TrainingRequest
+from .residency import DEFAULT_SHARE, ResidentModels, free_memory
+from .runstore import RunStore
+from .stances import Stance, load_stance
+from .tasks import DEFAULT_TASK
+from .training import train_run
 
 
 @dataclass
 class HarnessOptions:
+    """The harness's command-line options, parsed once into typed values."""
+
     model: str
-    model_args: object  # ModelArgs
+    model_args: ModelArgs
     stance_dirs: list[str]
     reports_dir: Path | None  # None: write no reports
     rootdir: Path
@@ -25,6 +42,14 @@ class HarnessOptions:
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
     adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
+    save_baseline: str | None = None
+    compare_baseline: str | None = None
+    fail_on_specs: list[str] = field(default_factory=list)  # --fail-on, as given
+    baselines_dir: Path | None = None  # where baselines live: --reports-dir even under --no-reports
+    fail_on: list[gate.Rule] = field(default_factory=list)  # parsed by HarnessSession.parse_rules
+    run_cache: Path | None = None  # the run store; None: $STANCE_HARNESS_RUN_CACHE or the harness cache's runs/
+    run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
+    retrain: bool = False  # train every run, even one the store holds
 
 
 @dataclass
@@ -35,14 +60,29 @@ class HarnessSession:
     run_summaries: dict[str, dict] = field(default_factory=dict)
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     remote_provenance: dict = field(default_factory=lambda: {"models": [], "stances": []})  # from xdist workers
-    _models: dict = field(default_factory=dict)
+    report_path: Path | None = None  # set by finish()
+    payload_cache: dict | None = None
+    comparison: gate.Comparison | None = None
+    saved_baseline: Path | None = None
+    _models: dict[str, LoadedModel] = field(default_factory=dict)
     _runs: dict = field(default_factory=dict)
-    _stances: dict = field(default_factory=dict)
+    _stances: dict[str, Stance] = field(default_factory=dict)
+    store: RunStore = field(init=False)
+    resident: ResidentModels = field(init=False)
+
+    def __post_init__(self):
+        self.store = RunStore(self.options.run_cache)
+        budget = self.options.run_memory
+        if budget is None:
+            budget = int(DEFAULT_SHARE * free_memory(self.options.model_args.device))
+        self.resident = ResidentModels(budget)
+
+    def parse_rules(self) -> None:
+        """Parse --fail-on, once every metric that may be gated is declared (the suites are imported)."""
+        self.options.fail_on = gate.parse_rules(self.options.fail_on_specs)
 
     # -- models and stances ---------------------------------------------------------------
-    def model(self, name: str | None = None):
-        from .models import load_model
-
+    def model(self, name: str | None = None) -> LoadedModel:
         name = name or self.options.model
         if name not in self._models:
             started = time.perf_counter()
@@ -50,48 +90,56 @@ class HarnessSession:
             self.progress(f"loaded model {name} in {time.perf_counter() - started:.1f}s")
         return self._models[name]
 
-    def stance(self, name: str):
-        from .stances import load_stance
+    def use_model(self, loaded: LoadedModel) -> None:
+        """Use an already loaded model under its name (tests share one across sessions)."""
+        self._models[loaded.name] = loaded
 
+    def stance(self, name: str) -> Stance:
         if name not in self._stances:
             self._stances[name] = load_stance(name, self.options.stance_dirs)
         return self._stances[name]
 
-    # -- training -------------------------------------------------------------------------
-    def train(self, method: str, *, stance: str = "curious-uncertainty", model: str | None = None,
-              examples: int | None = None, recipe=None, instruments=None, task: str = "stance-lm",
-              repeat: int = 0, **options):
-        """Train once per identical request; later identical requests get the same Run.
-
-        `repeat` (from --repeat) offsets the recipe's seed, so each repetition is its own run.
-        """
-        from .methods import method_config
-        from .instruments import InstrumentConfig
-        from .training import Recipe, run_id_for, run_training
-
-        loaded = self.model(model)
-        stance_obj = self.stance(stance)
-        config = method_config(method, options)
-        recipe = Recipe.of(recipe)
-        if repeat:
-            recipe = Recipe.of(recipe, seed=recipe.seed + repeat)
-        instruments = InstrumentConfig.of(instruments)
-        n = len(stance_obj.training_examples(examples))
-        key = run_id_for(loaded, stance_obj, method, config, recipe, n, instruments, task)
-        if key not in self._runs:
-            self.progress(f"training {method} on {loaded.name} ({stance}, {n} examples, task {task})")
-            run = run_training(loaded, stance_obj, method, config, recipe, examples, self.progress, instruments, task)
-            run.analysis_timeout = self.options.analysis_timeout
-            self._runs[key] = run
-        return self._runs[key]
-
-    def runs(self):
-        return list(self._runs.values())
-
     def model_is_embedded(self) -> bool:
-        from .models import resolve_model
-
         return resolve_model(self.options.model).source == "embedded"
+
+    # -- runs ---------------------------------------------------------------------------------
+    def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
+                examples: int | None = None, recipe=None, instruments=None, task: str = DEFAULT_TASK,
+                repeat: int = 0, **options) -> TrainingRequest:
+        """The validated request for these arguments; `repeat` (from --repeat) offsets the seed."""
+        return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
+                                     recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
+                                     options=options)
+
+    def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
+              **arguments):
+        """Train once per identical request; later identical requests get the same Run."""
+        request = self.request(method, stance=stance, model=model, **arguments)
+        if request.run_id not in self._runs:
+            loaded, stance_obj = self.model(model), self.stance(stance)
+            # one process trains a request; others asking for it meanwhile wait here, then load it
+            with self.store.lock(request.run_id):
+                run = None if self.options.retrain else self.store.load(request, loaded, stance_obj)
+                if run is None:
+                    self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
+                                  f"task {request.task}) -> {request.run_id}")
+                    run = train_run(request, loaded, stance_obj, self.progress)
+                    self.store.save(run)
+                else:
+                    self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
+            self._runs[request.run_id] = self._attach(run)
+        return self._runs[request.run_id]
+
+    def _attach(self, run):
+        """Wire a run to this session: its time limit, its store entry, and the memory budget."""
+        run.analysis_timeout = self.options.analysis_timeout
+        if run.request is not None:
+            run.rebuild = self.store.rebuild(run)
+            run.on_measured = self.store.save_measurements
+        run.on_model_use = self.resident.touch
+        if run.model_resident:
+            self.resident.touch(run)
+        return run
 
     def adapter_run(self, path: str):
         """A saved adapter on the --model base, as a Run (loaded once per path)."""
@@ -100,10 +148,11 @@ class HarnessSession:
         key = ("adapter", str(Path(path).resolve()))
         if key not in self._runs:
             self.progress(f"loading adapter {path} onto {self.options.model}")
-            run = load_adapter_run(self.model(), path, self.stance)
-            run.analysis_timeout = self.options.analysis_timeout
-            self._runs[key] = run
+            self._runs[key] = self._attach(load_adapter_run(self.model(), path, self.stance))
         return self._runs[key]
+
+    def runs(self) -> list:
+        return list(self._runs.values())
 
     # -- results --------------------------------------------------------------------------
     def record(self, nodeid: str) -> TestRecord:
@@ -112,16 +161,16 @@ class HarnessSession:
     def summarise_runs(self) -> None:
         for run in self._runs.values():
             if run.run_id not in self.run_summaries:
-                self.run_summaries[run.run_id] = run.summary()
+                self.run_summaries[run.run_id] = {**run.summary(), "origins": [run.origin]}
 
-    def payload(self, run_id: str) -> dict:
-        from .report.writer import environment_info, git_info
-
+    def payload(self, report_id: str | None = None) -> dict:
+        """The whole session as report.json holds it."""
         self.summarise_runs()
         models = _unique([m.provenance() for m in self._models.values()] + self.remote_provenance["models"])
         stances = _unique([s.provenance() for s in self._stances.values()] + self.remote_provenance["stances"])
+        tests = with_repeats([r.as_dict() for r in self.records.values()])
         return {
-            "run_id": run_id,
+            "report_id": report_id or store.new_report_id(),
             "started": self.started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "provenance": {
@@ -134,9 +183,69 @@ class HarnessSession:
                 "args": self.options.args,
                 "argv": sys.argv,
             },
-            "tests": with_repeats([r.as_dict() for r in self.records.values()]),
+            "metric_directions": declared_directions({name for t in tests for name in t["metrics"]}),
+            "tests": tests,
             "runs": self.run_summaries,
         }
+
+    # -- xdist: a worker hands its results to the controller -----------------------------
+    def worker_output(self) -> dict:
+        self.summarise_runs()
+        return {"tests": [r.as_dict() for r in self.records.values()], "runs": self.run_summaries,
+                "models": [m.provenance() for m in self._models.values()],
+                "stances": [s.provenance() for s in self._stances.values()]}
+
+    def merge_worker(self, data: dict) -> None:
+        for test in data["tests"]:
+            self.records[test["nodeid"]] = TestRecord(**test)
+        for run_id, summary in data["runs"].items():  # a run two workers used: trained by one, loaded by the other
+            known = self.run_summaries.get(run_id)
+            if known is not None:
+                summary = {**summary, "origins": known.get("origins", []) + summary.get("origins", [])}
+            self.run_summaries[run_id] = summary
+        self.remote_provenance["models"] += data["models"]
+        self.remote_provenance["stances"] += data["stances"]
+
+    # -- the end of the session ------------------------------------------------------------
+    def finish(self) -> bool:
+        """Write the reports, then save and compare baselines. False when the gate failed."""
+        options = self.options
+        if self.records and options.reports_dir is not None:
+            self.payload_cache = self.payload()
+            self.report_path = store.write_report(options.reports_dir, self.payload_cache)
+        if not (options.save_baseline or options.compare_baseline):
+            return True
+        payload = self.payload_cache or self.payload()
+        if options.compare_baseline:
+            stored = store.load_baseline(options.baselines_dir, options.compare_baseline)
+            from .report.metrics import metrics_from_payload
+
+            self.comparison = gate.compare(metrics_from_payload(stored), metrics_from_payload(payload),
+                                           options.fail_on)
+        if options.save_baseline:
+            self.saved_baseline = store.save_baseline(options.baselines_dir, options.save_baseline, payload)
+        return self.comparison is None or self.comparison.passed
+
+    def display(self, write_line: Callable[[str], None], section: Callable[[str], None]) -> None:
+        """The results table, where the report went, and the gate's comparison."""
+        if not self.records:
+            return
+        from tabulate import tabulate
+
+        from .report.sections import test_rows
+
+        payload = self.payload_cache or {"tests": [r.as_dict() for r in self.records.values()],
+                                         "runs": self.run_summaries}
+        section("stance-harness")
+        rows = test_rows(payload)
+        write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple"))
+        if self.report_path is not None:
+            write_line(f"report: {self.report_path / 'index.html'}  (markdown: report.md, json: report.json)")
+        if self.comparison is not None:
+            section(f"stance-harness: compared with baseline {self.options.compare_baseline!r}", "-")
+            write_line(self.comparison.render())
+        if self.saved_baseline is not None:
+            write_line(f"baseline saved: {self.saved_baseline}")
 
 
 _REPEAT_PART = re.compile(r"repeat\d+")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .registry import HarnessError, suggest
@@ -55,6 +57,13 @@ class Stance:
     def provenance(self) -> dict:
         return {"name": self.name, "version": self.version, "path": self.path,
                 "examples": len(self.examples), "probes": len(self.probes)}
+
+    def identity(self) -> dict:
+        """Name, version and a hash of the content: an edited file without a version bump is still new."""
+        content = json.dumps([self.description, self.markers, [asdict(e) for e in self.examples],
+                              [asdict(p) for p in self.probes]], sort_keys=True)
+        return {"name": self.name, "version": self.version,
+                "content": hashlib.sha256(content.encode()).hexdigest()[:16]}
 
 
 def _text(path, field, value) -> str:

@@ -1,13 +1,15 @@
-"""Tasks: what the one training loop optimises, and how a stance becomes training data.
+"""Tasks: what the one training loop optimises, how a stance becomes training data, and how a
+run on that task is measured (behaviour, forgetting, calibration).
 
 `stance-lm` (the default) teaches a causal LM to answer in the stance: prompt + response,
-with the loss on the response tokens only.
+with the loss on the response tokens only. It is measured on the probes' continuations,
+on greedy replies, and on the perplexity of held-out general text.
 
 `stance-classification` puts a fresh linear head on the mean-pooled hidden states of the
 model's own body (an encoder such as minilm-l6, or a decoder's transformer stack) and
 trains it to tell stance-marked replies (class 1) from neutral ones (class 0). The stance's
 examples give the training texts; its held-out probes give the evaluation texts, which is
-where Acc@1 and ECE are measured.
+where Acc@1 and ECE are measured. Forgetting is the drift of held-out sentence embeddings.
 """
 
 from __future__ import annotations
@@ -16,14 +18,22 @@ from typing import ClassVar
 
 import torch
 
-from .registry import HarnessError, Registry
+from . import measure
+from .analysis.behavior import contains_marker, kl_divergence, mean_token_logprob
+from .analysis.calibration import calibration, calibration_from_predictions
+from .batches import collate, encode_examples, pad_batch, to_device
+from .models.anatomy import Anatomy, unwrap
+from .registry import HarnessError, Registry, suggest
 
 CLASS_NAMES = ("neutral", "stance")
+DEFAULT_TASK = "stance-lm"
 
 
 class Task:
+    """Subclass, set `name`, and decorate with `@register_task`. The docstring's first line describes it."""
+
     name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
+    behavior_metrics: ClassVar[tuple[str, ...]] = ()  # what `Run.behavior` can measure on this task
 
     def check(self, loaded) -> None:
         """Refuse models this task cannot train."""
@@ -46,6 +56,25 @@ class Task:
         """Parameters the task adds, which train under every method (a fresh head must learn)."""
         return []
 
+    # -- measuring a run on this task ---------------------------------------------------------
+    def check_behavior_metric(self, metric: str) -> None:
+        if not self.behavior_metrics:
+            raise HarnessError(f"behavioural shift is measured on the stance-lm task (a causal LM's replies); "
+                               f"this run trained task {self.name!r}")
+        if metric not in self.behavior_metrics:
+            raise HarnessError(f"no behaviour metric {metric!r}.{suggest(metric, list(self.behavior_metrics))} "
+                               f"Metrics: {', '.join(self.behavior_metrics)}")
+
+    def behavior_values(self, run, metric: str) -> tuple[list[float], list[float]]:
+        """Per probe: the base's and the adapted model's value of `metric`."""
+        raise NotImplementedError
+
+    def forgetting(self, run) -> dict:
+        raise NotImplementedError
+
+    def calibration(self, run, n_bins: int) -> dict:
+        raise NotImplementedError
+
 
 TASKS: Registry[Task] = Registry("task")
 
@@ -57,8 +86,10 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 @register_task
 class StanceLM(Task):
+    """Causal LM on prompt + stance response; loss on the response tokens."""
+
     name = "stance-lm"
-    summary = "causal LM on prompt + stance response; loss on the response tokens"
+    behavior_metrics = ("loglik_margin", "kl", "marker_rate")
 
     def check(self, loaded) -> None:
         if not loaded.is_causal_lm:
@@ -67,27 +98,82 @@ class StanceLM(Task):
                 f"stance-lm task needs a causal LM. Use task='stance-classification' for encoders.")
 
     def encode(self, tokenizer, examples, max_len: int) -> list:
-        from .training import encode_examples
-
         return encode_examples(tokenizer, examples, max_len)
 
     def collate(self, items, pad_id: int, device) -> dict:
-        from .training import collate
-
         return collate(items, pad_id, device)
+
+    def behavior_values(self, run, metric):
+        n = len(run.stance.probes)
+        if metric == "marker_rate":
+            prompts = [p.prompt for p in run.stance.probes]
+
+            def hits(model):
+                return [float(contains_marker(reply, run.stance.markers))
+                        for reply in measure.greedy_replies(model, run.loaded.tokenizer, prompts)]
+
+            return run.on_base(("replies", run.stance.name, run.stance.version), hits), hits(run.model)
+        readings = self.probe_readings(run)
+        if metric == "loglik_margin":
+            def margins(lp):
+                return [lp[i] - lp[n + i] for i in range(n)]
+
+            return margins(readings["base_logprob"]), margins(readings["adapted_logprob"])
+        per_pair = readings["kl"]  # kl: the base diverges from itself by nothing
+        return [0.0] * n, [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
+
+    def probe_readings(self, run) -> dict:
+        """What the probe measures need from one forward pass of each model over the probes' stance
+        and neutral continuations: per pair, the mean token log-prob of both models and the KL
+        (adapted ‖ base) per token; over the stance continuations, both models' next-token summaries
+        (confidence, correct, Brier term). Kept on the run, in memory: small, unlike the logits."""
+        def compute():
+            n = len(run.stance.probes)
+            prompts = [p.prompt for p in run.stance.probes]
+            texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
+
+            def of(model):
+                return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
+
+            def logprobs(pairs):
+                return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0])
+                        for logits, targets in pairs]
+
+            base = run.on_base(("probe_logits", run.stance.name, run.stance.version), of)
+            adapted = of(run.model)
+            return {
+                "base_logprob": logprobs(base), "adapted_logprob": logprobs(adapted),
+                "kl": [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)],
+                "base_tokens": measure.token_prediction_summaries(base[:n]),
+                "adapted_tokens": measure.token_prediction_summaries(adapted[:n]),
+            }
+        return run.measured("probe_readings", compute, stage="probes", keep=False)
+
+    def forgetting(self, run) -> dict:
+        tokenizer = run.loaded.tokenizer
+        base = run.on_base(("perplexity",), lambda model: measure.heldout_perplexity(model, tokenizer))
+        adapted = measure.heldout_perplexity(run.model, tokenizer)
+        return {"kind": "perplexity", "base": base, "adapted": adapted, "relative_increase": adapted / base - 1,
+                "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
+
+    def calibration(self, run, n_bins: int) -> dict:
+        """Next-token predictions over the probes' stance continuations, for both models."""
+        readings = self.probe_readings(run)
+        return {"unit": "next token", **{
+            who: calibration_from_predictions(*readings[f"{who}_tokens"], n_bins=n_bins).as_dict()
+            for who in ("adapted", "base")}}
 
 
 @register_task
 class StanceClassification(Task):
+    """Linear head on mean-pooled hidden states: stance reply (1) vs neutral reply (0)."""
+
     name = "stance-classification"
-    summary = "linear head on mean-pooled hidden states: stance reply (1) vs neutral reply (0)"
 
     def wrap(self, model, loaded):
         return SequenceClassifier.around(model, len(CLASS_NAMES))
 
     def anatomy(self, loaded):
-        from .models.anatomy import Anatomy
-
         prefix = _backbone_prefix(loaded.base)
         source = loaded.anatomy
         block_path = source.block_path if prefix is None else f"{prefix}.{source.block_path}"
@@ -98,14 +184,31 @@ class StanceClassification(Task):
                                     [(e.neutral, 0) for e in examples], max_len)
 
     def collate(self, items, pad_id: int, device) -> dict:
-        from .training import pad_batch
-
         batch = pad_batch([ids for ids, _ in items], pad_id)
         batch["labels"] = torch.tensor([label for _, label in items], dtype=torch.long)
-        return {k: v.to(device) for k, v in batch.items()}
+        return to_device(batch, device)
 
     def head_parameters(self, model) -> list:
         return [p for n, p in model.named_parameters() if _is_head(n)]
+
+    def forgetting(self, run) -> dict:
+        tokenizer, sentences = run.loaded.tokenizer, measure.heldout_sentences()
+
+        def embed(model):
+            return measure.sentence_embeddings(body_of(model), tokenizer, sentences)
+
+        base = run.on_base(("embeddings",), embed)
+        adapted = embed(run.model)
+        cosine = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
+        drift = float((1 - cosine).mean())
+        return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
+                "sentences": len(sentences), "min_cosine": float(cosine.min())}
+
+    def calibration(self, run, n_bins: int) -> dict:
+        """The probes' stance and neutral replies; the base has no trained head, so no base figures."""
+        items = probe_items(run.stance, run.loaded.tokenizer, run.recipe.max_seq_length)
+        probs, labels = measure.class_probabilities(run.model, items, run.loaded.tokenizer.pad_token_id)
+        return {"unit": "probe reply", "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
 
 
 def classification_items(tokenizer, labelled_texts, max_len: int) -> list:
@@ -139,8 +242,6 @@ def _backbone_prefix(model) -> str | None:
 
 def body_of(model):
     """The transformer body under a model: a task head's body, or a causal LM's or encoder's own."""
-    from .models.anatomy import unwrap
-
     inner = unwrap(model)
     return inner.body if isinstance(inner, SequenceClassifier) else backbone_of(inner)
 
@@ -183,13 +284,6 @@ class SequenceClassifier(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels=None):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
-        logits = self.classifier(mean_pooled(self.body, input_ids, attention_mask))
+        logits = self.classifier(measure.mean_pooled(self.body, input_ids, attention_mask))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def mean_pooled(body, input_ids, attention_mask):
-    """Mean of the last hidden states over real tokens, in float32 (sentence-transformers' pooling)."""
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()  # sum in fp32
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

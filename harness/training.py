@@ -1,189 +1,26 @@
-"""The one training loop. Methods plug in parameter groups, extra loss terms and schedules."""
+"""The one training loop. Methods plug in parameter groups, extra loss terms and schedules.
+
+`prepare` builds a run's model from a TrainingRequest (the method's freezing or adapters on a
+copy of the base that shares its storage; whatever will train is un-shared first, so the base
+is never written to); `train_run` trains it and returns the Run. The run store rebuilds a
+released model through the same `prepare`.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
-from .registry import HarnessError, suggest
+import torch
 
-DEFAULT_TASK = "stance-lm"
-_RECIPE_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Hyperparameters under Hugging Face TrainingArguments' names."""
-
-    learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps (then linear decay to 0)"})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip threshold; None disables"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    num_train_epochs: int = field(default=3, metadata={"help": "passes over the examples"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    seed: int = field(default=42, metadata={"help": "seeds init, shuffling and dropout"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_seq_length: int = field(default=128, metadata={"help": "tokens per example, truncated beyond"})
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            integer = f.type == "int"
-            if value is None and f.name == "max_grad_norm":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-                kind = "an integer" if integer else "a number"
-                raise HarnessError(f"recipe: {f.name} must be {kind}, got {value!r}")
-        checks = [
-            ("learning_rate", self.learning_rate > 0, "> 0"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or None"),
-            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
-            ("num_train_epochs", self.num_train_epochs >= 1, ">= 1"),
-            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("max_seq_length", self.max_seq_length >= 8, ">= 8"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise HarnessError(f"recipe: {name} must be {rule}, got {getattr(self, name)!r}")
-
-    @classmethod
-    def of(cls, value: "Recipe | dict | None" = None, **overrides) -> "Recipe":
-        if isinstance(value, Recipe):
-            base = asdict(value)
-        elif value is None:
-            base = {}
-        elif isinstance(value, dict):
-            base = dict(value)
-        else:
-            raise HarnessError(f"recipe must be a Recipe or a dict, got {type(value).__name__}")
-        base.update(overrides)
-        allowed = [f.name for f in fields(cls)]
-        normalised = {}
-        for key, v in base.items():
-            key = _RECIPE_ALIASES.get(key, key)
-            if key not in allowed:
-                raise HarnessError(f"recipe has no field {key!r}.{suggest(key, allowed)} Fields: {', '.join(allowed)}")
-            normalised[key] = v
-        return cls(**normalised)
-
-
-@dataclass
-class Trace:
-    """What happened at each optimizer step."""
-
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)  # global, before clipping
-    layer_grad_norm: dict[str, list[float]] = field(default_factory=dict)  # per layer label, before clipping
-    lr: list[float] = field(default_factory=list)  # the first group's
-    group_lr: dict[str, list[float]] = field(default_factory=dict)  # every named group's
-    schedule: list[dict] = field(default_factory=list)  # what the method's schedule set, per step
-    step_time: list[float] = field(default_factory=list)
-    examples: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    nonfinite: list[dict] = field(default_factory=list)  # events: step, what, parameter
-    interference: list[dict] = field(default_factory=list)  # step, epoch, cosine or reason
-    skipped_steps: list[int] = field(default_factory=list)
-    peak_memory: dict = field(default_factory=dict)
-    halted_at: int | None = None
-    halt_reason: str | None = None
-
-    def add_reading(self, reading, lrs: list[float], examples: int, tokens: int) -> None:
-        self.loss.append(reading.loss)
-        self.grad_norm.append(reading.grad_norm)
-        for label, norm in reading.layer_grad_norm.items():
-            self.layer_grad_norm.setdefault(label, []).append(norm)
-        self.lr.append(lrs[0])
-        for name, lr in zip(self.group_lr, lrs):
-            self.group_lr[name].append(lr)
-        self.examples.append(examples)
-        self.tokens.append(tokens)
-
-    def add_event(self, step: int, what: str, parameter: str | None) -> None:
-        from .instruments import MAX_EVENTS
-
-        if len(self.nonfinite) < MAX_EVENTS:
-            self.nonfinite.append({"step": step, "what": what, "parameter": parameter})
-
-    def summary(self) -> dict:
-        seconds = sum(self.step_time)
-        finite_norms = [g for g in self.grad_norm if math.isfinite(g)]
-        return {
-            "steps": len(self.loss),
-            "mean_step_time_s": seconds / len(self.step_time) if self.step_time else None,
-            "examples_per_s": sum(self.examples) / seconds if seconds else None,
-            "tokens_per_s": sum(self.tokens) / seconds if seconds else None,
-            "max_grad_norm": max(finite_norms) if finite_norms else None,
-            "peak_memory_bytes": self.peak_memory.get("bytes"),
-            "peak_memory_kind": self.peak_memory.get("kind"),
-            "first_nonfinite": self.nonfinite[0] if self.nonfinite else None,
-            "skipped_steps": len(self.skipped_steps),
-            "halted_at": self.halted_at,
-            "interference_by_epoch": self.interference_by_epoch(),
-        }
-
-    def interference_by_epoch(self) -> list[dict]:
-        """Mean interference cosine per epoch over the steps where it was defined."""
-        epochs: dict[int, list] = {}
-        for entry in self.interference:
-            epochs.setdefault(entry["epoch"], []).append(entry["cosine"])
-        out = []
-        for epoch, values in sorted(epochs.items()):
-            defined = [v for v in values if v is not None]
-            out.append({"epoch": epoch, "mean_cosine": sum(defined) / len(defined) if defined else None,
-                        "steps": len(defined), "undefined_steps": len(values) - len(defined)})
-        return out
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def encode_examples(tokenizer, examples, max_len: int):
-    """prompt + response + eos; the loss counts only the response tokens."""
-    eos = tokenizer.eos_token or ""
-    encoded = []
-    for example in examples:
-        prompt_ids = tokenizer(example.prompt + "\n", add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(example.response + eos, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + response_ids)[:max_len]
-        labels = ([-100] * len(prompt_ids) + response_ids)[:max_len]
-        if all(label == -100 for label in labels):
-            raise HarnessError(
-                f"max_seq_length={max_len} cuts off the whole response of the example "
-                f"starting {example.prompt[:40]!r}; raise recipe.max_seq_length"
-            )
-        encoded.append((ids, labels))
-    return encoded
-
-
-def pad_batch(id_lists, pad_id: int) -> dict:
-    """Right-padded input_ids and attention_mask (on the CPU) for token id lists."""
-    import torch
-
-    width = max(len(ids) for ids in id_lists)
-    input_ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
-    for row, ids in enumerate(id_lists):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def collate(items, pad_id: int, device):
-    """(ids, labels) items as a causal-LM batch; label -100 marks tokens the loss skips."""
-    import torch
-
-    batch = pad_batch([ids for ids, _ in items], pad_id)
-    labels = torch.full_like(batch["input_ids"], -100)
-    for row, (_, labs) in enumerate(items):
-        labels[row, : len(labs)] = torch.tensor(labs)
-    batch["labels"] = labels
-    return {k: v.to(device) for k, v in batch.items()}
+from .analysis.deltas import layer_label
+from .instruments import StepProbe, Trace, output_change_cosine, peak_memory, reset_peak_memory
+from .methods import METHODS, TrainingContext
+from .registry import HarnessError
+from .request import TrainingRequest
+from .run import Run, frozen_digests
+from .tasks import TASKS
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -197,50 +34,22 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def describe_request(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments=None,
-                     task: str = DEFAULT_TASK) -> dict:
-    """Everything that decides a run's outcome; equal descriptions train once per session."""
-    return {"model": loaded.model_id, "revision": loaded.revision, "model_args": asdict(loaded.args),
-            "task": task, "stance": stance.name, "stance_version": stance.version, "examples": examples,
-            "method": method_name, "config": config.as_dict(), "recipe": asdict(recipe),
-            "instruments": asdict(instruments) if instruments is not None else None}
+def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> tuple[TrainingContext, list]:
+    """The method's model for `request`, ready to train, and the encoded training data.
 
-
-def request_key(parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def run_id_for(loaded, stance, method_name: str, config, recipe: Recipe, examples: int, instruments,
-               task: str = DEFAULT_TASK) -> str:
-    """Method name + a hash of everything that decides the run: the cache key and the run's id."""
-    request = describe_request(loaded, stance, method_name, config, recipe, examples, instruments, task)
-    return f"{method_name}-{request_key(request)}"
-
-
-def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examples: int | None = None,
-                 progress: Callable[[str], None] | None = None, instruments=None, task: str = DEFAULT_TASK):
-    """Train a fresh copy of `loaded`'s base with one method on one task; return the Run."""
-    import torch
-
-    from .analysis.deltas import layer_label
-    from .instruments import InstrumentConfig, StepProbe, peak_memory, reset_peak_memory
-    from .methods import METHODS
-    from .methods.base import TrainingContext
-    from .run import Run, frozen_digests
-    from .tasks import TASKS
-
-    method = METHODS.get(method_name)
-    task_obj = TASKS.get(task)
-    task_obj.check(loaded)
-    instruments = InstrumentConfig.of(instruments)
-    chosen = stance.training_examples(examples)
-    data = task_obj.encode(loaded.tokenizer, chosen, recipe.max_seq_length)
+    `ctx.before` holds the starting value of every tensor that may train: the base's own tensor
+    where the run's parameter shared it, else a copy. With unshare=True each of those
+    parameters gets its own storage; the run store passes False and puts stored values in."""
+    method, task = METHODS.get(request.method), TASKS.get(request.task)
+    recipe, config = request.recipe, request.config
+    task.check(loaded)
+    data = task.encode(loaded.tokenizer, stance.training_examples(request.examples), recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
     ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch,
-                          task=task_obj, anatomy=task_obj.anatomy(loaded))
+                          task=task, anatomy=task.anatomy(loaded))
     if recipe.warmup_steps >= ctx.total_steps:
         raise HarnessError(
             f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
@@ -248,17 +57,43 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
     method.check(ctx)
 
     torch.manual_seed(recipe.seed)
-    model = method.prepare(task_obj.wrap(method.load(ctx), loaded), ctx)
-    for head in task_obj.head_parameters(model):
+    model = method.prepare(task.wrap(method.load(ctx), loaded), ctx)
+    for head in task.head_parameters(model):
         head.requires_grad_(True)
-    model.train()
     ctx.model = model
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
-        raise HarnessError(f"method {method_name!r} with {config.as_dict()} left no parameter trainable")
-    ctx.before = {n: p.detach().clone() for n, p in trainable.items()}  # trainable weights only
-    digests = frozen_digests(model)
+        raise HarnessError(f"method {request.method!r} with {config.as_dict()} left no parameter trainable")
+    ctx.before = _starting_values(trainable, loaded, unshare)
+    return ctx, data
+
+
+def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
+    """Each trainable tensor's starting value, un-sharing it from the base when asked."""
+    base_tensors = {p.data_ptr(): p for p in loaded.base.parameters()}
+    before = {}
+    for name, param in trainable.items():
+        owner = base_tensors.get(param.data_ptr())
+        if owner is not None and owner.shape == param.shape and owner.dtype == param.dtype:
+            before[name] = owner.detach()  # the base's own tensor: no second copy
+            if unshare:
+                param.data = param.data.clone()
+        else:
+            before[name] = param.detach().clone()  # new tensors (adapters, a fresh head)
+    return before
+
+
+def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str], None] | None = None) -> Run:
+    """Train `request` on `loaded`'s base and return the Run."""
+    method, recipe, instruments = METHODS.get(request.method), request.recipe, request.instruments
+    ctx, data = prepare(request, loaded, stance)
+    model, task_obj = ctx.model, ctx.task
+    model.train()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    digests = frozen_digests(model, loaded)
     method.setup(ctx)
+    batch = recipe.per_device_train_batch_size
+    method_name = request.method
 
     anatomy = ctx.anatomy
     probe = StepProbe(list(trainable.items()), [layer_label(anatomy.name_of(n)) for n in trainable])
@@ -333,13 +168,17 @@ def run_training(loaded, stance, method_name: str, config, recipe: Recipe, examp
         if bad_weight is not None and bad_weight not in weights_logged:  # made by the final update
             trace.add_event(step - 1, "weight", str(anatomy.name_of(bad_weight)))
     trace.peak_memory = peak_memory(device)
+    for param in trainable.values():
+        param.grad = None  # a run keeps its weights, not its last gradients
     model.eval()
-    return Run(
-        run_id=run_id_for(loaded, stance, method_name, config, recipe, len(chosen), instruments, task),
-        loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance, method=method, config=config, recipe=recipe,
-        examples=len(chosen), model=model, before=ctx.before, frozen_digests=digests, trace=trace,
-        train_seconds=time.perf_counter() - started, instruments=instruments,
+    run = Run(
+        run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,
+        method=method, config=request.config, recipe=recipe, examples=request.examples, model=model,
+        before=ctx.before, frozen_digests=digests, trace=trace, train_seconds=time.perf_counter() - started,
+        instruments=instruments,
     )
+    run.counts  # cheap, and every report needs them: measured while the model is at hand
+    return run
 
 
 def report_step(progress, label: str, step: int, total: int, loss: float) -> None:
@@ -367,8 +206,6 @@ def _interference_groups(param_groups: list[dict], instruments):
 
 
 def _trace_interference(trace, model, inputs, groups, step: int, epoch: int) -> None:
-    from .instruments import output_change_cosine
-
     def forward():
         return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 

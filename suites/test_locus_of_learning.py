@@ -27,9 +27,11 @@ put slightly more in the early third, so that case is marked as an expected refu
 
 import pytest
 
-from harness import assert_change_concentrated, assert_change_spread, assert_only_targets_changed
+from harness import assert_change_concentrated, assert_change_spread, assert_only_targets_changed, declare_metric
 from harness.analysis.concentration import block_shares, centre_of_mass
 from harness.models import locus_of
+
+declare_metric("centre_layer", "higher", "the change's centre of mass over the layers (seed 001: late layers lead)")
 
 DOMAINS = ["domain-cpp", "domain-python", "domain-math", "domain-physics"]
 DOMAIN_LRS = [2e-4, 1e-3]  # seed 001

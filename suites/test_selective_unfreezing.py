@@ -41,14 +41,19 @@ import statistics
 import pytest
 
 from harness import (
-    HypothesisFailed,
     assert_behavior_shift,
     assert_change_concentrated,
     assert_change_spread,
-    assert_gradients_stable,
+    check_gradients_stable,
+    declare_metrics,
 )
 from harness.analysis.concentration import change_mass
 from harness.models import relative_depth_analog
+
+declare_metrics([
+    ("shift_vs_full", "higher", "behaviour shift as a share of full fine-tuning's"),
+    ("grad_norm_cv", "lower", "coefficient of variation of the grad norm over the run"),
+])
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 5
@@ -97,10 +102,8 @@ def approach(train, anatomy, critical_layers):
 # -- measures ------------------------------------------------------------------------------
 def stability(run) -> tuple[bool, str]:
     """Stable or not, and the one-line verdict; the check is recorded in the report either way."""
-    try:
-        return True, assert_gradients_stable(run, max_spike=SPIKE).summary
-    except HypothesisFailed as failure:
-        return False, failure.result.summary
+    result = check_gradients_stable(run, max_spike=SPIKE)
+    return result.passed, result.summary
 
 
 def critical_share(run, layers) -> float:

@@ -40,7 +40,9 @@ import statistics
 import pytest
 import torch
 
-from harness import assert_no_forgetting
+from harness import assert_no_forgetting, declare_metric
+
+declare_metric("step_time_vs_full", "lower", "median step time over full fine-tuning's")
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 20

@@ -1,6 +1,9 @@
 """Shared, session-scoped fixtures for the harness's own tests: tiny models, few steps."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,6 +18,9 @@ def _pin_model_cache():
 
 
 _pin_model_cache()
+# A fresh run store for each test session, so every test trains what it asks for.
+os.environ["STANCE_HARNESS_RUN_CACHE"] = tempfile.mkdtemp(prefix="stance-harness-runs-")
+atexit.register(shutil.rmtree, os.environ["STANCE_HARNESS_RUN_CACHE"], ignore_errors=True)
 
 pytest_plugins = ["pytester"]
 
@@ -44,7 +50,7 @@ def harness(tiny_qwen2):
     from harness.session import HarnessOptions, HarnessSession
 
     session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
-    session._models["tiny-qwen2"] = tiny_qwen2
+    session.use_model(tiny_qwen2)
     return session
 
 
@@ -56,6 +62,13 @@ def quick_run(harness):
         return harness.train(method, examples=10, recipe=QUICK, **options)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _own_run_store(request, monkeypatch, tmp_path):
+    """Each pytester session gets its own run store: a run stored by one test is not loaded by the next."""
+    if "pytester" in request.fixturenames:
+        monkeypatch.setenv("STANCE_HARNESS_RUN_CACHE", str(tmp_path / "run-store"))
 
 
 @pytest.hookimpl(trylast=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness import HypothesisFailed, assert_change_concentrated, assert_change_spread, assert_only_targets_changed
-from harness.report.records import TestRecord, reset_current_record, set_current_record
+from harness.report.records import TestRecord
 
 
 def clone(run):
@@ -122,13 +122,14 @@ def test_change_spread_fails_clearly_when_nothing_changed(quick_run):
 
 def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
     record = TestRecord("t")
-    token = set_current_record(lambda: record)
+    lora, full = record.use_run(quick_run("lora")), record.use_run(quick_run("full"))  # what the train fixture does
     try:
-        assert_only_targets_changed(quick_run("lora"))
+        assert_only_targets_changed(lora)
         with pytest.raises(HypothesisFailed):
-            assert_change_concentrated(quick_run("full"), layers=[0], min_share=0.9)
+            assert_change_concentrated(full, layers=[0], min_share=0.9)
     finally:
-        reset_current_record(token)
+        record.release_run(lora)
+        record.release_run(full)
     assert [c["passed"] for c in record.checks] == [True, False]
     assert record.checks[1]["headers"] == ["layer", "share", "in target"]
 

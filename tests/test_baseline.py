@@ -6,28 +6,23 @@ import re
 
 import pytest
 
+import harness.assertions  # noqa: F401 - these three declare the harness's own metrics and their directions
+import harness.instruments  # noqa: F401
+import harness.run  # noqa: F401
 from harness.registry import HarnessError
-from harness.report.baseline import (
-    HIGHER,
+from harness.report.gate import (
     IMPROVED,
-    LOWER,
-    METRICS,
     MISSING_BASELINE,
     MISSING_NOW,
     NOT_FINITE,
     NOT_FINITE_BASELINE,
     OK,
     REGRESSION,
-    Spread,
     compare,
-    direction_of,
-    list_baselines,
-    load_baseline,
-    load_metrics,
-    load_source,
     parse_rule,
-    save_baseline,
 )
+from harness.report.metrics import HIGHER, LOWER, METRICS, Spread, direction_of
+from harness.report.store import list_baselines, load_baseline, load_metrics, load_source, save_baseline
 
 NODE = "suites/test_calibration.py::test_lora_keeps_calibration"
 OTHER = "suites/test_stance.py::test_stance_takes"
@@ -308,7 +303,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert path == tmp_path / "baselines" / "main.json"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp file left
     data = load_baseline(tmp_path, "main")
-    assert data["name"] == "main" and data["run_id"] == "20260101-000000-aaaa" and data["format"] == 1
+    assert data["name"] == "main" and data["report_id"] == "20260101-000000-aaaa" and data["format"] == 1
     assert data["provenance"] == source["provenance"] and data["saved"]
     assert data["tests"][NODE] == {"metrics": {"lora.ece": 0.05, "lora.trainable_params": 43008, "lora.kl": "nan"},
                                    "outcome": "passed"}  # numbers only; the JSON spelling of nan kept
@@ -324,7 +319,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_save_replaces_an_existing_baseline(tmp_path):
     save_baseline(tmp_path, "main", payload("20260101-000000-aaaa"))
     save_baseline(tmp_path, "main", payload("20260102-000000-bbbb"))
-    assert load_baseline(tmp_path, "main")["run_id"] == "20260102-000000-bbbb"
+    assert load_baseline(tmp_path, "main")["report_id"] == "20260102-000000-bbbb"
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "with space", "é"])
@@ -354,14 +349,14 @@ def test_sources_resolve_run_latest_baseline_and_paths(tmp_path):
     assert load_metrics(str(first / "report.json"), tmp_path / "elsewhere")[NODE]["lora.ece"] == 0.05
     assert load_metrics(str(first), tmp_path / "elsewhere")[NODE]["lora.ece"] == 0.05
     assert load_source(str(baseline), tmp_path / "elsewhere").kind == "baseline"
-    assert "baseline main (run 20260101-000000-aaaa" in load_source("main", tmp_path).label
+    assert "baseline main (report 20260101-000000-aaaa" in load_source("main", tmp_path).label
 
 
 def test_unknown_source_names_what_exists(tmp_path):
     write_reports(tmp_path, payload("20260101-000000-aaaa"))
     save_baseline(tmp_path, "main", payload())
-    with pytest.raises(HarnessError, match=r"no run, baseline or file 'maim'.*Did you mean: main.*"
-                                           r"Runs: 20260101-000000-aaaa; baselines: main"):
+    with pytest.raises(HarnessError, match=r"no report, baseline or file 'maim'.*Did you mean: main.*"
+                                           r"Reports: 20260101-000000-aaaa; baselines: main"):
         load_metrics("maim", tmp_path)
     with pytest.raises(HarnessError, match="reports directory .* does not exist"):
         load_metrics("main", tmp_path / "nowhere")
@@ -372,7 +367,7 @@ def test_unknown_source_names_what_exists(tmp_path):
 def test_ambiguous_and_broken_sources(tmp_path):
     write_reports(tmp_path, payload("main"))
     save_baseline(tmp_path, "main", payload())
-    with pytest.raises(HarnessError, match="'main' is both a run and a baseline"):
+    with pytest.raises(HarnessError, match="'main' is both a report and a baseline"):
         load_metrics("main", tmp_path)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

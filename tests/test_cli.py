@@ -96,7 +96,7 @@ def test_compare_passes_within_tolerance(reports, capsys):
     code = cli(reports, "compare", "20260101-000000-aaaa", "latest", "--fail-on", "ece:+0.05", "behavior_shift:-10%")
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "baseline: run 20260101-000000-aaaa" in out and "now:      run 20260102-000000-bbbb" in out
+    assert "baseline: report 20260101-000000-aaaa" in out and "now:      report 20260102-000000-bbbb" in out
     assert "lora.ece" in out and "≤ 0.1" in out and "passed: 2 comparisons, no regression" in out
 
 
@@ -130,18 +130,18 @@ def test_compare_without_rules_lists_changes_and_passes(reports, capsys):
 
 def test_compare_against_a_saved_baseline(reports, capsys):
     assert cli(reports, "save", "main", "20260101-000000-aaaa") == 0
-    assert "saved baseline 'main' from run 20260101-000000-aaaa" in capsys.readouterr().out
+    assert "saved baseline 'main' from report 20260101-000000-aaaa" in capsys.readouterr().out
     assert (reports / "baselines" / "main.json").is_file()
     assert cli(reports, "compare", "main", "latest", "--fail-on", "ece:+0.01") == 1
     out = capsys.readouterr().out
-    assert "baseline: baseline main (run 20260101-000000-aaaa" in out and "REGRESSION" in out
+    assert "baseline: baseline main (report 20260101-000000-aaaa" in out and "REGRESSION" in out
 
 
 def test_compare_unknown_run_exits_2(reports, capsys):
     code = cli(reports, "compare", "20260101-000000-aaab", "latest", "--fail-on", "ece:+0.01")
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
-    assert_one_line_error(captured.err, r"no run, baseline or file '20260101-000000-aaab'.*Did you mean: "
+    assert_one_line_error(captured.err, r"no report, baseline or file '20260101-000000-aaab'.*Did you mean: "
                                         r"20260101-000000-aaaa")
 
 
@@ -190,14 +190,14 @@ def test_list_shows_runs_newest_first_then_baselines(reports, capsys):
     assert "20260103-000000-cccc" not in out and "baselines" not in newer
     base = next(line for line in lines if line.startswith("main "))
     assert base.split()[-2:] == ["20260101-000000-aaaa", "2"]
-    assert out.index("runs in") < out.index("baselines in")
+    assert out.index("reports in") < out.index("baselines in")
 
 
 def test_list_empty_and_missing_dirs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli(tmp_path / "empty", "list") == 0
     out = capsys.readouterr().out
-    assert "no runs in" in out and "no baselines in" in out
+    assert "no reports in" in out and "no baselines in" in out
     assert cli(tmp_path / "missing", "list") == 2
     assert_one_line_error(capsys.readouterr().err, "no reports directory")
 
@@ -256,11 +256,11 @@ def test_report_with_the_real_html_renderer(reports, capsys):
 
 def test_report_errors_exit_2(reports, capsys, fake_html):
     assert cli(reports, "report", "20260105-000000-eeee") == 2
-    assert_one_line_error(capsys.readouterr().err, "no run, baseline or file '20260105-000000-eeee'")
+    assert_one_line_error(capsys.readouterr().err, "no report, baseline or file '20260105-000000-eeee'")
     assert cli(reports, "save", "main", "latest") == 0
     capsys.readouterr()
     assert cli(reports, "report", "main") == 2
-    assert_one_line_error(capsys.readouterr().err, "'main' is a baseline, not a run")
+    assert_one_line_error(capsys.readouterr().err, "'main' is a baseline, not a report")
     write_run(reports, {"run_id": "20260106-000000-ffff", "tests": []}, latest=False)
     assert cli(reports, "report", "20260106-000000-ffff") == 2
     assert_one_line_error(capsys.readouterr().err, r"report.json is incomplete \(KeyError")
@@ -282,4 +282,4 @@ def test_console_script_runs(tmp_path):
     done = subprocess.run([script, "compare", "a", "b", "--reports-dir", str(tmp_path)], capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("stance-harness: error: no run, baseline or file 'a'")
+    assert done.stderr.startswith("stance-harness: error: no report, baseline or file 'a'")

@@ -56,8 +56,8 @@ P = ("-p", "no:cacheprovider")
 
 
 def report_json(pytester) -> dict:
-    run_id = (pytester.path / "reports" / "latest").read_text().strip()
-    return json.loads((pytester.path / "reports" / run_id / "report.json").read_text())
+    report_id = (pytester.path / "reports" / "latest").read_text().strip()
+    return json.loads((pytester.path / "reports" / report_id / "report.json").read_text())
 
 
 def by_name(payload) -> dict:
@@ -202,5 +202,5 @@ def test_adapter_gates_saved_adapters_without_training(harness, pytester, one_to
     gated = by_name(payload)["test_gate_adapter[phi-adapter]"]
     assert {"phi-adapter.kl", "phi-adapter.forgetting"} <= set(gated["metrics"])
     assert "phi-adapter.behavior_shift" not in gated["metrics"]  # only the log-likelihood margin is that
-    report_md = (pytester.path / "reports" / payload["run_id"] / "report.md").read_text()
+    report_md = (pytester.path / "reports" / payload["report_id"] / "report.md").read_text()
     assert "no training examples (a saved adapter)" in report_md

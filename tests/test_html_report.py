@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from harness.report.html import render_html, render_index, write_html, write_index
-from harness.report.writer import render_markdown, write_reports
-from harness.report.writer import test_rows as table_rows
+from harness.report.markdown import render_markdown
+from harness.report.sections import report_id_of
+from harness.report.sections import test_rows as table_rows
+from harness.report.store import write_report as write_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "suites/test_x.py::test_escape[<script>alert(1)</script>]"
@@ -240,7 +242,7 @@ def test_render_html_handles_real_reports():
         page = render_html(payload)
         _assert_self_contained(page)
         _images(page)
-        assert payload["run_id"] in page
+        assert report_id_of(payload) in page  # report_id, or run_id in reports written before 0.2
 
 
 def test_markdown_and_rows_show_expected_verdict_and_measurements():

@@ -16,7 +16,9 @@ from harness.methods import METHODS
 from harness.methods.base import MethodConfig, register_method
 from harness.methods.full import FullFineTuning
 from harness.registry import HarnessError
-from harness.training import Recipe, run_training
+from harness.recipe import Recipe
+
+from direct_training import train_direct
 
 RECIPE = Recipe.of(learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=2, seed=0)
 TARGET = "model.layers.20.self_attn.v_proj.weight"  # canonical L20.v_proj.weight
@@ -268,7 +270,7 @@ def test_interference_under_alternation_says_why_steps_are_undefined(hybrid_with
 def test_interference_needs_groups_the_method_has(tiny_qwen2, stance):
     config = METHODS.get("full").config_cls()
     with pytest.raises(HarnessError, match="interference group 'lora' is not one of this method's parameter groups: all"):
-        run_training(tiny_qwen2, stance, "full", config, RECIPE, examples=10, instruments={"interference": ["lora", "norm"]})
+        train_direct(tiny_qwen2, stance, "full", config, RECIPE, examples=10, instruments={"interference": ["lora", "norm"]})
 
 
 def test_a_failed_stage_fails_at_once_afterwards(quick_run):

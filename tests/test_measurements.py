@@ -151,7 +151,8 @@ def test_lora_updates_have_at_most_rank_r_and_full_finetuning_more(full_run, lor
 
 def test_measurements_reach_the_run_summary_and_every_report(lora_run):
     from harness.report.html import render_html
-    from harness.report.writer import measurement_tables, render_markdown
+    from harness.report.markdown import render_markdown
+    from harness.report.sections import measurement_tables
 
     lora_run.behavior("kl")
     lora_run.rank(0.9)

@@ -11,7 +11,9 @@ from harness.methods import METHODS, method_config
 from harness.methods.gradual import GradualConfig, unfrozen_at
 from harness.methods.hybrid import HybridConfig, active_groups
 from harness.registry import HarnessError
-from harness.training import Recipe, run_training
+from harness.recipe import Recipe
+
+from direct_training import train_direct
 
 RECIPE = Recipe.of(learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=2, seed=0)
 STEPS = 5
@@ -195,7 +197,7 @@ def test_invalid_configs_are_refused(method, options, message):
 def test_configs_that_cannot_fit_the_run_fail_before_training(tiny_qwen2, stance, method, options, message):
     config = method_config(method, options)
     with pytest.raises(HarnessError, match=message):
-        run_training(tiny_qwen2, stance, method, config, RECIPE, examples=10)
+        train_direct(tiny_qwen2, stance, method, config, RECIPE, examples=10)
 
 
 def test_gradual_embeddings_stage_that_never_comes_is_refused(tiny_qwen2, stance):
@@ -203,4 +205,4 @@ def test_gradual_embeddings_stage_that_never_comes_is_refused(tiny_qwen2, stance
     assert unfrozen_at(1, 24, config, 5) == (list(range(24)), True)  # reachable in a longer run
     config = method_config("gradual", {"every_steps": 2, "unfreeze_embeddings": True})
     with pytest.raises(HarnessError, match="the embeddings' stage comes after the run's 5 steps"):
-        run_training(tiny_qwen2, stance, "gradual", config, RECIPE, examples=10)
+        train_direct(tiny_qwen2, stance, "gradual", config, RECIPE, examples=10)

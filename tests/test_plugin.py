@@ -33,8 +33,8 @@ def hypotheses(pytester):
 
 
 def latest_report(pytester):
-    run_id = (pytester.path / "reports" / "latest").read_text().strip()
-    return pytester.path / "reports" / run_id
+    report_id = (pytester.path / "reports" / "latest").read_text().strip()
+    return pytester.path / "reports" / report_id
 
 
 def test_summary_table_and_failure_table_under_plain_pytest(hypotheses):
@@ -95,7 +95,7 @@ def test_earlier_reports_survive_a_later_run(hypotheses):
     first = latest_report(hypotheses)
     hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora")
     second = latest_report(hypotheses)
-    assert first != second and json.loads((first / "report.json").read_text())["run_id"] == first.name
+    assert first != second and json.loads((first / "report.json").read_text())["report_id"] == first.name
 
 
 def test_unknown_model_is_a_usage_error_with_suggestions(hypotheses):

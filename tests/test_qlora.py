@@ -18,7 +18,9 @@ from harness.methods.qlora import COMPUTE_DTYPES, Qlora, QloraConfig
 from harness.models import ModelArgs
 from harness.registry import HarnessError
 from harness.run import logical_numel
-from harness.training import Recipe, run_training
+from harness.recipe import Recipe
+
+from direct_training import train_direct
 
 QUICK = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -148,7 +150,7 @@ def test_non_linear_targets_are_refused_before_loading(tiny_qwen2, stance, monke
     started = time.perf_counter()
     with pytest.raises(HarnessError, match=r"qlora cannot quantize the targets of this qwen2 model: "
                                            r"attn_norm \(Qwen2RMSNorm\) are not linear layers"):
-        run_training(tiny_qwen2, stance, "qlora", config, Recipe.of(QUICK), examples=10)
+        train_direct(tiny_qwen2, stance, "qlora", config, Recipe.of(QUICK), examples=10)
     assert time.perf_counter() - started < 5
 
 
@@ -174,13 +176,13 @@ def test_gpt2_with_the_default_targets_is_refused_before_loading(tiny_gpt2, stan
     refuse_loading(monkeypatch, tiny_gpt2)
     started = time.perf_counter()
     with pytest.raises(HarnessError, match="module kind 'q_proj' does not exist in this gpt2 model"):
-        run_training(tiny_gpt2, stance, "qlora", QloraConfig(), Recipe.of(QUICK), examples=10)
+        train_direct(tiny_gpt2, stance, "qlora", QloraConfig(), Recipe.of(QUICK), examples=10)
     assert time.perf_counter() - started < 5
 
 
 def test_gpt2_conv1d_targets_are_quantized_and_deltas_match_the_forward(tiny_gpt2, stance):
     config = QloraConfig(target_modules=("qkv_proj", "o_proj"), compute_dtype="float32")
-    run = run_training(tiny_gpt2, stance, "qlora", config, Recipe.of(QUICK), examples=10)
+    run = train_direct(tiny_gpt2, stance, "qlora", config, Recipe.of(QUICK), examples=10)
     assert assert_only_targets_changed(run).passed
     layers = adapted(run)
     assert set(layers) == {f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn", "c_proj")}

@@ -2,7 +2,8 @@
 
 import pytest
 
-from harness.report.baseline import compare, metrics_from_payload
+from harness.report.gate import compare
+from harness.report.metrics import metrics_from_payload
 from harness.session import repeat_base, with_repeats
 
 

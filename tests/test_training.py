@@ -5,7 +5,11 @@ import torch
 
 from harness.methods import METHODS, method_config
 from harness.registry import HarnessError
-from harness.training import Recipe, encode_examples, linear_schedule
+from harness.batches import encode_examples
+from harness.recipe import Recipe
+from harness.training import linear_schedule
+
+from direct_training import train_direct
 
 
 def test_recipe_uses_hf_names_and_accepts_short_aliases():
@@ -74,7 +78,7 @@ def test_snapshot_holds_trainable_weights_only(quick_run):
 
 
 def test_training_changes_a_copy_never_the_base(quick_run, tiny_qwen2):
-    from harness.run import tensor_digest
+    from harness.analysis.digest import tensor_digest
 
     base_before = {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()}
     run = quick_run("full")
@@ -94,10 +98,8 @@ def test_run_records_loss_per_step_and_counts(quick_run):
 
 
 def test_same_request_is_deterministic(tiny_qwen2, stance, quick_run):
-    from harness.training import run_training
-
     first = quick_run("lora")
-    again = run_training(tiny_qwen2, stance, "lora", first.config, first.recipe, examples=10)
+    again = train_direct(tiny_qwen2, stance, "lora", first.config, first.recipe, examples=10)
     assert again.trace.loss == first.trace.loss
 
 
@@ -108,7 +110,7 @@ def test_session_trains_identical_requests_once(tiny_qwen2):
     from harness.session import HarnessOptions, HarnessSession
 
     session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
-    session._models["tiny-qwen2"] = tiny_qwen2
+    session.use_model(tiny_qwen2)
     recipe = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5}
     a = session.train("lora", examples=5, recipe=recipe, r=2)
     b = session.train("lora", examples=5, recipe=dict(recipe), r=2)
@@ -149,11 +151,9 @@ def test_recipe_checks_types(options, message):
 
 
 def test_warmup_longer_than_the_run_is_refused_before_training(tiny_qwen2, stance):
-    from harness.training import run_training
-
     recipe = Recipe.of(num_train_epochs=1, per_device_train_batch_size=5, warmup_steps=2)
     with pytest.raises(HarnessError, match=r"warmup_steps=2 is not shorter than the run \(2 steps\)"):
-        run_training(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
+        train_direct(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
 
 
 def test_an_encoder_is_refused_for_the_causal_lm_task(tmp_path, stance):
@@ -161,12 +161,10 @@ def test_an_encoder_is_refused_for_the_causal_lm_task(tmp_path, stance):
 
     from harness.models import load_model
     from harness.models.tiny import build_tokenizer
-    from harness.training import run_training
-
     BertModel(BertConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path))
     assert loaded.anatomy.model_type == "bert" and not loaded.is_causal_lm
     with pytest.raises(HarnessError, match="is a bert encoder .*the stance-lm task needs a causal LM. Use task=.stance-classification."):
-        run_training(loaded, stance, "full", method_config("full"), Recipe.of(num_train_epochs=1), examples=5)
+        train_direct(loaded, stance, "full", method_config("full"), Recipe.of(num_train_epochs=1), examples=5)

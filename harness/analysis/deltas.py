@@ -9,7 +9,7 @@ Variances are unbiased (n - 1), like torch.var.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ class DeltaMoments:
         }
 
 
-STAT_COLUMNS = ("mean", "var", "mean_abs", "var_abs", "rel_change", "norm_change")
-
-
 def _unbiased(n: int, total_sq: float, mean: float) -> float:
     if n < 2:
         return math.nan
@@ -104,6 +101,13 @@ class MatrixDelta:
 
     def row(self) -> dict:
         return {"name": self.name, "layer": self.layer, "kind": self.kind, "leaf": self.leaf, **self.moments.stats()}
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MatrixDelta":
+        return cls(**{**data, "moments": DeltaMoments(**data["moments"])})
 
 
 def raw_delta_pairs(model, before: dict) -> list[tuple[str, object, object]]:

@@ -16,9 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from ..registry import HarnessError, Registry, suggest
+from ..analysis.deltas import raw_delta_pairs
+from ..config import build_config, config_fields, plain
+from ..models import share_frozen_weights
+from ..models import Anatomy, LoadedModel
+from ..recipe import Recipe
+from ..registry import HarnessError, Registry
+from ..tasks import DEFAULT_TASK, TASKS, Task
 
 
 @dataclass(frozen=True)
@@ -27,54 +33,38 @@ class MethodConfig:
 
     @classmethod
     def from_options(cls, method: str, options: dict) -> "MethodConfig":
-        allowed = [f.name for f in fields(cls)]
-        for key in options:
-            if key not in allowed:
-                raise HarnessError(
-                    f"method {method!r} has no option {key!r}.{suggest(key, allowed)} "
-                    f"Its options: {', '.join(allowed) or 'none'}"
-                )
-        normalised = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        return cls(**normalised)
+        return build_config(cls, options, what=f"method {method!r} options", unknown=f"method {method!r} has no option")
 
     def as_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def describe(cls) -> list[tuple[str, object, str]]:
-        out = []
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            out.append((f.name, default, f.metadata.get("help", "")))
-        return out
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+        return config_fields(cls)
 
 
 @dataclass
 class TrainingContext:
     """What a method sees of the run it is part of."""
 
-    loaded: object  # LoadedModel
+    loaded: "LoadedModel"
     config: MethodConfig
-    recipe: object  # Recipe
+    recipe: "Recipe"
     total_steps: int
     steps_per_epoch: int
-    model: object = None
+    task: Task | None = None  # None: stance-lm
+    anatomy: Anatomy | None = None  # of the module being trained (a task head may wrap the model); None: the base's
+    model: Any = None
     before: dict = field(default_factory=dict)  # starting values of every parameter that may train
     state: dict = field(default_factory=dict)  # the method's own (Fisher, ...)
-    task: object = None  # Task; None: stance-lm
-    anatomy: object = None  # of the module being trained (a task head may wrap the model)
 
     def __post_init__(self):
-        if self.anatomy is None:
-            self.anatomy = self.loaded.anatomy
+        self.task = self.task or TASKS.get(DEFAULT_TASK)
+        self.anatomy = self.anatomy or self.loaded.anatomy
 
     @property
     def task_name(self) -> str:
-        return getattr(self.task, "name", "stance-lm")
+        return self.task.name
 
     def require_lm_task(self, method: str, why: str) -> None:
         """Methods that mix in or measure on general text need the causal-LM task."""
@@ -83,18 +73,25 @@ class TrainingContext:
 
 
 class Method:
-    """Subclass, set `name` and `config_cls`, and decorate with `@register_method`."""
+    """Subclass, set `name` and `config_cls`, and decorate with `@register_method`.
+
+    The class docstring's first line is the method's one-line description."""
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    summary: ClassVar[str] = ""
-    seed: ClassVar[str] = ""  # which seed document it comes from
 
     def check(self, ctx: TrainingContext) -> None:
         """Reject configs that cannot work for this run's length or model."""
 
     def load(self, ctx: TrainingContext):
-        return ctx.loaded.fresh()
+        """The model this run adapts: by default a structural copy of the session's base whose
+        parameters share the base's storage (the loop un-shares whatever comes to train)."""
+        return share_frozen_weights(ctx.loaded.base)
+
+    def own_base(self, model):
+        """A context manager yielding the model this run's "before" side is measured on, or None
+        for the session's shared base. (QLoRA measures its own 4-bit base, adapter off.)"""
+        return None
 
     def prepare(self, model, ctx: TrainingContext):
         raise NotImplementedError
@@ -126,8 +123,6 @@ class Method:
 
     def effective_deltas(self, model, before: dict, anatomy):
         """(name, W_before, W_after) per matrix as the model sees it; default: the raw params."""
-        from ..analysis.deltas import raw_delta_pairs
-
         return raw_delta_pairs(model, before)
 
 

@@ -33,10 +33,10 @@ def layer_lr_scale(layer: int | None, role: str, num_layers: int, decay: float) 
 
 @register_method
 class DiscriminativeLR(FullFineTuning):
+    """Every weight trains; block i gets lr * decay^(N-1-i), embeddings lr * decay^N (seed 002)."""
+
     name = "discriminative"
     config_cls = DiscriminativeConfig
-    summary = "every weight trains; block i gets lr * decay^(N-1-i), embeddings lr * decay^N"
-    seed = "002"
 
     def param_groups(self, ctx):
         anatomy, base_lr = ctx.anatomy, ctx.recipe.learning_rate

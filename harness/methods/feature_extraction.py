@@ -1,7 +1,8 @@
 """Feature extraction (seed 002): the network frozen, only the output head trains.
 
-When the head is tied to the input embeddings, it is untied first (a copy of the shared
-matrix), so training the head leaves the embeddings, and so every feature, untouched.
+When the head is tied to the input embeddings, it is untied first (its own Parameter; the
+loop gives it its own storage before training), so training the head leaves the embeddings,
+and so every feature, untouched.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ class FeatureExtractionConfig(MethodConfig):
 
 @register_method
 class FeatureExtraction(Method):
+    """Everything frozen but the output head (untied from the embeddings if shared) (seed 002)."""
+
     name = "feature-extraction"
     config_cls = FeatureExtractionConfig
-    summary = "everything frozen but the output head (untied from the embeddings if shared)"
-    seed = "002"
 
     def prepare(self, model, ctx):
         import torch
@@ -31,7 +32,7 @@ class FeatureExtraction(Method):
         if head is None:
             raise HarnessError(f"feature-extraction: the {ctx.anatomy.model_type} model has no output head to train")
         if tied_head(model):
-            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            head.weight = torch.nn.Parameter(head.weight.detach())  # untied; un-shared by the loop
             model.config.tie_word_embeddings = False
         roles = {"head"} | ({"final_norm"} if ctx.config.train_final_norm else set())
         names = params_where(model, ctx.anatomy, lambda p: p.layer is None and p.kind.split(".")[0] in roles)

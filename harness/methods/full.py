@@ -12,11 +12,10 @@ class FullConfig(MethodConfig):
 
 @register_method
 class FullFineTuning(Method):
+    """Every parameter trains (seed 000, 002)."""
+
     name = "full"
     config_cls = FullConfig
-    summary = "every parameter trains"
-
-    seed = "000, 002"
 
     def prepare(self, model, ctx):
         for parameter in model.parameters():

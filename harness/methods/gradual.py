@@ -44,10 +44,10 @@ def unfrozen_at(step: int, num_layers: int, config: GradualConfig, steps_per_epo
 
 @register_method
 class GradualUnfreezing(Method):
+    """Blocks unfreeze top-down every N steps or epochs; optionally the embeddings last (seed 002)."""
+
     name = "gradual"
     config_cls = GradualConfig
-    summary = "blocks unfreeze top-down every N steps or epochs; optionally the embeddings last"
-    seed = "002"
 
     def check(self, ctx):
         interval = ctx.config.every_steps or ctx.config.every_epochs * ctx.steps_per_epoch

@@ -49,10 +49,10 @@ def active_groups(step: int, config: HybridConfig) -> tuple[str, ...]:
 
 @register_method
 class HybridLoraNorm(Lora):
+    """LoRA adapters + norm layers, with LoRA warm-up freezing and alternation schedules (seed 004)."""
+
     name = "hybrid"
     config_cls = HybridConfig
-    summary = "LoRA adapters + norm layers, with LoRA warm-up freezing and alternation schedules"
-    seed = "004"
 
     def check(self, ctx):
         config, total = ctx.config, ctx.total_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ..analysis.deltas import raw_delta_pairs
 from ..registry import HarnessError
 from .base import Method, MethodConfig, register_method
 
@@ -40,11 +41,10 @@ def target_paths(anatomy, config: LoraMethodConfig) -> list[str]:
 
 @register_method
 class Lora(Method):
+    """Low-rank adapters (peft) on chosen module kinds and layers; the base is frozen (seed 000, 001)."""
+
     name = "lora"
     config_cls = LoraMethodConfig
-    summary = "low-rank adapters (peft) on chosen module kinds and layers; the base is frozen"
-
-    seed = "000, 001"
 
     def prepare(self, model, ctx):
         return self.wrap(model, ctx.anatomy, ctx.config)
@@ -70,8 +70,6 @@ class Lora(Method):
     def effective_deltas(self, model, before: dict, anatomy):
         """ΔW = scale·B·A on each adapted base matrix (minus the same at the start)."""
         from peft.tuners.lora import LoraLayer
-
-        from ..analysis.deltas import raw_delta_pairs
 
         adapted = set()
         pairs = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -36,6 +38,12 @@ class QloraConfig(LoraMethodConfig):
             raise HarnessError(f"qlora: double_quant must be True or False, got {self.double_quant!r}")
 
 
+@contextlib.contextmanager
+def _adapter_off(model):
+    with model.disable_adapter():
+        yield model
+
+
 def is_quantizable(module) -> bool:
     """What transformers' replace_with_bnb_linear converts: exact nn.Linear, and Conv1D (transposed)."""
     import torch
@@ -46,10 +54,10 @@ def is_quantizable(module) -> bool:
 
 @register_method
 class Qlora(Lora):
+    """LoRA adapters on a base loaded 4-bit (bitsandbytes nf4) and frozen (seed 001)."""
+
     name = "qlora"
     config_cls = QloraConfig
-    summary = "LoRA adapters on a base loaded 4-bit (bitsandbytes nf4) and frozen"
-    seed = "001"
 
     def check(self, ctx):
         # Decided on the already-loaded full-precision base, before any 4-bit copy is made; paths
@@ -97,6 +105,11 @@ class Qlora(Lora):
                 f"model unquantized (first: {unquantized[0]}); the adapters would sit on a full-precision base"
             )
         return model
+
+    def own_base(self, model):
+        """Its own 4-bit base with the adapter switched off, so the quantization error is not
+        charged to training."""
+        return _adapter_off(model)
 
     def prepare(self, model, ctx):
         from bitsandbytes.nn import Linear4bit

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..batches import collate
+from ..data import general_text_windows
 from ..registry import HarnessError
 from .base import register_method
 from .full import FullConfig, FullFineTuning
@@ -20,7 +22,7 @@ def _drift(ctx):
 
     params = dict(ctx.model.named_parameters())
     # a fresh task head has no pretrained value to stay near (L2-SP leaves new layers to weight decay)
-    head = {id(p) for p in ctx.task.head_parameters(ctx.model)} if ctx.task is not None else set()
+    head = {id(p) for p in ctx.task.head_parameters(ctx.model)}
     names = [n for n in ctx.before if params[n].requires_grad and id(params[n]) not in head]
     return names, torch._foreach_sub([params[n] for n in names], [ctx.before[n] for n in names])
 
@@ -36,10 +38,10 @@ class L2SPConfig(FullConfig):
 
 @register_method
 class L2SP(FullFineTuning):
+    """Full fine-tuning + alpha * ||θ - θ0||² toward the pretrained weights (seed 002)."""
+
     name = "l2sp"
     config_cls = L2SPConfig
-    summary = "full fine-tuning + alpha * ||θ - θ0||² toward the pretrained weights"
-    seed = "002"
 
     def extra_loss(self, ctx, step):
         import torch
@@ -71,8 +73,6 @@ def diagonal_fisher(model, batches, device) -> dict:
     """
     import torch
 
-    from ..training import collate
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for batch in batches:
@@ -87,17 +87,15 @@ def diagonal_fisher(model, batches, device) -> dict:
 
 @register_method
 class EWC(FullFineTuning):
+    """Full fine-tuning + lambda/2 * sum F (θ - θ0)², Fisher F from general text (seed 002)."""
+
     name = "ewc"
     config_cls = EWCConfig
-    summary = "full fine-tuning + lambda/2 * sum F (θ - θ0)², Fisher F from general text"
-    seed = "002"
 
     def check(self, ctx):
         ctx.require_lm_task("ewc", "it estimates its Fisher from the language-modelling loss on general text")
 
     def setup(self, ctx):
-        from ..data import general_text_windows
-
         config = ctx.config
         windows = general_text_windows(ctx.loaded.tokenizer, config.fisher_seq_len,
                                        config.fisher_batches * config.fisher_batch_size, seed=ctx.recipe.seed + 7919)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..data import general_text_windows
 from ..registry import HarnessError
 from .base import register_method
 from .full import FullConfig, FullFineTuning
@@ -40,10 +41,10 @@ def interleave(task: list, replay: list) -> list:
 
 @register_method
 class Replay(FullFineTuning):
+    """Full fine-tuning with general-text (pretraining) batches mixed in at a ratio (seed 002)."""
+
     name = "replay"
     config_cls = ReplayConfig
-    summary = "full fine-tuning with general-text (pretraining) batches mixed in at a ratio"
-    seed = "002"
 
     def check(self, ctx):
         ctx.require_lm_task("replay", "it mixes general-text language-modelling batches into training")
@@ -52,8 +53,6 @@ class Replay(FullFineTuning):
         return max(1, math.floor(config.ratio * task_micro_batches + 0.5))  # half up, not banker's
 
     def mix_batches(self, ctx, micro_batches, epoch):
-        from ..data import general_text_windows
-
         count = self.added_micro_batches(ctx.config, len(micro_batches))
         size = ctx.recipe.per_device_train_batch_size
         windows = general_text_windows(ctx.loaded.tokenizer, ctx.config.seq_len, count * size,

@@ -25,10 +25,10 @@ class SelectiveConfig(MethodConfig):
 
 @register_method
 class SelectiveUnfreezing(Method):
+    """Full weights of chosen layers x module kinds (and their biases); everything else frozen (seed 000)."""
+
     name = "selective"
     config_cls = SelectiveConfig
-    summary = "full weights of chosen layers x module kinds (and their biases); everything else frozen"
-    seed = "000"
 
     def check(self, ctx):
         ctx.state["layers"] = set(ctx.anatomy.check_layers(list(ctx.config.layers)))

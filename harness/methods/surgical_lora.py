@@ -25,7 +25,7 @@ class SurgicalLoraConfig(LoraMethodConfig):
 
 @register_method
 class SurgicalLora(Lora):
+    """LoRA on chosen layers only (rank 32 by default) (seed 000)."""
+
     name = "surgical-lora"
     config_cls = SurgicalLoraConfig
-    summary = "LoRA on chosen layers only (rank 32 by default)"
-    seed = "000"

@@ -7,13 +7,16 @@ command. Nothing here reaches the network, so nothing here can hang on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from ..config import build_config
+from ..files import atomic_write, file_digest
 from ..registry import HarnessError, Registry, suggest
 from .anatomy import Anatomy
-from .tiny import TINY_RECIPES, tiny_model_dir
+from .tiny import TINY_RECIPES, cache_root, tiny_model_dir
 
 
 @dataclass(frozen=True)
@@ -90,25 +93,19 @@ class ModelArgs:
 
     @classmethod
     def parse(cls, text: str | None) -> "ModelArgs":
-        allowed = {f.name: f for f in fields(cls)}
         values: dict = {}
         for item in filter(None, (text or "").split(",")):
             key, sep, value = item.partition("=")
-            key = key.strip()
+            key, value = key.strip(), value.strip()
             if not sep:
-                raise HarnessError(f"--model-args: {item!r} is not key=value (keys: {', '.join(allowed)})")
-            if key not in allowed:
-                raise HarnessError(
-                    f"--model-args: unknown key {key!r}.{suggest(key, list(allowed))} Keys: {', '.join(allowed)}"
-                )
-            value = value.strip()
+                raise HarnessError(f"--model-args: {item!r} is not key=value (keys: dtype, revision, device, "
+                                   f"trust_remote_code)")
             if key == "trust_remote_code":
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise HarnessError(f"--model-args trust_remote_code={value!r}: use true or false")
-                values[key] = value.lower() in ("true", "1")
-            else:
-                values[key] = value
-        return cls(**values)
+                value = value.lower() in ("true", "1")
+            values[key] = value
+        return build_config(cls, values, what="--model-args", unknown="--model-args: unknown key")
 
 
 def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], None] | None = None) -> tuple[Path, str | None]:
@@ -162,17 +159,23 @@ def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
     return spec
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A base model ready to measure, and the means to make fresh trainable copies."""
+    """A base model ready to measure, and the means to adapt it without copying it.
+
+    `base` is frozen and never written to: every run's model shares its storage for the
+    weights that run does not train. `measurement_cache` holds what was measured on the base
+    (the same for every run on it), each computed once."""
 
     spec: ModelSpec
     args: ModelArgs
     path: Path
     revision: str | None
-    tokenizer: object
-    base: object  # the untouched base model, in eval mode
+    tokenizer: Any
+    base: Any  # the untouched base model, in eval mode
     anatomy: Anatomy
+    measurement_cache: dict = field(default_factory=dict, init=False)
+    _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor
 
     @property
     def name(self) -> str:
@@ -187,14 +190,73 @@ class LoadedModel:
         return self.spec.hub_id or self.spec.path or self.spec.name
 
     def fresh(self, **overrides):
-        """A new instance with the base weights, for a training run to own and change."""
+        """A new instance loaded from disk (for QLoRA's own 4-bit copy); other runs share `base`."""
         return _from_pretrained(self.path, self.args, **overrides)
+
+    def identity(self) -> dict:
+        """What names these weights exactly: the revision, or for a local directory a hash of its
+        weight files; with the load arguments (dtype, device) that change the numbers."""
+        weights = local_weights_hash(self.path) if self.spec.source == "local" else None
+        return {"id": self.model_id, "revision": self.revision, "weights": weights, "args": asdict(self.args)}
+
+    def base_digest(self, tensor) -> str | None:
+        """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
+        from ..analysis.digest import tensor_digest
+
+        key = tensor.data_ptr()
+        if key not in self._digests:
+            owners = {p.data_ptr(): p for p in self.base.parameters()}
+            owner = owners.get(key)
+            if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
+                return None
+            self._digests[key] = tensor_digest(owner)
+        return self._digests[key]
 
     def provenance(self) -> dict:
         return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source, "package": self.spec.package,
                 "revision": self.revision, "model_type": self.anatomy.model_type,
                 "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
                 "device": self.args.device}
+
+
+def share_frozen_weights(base):
+    """A structural copy of `base` whose parameters and buffers share the base's storage.
+
+    Each parameter is a new Parameter object (so a run sets its own requires_grad) over the
+    same bytes; ties between parameters are kept. Whatever a run trains must be un-shared
+    first (the training loop does this), so nothing ever writes to the base."""
+    import copy
+
+    import torch
+
+    memo: dict = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in base.parameters()}
+    memo.update({id(b): b for b in base.buffers()})
+    return copy.deepcopy(base, memo)
+
+
+def local_weights_hash(path: Path) -> str:
+    """sha256 over a local directory's weight files; remembered by (path, size, mtime), so a
+    1 GB model is read once, not once per session."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo_file = cache_root() / "weights-hashes.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"{Path(path).resolve()}"
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == json.loads(json.dumps(stamp)):
+        return entry["hash"]
+    import hashlib
+
+    digest = hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
+    memo[key] = {"stamp": stamp, "hash": digest}
+    try:
+        atomic_write(memo_file, json.dumps(memo, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs the hash again next time
+    return digest
 
 
 def _from_pretrained(path: Path, args: ModelArgs, **overrides):

@@ -18,7 +18,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from .writer import LAYER_COLUMNS, OUTCOME_MARK, atomic_write
+from ..files import atomic_write
+from .sections import LAYER_COLUMNS, OUTCOME_MARK, measurement_tables, origin_text, report_id_of
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run")
 DPI = 90
@@ -395,7 +396,7 @@ def _header(payload: dict) -> str:
     ]
     body = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
     return (f'<header><p class="muted"><a href="../index.html">all runs</a></p>'
-            f"<h1>stance-harness report {_e(payload.get('run_id'))}</h1><dl class=\"prov\">{body}</dl></header>")
+            f"<h1>stance-harness report {_e(report_id_of(payload))}</h1><dl class=\"prov\">{body}</dl></header>")
 
 
 def _summary(tests: list[dict]) -> str:
@@ -489,8 +490,6 @@ def _measurements(run: dict) -> str:
     measurements = run.get("measurements")
     if not isinstance(measurements, dict) or not measurements:
         return ""
-    from .writer import measurement_tables
-
     out = [f"<h4>{_e(title)}</h4>" + _table(rows) for title, rows in measurement_tables(measurements)]
     behavior = measurements.get("behavior")
     for metric, m in (behavior.items() if isinstance(behavior, dict) else ()):
@@ -517,6 +516,7 @@ def _run_section(run_id: str, run: dict, anchor: str) -> str:
         f"method <code>{_e(run.get('method'))}</code> <code>{_e(json.dumps(run.get('config'), default=str))}</code>",
         f"stance <code>{_e(_stance_name(run))}</code>, {_e(run.get('examples'))} examples",
         f"recipe <code>{_e(json.dumps(run.get('recipe'), default=str))}</code>",
+        f"origin: {_e(origin_text(run))}",
     ]
     if counts:
         facts.append(
@@ -596,7 +596,7 @@ def render_html(payload: dict) -> str:
     for run_id, run in runs.items():
         body.append(_run_section(run_id, run or {}, run_anchor[run_id]))
     body.append("</section><footer class=\"muted\"><p>Every figure here was measured in the run that wrote this report.</p></footer>")
-    return _page(f"stance-harness report {payload.get('run_id', '')}", "".join(body))
+    return _page(f"stance-harness report {report_id_of(payload) or ''}", "".join(body))
 
 
 # -- the index of all runs -------------------------------------------------------------------
@@ -627,7 +627,7 @@ def render_index(reports_dir) -> str:
     latest_file = reports_dir / "latest"
     latest = latest_file.read_text(encoding="utf-8").strip() if latest_file.is_file() else None
     entries = _report_summaries(reports_dir)
-    head = ["run", "started", "model", "tests", "outcomes", "runs", "git"]
+    head = ["report", "started", "model", "tests", "outcomes", "runs", "git"]
     rows = []
     for entry in entries:
         name, folder, payload = entry["name"], entry["folder"], entry["payload"]

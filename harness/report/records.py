@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextvars
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
-# The running test's record, made on first use, so tests that never touch the harness
-# leave nothing in the report.
-_current: contextvars.ContextVar["Callable[[], TestRecord] | None"] = contextvars.ContextVar(
-    "stance_harness_record", default=None)
+from .metrics import declare_metric, is_declared
+
+
+class UndeclaredMetricWarning(UserWarning):
+    """A test published a metric whose direction nobody declared, so no rule can gate it."""
 
 
 @dataclass
@@ -58,40 +58,55 @@ class TestRecord:
         """Add a titled table (a list of dicts with the same keys) to this test's report."""
         self.tables.append({"title": title, "rows": json_safe(rows)})
 
-    def metric(self, name: str, value: float) -> None:
+    def metric(self, name: str, value: float, direction: str | None = None, description: str = "") -> None:
+        """Publish a metric (baselines compare it, JUnit shows it). Its direction must be known:
+        declared by whoever produces it, or given here ("lower" or "higher" is better)."""
+        if direction is not None:
+            declare_metric(name.rsplit(".", 1)[-1], direction, description)
+        elif not is_declared(name):
+            warnings.warn(UndeclaredMetricWarning(
+                f"metric {name!r} has no declared direction, so a --fail-on rule cannot gate it: declare it with "
+                f"harness.declare_metric({name.rsplit('.', 1)[-1]!r}, 'lower' or 'higher', '...') or pass "
+                f"direction= to stance_report.metric"), stacklevel=2)
         self.metrics[name] = json_safe(value)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def use_run(self, run) -> None:
+    def use_run(self, run):
+        """This test holds `run`: list it, and record the checks made on it here until `release_run`."""
         if run.run_id not in self.runs:
             self.runs.append(run.run_id)
+        if self.add_check not in run.sinks:
+            run.sinks.append(self.add_check)
+        return run
 
-    def add_check(self, result: CheckResult) -> None:
+    def release_run(self, run) -> None:
+        if self.add_check in run.sinks:
+            run.sinks.remove(self.add_check)
+
+    def conclude(self, outcome: str, duration: float, error: BaseException | None, message: str | None) -> None:
+        """The test's outcome. Its verdict: supported when its checks held, refuted when one of its
+        assertions failed, none when it errored another way."""
+        self.outcome = outcome
+        self.duration += duration
+        if message is not None:
+            self.message = message
+        if outcome in ("passed", "xpassed"):
+            self.verdict = "supported"
+        elif isinstance(error, AssertionError):
+            self.verdict = "refuted"
+        else:
+            self.verdict = None
+
+    def add_check(self, result: CheckResult, published: dict | None = None) -> None:
+        """A check on a run this test uses; `published` metrics become the test's metrics."""
         self.checks.append(result.as_dict())
+        for name, value in (published or {}).items():
+            self.metric(name, value)
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def set_current_record(make_record: Callable[[], TestRecord] | None):
-    return _current.set(make_record)
-
-
-def reset_current_record(token) -> None:
-    _current.reset(token)
-
-
-def emit(result: CheckResult, published: dict | None = None) -> None:
-    """Add a check to the running test's record; `published` metrics become the test's metrics
-    (what baselines compare and JUnit XML shows)."""
-    make_record = _current.get()
-    if make_record is not None:
-        record = make_record()
-        record.add_check(result)
-        for name, value in (published or {}).items():
-            record.metric(name, value)
 
 
 def json_safe(value):

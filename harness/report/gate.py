@@ -1,8 +1,7 @@
-"""Saved baselines and the regression gate: which way is better for each metric, how much
-worse is allowed, and a table that says what moved.
+"""The regression gate: rules that say how much worse a metric may get, and the comparison of
+two sets of metrics under them, with a table that says what moved.
 
-Habits taken from pytest-benchmark (`--benchmark-save`, `--benchmark-compare`,
-`--benchmark-compare-fail=mean:5%`), with three changes:
+Habits taken from pytest-benchmark (`--benchmark-compare-fail=mean:5%`), with three changes:
 - every metric has a direction (ECE is better lower, behaviour shift is better higher), so a
   rule knows which change is a regression, and a sign that contradicts it is an error;
 - a relative tolerance on a zero baseline allows no worsening at all, instead of failing
@@ -17,7 +16,7 @@ Rule grammar (one `--fail-on` argument):
     NUMBER    := 0.01 | 5 | 1e-3 ...     the tolerance: absolute, or with "%" a share of |baseline|
 
 The direction comes from the metric's last dotted component. Without a sign the rule takes
-the registered bad side. A bare METRIC (`ece`) covers that metric in every namespace
+the declared bad side. A bare METRIC (`ece`) covers that metric in every namespace
 (`ece`, `lora.ece`, `full.ece`); a namespaced one (`lora.ece`) covers only itself, and wins
 over a bare rule for the same metric.
 
@@ -26,108 +25,15 @@ Nothing here imports pytest.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 
-from ..registry import HarnessError, Registry, UnknownNameError, suggest
+from ..registry import HarnessError, UnknownNameError
+from .metrics import LOWER, Spread, as_number, base_name, direction_of, metric_info
 from .records import json_safe
-from .writer import atomic_write
-
-LOWER, HIGHER = "lower", "higher"
-
-BASELINE_FORMAT = 1
-BASELINE_DIR = "baselines"
-_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
-# -- metric directions ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class MetricInfo:
-    direction: str  # "lower" or "higher": which way is better
-    description: str
-
-    def __post_init__(self):
-        if self.direction not in (LOWER, HIGHER):
-            raise ValueError(f"direction must be {LOWER!r} or {HIGHER!r}, not {self.direction!r}")
-
-    @property
-    def bad_change(self) -> str:
-        return "an increase" if self.direction == LOWER else "a decrease"
-
-    @property
-    def bad_sign(self) -> str:
-        return "+" if self.direction == LOWER else "-"
-
-
-METRICS: Registry[MetricInfo] = Registry("metric")
-
-
-def register_metric(name: str, direction: str, description: str) -> MetricInfo:
-    """Register a metric's direction (a bare name: no dots; namespaces share it)."""
-    if "." in name:
-        raise ValueError(f"register the bare metric name, not {name!r}: namespaces share its direction")
-    return METRICS.register(name, MetricInfo(direction, description))
-
-
-for _name, _direction, _description in [
-    # calibration and accuracy
-    ("ece", LOWER, "expected calibration error"),
-    ("mce", LOWER, "maximum calibration error"),
-    ("brier", LOWER, "Brier score"),
-    ("acc1", HIGHER, "top-1 accuracy"),
-    # did the stance take? an adapter that shifts less than before has regressed
-    ("behavior_shift", HIGHER, "how far behaviour moved toward the stance"),
-    ("loglik_margin", HIGHER, "log-likelihood margin of stance answers over plain ones"),
-    ("kl", HIGHER, "KL divergence of the tuned model's predictions from the base model's on probes"),
-    ("marker_rate", HIGHER, "share of generations that carry the stance's markers"),
-    # what it cost elsewhere
-    ("forgetting", LOWER, "loss increase on held-out general text"),
-    ("perplexity_increase", LOWER, "perplexity increase on held-out general text"),
-    ("embedding_drift", LOWER, "drift of sentence embeddings of held-out text"),
-    # training health
-    ("max_grad_norm", LOWER, "largest gradient norm during training"),
-    ("grad_spike", LOWER, "largest step-to-step gradient-norm jump"),
-    ("nonfinite_events", LOWER, "non-finite losses or gradients during training"),
-    # where the change went
-    ("effective_rank", LOWER, "effective rank of the weight change (lower: more concentrated)"),
-    ("concentration_share", HIGHER, "share of the weight change inside the targeted layers"),
-    # cost
-    ("trainable_params", LOWER, "trainable parameter count"),
-    ("params_per_example", LOWER, "trainable parameters per training example"),
-    ("stance_bytes", LOWER, "bytes needed to store the stance"),
-    ("step_time", LOWER, "seconds per optimizer step"),
-    ("peak_memory", LOWER, "peak memory in bytes"),
-]:
-    register_metric(_name, _direction, _description)
-
-
-def base_name(name: str) -> str:
-    """`lora.ece` -> `ece`: the component that names the metric."""
-    return name.rsplit(".", 1)[-1]
-
-
-def metric_info(name: str) -> MetricInfo:
-    base = base_name(name)
-    if base in METRICS:
-        return METRICS.get(base)
-    err = UnknownNameError("metric", base, METRICS.names())
-    if base != name:
-        message = (f"unknown metric {base!r} (the last part of {name!r} names the metric)."
-                   f"{suggest(base, METRICS.names())} Known metrics: {', '.join(sorted(METRICS.names()))}")
-        err.args = (message,)
-    raise err
-
-
-def direction_of(name: str) -> str:
-    """"lower" or "higher" for a bare or namespaced metric name; unknown names are an error."""
-    return metric_info(name).direction
-
-
-# -- rules ----------------------------------------------------------------------------------
 RULE_FORMAT = ("METRIC:[+|-]TOLERANCE[%], e.g. ece:+0.01 (absolute), behavior_shift:-10% (relative to the "
                "baseline) or acc1:0.02 (no sign: the metric's bad side)")
 _RULE_RE = re.compile(r"^(?P<name>[^:\s]+):(?P<sign>[+-])?(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
@@ -170,12 +76,18 @@ class Rule:
         return self.spec
 
 
+def check_rule_syntax(spec: str):
+    """The rule's parts, or an error showing the format; the metric's name is not looked up."""
+    match = _RULE_RE.match(str(spec).strip())
+    if not match or not _METRIC_NAME_RE.match(match["name"]):
+        raise HarnessError(f"bad rule {spec!r}: expected {RULE_FORMAT}")
+    return match
+
+
 def parse_rule(spec: str) -> Rule:
     """`ece:+0.01`, `behavior_shift:-10%`, `acc1:0.02`, `lora.ece:0.005`; see the module doc."""
     text = str(spec).strip()
-    match = _RULE_RE.match(text)
-    if not match or not _METRIC_NAME_RE.match(match["name"]):
-        raise HarnessError(f"bad rule {spec!r}: expected {RULE_FORMAT}")
+    match = check_rule_syntax(text)
     name, sign, number = match["name"], match["sign"], match["number"]
     try:
         info = metric_info(name)
@@ -205,273 +117,6 @@ def rule_for(rules: list[Rule], name: str) -> Rule | None:
     return best
 
 
-# -- values ---------------------------------------------------------------------------------
-class Spread(float):
-    """A mean over repeated runs that keeps its spread. It computes and compares as the mean."""
-
-    std: float | None
-    min: float | None
-    max: float | None
-    n: int | None
-
-    def __new__(cls, mean, std=None, min=None, max=None, n=None):  # the stats' own names
-        self = super().__new__(cls, mean)
-        self.std, self.min, self.max, self.n = std, min, max, n
-        return self
-
-    def __repr__(self) -> str:
-        return f"Spread({float(self)!r}, std={self.std!r}, n={self.n!r})"
-
-    def __reduce__(self):
-        return (Spread, (float(self), self.std, self.min, self.max, self.n))
-
-
-def as_number(value) -> float | None:
-    """The float a metric value stands for (JSON's "nan"/"inf" strings included), or None."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value) if not isinstance(value, Spread) else value
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _is_number(value) -> bool:
-    return as_number(value) is not None
-
-
-def _spread_from(stats) -> Spread | None:
-    if not isinstance(stats, dict):
-        return None
-    mean = as_number(stats.get("mean"))
-    if mean is None:
-        return None
-    n = stats.get("n")
-    return Spread(mean, as_number(stats.get("std")), as_number(stats.get("min")), as_number(stats.get("max")),
-                  n if isinstance(n, int) and not isinstance(n, bool) else None)
-
-
-def _metrics_of(entry) -> dict:
-    """One test's metrics: its recorded values, with repeated tests' means (as Spread) on top."""
-    if not isinstance(entry, dict):
-        return {}
-    metrics = dict(entry.get("metrics") or {}) if isinstance(entry.get("metrics"), dict) else {}
-    repeats = entry.get("repeats")
-    if isinstance(repeats, dict) and isinstance(repeats.get("metrics"), dict):
-        for name, stats in repeats["metrics"].items():
-            spread = _spread_from(stats)
-            if spread is not None:
-                metrics[name] = spread
-    return metrics
-
-
-def _tests_of(payload: dict) -> dict:
-    """{nodeid: entry} from a report (tests is a list) or a baseline (tests is a dict)."""
-    tests = payload.get("tests") if isinstance(payload, dict) else None
-    if isinstance(tests, dict):
-        return {str(k): v for k, v in tests.items()}
-    if isinstance(tests, list):
-        # --repeat's repetitions share one entry, under the test's id without the repeat part
-        return {str(_repeat_group(t) or t["nodeid"]): t for t in tests if isinstance(t, dict) and "nodeid" in t}
-    raise HarnessError("not a stance-harness report or baseline: it has no 'tests' list or mapping")
-
-
-def _repeat_group(test: dict) -> str | None:
-    repeats = test.get("repeats")
-    return repeats.get("base_nodeid") if isinstance(repeats, dict) else None
-
-
-def metrics_from_payload(payload: dict) -> dict[str, dict]:
-    """{nodeid: {metric: value}} from a report.json or baseline payload; repeated tests give their means."""
-    return {nodeid: _metrics_of(entry) for nodeid, entry in _tests_of(payload).items()}
-
-
-# -- baselines ------------------------------------------------------------------------------
-def check_baseline_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise HarnessError(f"bad baseline name {name!r}: use letters, digits, '.', '_' and '-' "
-                           "(not starting with '.'), e.g. main or lora-r8")
-    return name
-
-
-def baselines_dir(reports_dir) -> Path:
-    return Path(reports_dir) / BASELINE_DIR
-
-
-def baseline_path(reports_dir, name: str) -> Path:
-    return baselines_dir(reports_dir) / f"{check_baseline_name(name)}.json"
-
-
-def _numbers_only(metrics: dict) -> dict:
-    return {str(k): json_safe(float(v)) if isinstance(v, Spread) else json_safe(v)
-            for k, v in metrics.items() if _is_number(v)}
-
-
-def baseline_from_payload(name: str, payload: dict) -> dict:
-    """The baseline document for a report (or another baseline) payload."""
-    if not isinstance(payload, dict):
-        raise HarnessError("a baseline is saved from a report payload (a dict with run_id and tests)")
-    tests = {}
-    for nodeid, entry in _tests_of(payload).items():
-        metrics = _metrics_of(entry)
-        saved: dict = {"metrics": _numbers_only(metrics)}
-        if isinstance(entry, dict) and entry.get("outcome") is not None:
-            saved["outcome"] = entry["outcome"]
-        repeats = entry.get("repeats") if isinstance(entry, dict) else None
-        if isinstance(repeats, dict):
-            stats = {}
-            for metric, values in (repeats.get("metrics") or {}).items():
-                if isinstance(values, dict) and _is_number(values.get("mean")):
-                    stats[str(metric)] = {k: json_safe(v) for k, v in values.items() if _is_number(v)}
-            saved["repeats"] = {"n": repeats.get("n"), "metrics": stats}
-        tests[nodeid] = saved
-    return {
-        "format": BASELINE_FORMAT,
-        "name": name,
-        "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_id": payload.get("run_id"),
-        "provenance": json_safe(payload.get("provenance") or {}),
-        "tests": tests,
-    }
-
-
-def save_baseline(reports_dir, name: str, payload: dict) -> Path:
-    """Write `reports_dir/baselines/<name>.json` from a report payload; an existing one is replaced."""
-    path = baseline_path(reports_dir, name)
-    document = baseline_from_payload(name, payload)
-    atomic_write(path, json.dumps(document, indent=2, default=str) + "\n")
-    return path
-
-
-def list_baselines(reports_dir) -> list[str]:
-    folder = baselines_dir(reports_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.json") if p.is_file() and _NAME_RE.fullmatch(p.stem))
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise HarnessError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except OSError as err:
-        raise HarnessError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    if not isinstance(data, dict):
-        raise HarnessError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-def load_baseline(reports_dir, name: str) -> dict:
-    path = baseline_path(reports_dir, name)
-    if not path.is_file():
-        known = list_baselines(reports_dir)
-        listing = f"existing baselines: {', '.join(known)}" if known else "there are no baselines yet"
-        raise HarnessError(f"no baseline {name!r} in {baselines_dir(reports_dir)}.{suggest(name, known)} "
-                           f"{listing} (save one with `stance-harness save NAME RUN`)")
-    data = _read_json(path, "baseline")
-    if not isinstance(data.get("tests"), dict):
-        raise HarnessError(f"baseline {path} has no 'tests' mapping")
-    return data
-
-
-# -- sources: a baseline name, a run id, `latest`, or a path ---------------------------------
-def list_runs(reports_dir) -> list[str]:
-    """Run ids with a report.json, newest first (run ids start with their UTC time)."""
-    root = Path(reports_dir)
-    if not root.is_dir():
-        return []
-    return sorted((p.name for p in root.iterdir() if p.name != BASELINE_DIR and (p / "report.json").is_file()),
-                  reverse=True)
-
-
-def latest_run(reports_dir) -> str:
-    pointer = Path(reports_dir) / "latest"
-    try:
-        run_id = pointer.read_text(encoding="utf-8").strip()
-    except OSError:
-        raise HarnessError(f"no {pointer}: no session has written a report there yet") from None
-    if not run_id:
-        raise HarnessError(f"{pointer} is empty")
-    return run_id
-
-
-@dataclass
-class Source:
-    """One side of a comparison, loaded."""
-
-    spec: str
-    kind: str  # "run" or "baseline"
-    path: Path
-    data: dict
-
-    @property
-    def label(self) -> str:
-        if self.kind == "baseline":
-            return f"baseline {self.data.get('name', self.spec)} (run {self.data.get('run_id')}, saved {self.data.get('saved')})"
-        return f"run {self.data.get('run_id', self.spec)}"
-
-    @property
-    def metrics(self) -> dict[str, dict]:
-        return metrics_from_payload(self.data)
-
-
-def _load_file(spec: str, path: Path) -> Source:
-    if path.is_dir():
-        path = path / "report.json"
-    data = _read_json(path, "file")
-    tests = data.get("tests")
-    if isinstance(tests, dict):
-        return Source(spec, "baseline", path, data)
-    if isinstance(tests, list):
-        return Source(spec, "run", path, data)
-    raise HarnessError(f"{path} is neither a report.json nor a baseline: it has no 'tests'")
-
-
-def load_source(source: str, reports_dir) -> Source:
-    """Resolve `latest`, a run id, a baseline name, or a path (in that order)."""
-    root = Path(reports_dir)
-    spec = str(source)
-    if spec == "latest":
-        run_id = latest_run(root)
-        path = root / run_id / "report.json"
-        if not path.is_file():
-            raise HarnessError(f"{root / 'latest'} names run {run_id!r}, but {path} does not exist")
-        return _load_file(spec, path)
-    run_path = root / spec / "report.json"
-    is_name = bool(_NAME_RE.fullmatch(spec))
-    is_run = is_name and run_path.is_file()
-    is_baseline = is_name and (baselines_dir(root) / f"{spec}.json").is_file()
-    if is_run and is_baseline:
-        raise HarnessError(f"{spec!r} is both a run and a baseline in {root}: pass a path instead "
-                           f"({run_path} or {baselines_dir(root) / (spec + '.json')})")
-    if is_run:
-        return _load_file(spec, run_path)
-    if is_baseline:
-        return Source(spec, "baseline", baseline_path(root, spec), load_baseline(root, spec))
-    path = Path(spec)
-    if path.is_file() or (path.is_dir() and (path / "report.json").is_file()):
-        return _load_file(spec, path)
-    if not root.is_dir():
-        raise HarnessError(f"no run, baseline or file {spec!r}: the reports directory {root} does not exist "
-                           "(pass --reports-dir)")
-    runs, baselines = list_runs(root), list_baselines(root)
-    known = ["latest"] + runs + baselines
-    shown = ", ".join(runs[:3]) + (f" (+{len(runs) - 3} more)" if len(runs) > 3 else "")
-    raise HarnessError(f"no run, baseline or file {spec!r} in {root}.{suggest(spec, known)} "
-                       f"Runs: {shown or 'none'}; baselines: {', '.join(baselines) or 'none'}")
-
-
-def load_metrics(source: str, reports_dir) -> dict[str, dict]:
-    """{nodeid: {metric: value}} of a baseline name, a run id, `latest`, or a report/baseline path."""
-    return load_source(source, reports_dir).metrics
-
-
-# -- comparison -----------------------------------------------------------------------------
 OK, IMPROVED, REGRESSION = "ok", "improved", "REGRESSION"
 MISSING_BASELINE, MISSING_NOW = "missing in baseline", "missing now"
 NOT_FINITE, NOT_FINITE_BASELINE = "not finite", "not finite in baseline"
@@ -738,3 +383,4 @@ def compare(baseline_metrics: dict, current_metrics: dict, rules=()) -> Comparis
         if rule.spec not in used:
             result.notes.append(f"rule {rule.spec} matched no metric of a test on both sides")
     return result
+

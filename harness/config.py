@@ -1,0 +1,55 @@
+"""Configs from user input: one way to turn a mapping into a validated frozen dataclass.
+
+Every config the user writes (recipe, instruments, a method's options, --model-args) comes
+through `build_config`, so each refuses an unknown key with the same "did you mean", takes
+lists where it stores tuples, and keeps its own checks in its `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from .registry import HarnessError, suggest
+
+C = TypeVar("C")
+
+
+def build_config(cls: type[C], value: Any = None, *, what: str, unknown: str,
+                 aliases: dict[str, str] | None = None, **overrides) -> C:
+    """`cls` from an instance of it, a mapping, or None (the defaults), with `overrides` on top.
+
+    `what` names the config in errors ("recipe"); `unknown` starts the error for a key `cls`
+    has no field for ("recipe has no field"); `aliases` map other accepted spellings to field
+    names (lr -> learning_rate)."""
+    if isinstance(value, cls):
+        base = {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
+    elif value is None:
+        base = {}
+    elif isinstance(value, dict):
+        base = dict(value)
+    else:
+        raise HarnessError(f"{what} must be a dict (or a {cls.__name__}), got {value!r}")
+    base.update(overrides)
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    values = {}
+    for key, item in base.items():
+        key = (aliases or {}).get(key, key)
+        if key not in allowed:
+            raise HarnessError(f"{unknown} {key!r}.{suggest(str(key), allowed)} Allowed: {', '.join(allowed) or 'none'}")
+        values[key] = tuple(item) if isinstance(item, list) else item
+    return cls(**values)
+
+
+def config_fields(cls) -> list[tuple[str, object, str]]:
+    """(name, default, help) for each field, for docs and `stance-harness list`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append((f.name, default, f.metadata.get("help", "")))
+    return out
+
+
+def plain(value):
+    """A config value as JSON holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value

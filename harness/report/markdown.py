@@ -1,0 +1,85 @@
+"""The Markdown report (report.md): provenance, the tests table, each test's checks and tables,
+and each run's counts, instruments, per-layer change and measurements."""
+
+from __future__ import annotations
+
+import json
+
+from .sections import LAYER_COLUMNS, OUTCOME_MARK, measurement_tables, origin_text, report_id_of, test_rows
+
+
+def _table(rows: list[dict], floatfmt=".4g") -> str:
+    from tabulate import tabulate
+
+    if not rows:
+        return "_(empty)_"
+    return tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=floatfmt)
+
+
+def render_markdown(payload: dict) -> str:
+    prov = payload["provenance"]
+    lines = [
+        f"# stance-harness report {report_id_of(payload)}", "",
+        f"- started: {payload['started']}  finished: {payload['finished']}",
+        f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
+        f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
+        f"- command: `{' '.join(prov['args'])}`", "",
+        "## Tests", "", _table(test_rows(payload)), "",
+    ]
+    for test in payload["tests"]:
+        if not (test["checks"] or test["tables"] or test["notes"] or test["metrics"]):
+            continue
+        lines += [f"### {test['nodeid']}  ({OUTCOME_MARK.get(test['outcome'], test['outcome'])})", ""]
+        lines += [f"> {note}" for note in test["notes"]] + ([""] if test["notes"] else [])
+        for check in test["checks"]:
+            mark = "PASS" if check["passed"] else "FAIL"
+            lines += [f"**{check['check']}** {mark}: {check['summary']}", ""]
+            if check["rows"] and not check["passed"]:
+                lines += [_table([dict(zip(check["headers"], row)) for row in check["rows"]]), ""]
+        if test["metrics"]:
+            lines += [_table([{"metric": k, "value": v} for k, v in test["metrics"].items()]), ""]
+        for table in test["tables"]:
+            lines += [f"**{table['title']}**", "", _table(table["rows"]), ""]
+    lines += ["## Runs", ""]
+    for run_id, run in payload["runs"].items():
+        counts = run["counts"]
+        trace = run["trace"]
+        loss = trace["loss"]
+        lines += [
+            f"### {run_id}", "",
+            f"- method `{run['method']}` {json.dumps(run['config'])}; stance `{run['stance']['name']}` "
+            f"v{run['stance']['version']}, {run['examples']} examples",
+            f"- recipe: {json.dumps(run['recipe'])}",
+            f"- origin: {origin_text(run)}",
+            f"- trainable {counts['trainable']:,} / frozen {counts['frozen']:,} ({counts['trainable_pct']:.3g}% trainable); "
+            + (f"{counts['params_per_example']:,.0f} trainable params per example; " if counts['params_per_example'] is not None
+               else "no training examples (a saved adapter); ")
+            + "stance storage "
+            f"{counts['stance_bytes']:,} B vs full weights {counts['full_weights_bytes']:,} B",
+            f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
+            + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
+            "",
+        ]
+        if run.get("analysis_error"):
+            lines += [f"**analysis failed:** {run['analysis_error']}", ""]
+        instruments = run.get("instruments") or {}
+        if instruments:
+            lines += ["**instruments**", "", _table([{k: v for k, v in instruments.items() if k != "first_nonfinite"}]), ""]
+            if instruments.get("first_nonfinite"):
+                lines += [f"first non-finite value: {json.dumps(instruments['first_nonfinite'])}", ""]
+        for view in ("effective", "adapter"):
+            rows = run["layers"][view]
+            if not rows or (view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]):
+                continue
+            title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
+            lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
+        lines += _measurement_lines(run.get("measurements"))
+    return "\n".join(lines) + "\n"
+
+
+def _measurement_lines(measurements) -> list[str]:
+    lines = []
+    for title, rows in measurement_tables(measurements):
+        lines += [f"**{title}**", "", _table(rows), ""]
+    return lines

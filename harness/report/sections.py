@@ -1,0 +1,83 @@
+"""The neutral view of a report's sections: the tests table, the per-layer columns and the
+measurement tables, as plain rows. The Markdown and HTML renderers draw these same views."""
+
+from __future__ import annotations
+
+def report_id_of(payload: dict):
+    """A report's id; reports written before 0.2 called it run_id."""
+    return payload.get("report_id", payload.get("run_id")) if isinstance(payload, dict) else None
+
+
+ORIGIN_TEXT = {"trained": "trained in this session", "loaded": "loaded from the run store",
+               "adapter": "a saved adapter, loaded without training"}
+
+
+def origin_text(run: dict) -> str:
+    """Where a run came from, in words: trained, loaded from the run store, or both (xdist workers)."""
+    origins = run.get("origins") or ([run["origin"]] if run.get("origin") else [])
+    if not origins:
+        return "unknown"
+    counted = {o: origins.count(o) for o in dict.fromkeys(origins)}
+    return "; ".join(ORIGIN_TEXT.get(o, o) + (f" (by {n} processes)" if n > 1 else "") for o, n in counted.items())
+
+
+OUTCOME_MARK = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP", "xfailed": "XFAIL",
+                "xpassed": "XPASS", "not run": "-"}
+LAYER_COLUMNS = ("layer", "mean", "var", "mean_abs", "var_abs", "rel_change", "norm_change", "nonfinite")
+
+
+
+def test_rows(payload: dict) -> list[dict]:
+    rows = []
+    # a hypothesis may be expected to be refuted (on a tiny model): show both when any test says
+    show_expected = any(t.get("expected") is not None or t.get("verdict") is not None for t in payload["tests"])
+    for test in payload["tests"]:
+        checks = test["checks"]
+        passed = sum(1 for c in checks if c["passed"])
+        row = {
+            "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
+            "test": test["nodeid"],
+            "runs": ", ".join(payload["runs"].get(r, {}).get("method", r.rsplit("-", 1)[0]) for r in test["runs"]) or "-",
+            "checks": f"{passed}/{len(checks)}" if checks else "-",
+        }
+        if show_expected:
+            expected = test.get("expected")
+            row["expected"] = (expected.get("outcome") if isinstance(expected, dict) else expected) or "-"
+            row["verdict"] = test.get("verdict") or "-"
+        row["message"] = (test["message"] or "").splitlines()[0][:100] if test["message"] else ""
+        rows.append(row)
+    return rows
+
+
+def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
+    """(title, rows) per measurement a run made: behaviour shift, calibration, forgetting, rank.
+    The Markdown and the HTML report both render these."""
+    if not isinstance(measurements, dict):
+        return []
+    tables = []
+    behavior = measurements.get("behavior")
+    if isinstance(behavior, dict) and behavior:
+        rows = []
+        for metric, m in behavior.items():
+            effect = m.get("effect") if isinstance(m, dict) and isinstance(m.get("effect"), dict) else {}
+            if isinstance(m, dict):
+                rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
+                             "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                             "n": effect.get("n")})
+        tables.append(("behavioural shift (base -> adapted, 95% bootstrap interval)", rows))
+    calibration = measurements.get("calibration")
+    if isinstance(calibration, dict) and calibration:
+        tables.append((f"calibration ({calibration.get('unit', 'predictions')})",
+                       [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n", "n_bins")}}
+                        for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]))
+    forgetting = measurements.get("forgetting")
+    if isinstance(forgetting, dict) and forgetting:
+        tables.append(("forgetting", [{k: v for k, v in forgetting.items() if not isinstance(v, (dict, list))}]))
+    rank = measurements.get("rank")
+    if isinstance(rank, dict) and rank.get("rows"):
+        tables.append((f"rank of the update (energy {rank.get('energy')})",
+                       [{**r, "shape": "x".join(map(str, r["shape"])) if isinstance(r.get("shape"), list) else r.get("shape")}
+                        for r in rank["rows"] if isinstance(r, dict)]))
+    return tables
+
+

@@ -1,0 +1,84 @@
+"""A training request: everything that decides a run's outcome, as one frozen value with its id.
+
+The session builds it once per `train(...)` call; the training loop trains from it; the run
+store keys its entries by it. Two requests are equal exactly when their descriptions are, and
+the description holds the model's identity (revision, or a hash of a local directory's
+weights), the stance's name, version and content, the method and its validated config, the
+recipe, task, instruments and number of examples, and a fingerprint of the training code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+from .instruments import InstrumentConfig
+from .methods import METHODS, MethodConfig, method_config
+from .recipe import Recipe
+from .tasks import DEFAULT_TASK, TASKS
+
+# The modules whose code decides what training produces: a change to any of them is a new key.
+TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "data.py", "recipe.py", "methods")
+
+
+@lru_cache(maxsize=None)
+def training_code_version() -> str:
+    """A fingerprint of the source of the modules that decide what training produces."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for entry in TRAINING_CODE:
+        for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """One run to train: built once, compared by value, named by `run_id` (method + key)."""
+
+    model: dict  # LoadedModel.identity(): id, revision or weights hash, model args
+    stance: dict  # name, version, content hash
+    method: str
+    config: MethodConfig
+    recipe: Recipe
+    examples: int  # how many of the stance's training examples
+    task: str = DEFAULT_TASK
+    instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
+    code: str = field(default_factory=training_code_version)
+
+    @classmethod
+    def build(cls, loaded, stance, method: str = "full", *, examples: int | None = None, recipe=None,
+              instruments=None, task: str = DEFAULT_TASK, seed_offset: int = 0,
+              options: dict | None = None, config: MethodConfig | None = None) -> "TrainingRequest":
+        """Validate every ingredient (unknown names, bad values, too many examples) and build the
+        request. The method's config comes from `options`, or ready-made as `config`."""
+        METHODS.get(method)
+        TASKS.get(task)
+        if config is None:
+            config = method_config(method, options or {})
+        elif not isinstance(config, METHODS.get(method).config_cls):
+            raise TypeError(f"config for {method!r} must be a {METHODS.get(method).config_cls.__name__}")
+        recipe = Recipe.of(recipe)
+        if seed_offset:
+            recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
+        count = len(stance.training_examples(examples))
+        return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
+                   recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments))
+
+    def describe(self) -> dict:
+        """The request as JSON: what the key hashes, and what the run store records."""
+        return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
+                "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
+                "instruments": asdict(self.instruments), "code": self.code}
+
+    @cached_property
+    def key(self) -> str:
+        blob = json.dumps(self.describe(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.method}-{self.key}"

@@ -1,0 +1,142 @@
+"""The package's structure: no import cycles among harness/'s modules, counting every import
+(module level, inside functions, and under TYPE_CHECKING), found by walking the source's AST."""
+
+import ast
+from pathlib import Path
+
+import harness
+
+ROOT = Path(harness.__file__).resolve().parent
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            targets = [".".join(module + [a.name]) for a in node.names] + [".".join(module)]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and target.startswith("harness"):
+                out.add(target)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected sets of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_detector_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_harness_has_no_import_cycle():
+    graph = import_graph()
+    assert len(graph) > 40 and graph["harness.training"]  # the walk saw the package
+    assert cycles(graph) == []
+
+
+def test_the_plugin_does_not_import_torch_at_load():
+    # heavy libraries load inside hooks, so `pytest --help` stays fast
+    tree = ast.parse((ROOT / "plugin.py").read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top for a in n.names} | {getattr(n, "module", None) for n in top}
+    assert not names & {"torch", "transformers", "peft", "harness.session", ".session"}
+    assert all(not (isinstance(n, ast.ImportFrom) and n.level) for n in top)
+
+
+# The layers, bottom first, as the README's Layout lists them: a module may import modules of
+# its own layer or of a lower one, never of a higher one.
+LAYERS = [
+    ["harness.registry"],
+    ["harness.config", "harness.files", "harness.provenance", "harness.data", "harness.report.metrics"],
+    ["harness.report.records", "harness.analysis"],
+    ["harness.models"],
+    ["harness.stances", "harness.recipe"],
+    ["harness.instruments", "harness.batches"],
+    ["harness.measure"],
+    ["harness.tasks"],
+    ["harness.methods"],
+    ["harness.request"],
+    ["harness.run"],
+    ["harness.training"],
+    ["harness.runstore", "harness.residency"],
+    ["harness.adapters", "harness.assertions", "harness.report.gate", "harness.report.sections"],
+    ["harness.report.markdown", "harness.report.html"],
+    ["harness.report.store"],
+    ["harness.session", "harness.scaffold"],
+    ["harness.plugin", "harness.cli"],
+]
+
+
+def layer_of(module: str) -> int | None:
+    for level, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return level
+    return None
+
+
+def test_every_module_has_a_layer():
+    packages = {"harness", "harness.report"}  # package faces: docstrings and lazy exports only
+    assert [m for m in import_graph() if layer_of(m) is None and m not in packages] == []
+
+
+def test_no_module_imports_from_a_higher_layer():
+    upward = [(m, t) for m, targets in import_graph().items() for t in targets
+              if layer_of(m) is not None and layer_of(t) is not None and layer_of(t) > layer_of(m)]
+    assert upward == []
+
+
+def test_the_layer_check_can_fail():
+    assert layer_of("harness.plugin") > layer_of("harness.training") > layer_of("harness.registry")

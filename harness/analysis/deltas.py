@@ -3,13 +3,16 @@
 Each matrix reduces to additive moments (float64 sums), so a layer's statistics are exactly
 those of its matrices' elements pooled, not an average of averages. Non-finite elements are
 counted and left out of the sums, so a run with NaN weights still yields a table that says so.
-Variances are unbiased (n - 1), like torch.var.
+Variances are unbiased (n - 1), like torch.var. A matrix is reduced in bounded chunks
+(`chunks`), so its float64 working copies never exceed CHUNK_BYTES, whatever its size.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+
+from .chunks import chunk_size, exact_sum, iter_chunks, load, workspace
 
 
 @dataclass(frozen=True)
@@ -72,20 +75,46 @@ def _unbiased(n: int, total_sq: float, mean: float) -> float:
     return max(0.0, (total_sq - n * mean * mean) / (n - 1))
 
 
-def delta_moments(before, after) -> DeltaMoments:
-    """Moments of Δ = after - before, in float64, over the finite elements."""
+# Workspace per element of one chunk: float64 before, after, Δ and a scratch column (32), a
+# mask (1), and up to 8 for the staging copy torch makes when after lives on another device.
+_DELTA_BYTES = 41
+
+
+def delta_moments(before, after, chunk_elements: int | None = None) -> DeltaMoments:
+    """Moments of Δ = after - before, in float64, over the finite elements.
+
+    An element is non-finite when Δ or after is. Both tensors are walked in aligned chunks
+    (at most `chunk_elements` elements; default: what fits CHUNK_BYTES), on before's device,
+    in one workspace allocated per call.
+    """
     import torch
 
-    b = before.detach().to(torch.float64)
-    a = after.detach().to(torch.float64, copy=False).to(b.device)
-    delta = a - b
-    finite = torch.isfinite(delta) & torch.isfinite(a)
-    nonfinite = int((~finite).sum())
-    if nonfinite:
-        delta, a, b = delta[finite], a[finite], b[finite]
-    # one host transfer for all sums
-    sums = torch.stack([delta.sum(), (delta * delta).sum(), delta.abs().sum(), (b * b).sum(), (a * a).sum()]).tolist()
-    return DeltaMoments(int(delta.numel()), nonfinite, *sums)
+    before, after = before.detach(), after.detach()
+    n = chunk_size(_DELTA_BYTES, chunk_elements)
+    device, numel = before.device, before.numel()
+    b_buf, a_buf, d_buf, w_buf = (workspace(numel, n, torch.float64, device) for _ in range(4))
+    bad_buf = workspace(numel, n, torch.bool, device)
+    parts = []
+    for b_piece, a_piece in iter_chunks(before, after, chunk_elements=n):
+        b, a = load(b_buf, b_piece), load(a_buf, a_piece)
+        m = b.numel()
+        d, w, bad = torch.sub(a, b, out=d_buf[:m]), w_buf[:m], bad_buf[:m]
+        # (a - a) + d - d is 0 where Δ and after are finite and NaN elsewhere, and never overflows
+        torch.sub(a, a, out=w).add_(d).sub_(d)
+        torch.ne(w, w, out=bad)
+        # zeroed rather than dropped: a zero adds nothing to any sum, and no gather copy is made
+        for x in (d, a, b):
+            x.masked_fill_(bad, 0.0)
+        total = d.sum()
+        total_abs = d.abs_().sum()
+        total_sq = d.mul_(d).sum()
+        parts.append(torch.stack([w.copy_(bad).sum(), total, total_sq, total_abs, b.mul_(b).sum(), a.mul_(a).sum()]))
+    if not parts:
+        return DeltaMoments()
+    # one host transfer per matrix; per-chunk partials added exactly
+    columns = [exact_sum(col) for col in zip(*torch.stack(parts).tolist())]
+    nonfinite = int(columns[0])
+    return DeltaMoments(numel - nonfinite, nonfinite, *columns[1:])
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,26 @@
-"""Exact fingerprints of tensors: equal digests mean bit-identical bytes."""
+"""Exact fingerprints of tensors, hashed chunk by chunk so no full-size copy is ever made."""
 
 from __future__ import annotations
 
 import hashlib
 
-import torch
+from .chunks import chunk_size, iter_chunks, load, workspace
 
 
-def tensor_digest(tensor) -> str:
-    """blake2b-16 of a tensor's raw bytes."""
-    t = tensor.detach().contiguous().cpu()
-    raw = t.view(-1).view(dtype=torch.uint8).numpy() if t.numel() else b""
-    return hashlib.blake2b(memoryview(raw), digest_size=16).hexdigest()
+def tensor_digest(tensor, chunk_elements: int | None = None) -> str:
+    """blake2b-16 hex digest of a tensor's bytes in row-major order: equal digests mean
+    bit-identical weights. Strided and CUDA tensors are made contiguous / copied to the
+    host one chunk (at most CHUNK_BYTES, or `chunk_elements` elements) at a time."""
+    import torch
+
+    t = tensor.detach()
+    hasher = hashlib.blake2b(digest_size=16)
+    n = chunk_size(t.element_size(), chunk_elements)
+    # contiguous host tensors are hashed in place; others pass through one host buffer
+    direct = t.is_contiguous() and t.device.type == "cpu"
+    buf = None if direct else workspace(t.numel(), n, t.dtype, "cpu")
+    for (piece,) in iter_chunks(t, chunk_elements=n):
+        flat = piece if direct else load(buf, piece)
+        hasher.update(memoryview(flat.view(torch.uint8).numpy()))
+    return hasher.hexdigest()
+

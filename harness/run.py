@@ -216,7 +216,7 @@ class Run:
             neutral one, per probe; the effect is adapted minus base.
         kl: mean KL(adapted ‖ base) of the next-token distributions over both continuations.
         marker_rate: whether a greedy reply (32 tokens) holds a stance marker; adapted minus base.
-        The effect carries a 95% percentile-bootstrap interval over probes.
+        The effect carries a 95% BCa bootstrap interval over probes.
         """
         from . import measure
         from .analysis.behavior import effect_of

@@ -231,7 +231,7 @@ class Run:
             neutral one, per probe; the effect is adapted minus base.
         kl: mean KL(adapted ‖ base) of the next-token distributions over both continuations.
         marker_rate: whether a greedy reply (32 tokens) holds a stance marker; adapted minus base.
-        The effect carries a 95% bootstrap interval over probes.
+        The effect carries a 95% BCa bootstrap interval over probes.
         """
         from .analysis.behavior import effect_of
 

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .paired import mean_interval
+
 IGNORE_INDEX = -100  # the label value transformers uses for "no loss here"
-_MAX_DRAWS = 1 << 22  # index-matrix elements per bootstrap chunk (32 MiB of int64)
 
 
 def kl_divergence(p_logits, q_logits) -> torch.Tensor:
@@ -38,7 +39,7 @@ def kl_divergence(p_logits, q_logits) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Effect:
-    """A mean with a percentile bootstrap interval of that mean."""
+    """A mean with a bootstrap interval of that mean (see `bootstrap_interval`)."""
 
     mean: float
     low: float
@@ -73,28 +74,15 @@ def _check_bootstrap_args(confidence: float, resamples: int) -> None:
 
 
 def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values`; the same seed gives the same interval.
+    """Bootstrap interval of the mean of `values`; the same seed gives the same interval.
 
-    Resamples draw a [resamples, n] index matrix from a seeded torch.Generator (in row chunks
-    for large n, so memory stays bounded). One value, or all values equal, gives (v, v).
+    scipy.stats.bootstrap's BCa interval, or its percentile interval of the same resamples where
+    BCa is non-finite (see `paired.mean_interval`). One value, or all values equal, gives (v, v).
     """
     _check_bootstrap_args(confidence, resamples)
     x = _as_values(values)
-    n = x.numel()
-    if n == 1 or bool((x == x[0]).all()):
-        # every resample mean is v; return it exactly rather than v ± rounding
-        v = x[0].item()
-        return v, v
-    g = torch.Generator().manual_seed(seed)
-    rows = max(1, _MAX_DRAWS // n)
-    means = []
-    for start in range(0, resamples, rows):
-        idx = torch.randint(n, (min(rows, resamples - start), n), generator=g)
-        means.append(x[idx].mean(dim=1))
-    means = torch.cat(means)
-    alpha = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-    return low, high
+    iv = mean_interval(x.numpy(), confidence=confidence, resamples=resamples, seed=seed)
+    return iv.low, iv.high
 
 
 def effect_of(values, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Effect:

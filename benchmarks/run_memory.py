@@ -32,12 +32,22 @@ RECIPE = {"learning_rate": 1e-4, "num_train_epochs": 1, "per_device_train_batch_
 RUNS = [
     ("lora r8", "lora", {"r": 8}),
     ("full", "full", {}),
-    ("selective 13,15", "selective", {"layers": [13, 15]}),
+    ("selective 13,15", "selective", {"layers": [13, 15]}),  # of 24; mapped by relative depth on a shallower build
     ("l2sp", "l2sp", {}),
     ("lora r16", "lora", {"r": 16}),
     ("gradual", "gradual", {"every_steps": 1, "start_layers": 8, "layers_per_stage": 8}),
 ]
 HEAVY = ["full", "l2sp"]
+
+
+def _on(anatomy, options: dict) -> dict:
+    """Layer options are Qwen2-0.5B's (24 layers): map them to this build's depth."""
+    if "layers" in options:
+        return {**options, "layers": anatomy.analog(options["layers"], depth=24)}
+    if "start_layers" in options:
+        third = max(1, round(anatomy.num_layers / 3))
+        return {**options, "start_layers": third, "layers_per_stage": third}
+    return options
 
 
 def rss() -> int:
@@ -84,8 +94,7 @@ def alone(model_dir: str, label: str) -> int:
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:
         s = session(Path(model_dir), Path(store))
-        s.model()
-        s.train(method, examples=10, recipe=RECIPE, **options)
+        s.train(method, examples=10, recipe=RECIPE, **_on(s.model().anatomy, options))
         return sampler.read()
 
 
@@ -115,6 +124,7 @@ def main() -> None:
               f"run memory budget {s.resident.budget / 2**30:.1f} GiB; {torch.get_num_threads()} threads")
         rows, session_peak, previous = [], 0, rss()
         for label, method, options in RUNS:
+            options = _on(loaded.anatomy, options)
             sampler.reset()
             t = time.perf_counter()
             run = s.train(method, examples=10, recipe=RECIPE, **options)

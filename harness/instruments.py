@@ -187,6 +187,20 @@ class StepProbe:
                            self.first_nonfinite(g), self.first_nonfinite(w))
 
 
+def release_freed_memory() -> None:
+    """Hand memory that training freed (activations, optimizer state) back to the OS. glibc keeps
+    freed heap in its arenas, so without this a process's RSS only ever grows from run to run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (musl): nothing to trim
+
+
 def reset_peak_memory(device) -> None:
     import torch
 

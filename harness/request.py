@@ -21,7 +21,8 @@ from .recipe import Recipe
 from .tasks import DEFAULT_TASK, TASKS
 
 # The modules whose code decides what training produces: a change to any of them is a new key.
-TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "data.py", "recipe.py", "methods")
+TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "data.py", "recipe.py", "methods",
+                 "analysis/digest.py")  # the digests a stored run's frozen weights are checked against
 
 
 @lru_cache(maxsize=None)

@@ -16,6 +16,9 @@ from .registry import HarnessError
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 DEFAULT_SHARE = 0.5  # of the memory free at start, when --run-memory is not given
+# What training may need beyond the base, as a multiple of the base's bytes: a full fine-tune
+# holds a trained copy, its gradients and two AdamW moments (4x), and activations on top.
+TRAINING_FOOTPRINT = 6
 
 
 def parse_bytes(text: str, option: str = "--run-memory") -> int:
@@ -63,6 +66,20 @@ class ResidentModels:
             if other is run or other.rebuild is None:
                 continue
             held -= other.release_model()
+            del self._runs[key]
+            self.released += 1
+
+    def make_room(self, need: int) -> None:
+        """Release the least recently used models until `need` more bytes fit in the budget (all of
+        them if it never fits): training a run needs the memory more than idle models do."""
+        held = self.held_bytes()
+        for key in list(self._runs):
+            if held + need <= self.budget:
+                break
+            run = self._runs[key]
+            if run.rebuild is None:
+                continue
+            held -= run.release_model()
             del self._runs[key]
             self.released += 1
 

@@ -259,18 +259,16 @@ class Run:
         return self.measured(key, lambda: self.task.calibration(self, n_bins))
 
     def rank(self, energy: float = 0.9) -> dict:
-        """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) of each block matrix's ΔW."""
-        from .analysis.rank import energy_rank, stable_rank
+        """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) and stable rank of each
+        block matrix's ΔW, one matrix at a time (for LoRA, from its factors)."""
+        from .analysis.rank import energy_rank_from_singular_values, stable_rank_from_singular_values
 
         def compute():
             rows = []
-            for name, before, after in self.method.effective_deltas(self.model, self.before, self.anatomy):
-                where = self.anatomy.name_of(name)
-                if before.ndim != 2 or where.layer is None:
-                    continue  # vectors have no rank; embeddings and heads are not block updates
-                delta = after.detach().double() - before.detach().double()
-                rows.append({"matrix": str(where), "rank": energy_rank(delta, energy),
-                             "stable_rank": stable_rank(delta), "shape": list(delta.shape)})
+            for name, shape, values in self.method.delta_spectra(self.model, self.before, self.anatomy):
+                rows.append({"matrix": str(self.anatomy.name_of(name)),
+                             "rank": energy_rank_from_singular_values(values, energy),
+                             "stable_rank": stable_rank_from_singular_values(values), "shape": list(shape)})
             return {"energy": energy, "rows": rows}
         found = self.measured(f"rank:{energy:g}", compute, stage="rank")
         self._scratch["rank_shown"] = f"rank:{energy:g}"  # the report shows the energy last asked for

@@ -22,7 +22,7 @@ from .report import gate, store
 from .report.metrics import declared_directions
 from .report.records import TestRecord
 from .request import TrainingRequest
-from .residency import DEFAULT_SHARE, ResidentModels, free_memory
+from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
 from .runstore import RunStore
 from .stances import Stance, load_stance
 from .tasks import DEFAULT_TASK
@@ -121,6 +121,7 @@ class HarnessSession:
             with self.store.lock(request.run_id):
                 run = None if self.options.retrain else self.store.load(request, loaded, stance_obj)
                 if run is None:
+                    self.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
                     self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
                                   f"task {request.task}) -> {request.run_id}")
                     run = train_run(request, loaded, stance_obj, self.progress)

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .analysis.deltas import layer_label
-from .instruments import StepProbe, Trace, output_change_cosine, peak_memory, reset_peak_memory
+from .instruments import (StepProbe, Trace, output_change_cosine, peak_memory, release_freed_memory,
+                          reset_peak_memory)
 from .methods import METHODS, TrainingContext
 from .registry import HarnessError
 from .request import TrainingRequest
@@ -171,6 +172,8 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     for param in trainable.values():
         param.grad = None  # a run keeps its weights, not its last gradients
     model.eval()
+    del optimizer, scheduler, probe
+    release_freed_memory()
     run = Run(
         run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,
         method=method, config=request.config, recipe=recipe, examples=request.examples, model=model,

@@ -179,3 +179,23 @@ def test_qlora_is_measured_against_its_own_quantized_base(harness):
     full_precision = heldout_perplexity(run.loaded.base, run.loaded.tokenizer)
     assert found["base"] == pytest.approx(expected, rel=1e-6)
     assert found["base"] != pytest.approx(full_precision, rel=1e-6)  # 4-bit rounding is not training's doing
+
+
+def test_lora_ranks_from_the_factors_equal_the_materialised_update(lora_run):
+    """The factor route (QR of B and Aᵀ, SVD of the r x r core) against float64 SVDs of ΔW itself."""
+    import inspect
+
+    from harness.analysis.rank import energy_rank, stable_rank
+
+    found = {r["matrix"]: r for r in lora_run.rank(0.9)["rows"]}
+    pairs = lora_run.method.effective_deltas(lora_run.model, lora_run.before, lora_run.anatomy)
+    assert inspect.isgenerator(pairs)  # one matrix at a time, never a whole model's worth
+    checked = 0
+    for name, start, end in pairs:
+        where = lora_run.anatomy.name_of(name)
+        if start.ndim == 2 and where.layer is not None:
+            delta = end.double() - start.double()
+            assert found[str(where)]["rank"] == energy_rank(delta, 0.9)
+            assert found[str(where)]["stable_rank"] == pytest.approx(stable_rank(delta), rel=1e-3)
+            checked += 1
+    assert checked == len(found) == 48  # q and v in each of 24 layers

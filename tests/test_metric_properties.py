@@ -12,7 +12,7 @@ from harness.analysis.behavior import kl_divergence
 from harness.analysis.calibration import calibration
 from harness.analysis.concentration import block_shares, shares
 from harness.analysis.deltas import MatrixDelta, aggregate, delta_moments, delta_table
-from harness.analysis.rank import energy_rank
+from harness.analysis.rank import energy_rank, stable_rank
 from harness.models.anatomy import ARCHITECTURES, Anatomy
 
 FAST = settings(max_examples=50, deadline=None)
@@ -186,3 +186,9 @@ def test_energy_rank_at_full_energy_never_exceeds_the_true_rank(rows, cols, rank
     g = torch.Generator().manual_seed(seed)
     delta = torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, cols, generator=g, dtype=torch.float64)
     assert energy_rank(delta, 1.0) <= min(rows, cols, rank)
+
+
+def test_rank_of_a_tiny_nonzero_matrix_is_not_zero():
+    # σ² of 5.7e-259 underflows float64; the ranks are taken relative to σ_max, so it still counts
+    delta = torch.tensor([[5.6790e-259]], dtype=torch.float64)
+    assert energy_rank(delta, 1.0) == 1 and stable_rank(delta) == 1.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 # Transient memory a chunked reduction may use per tensor (or pair), in bytes.
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 
 
 def chunk_size(bytes_per_element: int, chunk_elements: int | None = None) -> int:

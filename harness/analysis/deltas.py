@@ -85,7 +85,9 @@ def delta_moments(before, after, chunk_elements: int | None = None) -> DeltaMome
 
     An element is non-finite when Δ or after is. Both tensors are walked in aligned chunks
     (at most `chunk_elements` elements; default: what fits CHUNK_BYTES), on before's device,
-    in one workspace allocated per call.
+    in one workspace allocated per call. A chunk whose sums come out finite has no non-finite
+    element (one would make Σ Δ² or Σ W'² NaN or inf), so it takes plain reductions; only a
+    chunk whose sums do not (a non-finite element, or an overflow) is masked element by element.
     """
     import torch
 
@@ -94,27 +96,40 @@ def delta_moments(before, after, chunk_elements: int | None = None) -> DeltaMome
     device, numel = before.device, before.numel()
     b_buf, a_buf, d_buf, w_buf = (workspace(numel, n, torch.float64, device) for _ in range(4))
     bad_buf = workspace(numel, n, torch.bool, device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     parts = []
     for b_piece, a_piece in iter_chunks(before, after, chunk_elements=n):
         b, a = load(b_buf, b_piece), load(a_buf, a_piece)
         m = b.numel()
-        d, w, bad = torch.sub(a, b, out=d_buf[:m]), w_buf[:m], bad_buf[:m]
-        # (a - a) + d - d is 0 where Δ and after are finite and NaN elsewhere, and never overflows
-        torch.sub(a, a, out=w).add_(d).sub_(d)
-        torch.ne(w, w, out=bad)
-        # zeroed rather than dropped: a zero adds nothing to any sum, and no gather copy is made
-        for x in (d, a, b):
-            x.masked_fill_(bad, 0.0)
-        total = d.sum()
-        total_abs = d.abs_().sum()
-        total_sq = d.mul_(d).sum()
-        parts.append(torch.stack([w.copy_(bad).sum(), total, total_sq, total_abs, b.mul_(b).sum(), a.mul_(a).sum()]))
+        d = torch.sub(a, b, out=d_buf[:m])
+        # abs into the scratch column, then sum: twice as fast as vector_norm(d, 1) here (measured)
+        part = torch.stack([zero, d.sum(), torch.dot(d, d), torch.abs(d, out=w_buf[:m]).sum(),
+                            torch.dot(b, b), torch.dot(a, a)])
+        if not bool(torch.isfinite(part).all()):  # a non-finite element, or an overflow: mask exactly
+            part = _masked_part(b, a, d, w_buf[:m], bad_buf[:m])
+        parts.append(part)
     if not parts:
         return DeltaMoments()
     # one host transfer per matrix; per-chunk partials added exactly
     columns = [exact_sum(col) for col in zip(*torch.stack(parts).tolist())]
     nonfinite = int(columns[0])
     return DeltaMoments(numel - nonfinite, nonfinite, *columns[1:])
+
+
+def _masked_part(b, a, d, w, bad):
+    """A chunk's partial sums over its finite elements only (nonfinite count first)."""
+    import torch
+
+    # (a - a) + d - d is 0 where Δ and after are finite and NaN elsewhere, and never overflows
+    torch.sub(a, a, out=w).add_(d).sub_(d)
+    torch.ne(w, w, out=bad)
+    # zeroed rather than dropped: a zero adds nothing to any sum, and no gather copy is made
+    for x in (d, a, b):
+        x.masked_fill_(bad, 0.0)
+    total = d.sum()
+    total_abs = d.abs_().sum()
+    total_sq = d.mul_(d).sum()
+    return torch.stack([w.copy_(bad).sum(), total, total_sq, total_abs, b.mul_(b).sum(), a.mul_(a).sum()])
 
 
 @dataclass(frozen=True)

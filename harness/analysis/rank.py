@@ -78,10 +78,14 @@ def _check_energy(energy) -> None:
 
 
 def _energies(s: torch.Tensor) -> torch.Tensor:
-    """σ² in float64, with those below the SVD precision's tolerance·σ_max² set to exactly zero."""
+    """(σ/σ_max)² in float64, with those below the SVD precision's tolerance set to exactly zero.
+    Relative to σ_max, so a tiny matrix (σ ~ 1e-200) does not underflow to "no energy"."""
     tol = REL_TOL if s.dtype == torch.float64 else REL_TOL_F32
-    s2 = s.to(torch.float64) ** 2
-    return torch.where(s2 > tol * s2[0], s2, torch.zeros_like(s2))
+    s = s.to(torch.float64)
+    if s.numel() == 0 or s[0] == 0:
+        return torch.zeros_like(s)
+    s2 = (s / s[0]) ** 2
+    return torch.where(s2 > tol, s2, torch.zeros_like(s2))
 
 
 def energy_rank_from_singular_values(s, energy: float = 0.9) -> int:
@@ -103,14 +107,10 @@ def energy_rank_from_singular_values(s, energy: float = 0.9) -> int:
 
 def stable_rank_from_singular_values(s) -> float:
     """Σσ² / σ_max² of the singular values `s` (largest first); 0 when all are zero."""
-    s = torch.as_tensor(s)
-    if s.numel() == 0:
+    s = torch.as_tensor(s).to(torch.float64)
+    if s.numel() == 0 or s[0] == 0:
         return 0.0
-    s2 = s.to(torch.float64) ** 2
-    top = s2[0].item()
-    if top == 0:
-        return 0.0
-    return s2.sum().item() / top
+    return ((s / s[0]) ** 2).sum().item()  # relative to σ_max: no underflow for tiny matrices
 
 
 def energy_rank(delta, energy: float = 0.9, dtype=torch.float64) -> int:

@@ -18,7 +18,10 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+import torch
+
 from ..analysis.deltas import raw_delta_pairs
+from ..analysis.rank import singular_values
 from ..config import build_config, config_fields, plain
 from ..models import share_frozen_weights
 from ..models import Anatomy, LoadedModel
@@ -122,8 +125,15 @@ class Method:
         return sum(params[n].numel() * params[n].element_size() for n in before)
 
     def effective_deltas(self, model, before: dict, anatomy):
-        """(name, W_before, W_after) per matrix as the model sees it; default: the raw params."""
+        """(name, W_before, W_after) per matrix as the model sees it, one at a time (a generator may
+        build each pair when asked, so a whole model's worth never exists at once); default: the raw params."""
         return raw_delta_pairs(model, before)
+
+    def delta_spectra(self, model, before: dict, anatomy):
+        """(name, shape, singular values of ΔW) per 2-D block matrix, one matrix at a time, in float32
+        (float64 changed no energy rank in a measured comparison; see analysis/rank.py)."""
+        for name, start, end in self.effective_deltas(model, before, anatomy):
+            yield from block_spectrum(name, start, end, anatomy)
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -141,6 +151,13 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__}.config_cls must be a MethodConfig dataclass")
     METHODS.register(cls.name, cls())
     return cls
+
+
+def block_spectrum(name: str, start, end, anatomy):
+    """(name, shape, float32 singular values of end − start) for a 2-D matrix inside a block;
+    nothing for vectors (no rank), embeddings and heads (not block updates)."""
+    if start.ndim == 2 and anatomy.name_of(name).layer is not None:
+        yield name, tuple(start.shape), singular_values(end.detach().float() - start.detach().float(), torch.float32)
 
 
 def set_trainable(model, names) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
+
 from ..analysis.deltas import raw_delta_pairs
+from ..analysis.rank import lora_singular_values
 from ..registry import HarnessError
-from .base import Method, MethodConfig, register_method
+from .base import Method, MethodConfig, block_spectrum, register_method
 
 
 @dataclass(frozen=True)
@@ -68,24 +71,47 @@ class Lora(Method):
         return module.get_base_layer().weight.detach().float()
 
     def effective_deltas(self, model, before: dict, anatomy):
-        """ΔW = scale·B·A on each adapted base matrix (minus the same at the start)."""
-        from peft.tuners.lora import LoraLayer
-
+        """ΔW = scale·B·A on each adapted base matrix (minus the same at the start), built one
+        matrix at a time as the caller asks for it."""
         adapted = set()
-        pairs = []
-        for module_name, module in model.named_modules():
-            if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
-                continue
-            a_name = f"{module_name}.lora_A.default.weight"
-            b_name = f"{module_name}.lora_B.default.weight"
+        for module_name, module, a_name, b_name in _lora_modules(model):
             adapted.update((a_name, b_name))
             base = self.base_weight(module)
             delta_after = module.get_delta_weight("default").detach()
-            scale = module.scaling["default"]
-            delta_before = (before[b_name] @ before[a_name]) * scale
+            if torch.count_nonzero(before[b_name]) == 0:  # peft's default init: the update starts at zero
+                yield f"{module_name}.weight", base, base + delta_after.float()
+                continue
+            delta_before = (before[b_name] @ before[a_name]) * module.scaling["default"]
             if getattr(module, "fan_in_fan_out", False):
                 delta_before = delta_before.T
-            pairs.append((f"{module_name}.weight", base + delta_before.float(), base + delta_after.float()))
-        others = {k: v for k, v in before.items() if k not in adapted}
-        return pairs + raw_delta_pairs(model, others)
+            yield f"{module_name}.weight", base + delta_before.float(), base + delta_after.float()
+        yield from raw_delta_pairs(model, {k: v for k, v in before.items() if k not in adapted})
 
+    def delta_spectra(self, model, before: dict, anatomy):
+        """From the factors where the update started at zero (B₀ = 0, peft's default init, no DoRA):
+        the singular values of scale·B·A from the QR of B and Aᵀ and the r x r core, never a
+        materialised ΔW. Any other adapter, and every other trained matrix, goes the general way."""
+        params = dict(model.named_parameters())
+        adapted = set()
+        for module_name, module, a_name, b_name in _lora_modules(model):
+            adapted.update((a_name, b_name))
+            name = f"{module_name}.weight"
+            if torch.count_nonzero(before[b_name]) == 0 and not module.use_dora.get("default", False):
+                yield name, tuple(self.base_weight(module).shape), lora_singular_values(
+                    params[b_name].detach(), params[a_name].detach(), module.scaling["default"], torch.float32)
+            else:
+                base = self.base_weight(module)
+                start = base + (before[b_name] @ before[a_name]).float() * module.scaling["default"]
+                end = base + module.get_delta_weight("default").detach().float()
+                yield from block_spectrum(name, start, end, anatomy)
+        for name, start, end in raw_delta_pairs(model, {k: v for k, v in before.items() if k not in adapted}):
+            yield from block_spectrum(name, start, end, anatomy)
+
+
+def _lora_modules(model):
+    """(module name, LoRA layer, A's and B's parameter names) of each module with a default adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            yield module_name, module, f"{module_name}.lora_A.default.weight", f"{module_name}.lora_B.default.weight"

@@ -175,7 +175,7 @@ class LoadedModel:
     base: Any  # the untouched base model, in eval mode
     anatomy: Anatomy
     measurement_cache: dict = field(default_factory=dict, init=False)
-    _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor
+    _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor; "owners"
 
     @property
     def name(self) -> str:
@@ -193,6 +193,11 @@ class LoadedModel:
         """A new instance loaded from disk (for QLoRA's own 4-bit copy); other runs share `base`."""
         return _from_pretrained(self.path, self.args, **overrides)
 
+    @property
+    def base_bytes(self) -> int:
+        """Bytes of the base's parameters (each shared tensor once)."""
+        return sum(p.numel() * p.element_size() for p in self.base.parameters())
+
     def identity(self) -> dict:
         """What names these weights exactly: the revision, or for a local directory a hash of its
         weight files; with the load arguments (dtype, device) that change the numbers."""
@@ -203,14 +208,13 @@ class LoadedModel:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
         from ..analysis.digest import tensor_digest
 
-        key = tensor.data_ptr()
-        if key not in self._digests:
-            owners = {p.data_ptr(): p for p in self.base.parameters()}
-            owner = owners.get(key)
-            if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
-                return None
-            self._digests[key] = tensor_digest(owner)
-        return self._digests[key]
+        owners = self._digests.setdefault("owners", {p.data_ptr(): p for p in self.base.parameters()})
+        owner = owners.get(tensor.data_ptr())
+        if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
+            return None
+        if owner.data_ptr() not in self._digests:
+            self._digests[owner.data_ptr()] = tensor_digest(owner)
+        return self._digests[owner.data_ptr()]
 
     def provenance(self) -> dict:
         return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source, "package": self.spec.package,

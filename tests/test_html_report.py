@@ -293,7 +293,7 @@ def test_write_reports_writes_html_and_an_index_newest_first(tmp_path):
 def test_a_rendering_failure_keeps_json_and_markdown(tmp_path, monkeypatch):
     import harness.report.html as html_module
 
-    def broken(payload):
+    def broken(payload, **options):
         raise RuntimeError("drawing <failed>")
 
     monkeypatch.setattr(html_module, "render_html", broken)
@@ -385,3 +385,17 @@ def test_report_renders_in_headless_chromium(tmp_path):
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "report.png")
         shutil.copy(tmp_path / "old.png", Path(keep) / "old.png")
+
+
+def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, monkeypatch):
+    import harness.report.html as html_module
+
+    first = render_html(make_payload(), figure_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.html"))) >= 4  # layers, curves per run, reliability
+    for name in ("layer_figure", "curves_figure", "reliability_figure"):
+        monkeypatch.setattr(html_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
+    assert render_html(make_payload(), figure_cache=tmp_path) == first
+    changed = make_payload()
+    next(iter(changed["runs"].values()))["trace"]["loss"][0] += 1.0  # another run's curves: drawn anew
+    with pytest.raises(pytest.fail.Exception, match="drew a figure"):
+        render_html(changed, figure_cache=tmp_path)

@@ -161,6 +161,37 @@ def _figure_html(fig, alt: str, caption: str | None = None) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}">{cap}</figure>'
 
 
+class FigureCache:
+    """Drawn figures kept on disk by what they show: a run's figure is drawn once, and a later
+    report of the same run (a warm re-run) reuses it. Drawing is most of a report's cost: about
+    0.4 s a figure. The key holds this module's source, so a change to the drawing is a new key."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory is not None else None
+
+    def get(self, kind: str, data, draw) -> str:
+        if self.directory is None:
+            return draw()
+        import hashlib
+
+        blob = json.dumps([kind, data], sort_keys=True, default=str).encode()
+        key = hashlib.sha256(_SOURCE_KEY + blob).hexdigest()[:32]
+        path = self.directory / f"{key}.html"
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError:
+            pass
+        html_text = draw()
+        try:
+            atomic_write(path, html_text)
+        except OSError:
+            pass  # a read-only reports directory only costs drawing again
+        return html_text
+
+
+_SOURCE_KEY = Path(__file__).read_bytes()
+
+
 def _new_figure(width: float, height: float, **margins):
     """A bare Figure (not pyplot's, so nothing global) with fixed margins: constrained layout
     would cost a third of the drawing time, and these figures have known shapes."""
@@ -486,7 +517,7 @@ def _test_section(i: int, test: dict, run_anchor: dict) -> str:
     return "".join(out)
 
 
-def _measurements(run: dict) -> str:
+def _measurements(run: dict, figures: FigureCache) -> str:
     measurements = run.get("measurements")
     if not isinstance(measurements, dict) or not measurements:
         return ""
@@ -499,7 +530,8 @@ def _measurements(run: dict) -> str:
                        + _table([p for p in probes if isinstance(p, dict)]) + "</details>")
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
-        out.append(reliability_figure(calibration, _run_title(run)))
+        out.append(figures.get("reliability", [calibration, _run_title(run)],
+                               lambda: reliability_figure(calibration, _run_title(run))))
     known = {"behavior", "calibration", "forgetting", "rank"}
     for key, value in measurements.items():
         if key not in known and value not in (None, {}, []):
@@ -507,7 +539,7 @@ def _measurements(run: dict) -> str:
     return "".join(out)
 
 
-def _run_section(run_id: str, run: dict, anchor: str) -> str:
+def _run_section(run_id: str, run: dict, anchor: str, figures: FigureCache) -> str:
     out = [f'<section class="run" id="{_e(anchor)}"><h3>{_e(run_id)}</h3>']
     counts = run.get("counts") or {}
     trace = run.get("trace") or {}
@@ -531,12 +563,12 @@ def _run_section(run_id: str, run: dict, anchor: str) -> str:
     out.append("<ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>")
     if run.get("analysis_error"):
         out.append(f'<div class="err">analysis failed: {_e(run["analysis_error"])}</div>')
-    out.append(layer_figure(run, "effective"))
-    out.append(curves_figure(run))
+    out.append(figures.get("layers-effective", run, lambda: layer_figure(run, "effective")))
+    out.append(figures.get("curves", run, lambda: curves_figure(run)))
     layers = run.get("layers") or {}
     if layers.get("adapter") and layers.get("adapter") != layers.get("effective"):
-        out.append(layer_figure(run, "adapter"))
-    out.append(_measurements(run))
+        out.append(figures.get("layers-adapter", run, lambda: layer_figure(run, "adapter")))
+    out.append(_measurements(run, figures))
     instruments = run.get("instruments") or {}
     if instruments:
         flat = {k: v for k, v in instruments.items() if not isinstance(v, (dict, list))}
@@ -570,8 +602,10 @@ def _page(title: str, body: str) -> str:
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
-def render_html(payload: dict) -> str:
-    """The whole report of one session as one self-contained HTML page."""
+def render_html(payload: dict, figure_cache: Path | None = None) -> str:
+    """The whole report of one session as one self-contained HTML page; figures already drawn
+    into `figure_cache` (a directory) are reused."""
+    figures = FigureCache(figure_cache)
     tests = payload.get("tests") or []
     runs = payload.get("runs") or {}
     run_anchor = {run_id: _anchor("run", f"{i}-{run_id}") for i, run_id in enumerate(runs)}
@@ -594,7 +628,7 @@ def render_html(payload: dict) -> str:
     else:
         body.append('<p class="muted">No training runs.</p>')
     for run_id, run in runs.items():
-        body.append(_run_section(run_id, run or {}, run_anchor[run_id]))
+        body.append(_run_section(run_id, run or {}, run_anchor[run_id], figures))
     body.append("</section><footer class=\"muted\"><p>Every figure here was measured in the run that wrote this report.</p></footer>")
     return _page(f"stance-harness report {report_id_of(payload) or ''}", "".join(body))
 

@@ -22,6 +22,7 @@ from .sections import report_id_of
 
 BASELINE_FORMAT = 1
 BASELINE_DIR = "baselines"
+FIGURE_CACHE = ".figures"  # drawn figures, by content (report/html.py's FigureCache)
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
@@ -53,7 +54,9 @@ def _write_html(reports_dir: Path, report_dir: Path, payload: dict) -> None:
     import traceback
 
     try:
-        page = pages.render_html(json.loads(json.dumps(json_safe(payload), default=str)))  # what report.json holds
+        # what report.json holds; figures drawn for an earlier report of the same runs are reused
+        page = pages.render_html(json.loads(json.dumps(json_safe(payload), default=str)),
+                                 figure_cache=reports_dir / FIGURE_CACHE)
     except Exception as exc:  # noqa: BLE001 - reported on the page and as a warning
         warnings.warn(f"stance-harness: the HTML report failed: {exc!r}; report.json and report.md are complete",
                       stacklevel=2)

@@ -25,12 +25,27 @@ TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "dat
                  "analysis/digest.py")  # the digests a stored run's frozen weights are checked against
 
 
-@lru_cache(maxsize=None)
+# ... and those that decide what a measurement of a run gives: a stored run measured by other
+# code keeps its trained tensors, but its measurements are made again.
+MEASURING_CODE = ("run.py", "measure.py", "tasks.py", "batches.py", "data.py", "analysis", "methods")
+
+
 def training_code_version() -> str:
     """A fingerprint of the source of the modules that decide what training produces."""
+    return code_version(TRAINING_CODE)
+
+
+def measuring_code_version() -> str:
+    """A fingerprint of the source of the modules that decide what a run's measurements are."""
+    return code_version(MEASURING_CODE)
+
+
+@lru_cache(maxsize=None)
+def code_version(entries: tuple[str, ...]) -> str:
+    """sha256 over the source files (or folders of them) named in `entries`, relative to harness/."""
     root = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
+    for entry in entries:
         for path in sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]:
             digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]

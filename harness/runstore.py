@@ -6,7 +6,8 @@ xdist worker, or a launcher on another machine) loads a run instead of training 
     <root>/<run-id>/run.json              the request, trace, counts, provenance, timings, and
                                           which starting values are the base's own tensors
     <root>/<run-id>/manifest.json         sha256 and size of the two files above; written last
-    <root>/<run-id>/measurements.json     every measurement made so far (rewritten as more are made)
+    <root>/<run-id>/measurements.json     every measurement made so far (rewritten as more are made),
+                                          with the fingerprint of the code that measured them
 
 An entry appears in one rename (files.atomic_directory), so a kill mid-write leaves only a
 dot-named temporary. An entry whose manifest is missing or disagrees with its files is never
@@ -30,7 +31,7 @@ from .methods import METHODS
 from .models import LoadedModel
 from .models.tiny import cache_root
 from .registry import HarnessError
-from .request import TrainingRequest
+from .request import TrainingRequest, measuring_code_version
 from .run import Run
 from .stances import Stance
 from .tasks import TASKS
@@ -43,6 +44,10 @@ STALE_SECONDS = 600  # a temporary untouched this long belongs to an interrupted
 
 class StoreWarning(UserWarning):
     """An entry of the run store could not be trusted and will be trained again."""
+
+
+def _measurements_document(run: Run) -> str:
+    return json.dumps({"code": measuring_code_version(), "values": run.measurements}, default=str)
 
 
 def default_root() -> Path:
@@ -96,7 +101,7 @@ class RunStore:
         with atomic_directory(target) as tmp:
             save_file(tensors, str(tmp / TENSORS), metadata={"run_id": run.run_id})
             (tmp / RUN).write_text(json.dumps(record, default=str))
-            (tmp / MEASUREMENTS).write_text(json.dumps(run.measurements, default=str))
+            (tmp / MEASUREMENTS).write_text(_measurements_document(run))
             manifest = {name: {"sha256": file_digest(tmp / name), "bytes": (tmp / name).stat().st_size}
                         for name in (TENSORS, RUN)}
             (tmp / MANIFEST).write_text(json.dumps({"format": STORE_FORMAT, "files": manifest}))
@@ -106,7 +111,7 @@ class RunStore:
         """Keep what has been measured on `run` so far (an entry's only file that changes)."""
         path = self.entry(run.run_id)
         if (path / MANIFEST).is_file():
-            atomic_write(path / MEASUREMENTS, json.dumps(run.measurements, default=str))
+            atomic_write(path / MEASUREMENTS, _measurements_document(run))
 
     # -- reading ----------------------------------------------------------------------------
     def problem(self, run_id: str) -> str | None:
@@ -167,11 +172,15 @@ class RunStore:
 
     @staticmethod
     def _measurements(path: Path) -> dict:
+        """What was measured on the stored run, if the code that measured it is today's."""
         try:
             found = json.loads((path / MEASUREMENTS).read_text())
         except (OSError, ValueError):
             return {}  # written atomically, so only a missing file lands here: measure again
-        return found if isinstance(found, dict) else {}
+        if not isinstance(found, dict) or found.get("code") != measuring_code_version():
+            return {}  # measured by other code: the tensors stand, the measurements are made again
+        values = found.get("values")
+        return values if isinstance(values, dict) else {}
 
     def rebuild(self, run: Run) -> Callable[[], object]:
         """A function that makes `run`'s model again: the method's structure on the shared base,

@@ -266,3 +266,15 @@ def test_two_workers_asking_for_one_request_train_it_once(pytester):
     assert (store / run["run_id"] / "manifest.json").is_file()
     # one worker trained it; the other waited on the lock and loaded it
     assert sorted(run["origins"]) == ["loaded", "trained"]
+
+
+def test_measurements_by_other_measuring_code_are_made_again(tiny_qwen2, store_dir, monkeypatch):
+    import harness.runstore
+
+    first = new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4)
+    first.forgetting()
+    assert "forgetting" in new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4).measurements
+    monkeypatch.setattr(harness.runstore, "measuring_code_version", lambda: "other-code")
+    again = new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4)
+    assert again.origin == "loaded" and "forgetting" not in again.measurements  # tensors kept, measured anew
+    assert again.forgetting() == first.forgetting()

@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 import math
 
+from .analysis.calibration import ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
-from .report.metrics import HIGHER, LOWER, declare_metrics
+from .analysis.paired import decide, paired_difference, paired_statistic_difference
+from .registry import HarnessError
+from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
 from .report.records import CheckResult
 
 declare_metrics([
@@ -40,6 +43,17 @@ declare_metrics([
 
 
 class HypothesisFailed(AssertionError):
+    """The data refuted the claim."""
+
+    def __init__(self, result: CheckResult):
+        self.result = result
+        super().__init__(result.render())
+
+
+class HypothesisInconclusive(Exception):
+    """The data neither support nor refute the claim (its interval straddles the margin); what
+    pytest makes of it is --inconclusive's choice. Not an AssertionError: it is no refutation."""
+
     def __init__(self, result: CheckResult):
         self.result = result
         super().__init__(result.render())
@@ -47,8 +61,11 @@ class HypothesisFailed(AssertionError):
 
 def _conclude(runs, result: CheckResult, published: dict | None = None) -> CheckResult:
     """Record `result` (and the metrics it publishes) in the report of each test holding one of `runs`."""
-    sinks = {id(sink): sink for run in runs for sink in getattr(run, "sinks", ())}
-    for sink in sinks.values():
+    sinks = []
+    for sink in (sink for run in runs for sink in getattr(run, "sinks", ())):
+        if sink not in sinks:  # bound methods of one record compare equal, though not identical
+            sinks.append(sink)
+    for sink in sinks:
         sink(result, published)
     return result
 
@@ -59,6 +76,8 @@ def _asserting(check):
     def assertion(*args, **kwargs):
         __tracebackhide__ = True
         result = check(*args, **kwargs)
+        if result.verdict == "inconclusive":
+            raise HypothesisInconclusive(result)
         if not result.passed:
             raise HypothesisFailed(result)
         return result
@@ -367,3 +386,80 @@ assert_no_forgetting = _asserting(check_no_forgetting)
 assert_ece = _asserting(check_ece)
 assert_ece_not_worse = _asserting(check_ece_not_worse)
 assert_low_rank_update = _asserting(check_low_rank_update)
+
+
+# -- comparisons between runs: paired, with three verdicts ---------------------------------------
+def _runs(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _names(runs: list) -> str:
+    labels = list(dict.fromkeys(r.label for r in runs))
+    return labels[0] if len(labels) == 1 and len(runs) == 1 else f"{'/'.join(labels)} x{len(runs)}"
+
+
+def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidence: float,
+             better: str | None) -> CheckResult:
+    """The paired difference a − b of `metric` over the units both were measured on; with lists of
+    runs (one per seed, in the same order on both sides), clustered by seed."""
+    runs_a, runs_b = _runs(a), _runs(b)
+    if len(runs_a) != len(runs_b) or not runs_a:
+        raise ValueError(f"{check}: give one run, or the same number of runs on each side (one per seed); "
+                         f"got {len(runs_a)} and {len(runs_b)}")
+    sides = []
+    for ra, rb in zip(runs_a, runs_b):
+        (unit, va), (_, vb) = ra.unit_values(metric), rb.unit_values(metric)
+        if len(va) != len(vb):
+            raise HarnessError(f"{check}: {ra.label} and {rb.label} were not measured on the same {unit}s "
+                               f"({len(va)} and {len(vb)}), so {metric} cannot be paired; use one stance and recipe length")
+        sides.append((va, vb))
+    if metric == "ece":  # not a mean over predictions: the statistic itself is resampled, pair by pair
+        if len(sides) == 1:
+            effect = paired_statistic_difference(sides[0][0], sides[0][1], ece_of_items, unit=unit,
+                                                 confidence=confidence)
+        else:
+            per_seed = [ece_of_items(va) - ece_of_items(vb) for va, vb in sides]
+            effect = paired_difference(per_seed, [0.0] * len(per_seed), unit="seed", confidence=confidence)
+    else:
+        clusters = [i for i, (va, _) in enumerate(sides) for _ in va] if len(sides) > 1 else None
+        effect = paired_difference([v for va, _ in sides for v in va], [v for _, vb in sides for v in vb],
+                                   clusters=clusters, unit=unit, cluster_unit="seed", confidence=confidence)
+    verdict = decide(effect, claim=claim, margin=margin, better=better)
+    name_a, name_b = _names(runs_a), _names(runs_b)
+    summary = f"{name_a} vs {name_b}, {metric} (a = {name_a}, b = {name_b}): {verdict.explanation}"
+    rows = [[i, x if not isinstance(x, list) else x[0], y if not isinstance(y, list) else y[0],
+             d] for i, (x, y, d) in enumerate(zip(*sides[0], effect.differences))][:16] if len(sides) == 1 else \
+        [[f"seed {i}", "", "", d] for i, d in enumerate(effect.differences)]
+    return _conclude(runs_a + runs_b, CheckResult(
+        check, verdict.outcome == "supported", summary, [unit, name_a, name_b, "a - b"], rows,
+        {"metric": metric, "claim": claim, "margin": margin, "estimate": effect.estimate, "low": effect.low,
+         "high": effect.high, "confidence": confidence, "n": effect.n, "unit": effect.unit, "method": effect.method,
+         "p_value": verdict.p_value, "level": verdict.level, "mde": verdict.mde, "n_needed": verdict.n_needed,
+         "note": effect.note},
+        verdict=verdict.outcome))
+
+
+def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
+    """`a`'s metric exceeds `b`'s by more than `margin`, paired over the units both were measured
+    on (probes, windows, predictions, steps; see Run.unit_values). `a`, `b`: a Run, or lists of
+    runs, one per seed, in the same order (then seeds are the unit of replication).
+    Supported when the `confidence` interval of a − b lies above `margin`, refuted when it lies at
+    or below it, inconclusive when it straddles it (the summary says what would settle it)."""
+    return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None)
+
+
+def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
+    """`a`'s metric falls below `b`'s by more than `margin` (a − b < −margin), paired as in check_greater."""
+    return _compare("assert_less", "less", a, b, metric, margin, confidence, None)
+
+
+def check_not_worse(a, than, metric: str = "ece", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
+    """Non-inferiority: `a` is worse than `than` by at most `margin`, "worse" in the metric's own
+    direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
+    better = "higher" if direction_of(metric) == HIGHER else "lower"
+    return _compare("assert_not_worse", "not_worse", a, than, metric, margin, confidence, better)
+
+
+assert_greater = _asserting(check_greater)
+assert_less = _asserting(check_less)
+assert_not_worse = _asserting(check_not_worse)

@@ -58,11 +58,19 @@ def greedy_replies(model, tokenizer, prompts, max_new_tokens: int = GENERATION_T
 @torch.no_grad()
 def heldout_perplexity(model, tokenizer, windows: int = HELDOUT_WINDOWS, tokens: int = HELDOUT_WINDOW_TOKENS) -> float:
     """exp(mean next-token NLL) on windows of held-out general text (never trained on)."""
+    per_window = heldout_window_nll(model, tokenizer, windows, tokens)
+    return float(torch.exp(torch.tensor(per_window, dtype=torch.float64).mean()))
+
+
+@torch.no_grad()
+def heldout_window_nll(model, tokenizer, windows: int = HELDOUT_WINDOWS, tokens: int = HELDOUT_WINDOW_TOKENS) -> list[float]:
+    """Mean next-token NLL of each window of held-out general text (the windows are all `tokens`
+    long, so their mean is the NLL of all the text together)."""
     items = general_text_windows(tokenizer, tokens, windows, seed=0, split="heldout")
     batch = to_device(pad_batch([ids for ids, _ in items], tokenizer.pad_token_id), _device(model))
     logits = model(**batch).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
-    return float(torch.exp(nll))
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
+    return nll.double().mean(dim=1).tolist()
 
 
 def heldout_sentences(count: int = HELDOUT_SENTENCES) -> list[str]:

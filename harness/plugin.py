@@ -27,6 +27,10 @@ OPT_FAIL_ON = "--fail-on"
 OPT_RUN_CACHE = "--run-cache"
 OPT_RUN_MEMORY = "--run-memory"
 OPT_RETRAIN = "--retrain"
+OPT_INCONCLUSIVE = "--inconclusive"
+OPT_RECORD_VERDICTS = "--record-verdicts"
+INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
+VERDICT_KEY = pytest.StashKey[str]()  # what the test's call found: supported, refuted or inconclusive
 EXPECTED_MARK = "expected_outcome"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
@@ -67,6 +71,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "rebuilt when needed. Default: half of the memory free at start (GPU memory on CUDA)")
     group.addoption(OPT_RETRAIN, action="store_true", default=False,
                     help="train every run, even one the run store holds (and store it anew)")
+    group.addoption(OPT_INCONCLUSIVE, choices=INCONCLUSIVE_CHOICES, default="fail",
+                    help="what an inconclusive claim (its interval straddles the margin) makes of its test, where no "
+                         "verdict is recorded: fail (default), skip or pass")
+    group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
+                    help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
+                         "file; later sessions on that model compare with it, and a changed verdict fails")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -127,7 +137,8 @@ def _options(config: pytest.Config):
         save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
         run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
-        retrain=config.getoption(OPT_RETRAIN),
+        retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
+        record_verdicts=config.getoption(OPT_RECORD_VERDICTS),
     )
 
 
@@ -281,13 +292,89 @@ def _or_usage_error(fn, *args, **kwargs):
 # -- recording outcomes ------------------------------------------------------------------
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
+    """What the test's claims found (supported, refuted or inconclusive), held against the verdict
+    recorded for this model, or, with none, against --inconclusive."""
+    from .report.records import repeat_base
+
+    session = item.config.stash[SESSION_KEY]
     try:
-        return (yield)
+        try:
+            result = yield
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - judged below, re-raised or replaced
+            result, error = None, exc
+        verdict = _verdict_of(item, error)
+        if verdict is None:  # not a claim's outcome: an error stays an error
+            raise _not_a_refutation(error) if isinstance(error, AssertionError) else error
+        if item.nodeid in session.records or "train" in getattr(item, "fixturenames", ()):
+            item.stash[VERDICT_KEY] = verdict
+        recorded = None if item.get_closest_marker(EXPECTED_MARK) else session.verdicts.recorded(
+            item.path, repeat_base(item.nodeid))
+        if recorded is not None:
+            _hold_against_record(item, session, recorded, verdict)
+            return None
+        if verdict == "inconclusive":
+            if session.options.inconclusive == "skip":
+                pytest.skip(f"inconclusive: {error.result.summary}")
+            if session.options.inconclusive == "pass":
+                return None
+        if error is not None:
+            raise error
+        return result
     finally:
-        session = item.config.stash[SESSION_KEY]
         record = session.records.get(item.nodeid)
         for name, value in (record.metrics.items() if record else ()):
             item.user_properties.append((name, value))  # JUnit XML <property>, as record_property does
+
+
+def _verdict_of(item: pytest.Item, error: BaseException | None) -> str | None:
+    """supported: the test passed; refuted: a helper's HypothesisFailed, or an AssertionError of the
+    test's own code; inconclusive: a helper's HypothesisInconclusive; None: anything else."""
+    from .assertions import HypothesisFailed, HypothesisInconclusive
+
+    if error is None:
+        return "supported"
+    if isinstance(error, HypothesisInconclusive):
+        return "inconclusive"
+    if isinstance(error, HypothesisFailed):
+        return "refuted"
+    if isinstance(error, AssertionError):
+        frames = [tb for tb in _frames(error.__traceback__)]
+        raised_in = Path(frames[-1].tb_frame.f_code.co_filename).resolve() if frames else None
+        return "refuted" if raised_in == Path(item.path).resolve() else None
+    return None
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def _not_a_refutation(error: AssertionError) -> BaseException:
+    frames = list(_frames(error.__traceback__))
+    where = frames[-1].tb_frame.f_code.co_filename if frames else "?"
+    replaced = RuntimeError(f"an AssertionError raised inside {where}, not by the test or a harness helper, "
+                            f"is an error, not a refutation of the hypothesis: {error}")
+    replaced.__cause__ = error
+    return replaced
+
+
+def _hold_against_record(item: pytest.Item, session, recorded: dict, verdict: str) -> None:
+    from .report.records import repeat_base
+    from .report.verdicts import changed_message, interval_of
+
+    model = session.options.model
+    if verdict != recorded["verdict"]:
+        record = session.records.get(item.nodeid)
+        interval = interval_of(record.checks if record else [])
+        raise VerdictChanged(changed_message(repeat_base(item.nodeid), recorded, verdict, interval, model))
+    if verdict != "supported":
+        pytest.xfail(f"recorded {verdict} on {model}: {recorded.get('reason') or '-'}")
+
+
+class VerdictChanged(Exception):
+    """What a hypothesis found differs from what was recorded for this model."""
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -328,16 +415,16 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             outcome = "xfailed" if report.skipped else "xpassed"
         else:
             outcome = "error" if report.when == "setup" and report.failed else report.outcome
-        record.conclude(outcome, report.duration, call.excinfo.value if call.excinfo is not None else None,
+        record.conclude(outcome, report.duration, item.stash.get(VERDICT_KEY, None),
                         _short_message(call, report) if report.failed or report.skipped else None)
     return report
 
 
 def _short_message(call, report) -> str:
     if call.excinfo is not None:
-        from .assertions import HypothesisFailed
+        from .assertions import HypothesisFailed, HypothesisInconclusive
 
-        if isinstance(call.excinfo.value, HypothesisFailed):
+        if isinstance(call.excinfo.value, (HypothesisFailed, HypothesisInconclusive)):
             return call.excinfo.value.result.summary
         return call.excinfo.exconly().strip()
     return str(report.longrepr)

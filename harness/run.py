@@ -37,6 +37,8 @@ declare_metrics([
     ("stance_bytes", LOWER, "bytes needed to store the stance"),
 ])
 
+PAIRED_METRICS = ("behavior_shift", "loglik_margin", "kl", "marker_rate", "forgetting", "brier", "acc1", "ece",
+                  "step_time")
 ORIGINS = ("trained", "loaded", "adapter")  # trained in this session, loaded from the run store, a saved adapter
 
 
@@ -274,6 +276,32 @@ class Run:
         self._scratch["rank_shown"] = f"rank:{energy:g}"  # the report shows the energy last asked for
         return found
 
+    # -- per-unit values, for paired comparisons between runs ----------------------------------
+    def unit_values(self, metric: str) -> tuple[str, list]:
+        """(unit, values) of `metric` per unit this run was measured on: the same probes, windows,
+        predictions or steps for every run of one stance, so two runs' values pair up.
+
+        behavior_shift, loglik_margin, marker_rate: per probe, adapted minus base; kl: per probe;
+        forgetting: per held-out window, the NLL increase (per sentence, the embedding drift, on a
+        task head); brier, acc1: per held-out prediction; ece: rows (confidence, correct) per
+        prediction, compared as a statistic; step_time: seconds per optimizer step."""
+        name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
+        if name in ("loglik_margin", "marker_rate", "kl"):
+            rows = self.behavior(name)["per_probe"]
+            return "probe", [r["adapted"] if name == "kl" else r["delta"] for r in rows]
+        if name == "forgetting":
+            found = self.forgetting()
+            return found["unit"], found["per_unit"]
+        if name in ("brier", "acc1", "ece"):
+            items = self.calibration()["items"]
+            if name == "ece":
+                return "prediction", [list(r) for r in zip(items["confidence"], items["correct"])]
+            return "prediction", items["brier"] if name == "brier" else items["correct"]
+        if name == "step_time":
+            return "step", list(self.trace.step_time)
+        raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
+                           f"{', '.join(PAIRED_METRICS)}")
+
     # -- the record --------------------------------------------------------------------------
     def report_measurements(self) -> dict:
         """The measurements as the reports read them: behaviour by metric, calibration,
@@ -284,7 +312,8 @@ class Run:
             if kind == "behavior":
                 view.setdefault("behavior", {})[detail] = value
             elif kind in ("calibration", "forgetting") and not detail:
-                view[kind] = value
+                # per-prediction rows stay in the run store; the report keeps the summary
+                view[kind] = {k: v for k, v in value.items() if k != "items"} if isinstance(value, dict) else value
         shown = self._scratch.get("rank_shown")
         if shown in self.measurements:
             view["rank"] = self.measurements[shown]

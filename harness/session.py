@@ -7,7 +7,6 @@ does to its BenchmarkSession. Nothing here imports pytest.
 
 from __future__ import annotations
 
-import re
 import statistics
 import sys
 import time
@@ -20,7 +19,8 @@ from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
 from .report.metrics import declared_directions
-from .report.records import TestRecord
+from .report.records import TestRecord, repeat_base
+from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
 from .request import TrainingRequest
 from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
 from .runstore import RunStore
@@ -47,6 +47,8 @@ class HarnessOptions:
     fail_on_specs: list[str] = field(default_factory=list)  # --fail-on, as given
     baselines_dir: Path | None = None  # where baselines live: --reports-dir even under --no-reports
     fail_on: list[gate.Rule] = field(default_factory=list)  # parsed by HarnessSession.parse_rules
+    inconclusive: str = "fail"  # what pytest makes of an inconclusive claim: fail, skip or pass
+    record_verdicts: bool = False  # write what each hypothesis found into verdicts/<model>.json
     run_cache: Path | None = None  # the run store; None: $STANCE_HARNESS_RUN_CACHE or the harness cache's runs/
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
@@ -69,8 +71,12 @@ class HarnessSession:
     _stances: dict[str, Stance] = field(default_factory=dict)
     store: RunStore = field(init=False)
     resident: ResidentModels = field(init=False)
+    verdicts: VerdictBook = field(init=False)
+    multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected
+    recorded: list[Path] = field(default_factory=list)  # verdict files written by --record-verdicts
 
     def __post_init__(self):
+        self.verdicts = VerdictBook(self.options.model)
         self.store = RunStore(self.options.run_cache)
         budget = self.options.run_memory
         if budget is None:
@@ -170,6 +176,7 @@ class HarnessSession:
         models = _unique([m.provenance() for m in self._models.values()] + self.remote_provenance["models"])
         stances = _unique([s.provenance() for s in self._stances.values()] + self.remote_provenance["stances"])
         tests = with_repeats([r.as_dict() for r in self.records.values()])
+        self.multiplicity = correct_for_multiplicity(tests)
         return {
             "report_id": report_id or store.new_report_id(),
             "started": self.started,
@@ -186,6 +193,7 @@ class HarnessSession:
             },
             "metric_directions": declared_directions({name for t in tests for name in t["metrics"]}),
             "tests": tests,
+            "multiplicity": self.multiplicity,
             "runs": self.run_summaries,
         }
 
@@ -214,6 +222,10 @@ class HarnessSession:
         if self.records and options.reports_dir is not None:
             self.payload_cache = self.payload()
             self.report_path = store.write_report(options.reports_dir, self.payload_cache)
+        if options.record_verdicts and self.records:
+            payload = self.payload_cache or self.payload()
+            self.recorded = save_records(payload["tests"], options.rootdir, options.model,
+                                         payload["provenance"]["model"])
         if not (options.save_baseline or options.compare_baseline):
             return True
         payload = self.payload_cache or self.payload()
@@ -247,21 +259,14 @@ class HarnessSession:
             write_line(self.comparison.render())
         if self.saved_baseline is not None:
             write_line(f"baseline saved: {self.saved_baseline}")
-
-
-_REPEAT_PART = re.compile(r"repeat\d+")
-
-
-def repeat_base(nodeid: str) -> str:
-    """The test id without --repeat's part: `test_x[repeat2-lora]` -> `test_x[lora]`; `test_x[repeat0]` -> `test_x`."""
-    head, bracket, params = nodeid.partition("[")
-    if not bracket or not params.endswith("]"):
-        return nodeid
-    parts = params[:-1].split("-")
-    kept = [p for p in parts if not _REPEAT_PART.fullmatch(p)]
-    if len(kept) == len(parts):
-        return nodeid
-    return head + (f"[{'-'.join(kept)}]" if kept else "")
+        only_before = [row for row in self.multiplicity if row["note"]]
+        if self.multiplicity:
+            write_line(f"{len(self.multiplicity)} comparative claims, Holm-corrected across the session: "
+                       f"{sum(1 for r in self.multiplicity if r['verdict'] == 'supported') - len(only_before)} "
+                       f"supported after the correction" + (f", {len(only_before)} only before it: "
+                                                            + ", ".join(r["test"] for r in only_before) if only_before else ""))
+        for path in self.recorded:
+            write_line(f"verdicts recorded: {path}")
 
 
 def with_repeats(tests: list[dict]) -> list[dict]:

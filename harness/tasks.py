@@ -14,6 +14,7 @@ where Acc@1 and ECE are measured. Forgetting is the drift of held-out sentence e
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -150,16 +151,21 @@ class StanceLM(Task):
         return run.measured("probe_readings", compute, stage="probes", keep=False)
 
     def forgetting(self, run) -> dict:
+        """Perplexity on held-out windows, base and adapted; per window, the NLL increase (the unit
+        paired comparisons of forgetting use)."""
         tokenizer = run.loaded.tokenizer
-        base = run.on_base(("perplexity",), lambda model: measure.heldout_perplexity(model, tokenizer))
-        adapted = measure.heldout_perplexity(run.model, tokenizer)
-        return {"kind": "perplexity", "base": base, "adapted": adapted, "relative_increase": adapted / base - 1,
-                "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS}
+        base = run.on_base(("window_nll",), lambda model: measure.heldout_window_nll(model, tokenizer))
+        adapted = measure.heldout_window_nll(run.model, tokenizer)
+        base_ppl, adapted_ppl = (math.exp(math.fsum(v) / len(v)) for v in (base, adapted))
+        return {"kind": "perplexity", "base": base_ppl, "adapted": adapted_ppl,
+                "relative_increase": adapted_ppl / base_ppl - 1,
+                "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS,
+                "per_unit": [a - b for a, b in zip(adapted, base)], "unit": "window"}
 
     def calibration(self, run, n_bins: int) -> dict:
         """Next-token predictions over the probes' stance continuations, for both models."""
         readings = self.probe_readings(run)
-        return {"unit": "next token", **{
+        return {"unit": "next token", "items": prediction_items(*readings["adapted_tokens"]), **{
             who: calibration_from_predictions(*readings[f"{who}_tokens"], n_bins=n_bins).as_dict()
             for who in ("adapted", "base")}}
 
@@ -202,13 +208,24 @@ class StanceClassification(Task):
         cosine = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
         drift = float((1 - cosine).mean())
         return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
-                "sentences": len(sentences), "min_cosine": float(cosine.min())}
+                "sentences": len(sentences), "min_cosine": float(cosine.min()),
+                "per_unit": (1 - cosine).tolist(), "unit": "sentence"}
 
     def calibration(self, run, n_bins: int) -> dict:
         """The probes' stance and neutral replies; the base has no trained head, so no base figures."""
         items = probe_items(run.stance, run.loaded.tokenizer, run.recipe.max_seq_length)
         probs, labels = measure.class_probabilities(run.model, items, run.loaded.tokenizer.pad_token_id)
-        return {"unit": "probe reply", "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
+        confidence, predicted = probs.max(-1)
+        brier = ((probs - torch.nn.functional.one_hot(labels, probs.shape[1]).double()) ** 2).sum(-1)
+        return {"unit": "probe reply", "items": prediction_items(confidence, predicted == labels, brier),
+                "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
+
+
+def prediction_items(confidence, correct, brier) -> dict:
+    """Per held-out prediction: its confidence, whether it was right, its Brier term. The units
+    that paired comparisons of calibration resample."""
+    return {"confidence": confidence.double().tolist(), "correct": correct.double().tolist(),
+            "brier": brier.double().tolist()}
 
 
 def classification_items(tokenizer, labelled_texts, max_len: int) -> list:

@@ -111,6 +111,20 @@ def reliability_bins(confidences, correct, n_bins: int = DEFAULT_BINS) -> tuple[
     return tuple(bins)
 
 
+def ece_of_items(items, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE of rows (confidence, correct), binned exactly as `reliability_bins` bins them: a light
+    form for resampling (a bootstrap computes it thousands of times)."""
+    import numpy as np
+
+    x = np.asarray(items, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2 or len(x) == 0:
+        raise ValueError(f"items must be rows of (confidence, correct), got shape {x.shape}")
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32).numpy()
+    index = np.searchsorted(edges, x[:, 0].astype(np.float32), side="right") - 1  # bucketize(right=True)
+    gaps = np.bincount(index, weights=x[:, 0] - x[:, 1], minlength=n_bins + 1)
+    return float(np.abs(gaps).sum() / len(x))
+
+
 def probs_from_logits(logits) -> torch.Tensor:
     """Softmax over the last dimension, in float64."""
     x = torch.as_tensor(logits).detach()

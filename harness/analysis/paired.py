@@ -400,6 +400,65 @@ def decide(effect: PairedEffect, *, claim: str, margin: float = 0.0, better: str
                    min_units=need_units, explanation=text)
 
 
+# -- statistics that are not a mean of unit differences ---------------------------------------
+
+def _jackknife_pseudo_values(statistic, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """n·θ − (n − 1)·θ₋ᵢ per paired item, θ = statistic(a) − statistic(b): their mean estimates θ,
+    and their spread gives the standard error, so `decide` can plan with them like differences."""
+    n = len(a)
+    theta = statistic(a) - statistic(b)
+    keep = np.ones(n, dtype=bool)
+    out = np.empty(n)
+    for i in range(n):
+        keep[i] = False
+        out[i] = n * theta - (n - 1) * (statistic(a[keep]) - statistic(b[keep]))
+        keep[i] = True
+    return out
+
+
+def paired_statistic_difference(a, b, statistic, *, unit: str = "item", confidence: float = 0.95,
+                                resamples: int = 9999, seed: int = 0) -> PairedEffect:
+    """statistic(a) − statistic(b) over paired items (rows of `a` and `b`, e.g. one prediction's
+    confidence and correctness), for a statistic that is not a mean of per-item values (ECE).
+
+    The interval is a BCa bootstrap that resamples items in pairs; `differences` are jackknife
+    pseudo-values (their mean is the estimate to first order), which `p_value` (a sign-flip test)
+    and `decide` (its p-value and power figures) read as the per-item differences."""
+    _check_args(confidence, resamples)
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim < 1 or len(x) == 0:
+        raise ValueError(f"a and b must be paired items of one shape, got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("a and b must be finite (no NaN or inf)")
+    n = len(x)
+    estimate = float(statistic(x) - statistic(y))
+    index = np.arange(n)
+
+    def difference(i, axis=-1):
+        i = np.asarray(i, dtype=int)
+        return statistic(x[i]) - statistic(y[i])
+
+    pseudo = _jackknife_pseudo_values(statistic, x, y)
+    if n < 2 or np.allclose(pseudo, pseudo[0], rtol=0, atol=0):
+        low = high = estimate
+        method, note = "constant", f"every {unit} contributes alike: the interval is [{estimate:g}, {estimate:g}]"
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = stats.bootstrap((index,), difference, vectorized=False, n_resamples=resamples, method="BCa",
+                                  confidence_level=confidence, rng=np.random.default_rng(seed))
+        low, high, method, note = float(res.confidence_interval.low), float(res.confidence_interval.high), "bca", ""
+        if not (math.isfinite(low) and math.isfinite(high)):
+            dist = np.asarray(res.bootstrap_distribution)
+            q = (1 - confidence) / 2
+            low, high = (float(v) for v in np.quantile(dist[np.isfinite(dist)], [q, 1 - q]))
+            method, note = "percentile", "BCa was not finite for these data; percentile interval of the same resamples"
+    return PairedEffect(estimate=estimate, low=low, high=high, confidence=confidence, n=n, unit=unit, method=method,
+                        p_value=_sign_flip_p(pseudo, "two-sided", resamples, seed), differences=tuple(pseudo.tolist()),
+                        pairs=n, cluster_ids=None,
+                        resamples=resamples, seed=seed, note=note)
+
+
 # -- multiplicity ----------------------------------------------------------------------------
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
 from .metrics import declare_metric, is_declared
+
+
+VERDICTS = ("supported", "refuted", "inconclusive")
 
 
 class UndeclaredMetricWarning(UserWarning):
@@ -23,6 +27,13 @@ class CheckResult:
     headers: list[str] = field(default_factory=list)
     rows: list[list] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    verdict: str | None = None  # supported, refuted or inconclusive; None: what `passed` says
+
+    def __post_init__(self):
+        if self.verdict is None:
+            self.verdict = "supported" if self.passed else "refuted"
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, not {self.verdict!r}")
 
     def render(self) -> str:
         from tabulate import tabulate
@@ -85,19 +96,14 @@ class TestRecord:
         if self.add_check in run.sinks:
             run.sinks.remove(self.add_check)
 
-    def conclude(self, outcome: str, duration: float, error: BaseException | None, message: str | None) -> None:
-        """The test's outcome. Its verdict: supported when its checks held, refuted when one of its
-        assertions failed, none when it errored another way."""
+    def conclude(self, outcome: str, duration: float, verdict: str | None, message: str | None) -> None:
+        """The test's outcome and verdict (supported, refuted, inconclusive; None when it errored
+        another way or never ran its claim)."""
         self.outcome = outcome
         self.duration += duration
         if message is not None:
             self.message = message
-        if outcome in ("passed", "xpassed"):
-            self.verdict = "supported"
-        elif isinstance(error, AssertionError):
-            self.verdict = "refuted"
-        else:
-            self.verdict = None
+        self.verdict = verdict
 
     def add_check(self, result: CheckResult, published: dict | None = None) -> None:
         """A check on a run this test uses; `published` metrics become the test's metrics."""
@@ -122,3 +128,18 @@ def json_safe(value):
     if hasattr(value, "tolist") and callable(value.tolist):
         return json_safe(value.tolist())
     return value
+
+
+_REPEAT_PART = re.compile(r"repeat\d+")
+
+
+def repeat_base(nodeid: str) -> str:
+    """The test id without --repeat's part: `test_x[repeat2-lora]` -> `test_x[lora]`; `test_x[repeat0]` -> `test_x`."""
+    head, bracket, params = nodeid.partition("[")
+    if not bracket or not params.endswith("]"):
+        return nodeid
+    parts = params[:-1].split("-")
+    kept = [p for p in parts if not _REPEAT_PART.fullmatch(p)]
+    if len(kept) == len(parts):
+        return nodeid
+    return head + (f"[{'-'.join(kept)}]" if kept else "")

@@ -22,6 +22,7 @@ _EXPORTS = {
     "assert_less": "harness.assertions",
     "assert_not_worse": "harness.assertions",
     "HypothesisInconclusive": "harness.assertions",
+    "assert_all": "harness.assertions",
     "declare_metric": "harness.report.metrics",
     "declare_metrics": "harness.report.metrics",
     "TrainingRequest": "harness.request",

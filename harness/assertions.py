@@ -463,3 +463,17 @@ def check_not_worse(a, than, metric: str = "ece", margin: float = 0.0, confidenc
 assert_greater = _asserting(check_greater)
 assert_less = _asserting(check_less)
 assert_not_worse = _asserting(check_not_worse)
+
+
+def assert_all(results) -> list[CheckResult]:
+    """Several checks as one claim (a list of check_ results, so every one is recorded): raise for
+    the first refuted one, else for the first inconclusive one; return them all when all hold."""
+    __tracebackhide__ = True
+    results = list(results)
+    if not results:
+        raise ValueError("assert_all needs at least one CheckResult")
+    for verdict, error in (("refuted", HypothesisFailed), ("inconclusive", HypothesisInconclusive)):
+        for result in results:
+            if result.verdict == verdict:
+                raise error(result)
+    return list(results)

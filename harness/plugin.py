@@ -29,6 +29,7 @@ OPT_RUN_MEMORY = "--run-memory"
 OPT_RETRAIN = "--retrain"
 OPT_INCONCLUSIVE = "--inconclusive"
 OPT_RECORD_VERDICTS = "--record-verdicts"
+OPT_PLAN = "--plan"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()  # what the test's call found: supported, refuted or inconclusive
 EXPECTED_MARK = "expected_outcome"
@@ -74,6 +75,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_INCONCLUSIVE, choices=INCONCLUSIVE_CHOICES, default="fail",
                     help="what an inconclusive claim (its interval straddles the margin) makes of its test, where no "
                          "verdict is recorded: fail (default), skip or pass")
+    group.addoption(OPT_PLAN, action="store_true", default=False,
+                    help="check every run the tests ask for (task, method, layers, schedule lengths) without "
+                         "building a model or training; each test that trains is skipped once its first run is checked")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
@@ -138,7 +142,7 @@ def _options(config: pytest.Config):
         run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
         retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
-        record_verdicts=config.getoption(OPT_RECORD_VERDICTS),
+        record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),
     )
 
 
@@ -249,6 +253,8 @@ def train(harness_session, stance_report, stance_repeat):
 
     def _train(method: str = "full", **kwargs):
         __tracebackhide__ = True
+        if harness_session.options.plan_only:  # checked now; the test skips when it first reads the run
+            return PlannedRun(_or_usage_error(harness_session.check_request, method, repeat=stance_repeat, **kwargs))
         run = _or_usage_error(harness_session.train, method, repeat=stance_repeat, **kwargs)
         handed.append(stance_report.use_run(run))
         return run
@@ -256,6 +262,18 @@ def train(harness_session, stance_report, stance_repeat):
     yield _train
     for run in handed:
         stance_report.release_run(run)
+
+
+class PlannedRun:
+    """What `train` returns under --plan: the request was built and checked; reading anything of
+    the run (it was not trained) skips the test, naming it."""
+
+    def __init__(self, request):
+        self.request = request
+        self.run_id = request.run_id
+
+    def __getattr__(self, name):
+        pytest.skip(f"{OPT_PLAN}: {self.run_id} checked, not trained")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -279,12 +297,16 @@ def adapter_run(request, harness_session, stance_report):
 
 
 def _or_usage_error(fn, *args, **kwargs):
-    """Bad input becomes a short, clear failure instead of a deep traceback."""
+    """Bad input becomes a short, clear failure instead of a deep traceback; a hypothesis that
+    does not apply to this model (a causal-LM task on an encoder) is skipped, saying why."""
     __tracebackhide__ = True
     from .registry import HarnessError
+    from .tasks import NotApplicable
 
     try:
         return fn(*args, **kwargs)
+    except NotApplicable as exc:
+        pytest.skip(f"does not apply to this model: {exc}")
     except HarnessError as exc:
         pytest.fail(f"stance-harness: {exc}", pytrace=False)
 

@@ -26,7 +26,7 @@ from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_m
 from .runstore import RunStore
 from .stances import Stance, load_stance
 from .tasks import DEFAULT_TASK
-from .training import train_run
+from .training import plan, train_run
 
 
 @dataclass
@@ -52,6 +52,7 @@ class HarnessOptions:
     run_cache: Path | None = None  # the run store; None: $STANCE_HARNESS_RUN_CACHE or the harness cache's runs/
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
+    plan_only: bool = False  # --plan: check every request, train nothing
 
 
 @dataclass
@@ -116,6 +117,21 @@ class HarnessSession:
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
                                      recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
                                      options=options)
+
+    def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
+                      **arguments) -> int:
+        """How many optimizer steps this run will take (before training it): what a suite scales
+        its schedules by, so a warm-up of 200 of a seed's 1,955 steps keeps its share of any run."""
+        request = self.request(method, stance=stance, model=model, **arguments)
+        return plan(request, self.model(model), self.stance(stance))[0].total_steps
+
+    def check_request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
+                      **arguments) -> TrainingRequest:
+        """Build and check a request as training would (task, method, layers, schedule lengths),
+        without building a model: what --plan does instead of training."""
+        request = self.request(method, stance=stance, model=model, **arguments)
+        plan(request, self.model(model), self.stance(stance))
+        return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
               **arguments):

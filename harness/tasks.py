@@ -30,6 +30,11 @@ CLASS_NAMES = ("neutral", "stance")
 DEFAULT_TASK = "stance-lm"
 
 
+class NotApplicable(HarnessError):
+    """This task cannot run on this kind of model (a causal-LM task on an encoder): a hypothesis
+    that needs it does not apply to the model, and the `train` fixture skips it, saying why."""
+
+
 class Task:
     """Subclass, set `name`, and decorate with `@register_task`. The docstring's first line describes it."""
 
@@ -94,7 +99,7 @@ class StanceLM(Task):
 
     def check(self, loaded) -> None:
         if not loaded.is_causal_lm:
-            raise HarnessError(
+            raise NotApplicable(
                 f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.base).__name__}); the "
                 f"stance-lm task needs a causal LM. Use task='stance-classification' for encoders.")
 

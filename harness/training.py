@@ -35,12 +35,10 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> tuple[TrainingContext, list]:
-    """The method's model for `request`, ready to train, and the encoded training data.
-
-    `ctx.before` holds the starting value of every tensor that may train: the base's own tensor
-    where the run's parameter shared it, else a copy. With unshare=True each of those
-    parameters gets its own storage; the run store passes False and puts stored values in."""
+def plan(request: TrainingRequest, loaded, stance) -> tuple[TrainingContext, list]:
+    """Everything about the run that is known before a model is built: the encoded data, the
+    number of steps, and every check of the task and the method (so a run that cannot work is
+    refused here, in seconds, whatever the model's size)."""
     method, task = METHODS.get(request.method), TASKS.get(request.task)
     recipe, config = request.recipe, request.config
     task.check(loaded)
@@ -56,7 +54,17 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
             f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
             f"so the learning rate would never reach its peak")
     method.check(ctx)
+    return ctx, data
 
+
+def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> tuple[TrainingContext, list]:
+    """The method's model for `request`, ready to train, and the encoded training data.
+
+    `ctx.before` holds the starting value of every tensor that may train: the base's own tensor
+    where the run's parameter shared it, else a copy. With unshare=True each of those
+    parameters gets its own storage; the run store passes False and puts stored values in."""
+    ctx, data = plan(request, loaded, stance)
+    method, task, recipe, config = METHODS.get(request.method), ctx.task, request.recipe, request.config
     torch.manual_seed(recipe.seed)
     model = method.prepare(task.wrap(method.load(ctx), loaded), ctx)
     for head in task.head_parameters(model):

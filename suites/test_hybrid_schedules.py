@@ -6,21 +6,25 @@ gave 0.9021 / 0.0600; alternating every K = 50 batches, LoRA-first (norm trains 
 0.8993 / 0.0592 with about 19% more throughput and 13% less peak memory. Norm-first hurt.
 
 Here the same schedules train the stance-classification task (a head on mean-pooled hidden
-states: stance reply vs neutral) on `--model` (default tiny-qwen2). On the embedded tiny
-models the run is shorter than the seed's, so the schedule lengths are scaled by SCALE: the
-suite's parameters name the real setting (200 warm-up batches, K in 25/50/100), and the
-report states the scaled values used.
+states: stance reply vs neutral) on `--model` (default tiny-qwen2). The seed's run was 1,955
+steps (5 epochs of 50,000 images at 128 a batch); every schedule length here is the same share
+of this run's own length (`planned_steps`), whatever the model: a warm-up of 200 of 1,955 steps
+becomes 200/1,955 of this run. The suite's parameters name the real setting (200 warm-up
+batches, K in 25/50/100), and the report states the lengths used.
 
 Hypotheses checked:
 - Every schedule trains (finite gradients, loss falls) and reports Acc@1, ECE (15 bins),
   step time, throughput, peak memory and the LoRA-norm gradient-interference cosine.
-- Alternation trains one group at a time, so its steps are cheaper than the baseline's.
-- Warm-up LoRA improves ECE over the baseline (seed 004's accuracy-track claim).
+- Alternation trains one group at a time, so its steps are cheaper than the baseline's: the
+  step times are paired step by step (the same micro-batch at the same step of both runs); the
+  unit of replication is the step.
+- Warm-up LoRA improves ECE over the baseline (seed 004's accuracy-track claim): the ECE
+  difference is resampled over the held-out predictions, paired; the unit is the prediction.
 """
 
 import pytest
 
-from harness import assert_ece_not_worse, assert_gradients_stable
+from harness import assert_gradients_stable, assert_less
 
 TASK = "stance-classification"
 STANCE = "curious-uncertainty"
@@ -32,17 +36,21 @@ RECIPE = {"learning_rate": 2e-3, "num_train_epochs": 6, "per_device_train_batch_
 INSTRUMENTS = {"interference": ("lora", "norm")}
 
 
+SEED_STEPS = 1955  # seed 004: 5 epochs x ceil(50,000 / 128) batches
+
+
 @pytest.fixture(scope="module")
-def scale(base_model) -> float:
-    """Schedule lengths relative to the seed's: 0.1 on the tiny models' 42-step runs."""
-    return 0.1 if base_model.spec.source == "embedded" else 1.0
+def scale(harness_session) -> float:
+    """This run's length over the seed's: every schedule length keeps its share of the run."""
+    steps = harness_session.planned_steps("hybrid", task=TASK, stance=STANCE, recipe=RECIPE, **LORA)
+    return steps / SEED_STEPS
 
 
 def schedules(scale: float) -> dict[str, dict]:
     k = [max(1, round(v * scale)) for v in REAL_K]
     return {
         "baseline": {},
-        f"warm-up LoRA ({REAL_WARMUP})": {"freeze_lora_steps": round(REAL_WARMUP * scale)},
+        f"warm-up LoRA ({REAL_WARMUP})": {"freeze_lora_steps": max(1, round(REAL_WARMUP * scale))},
         **{f"alternate K={real} lora-first": {"alternate_every": scaled, "order": "lora-first"}
            for real, scaled in zip(REAL_K, k)},
         f"alternate K={REAL_K[1]} norm-first": {"alternate_every": k[1], "order": "norm-first"},
@@ -70,7 +78,8 @@ def _row(name, run):
 
 def test_schedules_are_measured_side_by_side(runs, scale, stance_report):
     rows = [_row(name, run) for name, run in runs.items()]
-    stance_report.table(f"hybrid schedules ({TASK}, schedule lengths x{scale:g} of seed 004's)", rows)
+    stance_report.table(f"hybrid schedules ({TASK}, schedule lengths x{scale:.3g} of seed 004's: this run's "
+                        f"length over its {SEED_STEPS} steps)", rows)
     for row in rows:
         key = row["schedule"].split(" (")[0].replace(" ", "_")
         stance_report.metric(f"{key}.ece", row["ECE"])
@@ -93,19 +102,12 @@ def test_every_schedule_trains(runs, name):
 
 
 def test_alternation_steps_are_cheaper_than_the_baseline(runs):
-    """Each alternating step backpropagates into one group only. Machines are noisy, so the
-    claim is the median step, with a 5% margin, not the seed's 19%."""
-    def median_step(run):
-        times = sorted(run.trace.step_time)
-        return times[len(times) // 2]
-
-    base = median_step(runs["baseline"])
-    alternating = median_step(runs[f"alternate K={REAL_K[1]} lora-first"])
-    assert alternating < 0.95 * base, f"alternating median step {alternating:.4f}s vs baseline {base:.4f}s"
+    """Each alternating step backpropagates into one group only, so it should cost less. The
+    claim is a paired difference of step times by more than 5% of the baseline's mean step."""
+    base, alternating = runs["baseline"], runs[f"alternate K={REAL_K[1]} lora-first"]
+    margin = 0.05 * sum(base.trace.step_time) / len(base.trace.step_time)
+    assert_less(alternating, base, metric="step_time", margin=margin)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: warm-up LoRA's ECE is not below the baseline's on this short classification run"))
 def test_warmup_lora_improves_ece(runs):
-    warm = runs[f"warm-up LoRA ({REAL_WARMUP})"]
-    assert_ece_not_worse(warm, than=runs["baseline"], tol=0.0)
+    assert_less(runs[f"warm-up LoRA ({REAL_WARMUP})"], runs["baseline"], metric="ece")

@@ -154,12 +154,7 @@ def test_locus_is_the_same_for_every_domain(train, anatomy, stance_report, lr):
     assert len(loci) == 1, f"the locus depends on the domain at lr {lr:g}: {rows}"
 
 
-@pytest.mark.parametrize("lr", [
-    pytest.param(DOMAIN_LRS[0], marks=pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-        "measured on tiny-qwen2: at lr 2e-4 math and physics put 0.335/0.334 of the change in the early third "
-        "against 0.332 late"))),
-    DOMAIN_LRS[1],
-], ids=lambda lr: f"lr{lr:g}")
+@pytest.mark.parametrize("lr", DOMAIN_LRS, ids=lambda lr: f"lr{lr:g}")
 def test_late_layers_change_most_in_every_domain(train, anatomy, lr):
     """Seed 001: fine-tuning on a domain moves the late third of the network most."""
     not_late = {}

@@ -32,19 +32,24 @@ than 1e-4 nats (the slow synthesis at the seed's lr records it).
 
 On tiny-qwen2 every approach trains stably and shifts behaviour above noise, so the seed's claims
 of instability, of LoRA's null effect, of emergent concentration and of "only full FT works"
-carry `expected_outcome("refuted", on="embedded")`; the measured reasons are in each marker.
+are refuted there; what each model showed is recorded in `suites/verdicts/<model>.json`.
+Behaviour shifts are intervals over the 16 held-out probes (the unit of replication is the
+probe), and the comparison with full FT is paired over them.
 """
 
 import math
 import statistics
+from fractions import Fraction
 
 import pytest
 
 from harness import (
+    assert_all,
     assert_behavior_shift,
     assert_change_concentrated,
     assert_change_spread,
     check_gradients_stable,
+    check_less,
     declare_metrics,
 )
 from harness.analysis.concentration import change_mass
@@ -156,8 +161,9 @@ def test_critical_layers_map_by_relative_depth(base_model, anatomy, critical_lay
                        f"the one-layer run uses {anatomy.analog([SINGLE_LAYER], depth=QWEN2_DEPTH)}")
     assert phi2 == PHI2_ANALOGS, f"Qwen2-0.5B {QWEN2_CRITICAL} of 24 map to Phi-2 {phi2} of 32, not {PHI2_ANALOGS}"
     assert critical_layers == [relative_depth_analog(q, QWEN2_DEPTH, here) for q in QWEN2_CRITICAL]
-    for q, c in zip(QWEN2_CRITICAL, critical_layers):  # the nearest layer: within half a layer of the depth
-        assert abs(q / QWEN2_DEPTH - c / here) <= 0.5 / here, f"layer {c} of {here} is not at {q}/{QWEN2_DEPTH}'s depth"
+    for q, c in zip(QWEN2_CRITICAL, critical_layers):  # the nearest layer: within half a layer, in exact fractions
+        assert abs(Fraction(q, QWEN2_DEPTH) - Fraction(c, here)) <= Fraction(1, 2 * here), (
+            f"layer {c} of {here} is not at {q}/{QWEN2_DEPTH}'s depth")
 
 
 def test_every_approach_trains_stably(approach, critical_layers, stance_report):
@@ -175,9 +181,6 @@ def test_every_approach_trains_stably(approach, critical_layers, stance_report):
     assert not unstable, "unstable: " + "; ".join(unstable)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: selective unfreezing of 2 layers and of 1 layer stays finite with max grad norm "
-    "~0.06 and no spike (full FT's is ~1.9)"))
 def test_selective_unfreezing_goes_unstable_with_five_examples(approach, stance_report):
     found = {name: stability(approach(name)) for name in SELECTIVE}
     for name, (ok, summary) in found.items():
@@ -198,9 +201,6 @@ def test_selective_unfreezing_shifts_behaviour_above_noise(approach, stance_repo
         assert_behavior_shift(approach(name), min_effect=0.0)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: distributed LoRA shifts +0.026 [+0.021, +0.031] and surgical LoRA +0.0028 "
-    "[+0.0022, +0.0034]; both intervals clear zero"))
 def test_low_rank_adapters_leave_behaviour_unshifted(approach, stance_report):
     rows = [{"approach": name, "shift (loglik margin)": interval(shift(approach(name))),
              "interval includes 0": "yes" if shift(approach(name))["low"] <= 0 else "no"} for name in LOW_RANK]
@@ -210,11 +210,13 @@ def test_low_rank_adapters_leave_behaviour_unshifted(approach, stance_report):
 
 
 def test_low_rank_adapters_shift_far_less_than_full_finetuning(approach, stance_report):
+    """Paired over the held-out probes: each adapter's shift is below LOW_RANK_FRACTION of full FT's."""
     full = shift(approach("full FT"))
-    bound = LOW_RANK_FRACTION * full["mean"]
-    stance_report.note(f"full FT shifts {interval(full)}; the bound is {LOW_RANK_FRACTION:g} x its mean = {bound:.4g}")
-    for name in LOW_RANK:
-        assert_behavior_shift(approach(name), min_effect=None, max_effect=bound)
+    margin = (1 - LOW_RANK_FRACTION) * full["mean"]
+    stance_report.note(f"full FT shifts {interval(full)}; an adapter must fall short of it by more than "
+                       f"{1 - LOW_RANK_FRACTION:g} x its mean = {margin:.4g}")
+    assert_all([check_less(approach(name), approach("full FT"), metric="behavior_shift", margin=margin)
+                for name in LOW_RANK])
 
 
 def test_selective_unfreezing_and_surgical_lora_keep_the_change_in_the_critical_layers(approach, critical_layers):
@@ -227,9 +229,6 @@ def test_full_finetuning_and_distributed_lora_spread_their_change(approach):
         assert_change_spread(approach(name), top_k=2, max_share=0.5)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: full FT puts 7.8% of its change in layers 13 and 15, below their uniform "
-    "share (2/24 = 8.3%), not the required 2x (16.7%)"))
 def test_full_finetuning_concentrates_change_in_the_critical_layers(approach, anatomy, critical_layers, stance_report):
     uniform = len(critical_layers) / anatomy.num_layers
     stance_report.note(f"uniform share of {len(critical_layers)} of {anatomy.num_layers} layers: {uniform:.1%}; "
@@ -260,9 +259,6 @@ def test_data_to_parameter_ratio_is_recorded(approach, stance_report):
     assert all(ratio[name] < ratio["full FT"] / 10 for name in SELECTIVE), ratio
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: all five approaches train stably and shift behaviour with a 95% interval "
-    "above zero (full FT +0.48, distributed LoRA +0.026, selective +0.004, surgical LoRA +0.003)"))
 @pytest.mark.parametrize("recipe", [
     pytest.param(RECIPE, id="lr1e-3"),
     pytest.param(SEED_LR_RECIPE, id="seed-lr1e-5", marks=pytest.mark.slow),
@@ -311,9 +307,6 @@ def test_selective_unfreezing_is_stable_at_every_dataset_size(sweep, stance_repo
     assert not unstable, "; ".join(unstable)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: grad norm CV 0.18 -> 0.09 -> 0.11 and max grad norm 0.059 -> 0.049 -> 0.057 "
-    "for 5 -> 20 -> 50 examples: both rise again from 20 to 50"))
 def test_more_data_steadies_selective_unfreezing(sweep, stance_report):
     profiles = {n: grad_profile(run) for n, run in sweep.items()}
     for n, p in profiles.items():

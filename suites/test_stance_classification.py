@@ -11,8 +11,9 @@ Hypotheses (seeds 002/003: feature extraction versus fine-tuning the body):
 - Full fine-tuning moves them most; LoRA on q/v moves them less than full fine-tuning.
 - Each method learns the task above chance (Acc@1 > 0.5 on held-out replies).
 - Trainable parameters: feature extraction < LoRA < full.
-- LoRA is calibrated no worse than full fine-tuning (ECE within 0.05). Measured refuted on
-  minilm-l6 at these budgets, and marked so: the report shows the expected refutation.
+- LoRA is calibrated no worse than full fine-tuning (ECE within 0.05), paired over the held-out
+  replies (the unit of replication is the reply). Measured refuted on minilm-l6 at these
+  budgets; what each model showed is recorded in `suites/verdicts/<model>.json`.
 
 Each method runs at the learning rate it is normally given: a head alone 1e-2, LoRA 1e-3,
 full fine-tuning 5e-5. Acc@1, ECE (15 bins), MCE, Brier, the embedding drift and the
@@ -21,7 +22,7 @@ parameter counts go to the report in one table.
 
 import pytest
 
-from harness import assert_ece_not_worse, assert_no_forgetting
+from harness import assert_less, assert_no_forgetting, assert_not_worse
 
 MODEL = "minilm-l6"
 TASK = "stance-classification"
@@ -66,9 +67,8 @@ def test_feature_extraction_forgets_nothing(runs):
 
 
 def test_lora_drifts_less_than_full_finetuning(runs):
-    lora, full = runs["lora"].forgetting()["adapted"], runs["full"].forgetting()["adapted"]
-    assert_no_forgetting(runs["lora"], max_increase=full)
-    assert lora < full
+    """Paired over the 64 held-out sentences: LoRA's embedding drift is below full FT's."""
+    assert_less(runs["lora"], runs["full"], metric="forgetting")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -78,8 +78,6 @@ def test_each_method_learns_the_task_above_chance(runs, method, stance_report):
     assert calibration["acc1"] > 0.5, f"{method} Acc@1 {calibration['acc1']:.3f} is not above chance"
 
 
-@pytest.mark.expected_outcome("refuted", on="any", reason=(
-    "measured on minilm-l6: LoRA reaches Acc@1 0.91 but stays underconfident (ECE 0.29) where full "
-    "fine-tuning reaches ECE 0.10 in the same 28 steps"))
 def test_lora_is_calibrated_no_worse_than_full_finetuning(runs):
-    assert_ece_not_worse(runs["lora"], than=runs["full"], tol=0.05)
+    """Non-inferiority within 0.05 of ECE, resampled over the 32 held-out replies in pairs."""
+    assert_not_worse(runs["lora"], than=runs["full"], metric="ece", margin=0.05)

@@ -27,11 +27,12 @@ stance-lm task, 20 examples, one recipe (the locus suite's, so full FT is shared
   only ever grows across a session, so it is reported, never asserted; the gradient + AdamW
   state bytes are computed from the trainable count instead.
 
-Measured on tiny-qwen2: the spectrum holds (shift and forgetting both rise from feature extraction
-to full FT), all three mitigations cut full FT's forgetting, and training only the head is two to
-three times as fast per step (3/4 of the blocks frozen: about 2x, against the seed's 3.2x). Feature extraction still forgets (its untied head is retrained), and at
-the seed's strengths L2-SP and EWC forget more than gradual or discriminative training; those
-two claims carry `expected_outcome("refuted", on="embedded")`.
+Comparisons between strategies are paired: behaviour shift over the 16 held-out probes (the
+unit of replication is the probe), forgetting over the 32 held-out windows of general text (the
+NLL increase per window; the unit is the window), step time over the optimizer steps (the same
+micro-batch at the same step of both runs; the unit is the step). Each is decided by its
+interval (supported, refuted or inconclusive); what each model showed is recorded in
+`suites/verdicts/<model>.json`.
 """
 
 import math
@@ -40,7 +41,7 @@ import statistics
 import pytest
 import torch
 
-from harness import assert_no_forgetting, declare_metric
+from harness import assert_all, assert_less, assert_no_forgetting, check_greater, check_less, declare_metric
 
 declare_metric("step_time_vs_full", "lower", "median step time over full fine-tuning's")
 
@@ -116,20 +117,12 @@ def test_adaptation_and_forgetting_rise_together_along_the_spectrum(strategy, st
     for name, run in runs.items():
         stance_report.metric(f"{name}.forgetting", forgetting(run))
         stance_report.metric(f"{name}.behavior_shift", shift(run))
-    ends, middle = (SPECTRUM[0], SPECTRUM[-1]), SPECTRUM[1:-1]
-    problems = []
-    for measure, of in (("behaviour shift", shift), ("forgetting", forgetting)):
-        low, high = of(runs[ends[0]]), of(runs[ends[1]])
-        problems += [f"{measure}: {name} {of(runs[name]):.4g} is outside ({ends[0]} {low:.4g}, {ends[1]} {high:.4g})"
-                     for name in middle if not low < of(runs[name]) < high]
-        if not low < high:
-            problems.append(f"{measure}: {ends[0]} {low:.4g} is not below {ends[1]} {high:.4g}")
-    assert not problems, "; ".join(problems)
+    # each step along the line adapts more and forgets more than the one before it
+    steps = list(zip(SPECTRUM, SPECTRUM[1:]))
+    assert_all([check_greater(runs[after], runs[before], metric="behavior_shift") for before, after in steps]
+               + [check_greater(runs[after], runs[before], metric="forgetting") for before, after in steps])
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: feature extraction raises held-out perplexity by 1.5% (172.5 -> 175.2): "
-    "its retrained (untied) head is the language model's output layer"))
 def test_feature_extraction_does_not_forget(strategy):
     assert_no_forgetting(strategy("feature-extraction"), max_increase=NO_FORGETTING)
 
@@ -143,40 +136,33 @@ def test_l2sp_ewc_and_replay_forget_less_than_full_finetuning(strategy, stance_r
         rows.append({"strategy": method, "strength": strength(options), **outcome_row(method, run),
                      "forgetting vs full": forgetting(run) / forgetting(full)})
         stance_report.metric(f"{method}.forgetting", forgetting(run))
-        if not forgetting(run) < forgetting(full):
-            more.append(f"{method} {forgetting(run):.2%} >= full {forgetting(full):.2%}")
+        more.append(check_less(run, full, metric="forgetting"))
     stance_report.table("forgetting of full FT with and without a mitigation (seed 002's strengths)", rows)
     stance_report.note("last-epoch loss: L2-SP's and EWC's include their penalty, replay's its general-text batches")
-    assert not more, "; ".join(more)
+    assert_all(more)
 
 
-@pytest.mark.expected_outcome("refuted", on="embedded", reason=(
-    "measured on tiny-qwen2: at the seed's strengths L2-SP forgets 17.3% and EWC 20.7%, more than "
-    "gradual unfreezing (4.8%) and discriminative rates (9.2%)"))
 def test_regularised_full_finetuning_forgets_less_than_partial_freezing(strategy, stance_report):
-    regularised = {m: forgetting(strategy(m)) for m in ("l2sp", "ewc")}
-    partial = {m: forgetting(strategy(m)) for m in ("gradual", "discriminative")}
+    regularised = {m: strategy(m) for m in ("l2sp", "ewc")}
+    partial = {m: strategy(m) for m in ("gradual", "discriminative")}
     stance_report.table("forgetting: seed 002 rates L2-SP/EWC 'low', gradual/discriminative 'medium'",
-                        [{"strategy": m, "seed's rating": rating, "forgetting": v}
-                         for group, rating in ((regularised, "low"), (partial, "medium")) for m, v in group.items()])
-    assert max(regularised.values()) < min(partial.values()), (
-        f"regularised {regularised} does not forget less than partial freezing {partial}")
+                        [{"strategy": m, "seed's rating": rating, "forgetting": forgetting(run)}
+                         for group, rating in ((regularised, "low"), (partial, "medium")) for m, run in group.items()])
+    assert_all([check_less(low, medium, metric="forgetting") for low in regularised.values() for medium in partial.values()])
 
 
 @pytest.mark.slow
 def test_stronger_mitigation_forgets_less(strategy, stance_report):
-    rows, problems = [], []
+    rows, checks = [], []
     for method, stronger in STRONGER.items():
         ladder = [MITIGATIONS[method], *stronger]
         runs = [strategy(method, **options) for options in ladder]
         for options, run in zip(ladder, runs):
             rows.append({"strategy": method, "strength": strength(options), **outcome_row(method, run)})
-        problems += [f"{method}: {a} forgets {forgetting(ra):.2%}, {b} {forgetting(rb):.2%}"
-                     for (a, ra), (b, rb) in zip(zip(ladder, runs), zip(ladder[1:], runs[1:]))
-                     if not forgetting(rb) < forgetting(ra)]
+        checks += [check_less(stronger_run, weaker, metric="forgetting") for weaker, stronger_run in zip(runs, runs[1:])]
     stance_report.table("mitigation strength: forgetting against behaviour shift", rows)
     stance_report.note("last-epoch loss: L2-SP's and EWC's include their penalty, replay's its general-text batches")
-    assert not problems, "; ".join(problems)
+    assert_all(checks)
 
 
 # -- what freezing saves -------------------------------------------------------------------------
@@ -209,4 +195,4 @@ def test_training_only_the_head_is_faster_per_step_than_full_finetuning(strategy
                        "3.2x faster with 75% of BERT-base frozen.")
     head, everything = statistics.median(runs[n][1].trace.step_time), statistics.median(full.trace.step_time)
     stance_report.metric("feature-extraction.step_time_vs_full", head / everything)
-    assert head < everything, f"head-only median step {head * 1e3:.1f} ms is not below full FT's {everything * 1e3:.1f} ms"
+    assert_less(runs[n][1], full, metric="step_time")

@@ -55,11 +55,19 @@ def read_adapter(path) -> tuple[Path, dict, dict]:
         pickled = " (it holds adapter_model.bin, a pickle, which is refused)" if (directory / "adapter_model.bin").exists() else ""
         raise HarnessError(f"--adapter {path}: no {WEIGHTS_FILE}{pickled}; the harness loads adapters only as "
                            f"safetensors. Re-save it with save_pretrained(..., safe_serialization=True)")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"--adapter {path}: {config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise HarnessError(f"--adapter {path}: {config_file} holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
         raise HarnessError(f"--adapter {path}: peft_type {config.get('peft_type')!r}; only LoRA adapters are gated")
     provenance_file = directory / PROVENANCE_FILE
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
+    try:
+        provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"--adapter {path}: {provenance_file} is not valid JSON ({exc})") from None
     return directory, config, provenance
 
 

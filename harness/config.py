@@ -38,7 +38,35 @@ def build_config(cls: type[C], value: Any = None, *, what: str, unknown: str,
         if key not in allowed:
             raise HarnessError(f"{unknown} {key!r}.{suggest(str(key), allowed)} Allowed: {', '.join(allowed) or 'none'}")
         values[key] = tuple(item) if isinstance(item, list) else item
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, item in values.items():
+        if isinstance(item, str) and str(types.get(key, "")).startswith("tuple"):
+            values[key] = item = (item,)  # one name where a list of names goes
+        _check_type(what, key, item, types.get(key))
     return cls(**values)
+
+
+_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (tuple,), "dict": (dict,)}
+_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string", "tuple": "a list",
+          "dict": "a mapping", "None": "None"}
+
+
+def _check_type(what: str, key: str, value, annotation) -> None:
+    """A value of the field's declared type (from its annotation: int, float, bool, str, tuple,
+    dict, or one of them "| None"), so a wrong type is a clear error, not a TypeError later."""
+    if not isinstance(annotation, str):
+        return
+    options = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if "None" in options and value is None:
+        return
+    allowed = [t for o in options if o in _SIMPLE for t in _SIMPLE[o]]
+    if not allowed or len(allowed) != sum(len(_SIMPLE[o]) for o in options if o != "None" and o in _SIMPLE) or \
+            any(o not in _SIMPLE and o != "None" for o in options):
+        return  # a type this check does not know: the config's own checks decide
+    numeric = bool in allowed or not isinstance(value, bool)  # True is not a number here
+    if not (numeric and isinstance(value, tuple(allowed))):
+        wanted = " or ".join(_WORDS[o] for o in options)
+        raise HarnessError(f"{what}: {key} must be {wanted}, got {value!r}")
 
 
 def config_fields(cls) -> list[tuple[str, object, str]]:

@@ -72,6 +72,19 @@ def file_lock(path: Path, timeout: float = -1, what: str = "lock"):
         lock.release()
 
 
+def check_writable_directory(path: Path, option: str) -> None:
+    """`path` is (or can be made) a directory this process can write to, checked by writing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HarnessError(f"{option} {path}: it is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise HarnessError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read in blocks."""
     with open(path, "rb") as handle:

@@ -31,7 +31,8 @@ OPT_INCONCLUSIVE = "--inconclusive"
 OPT_RECORD_VERDICTS = "--record-verdicts"
 OPT_PLAN = "--plan"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
-VERDICT_KEY = pytest.StashKey[str]()  # what the test's call found: supported, refuted or inconclusive
+VERDICT_KEY = pytest.StashKey[str]()
+HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
 EXPECTED_MARK = "expected_outcome"
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
@@ -105,6 +106,7 @@ def _options(config: pytest.Config):
     from .registry import HarnessError
     from .report import gate, store
     from . import assertions  # noqa: F401 - declares the helpers' metrics, so their rules are checked now
+    from .files import check_writable_directory
     from .report.metrics import is_declared
     from .residency import parse_bytes
     from .session import HarnessOptions
@@ -117,6 +119,11 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    for directory in config.getoption(OPT_STANCE_DIR):
+        if not Path(directory).is_dir():
+            raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
+    if not config.getoption(OPT_NO_REPORTS):
+        check_writable_directory(reports_dir, OPT_REPORTS_DIR)
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
     if rules and not compare_to:
@@ -325,6 +332,10 @@ def pytest_runtest_call(item: pytest.Item):
             error = None
         except BaseException as exc:  # noqa: BLE001 - judged below, re-raised or replaced
             result, error = None, exc
+        if not HARNESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            if error is not None:  # a test that does not use the harness is not judged
+                raise error
+            return result
         verdict = _verdict_of(item, error)
         if verdict is None:  # not a claim's outcome: an error stays an error
             raise _not_a_refutation(error) if isinstance(error, AssertionError) else error
@@ -361,9 +372,11 @@ def _verdict_of(item: pytest.Item, error: BaseException | None) -> str | None:
     if isinstance(error, HypothesisFailed):
         return "refuted"
     if isinstance(error, AssertionError):
-        frames = [tb for tb in _frames(error.__traceback__)]
+        frames = list(_frames(error.__traceback__))
         raised_in = Path(frames[-1].tb_frame.f_code.co_filename).resolve() if frames else None
-        return "refuted" if raised_in == Path(item.path).resolve() else None
+        ours = raised_in is not None and (raised_in == Path(item.path).resolve()  # the test's own assert
+                                          or "_pytest" in raised_in.parts)  # pytest.raises, approx: its own checks
+        return "refuted" if ours else None
     return None
 
 
@@ -463,7 +476,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
 
         workeroutput[XDIST_KEY] = json.dumps(harness.worker_output(), default=str)
         return
-    if not harness.finish() and session.exitstatus == pytest.ExitCode.OK:
+    interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
+    if not harness.finish(interrupted=interrupted) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -232,12 +232,18 @@ class HarnessSession:
         self.remote_provenance["stances"] += data["stances"]
 
     # -- the end of the session ------------------------------------------------------------
-    def finish(self) -> bool:
-        """Write the reports, then save and compare baselines. False when the gate failed."""
+    def finish(self, interrupted: bool = False) -> bool:
+        """Write the reports, then save and compare baselines. False when the gate failed.
+
+        An interrupted session (Ctrl-C) still writes what it has, marked interrupted, and leaves
+        `latest` where it was; it records no verdicts and saves no baseline."""
         options = self.options
         if self.records and options.reports_dir is not None:
             self.payload_cache = self.payload()
-            self.report_path = store.write_report(options.reports_dir, self.payload_cache)
+            self.payload_cache["interrupted"] = interrupted
+            self.report_path = store.write_report(options.reports_dir, self.payload_cache, move_latest=not interrupted)
+        if interrupted:
+            return True
         if options.record_verdicts and self.records:
             payload = self.payload_cache or self.payload()
             self.recorded = save_records(payload["tests"], options.rootdir, options.model,
@@ -269,7 +275,10 @@ class HarnessSession:
         rows = test_rows(payload)
         write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple"))
         if self.report_path is not None:
-            write_line(f"report: {self.report_path / 'index.html'}  (markdown: report.md, json: report.json)")
+            interrupted = (self.payload_cache or {}).get("interrupted")
+            write_line(f"report: {self.report_path / 'index.html'}  (markdown: report.md, json: report.json)"
+                       + ("  INTERRUPTED: tests marked 'not run' did not run; reports/latest was left as it was"
+                          if interrupted else ""))
         if self.comparison is not None:
             section(f"stance-harness: compared with baseline {self.options.compare_baseline!r}", "-")
             write_line(self.comparison.render())

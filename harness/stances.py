@@ -47,6 +47,9 @@ class Stance:
     def training_examples(self, n: int | None = None) -> tuple[Example, ...]:
         if n is None:
             return self.examples
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise HarnessError(f"examples must be a whole number of training examples (1..{len(self.examples)}), "
+                               f"got {n!r}")
         if not 1 <= n <= len(self.examples):
             raise HarnessError(
                 f"stance {self.name!r} has {len(self.examples)} training examples; asked for {n} "
@@ -127,29 +130,74 @@ def load_stance_file(path: Path | str) -> Stance:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise HarnessError(f"stance file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise StanceFileError(path, "<file>", f"is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                                              f"save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as exc:
         raise StanceFileError(path, "<yaml>", f"is not valid YAML: {exc}") from None
     return parse_stance(data, path)
 
 
+def _no_alias_loader():
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        """safe_load, refusing YAML aliases: a stance needs none, and an alias bomb expands a few
+        lines into gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, "stance files may not use YAML aliases (*name); "
+                                                  "write the value out", event.start_mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+class _LazyLoader:
+    """The loader class, made on first use (PyYAML is imported only when a stance loads)."""
+
+    _cls = None
+
+    def __new__(cls, stream):
+        if cls._cls is None:
+            cls._cls = _no_alias_loader()
+        return cls._cls(stream)
+
+
+_NoAliasLoader = _LazyLoader
+
+
 def stance_dirs(extra: list[str | Path] = ()) -> list[Path]:
-    """Where stance files are looked up, first match wins."""
+    """Where stance files are looked up: `extra` (--stance-dir, which must exist), then
+    $STANCE_HARNESS_STANCES, ./stances and the harness's own."""
+    for d in extra:
+        if not Path(d).is_dir():
+            raise HarnessError(f"--stance-dir {d}: no such directory")
     dirs = [Path(d) for d in extra]
     if os.environ.get("STANCE_HARNESS_STANCES"):
         dirs += [Path(d) for d in os.environ["STANCE_HARNESS_STANCES"].split(os.pathsep)]
     dirs += [Path.cwd() / "stances", Path(__file__).resolve().parent.parent / "stances"]
-    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
+
+
+def stance_files(extra: list[str | Path] = ()) -> dict[str, list[Path]]:
+    """Every stance file by name, in search order; a name with two files is ambiguous."""
+    found: dict[str, list[Path]] = {}
+    for directory in stance_dirs(extra):
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, []).append(path)
+    return found
 
 
 def available_stances(extra: list[str | Path] = ()) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for directory in stance_dirs(extra):
-        for path in sorted(directory.glob("*.yaml")):
-            found.setdefault(path.stem, path)
-    return found
+    return {name: paths[0] for name, paths in stance_files(extra).items()}
 
 
 def load_stance(name_or_path: str | Path, extra_dirs: list[str | Path] = ()) -> Stance:
@@ -157,11 +205,16 @@ def load_stance(name_or_path: str | Path, extra_dirs: list[str | Path] = ()) -> 
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
         return load_stance_file(candidate)
-    known = available_stances(extra_dirs)
-    if str(name_or_path) not in known:
+    known = stance_files(extra_dirs)
+    name = str(name_or_path)
+    if name not in known:
         dirs = ", ".join(str(d) for d in stance_dirs(extra_dirs)) or "none found"
         raise HarnessError(
-            f"unknown stance {str(name_or_path)!r}.{suggest(str(name_or_path), list(known))} "
+            f"unknown stance {name!r}.{suggest(name, list(known))} "
             f"Known stances: {', '.join(known) or 'none'} (searched: {dirs})"
         )
-    return load_stance_file(known[str(name_or_path)])
+    if len(known[name]) > 1:  # a user's stance shadowing another is an error, not a silent pick
+        raise HarnessError(f"stance {name!r} is defined in {len(known[name])} places: "
+                           f"{', '.join(str(p) for p in known[name])}. Rename one, or name the file to use "
+                           f"(stance='{known[name][0]}')")
+    return load_stance_file(known[name][0])

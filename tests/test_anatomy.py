@@ -80,7 +80,10 @@ def test_layer_out_of_range_lists_what_exists():
     anatomy = Anatomy.of(build("qwen2", layers=4))
     with pytest.raises(HarnessError, match=r"layer 7 does not exist in this qwen2 model: it has 4 layers, 0\.\.3"):
         anatomy.check_layers([1, 7])
-    assert anatomy.check_layers([-1, 0]) == [0, 3]
+    # issue 14: a negative index is refused, not read as Python's "from the end"
+    with pytest.raises(HarnessError, match=r"layer -1 does not exist.*no negative indices.*the last is 3"):
+        anatomy.check_layers([-1, 0])
+    assert anatomy.check_layers([3, 0]) == [0, 3]
 
 
 def test_unknown_module_kind_lists_what_exists():

@@ -174,12 +174,14 @@ class Anatomy:
             raise HarnessError(f"layers must be a list of layer indices, e.g. [13, 15], not {layers!r}")
         out = []
         for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_layers <= layer < self.num_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+                negative = (" (no negative indices: a layer is named by its position from the bottom, so "
+                            f"the last is {self.num_layers - 1})") if isinstance(layer, int) and layer < 0 else ""
                 raise HarnessError(
                     f"layer {layer!r} does not exist in this {self.model_type} model: "
-                    f"it has {self.num_layers} layers, 0..{self.num_layers - 1}"
+                    f"it has {self.num_layers} layers, 0..{self.num_layers - 1}{negative}"
                 )
-            out.append(layer % self.num_layers)
+            out.append(layer)
         return sorted(set(out))
 
     def check_kinds(self, kinds) -> list[str]:

@@ -152,11 +152,77 @@ def _package_weights(spec: ModelSpec) -> tuple[Path, str]:
 
 
 def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
-    """Resolve `name` and find its weights, without building or loading anything heavy."""
+    """Resolve `name`, find its weights and check that they can load (config.json is JSON, the
+    safetensors headers are whole, the device exists and the dtype trains there), without
+    building or loading anything heavy."""
     spec = resolve_model(name)
+    if spec.source == "embedded" and args.revision is not None:
+        raise HarnessError(f"--model-args revision={args.revision!r}: {spec.name} is an embedded model, built "
+                           f"here, and has no revisions; drop revision= or pass a hub model")
+    check_device(args)
     if spec.source != "embedded":
-        locate_weights(spec, args)
+        path, _ = locate_weights(spec, args)
+        check_model_directory(Path(path), f"--model {name}")
     return spec
+
+
+def check_device(args: ModelArgs) -> None:
+    """The device exists, and the dtype can train on it."""
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HarnessError(f"--model-args device={args.device}: this machine has no CUDA device "
+                               f"(torch {torch.__version__} sees none); use device=cpu")
+        index = int(args.device.split(":", 1)[1]) if ":" in args.device else 0
+        if index >= torch.cuda.device_count():
+            raise HarnessError(f"--model-args device={args.device}: there are {torch.cuda.device_count()} CUDA "
+                               f"devices, 0..{torch.cuda.device_count() - 1}")
+    elif args.dtype == "float16":
+        raise HarnessError("--model-args dtype=float16 on the CPU: float16 does not train on the CPU (its first "
+                           "step overflows to non-finite values); use dtype=float32 or bfloat16 there")
+
+
+def check_model_directory(path: Path, what: str) -> None:
+    """A saved model directory that will load: config.json is a JSON object, there are
+    safetensors weights (never a pickle), and each file's header reads."""
+    config = path / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HarnessError(f"{what}: {path} has no config.json, so it is not a saved HF model") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{what}: {config} is not valid JSON ({exc}); the model directory is damaged") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"{what}: {config} holds a JSON {type(data).__name__}, not an object")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        found = f" (it holds {', '.join(pickles)}: pickles, which are never loaded)" if pickles else ""
+        raise HarnessError(f"{what}: {path} holds no .safetensors weights{found}; the harness loads only "
+                           f"safetensors. Convert with save_pretrained(..., safe_serialization=True)")
+    for file in weights:
+        size = file.stat().st_size
+        try:
+            needed = safetensors_extent(file)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise HarnessError(f"{what}: {file} does not read as safetensors ({type(exc).__name__}); "
+                               f"the file is damaged") from None
+        if size < needed:
+            raise HarnessError(f"{what}: {file} is truncated: {size:,} bytes, where its header needs {needed:,}; "
+                               f"fetch or save the model again")
+
+
+def safetensors_extent(file: Path) -> int:
+    """The bytes a safetensors file must have: its 8-byte length, its JSON header, and the end of
+    the last tensor the header lists."""
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 0 < length < 100 * 2**20:
+            raise ValueError(f"a header length of {length} bytes")
+        header = json.loads(handle.read(length))
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    return 8 + length + end
 
 
 @dataclass(eq=False)

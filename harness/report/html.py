@@ -426,8 +426,11 @@ def _header(payload: dict) -> str:
         ("command", f"<code>pytest {_e(command)}</code>"),
     ]
     body = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
-    return (f'<header><p class="muted"><a href="../index.html">all runs</a></p>'
-            f"<h1>stance-harness report {_e(report_id_of(payload))}</h1><dl class=\"prov\">{body}</dl></header>")
+    return (f'<header><p class="muted"><a href="../index.html">all reports</a></p>'
+            f"<h1>stance-harness report {_e(report_id_of(payload))}</h1>"
+            + ('<div class="err">INTERRUPTED: this session was stopped before its end; tests marked '
+               '"not run" did not run.</div>' if payload.get("interrupted") else "")
+            + f"<dl class=\"prov\">{body}</dl></header>")
 
 
 def _summary(tests: list[dict]) -> str:

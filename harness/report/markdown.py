@@ -25,6 +25,8 @@ def render_markdown(payload: dict) -> str:
         f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
         f"- command: `{' '.join(prov['args'])}`", "",
+        *([f"**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
+          if payload.get("interrupted") else []),
         "## Tests", "", _table(test_rows(payload)), "",
     ]
     for test in payload["tests"]:

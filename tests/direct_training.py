@@ -1,4 +1,4 @@
-"""Training straight through the loop, for tests that need no session."""
+"""Helpers shared by tests: training straight through the loop, and a tiny GPT-2 directory."""
 
 
 def train_direct(loaded, stance, method, config, recipe, examples=None, instruments=None):
@@ -9,3 +9,19 @@ def train_direct(loaded, stance, method, config, recipe, examples=None, instrume
     request = TrainingRequest.build(loaded, stance, method, config=config, recipe=recipe, examples=examples,
                                     instruments=instruments)
     return train_run(request, loaded, stance)
+
+
+def save_tiny_gpt2(path, layers: int = 2, positions: int = 128):
+    """A randomly initialised GPT-2 (Conv1D attention) with the embedded models' tokenizer, saved to `path`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from harness.models.tiny import EOS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_embd=32, n_head=2, n_layer=layers, n_positions=positions,
+                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

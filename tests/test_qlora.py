@@ -20,7 +20,7 @@ from harness.registry import HarnessError
 from harness.run import logical_numel
 from harness.recipe import Recipe
 
-from direct_training import train_direct
+from direct_training import save_tiny_gpt2, train_direct
 
 QUICK = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -157,19 +157,9 @@ def test_non_linear_targets_are_refused_before_loading(tiny_qwen2, stance, monke
 # -- GPT-2: Conv1D attention, which transformers quantizes transposed ---------------------------
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from harness.models import load_model
-    from harness.models.tiny import EOS, build_tokenizer
 
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tokenizer = build_tokenizer()
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_embd=32, n_head=2, n_layer=2, n_positions=128,
-                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return load_model(str(path))
+    return load_model(str(save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))))
 
 
 def test_gpt2_with_the_default_targets_is_refused_before_loading(tiny_gpt2, stance, monkeypatch):

@@ -8,24 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from direct_training import save_tiny_gpt2
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_dir(tmp_path_factory):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from harness.models.tiny import EOS, build_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-gpt2-12")
-    tokenizer = build_tokenizer()
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=1024, n_embd=32, n_head=2, n_layer=12, n_positions=256,
-                               bos_token_id=eos, eos_token_id=eos)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2-12"), layers=12, positions=256)  # GPT-2's 12 layers
 
 
 @pytest.mark.parametrize("model", ["tiny-qwen2", "tiny-phi", "tiny-llama", "minilm-l6", "gpt2-architecture"])

@@ -23,6 +23,8 @@ _EXPORTS = {
     "assert_not_worse": "harness.assertions",
     "HypothesisInconclusive": "harness.assertions",
     "assert_all": "harness.assertions",
+    "assert_training_healthy": "harness.assertions",
+    "check_training_healthy": "harness.assertions",
     "declare_metric": "harness.report.metrics",
     "declare_metrics": "harness.report.metrics",
     "TrainingRequest": "harness.request",

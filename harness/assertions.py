@@ -18,6 +18,7 @@ from .analysis.calibration import ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
 from .analysis.paired import decide, paired_difference, paired_statistic_difference
+from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError
 from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
 from .report.records import CheckResult
@@ -211,6 +212,34 @@ def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: f
     return _conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
 
 
+def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_growth: float = WEIGHT_GROWTH) -> CheckResult:
+    """Training did not collapse, with or without a NaN: nothing non-finite; the loss never rose past
+    its start by `max_loss_rise` (a share of it) nor reached the uniform level (ln of the
+    vocabulary, within 5%); the gradients did not vanish to exactly 0 for every trained tensor to the
+    end; the trained weights' norm never grew past `max_weight_growth` times its start."""
+    if max_loss_rise <= 0 or max_weight_growth <= 1:
+        raise ValueError(f"need max_loss_rise > 0 and max_weight_growth > 1, got {max_loss_rise!r}, {max_weight_growth!r}")
+    trace = run.trace
+    headers = ["step", "loss", "grad norm", "largest layer", ""]
+    events = [{"step": e["step"], "what": f"non-finite {e['what']}", "detail": f"in {e['parameter']}" if e["parameter"] else ""}
+              for e in trace.nonfinite[:1]]
+    events += health_events(trace, loss_rise=max_loss_rise, weight_growth=max_weight_growth)
+    metrics = {"steps": len(trace.loss), "events": len(events), "uniform_loss": trace.uniform_loss,
+               "weight_growth": (max(trace.weight_norm) / trace.weight_norm[0]
+                                 if trace.weight_norm and trace.weight_norm[0] > 0 else None)}
+    if not trace.loss:
+        return _conclude([run], CheckResult("assert_training_healthy", False, "no steps ran", headers, [], metrics))
+    if not events:
+        summary = (f"{len(trace.loss)} steps: no non-finite value, loss {trace.loss[0]:.4g} -> {trace.loss[-1]:.4g}, "
+                   f"weights x{metrics['weight_growth'] or 1:.3g}, gradients alive")
+        return _conclude([run], CheckResult("assert_training_healthy", True, summary, headers, [], metrics))
+    first = min(events, key=lambda e: e["step"])
+    summary = (f"training collapsed at step {first['step']}: {first['what']} ({first['detail']}); "
+               f"{len(events)} events: " + ", ".join(f"{e['what']} at step {e['step']}" for e in events))
+    return _conclude([run], CheckResult("assert_training_healthy", False, summary, headers,
+                                        _steps_around(trace, first["step"], f"<- {first['what']}"), metrics))
+
+
 def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
     """Frozen weights are bit-identical; trained ones changed.
 
@@ -381,6 +410,7 @@ assert_change_concentrated = _asserting(check_change_concentrated)
 assert_change_spread = _asserting(check_change_spread)
 assert_gradients_stable = _asserting(check_gradients_stable)
 assert_only_targets_changed = _asserting(check_only_targets_changed)
+assert_training_healthy = _asserting(check_training_healthy)
 assert_behavior_shift = _asserting(check_behavior_shift)
 assert_no_forgetting = _asserting(check_no_forgetting)
 assert_ece = _asserting(check_ece)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .config import build_config
 from .registry import HarnessError
@@ -63,6 +63,9 @@ class Trace:
     examples: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     nonfinite: list[dict] = field(default_factory=list)  # events: step, what, parameter
+    weight_norm: list[float] = field(default_factory=list)  # of the trained tensors, as each step starts (and at the end)
+    health: list[dict] = field(default_factory=list)  # collapse events without a NaN: step, what, detail
+    uniform_loss: float | None = None  # the loss of a uniform prediction (ln of the classes or vocabulary)
     interference: list[dict] = field(default_factory=list)  # step, epoch, cosine or reason
     skipped_steps: list[int] = field(default_factory=list)
     peak_memory: dict = field(default_factory=dict)
@@ -72,6 +75,7 @@ class Trace:
     def add_reading(self, reading: "StepReading", lrs: list[float], examples: int, tokens: int) -> None:
         self.loss.append(reading.loss)
         self.grad_norm.append(reading.grad_norm)
+        self.weight_norm.append(reading.weight_norm)
         for label, norm in reading.layer_grad_norm.items():
             self.layer_grad_norm.setdefault(label, []).append(norm)
         self.lr.append(lrs[0])
@@ -79,6 +83,11 @@ class Trace:
             self.group_lr[name].append(lr)
         self.examples.append(examples)
         self.tokens.append(tokens)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trace":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def add_event(self, step: int, what: str, parameter: str | None) -> None:
         if len(self.nonfinite) < MAX_EVENTS:
@@ -116,9 +125,6 @@ class Trace:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "Trace":
-        return cls(**data)
 
 
 @dataclass
@@ -128,6 +134,7 @@ class StepReading:
     layer_grad_norm: dict[str, float]
     bad_grad: str | None  # first trained tensor (raw name) with a non-finite gradient
     bad_weight: str | None  # first trained tensor with a non-finite weight
+    weight_norm: float = math.nan  # global norm of the trained tensors the step started from
 
 
 class StepProbe:
@@ -184,7 +191,51 @@ class StepProbe:
         for label, norm in zip(self.labels, g):
             per_layer[label] = per_layer.get(label, 0.0) + norm * norm
         return StepReading(loss_v, total_v, {k: math.sqrt(v) for k, v in per_layer.items()},
-                           self.first_nonfinite(g), self.first_nonfinite(w))
+                           self.first_nonfinite(g), self.first_nonfinite(w), math.sqrt(math.fsum(x * x for x in w)))
+
+
+# Collapse without a NaN (a full fine-tune at an absurd rate, unclipped): the loss climbs to the
+# uniform level, every gradient is exactly 0 from then on, the weights grow by orders of magnitude.
+LOSS_RISE = 0.5  # the loss above its first step's by this share of it
+UNIFORM_MARGIN = 0.05  # within this share of the uniform level's loss
+WEIGHT_GROWTH = 10.0  # the trained weights' norm this many times its start
+VANISHED_STEPS = 2  # every gradient exactly 0 for this many steps, to the end of the run
+
+
+def health_events(trace: "Trace", loss_rise: float = LOSS_RISE, weight_growth: float = WEIGHT_GROWTH,
+                  uniform_margin: float = UNIFORM_MARGIN, vanished_steps: int = VANISHED_STEPS) -> list[dict]:
+    """The first step of each kind of collapse the trace shows, as events {step, what, detail}."""
+    events = []
+    loss, norms, weights = trace.loss, trace.grad_norm, trace.weight_norm
+    finite = [(s, v) for s, v in enumerate(loss) if math.isfinite(v)]
+    if finite:
+        start = finite[0][1]
+        rise = next(((s, v) for s, v in finite[1:] if v > start + loss_rise * abs(start)), None)
+        if rise:
+            events.append({"step": rise[0], "what": "loss rise",
+                           "detail": f"loss {rise[1]:.4g} against {start:.4g} at the start (allowed +{loss_rise:.0%})"})
+        if trace.uniform_loss:
+            level = trace.uniform_loss * (1 - uniform_margin)
+            uniform = next(((s, v) for s, v in finite[1:] if v >= level and start < level), None)
+            if uniform:
+                events.append({"step": uniform[0], "what": "uniform loss",
+                               "detail": f"loss {uniform[1]:.4g} reached the uniform level ln(classes) = "
+                                         f"{trace.uniform_loss:.4g}"})
+    zero_from = None
+    for s in range(len(norms) - 1, -1, -1):
+        if norms[s] != 0:
+            break
+        zero_from = s
+    if zero_from is not None and len(norms) - zero_from >= vanished_steps and any(n > 0 for n in norms[:zero_from]):
+        events.append({"step": zero_from, "what": "vanished gradients",
+                       "detail": f"every gradient exactly 0 from step {zero_from} to the end ({len(norms) - zero_from} steps)"})
+    if weights and math.isfinite(weights[0]) and weights[0] > 0:
+        grown = next(((s, w) for s, w in enumerate(weights) if math.isfinite(w) and w > weight_growth * weights[0]), None)
+        if grown:
+            events.append({"step": max(0, grown[0] - 1), "what": "weight growth",
+                           "detail": f"the trained weights' norm {grown[1]:.4g} is {grown[1] / weights[0]:.3g}x its start "
+                                     f"(allowed {weight_growth:g}x)"})
+    return sorted(events, key=lambda e: e["step"])
 
 
 def release_freed_memory() -> None:

@@ -62,6 +62,10 @@ class Task:
         """Parameters the task adds, which train under every method (a fresh head must learn)."""
         return []
 
+    def uniform_loss(self, loaded) -> float:
+        """The loss of a prediction that knows nothing: ln of the number of outcomes."""
+        raise NotImplementedError
+
     # -- measuring a run on this task ---------------------------------------------------------
     def check_behavior_metric(self, metric: str) -> None:
         if not self.behavior_metrics:
@@ -105,6 +109,9 @@ class StanceLM(Task):
 
     def encode(self, tokenizer, examples, max_len: int) -> list:
         return encode_examples(tokenizer, examples, max_len)
+
+    def uniform_loss(self, loaded) -> float:
+        return math.log(loaded.base.config.vocab_size)
 
     def collate(self, items, pad_id: int, device) -> dict:
         return collate(items, pad_id, device)
@@ -161,7 +168,9 @@ class StanceLM(Task):
         tokenizer = run.loaded.tokenizer
         base = run.on_base(("window_nll",), lambda model: measure.heldout_window_nll(model, tokenizer))
         adapted = measure.heldout_window_nll(run.model, tokenizer)
-        base_ppl, adapted_ppl = (math.exp(math.fsum(v) / len(v)) for v in (base, adapted))
+        # a collapsed model's NLL can be in the thousands: its perplexity is then inf, not an error
+        base_ppl, adapted_ppl = (math.exp(min(math.fsum(v) / len(v), 709.0)) if math.fsum(v) / len(v) < 709
+                                 else math.inf for v in (base, adapted))
         return {"kind": "perplexity", "base": base_ppl, "adapted": adapted_ppl,
                 "relative_increase": adapted_ppl / base_ppl - 1,
                 "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS,
@@ -201,6 +210,9 @@ class StanceClassification(Task):
 
     def head_parameters(self, model) -> list:
         return [p for n, p in model.named_parameters() if _is_head(n)]
+
+    def uniform_loss(self, loaded) -> float:
+        return math.log(len(CLASS_NAMES))
 
     def forgetting(self, run) -> dict:
         tokenizer, sentences = run.loaded.tokenizer, measure.heldout_sentences()

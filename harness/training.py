@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from .analysis.deltas import layer_label
-from .instruments import (StepProbe, Trace, output_change_cosine, peak_memory, release_freed_memory,
-                          reset_peak_memory)
+from .instruments import (StepProbe, Trace, health_events, output_change_cosine, peak_memory,
+                          release_freed_memory, reset_peak_memory)
 from .methods import METHODS, TrainingContext
 from .registry import HarnessError
 from .request import TrainingRequest
@@ -176,6 +176,9 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
         bad_weight = probe.first_nonfinite_weight()
         if bad_weight is not None and bad_weight not in weights_logged:  # made by the final update
             trace.add_event(step - 1, "weight", str(anatomy.name_of(bad_weight)))
+    trace.weight_norm.append(math.sqrt(math.fsum(x * x for x in probe.weight_norms().tolist())))  # as the run ended
+    trace.uniform_loss = task_obj.uniform_loss(loaded)
+    trace.health = health_events(trace)
     trace.peak_memory = peak_memory(device)
     for param in trainable.values():
         param.grad = None  # a run keeps its weights, not its last gradients

@@ -72,6 +72,11 @@ class Trace:
     halted_at: int | None = None
     halt_reason: str | None = None
 
+    def __repr__(self) -> str:
+        # Short, like Run's: per-layer series at real size would fill a failure report.
+        last = f"{self.loss[-1]:.4g}" if self.loss else "-"
+        return f"Trace(steps={len(self.loss)}, last_loss={last}, halted_at={self.halted_at})"
+
     def add_reading(self, reading: "StepReading", lrs: list[float], examples: int, tokens: int) -> None:
         self.loss.append(reading.loss)
         self.grad_norm.append(reading.grad_norm)

@@ -95,6 +95,12 @@ class Run:
     sinks: list = field(default_factory=list, init=False)  # where checks on this run are recorded (a test's record)
     _scratch: dict = field(default_factory=dict, init=False, repr=False)
 
+    def __repr__(self) -> str:
+        # The generated repr would print every tensor of `before`, the base model and the trace:
+        # pytest formats a failing test's arguments with repr, which took minutes per failure.
+        return (f"Run({self.run_id!r}, model={self.loaded.name!r}, stance={self.stance.name!r}, "
+                f"origin={self.origin!r}, steps={len(self.trace.loss)})")
+
     def __post_init__(self):
         if self.origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, not {self.origin!r}")

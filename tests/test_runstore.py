@@ -57,6 +57,14 @@ def test_full_finetuning_compares_against_the_base_itself(quick_run, tiny_qwen2)
     assert all(t.data_ptr() in base for t in run.before.values())  # "before" is no second copy
 
 
+def test_a_run_prints_as_a_line_without_its_tensors(quick_run, tiny_qwen2):
+    # pytest prints a failing test's arguments with repr; the generated one printed every tensor
+    run = quick_run("full")
+    for shown in (repr(run), repr(run.loaded), repr(run.trace)):
+        assert len(shown) < 200 and "tensor(" not in shown, shown
+    assert run.run_id in repr(run) and "tiny-qwen2" in repr(run)
+
+
 _CASES = {method: options for method, options, _ in reversed(TEST_CASES)}  # one case per method
 
 

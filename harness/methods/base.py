@@ -57,9 +57,10 @@ class TrainingContext:
     steps_per_epoch: int
     task: Task | None = None  # None: stance-lm
     anatomy: Anatomy | None = None  # of the module being trained (a task head may wrap the model); None: the base's
-    model: Any = None
-    before: dict = field(default_factory=dict)  # starting values of every parameter that may train
-    state: dict = field(default_factory=dict)  # the method's own (Fisher, ...)
+    # Left out of repr: the model and tensors would fill a failure report (see Run.__repr__).
+    model: Any = field(default=None, repr=False)
+    before: dict = field(default_factory=dict, repr=False)  # starting values of every parameter that may train
+    state: dict = field(default_factory=dict, repr=False)  # the method's own (Fisher, ...)
 
     def __post_init__(self):
         self.task = self.task or TASKS.get(DEFAULT_TASK)

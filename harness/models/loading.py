@@ -243,6 +243,10 @@ class LoadedModel:
     measurement_cache: dict = field(default_factory=dict, init=False)
     _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor; "owners"
 
+    def __repr__(self) -> str:
+        # Short: the generated one would print the whole model and tokenizer (see Run.__repr__).
+        return f"LoadedModel({self.name!r}, path={str(self.path)!r}, revision={self.revision!r})"
+
     @property
     def name(self) -> str:
         return self.spec.name

@@ -1,7 +1,7 @@
 """Adaptation methods, one module each; importing this package registers them all."""
 
 # Registration happens on import; the order here is the order methods are listed in.
-from . import full, lora, surgical_lora, qlora, selective, feature_extraction, gradual, discriminative  # noqa: F401
+from . import full, lora, surgical_lora, qlora, peft_method, selective, feature_extraction, gradual, discriminative  # noqa: F401
 from . import regularized, replay, hybrid  # noqa: F401
 from .base import METHODS, Method, MethodConfig, TrainingContext, method_config, register_method
 

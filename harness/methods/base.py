@@ -9,6 +9,7 @@ A method never owns a loop. The loop calls, in order:
   mix_batches(...)    per epoch: the micro-batch stream (replay adds general text)
   schedule(ctx, step) per optimizer step: switch groups on or off; returns what it set
   extra_loss(ctx, step) a penalty added to the task loss (L2-SP, EWC)
+  after_optimizer_step(ctx, step) after the update, before gradients are cleared (AdaLoRA's budget)
 and asks for param_groups(ctx) (per-group learning rates) and effective_deltas (its view).
 """
 
@@ -118,6 +119,9 @@ class Method:
 
     def extra_loss(self, ctx: TrainingContext, step: int):
         return None
+
+    def after_optimizer_step(self, ctx: TrainingContext, step: int) -> None:
+        """Called after each optimizer step, while the step's gradients still exist."""
 
     def storage_bytes(self, model, before: dict) -> int:
         """Bytes needed to store the stance: every parameter the method trains."""

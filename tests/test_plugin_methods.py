@@ -19,6 +19,7 @@ from harness.registry import HarnessError, Registry
 from harness.session import outside_methods
 
 GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "writing-hypotheses.md").read_text(encoding="utf-8")
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
 
 PLUGIN = '''
 from dataclasses import dataclass, field
@@ -138,25 +139,32 @@ def test_a_broken_entry_point_is_a_clear_error(tmp_path, on_path, source, entry,
     assert message in str(err.value)
 
 
-def guide_blocks(heading: str) -> list[str]:
-    section = GUIDE.split(heading, 1)[1].split("\n## ", 1)[0]
+def guide_blocks(heading: str, text: str = GUIDE) -> list[str]:
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
 
 
-def test_the_guide_conftest_method_runs_as_written(pytester, monkeypatch):
+def test_the_guide_method_examples_run_as_written(pytester, monkeypatch):
+    """One pytest session for the guide's peft example, its conftest.py method and the README's peft
+    example, verbatim."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (peft_example,) = guide_blocks("## Your own peft config")
     conftest, test_file = guide_blocks("## Your own method")
     assert conftest.startswith("# conftest.py") and test_file.startswith("# test_bitfit.py")
     pytester.makeconftest(conftest)
-    pytester.makepyfile(test_bitfit=test_file)
+    (readme_example,) = guide_blocks("## Your own methods: any peft config, plug-ins", README)
+    pytester.makepyfile(test_bitfit=test_file, test_peft_example=peft_example, test_readme_peft=readme_example)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=4)
     report_id = (pytester.path / "reports" / "latest").read_text().strip()
     payload = json.loads((pytester.path / "reports" / report_id / "report.json").read_text())
-    (method,) = payload["provenance"]["methods"]
+    (method,) = payload["provenance"]["methods"]  # the conftest's; peft is the harness's own
     source = hashlib.sha256((pytester.path / "conftest.py").read_bytes()).hexdigest()[:12]
     assert method == {"name": "bitfit", "module": "conftest", "package": None, "version": None, "source": source}
-    (run,) = payload["runs"].values()
-    assert run["method"] == "bitfit" and run["config"] == {"kinds": ["q_proj", "v_proj"]}
+    runs = {run["method"] + ("-" + run["config"]["config"]["peft_type"] if run["method"] == "peft" else ""): run
+            for run in payload["runs"].values()}
+    assert sorted(runs) == ["bitfit", "peft-IA3", "peft-LORA", "peft-VERA"]  # the README's DoRA run is the guide's
+    assert runs["bitfit"]["config"] == {"kinds": ["q_proj", "v_proj"]}
+    assert runs["peft-LORA"]["config"]["config"]["use_dora"] is True
     markdown = (pytester.path / "reports" / report_id / "report.md").read_text()
     assert f"- methods from outside the harness: `bitfit` (no package, module conftest, source {source})" in markdown

@@ -82,7 +82,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "building a model or training; each test that trains is skipped once its first run is checked")
     group.addoption(OPT_VERDICT_JSON, metavar="PATH", default=None,
                     help="at the end, write the session's verdict (passed, test counts, the gate's comparison) as "
-                         "one line of JSON to PATH, or with '-' print it as the last line on stdout")
+                         "one line of JSON to PATH, or with '-' print it as the last line of the stance-harness summary")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
@@ -128,6 +128,11 @@ def _options(config: pytest.Config):
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
     if not config.getoption(OPT_NO_REPORTS):
         check_writable_directory(reports_dir, OPT_REPORTS_DIR)
+    verdict_json = config.getoption(OPT_VERDICT_JSON)
+    if verdict_json not in (None, "-"):
+        if Path(verdict_json).is_dir():
+            raise HarnessError(f"{OPT_VERDICT_JSON} {verdict_json}: it is a directory; name the file to write")
+        check_writable_directory(Path(verdict_json).parent, OPT_VERDICT_JSON)
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
     if rules and not compare_to:

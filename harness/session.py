@@ -21,6 +21,7 @@ from .methods import METHODS, method_code
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
+from .report.markdown import render_step_summary
 from .report.metrics import declared_directions
 from .report.records import TestRecord, repeat_base
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
@@ -56,7 +57,7 @@ class HarnessOptions:
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
     plan_only: bool = False  # --plan: check every request, train nothing
-    verdict_json: str | None = None  # --verdict-json PATH ('-': the last line on stdout)
+    verdict_json: str | None = None  # --verdict-json PATH ('-': printed in the terminal summary)
     step_summary: Path | None = field(  # GitHub Actions' job summary file, appended to at the end
         default_factory=lambda: Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
 
@@ -289,8 +290,6 @@ class HarnessSession:
 
     def write_ci_outputs(self, exit_code: int) -> None:
         """--verdict-json, and the Markdown tables appended to $GITHUB_STEP_SUMMARY."""
-        from .report.markdown import render_step_summary
-
         options = self.options
         if options.verdict_json is not None:
             self.verdict = self.session_verdict(exit_code)
@@ -303,12 +302,16 @@ class HarnessSession:
                                              "runs": self.run_summaries}
             text = render_step_summary(payload, self.comparison, self.options.compare_baseline, exit_code,
                                        self.options.model)
-            with open(options.step_summary, "a", encoding="utf-8") as handle:  # other steps append too
-                handle.write(text)
+            try:
+                with open(options.step_summary, "a", encoding="utf-8") as handle:  # other steps append too
+                    handle.write(text)
+            except OSError as err:  # the job summary is a courtesy: it never fails the session
+                print(f"stance-harness: could not append to $GITHUB_STEP_SUMMARY ({err})", file=sys.stderr)
 
     def display(self, write_line: Callable[[str], None], section: Callable[[str], None]) -> None:
-        """The results table, where the report went, and the gate's comparison."""
+        """The results table, where the report went, the gate's comparison, and --verdict-json -."""
         if not self.records:
+            self._display_verdict(write_line)
             return
         from tabulate import tabulate
 
@@ -337,8 +340,11 @@ class HarnessSession:
                                                             + ", ".join(r["test"] for r in only_before) if only_before else ""))
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
+        self._display_verdict(write_line)
+
+    def _display_verdict(self, write_line: Callable[[str], None]) -> None:
         if self.verdict is not None and self.options.verdict_json == "-":
-            write_line(json.dumps(self.verdict, default=str))
+            write_line(json.dumps(self.verdict, default=str))  # one line starting {"passed": what a CI script reads
 
 
 def outside_methods(names) -> list[dict]:

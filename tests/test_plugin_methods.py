@@ -90,6 +90,22 @@ def test_a_registry_loads_its_plugins_once_at_the_first_lookup_not_at_registrati
     assert registry.names() == ["own", "plugged"] and "plugged" in registry and calls == [1, True]
 
 
+def test_a_conftest_imported_again_replaces_its_method_and_another_class_of_that_name_is_refused(on_path):
+    import types
+
+    def define(module_name: str, source: str = PLUGIN):
+        module = types.ModuleType(module_name)
+        exec(compile(source, f"{module_name}.py", "exec"), module.__dict__)
+        return harness.register_method(module.NormsOnly)
+
+    first, again = define("conftest_x"), define("conftest_x")
+    assert first is not again and type(METHODS.get("norms-only")) is again
+    with pytest.raises(ValueError, match="method 'norms-only' is already registered"):
+        define("other_module")
+    with pytest.raises(TypeError, match="register_method takes a Method subclass"):
+        harness.register_method(object)
+
+
 def test_an_entry_point_method_is_registered_listed_keyed_and_in_provenance(tmp_path, on_path, harness, capsys):
     source = fake_distribution(tmp_path, "my-methods", "1.2.3", "my_methods", PLUGIN,
                                "norms-only = my_methods:NormsOnly")

@@ -126,8 +126,10 @@ class Peft(Method):
 
     def effective_deltas(self, model, before: dict, anatomy):
         """(base matrix name, W before, W after) per adapted module, from peft's merge on a float32
-        copy of that one module. W before is the original base matrix, unless the adapter did not
-        start as the identity (init_lora_weights=False): then it is the merge of its starting values."""
+        copy of that one module. W before is the original base matrix (for PiSSA and OLoRA too),
+        unless the merge of the adapter's starting values differs from it: an adapter that does not
+        start as the identity (init_lora_weights=False), or a base rewritten in low precision. Then
+        it is that merged start, so that ΔW is what training changed."""
         adapted = set()
         originals = getattr(model, "harness_original_weights", {})
         for path, layer in tuner_layers(model):

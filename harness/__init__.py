@@ -44,6 +44,10 @@ _EXPORTS = {
     "load_model": "harness.models",
     "load_stance": "harness.stances",
     "METHODS": "harness.methods",
+    "Method": "harness.methods",
+    "MethodConfig": "harness.methods",
+    "TrainingContext": "harness.methods",
+    "register_method": "harness.methods",
     "MODELS": "harness.models",
     "relative_depth_analog": "harness.models",
 }

@@ -175,7 +175,25 @@ def cmd_report(args) -> int:
 
 # -- list -----------------------------------------------------------------------------------
 def _list_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--methods", action="store_true",
+                   help="list the registered methods instead: the harness's and those of installed plug-ins "
+                        "(entry point group stance_harness.methods), with where each comes from")
+
+
+def list_methods() -> int:
+    from tabulate import tabulate
+
+    from .methods import METHODS, method_code
+
+    rows = []
+    for name, method in METHODS.items():
+        code = method_code(method)
+        origin = "stance-harness" if code is None else (
+            f"{code['package']} {code['version']}" if code["package"] else f"module {code['module']}")
+        doc = (type(method).__doc__ or "").strip().splitlines()
+        rows.append([name, origin, doc[0] if doc else ""])
+    print(tabulate(rows, headers=["method", "from", "description"], tablefmt="simple", disable_numparse=True))
+    return EXIT_OK
 
 
 def _model_names(payload: dict) -> str:
@@ -192,10 +210,12 @@ def _outcome_counts(tests) -> tuple[int, int, int]:
     return passed, failed, len(outcomes) - passed - failed
 
 
-@command("list", "list reports (newest first) and baselines", _list_arguments)
+@command("list", "list reports (newest first) and baselines, or with --methods the methods", _list_arguments)
 def cmd_list(args) -> int:
     from tabulate import tabulate
 
+    if args.methods:
+        return list_methods()
     root = _reports_dir(args)
     if not root.is_dir():
         raise HarnessError(f"no reports directory {root} (pass --reports-dir)")

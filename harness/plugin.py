@@ -30,6 +30,7 @@ OPT_RETRAIN = "--retrain"
 OPT_INCONCLUSIVE = "--inconclusive"
 OPT_RECORD_VERDICTS = "--record-verdicts"
 OPT_PLAN = "--plan"
+OPT_VERDICT_JSON = "--verdict-json"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -79,6 +80,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_PLAN, action="store_true", default=False,
                     help="check every run the tests ask for (task, method, layers, schedule lengths) without "
                          "building a model or training; each test that trains is skipped once its first run is checked")
+    group.addoption(OPT_VERDICT_JSON, metavar="PATH", default=None,
+                    help="at the end, write the session's verdict (passed, test counts, the gate's comparison) as "
+                         "one line of JSON to PATH, or with '-' print it as the last line of the stance-harness summary")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
@@ -124,6 +128,11 @@ def _options(config: pytest.Config):
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
     if not config.getoption(OPT_NO_REPORTS):
         check_writable_directory(reports_dir, OPT_REPORTS_DIR)
+    verdict_json = config.getoption(OPT_VERDICT_JSON)
+    if verdict_json not in (None, "-"):
+        if Path(verdict_json).is_dir():
+            raise HarnessError(f"{OPT_VERDICT_JSON} {verdict_json}: it is a directory; name the file to write")
+        check_writable_directory(Path(verdict_json).parent, OPT_VERDICT_JSON)
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
     if rules and not compare_to:
@@ -150,6 +159,7 @@ def _options(config: pytest.Config):
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
         retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
         record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),
+        verdict_json=config.getoption(OPT_VERDICT_JSON),
     )
 
 
@@ -479,6 +489,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
     if not harness.finish(interrupted=interrupted) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    harness.write_ci_outputs(int(session.exitstatus))
 
 
 @pytest.hookimpl(optionalhook=True)

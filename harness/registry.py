@@ -1,7 +1,8 @@
 """One generic registry, used once per extension point (models, methods, architectures).
 
 Habits taken from lm-evaluation-harness's Registry: duplicates are rejected, and an unknown
-name is an error that lists what exists. Added here: close-match suggestions.
+name is an error that lists what exists. Added here: close-match suggestions, and plug-ins
+(`load_plugins`, e.g. entry points) loaded once, when the registry is first looked into.
 """
 
 from __future__ import annotations
@@ -31,9 +32,16 @@ def suggest(name: str, known: list[str]) -> str:
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, load_plugins: Callable[[], None] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._load_plugins = load_plugins  # called once, at the first lookup (not at registration)
+
+    def _loaded(self) -> dict[str, T]:
+        if self._load_plugins is not None:
+            load, self._load_plugins = self._load_plugins, None  # first: a plug-in may look up while loading
+            load()
+        return self._items
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """`registry.register("x", obj)` or `@registry.register("x")`."""
@@ -50,7 +58,8 @@ class Registry(Generic[T]):
     def _add(self, name: str, obj: T) -> None:
         if not name or name != name.strip():
             raise ValueError(f"{self.kind} name must be a non-empty string without spaces: {name!r}")
-        if name in self._items and self._items[name] is not obj:
+        known = self._items.get(name)
+        if known is not None and known is not obj and not _same_definition(known, obj):
             raise ValueError(f"{self.kind} {name!r} is already registered ({self._items[name]!r})")
         self._items[name] = obj
 
@@ -59,19 +68,26 @@ class Registry(Generic[T]):
         return self._items.pop(name)
 
     def get(self, name: str) -> T:
+        items = self._loaded()
         try:
-            return self._items[name]
+            return items[name]
         except KeyError:
-            raise UnknownNameError(self.kind, name, list(self._items)) from None
+            raise UnknownNameError(self.kind, name, list(items)) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._loaded()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return iter(self._loaded())
 
     def names(self) -> list[str]:
-        return list(self._items)
+        return list(self._loaded())
 
     def items(self):
-        return self._items.items()
+        return self._loaded().items()
+
+
+def _same_definition(known, new) -> bool:
+    """The same class (or an instance of it) defined again: a conftest.py imported a second time."""
+    a, b = (x if isinstance(x, type) else type(x) for x in (known, new))
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__) and a is not object

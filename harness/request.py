@@ -4,7 +4,8 @@ The session builds it once per `train(...)` call; the training loop trains from 
 store keys its entries by it. Two requests are equal exactly when their descriptions are, and
 the description holds the model's identity (revision, or a hash of a local directory's
 weights), the stance's name, version and content, the method and its validated config, the
-recipe, task, instruments and number of examples, and a fingerprint of the training code.
+recipe, task, instruments and number of examples, and a fingerprint of the training code (for
+a method from outside the harness, also its own code identity: module, package, version, source hash).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from .instruments import InstrumentConfig
-from .methods import METHODS, MethodConfig, method_config
+from .methods import METHODS, MethodConfig, method_code, method_config
 from .recipe import Recipe
 from .tasks import DEFAULT_TASK, TASKS
 
@@ -64,6 +65,7 @@ class TrainingRequest:
     task: str = DEFAULT_TASK
     instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
     code: str = field(default_factory=training_code_version)
+    method_code: tuple = ()  # an outside method's code identity, as sorted (key, value) pairs; () for the harness's
 
     @classmethod
     def build(cls, loaded, stance, method: str = "full", *, examples: int | None = None, recipe=None,
@@ -81,14 +83,17 @@ class TrainingRequest:
         if seed_offset:
             recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
         count = len(stance.training_examples(examples))
+        outside = method_code(METHODS.get(method))
         return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
-                   recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments))
+                   recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments),
+                   method_code=tuple(sorted(outside.items())) if outside else ())
 
     def describe(self) -> dict:
         """The request as JSON: what the key hashes, and what the run store records."""
         return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
                 "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
-                "instruments": asdict(self.instruments), "code": self.code}
+                "instruments": asdict(self.instruments), "code": self.code,
+                **({"method_code": dict(self.method_code)} if self.method_code else {})}
 
     @cached_property
     def key(self) -> str:

@@ -7,6 +7,8 @@ does to its BenchmarkSession. Nothing here imports pytest.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import sys
 import time
@@ -15,9 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .methods import METHODS, method_code
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
+from .report.markdown import render_step_summary
 from .report.metrics import declared_directions
 from .report.records import TestRecord, repeat_base
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
@@ -53,6 +57,9 @@ class HarnessOptions:
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
     plan_only: bool = False  # --plan: check every request, train nothing
+    verdict_json: str | None = None  # --verdict-json PATH ('-': printed in the terminal summary)
+    step_summary: Path | None = field(  # GitHub Actions' job summary file, appended to at the end
+        default_factory=lambda: Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
 
 
 @dataclass
@@ -75,6 +82,7 @@ class HarnessSession:
     verdicts: VerdictBook = field(init=False)
     multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected
     recorded: list[Path] = field(default_factory=list)  # verdict files written by --record-verdicts
+    verdict: dict | None = None  # the session's one-line verdict, set by write_ci_outputs
 
     def __post_init__(self):
         self.verdicts = VerdictBook(self.options.model)
@@ -202,6 +210,7 @@ class HarnessSession:
                 "models": models,
                 "model_args": dict(self.options.model_args.__dict__),
                 "stances": stances,
+                "methods": outside_methods(run.get("method") for run in self.run_summaries.values()),
                 "git": git_info(self.options.rootdir),
                 "environment": environment_info(),
                 "args": self.options.args,
@@ -261,9 +270,48 @@ class HarnessSession:
             self.saved_baseline = store.save_baseline(options.baselines_dir, options.save_baseline, payload)
         return self.comparison is None or self.comparison.passed
 
+    def session_verdict(self, exit_code: int) -> dict:
+        """What CI systems read: passed (pytest's exit code is 0), outcome counts, and the gate."""
+        tests = [r.as_dict() for r in self.records.values()]
+        counts = {}
+        for test in tests:
+            counts[test["outcome"] or "not run"] = counts.get(test["outcome"] or "not run", 0) + 1
+        comparison = self.comparison
+        return {
+            "passed": exit_code == 0, "exit_code": exit_code, "model": self.options.model,
+            "tests": {"total": len(tests), **dict(sorted(counts.items()))},
+            "gate": None if comparison is None else {
+                "baseline": self.options.compare_baseline, "passed": comparison.passed,
+                "summary": comparison.summary(), "rules": [rule.spec for rule in comparison.rules],
+                "failures": [{"test": r.test, "metric": r.metric, "verdict": r.verdict, "change": r.change,
+                              "allowed": r.allowed} for r in comparison.regressions]},
+            "report": str(self.report_path) if self.report_path is not None else None,
+        }
+
+    def write_ci_outputs(self, exit_code: int) -> None:
+        """--verdict-json, and the Markdown tables appended to $GITHUB_STEP_SUMMARY."""
+        options = self.options
+        if options.verdict_json is not None:
+            self.verdict = self.session_verdict(exit_code)
+            if options.verdict_json != "-":
+                path = Path(options.verdict_json)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(self.verdict, default=str) + "\n", encoding="utf-8")
+        if options.step_summary is not None and (self.records or self.comparison is not None):
+            payload = self.payload_cache or {"tests": [r.as_dict() for r in self.records.values()],
+                                             "runs": self.run_summaries}
+            text = render_step_summary(payload, self.comparison, self.options.compare_baseline, exit_code,
+                                       self.options.model)
+            try:
+                with open(options.step_summary, "a", encoding="utf-8") as handle:  # other steps append too
+                    handle.write(text)
+            except OSError as err:  # the job summary is a courtesy: it never fails the session
+                print(f"stance-harness: could not append to $GITHUB_STEP_SUMMARY ({err})", file=sys.stderr)
+
     def display(self, write_line: Callable[[str], None], section: Callable[[str], None]) -> None:
-        """The results table, where the report went, and the gate's comparison."""
+        """The results table, where the report went, the gate's comparison, and --verdict-json -."""
         if not self.records:
+            self._display_verdict(write_line)
             return
         from tabulate import tabulate
 
@@ -292,6 +340,21 @@ class HarnessSession:
                                                             + ", ".join(r["test"] for r in only_before) if only_before else ""))
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
+        self._display_verdict(write_line)
+
+    def _display_verdict(self, write_line: Callable[[str], None]) -> None:
+        if self.verdict is not None and self.options.verdict_json == "-":
+            write_line(json.dumps(self.verdict, default=str))  # one line starting {"passed": what a CI script reads
+
+
+def outside_methods(names) -> list[dict]:
+    """The code identity (module, package, version, source hash) of each named method from outside the harness."""
+    found = []
+    for name in dict.fromkeys(n for n in names if isinstance(n, str)):
+        code = method_code(METHODS.get(name)) if name in METHODS else None
+        if code:
+            found.append({"name": name, **code})
+    return found
 
 
 def with_repeats(tests: list[dict]) -> list[dict]:

@@ -165,6 +165,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                     step += 1
                     continue
             optimizer.step()
+            method.after_optimizer_step(ctx, step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)

@@ -58,7 +58,8 @@ def options(ctx, **given):
                 plugin.OPT_ANALYSIS_TIMEOUT: 600.0, plugin.OPT_REPEAT: 1, plugin.OPT_ADAPTER: [],
                 plugin.OPT_SAVE_BASELINE: None, plugin.OPT_COMPARE_BASELINE: None, plugin.OPT_FAIL_ON: [],
                 plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
-                plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False}
+                plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
+                plugin.OPT_VERDICT_JSON: None}
     values = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in given.items()}}
     config = types.SimpleNamespace(getoption=values.__getitem__, rootpath=ctx.root,
                                    invocation_params=types.SimpleNamespace(args=()))
@@ -90,6 +91,9 @@ CASES = [
     ("reports-dir: a file", lambda c: options(c, reports_dir=str(c.file("a-file", "x"))), r"--reports-dir .*a-file: it is a file, not a directory"),
     ("reports-dir: cannot be made", lambda c: options(c, reports_dir=str(c.file("blocker", "x") / "reports")),
      r"--reports-dir .*blocker/reports: cannot write there"),
+    ("verdict-json: a directory", lambda c: options(c, verdict_json=str(c.root)), r"--verdict-json .*: it is a directory; name the file"),
+    ("verdict-json: cannot be written", lambda c: options(c, verdict_json=str(c.file("blocker2", "x") / "v.json")),
+     r"--verdict-json .*blocker2: cannot write there|--verdict-json .*blocker2: it is a file"),
     ("stance-dir: missing", lambda c: options(c, stance_dir=[str(c.root / "nowhere")]), r"--stance-dir .*nowhere: no such directory"),
     ("analysis-timeout: negative", lambda c: options(c, analysis_timeout=-1.0), r"--analysis-timeout must be >= 0"),
     ("repeat: zero", lambda c: options(c, repeat=0), r"--repeat must be >= 1"),

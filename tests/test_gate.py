@@ -3,6 +3,7 @@ outcomes, progress and provenance. Each check shares a subprocess run with other
 re-imported in-process), so the whole file is a handful of runs on the tiny default model."""
 
 import json
+import re
 from xml.etree import ElementTree
 
 import pytest
@@ -76,7 +77,7 @@ def suite(pytester):
     return pytester
 
 
-def test_save_then_compare_then_regress(suite):
+def test_save_then_compare_then_regress(suite, monkeypatch):
     # 1. save the baseline, with JUnit XML, progress at default verbosity and expected outcomes
     saved = suite.runpytest_subprocess(*P, "-rs", "--save-baseline", "main", "--junitxml=out.xml")
     saved.assert_outcomes(passed=2, xfailed=1, xpassed=1, failed=1, skipped=1)
@@ -124,9 +125,13 @@ def test_save_then_compare_then_regress(suite):
     baseline["tests"] = {k: v for k, v in baseline["tests"].items() if k.startswith("test_gate.py::")}
     (suite.path / "reports" / "baselines" / "main.json").write_text(json.dumps(baseline))
     same = suite.runpytest_subprocess(*P, "-q", "test_gate.py", "--compare-baseline", "main",
-                                      "--fail-on", "forgetting:+0.01")
+                                      "--fail-on", "forgetting:+0.01", "--verdict-json", "-")
     same.assert_outcomes(passed=1)
     assert same.ret == pytest.ExitCode.OK
+    verdict = json.loads(next(line for line in same.stdout.lines if line.startswith('{"passed"')))
+    assert verdict["passed"] is True and verdict["exit_code"] == 0 and verdict["tests"] == {"total": 1, "passed": 1}
+    assert verdict["gate"]["passed"] is True and verdict["gate"]["baseline"] == "main"
+    assert verdict["gate"]["failures"] == [] and verdict["gate"]["rules"] == ["forgetting:+0.01"]
     assert "[stance-harness]" not in same.stdout.str()
     same.stdout.fnmatch_lines(["*stance-harness: compared with baseline 'main'*",
                                "*test_gate.py::test_gate*lora.forgetting*ok*",
@@ -135,10 +140,26 @@ def test_save_then_compare_then_regress(suite):
     # 3. a worse metric fails the session although every test passes; --repeat 2 runs seeds 42, 43
     gate["metrics"]["lora.forgetting"] = forgetting - 1.0
     (suite.path / "reports" / "baselines" / "main.json").write_text(json.dumps(baseline))
+    # ... and in CI: the GitHub job summary gets both tables appended, and the verdict is one JSON line
+    summary = suite.path / "step-summary.md"
+    summary.write_text("# an earlier step's summary\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     worse = suite.runpytest_subprocess(*P, "-v", "test_gate.py", "--repeat", "2", "--compare-baseline", "main",
-                                       "--fail-on", "forgetting:+0.01")
+                                       "--fail-on", "forgetting:+0.01", "--verdict-json", "ci/verdict.json")
     worse.assert_outcomes(passed=2)
     assert worse.ret == pytest.ExitCode.TESTS_FAILED
+    text = summary.read_text()
+    assert text.startswith("# an earlier step's summary\n## stance-harness on `tiny-qwen2`: FAILED (exit code 1)")
+    assert len(re.findall(r"^\| PASS\s+\| test_gate.py::test_gate\[repeat[01]\]\s+\| lora ", text, re.M)) == 2
+    assert "### Gate: compared with baseline `main`" in text and "**FAILED: 1 of 1 comparisons (1 REGRESSION)**" in text
+    gate_rows = [line for line in text.splitlines() if "lora.forgetting" in line]
+    assert len(gate_rows) == 1 and "REGRESSION" in gate_rows[0] and gate_rows[0].startswith("| test_gate.py::test_gate")
+    lines = (suite.path / "ci" / "verdict.json").read_text().splitlines()
+    assert len(lines) == 1
+    verdict = json.loads(lines[0])
+    assert verdict["passed"] is False and verdict["exit_code"] == 1 and verdict["tests"] == {"total": 2, "passed": 2}
+    (failure,) = verdict["gate"]["failures"]
+    assert failure["metric"] == "lora.forgetting" and failure["verdict"] == "REGRESSION" and failure["allowed"].startswith("≤")
     worse.stdout.fnmatch_lines(["*test_gate.py::test_gate[[]repeat0[]] PASSED*",
                                 "*test_gate.py::test_gate[[]repeat1[]] PASSED*",
                                 "*test_gate.py::test_gate*lora.forgetting*REGRESSION*",

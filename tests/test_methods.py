@@ -74,7 +74,7 @@ def test_only_params_are_updated(method_run, method, options, should_change):
 
 
 def test_every_registered_method_has_a_test_case():
-    assert {m for m, _, _ in TEST_CASES} >= set(METHODS.names()) - {"qlora"}  # qlora: tests/test_qlora.py
+    assert {m for m, _, _ in TEST_CASES} >= set(METHODS.names()) - {"qlora", "peft"}  # tests/test_qlora.py, test_peft_method.py
 
 
 def test_parameter_counts_match_seed_style_report(method_run):

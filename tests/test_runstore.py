@@ -72,6 +72,8 @@ _CASES = {method: options for method, options, _ in reversed(TEST_CASES)}  # one
 def test_the_base_is_bit_identical_after_every_method(harness, tiny_qwen2, method):
     before = {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()}
     options = _CASES.get(method, {"target_modules": ["qv"]} if method == "qlora" else {})
+    if method == "peft":  # OLoRA's init subtracts from the base matrix in place, in peft
+        options = {"config": {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "init_lora_weights": "olora"}}
     run = harness.train(method, examples=10, recipe=METHOD_RECIPE, **options)  # test_methods' runs, shared
     assert run.trace.loss and any(r.moments.total_abs > 0 for r in run.adapter_deltas)  # it trained
     assert {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()} == before
@@ -143,7 +145,12 @@ def test_a_second_session_loads_instead_of_training(tiny_qwen2, store_dir):
     assert summary["origin"] == "loaded" and summary["run_id"] == first.run_id
 
 
-@pytest.mark.parametrize("method, options", [("lora", {"r": 4}), ("full", {}), ("feature-extraction", {})])
+PISSA = {"config": {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "layers_to_transform": [0, 5],
+                    "init_lora_weights": "pissa"}}  # rebuilt, its base matrices are rewritten again
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"r": 4}), ("full", {}), ("feature-extraction", {}),
+                                             ("peft", PISSA)], ids=["lora", "full", "feature-extraction", "peft-pissa"])
 def test_release_then_rebuild_gives_identical_weights_and_measurements(tiny_qwen2, store_dir, method, options):
     session = new_session(tiny_qwen2, store_dir)
     run = session.train(method, examples=10, recipe=RECIPE, **options)

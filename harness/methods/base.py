@@ -9,13 +9,22 @@ A method never owns a loop. The loop calls, in order:
   mix_batches(...)    per epoch: the micro-batch stream (replay adds general text)
   schedule(ctx, step) per optimizer step: switch groups on or off; returns what it set
   extra_loss(ctx, step) a penalty added to the task loss (L2-SP, EWC)
+  after_optimizer_step(ctx, step) after the update, before gradients are cleared (AdaLoRA's budget)
 and asks for param_groups(ctx) (per-group learning rates) and effective_deltas (its view).
+
+Methods from outside the harness register the same way: `register_method` in a conftest.py, or
+an entry point in the group `stance_harness.methods` (loaded when METHODS is first looked into).
+Their code identity (module, package, version, source hash) goes into the run key and the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from importlib import metadata
 from typing import Any, ClassVar
 
 import torch
@@ -77,9 +86,11 @@ class TrainingContext:
 
 
 class Method:
-    """Subclass, set `name` and `config_cls`, and decorate with `@register_method`.
+    """A fine-tuning method: subclass, set `name` and `config_cls`, decorate with `@register_method`.
 
-    The class docstring's first line is the method's one-line description."""
+    The class docstring's first line is the method's one-line description. Override `prepare`
+    (freeze or wrap the model; whatever may train ends with requires_grad=True) and, where the
+    defaults do not fit, the other steps the module docstring lists."""
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
@@ -120,6 +131,9 @@ class Method:
     def extra_loss(self, ctx: TrainingContext, step: int):
         return None
 
+    def after_optimizer_step(self, ctx: TrainingContext, step: int) -> None:
+        """Called after each optimizer step, while the step's gradients still exist."""
+
     def storage_bytes(self, model, before: dict) -> int:
         """Bytes needed to store the stance: every parameter the method trains."""
         params = dict(model.named_parameters())
@@ -137,7 +151,29 @@ class Method:
             yield from block_spectrum(name, start, end, anatomy)
 
 
-METHODS: Registry[Method] = Registry("method")
+ENTRY_POINT_GROUP = "stance_harness.methods"
+
+
+def load_plugin_methods(group: str = ENTRY_POINT_GROUP) -> None:
+    """Load each entry point of `group`: a module whose import registers its methods, or a
+    Method subclass (registered here if its module did not)."""
+    for entry in metadata.entry_points(group=group):
+        where = f"method plug-in {entry.name!r} ({entry.value}, from {entry.dist.name if entry.dist else 'unknown'})"
+        try:
+            target = entry.load()
+        except Exception as err:
+            raise HarnessError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
+        if isinstance(target, type) and issubclass(target, Method):
+            if target.name not in METHODS or type(METHODS.get(target.name)) is not target:
+                try:
+                    register_method(target)
+                except (TypeError, ValueError) as err:
+                    raise HarnessError(f"{where}: {err}") from None
+        elif not inspect.ismodule(target):
+            raise HarnessError(f"{where}: names a {type(target).__name__}; it must name a module or a Method subclass")
+
+
+METHODS: Registry[Method] = Registry("method", load_plugins=load_plugin_methods)
 
 
 def method_config(method: str, options: dict | None = None) -> MethodConfig:
@@ -146,12 +182,45 @@ def method_config(method: str, options: dict | None = None) -> MethodConfig:
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Register a Method subclass under its `name` (a class decorator). The same class defined
+    again (a conftest.py imported twice) replaces the first; another class of that name is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method takes a Method subclass, got {cls!r}")
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a `name`")
     if not (dataclasses.is_dataclass(cls.config_cls) and issubclass(cls.config_cls, MethodConfig)):
         raise TypeError(f"{cls.__name__}.config_cls must be a MethodConfig dataclass")
     METHODS.register(cls.name, cls())
     return cls
+
+
+def is_builtin(method: Method) -> bool:
+    module = type(method).__module__
+    return module == "harness" or module.startswith("harness.")
+
+
+def method_code(method: Method) -> dict | None:
+    """A method from outside the harness: its module, package and version, and a hash of the source
+    of its classes (and their config's) not in the harness. None for the harness's own methods,
+    whose code the training-code fingerprint already covers."""
+    if is_builtin(method):
+        return None
+    return dict(_code_identity(type(method)))
+
+
+@lru_cache(maxsize=None)
+def _code_identity(cls: type) -> tuple:
+    classes = [c for c in (*cls.__mro__, *cls.config_cls.__mro__)
+               if not (c.__module__ == "harness" or c.__module__.startswith(("harness.", "builtins")))]
+    digest = hashlib.sha256()
+    for path in sorted({inspect.getsourcefile(c) or "" for c in classes} - {""}):
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    top = cls.__module__.split(".")[0]
+    package = next(iter(metadata.packages_distributions().get(top, [])), None)
+    version = metadata.version(package) if package else None
+    return (("module", cls.__module__), ("package", package), ("version", version),
+            ("source", digest.hexdigest()[:12]))
 
 
 def block_spectrum(name: str, start, end, anatomy):

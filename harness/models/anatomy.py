@@ -85,6 +85,8 @@ ARCHITECTURES.register("bert", ArchitectureLayout(
 # "<module>.lora_A.<adapter>.weight". These patterns undo that.
 _PEFT_PREFIX = "base_model.model."
 _LORA_LEAF = re.compile(r"^(?P<module>.+)\.(?P<leaf>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.[^.]+(\.weight)?$")
+# any other tuner's parameter of the default adapter: "<module>.ia3_l.default", "<module>.lora_magnitude_vector.default.weight"
+_ADAPTER_LEAF = re.compile(r"^(?P<module>.+)\.(?P<leaf>[A-Za-z0-9_]+)\.default(\.weight)?$")
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class Anatomy:
         """Canonical name of a raw parameter name, with peft's wrapping removed."""
         name = param_name.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")
         leaf = None
-        m = _LORA_LEAF.match(name)
+        m = _LORA_LEAF.match(name) or _ADAPTER_LEAF.match(name)
         if m:
             name, leaf = m.group("module"), m.group("leaf")
         else:

@@ -7,8 +7,6 @@ later load is `from_pretrained(path)`, exactly like a real model.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -19,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from ..files import file_lock
 
 BUILDER_VERSION = 2
 VOCAB_SIZE = 1024
@@ -80,7 +80,7 @@ def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> 
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f"{target.name}.lock"):
+    with file_lock(root / f"{target.name}.lock", what=f"building embedded model {name}"):
         if not (target / "model.safetensors").exists():  # another worker may have built it
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}-"))
             try:
@@ -89,16 +89,6 @@ def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> 
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_tokenizer():

@@ -24,6 +24,8 @@ def render_markdown(payload: dict) -> str:
         f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
         f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
+        *([f"- methods from outside the harness: " + ", ".join(map(_origin, prov["methods"]))]
+          if prov.get("methods") else []),
         f"- command: `{' '.join(prov['args'])}`", "",
         *([f"**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
           if payload.get("interrupted") else []),
@@ -85,3 +87,28 @@ def _measurement_lines(measurements) -> list[str]:
     for title, rows in measurement_tables(measurements):
         lines += [f"**{title}**", "", _table(rows), ""]
     return lines
+
+
+def render_step_summary(payload: dict, comparison, baseline: str | None, exit_code: int, model: str) -> str:
+    """What GitHub Actions shows on the job's page ($GITHUB_STEP_SUMMARY): the pass/fail table
+    of the harness's tests and, when a baseline was compared, the gate's table."""
+    lines = [f"## stance-harness on `{model}`: {'passed' if exit_code == 0 else f'FAILED (exit code {exit_code})'}", ""]
+    if payload["tests"]:
+        lines += [_table(test_rows(payload)), ""]
+    if comparison is not None:
+        lines += [f"### Gate: compared with baseline `{baseline}`", ""]
+        rows = [{"test": r.test, "metric": r.metric, "baseline": _mean(r.as_dict()["baseline"]),
+                 "now": _mean(r.as_dict()["now"]), "change": r.change, "allowed": r.allowed, "verdict": r.verdict}
+                for r in comparison.rows]
+        lines += [_table(rows) if rows else "_no metric compared_", "", f"**{comparison.summary()}**", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _mean(value):
+    """A repeated metric's mean (its spread is in report.md); anything else as it is."""
+    return value.get("mean") if isinstance(value, dict) else ("-" if value is None else value)
+
+
+def _origin(method: dict) -> str:
+    package = f"{method['package']} {method.get('version')}" if method.get("package") else "no package"
+    return f"`{method['name']}` ({package}, module {method.get('module')}, source {method.get('source')})"

@@ -339,6 +339,7 @@ class Run:
             "instruments": self.trace.summary(),
             "train_seconds": self.train_seconds,
             "task": self.task.name,
+            "framing": self.framing.identity(),
             "name": self.label,
             "measurements": self.report_measurements(),
             **self._layer_tables(),

@@ -93,6 +93,20 @@ def test_both_trl_formats_load_with_their_turns_and_loss(chat_stance_path):
     assert stance.provenance()["examples_file"]["path"].endswith("data.jsonl")
 
 
+def test_the_documented_example_stance_loads_with_every_format():
+    import harness
+
+    root = Path(harness.__file__).resolve().parent.parent
+    stance = load_stance_file(root / "docs" / "examples" / "curious-chat.yaml")
+    rows = [json.loads(line) for line in (root / "docs" / "examples" / "curious-chat.jsonl").read_text().splitlines()]
+    assert len(stance.examples) == len(rows) and stance.probes == load_stance("curious-uncertainty").probes
+    assert {"messages", "prompt"} <= {next(iter(row)) for row in rows}
+    assert any(isinstance(row.get("prompt"), list) for row in rows) and any(isinstance(row.get("prompt"), str)
+                                                                           for row in rows)
+    assert any(sum(m.loss for m in e.conversation()) > 1 and e.conversation()[0].role == "system"
+               for e in stance.examples)
+
+
 def test_the_data_files_digest_enters_the_stance_identity(tmp_path, chat_stance_path):
     first = load_stance_file(chat_stance_path).identity()
     edited = write_stance(tmp_path, ROWS[:3] + [{"prompt": "Q?", "completion": "I'm not sure."}])
@@ -258,6 +272,7 @@ def test_training_data_is_framed_by_the_template(chat_model, chat_stance_path):
 def test_probes_and_calibration_are_framed_as_training(chat_run):
     tok, framing = chat_run.loaded.tokenizer, chat_run.framing
     assert framing.kind == "chat" and chat_run.request.framing == framing.identity()
+    assert chat_run.summary()["framing"] == framing.identity()  # the report says how the run was framed
     probes = chat_run.stance.probes
     pairs = measure.continuation_logits(chat_run.model, framing, [p.prompt for p in probes], [p.stance for p in probes])
     total = 0

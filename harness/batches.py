@@ -18,6 +18,7 @@ that the tokens of a prefix are a prefix of the tokens of the whole."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -57,7 +58,9 @@ class Framing:
         """What enters a run's key: the kind, and for chat a digest of the template's text."""
         if not self.chat:
             return {"kind": "plain"}
-        return {"kind": "chat", "template": hashlib.sha256(self.tokenizer.chat_template.encode()).hexdigest()[:16]}
+        template = self.tokenizer.chat_template  # a string, or a dict of named templates
+        text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+        return {"kind": "chat", "template": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
     @property
     def key(self) -> str:

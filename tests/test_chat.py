@@ -219,6 +219,15 @@ def test_the_template_is_applied_and_the_mask_covers_exactly_the_assistant_token
     assert tok.decode([ids[i] for i in positions[first_end:]]) == "I don't know how they would count them." + EOS
 
 
+def test_the_mask_positions_by_hand_on_one_turn(chat_model):
+    tok = chat_model.tokenizer
+    ids, labels = framing_for(tok, "auto").turns((Message("user", "Hi?"), Message("assistant", "Not sure.", loss=True)))
+    head = tok("<|user|>\nHi?\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
+    reply = tok("Not sure." + EOS, add_special_tokens=False)["input_ids"]
+    assert ids == head + reply
+    assert labels == [IGNORE_INDEX] * len(head) + reply  # positions len(head) .. len(ids) - 1, exactly
+
+
 def test_a_prompt_completion_row_learns_only_the_completion_under_the_template(chat_model):
     tok = chat_model.tokenizer
     row = {"prompt": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Earlier."},

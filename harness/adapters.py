@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .analysis.digest import tensor_digest
+from .batches import framing_for
 from .files import atomic_write
 from .instruments import InstrumentConfig, Trace
 from .methods import METHODS, method_config
@@ -92,10 +93,11 @@ def check_base(loaded, path, config: dict, provenance: dict) -> None:
                            f"{loaded.spec.name} ({loaded.model_id})")
 
 
-def load_adapter_run(loaded, path, stance_of):
+def load_adapter_run(loaded, path, stance_of, chat_template: str = "auto"):
     """The adapter on `loaded`'s base (sharing its weights), as a Run whose 'before' is the zero update.
 
     `stance_of(name)` loads a stance; the adapter's provenance names it (default: curious-uncertainty).
+    `chat_template` (auto or none) frames its probes, as --chat-template says.
     """
     import torch
     from peft import PeftModel
@@ -127,7 +129,7 @@ def load_adapter_run(loaded, path, stance_of):
         frozen_digests={n: loaded.base_digest(p) or tensor_digest(p) for n, p in model.named_parameters()
                         if n not in lora},
         trace=Trace(), train_seconds=0.0, instruments=InstrumentConfig(), name=directory.name, origin="adapter",
-        task=TASKS.get("stance-lm"), anatomy=anatomy,
+        task=TASKS.get("stance-lm"), anatomy=anatomy, framing=framing_for(loaded.tokenizer, chat_template),
     )
 
 

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from .batches import pad_batch, prompt_ids, reply_ids, to_device
+from .batches import pad_batch, to_device
 from .data import general_text, general_text_windows
 
 GENERATION_TOKENS = 32  # greedy continuation length for the marker rate
@@ -24,14 +24,15 @@ def _device(model):
 
 
 @torch.no_grad()
-def continuation_logits(model, tokenizer, prompts, continuations):
-    """Per pair: (logits predicting each continuation token [T, V] float32, the token ids [T])."""
+def continuation_logits(model, framing, prompts, continuations):
+    """Per pair: (logits predicting each continuation token [T, V] float32, the token ids [T]),
+    each prompt and continuation framed as training frames a prompt and its reply."""
     sequences, spans = [], []
     for prompt, text in zip(prompts, continuations):
-        head, tail = prompt_ids(tokenizer, prompt), reply_ids(tokenizer, text)
-        sequences.append(head + tail)
-        spans.append((len(head), len(tail)))
-    batch = to_device(pad_batch(sequences, tokenizer.pad_token_id), _device(model))
+        ids, start, length = framing.continuation(prompt, text)
+        sequences.append(ids)
+        spans.append((start, length))
+    batch = to_device(pad_batch(sequences, framing.tokenizer.pad_token_id), _device(model))
     logits = model(**batch).logits.float()
     out = []
     for row, (start, length) in enumerate(spans):
@@ -43,12 +44,15 @@ def continuation_logits(model, tokenizer, prompts, continuations):
 
 
 @torch.no_grad()
-def greedy_replies(model, tokenizer, prompts, max_new_tokens: int = GENERATION_TOKENS, seed: int = 0) -> list[str]:
-    """Greedy continuations, one prompt at a time (no padding effects), decoded without the prompt."""
+def greedy_replies(model, framing, prompts, max_new_tokens: int = GENERATION_TOKENS, seed: int = 0) -> list[str]:
+    """Greedy continuations, one prompt at a time (no padding effects), decoded without the prompt;
+    each prompt framed as training frames a prompt (under a chat template: a user turn and the
+    assistant's header)."""
+    tokenizer = framing.tokenizer
     torch.manual_seed(seed)  # greedy is deterministic; the seed pins any sampling a model config forces
     replies = []
     for prompt in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=_device(model))
+        ids = torch.tensor([framing.prompt_ids(prompt)], device=_device(model))
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

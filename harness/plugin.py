@@ -31,6 +31,8 @@ OPT_INCONCLUSIVE = "--inconclusive"
 OPT_RECORD_VERDICTS = "--record-verdicts"
 OPT_PLAN = "--plan"
 OPT_VERDICT_JSON = "--verdict-json"
+OPT_CHAT_TEMPLATE = "--chat-template"
+CHAT_TEMPLATE_CHOICES = ("auto", "none")  # batches.CHAT_TEMPLATE_CHOICES; not imported here: it imports torch
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -48,6 +50,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"model alias, hub id (from the local HF cache) or local directory. Default: {DEFAULT_MODEL}")
     group.addoption(OPT_MODEL_ARGS, metavar="K=V,...", default="",
                     help="dtype=float32|bfloat16|float16|auto, revision=REV, device=cpu|cuda[:N], trust_remote_code=false")
+    group.addoption(OPT_CHAT_TEMPLATE, choices=CHAT_TEMPLATE_CHOICES, default="auto",
+                    help="auto (default): where the tokenizer has a chat template, training, probes, generation and "
+                         "calibration use it, and the loss counts only the assistant's tokens; none: plain "
+                         "prompt, newline, reply, end of text")
     group.addoption(OPT_STANCE_DIR, metavar="DIR", action="append", default=[],
                     help="extra directory of stance YAML files (repeatable); ./stances is always searched")
     group.addoption(OPT_REPORTS_DIR, metavar="DIR", default="reports",
@@ -160,6 +166,7 @@ def _options(config: pytest.Config):
         retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
         record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),
         verdict_json=config.getoption(OPT_VERDICT_JSON),
+        chat_template=config.getoption(OPT_CHAT_TEMPLATE),
     )
 
 

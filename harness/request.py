@@ -4,8 +4,9 @@ The session builds it once per `train(...)` call; the training loop trains from 
 store keys its entries by it. Two requests are equal exactly when their descriptions are, and
 the description holds the model's identity (revision, or a hash of a local directory's
 weights), the stance's name, version and content, the method and its validated config, the
-recipe, task, instruments and number of examples, and a fingerprint of the training code (for
-a method from outside the harness, also its own code identity: module, package, version, source hash).
+recipe, task, instruments and number of examples, the framing (plain, or the chat template and
+a digest of its text), and a fingerprint of the training code (for a method from outside the
+harness, also its own code identity: module, package, version, source hash).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from .batches import Framing, framing_for, framing_of
 from .instruments import InstrumentConfig
 from .methods import METHODS, MethodConfig, method_code, method_config
 from .recipe import Recipe
@@ -64,17 +66,20 @@ class TrainingRequest:
     examples: int  # how many of the stance's training examples
     task: str = DEFAULT_TASK
     instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
+    framing: dict = field(default_factory=lambda: {"kind": "plain"})  # Framing.identity()
     code: str = field(default_factory=training_code_version)
     method_code: tuple = ()  # an outside method's code identity, as sorted (key, value) pairs; () for the harness's
 
     @classmethod
     def build(cls, loaded, stance, method: str = "full", *, examples: int | None = None, recipe=None,
               instruments=None, task: str = DEFAULT_TASK, seed_offset: int = 0,
-              options: dict | None = None, config: MethodConfig | None = None) -> "TrainingRequest":
+              options: dict | None = None, config: MethodConfig | None = None,
+              chat_template: str = "auto") -> "TrainingRequest":
         """Validate every ingredient (unknown names, bad values, too many examples) and build the
-        request. The method's config comes from `options`, or ready-made as `config`."""
+        request. The method's config comes from `options`, or ready-made as `config`.
+        `chat_template` (auto or none) chooses the framing of a task that frames conversations."""
         METHODS.get(method)
-        TASKS.get(task)
+        framing = framing_for(loaded.tokenizer, chat_template if TASKS.get(task).framed else "none")
         if config is None:
             config = method_config(method, options or {})
         elif not isinstance(config, METHODS.get(method).config_cls):
@@ -86,14 +91,18 @@ class TrainingRequest:
         outside = method_code(METHODS.get(method))
         return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
                    recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments),
-                   method_code=tuple(sorted(outside.items())) if outside else ())
+                   framing=framing.identity(), method_code=tuple(sorted(outside.items())) if outside else ())
 
     def describe(self) -> dict:
         """The request as JSON: what the key hashes, and what the run store records."""
         return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
                 "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
-                "instruments": asdict(self.instruments), "code": self.code,
+                "instruments": asdict(self.instruments), "framing": self.framing, "code": self.code,
                 **({"method_code": dict(self.method_code)} if self.method_code else {})}
+
+    def framing_with(self, tokenizer) -> Framing:
+        """The request's framing over the model's tokenizer."""
+        return framing_of(tokenizer, self.framing)
 
     @cached_property
     def key(self) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .analysis.deltas import MatrixDelta, delta_table, layer_rows, raw_delta_pairs
 from .analysis.digest import tensor_digest
 from .analysis.stages import DEFAULT_TIMEOUT, run_stage
+from .batches import Framing
 from .registry import HarnessError
 from .report.metrics import LOWER, declare_metrics
 
@@ -91,6 +92,7 @@ class Run:
     rebuild: Callable[[], Any] | None = None  # makes the model again after `release_model`
     on_measured: Callable[["Run"], None] | None = None  # the run store persists new measurements
     on_model_use: Callable[["Run"], None] | None = None  # residency keeps its LRU order
+    framing: Framing | None = None  # how probes and generation frame text; None: plain
     measurements: dict = field(default_factory=dict, init=False)
     sinks: list = field(default_factory=list, init=False)  # where checks on this run are recorded (a test's record)
     _scratch: dict = field(default_factory=dict, init=False, repr=False)
@@ -104,6 +106,8 @@ class Run:
     def __post_init__(self):
         if self.origin not in ORIGINS:
             raise ValueError(f"origin must be one of {ORIGINS}, not {self.origin!r}")
+        if self.framing is None:
+            self.framing = Framing(self.loaded.tokenizer, chat=False)
 
     # -- the model ---------------------------------------------------------------------------
     def _get_model(self):
@@ -341,6 +345,7 @@ class Run:
             "instruments": self.trace.summary(),
             "train_seconds": self.train_seconds,
             "task": self.task.name,
+            "framing": self.framing.identity(),
             "name": self.label,
             "measurements": self.report_measurements(),
             **self._layer_tables(),

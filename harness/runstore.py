@@ -165,7 +165,7 @@ class RunStore:
             config=request.config, recipe=request.recipe, task=task, anatomy=task.anatomy(loaded),
             examples=request.examples, model=None, before=before, frozen_digests=record["frozen_digests"],
             trace=Trace.from_dict(record["trace"]), train_seconds=record["train_seconds"],
-            instruments=request.instruments, origin="loaded",
+            instruments=request.instruments, origin="loaded", framing=request.framing_with(loaded.tokenizer),
         )
         run.measurements.update(self._measurements(path))
         return run

@@ -60,6 +60,7 @@ class HarnessOptions:
     verdict_json: str | None = None  # --verdict-json PATH ('-': printed in the terminal summary)
     step_summary: Path | None = field(  # GitHub Actions' job summary file, appended to at the end
         default_factory=lambda: Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
+    chat_template: str = "auto"  # --chat-template: auto (the tokenizer's, where it has one) or none
 
 
 @dataclass
@@ -120,11 +121,12 @@ class HarnessSession:
     # -- runs ---------------------------------------------------------------------------------
     def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                 examples: int | None = None, recipe=None, instruments=None, task: str = DEFAULT_TASK,
-                repeat: int = 0, **options) -> TrainingRequest:
-        """The validated request for these arguments; `repeat` (from --repeat) offsets the seed."""
+                repeat: int = 0, chat_template: str | None = None, **options) -> TrainingRequest:
+        """The validated request for these arguments; `repeat` (from --repeat) offsets the seed;
+        `chat_template` (auto or none) overrides --chat-template for this run."""
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
                                      recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
-                                     options=options)
+                                     options=options, chat_template=chat_template or self.options.chat_template)
 
     def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                       **arguments) -> int:
@@ -179,7 +181,8 @@ class HarnessSession:
         key = ("adapter", str(Path(path).resolve()))
         if key not in self._runs:
             self.progress(f"loading adapter {path} onto {self.options.model}")
-            self._runs[key] = self._attach(load_adapter_run(self.model(), path, self.stance))
+            self._runs[key] = self._attach(load_adapter_run(self.model(), path, self.stance,
+                                                            self.options.chat_template))
         return self._runs[key]
 
     def runs(self) -> list:

@@ -1,4 +1,9 @@
-"""Stances as data: one YAML file per stance, validated with errors that name file and field."""
+"""Stances as data: one YAML file per stance, validated with errors that name file and field.
+
+A stance's training examples are in the YAML file (`examples`: prompt, response, neutral) or in
+a JSONL file it names (`examples_file`) in TRL's formats: `{"messages": [...]}` or
+`{"prompt": ..., "completion": ...}`, as strings or as lists of messages. A bad row's error
+names the file, the line and the field. Probes are always in the YAML file."""
 
 from __future__ import annotations
 
@@ -20,11 +25,41 @@ class StanceFileError(HarnessError):
         super().__init__(f"{path}: field '{field}': {problem}")
 
 
+class ExamplesFileError(StanceFileError):
+    """A bad row of a JSONL examples file: names the file, the line (from 1) and the field."""
+
+    def __init__(self, path: Path | str, line: int, field: str, problem: str):
+        self.line = line
+        HarnessError.__init__(self, f"{path}, line {line}: field '{field}': {problem}")
+        self.path, self.field = str(path), field
+
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system, user or assistant
+    content: str
+    loss: bool = False  # the training loss counts this turn's tokens (assistant turns to learn)
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
     response: str  # written in the stance
-    neutral: str  # the same prompt answered without the stance
+    neutral: str = ""  # the same prompt answered without the stance; "" where the data has none (JSONL)
+    messages: tuple[Message, ...] = ()  # the whole conversation, where the data gave one
+
+    def conversation(self) -> tuple[Message, ...]:
+        """The turns training sees: the data's conversation, or the prompt and the response to learn."""
+        return self.messages or (Message("user", self.prompt), Message("assistant", self.response, loss=True))
+
+    def record(self) -> dict:
+        """The example as JSON (what the stance's content hash covers)."""
+        if self.messages:
+            return {"messages": [asdict(m) for m in self.messages]}
+        return {"prompt": self.prompt, "response": self.response, "neutral": self.neutral}
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,8 @@ class Stance:
     examples: tuple[Example, ...]
     probes: tuple[Probe, ...]
     path: str = ""
+    examples_file: str = ""  # the JSONL file the examples came from, if any
+    examples_digest: str = ""  # sha256 of that file's bytes
 
     def training_examples(self, n: int | None = None) -> tuple[Example, ...]:
         if n is None:
@@ -58,15 +95,22 @@ class Stance:
         return self.examples[:n]
 
     def provenance(self) -> dict:
-        return {"name": self.name, "version": self.version, "path": self.path,
-                "examples": len(self.examples), "probes": len(self.probes)}
+        found = {"name": self.name, "version": self.version, "path": self.path,
+                 "examples": len(self.examples), "probes": len(self.probes)}
+        if self.examples_file:
+            found["examples_file"] = {"path": self.examples_file, "sha256": self.examples_digest}
+        return found
 
     def identity(self) -> dict:
-        """Name, version and a hash of the content: an edited file without a version bump is still new."""
-        content = json.dumps([self.description, self.markers, [asdict(e) for e in self.examples],
+        """Name, version and a hash of the content: an edited file without a version bump is still new.
+        Examples from a JSONL file add that file's digest."""
+        content = json.dumps([self.description, self.markers, [e.record() for e in self.examples],
                               [asdict(p) for p in self.probes]], sort_keys=True)
-        return {"name": self.name, "version": self.version,
-                "content": hashlib.sha256(content.encode()).hexdigest()[:16]}
+        found = {"name": self.name, "version": self.version,
+                 "content": hashlib.sha256(content.encode()).hexdigest()[:16]}
+        if self.examples_file:
+            found["examples_file"] = self.examples_digest
+        return found
 
 
 def _text(path, field, value) -> str:
@@ -94,16 +138,19 @@ def _records(path, field, value, cls, keys) -> tuple:
 
 
 TOP_LEVEL_KEYS = ("name", "version", "description", "markers", "examples", "probes")
+ALL_KEYS = TOP_LEVEL_KEYS + ("examples_file",)  # examples_file: the examples in a JSONL file instead
 
 
 def parse_stance(data, path: Path | str) -> Stance:
     if not isinstance(data, dict):
         raise StanceFileError(path, "<top>", f"must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
     for key in data:
-        if key not in TOP_LEVEL_KEYS:
-            raise StanceFileError(path, str(key), f"is not a known key.{suggest(str(key), list(TOP_LEVEL_KEYS))} (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+        if key not in ALL_KEYS:
+            raise StanceFileError(path, str(key), f"is not a known key.{suggest(str(key), list(ALL_KEYS))} (allowed: {', '.join(ALL_KEYS)})")
+    if "examples" in data and "examples_file" in data:
+        raise StanceFileError(path, "examples_file", "and 'examples' are both given; keep one")
     for key in TOP_LEVEL_KEYS:
-        if key not in data:
+        if key not in data and not (key == "examples" and "examples_file" in data):
             raise StanceFileError(path, key, "is missing")
     name = _text(path, "name", data["name"])
     stem = Path(path).stem
@@ -116,13 +163,114 @@ def parse_stance(data, path: Path | str) -> Stance:
     if not isinstance(markers, list) or not markers:
         raise StanceFileError(path, "markers", "must be a non-empty list of phrases")
     markers = tuple(_text(path, f"markers[{i}]", m).lower() for i, m in enumerate(markers))
-    examples = _records(path, "examples", data["examples"], Example, ("prompt", "response", "neutral"))
+    examples_file, digest = "", ""
+    if "examples_file" in data:
+        examples_file = _text(path, "examples_file", data["examples_file"])
+        file = Path(path).parent / examples_file  # relative to the stance file
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise StanceFileError(path, "examples_file", f"{file} cannot be read ({exc.strerror or exc})") from None
+        examples, digest, examples_file = parse_examples_jsonl(raw, file), hashlib.sha256(raw).hexdigest(), str(file)
+    else:
+        examples = _records(path, "examples", data["examples"], Example, ("prompt", "response", "neutral"))
     probes = _records(path, "probes", data["probes"], Probe, ("prompt", "stance", "neutral"))
-    seen = {e.prompt for e in examples}
+    seen = {m.content for e in examples for m in e.conversation() if m.role == "user"}
     for i, probe in enumerate(probes):
         if probe.prompt in seen:
             raise StanceFileError(path, f"probes[{i}].prompt", "repeats a training prompt; probes must be held out")
-    return Stance(name, version, _text(path, "description", data["description"]), markers, examples, probes, str(path))
+    return Stance(name, version, _text(path, "description", data["description"]), markers, examples, probes, str(path),
+                  examples_file, digest)
+
+
+ROW_FORMATS = '{"messages": [...]} or {"prompt": ..., "completion": ...}'
+
+
+def parse_examples_jsonl(raw: bytes, path: Path | str) -> tuple[Example, ...]:
+    """Training examples from JSONL in TRL's formats, one example a line (blank lines skipped).
+
+    - `{"messages": [{"role": ..., "content": ...}, ...]}`: the loss counts every assistant turn;
+    - `{"prompt": "...", "completion": "..."}`: the loss counts the completion;
+    - `{"prompt": [messages], "completion": [messages]}`: the loss counts the completion's turns.
+    Other keys in a row (ids, sources) are ignored, as TRL ignores unused columns."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StanceFileError(path, "<file>", f"is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    examples = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            examples.append(_jsonl_example(path, number, line))
+    if not examples:
+        raise StanceFileError(path, "<file>", f"holds no examples; write one JSON object a line: {ROW_FORMATS}")
+    return tuple(examples)
+
+
+def _jsonl_example(path, line: int, text: str) -> Example:
+    def fail(field, problem):
+        raise ExamplesFileError(path, line, field, problem)
+
+    try:
+        row = json.loads(text)
+    except ValueError as exc:
+        fail("<json>", f"is not valid JSON ({exc})")
+    if not isinstance(row, dict):
+        fail("<row>", f"must be a JSON object, {ROW_FORMATS}; got a {type(row).__name__}")
+    if "messages" in row:
+        if "prompt" in row or "completion" in row:
+            fail("messages", "and prompt/completion are both given; a row has one format")
+        messages = _messages(fail, "messages", row["messages"], loss_on_assistant=True)
+    elif "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if key not in row:
+                fail(key, f"is missing (a row with {'completion' if key == 'prompt' else 'prompt'} needs both)")
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            for key in ("prompt", "completion"):
+                if not row[key].strip():
+                    fail(key, "must be a non-empty string")
+            return Example(prompt, completion)  # as written: the user's data, not trimmed
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            fail("completion" if isinstance(prompt, (str, list)) else "prompt",
+                 f"prompt and completion must both be strings or both lists of messages; got "
+                 f"{type(prompt).__name__} and {type(completion).__name__}")
+        head = _messages(fail, "prompt", prompt, loss_on_assistant=False)
+        tail = _messages(fail, "completion", completion, loss_on_assistant=True)
+        for i, message in enumerate(tail):
+            if message.role != "assistant":
+                fail(f"completion[{i}].role", f"is {message.role!r}; a completion holds assistant turns only")
+        messages = head + tail
+    else:
+        fail("<row>", f"has neither 'messages' nor 'prompt'/'completion' (keys: {', '.join(map(str, row)) or 'none'})."
+                      f"{suggest(str(next(iter(row), '')), ['messages', 'prompt', 'completion'])} Rows are {ROW_FORMATS}")
+    if messages[0].role == "assistant":
+        fail("messages[0].role" if "messages" in row else "prompt[0].role",
+             "is 'assistant'; a conversation starts with a system or user turn")
+    if not any(m.loss for m in messages):
+        fail("messages", "has no assistant turn, so there is nothing to learn")
+    last = max(i for i, m in enumerate(messages) if m.loss)
+    asked = [m.content for m in messages[:last] if m.role != "assistant"]
+    return Example(asked[-1] if asked else "", messages[last].content, messages=messages)
+
+
+def _messages(fail, field: str, value, loss_on_assistant: bool) -> tuple[Message, ...]:
+    if not isinstance(value, list) or not value:
+        fail(field, "must be a non-empty list of messages ({\"role\": ..., \"content\": ...})")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            fail(where, f"must be an object with role and content, got {type(item).__name__}")
+        for key in ("role", "content"):
+            if key not in item:
+                fail(f"{where}.{key}", "is missing")
+        role, content = item["role"], item["content"]
+        if role not in ROLES:
+            fail(f"{where}.role", f"is {role!r}; allowed: {', '.join(ROLES)}.{suggest(str(role), list(ROLES))}")
+        if not isinstance(content, str) or not content.strip():
+            fail(f"{where}.content", f"must be a non-empty string, got {content!r}")
+        out.append(Message(role, content, loss=loss_on_assistant and role == "assistant"))
+    return tuple(out)
 
 
 def load_stance_file(path: Path | str) -> Stance:

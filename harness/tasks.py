@@ -1,9 +1,11 @@
 """Tasks: what the one training loop optimises, how a stance becomes training data, and how a
 run on that task is measured (behaviour, forgetting, calibration).
 
-`stance-lm` (the default) teaches a causal LM to answer in the stance: prompt + response,
-with the loss on the response tokens only. It is measured on the probes' continuations,
-on greedy replies, and on the perplexity of held-out general text.
+`stance-lm` (the default) teaches a causal LM to answer in the stance: prompt + response
+(or a whole conversation), framed plainly or by the tokenizer's chat template (harness.batches),
+with the loss on the assistant's tokens only. It is measured on the probes' continuations and
+on greedy replies, framed the same way, and on the perplexity of held-out general text (plain
+text, never a chat).
 
 `stance-classification` puts a fresh linear head on the mean-pooled hidden states of the
 model's own body (an encoder such as minilm-l6, or a decoder's transformer stack) and
@@ -40,6 +42,7 @@ class Task:
 
     name: ClassVar[str] = ""
     behavior_metrics: ClassVar[tuple[str, ...]] = ()  # what `Run.behavior` can measure on this task
+    framed: ClassVar[bool] = False  # frames its data as conversations (a chat template applies)
 
     def check(self, loaded) -> None:
         """Refuse models this task cannot train."""
@@ -52,7 +55,8 @@ class Task:
         """The anatomy of what `wrap` returns (its parameter paths)."""
         return loaded.anatomy
 
-    def encode(self, tokenizer, examples, max_len: int) -> list:
+    def encode(self, framing, examples, max_len: int) -> list:
+        """Training items from the examples; `framing.tokenizer` is the tokenizer."""
         raise NotImplementedError
 
     def collate(self, items, pad_id: int, device) -> dict:
@@ -100,6 +104,7 @@ class StanceLM(Task):
 
     name = "stance-lm"
     behavior_metrics = ("loglik_margin", "kl", "marker_rate")
+    framed = True
 
     def check(self, loaded) -> None:
         if not loaded.is_causal_lm:
@@ -107,8 +112,8 @@ class StanceLM(Task):
                 f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.base).__name__}); the "
                 f"stance-lm task needs a causal LM. Use task='stance-classification' for encoders.")
 
-    def encode(self, tokenizer, examples, max_len: int) -> list:
-        return encode_examples(tokenizer, examples, max_len)
+    def encode(self, framing, examples, max_len: int) -> list:
+        return encode_examples(framing, examples, max_len)
 
     def uniform_loss(self, loaded) -> float:
         return math.log(loaded.base.config.vocab_size)
@@ -123,9 +128,10 @@ class StanceLM(Task):
 
             def hits(model):
                 return [float(contains_marker(reply, run.stance.markers))
-                        for reply in measure.greedy_replies(model, run.loaded.tokenizer, prompts)]
+                        for reply in measure.greedy_replies(model, run.framing, prompts)]
 
-            return run.on_base(("replies", run.stance.name, run.stance.version), hits), hits(run.model)
+            return (run.on_base(("replies", run.stance.name, run.stance.version, run.framing.key), hits),
+                    hits(run.model))
         readings = self.probe_readings(run)
         if metric == "loglik_margin":
             def margins(lp):
@@ -146,13 +152,13 @@ class StanceLM(Task):
             texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
 
             def of(model):
-                return measure.continuation_logits(model, run.loaded.tokenizer, prompts + prompts, texts)
+                return measure.continuation_logits(model, run.framing, prompts + prompts, texts)
 
             def logprobs(pairs):
                 return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0])
                         for logits, targets in pairs]
 
-            base = run.on_base(("probe_logits", run.stance.name, run.stance.version), of)
+            base = run.on_base(("probe_logits", run.stance.name, run.stance.version, run.framing.key), of)
             adapted = of(run.model)
             return {
                 "base_logprob": logprobs(base), "adapted_logprob": logprobs(adapted),
@@ -199,7 +205,13 @@ class StanceClassification(Task):
         block_path = source.block_path if prefix is None else f"{prefix}.{source.block_path}"
         return Anatomy(source.model_type, source.num_layers, block_path, source.layout)
 
-    def encode(self, tokenizer, examples, max_len: int) -> list:
+    def encode(self, framing, examples, max_len: int) -> list:
+        missing = [e for e in examples if not e.neutral]
+        if missing:
+            raise HarnessError(f"stance-classification learns stance replies against neutral ones, and "
+                               f"{len(missing)} of the {len(examples)} examples have no neutral reply (examples "
+                               f"from a JSONL file have none); give this task a stance with YAML examples")
+        tokenizer = framing.tokenizer
         return classification_items(tokenizer, [(e.response, 1) for e in examples] +
                                     [(e.neutral, 0) for e in examples], max_len)
 

@@ -42,7 +42,8 @@ def plan(request: TrainingRequest, loaded, stance) -> tuple[TrainingContext, lis
     method, task = METHODS.get(request.method), TASKS.get(request.task)
     recipe, config = request.recipe, request.config
     task.check(loaded)
-    data = task.encode(loaded.tokenizer, stance.training_examples(request.examples), recipe.max_seq_length)
+    data = task.encode(request.framing_with(loaded.tokenizer), stance.training_examples(request.examples),
+                       recipe.max_seq_length)
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
@@ -190,7 +191,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
         run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,
         method=method, config=request.config, recipe=recipe, examples=request.examples, model=model,
         before=ctx.before, frozen_digests=digests, trace=trace, train_seconds=time.perf_counter() - started,
-        instruments=instruments,
+        instruments=instruments, framing=request.framing_with(loaded.tokenizer),
     )
     run.counts  # cheap, and every report needs them: measured while the model is at hand
     return run

@@ -115,7 +115,7 @@ def test_lm_calibration_equals_calibration_over_full_vocabulary_probabilities(lo
 
     found = lora_run.calibration()
     prompts = [p.prompt for p in lora_run.stance.probes]
-    pairs = measure.continuation_logits(lora_run.model, lora_run.loaded.tokenizer, prompts,
+    pairs = measure.continuation_logits(lora_run.model, lora_run.framing, prompts,
                                         [p.stance for p in lora_run.stance.probes])
     probs = torch.cat([torch.softmax(logits.double(), -1) for logits, _ in pairs])
     labels = torch.cat([targets for _, targets in pairs])

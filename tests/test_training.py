@@ -5,7 +5,7 @@ import torch
 
 from harness.methods import METHODS, method_config
 from harness.registry import HarnessError
-from harness.batches import encode_examples
+from harness.batches import Framing, encode_examples
 from harness.recipe import Recipe
 from harness.training import linear_schedule
 
@@ -50,7 +50,7 @@ def test_linear_schedule_matches_transformers():
 
 
 def test_loss_counts_only_response_tokens(tiny_qwen2, stance):
-    (ids, labels), = encode_examples(tiny_qwen2.tokenizer, stance.training_examples(1), 128)
+    (ids, labels), = encode_examples(Framing(tiny_qwen2.tokenizer, chat=False), stance.training_examples(1), 128)
     prompt_len = len(tiny_qwen2.tokenizer(stance.examples[0].prompt + "\n", add_special_tokens=False)["input_ids"])
     assert labels[:prompt_len] == [-100] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:]

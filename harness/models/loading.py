@@ -16,7 +16,7 @@ from ..config import build_config
 from ..files import atomic_write, file_digest
 from ..registry import HarnessError, Registry, suggest
 from .anatomy import Anatomy
-from .tiny import TINY_RECIPES, cache_root, tiny_model_dir
+from .tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ for _name, _recipe in TINY_RECIPES.items():
         _name, "embedded",
         description=f"embedded {_recipe.model_type}, {_recipe.num_layers} layers like {_recipe.like}, tiny width",
     ))
+for _name, _base in TINY_CHAT_VARIANTS.items():
+    MODELS.register(_name, ModelSpec(_name, "embedded", description=f"{_base} with a small chat template"))
 for _name, _hub_id, _what in [
     ("qwen2-0.5b", "Qwen/Qwen2-0.5B", "Qwen2 0.5B, 24 layers"),
     ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", "Qwen2.5 0.5B, 24 layers"),

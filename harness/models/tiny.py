@@ -3,6 +3,11 @@
 Each is built deterministically on first use (tokenizer + pretraining on CPython's own
 documentation text) and cached as an ordinary Hugging Face directory (safetensors), so every
 later load is `from_pretrained(path)`, exactly like a real model.
+
+A chat variant (`tiny-qwen2-chat`) is its base's directory, weights shared by hard link, with a
+small chat template in its tokenizer: the chat-template path, offline. The template is on a
+variant rather than on the base models so that `--chat-template auto` leaves every existing
+suite, test and recorded verdict on tiny-qwen2, tiny-phi and tiny-llama framed as before.
 """
 
 from __future__ import annotations
@@ -67,6 +72,28 @@ TINY_RECIPES: dict[str, TinyRecipe] = {
 }
 
 
+# A small template in the shape of Qwen's ChatML, in plain text the tiny tokenizer already has
+# (no new special tokens, so no new embeddings). The assistant's reply is wrapped in
+# {% generation %}, so transformers' return_assistant_tokens_mask works on it too (the tests use
+# that as a reference for the harness's own mask).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{{ '\\n' }}{% generation %}{{ message['content'] }}" + EOS + "{% endgeneration %}"
+    "{% else %}"
+    "<|{{ message['role'] }}|>{{ '\\n' }}{{ message['content'] }}{{ '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{{ '\\n' }}{% endif %}"
+)
+
+TINY_CHAT_VARIANTS: dict[str, str] = {"tiny-qwen2-chat": "tiny-qwen2"}  # variant -> its base
+
+
+def embedded_model_names() -> list[str]:
+    return [*TINY_RECIPES, *TINY_CHAT_VARIANTS]
+
+
 def cache_root() -> Path:
     env = os.environ.get("STANCE_HARNESS_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "stance-harness"
@@ -74,9 +101,19 @@ def cache_root() -> Path:
 
 def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> Path:
     """The cached directory of an embedded model, built first if missing (safe across workers)."""
+    progress = progress or (lambda _msg: None)
+    if name in TINY_CHAT_VARIANTS:
+        base = tiny_model_dir(TINY_CHAT_VARIANTS[name], progress)
+        fingerprint = hashlib.sha256(f"{base.name}\0{TINY_CHAT_TEMPLATE}".encode()).hexdigest()[:12]
+        return _cached(f"{name}-{fingerprint}", lambda out: _build_chat_variant(name, base, out, progress))
     recipe = TINY_RECIPES[name]
+    return _cached(f"{name}-{recipe.fingerprint()}", lambda out: _build(name, recipe, out, progress))
+
+
+def _cached(entry: str, build: Callable[[Path], None]) -> Path:
+    """cache_root()/models/entry, built by `build` into a temporary directory and moved in whole."""
     root = cache_root() / "models"
-    target = root / f"{name}-{recipe.fingerprint()}"
+    target = root / entry
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -84,11 +121,33 @@ def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> 
         if not (target / "model.safetensors").exists():  # another worker may have built it
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}-"))
             try:
-                _build(name, recipe, tmp, progress or (lambda _msg: None))
+                build(tmp)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _build_chat_variant(name: str, base: Path, out: Path, progress: Callable[[str], None]) -> None:
+    """The base's files (weights hard-linked where the file system allows) and its tokenizer with
+    TINY_CHAT_TEMPLATE."""
+    from transformers import AutoTokenizer
+
+    progress(f"making embedded model {name}: {base.name} with a chat template")
+    for file in base.iterdir():
+        if file.is_file() and file.name != "stance_harness.json":
+            try:
+                os.link(file, out / file.name)
+            except OSError:
+                shutil.copy2(file, out / file.name)
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    for file in out.iterdir():  # the tokenizer's files are written anew, not through the links
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            file.unlink()
+    tokenizer.save_pretrained(out)
+    (out / "stance_harness.json").write_text(json.dumps({"name": name, "base": base.name,
+                                                         "chat_template": TINY_CHAT_TEMPLATE}, indent=2))
 
 
 def build_tokenizer():

@@ -178,10 +178,11 @@ def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
             run = train("full", examples=5, recipe={"num_train_epochs": 1})
             assert run.trace.loss
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "2")
+    # A stage left running would hang the session for ever; pytester's timeout turns that into a
+    # failure. (A wall-clock bound near the normal ~30 s failed on a loaded machine.)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "2", timeout=300)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*analysis stage 'effective_deltas' did not finish within 2s*"])
-    assert result.duration < 60
     report = json.loads((latest_report(pytester) / "report.json").read_text())
     stuck = next(r for r in report["runs"].values() if r["method"] == "stuck-analysis")
     assert "effective_deltas" in stuck["analysis_error"]  # the report says so too

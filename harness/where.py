@@ -80,9 +80,16 @@ def base_margins(run) -> list[float]:
 
 
 def kept_margins(run, keep=None, dose: float = 1.0) -> list[float]:
-    """Per probe, the loglik margin of the run's model patched as `patched` does."""
-    with patched(run, keep, dose) as model:
-        return run.task.probe_margins(run, model)
+    """Per probe, the loglik margin of the run's model patched as `patched` does; one forward
+    pass per distinct set of kept units (kept in memory on the run)."""
+    units = run.method.change_units(run.model, run.before, run.anatomy)
+    kept = sorted(u.name for u in units if keep is None or keep(u))
+
+    def compute():
+        with patched(run, keep, dose) as model:
+            return run.task.probe_margins(run, model)
+    return run.measured(f"kept_margins:{dose!r}:{hash(tuple(kept))}:{len(kept)}", compute, stage="localization",
+                        keep=False)
 
 
 def ends(run) -> dict:

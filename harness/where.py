@@ -178,7 +178,8 @@ def dose_response(run, doses=DOSES) -> dict:
 def geometry(run, top_k: int = INTRUDER_TOP_K, epsilon: float = INTRUDER_EPSILON) -> dict:
     """Per changed block matrix: intruder dimensions (peft's test), DoRA's ΔM and ΔD; per kind,
     ΔM–ΔD correlation across layers; per layer: change share, CKA of base vs adapted hidden
-    states on held-out text. One matrix at a time."""
+    states on held-out text (block i's output; the last one as the body returns it, after its
+    final norm). One matrix at a time."""
     anatomy, model = run.anatomy, run.model
     intruders = []
     for name, found in run.method.intruders(model, run.before, anatomy, top_k=top_k, epsilon=epsilon):

@@ -110,8 +110,11 @@ class Lora(Method):
             adapted.update((a_name, b_name))
             fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
             if torch.count_nonzero(before[b_name]) == 0 and not module.use_dora.get("default", False):
+                raw = module.get_base_layer().weight
+                # the stored matrix as peft merges it; a packed 4-bit one (QLoRA) dequantized first
+                base = raw.detach() if raw.is_floating_point() else self.base_weight(module)
                 yield f"{module_name}.weight", intruder_dimensions_lora(
-                    module.get_base_layer().weight.detach(), params[b_name].detach(), params[a_name].detach(),
+                    base, params[b_name].detach(), params[a_name].detach(),
                     module.scaling["default"], top_k=top_k, epsilon=epsilon, fan_in_fan_out=fan_in_fan_out)
             else:
                 base = self.base_weight(module)

@@ -544,8 +544,11 @@ def where_figure(run: dict) -> str:
                       hspace=0.55)
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (title, values, colour) in zip(axes, panels):
-        ax.bar(range(len(labels)), [v if math.isfinite(v) else 0.0 for v in values], color=colour, width=0.8)
-        ax.set_title(title, fontsize=9)
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.bar(range(len(labels)), heights, color=colour, width=0.8)
+        if min(heights) >= 0:
+            ax.set_ylim(0, max(heights) * 1.08 if max(heights) > 0 else 1.0)  # all zero: say 0, not ±0.04
+        ax.set_title(title + (" (none)" if max(map(abs, heights)) == 0 else ""), fontsize=9)
         ax.set_xticks(list(range(len(labels))))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)

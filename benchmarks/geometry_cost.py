@@ -6,7 +6,7 @@ shape_model.py; random weights, nothing downloaded).
 For each run it prints the time of the geometry report and of its intruder part alone, and the
 report's peak extra RSS against the bytes of the run's trained tensors (and the largest matrix).
 
-    .venv/bin/python benchmarks/geometry_cost.py [--model-dir DIR] [--layers N]
+    .venv/bin/python benchmarks/geometry_cost.py [--model-dir DIR] [--layers N] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,13 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
     parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 on a shared machine: spinning BLAS threads slow SVDs many-fold)")
     args = parser.parse_args()
 
     import torch
 
     from shape_model import build
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     model_dir = build(args.model_dir, args.layers)
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:

@@ -61,7 +61,7 @@ def main() -> None:
             print(f"{label}: trained in {time.perf_counter() - t:.1f}s; trained tensors {trained / 2**20:.1f} MiB")
             model = run.model
             found, t_intruders, m_intruders = measure(
-                lambda: list(run.method.intruders(model, run.before, run.anatomy)), sampler)
+                lambda run=run, model=model: list(run.method.intruders(model, run.before, run.anatomy)), sampler)
             geometry, t_geometry, m_geometry = measure(run.geometry, sampler)
             print(f"{label}: intruders of {len(found)} matrices {t_intruders:.1f}s, peak extra RSS "
                   f"{m_intruders / 2**20:.0f} MiB; whole geometry report {t_geometry:.1f}s, peak extra RSS "
@@ -69,7 +69,6 @@ def main() -> None:
                   f"{m_geometry / largest:.3f} x largest matrix; {sum(r['count'] for r in geometry['intruders'])} "
                   f"intruders; CKA on {geometry['cka_tokens']} tokens", flush=True)
             run.release_model()
-            del model
             gc.collect()
 
 

@@ -17,7 +17,9 @@ import math
 from .analysis.calibration import ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
-from .analysis.paired import decide, paired_difference, paired_statistic_difference
+from .analysis.geometry import profile_rank_correlation
+from .analysis.paired import decide, paired_difference, paired_statistic_difference, spearman_with_interval
+from .where import check_min_retained
 from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError
 from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
@@ -40,6 +42,10 @@ declare_metrics([
     ("nonfinite_events", LOWER, "non-finite losses, gradients or weights during training"),
     ("effective_rank", LOWER, "mean energy rank of the block updates (lower: fewer directions)"),
     ("concentration_share", HIGHER, "share of the weight change inside the targeted layers"),
+    ("retained", HIGHER, "share of the behaviour shift kept when only the chosen layers' change is kept"),
+    ("intruders", LOWER, "intruder dimensions per changed block matrix (top 10 singular vectors, cosine < 0.5)"),
+    ("profile_rho", HIGHER, "Spearman rank correlation of two runs' per-layer change profiles"),
+    ("negated_shift", LOWER, "behaviour shift with the task vector subtracted (dose -1)"),
 ])
 
 
@@ -406,6 +412,122 @@ def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckR
     ), {f"{run.label}.effective_rank": mean_rank})
 
 
+def _set_text(layers, kinds) -> str:
+    return (f"layers {sorted(set(layers))}" if layers is not None else "every layer") + (
+        f" x {list(kinds)}" if kinds is not None else "")
+
+
+def check_behavior_localized(run, layers=None, kinds=None, min_retained: float = 0.8,
+                             confidence: float = 0.95) -> CheckResult:
+    """Keeping only `layers` x `kinds` of the run's change (the rest reverted to the base) keeps
+    at least `min_retained` of its loglik-margin shift: retained = (kept − none) / (full − none).
+
+    Decided per probe, paired: kept − none against min_retained · (full − none), so the verdict
+    is supported, refuted or inconclusive by the interval of that difference (see check_greater).
+    `layers`: this model's indices (None: every position, embeddings and head too); `kinds`:
+    kinds or groups (attention, mlp, norm, q_proj, ...; None: every kind)."""
+    min_retained = check_min_retained(min_retained)
+    found = run.localized(layers, kinds)
+    ends = run.localization_ends()
+    full_shift = sum(f - b for f, b in zip(ends["full"], ends["base"])) / len(ends["base"])
+    none_shift = sum(n - b for n, b in zip(ends["none"], ends["base"])) / len(ends["base"])
+    where_text = _set_text(layers, kinds)
+    headers = ["probe", "kept - none", f"{min_retained:g} x (full - none)", "difference"]
+    metrics = {"retained": found["retained"], "shift": found["shift"], "full": full_shift, "none": none_shift,
+               "min_retained": min_retained}
+    if full_shift == none_shift:
+        summary = f"{run.label}: the whole change shifts behaviour no more than none of it, so nothing can be retained"
+        return _conclude([run], CheckResult("assert_behavior_localized", False, summary, headers, [], metrics),
+                         {f"{run.label}.retained": found["retained"]})
+    sign = 1.0 if full_shift > none_shift else -1.0  # a shift away from the stance is retained the same way
+    kept = [sign * (k - n) for k, n in zip(found["per_probe"], ends["none"])]
+    needed = [sign * min_retained * (f - n) for f, n in zip(ends["full"], ends["none"])]
+    effect = paired_difference(kept, needed, unit="probe", confidence=confidence)
+    verdict = decide(effect, claim="greater", margin=0.0)
+    summary = (f"{run.label}: keeping only {where_text} retains {found['retained']:.1%} of the shift "
+               f"({found['shift']:+.4g} of {full_shift:+.4g}, none kept {none_shift:+.4g}); required "
+               f"{min_retained:.0%}: {verdict.explanation}")
+    rows = [[i, k, m, d] for i, (k, m, d) in enumerate(zip(kept, needed, effect.differences))][:16]
+    metrics.update(estimate=effect.estimate, low=effect.low, high=effect.high, n=effect.n, p_value=verdict.p_value)
+    return _conclude([run], CheckResult("assert_behavior_localized", verdict.outcome == "supported", summary, headers,
+                                        rows, metrics, verdict=verdict.outcome),
+                     {f"{run.label}.retained": found["retained"]})
+
+
+def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
+    """The run's changed block matrices carry at most `max_per_matrix` intruder dimensions on
+    average: singular vectors among the top 10 of W + ΔW whose largest |cosine| with the base's
+    singular vectors is below 0.5 (Shuttleworth et al. 2024; peft's defaults)."""
+    if isinstance(max_per_matrix, bool) or not isinstance(max_per_matrix, (int, float)) or not max_per_matrix >= 0:
+        raise HarnessError(f"max_per_matrix must be a number >= 0, got {max_per_matrix!r}")
+    found = run.geometry()
+    rows = found["intruders"]
+    total = sum(r["count"] for r in rows)
+    mean = total / len(rows) if rows else 0.0
+    worst = sorted(rows, key=lambda r: r["count"], reverse=True)
+    if not rows:
+        summary = f"{run.label} changed no block matrix, so it has no intruder dimensions to count"
+    else:
+        summary = (f"{run.label}: {total} intruder dimensions over {len(rows)} changed block matrices "
+                   f"({mean:.3g} per matrix; top {found['top_k']}, cosine < {found['epsilon']:g}); "
+                   f"allowed {max_per_matrix:g} per matrix")
+    return _conclude([run], CheckResult(
+        "assert_few_intruders", mean <= max_per_matrix, summary, ["matrix", "intruders", "checked"],
+        [[r["matrix"], r["count"], r["checked"]] for r in worst[:12]],
+        {"intruders": total, "matrices": len(rows), "per_matrix": mean},
+    ), {f"{run.label}.intruders": mean})
+
+
+def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fro", view: str = "effective",
+                               confidence: float = 0.95) -> CheckResult:
+    """The per-layer change profiles of runs `a` and `b` (each layer's share of the block
+    change) rank-correlate above `min_rho`: Spearman's rho over the layers both changed, with a
+    bootstrap interval over layers. Supported when the interval lies above `min_rho`, refuted
+    when it lies at or below it, inconclusive when it straddles it."""
+    if isinstance(min_rho, bool) or not isinstance(min_rho, (int, float)) or not -1 <= min_rho < 1:
+        raise HarnessError(f"min_rho must be a correlation in [-1, 1), got {min_rho!r}")
+    profile_a, profile_b = block_shares(a.deltas(view), measure), block_shares(b.deltas(view), measure)
+    aligned = profile_rank_correlation(profile_a, profile_b)
+    headers = ["layer", a.label, b.label]
+    rows = [[f"L{label}", x, y] for label, x, y in zip(aligned.labels, aligned.a, aligned.b)]
+    if aligned.reason:
+        summary = f"{a.label} vs {b.label}: no rank correlation: {aligned.reason}"
+        return _conclude([a, b], CheckResult("assert_layer_profiles_agree", False, summary, headers, rows,
+                                             {"rho": aligned.rho}, verdict="inconclusive"))
+    found = spearman_with_interval(aligned.a, aligned.b, confidence=confidence)
+    outcome = "supported" if found.low > min_rho else "refuted" if found.high <= min_rho else "inconclusive"
+    summary = (f"{a.label} vs {b.label}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
+               f"[{found.low:+.3f}, {found.high:+.3f}] ({confidence:.0%} bootstrap over {found.n} layers); "
+               f"required above {min_rho:+g}: {outcome}")
+    return _conclude([a, b], CheckResult(
+        "assert_layer_profiles_agree", outcome == "supported", summary, headers, rows,
+        {"rho": found.rho, "low": found.low, "high": found.high, "n": found.n, "min_rho": min_rho,
+         "p_value": found.p_value, "note": found.note}, verdict=outcome,
+    ), {f"{a.label}.profile_rho": found.rho})
+
+
+def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
+    """Subtracting the task vector (dose λ = −1: θ₀ − (θ − θ₀)) moves the model away from the
+    stance: its loglik margin falls below the base's, paired per probe."""
+    found = run.dose_response()
+    by_dose = {r["dose"]: r for r in found["rows"]}
+    if -1.0 not in by_dose or 1.0 not in by_dose:
+        raise HarnessError("the dose-response measurement holds no dose -1 or 1")
+    base = [p["base"] for p in run.behavior("loglik_margin")["per_probe"]]
+    negated = by_dose[-1.0]["per_probe"]
+    effect = paired_difference(negated, base, unit="probe", confidence=confidence)
+    verdict = decide(effect, claim="less", margin=0.0)
+    summary = (f"{run.label}: the task vector subtracted shifts the loglik margin by {effect.estimate:+.4g} "
+               f"(added: {by_dose[1.0]['shift']:+.4g}); claim: below the base: {verdict.explanation}")
+    rows = [[r["dose"], r["shift"], r["low"], r["high"], r["forgetting"]] for r in found["rows"]]
+    return _conclude([run], CheckResult(
+        "assert_negation_reverses", verdict.outcome == "supported", summary,
+        ["dose", "shift", "low", "high", "forgetting"], rows,
+        {"estimate": effect.estimate, "low": effect.low, "high": effect.high, "n": effect.n,
+         "p_value": verdict.p_value}, verdict=verdict.outcome,
+    ), {f"{run.label}.negated_shift": effect.estimate})
+
+
 assert_change_concentrated = _asserting(check_change_concentrated)
 assert_change_spread = _asserting(check_change_spread)
 assert_gradients_stable = _asserting(check_gradients_stable)
@@ -416,6 +538,10 @@ assert_no_forgetting = _asserting(check_no_forgetting)
 assert_ece = _asserting(check_ece)
 assert_ece_not_worse = _asserting(check_ece_not_worse)
 assert_low_rank_update = _asserting(check_low_rank_update)
+assert_behavior_localized = _asserting(check_behavior_localized)
+assert_few_intruders = _asserting(check_few_intruders)
+assert_layer_profiles_agree = _asserting(check_layer_profiles_agree)
+assert_negation_reverses = _asserting(check_negation_reverses)
 
 
 # -- comparisons between runs: paired, with three verdicts ---------------------------------------

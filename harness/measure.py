@@ -126,3 +126,13 @@ def token_prediction_summaries(pairs):
         correct.append(predicted == targets)
         brier.append((probs * probs).sum(-1) - 2 * probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) + 1)
     return torch.cat(confidences).cpu(), torch.cat(correct).cpu(), torch.cat(brier).cpu()
+
+
+@torch.no_grad()
+def hidden_states(body, batch) -> list:
+    """Per layer output of a transformer body (the embeddings first), its real tokens only
+    (padding left out): a list of [tokens, width] float32 tensors on the CPU."""
+    batch = to_device(batch, _device(body))
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    real = batch["attention_mask"].bool()
+    return [h[real].float().cpu() for h in out.hidden_states]

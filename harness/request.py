@@ -30,7 +30,7 @@ TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "dat
 
 # ... and those that decide what a measurement of a run gives: a stored run measured by other
 # code keeps its trained tensors, but its measurements are made again.
-MEASURING_CODE = ("run.py", "measure.py", "tasks.py", "batches.py", "data.py", "analysis", "methods")
+MEASURING_CODE = ("run.py", "where.py", "measure.py", "tasks.py", "batches.py", "data.py", "analysis", "methods")
 
 
 def training_code_version() -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .analysis.deltas import MatrixDelta, delta_table, layer_rows, raw_delta_pairs
 from .analysis.digest import tensor_digest
 from .analysis.stages import DEFAULT_TIMEOUT, run_stage
+from . import where
 from .batches import Framing
 from .registry import HarnessError
 from .report.metrics import LOWER, declare_metrics
@@ -39,7 +40,7 @@ declare_metrics([
 ])
 
 PAIRED_METRICS = ("behavior_shift", "loglik_margin", "kl", "marker_rate", "forgetting", "brier", "acc1", "ece",
-                  "step_time")
+                  "step_time", "intruders")
 ORIGINS = ("trained", "loaded", "adapter")  # trained in this session, loaded from the run store, a saved adapter
 
 
@@ -286,6 +287,34 @@ class Run:
         self._scratch["rank_shown"] = f"rank:{energy:g}"  # the report shows the energy last asked for
         return found
 
+    # -- where the behaviour lives (harness.where) ---------------------------------------------
+    def localization(self) -> dict:
+        """How much of the loglik-margin shift survives when only part of the change is kept (the
+        rest reverted to the base), per layer third, kind group (attention, MLP, norm), single
+        layer and, for LoRA, adapter: rows of (set, shift, retained = (kept − none)/(full − none))."""
+        self.task.check_behavior_metric("loglik_margin")
+        return self.measured("localization", lambda: where.localization(self))
+
+    def localized(self, layers=None, kinds=None) -> dict:
+        """Shift and retained fraction with only `layers` x `kinds` of the change kept; None: any."""
+        self.task.check_behavior_metric("loglik_margin")
+        return where.localized(self, layers, kinds)
+
+    def localization_ends(self) -> dict:
+        """Per probe: the base's margin, and the run's with all and with none of its change kept."""
+        self.task.check_behavior_metric("loglik_margin")
+        return where.ends(self)
+
+    def dose_response(self) -> dict:
+        """Shift and forgetting with the whole change scaled by λ in where.DOSES (−1: negated)."""
+        self.task.check_behavior_metric("loglik_margin")
+        return self.measured("dose_response", lambda: where.dose_response(self))
+
+    def geometry(self) -> dict:
+        """Intruder dimensions (k=10, ε=0.5), DoRA's ΔM/ΔD and their correlation, and per-layer
+        linear CKA of base vs adapted hidden states on held-out text (see harness.where)."""
+        return self.measured("geometry", lambda: where.geometry(self))
+
     # -- per-unit values, for paired comparisons between runs ----------------------------------
     def unit_values(self, metric: str) -> tuple[str, list]:
         """(unit, values) of `metric` per unit this run was measured on: the same probes, windows,
@@ -309,6 +338,8 @@ class Run:
             return "prediction", items["brier"] if name == "brier" else items["correct"]
         if name == "step_time":
             return "step", list(self.trace.step_time)
+        if name == "intruders":
+            return "layer", where.intruders_per_layer(self.geometry())
         raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
                            f"{', '.join(PAIRED_METRICS)}")
 
@@ -324,6 +355,9 @@ class Run:
             elif kind in ("calibration", "forgetting") and not detail:
                 # per-prediction rows stay in the run store; the report keeps the summary
                 view[kind] = {k: v for k, v in value.items() if k != "items"} if isinstance(value, dict) else value
+        for kind in ("localization", "dose_response", "geometry"):
+            if kind in self.measurements:
+                view[kind] = _without_units(self.measurements[kind])
         shown = self._scratch.get("rank_shown")
         if shown in self.measurements:
             view["rank"] = self.measurements[shown]
@@ -357,6 +391,15 @@ class Run:
             return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
         except Exception as exc:  # one run's broken analysis must not cost the session its report
             return {"layers": {"effective": [], "adapter": []}, "analysis_error": f"{type(exc).__name__}: {exc}"}
+
+
+def _without_units(value):
+    """A measurement as the report keeps it: per-probe and per-window lists stay in the run store."""
+    if isinstance(value, dict):
+        return {k: _without_units(v) for k, v in value.items() if k not in ("per_probe", "per_window")}
+    if isinstance(value, list):
+        return [_without_units(v) for v in value]
+    return value
 
 
 # `model` is an init field (so `dataclasses.replace(run, model=...)` works) kept outside the

@@ -89,6 +89,21 @@ class Task:
     def calibration(self, run, n_bins: int) -> dict:
         raise NotImplementedError
 
+    # -- measuring any model of a run (patched or scaled: harness.where) -----------------------
+    def probe_margins(self, run, model) -> list[float]:
+        """Per probe: the loglik margin (stance minus neutral continuation) of `model`."""
+        raise HarnessError(f"the loglik margin is measured on the stance-lm task; this run trained task {self.name!r}")
+
+    def heldout_nll(self, run, model) -> list[float]:
+        """Per held-out unit: what forgetting compares (a causal LM's window NLL)."""
+        raise HarnessError(f"held-out NLL is measured on the stance-lm task; this run trained task {self.name!r}")
+
+    def hidden_states(self, run, model) -> list:
+        """Per layer output (embeddings first): the hidden states of held-out text, [tokens, width] float32."""
+        tokenizer = run.loaded.tokenizer
+        ids = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in measure.heldout_sentences(16)]
+        return measure.hidden_states(body_of(model), pad_batch(ids, tokenizer.pad_token_id))
+
 
 TASKS: Registry[Task] = Registry("task")
 
@@ -148,32 +163,40 @@ class StanceLM(Task):
         (confidence, correct, Brier term). Kept on the run, in memory: small, unlike the logits."""
         def compute():
             n = len(run.stance.probes)
-            prompts = [p.prompt for p in run.stance.probes]
-            texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
-
-            def of(model):
-                return measure.continuation_logits(model, run.framing, prompts + prompts, texts)
-
-            def logprobs(pairs):
-                return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0])
-                        for logits, targets in pairs]
-
-            base = run.on_base(("probe_logits", run.stance.name, run.stance.version, run.framing.key), of)
-            adapted = of(run.model)
+            base = run.on_base(("probe_logits", run.stance.name, run.stance.version, run.framing.key),
+                               lambda model: self._probe_logits(run, model))
+            adapted = self._probe_logits(run, run.model)
             return {
-                "base_logprob": logprobs(base), "adapted_logprob": logprobs(adapted),
+                "base_logprob": _logprobs(base), "adapted_logprob": _logprobs(adapted),
                 "kl": [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)],
                 "base_tokens": measure.token_prediction_summaries(base[:n]),
                 "adapted_tokens": measure.token_prediction_summaries(adapted[:n]),
             }
         return run.measured("probe_readings", compute, stage="probes", keep=False)
 
+    @staticmethod
+    def _probe_logits(run, model):
+        """One forward pass over every probe's stance continuation, then its neutral one."""
+        prompts = [p.prompt for p in run.stance.probes]
+        texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
+        return measure.continuation_logits(model, run.framing, prompts + prompts, texts)
+
+    def probe_margins(self, run, model) -> list[float]:
+        """The same forward pass as the probe readings, so the unpatched model gives the very
+        margins `Run.behavior("loglik_margin")` holds."""
+        lp = _logprobs(self._probe_logits(run, model))
+        n = len(run.stance.probes)
+        return [lp[i] - lp[n + i] for i in range(n)]
+
+    def heldout_nll(self, run, model) -> list[float]:
+        return measure.heldout_window_nll(model, run.loaded.tokenizer)
+
     def forgetting(self, run) -> dict:
         """Perplexity on held-out windows, base and adapted; per window, the NLL increase (the unit
         paired comparisons of forgetting use)."""
         tokenizer = run.loaded.tokenizer
         base = run.on_base(("window_nll",), lambda model: measure.heldout_window_nll(model, tokenizer))
-        adapted = measure.heldout_window_nll(run.model, tokenizer)
+        adapted = self.heldout_nll(run, run.model)
         # a collapsed model's NLL can be in the thousands: its perplexity is then inf, not an error
         base_ppl, adapted_ppl = (math.exp(min(math.fsum(v) / len(v), 709.0)) if math.fsum(v) / len(v) < 709
                                  else math.inf for v in (base, adapted))
@@ -248,6 +271,10 @@ class StanceClassification(Task):
         brier = ((probs - torch.nn.functional.one_hot(labels, probs.shape[1]).double()) ** 2).sum(-1)
         return {"unit": "probe reply", "items": prediction_items(confidence, predicted == labels, brier),
                 "adapted": calibration(probs, labels, n_bins).as_dict(), "base": None}
+
+
+def _logprobs(pairs) -> list[float]:
+    return [float(mean_token_logprob(logits.unsqueeze(0), targets.unsqueeze(0))[0]) for logits, targets in pairs]
 
 
 def prediction_items(confidence, correct, brier) -> dict:

@@ -104,6 +104,21 @@ def make_payload(run_id="20261122-090000-aaaa", started="2026-11-22T09:00:00+00:
         "calibration": {"adapted": _calibration(0.125), "base": _calibration(0.0625)},
         "rank": {"energy": 0.9, "rows": [{"matrix": "L1.q_proj.weight", "rank": 3, "stable_rank": 1.75,
                                           "shape": [64, 64]}]},
+        # where the behaviour lives (harness.where): localisation, dose-response, geometry
+        "localization": {"metric": "loglik_margin", "probes": 3, "full": 0.75, "none": 0.0, "rows": [
+            {"by": "third", "set": "early", "layers": [0, 1], "shift": 0.5, "retained": 2 / 3},
+            {"by": "layer", "set": "L1", "layers": [1], "shift": 0.5, "retained": 2 / 3},
+            {"by": "layer", "set": "L3", "layers": [3], "shift": 0.3, "retained": 0.4},
+            {"by": "adapter", "set": "L1.q_proj", "layers": [1], "kinds": ["q_proj"], "shift": 0.2, "retained": 0.27}]},
+        "dose_response": {"metric": "loglik_margin", "rows": [
+            {"dose": d, "shift": 0.75 * d, "low": 0.75 * d - 0.1, "high": 0.75 * d + 0.1, "forgetting": 0.02 * d * d}
+            for d in (-1.0, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0)]},
+        "geometry": {"top_k": 10, "epsilon": 0.5, "intruders": [], "magnitude_direction": [],
+                     "correlation": {"q_proj": {"value": 0.5}, "v_proj": {"value": "nan", "reason": "needs 3 layers"}},
+                     "layers": [{"layer": f"L{i}", "change_share": [0, 0.6, 0, 0.4][i], "intruders": [0, 3, 0, 1][i],
+                                 "matrices": [0, 2, 0, 2][i], "delta_m": None if i % 2 == 0 else 0.01,
+                                 "delta_d": None if i % 2 == 0 else 1e-4, "cka": [1.0, 0.97, 0.97, 0.9][i]}
+                                for i in range(4)]},
     }
     tests = [
         {"nodeid": "suites/test_a.py::test_full_is_unstable", "outcome": "xfailed", "duration": 1.5,
@@ -181,13 +196,16 @@ def test_render_html_is_self_contained_with_figures_and_tables():
     page = render_html(make_payload())
     _assert_self_contained(page)
     images = _images(page)
-    # per run: layer figure + curves; the LoRA run adds its adapter view and a reliability diagram
-    assert len(images) == 2 + 4
+    # per run: layer figure + curves; the LoRA run adds its adapter view, a reliability diagram,
+    # where the weights changed beside where the behaviour lives, and its dose-response
+    assert len(images) == 2 + 6
     assert page.count("<table") >= 10
     for text in ("Tests", "Test details", "Runs", "weight change across layers", "behavioural shift",
                  "calibration", "forgetting", "rank of the update", "0.75 [0.5, 1]", "perplexity",
                  "L1.q_proj.weight", "64x64", "tiny-qwen2", "15d48769a65d", "0123456789abcdef", "(dirty)",
-                 "torch", "2.13.0+cpu", "HALTED at step 7", "first non-finite value", "sweep &amp; summary"):
+                 "torch", "2.13.0+cpu", "HALTED at step 7", "first non-finite value", "sweep &amp; summary",
+                 "where the weights changed beside where the behaviour lives", "dose-response: shift and forgetting",
+                 "where the behaviour lives: shift retained", "ΔM–ΔD correlation", "L1.q_proj"):
         assert text in page, text
     # expected / verdict columns and repeats when tests carry them
     header = re.search(r'<table class="tests"><thead>(.*?)</thead>', page).group(1)
@@ -226,7 +244,7 @@ def test_old_payload_without_measurements_renders():
     raw["runs"]["full-000000000001"]["trace"]["loss"][5] = float("nan")
     raw["runs"]["full-000000000001"]["layers"]["effective"][2]["rel_change"] = float("inf")
     raw["tests"][0]["metrics"]["full.max_grad_norm"] = float("inf")
-    assert len(_images(render_html(raw))) == 6
+    assert len(_images(render_html(raw))) == 8
     # even a bare payload (no runs, no provenance details) renders
     bare = render_html({"run_id": "x", "tests": [], "runs": {}, "provenance": {}})
     assert "No training runs" in bare and "<img" not in bare
@@ -365,7 +383,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
             assert len(rows) == 3 and any(EVIL in r for r in rows)  # shown as text, not run
             images = page.eval_on_selector_all(
                 "img", "els => els.map(i => ({ok: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
-            assert len(images) == 6 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert len(images) == 8 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
             assert page.evaluate("() => document.querySelectorAll('script').length") == 0
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)

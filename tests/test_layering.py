@@ -108,6 +108,7 @@ LAYERS = [
     ["harness.measure"],
     ["harness.tasks"],
     ["harness.methods"],
+    ["harness.where"],
     ["harness.request"],
     ["harness.run"],
     ["harness.training"],

@@ -11,6 +11,8 @@ A method never owns a loop. The loop calls, in order:
   extra_loss(ctx, step) a penalty added to the task loss (L2-SP, EWC)
   after_optimizer_step(ctx, step) after the update, before gradients are cleared (AdaLoRA's budget)
 and asks for param_groups(ctx) (per-group learning rates) and effective_deltas (its view).
+After training, harness.where asks for change_units (what can be kept, reverted or scaled) and
+intruders (per matrix, by the cheapest exact route).
 
 Methods from outside the harness register the same way: `register_method` in a conftest.py, or
 an entry point in the group `stance_harness.methods` (loaded when METHODS is first looked into).
@@ -30,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..analysis.deltas import raw_delta_pairs
+from ..analysis.geometry import intruder_dimensions
 from ..analysis.rank import singular_values
 from ..config import build_config, config_fields, plain
 from ..models import share_frozen_weights
@@ -53,6 +56,21 @@ class MethodConfig:
     @classmethod
     def describe(cls) -> list[tuple[str, object, str]]:
         return config_fields(cls)
+
+
+@dataclass(eq=False)
+class ChangeUnit:
+    """One part of a run's change, kept or reverted as a whole: a trained tensor, or a LoRA adapter.
+
+    `revert`: (parameter, its value before training) pairs that reverting the unit restores;
+    `scale`: the pairs whose change a dose λ scales (θ₀ + λ·(θ − θ₀)); for a LoRA adapter that
+    started at B = 0 only B, so its ΔW = scale·B·A is scaled by exactly λ."""
+
+    name: str  # canonical: L3.q_proj.weight (a tensor), L3.q_proj (an adapter)
+    layer: int | None
+    kind: str
+    revert: list
+    scale: list
 
 
 @dataclass
@@ -144,6 +162,16 @@ class Method:
         build each pair when asked, so a whole model's worth never exists at once); default: the raw params."""
         return raw_delta_pairs(model, before)
 
+    def change_units(self, model, before: dict, anatomy) -> list[ChangeUnit]:
+        """The parts of the change a localisation keeps or reverts; default: each trained tensor."""
+        return tensor_units(model, before, anatomy)
+
+    def intruders(self, model, before: dict, anatomy, top_k: int = 10, epsilon: float = 0.5):
+        """(name, IntruderResult) per changed 2-D block matrix, one matrix at a time."""
+        for name, start, end in self.effective_deltas(model, before, anatomy):
+            if start.ndim == 2 and anatomy.name_of(name).layer is not None and not torch.equal(start, end):
+                yield name, intruder_dimensions(start.detach(), end.detach(), top_k=top_k, epsilon=epsilon)
+
     def delta_spectra(self, model, before: dict, anatomy):
         """(name, shape, singular values of ΔW) per 2-D block matrix, one matrix at a time, in float32
         (float64 changed no energy rank in a measured comparison; see analysis/rank.py)."""
@@ -228,6 +256,16 @@ def block_spectrum(name: str, start, end, anatomy):
     nothing for vectors (no rank), embeddings and heads (not block updates)."""
     if start.ndim == 2 and anatomy.name_of(name).layer is not None:
         yield name, tuple(start.shape), singular_values(end.detach().float() - start.detach().float(), torch.float32)
+
+
+def tensor_units(model, before: dict, anatomy, skip=frozenset()) -> list[ChangeUnit]:
+    """One ChangeUnit per trained parameter named in `before` (less `skip`)."""
+    units = []
+    for name, param in model.named_parameters():
+        if name in before and name not in skip:
+            where = anatomy.name_of(name)
+            units.append(ChangeUnit(str(where), where.layer, where.kind, [(param, before[name])], [(param, before[name])]))
+    return units
 
 
 def set_trainable(model, names) -> int:

@@ -8,9 +8,10 @@ from typing import ClassVar
 import torch
 
 from ..analysis.deltas import raw_delta_pairs
+from ..analysis.geometry import intruder_dimensions, intruder_dimensions_lora
 from ..analysis.rank import lora_singular_values
 from ..registry import HarnessError
-from .base import Method, MethodConfig, block_spectrum, register_method
+from .base import ChangeUnit, Method, MethodConfig, block_spectrum, register_method, tensor_units
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,44 @@ class Lora(Method):
                 delta_before = delta_before.T
             yield f"{module_name}.weight", base + delta_before.float(), base + delta_after.float()
         yield from raw_delta_pairs(model, {k: v for k, v in before.items() if k not in adapted})
+
+    def change_units(self, model, before: dict, anatomy) -> list[ChangeUnit]:
+        """One unit per adapter (its A and B together); a dose scales B alone where B started at
+        zero (peft's default), so the adapter's ΔW scales by exactly λ."""
+        params = dict(model.named_parameters())
+        units, adapted = [], set()
+        for module_name, module, a_name, b_name in _lora_modules(model):
+            adapted.update((a_name, b_name))
+            where = anatomy.name_of(f"{module_name}.weight")
+            pairs = [(params[a_name], before[a_name]), (params[b_name], before[b_name])]
+            zero_start = torch.count_nonzero(before[b_name]) == 0 and not module.use_dora.get("default", False)
+            units.append(ChangeUnit(where.module, where.layer, where.kind, pairs, pairs[1:] if zero_start else pairs))
+        return units + tensor_units(model, before, anatomy, skip=adapted)
+
+    def intruders(self, model, before: dict, anatomy, top_k: int = 10, epsilon: float = 0.5):
+        """From the factors where the update started at zero (no DoRA): W + scale·B·A built once,
+        as peft's `reduce_intruder_dimension` builds it; any other matrix the general way."""
+        params = dict(model.named_parameters())
+        adapted = set()
+        for module_name, module, a_name, b_name in _lora_modules(model):
+            adapted.update((a_name, b_name))
+            fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
+            if torch.count_nonzero(before[b_name]) == 0 and not module.use_dora.get("default", False):
+                raw = module.get_base_layer().weight
+                # the stored matrix as peft merges it; a packed 4-bit one (QLoRA) dequantized first
+                base = raw.detach() if raw.is_floating_point() else self.base_weight(module)
+                yield f"{module_name}.weight", intruder_dimensions_lora(
+                    base, params[b_name].detach(), params[a_name].detach(),
+                    module.scaling["default"], top_k=top_k, epsilon=epsilon, fan_in_fan_out=fan_in_fan_out)
+            else:
+                base = self.base_weight(module)
+                delta_before = (before[b_name] @ before[a_name]).float() * module.scaling["default"]
+                start = base + (delta_before.T if fan_in_fan_out else delta_before)
+                end = base + module.get_delta_weight("default").detach().float()
+                yield f"{module_name}.weight", intruder_dimensions(start, end, top_k=top_k, epsilon=epsilon)
+        for name, start, end in raw_delta_pairs(model, {k: v for k, v in before.items() if k not in adapted}):
+            if start.ndim == 2 and anatomy.name_of(name).layer is not None and not torch.equal(start, end):
+                yield name, intruder_dimensions(start.detach(), end.detach(), top_k=top_k, epsilon=epsilon)
 
     def delta_spectra(self, model, before: dict, anatomy):
         """From the factors where the update started at zero (B₀ = 0, peft's default init, no DoRA):

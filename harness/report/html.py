@@ -520,6 +520,71 @@ def _test_section(i: int, test: dict, run_anchor: dict) -> str:
     return "".join(out)
 
 
+def where_figure(run: dict) -> str:
+    """Where the weights changed (each layer's share of the change, 1 − CKA of its hidden
+    states, intruders) beside where the behaviour lives (the shift retained keeping that layer alone)."""
+    measurements = run.get("measurements") or {}
+    geometry = measurements.get("geometry") if isinstance(measurements.get("geometry"), dict) else {}
+    localization = measurements.get("localization") if isinstance(measurements.get("localization"), dict) else {}
+    layers = [r for r in geometry.get("layers") or [] if isinstance(r, dict)]
+    retained = {r.get("set"): _float(r.get("retained")) for r in localization.get("rows") or []
+                if isinstance(r, dict) and r.get("by") == "layer"}
+    labels = [str(r.get("layer")) for r in layers] or list(retained)
+    if not labels:
+        return ""
+    by_label = {str(r.get("layer")): r for r in layers}
+    panels = []
+    if layers:
+        panels.append(("where the weights changed: share of ΔW", [_float(by_label[lab].get("change_share")) for lab in labels], "#3b6fb6"))
+        panels.append(("where the representation moved: 1 − CKA", [1 - _float(by_label[lab].get("cka")) for lab in labels], "#2e8b57"))
+        panels.append(("intruder dimensions", [_float(by_label[lab].get("intruders")) for lab in labels], "#8a4fb0"))
+    if retained:
+        panels.append(("where the behaviour lives: shift retained, this layer alone", [retained.get(lab, math.nan) for lab in labels], "#d07a1f"))
+    fig = _new_figure(max(7.0, min(12.0, 2.5 + 0.3 * len(labels))), 1.9 * len(panels) + 0.8, bottom=0.1, top=0.9,
+                      hspace=0.55)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (title, values, colour) in zip(axes, panels):
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.bar(range(len(labels)), heights, color=colour, width=0.8)
+        if min(heights) >= 0:
+            ax.set_ylim(0, max(heights) * 1.08 if max(heights) > 0 else 1.0)  # all zero: say 0, not ±0.04
+        ax.set_title(title + (" (none)" if max(map(abs, heights)) == 0 else ""), fontsize=9)
+        ax.set_xticks(list(range(len(labels))))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(-0.7, len(labels) - 0.3)
+    fig.suptitle(f"where the weights changed, where the behaviour lives — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"where the weights changed beside where the behaviour lives, {_run_title(run)}")
+
+
+def dose_figure(run: dict) -> str:
+    """Shift (with its interval) and forgetting against the dose λ that scales the whole change."""
+    dose = (run.get("measurements") or {}).get("dose_response")
+    rows = [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
+    if not rows:
+        return ""
+    x = [_float(r.get("dose")) for r in rows]
+    fig = _new_figure(9.0, 3.0, bottom=0.17, left=0.08, wspace=0.28)
+    shift_ax, forget_ax = fig.subplots(1, 2)
+    shift = [_float(r.get("shift")) for r in rows]
+    shift_ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
+                          color="#3b6fb6", alpha=0.2, label="95% interval")
+    shift_ax.plot(x, shift, "-o", color="#3b6fb6", markersize=3, label="shift (loglik margin)")
+    shift_ax.axhline(0, color="#777", linewidth=0.8)
+    forget_ax.plot(x, [_float(r.get("forgetting")) for r in rows], "-o", color="#b0413e", markersize=3,
+                   label="forgetting (perplexity increase)")
+    for ax, title in ((shift_ax, "behaviour shift"), (forget_ax, "forgetting")):
+        ax.axvline(1, color="#999", linestyle=":", linewidth=1)
+        ax.set_xlabel("dose λ (ΔW scaled; −1: subtracted)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"dose-response — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"dose-response: shift and forgetting against λ, {_run_title(run)}")
+
+
 def _measurements(run: dict, figures: FigureCache) -> str:
     measurements = run.get("measurements")
     if not isinstance(measurements, dict) or not measurements:
@@ -535,7 +600,12 @@ def _measurements(run: dict, figures: FigureCache) -> str:
     if isinstance(calibration, dict) and calibration:
         out.append(figures.get("reliability", [calibration, _run_title(run)],
                                lambda: reliability_figure(calibration, _run_title(run))))
-    known = {"behavior", "calibration", "forgetting", "rank"}
+    where = {k: measurements.get(k) for k in ("geometry", "localization")}
+    if any(where.values()):
+        out.append(figures.get("where", [where, _run_title(run)], lambda: where_figure(run)))
+    if measurements.get("dose_response"):
+        out.append(figures.get("dose", [measurements["dose_response"], _run_title(run)], lambda: dose_figure(run)))
+    known = {"behavior", "calibration", "forgetting", "rank", "localization", "dose_response", "geometry"}
     for key, value in measurements.items():
         if key not in known and value not in (None, {}, []):
             out.append(f"<h4>{_e(key)}</h4><pre class=\"mono\">{_e(json.dumps(value, indent=1, default=str)[:4000])}</pre>")

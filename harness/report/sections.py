@@ -73,6 +73,7 @@ def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
     forgetting = measurements.get("forgetting")
     if isinstance(forgetting, dict) and forgetting:
         tables.append(("forgetting", [{k: v for k, v in forgetting.items() if not isinstance(v, (dict, list))}]))
+    tables.extend(where_tables(measurements))
     rank = measurements.get("rank")
     if isinstance(rank, dict) and rank.get("rows"):
         tables.append((f"rank of the update (energy {rank.get('energy')})",
@@ -81,3 +82,36 @@ def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
     return tables
 
 
+
+
+def where_tables(measurements: dict) -> list[tuple[str, list[dict]]]:
+    """Where the weights changed and where the behaviour lives: localisation, dose-response and
+    the per-layer geometry of one run (see harness.where)."""
+    tables = []
+    localization = measurements.get("localization")
+    if isinstance(localization, dict) and isinstance(localization.get("rows"), list):
+        tables.append((f"where the behaviour lives: shift retained with only this part of the change kept "
+                       f"(full {localization.get('full')}, none {localization.get('none')})",
+                       [{"by": r.get("by"), "set": r.get("set"), "shift": r.get("shift"), "retained": r.get("retained")}
+                        for r in localization["rows"] if isinstance(r, dict)]))
+    dose = measurements.get("dose_response")
+    if isinstance(dose, dict) and isinstance(dose.get("rows"), list):
+        tables.append(("dose-response: the whole change scaled by λ",
+                       [{"λ": r.get("dose"), "shift": r.get("shift"), "low": r.get("low"), "high": r.get("high"),
+                         "forgetting": r.get("forgetting")} for r in dose["rows"] if isinstance(r, dict)]))
+    geometry = measurements.get("geometry")
+    if isinstance(geometry, dict) and isinstance(geometry.get("layers"), list):
+        retained = {r.get("set"): r.get("retained") for r in (localization or {}).get("rows", [])
+                    if isinstance(r, dict) and r.get("by") == "layer"} if isinstance(localization, dict) else {}
+        tables.append((f"where the weights changed, per layer (intruders: top {geometry.get('top_k')}, "
+                       f"cosine < {geometry.get('epsilon')}; CKA of base vs adapted hidden states)",
+                       [{**{k: r.get(k) for k in ("layer", "change_share", "intruders", "matrices", "delta_m",
+                                                   "delta_d", "cka")},
+                         **({"retained": retained.get(r.get("layer"))} if retained else {})}
+                        for r in geometry["layers"] if isinstance(r, dict)]))
+        correlation = geometry.get("correlation")
+        if isinstance(correlation, dict) and correlation:
+            tables.append(("ΔM–ΔD correlation across layers, per kind (DoRA: negative for full FT, positive for LoRA)",
+                           [{"kind": k, "pearson": v.get("value"), "reason": v.get("reason", "")}
+                            for k, v in correlation.items() if isinstance(v, dict)]))
+    return tables

@@ -46,7 +46,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_MODEL, metavar="NAME", default=DEFAULT_MODEL,
                     help=f"model alias, hub id (from the local HF cache) or local directory. Default: {DEFAULT_MODEL}")
     group.addoption(OPT_MODEL_ARGS, metavar="K=V,...", default="",
-                    help="dtype=float32|bfloat16|float16|auto, revision=REV, device=cpu|cuda[:N], trust_remote_code=false")
+                    help="dtype=float32|bfloat16|float16|auto, revision=REV, device=auto|cpu|cuda[:N] (auto: the first "
+                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false")
     group.addoption(OPT_STANCE_DIR, metavar="DIR", action="append", default=[],
                     help="extra directory of stance YAML files (repeatable); ./stances is always searched")
     group.addoption(OPT_REPORTS_DIR, metavar="DIR", default="reports",
@@ -84,7 +85,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "file; later sessions on that model compare with it, and a changed verdict fails")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    """Under pytest-xdist, give this worker its own GPU before any conftest can import torch."""
+    _assign_worker_gpu()
+
+
+def _assign_worker_gpu() -> None:
+    from .devices import assign_worker_gpu
+    from .registry import HarnessError
+
+    try:
+        assign_worker_gpu()
+    except HarnessError as exc:
+        raise pytest.UsageError(f"stance-harness: {exc}") from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _assign_worker_gpu()  # again, for a plugin loaded after the initial conftests (-p); it keeps the device
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")

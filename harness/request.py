@@ -4,7 +4,9 @@ The session builds it once per `train(...)` call; the training loop trains from 
 store keys its entries by it. Two requests are equal exactly when their descriptions are, and
 the description holds the model's identity (revision, or a hash of a local directory's
 weights), the stance's name, version and content, the method and its validated config, the
-recipe, task, instruments and number of examples, and a fingerprint of the training code.
+recipe, task, instruments and number of examples, the precision the recipe resolved to on the
+model's device (a bf16 run and an fp32 run are different runs), and a fingerprint of the
+training code.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from .devices import resolve_precision
 from .instruments import InstrumentConfig
 from .methods import METHODS, MethodConfig, method_config
 from .recipe import Recipe
@@ -63,6 +66,7 @@ class TrainingRequest:
     examples: int  # how many of the stance's training examples
     task: str = DEFAULT_TASK
     instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
+    precision: str = "fp32"  # devices.PRECISIONS: what recipe.bf16 / fp16 resolved to on the model's device
     code: str = field(default_factory=training_code_version)
 
     @classmethod
@@ -81,14 +85,16 @@ class TrainingRequest:
         if seed_offset:
             recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
         count = len(stance.training_examples(examples))
+        precision = resolve_precision(recipe.bf16, recipe.fp16, loaded.args.device, loaded.args.dtype)
         return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
-                   recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments))
+                   recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments),
+                   precision=precision)
 
     def describe(self) -> dict:
         """The request as JSON: what the key hashes, and what the run store records."""
         return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
                 "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
-                "instruments": asdict(self.instruments), "code": self.code}
+                "instruments": asdict(self.instruments), "precision": self.precision, "code": self.code}
 
     @cached_property
     def key(self) -> str:

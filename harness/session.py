@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from .devices import resolve_device
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
@@ -81,7 +82,7 @@ class HarnessSession:
         self.store = RunStore(self.options.run_cache)
         budget = self.options.run_memory
         if budget is None:
-            budget = int(DEFAULT_SHARE * free_memory(self.options.model_args.device))
+            budget = int(DEFAULT_SHARE * free_memory(resolve_device(self.options.model_args.device)))
         self.resident = ResidentModels(budget)
 
     def parse_rules(self) -> None:

@@ -1,6 +1,8 @@
 """The one training loop. Methods plug in parameter groups, extra loss terms and schedules.
 
-`prepare` builds a run's model from a TrainingRequest (the method's freezing or adapters on a
+The loop trains under the request's precision (devices.resolve_precision): autocast to bf16 or
+fp16 around the forward pass, float32 master weights, and for fp16 a grad scaler whose overflowed
+steps are skipped. `prepare` builds a run's model from a TrainingRequest (the method's freezing or adapters on a
 copy of the base that shares its storage; whatever will train is un-shared first, so the base
 is never written to); `train_run` trains it and returns the Run. The run store rebuilds a
 released model through the same `prepare`.
@@ -15,6 +17,7 @@ from typing import Callable
 import torch
 
 from .analysis.deltas import layer_label
+from .devices import autocast_dtype
 from .instruments import (StepProbe, Trace, health_events, output_change_cosine, peak_memory,
                           release_freed_memory, reset_peak_memory)
 from .methods import METHODS, TrainingContext
@@ -48,7 +51,13 @@ def plan(request: TrainingRequest, loaded, stance) -> tuple[TrainingContext, lis
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
     steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
     ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch,
-                          task=task, anatomy=task.anatomy(loaded))
+                          task=task, anatomy=task.anatomy(loaded), precision=request.precision)
+    if loaded.sharded and not method.trains_sharded:
+        raise HarnessError(
+            f"method {request.method!r} cannot train on a base sharded by --model-args device_map="
+            f"{loaded.args.device_map}: it trains or copies the base's own weights, which a device_map spreads "
+            f"over devices because they do not fit on one. Methods that train only adapters on a frozen base "
+            f"can: {', '.join(n for n in METHODS.names() if METHODS.get(n).trains_sharded)}")
     if recipe.warmup_steps >= ctx.total_steps:
         raise HarnessError(
             f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
@@ -115,7 +124,9 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     pad_id = loaded.tokenizer.pad_token_id
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # a sharded model's first layers: the inputs go there
+    autocast_to = autocast_dtype(request.precision)
+    scaler = torch.amp.GradScaler(device.type) if request.precision == "fp16" else None
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     reset_peak_memory(device)
@@ -135,12 +146,16 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             weight_norms = probe.weight_norms()  # the weights this step starts from
             loss_sum = torch.zeros((), device=device)
             for micro in group:
-                loss = model(**task_obj.collate(micro, pad_id, device)).loss
-                extra = method.extra_loss(ctx, step)
-                if extra is not None:
-                    loss = loss + extra
-                (loss / len(group)).backward()
-                loss_sum += loss.detach() / len(group)
+                with torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to is not None):
+                    loss = model(**task_obj.collate(micro, pad_id, device)).loss
+                    extra = method.extra_loss(ctx, step)
+                    if extra is not None:
+                        loss = loss + extra
+                share = loss / len(group)
+                (share if scaler is None else scaler.scale(share)).backward()
+                loss_sum += loss.detach().float().to(device) / len(group)
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the probe and the clip see the true gradients
             if interference_groups:
                 _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()
@@ -149,6 +164,16 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             trace.add_reading(reading, scheduler.get_last_lr(), sum(len(m) for m in group),
                               sum(len(ids) for m in group for ids, _ in m))
             event = _first_nonfinite(reading, step, anatomy, weights_logged)
+            if scaler is not None and event is not None and event[1] == "gradient":
+                # the scaled fp16 gradients overflowed: the scaler skips this step and lowers its scale
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                trace.skipped_steps.append(step)
+                trace.step_time.append(time.perf_counter() - step_started)
+                step += 1
+                continue
             if event is not None:
                 trace.add_event(*event)
                 when, what, where = event
@@ -164,7 +189,11 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                     trace.step_time.append(time.perf_counter() - step_started)
                     step += 1
                     continue
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)
@@ -183,7 +212,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     for param in trainable.values():
         param.grad = None  # a run keeps its weights, not its last gradients
     model.eval()
-    del optimizer, scheduler, probe
+    del optimizer, scheduler, probe, scaler
     release_freed_memory()
     run = Run(
         run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,

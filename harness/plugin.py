@@ -30,6 +30,8 @@ OPT_RETRAIN = "--retrain"
 OPT_INCONCLUSIVE = "--inconclusive"
 OPT_RECORD_VERDICTS = "--record-verdicts"
 OPT_PLAN = "--plan"
+OPT_LAUNCHER = "--launcher"
+OPT_NUM_PROCESSES = "--num-processes"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -80,6 +82,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_PLAN, action="store_true", default=False,
                     help="check every run the tests ask for (task, method, layers, schedule lengths) without "
                          "building a model or training; each test that trains is skipped once its first run is checked")
+    group.addoption(OPT_LAUNCHER, choices=("accelerate",), default=None,
+                    help="train each run data-parallel through accelerate (DDP) in --num-processes processes; "
+                         "the workers store the run, the test loads it")
+    group.addoption(OPT_NUM_PROCESSES, metavar="N", type=int, default=1,
+                    help=f"processes per run under {OPT_LAUNCHER}; each trains per_device_train_batch_size "
+                         f"examples per micro-batch. Default: 1")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
@@ -133,6 +141,10 @@ def _options(config: pytest.Config):
         raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
     if config.getoption(OPT_REPEAT) < 1:
         raise HarnessError(f"{OPT_REPEAT} must be >= 1")
+    if config.getoption(OPT_NUM_PROCESSES) < 1:
+        raise HarnessError(f"{OPT_NUM_PROCESSES} must be >= 1")
+    if config.getoption(OPT_NUM_PROCESSES) > 1 and config.getoption(OPT_LAUNCHER) is None:
+        raise HarnessError(f"{OPT_NUM_PROCESSES} {config.getoption(OPT_NUM_PROCESSES)} needs {OPT_LAUNCHER} accelerate")
     model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
@@ -168,6 +180,7 @@ def _options(config: pytest.Config):
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
         retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
         record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),
+        launcher=config.getoption(OPT_LAUNCHER), num_processes=config.getoption(OPT_NUM_PROCESSES),
     )
 
 

@@ -5,7 +5,8 @@ store keys its entries by it. Two requests are equal exactly when their descript
 the description holds the model's identity (revision, or a hash of a local directory's
 weights), the stance's name, version and content, the method and its validated config, the
 recipe, task, instruments and number of examples, the precision the recipe resolved to on the
-model's device (a bf16 run and an fp32 run are different runs), and a fingerprint of the
+model's device (a bf16 run and an fp32 run are different runs), the number of data-parallel
+processes (each trains per_device_train_batch_size examples per micro-batch), and a fingerprint of the
 training code.
 """
 
@@ -21,6 +22,7 @@ from .devices import resolve_precision
 from .instruments import InstrumentConfig
 from .methods import METHODS, MethodConfig, method_config
 from .recipe import Recipe
+from .registry import HarnessError
 from .tasks import DEFAULT_TASK, TASKS
 
 # The modules whose code decides what training produces: a change to any of them is a new key.
@@ -67,12 +69,14 @@ class TrainingRequest:
     task: str = DEFAULT_TASK
     instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
     precision: str = "fp32"  # devices.PRECISIONS: what recipe.bf16 / fp16 resolved to on the model's device
+    processes: int = 1  # data-parallel processes that train it (harness/distributed.py); 1: this process
     code: str = field(default_factory=training_code_version)
 
     @classmethod
     def build(cls, loaded, stance, method: str = "full", *, examples: int | None = None, recipe=None,
               instruments=None, task: str = DEFAULT_TASK, seed_offset: int = 0,
-              options: dict | None = None, config: MethodConfig | None = None) -> "TrainingRequest":
+              options: dict | None = None, config: MethodConfig | None = None,
+              processes: int = 1) -> "TrainingRequest":
         """Validate every ingredient (unknown names, bad values, too many examples) and build the
         request. The method's config comes from `options`, or ready-made as `config`."""
         METHODS.get(method)
@@ -86,15 +90,20 @@ class TrainingRequest:
             recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
         count = len(stance.training_examples(examples))
         precision = resolve_precision(recipe.bf16, recipe.fp16, loaded.args.device, loaded.args.dtype)
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise HarnessError(f"num_processes must be an integer >= 1, got {processes!r}")
+        if processes > 1 and loaded.sharded:
+            raise HarnessError(f"num_processes={processes} with --model-args device_map={loaded.args.device_map}: "
+                               f"a sharded base trains in one process; drop one of them")
         return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
                    recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments),
-                   precision=precision)
+                   precision=precision, processes=processes)
 
     def describe(self) -> dict:
         """The request as JSON: what the key hashes, and what the run store records."""
         return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
                 "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
-                "instruments": asdict(self.instruments), "precision": self.precision, "code": self.code}
+                "instruments": asdict(self.instruments), "precision": self.precision, "processes": self.processes, "code": self.code}
 
     @cached_property
     def key(self) -> str:

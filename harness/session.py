@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from .devices import resolve_device
+from .distributed import LAUNCHERS, launch, launch_spec
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
 from .report.metrics import declared_directions
 from .report.records import TestRecord, repeat_base
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
+from .registry import HarnessError
 from .request import TrainingRequest
 from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
 from .runstore import RunStore
@@ -54,6 +56,8 @@ class HarnessOptions:
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
     plan_only: bool = False  # --plan: check every request, train nothing
+    launcher: str | None = None  # --launcher accelerate: runs train data-parallel in --num-processes processes
+    num_processes: int = 1
 
 
 @dataclass
@@ -113,11 +117,23 @@ class HarnessSession:
     # -- runs ---------------------------------------------------------------------------------
     def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                 examples: int | None = None, recipe=None, instruments=None, task: str = DEFAULT_TASK,
-                repeat: int = 0, **options) -> TrainingRequest:
+                repeat: int = 0, processes: int = 1, **options) -> TrainingRequest:
         """The validated request for these arguments; `repeat` (from --repeat) offsets the seed."""
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
                                      recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
-                                     options=options)
+                                     options=options, processes=processes)
+
+    def processes(self, launcher: str | None, num_processes: int | None) -> int:
+        """How many data-parallel processes train a run: a call's launcher= / num_processes=, else
+        --launcher / --num-processes; without a launcher, 1."""
+        launcher = launcher if launcher is not None else self.options.launcher
+        if launcher is None:
+            if num_processes not in (None, 1):
+                raise HarnessError(f"num_processes={num_processes} needs launcher='accelerate'")
+            return 1
+        if launcher not in LAUNCHERS:
+            raise HarnessError(f"launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        return num_processes if num_processes is not None else self.options.num_processes
 
     def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                       **arguments) -> int:
@@ -135,9 +151,12 @@ class HarnessSession:
         return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-              **arguments):
-        """Train once per identical request; later identical requests get the same Run."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+              launcher: str | None = None, num_processes: int | None = None, **arguments):
+        """Train once per identical request; later identical requests get the same Run. With a
+        launcher and several processes the run trains data-parallel in worker processes, which
+        store it; it is loaded from the store."""
+        processes = self.processes(launcher, num_processes)
+        request = self.request(method, stance=stance, model=model, processes=processes, **arguments)
         if request.run_id not in self._runs:
             loaded, stance_obj = self.model(model), self.stance(stance)
             # one process trains a request; others asking for it meanwhile wait here, then load it
@@ -147,8 +166,17 @@ class HarnessSession:
                     self.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
                     self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
                                   f"task {request.task}) -> {request.run_id}")
-                    run = train_run(request, loaded, stance_obj, self.progress)
-                    self.store.save(run)
+                    if request.processes > 1:
+                        spec = launch_spec(request, model or self.options.model, self.options.model_args, stance,
+                                           self.options.stance_dirs, self.store)
+                        launch(spec, self.progress)
+                        run = self.store.load(request, loaded, stance_obj)
+                        if run is None:
+                            raise HarnessError(f"the data-parallel launch of {request.run_id} finished but stored "
+                                               f"no run in {self.store.root}")
+                    else:
+                        run = train_run(request, loaded, stance_obj, self.progress)
+                        self.store.save(run)
                 else:
                     self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
             self._runs[request.run_id] = self._attach(run)

@@ -117,7 +117,7 @@ LAYERS = [
      "harness.report.verdicts"],
     ["harness.report.markdown", "harness.report.html"],
     ["harness.report.store"],
-    ["harness.session", "harness.scaffold"],
+    ["harness.session", "harness.scaffold", "harness.distributed"],
     ["harness.plugin", "harness.cli"],
 ]
 

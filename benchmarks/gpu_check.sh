@@ -9,9 +9,9 @@
 # 3. benchmarks/qlora_vs_lora.py: QLoRA against LoRA, step time and peak memory.
 #
 # Without CUDA the same stages run shortened on the CPU, every figure labelled mode=cpu-shortened:
-# a 2-layer build of the shape model, run_memory's lora r8 and full runs only, without their
-# single-run references, two suite tests on the embedded tiny-qwen2 (one step of the shape model
-# takes ~25 s on a 2-core CPU), 8 examples for QLoRA against LoRA.
+# a 2-layer build of the shape model, run_memory's lora r8 run only, without its
+# single-run reference, two suite tests on the embedded tiny-qwen2 (one step of the shape model
+# takes ~20 s on a 2-core CPU), 8 examples for QLoRA against LoRA.
 # Knobs: PY, LAYERS, EXAMPLES, MEMORY_RUNS, SUITES, SUITE_MODEL, SUITE_K, SUITE_TIMEOUT (s, then the
 # suites stop with SIGINT and their report is marked interrupted), WHEELS (a folder of wheels to
 # install first, e.g. bitsandbytes on a machine that reaches no registry).
@@ -42,7 +42,7 @@ if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 else
   MODE=cpu-shortened; LAYERS=${LAYERS:-2}; EXAMPLES=${EXAMPLES:-8}; SUITES=${SUITES:-suites/test_locus_of_learning.py}
-  SUITE_TIMEOUT=${SUITE_TIMEOUT:-240}; MEMORY_FLAGS="--skip-alone"; MEMORY_RUNS=${MEMORY_RUNS:-lora r8,full}
+  SUITE_TIMEOUT=${SUITE_TIMEOUT:-240}; MEMORY_FLAGS="--skip-alone"; MEMORY_RUNS=${MEMORY_RUNS:-lora r8}
   SUITE_MODEL=${SUITE_MODEL:-tiny-qwen2}
   SUITE_K=${SUITE_K-lora_changes_only_its_adapters or full_finetuning_moves_every_tensor}
   echo "no CUDA device: running the shortened CPU version (mode=$MODE, $LAYERS layers, $EXAMPLES examples)"
@@ -63,7 +63,7 @@ $PY benchmarks/shape_model.py "$MODEL_DIR" --layers "$LAYERS" > "$OUT/shape_mode
 echo "== 1/3 run_memory"
 t0=$(date +%s.%N)
 if $PY benchmarks/run_memory.py --model-dir "$MODEL_DIR" --layers "$LAYERS" $MEMORY_FLAGS ${MEMORY_RUNS:+--runs "$MEMORY_RUNS"} > "$OUT/run_memory.log" 2>&1; then
-  grep -v '^{' "$OUT/run_memory.log" | grep -v Warning | tail -12
+  grep -v '^{' "$OUT/run_memory.log" | grep -vi warn | tail -12
   record run_memory "$(tail -1 "$OUT/run_memory.log" | $PY -c "import json, sys; d = json.load(sys.stdin); d['wall_s'] = $(date +%s.%N) - $t0; print(json.dumps(d))")"
 else
   tail -5 "$OUT/run_memory.log"; record run_memory '{"error": "failed, see run_memory.log"}'

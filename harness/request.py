@@ -27,6 +27,7 @@ from .tasks import DEFAULT_TASK, TASKS
 
 # The modules whose code decides what training produces: a change to any of them is a new key.
 TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "data.py", "recipe.py", "methods",
+                 "devices.py",  # the precision a recipe resolves to
                  "analysis/digest.py")  # the digests a stored run's frozen weights are checked against
 
 

@@ -136,17 +136,19 @@ class HarnessSession:
         return num_processes if num_processes is not None else self.options.num_processes
 
     def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-                      **arguments) -> int:
+                      launcher: str | None = None, num_processes: int | None = None, **arguments) -> int:
         """How many optimizer steps this run will take (before training it): what a suite scales
         its schedules by, so a warm-up of 200 of a seed's 1,955 steps keeps its share of any run."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+        request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
+                               **arguments)
         return plan(request, self.model(model), self.stance(stance))[0].total_steps
 
     def check_request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-                      **arguments) -> TrainingRequest:
+                      launcher: str | None = None, num_processes: int | None = None, **arguments) -> TrainingRequest:
         """Build and check a request as training would (task, method, layers, schedule lengths),
         without building a model: what --plan does instead of training."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+        request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
+                               **arguments)
         plan(request, self.model(model), self.stance(stance))
         return request
 

@@ -58,7 +58,8 @@ def options(ctx, **given):
                 plugin.OPT_ANALYSIS_TIMEOUT: 600.0, plugin.OPT_REPEAT: 1, plugin.OPT_ADAPTER: [],
                 plugin.OPT_SAVE_BASELINE: None, plugin.OPT_COMPARE_BASELINE: None, plugin.OPT_FAIL_ON: [],
                 plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
-                plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False}
+                plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
+                plugin.OPT_LAUNCHER: None, plugin.OPT_NUM_PROCESSES: 1}
     values = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in given.items()}}
     config = types.SimpleNamespace(getoption=values.__getitem__, rootpath=ctx.root,
                                    invocation_params=types.SimpleNamespace(args=()))
@@ -82,6 +83,11 @@ CASES = [
     ("model-args: not key=value", lambda c: options(c, model_args="cpu"), r"'cpu' is not key=value"),
     ("model-args: bad device", lambda c: options(c, model_args="device=tpu"), r"device='tpu' is not allowed; use auto, cpu, cuda"),
     ("model-args: cuda without CUDA", lambda c: options(c, model_args="device=cuda"), r"device=cuda: this machine has no CUDA device"),
+    ("model-args: bad device_map", lambda c: options(c, model_args="device_map=everywhere"), r"device_map='everywhere' is not allowed; use auto"),
+    ("num-processes without a launcher", lambda c: options(c, num_processes=2), r"--num-processes 2 needs --launcher accelerate"),
+    ("num-processes 0", lambda c: options(c, launcher="accelerate", num_processes=0), r"--num-processes must be >= 1"),
+    ("recipe: fp16 on the CPU", lambda c: train(c, recipe={**RECIPE, "fp16": True}), r"recipe: fp16=True on the CPU"),
+    ("recipe: bad bf16", lambda c: train(c, recipe={**RECIPE, "bf16": "on"}), r"recipe: bf16 must be True, False or 'auto'"),
     ("model-args: fp16 on the CPU", lambda c: options(c, model_args="dtype=float16"), r"float16 does not train on the CPU"),
     ("model-args: revision of an embedded model", lambda c: options(c, model_args="revision=main"),
      r"revision='main': tiny-qwen2 is an embedded model.*no revisions"),

@@ -77,6 +77,14 @@ def test_launcher_arguments_are_checked(store_session, kwargs, message):
         store_session.train("lora", examples=10, recipe=QUICK, **kwargs)
 
 
+def test_a_data_parallel_run_is_planned_with_its_global_batch(store_session):
+    # 20 examples, micro-batches of 5: 4 steps in one process, 2 when two processes take one each
+    assert store_session.planned_steps("lora", examples=20, recipe=QUICK) == 4
+    assert store_session.planned_steps("lora", examples=20, recipe=QUICK, launcher="accelerate", num_processes=2) == 2
+    assert store_session.check_request("lora", examples=20, recipe=QUICK, launcher="accelerate",
+                                       num_processes=2).processes == 2
+
+
 def test_the_worker_refuses_a_spec_whose_key_it_cannot_rebuild(store_session, tiny_qwen2, stance):
     from harness.distributed import launch_spec, worker_request
 

@@ -7,9 +7,12 @@ run it prints:
   retained / base RSS   how much RSS the run left behind, over the RSS the base took to load
   peak / base bytes     the highest RSS while that run trained, over the base's parameter bytes
 and the session's peak against the largest single run's peak, where each heavy run (full, l2sp)
-is also trained alone, in a fresh process, for that reference.
+is also trained alone, in a fresh process, for that reference. On CUDA (--device, default auto)
+the same figures are also taken of GPU memory: torch.cuda's max allocated while the run trained,
+and what stays allocated after it.
 
-    .venv/bin/python benchmarks/run_memory.py [--model-dir DIR] [--layers N] [--skip-alone]
+    .venv/bin/python benchmarks/run_memory.py [--model-dir DIR] [--layers N] [--skip-alone] [--device auto]
+        [--runs "lora r8,full"]
 """
 
 from __future__ import annotations
@@ -74,28 +77,45 @@ class PeakSampler:
         return max(self.peak, rss())
 
 
-def session(model_dir: Path, store: Path):
+def session(model_dir: Path, store: Path, device: str = "auto"):
     from harness.models import ModelArgs
     from harness.session import HarnessOptions, HarnessSession
 
-    return HarnessSession(HarnessOptions(str(model_dir), ModelArgs(), [], None, Path("."), [], run_cache=store))
+    return HarnessSession(HarnessOptions(str(model_dir), ModelArgs(device=device), [], None, Path("."), [],
+                                         run_cache=store))
 
 
-def train_alone(model_dir: Path, label: str) -> int:
-    """The peak RSS of one run trained in a fresh process (the reference for the session's peak)."""
+def cuda_reset(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_figures(device: str) -> dict:
+    """GPU memory: max allocated since the last reset, and allocated now (empty on the CPU)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"cuda_peak": torch.cuda.max_memory_allocated(device), "cuda_allocated": torch.cuda.memory_allocated(device)}
+
+
+def train_alone(model_dir: Path, label: str, device: str = "auto") -> dict:
+    """The peak RSS (and GPU peak) of one run trained in a fresh process (the reference for the session's)."""
     code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run_memory as m; "
-            f"print(json.dumps(m.alone({str(model_dir)!r}, {label!r})))")
+            f"print(json.dumps(m.alone({str(model_dir)!r}, {label!r}, {device!r})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def alone(model_dir: str, label: str) -> int:
+def alone(model_dir: str, label: str, device: str = "auto") -> dict:
     method, options = next((m, o) for name, m, o in RUNS if name == label)
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:
-        s = session(Path(model_dir), Path(store))
+        s = session(Path(model_dir), Path(store), device)
         s.train(method, examples=10, recipe=RECIPE, **_on(s.model().anatomy, options))
-        return sampler.read()
+        return {"rss": sampler.read(), **cuda_figures(s.model().args.device)}
 
 
 def main() -> None:
@@ -103,7 +123,14 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--skip-alone", action="store_true", help="skip the single-run reference processes")
+    parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--runs", default=None, help="comma-separated labels of RUNS to train (default: all six)")
     args = parser.parse_args()
+    labels = [label for label, _, _ in RUNS]
+    chosen = labels if args.runs is None else [r.strip() for r in args.runs.split(",")]
+    unknown = [r for r in chosen if r not in labels]
+    if unknown:
+        parser.error(f"--runs: {', '.join(unknown)} not among {', '.join(labels)}")
 
     import torch
 
@@ -114,18 +141,22 @@ def main() -> None:
     sampler = PeakSampler()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as store:
-        s = session(model_dir, Path(store))
+        s = session(model_dir, Path(store), args.device)
         before_base = rss()
         loaded = s.model()
+        device = loaded.args.device
         base_rss = rss() - before_base
         base_bytes = sum(p.numel() * p.element_size() for p in loaded.base.parameters())
         print(f"model {model_dir}: {sum(p.numel() for p in loaded.base.parameters()) / 1e6:.0f}M parameters, "
               f"{base_bytes / 2**30:.2f} GiB as float32; the base took {base_rss / 2**30:.2f} GiB of RSS; "
-              f"run memory budget {s.resident.budget / 2**30:.1f} GiB; {torch.get_num_threads()} threads")
-        rows, session_peak, previous = [], 0, rss()
-        for label, method, options in RUNS:
+              f"run memory budget {s.resident.budget / 2**30:.1f} GiB; {torch.get_num_threads()} threads; "
+              f"device {device} ({loaded.provenance()['device_name']})")
+        cuda_base = cuda_figures(device).get("cuda_allocated")
+        rows, session_peak, previous, session_cuda_peak = [], 0, rss(), 0
+        for label, method, options in [r for r in RUNS if r[0] in chosen]:
             options = _on(loaded.anatomy, options)
             sampler.reset()
+            cuda_reset(device)
             t = time.perf_counter()
             run = s.train(method, examples=10, recipe=RECIPE, **options)
             gc.collect()
@@ -134,21 +165,34 @@ def main() -> None:
             rows.append({"run": label, "trainable": run.counts["trainable"], "seconds": time.perf_counter() - t,
                          "retained_over_base_rss": (now - previous) / base_rss, "peak_over_base_bytes": peak / base_bytes,
                          "held_models_GiB": s.resident.held_bytes() / 2**30})
+            cuda = cuda_figures(device)
+            if cuda:
+                rows[-1].update({"cuda_peak_over_base_bytes": cuda["cuda_peak"] / base_bytes,
+                                 "cuda_retained_over_base_bytes": (cuda["cuda_allocated"] - cuda_base) / base_bytes})
+                session_cuda_peak = max(session_cuda_peak, cuda["cuda_peak"])
             previous = now
             print(f"  {label:16s} trainable {run.counts['trainable'] / 1e6:8.2f}M  {rows[-1]['seconds']:6.1f}s  "
                   f"retained {rows[-1]['retained_over_base_rss']:+.3f} x base RSS  "
                   f"peak {rows[-1]['peak_over_base_bytes']:.2f} x base bytes  "
-                  f"(models held {rows[-1]['held_models_GiB']:.2f} GiB, released so far {s.resident.released})",
+                  f"(models held {rows[-1]['held_models_GiB']:.2f} GiB, released so far {s.resident.released})"
+                  + (f"  GPU peak {rows[-1]['cuda_peak_over_base_bytes']:.2f} x base bytes, retained "
+                     f"{rows[-1]['cuda_retained_over_base_bytes']:+.3f} x" if cuda else ""),
                   flush=True)
     print(f"session: {time.perf_counter() - started:.0f}s, peak RSS {session_peak / 2**30:.2f} GiB "
-          f"= {session_peak / base_bytes:.2f} x base bytes")
+          f"= {session_peak / base_bytes:.2f} x base bytes"
+          + (f"; GPU peak {session_cuda_peak / 2**30:.2f} GiB" if session_cuda_peak else ""))
+    alone_peaks = {}
     if not args.skip_alone:
-        alone_peaks = {label: train_alone(model_dir, label) for label in HEAVY}
-        largest = max(alone_peaks.values())
+        alone_peaks = {label: train_alone(model_dir, label, args.device) for label in HEAVY if label in chosen}
         for label, peak in alone_peaks.items():
-            print(f"  {label} alone, fresh process: peak RSS {peak / 2**30:.2f} GiB")
-        print(f"session peak / largest single run's peak = {session_peak / largest:.3f}")
-    print(json.dumps({"rows": rows, "session_peak": session_peak, "base_bytes": base_bytes, "base_rss": base_rss}))
+            print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
+                  + (f", GPU peak {peak['cuda_peak'] / 2**30:.2f} GiB" if "cuda_peak" in peak else ""))
+        print(f"session peak / largest single run's peak = "
+              f"{session_peak / max(p['rss'] for p in alone_peaks.values()):.3f} (RSS)"
+              + (f", {session_cuda_peak / max(p['cuda_peak'] for p in alone_peaks.values()):.3f} (GPU)"
+                 if session_cuda_peak else ""))
+    print(json.dumps({"rows": rows, "session_peak": session_peak, "session_cuda_peak": session_cuda_peak or None,
+                      "alone": alone_peaks, "base_bytes": base_bytes, "base_rss": base_rss, "device": device}))
 
 
 if __name__ == "__main__":

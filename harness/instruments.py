@@ -157,13 +157,18 @@ class StepProbe:
         grads = [p.grad for p in self.params]
         present = [g.detach() for g in grads if g is not None]
         norms = iter(torch._foreach_norm(present)) if present else iter(())
-        zero = torch.zeros((), device=self.params[0].device)
-        return torch.stack([next(norms).float() if g is not None else zero for g in grads])
+        zero = torch.zeros((), device=self.device)
+        return torch.stack([next(norms).float().to(self.device) if g is not None else zero for g in grads])
+
+    @property
+    def device(self):
+        """Where the readings gather: the first tensor's device (a sharded model spans several)."""
+        return self.params[0].device
 
     def weight_norms(self):
         import torch
 
-        return torch.stack(torch._foreach_norm([p.detach() for p in self.params])).float()
+        return torch.stack([n.float().to(self.device) for n in torch._foreach_norm([p.detach() for p in self.params])])
 
     def first_nonfinite(self, norms: list[float]) -> str | None:
         """Raw name of the first trained tensor whose norm is not finite."""
@@ -182,7 +187,8 @@ class StepProbe:
         if max_norm is not None and grads:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
             coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-            torch._foreach_mul_(grads, coef)
+            for device in {g.device for g in grads}:  # one scale per device of a sharded model
+                torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
         return total
 
     def read(self, loss, grad_norms, total, weight_norms) -> StepReading:

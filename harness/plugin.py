@@ -33,6 +33,8 @@ OPT_PLAN = "--plan"
 OPT_VERDICT_JSON = "--verdict-json"
 OPT_CHAT_TEMPLATE = "--chat-template"
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # batches.CHAT_TEMPLATE_CHOICES; not imported here: it imports torch
+OPT_LAUNCHER = "--launcher"
+OPT_NUM_PROCESSES = "--num-processes"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -49,7 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_MODEL, metavar="NAME", default=DEFAULT_MODEL,
                     help=f"model alias, hub id (from the local HF cache) or local directory. Default: {DEFAULT_MODEL}")
     group.addoption(OPT_MODEL_ARGS, metavar="K=V,...", default="",
-                    help="dtype=float32|bfloat16|float16|auto, revision=REV, device=cpu|cuda[:N], trust_remote_code=false")
+                    help="dtype=float32|bfloat16|float16|auto, revision=REV, device=auto|cpu|cuda[:N] (auto: the first "
+                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false")
     group.addoption(OPT_CHAT_TEMPLATE, choices=CHAT_TEMPLATE_CHOICES, default="auto",
                     help="auto (default): where the tokenizer has a chat template, training, probes, generation and "
                          "calibration use it, and the loss counts only the assistant's tokens; none: plain "
@@ -89,12 +92,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_VERDICT_JSON, metavar="PATH", default=None,
                     help="at the end, write the session's verdict (passed, test counts, the gate's comparison) as "
                          "one line of JSON to PATH, or with '-' print it as the last line of the stance-harness summary")
+    group.addoption(OPT_LAUNCHER, choices=("accelerate",), default=None,
+                    help="train each run data-parallel through accelerate (DDP) in --num-processes processes; "
+                         "the workers store the run, the test loads it")
+    group.addoption(OPT_NUM_PROCESSES, metavar="N", type=int, default=1,
+                    help=f"processes per run under {OPT_LAUNCHER}; each trains per_device_train_batch_size "
+                         f"examples per micro-batch. Default: 1")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    """Under pytest-xdist, give this worker its own GPU before any conftest can import torch."""
+    _assign_worker_gpu()
+
+
+def _assign_worker_gpu() -> None:
+    from .devices import assign_worker_gpu
+    from .registry import HarnessError
+
+    try:
+        assign_worker_gpu()
+    except HarnessError as exc:
+        raise pytest.UsageError(f"stance-harness: {exc}") from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _assign_worker_gpu()  # again, for a plugin loaded after the initial conftests (-p); it keeps the device
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
@@ -125,6 +151,10 @@ def _options(config: pytest.Config):
         raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
     if config.getoption(OPT_REPEAT) < 1:
         raise HarnessError(f"{OPT_REPEAT} must be >= 1")
+    if config.getoption(OPT_NUM_PROCESSES) < 1:
+        raise HarnessError(f"{OPT_NUM_PROCESSES} must be >= 1")
+    if config.getoption(OPT_NUM_PROCESSES) > 1 and config.getoption(OPT_LAUNCHER) is None:
+        raise HarnessError(f"{OPT_NUM_PROCESSES} {config.getoption(OPT_NUM_PROCESSES)} needs {OPT_LAUNCHER} accelerate")
     model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
@@ -167,6 +197,7 @@ def _options(config: pytest.Config):
         record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),
         verdict_json=config.getoption(OPT_VERDICT_JSON),
         chat_template=config.getoption(OPT_CHAT_TEMPLATE),
+        launcher=config.getoption(OPT_LAUNCHER), num_processes=config.getoption(OPT_NUM_PROCESSES),
     )
 
 

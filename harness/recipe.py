@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .config import build_config
 from .registry import HarnessError
 
+PRECISION_FIELDS = ("bf16", "fp16")  # resolved against the device by devices.resolve_precision
 _RECIPE_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}
 
 
@@ -23,9 +24,21 @@ class Recipe:
     seed: int = field(default=42, metadata={"help": "seeds init, shuffling and dropout"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_seq_length: int = field(default=128, metadata={"help": "tokens per example, truncated beyond"})
+    bf16: bool | str = field(default="auto", metadata={
+        "help": "autocast to bfloat16 (fp32 master weights); auto: on where the device supports it, off on the CPU"})
+    fp16: bool = field(default=False, metadata={
+        "help": "autocast to float16 with a grad scaler (fp32 master weights); CUDA only"})
 
     def __post_init__(self):
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise HarnessError(f"recipe: bf16 must be True, False or 'auto', got {self.bf16!r}")
+        if not isinstance(self.fp16, bool):
+            raise HarnessError(f"recipe: fp16 must be True or False, got {self.fp16!r}")
+        if self.fp16 and self.bf16 is True:
+            raise HarnessError("recipe: bf16=True and fp16=True are both set; choose one")
         for f in fields(self):
+            if f.name in PRECISION_FIELDS:
+                continue
             value = getattr(self, f.name)
             integer = f.type == "int"
             if value is None and f.name == "max_grad_norm":

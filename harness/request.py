@@ -5,8 +5,11 @@ store keys its entries by it. Two requests are equal exactly when their descript
 the description holds the model's identity (revision, or a hash of a local directory's
 weights), the stance's name, version and content, the method and its validated config, the
 recipe, task, instruments and number of examples, the framing (plain, or the chat template and
-a digest of its text), and a fingerprint of the training code (for a method from outside the
-harness, also its own code identity: module, package, version, source hash).
+a digest of its text), the precision the recipe resolved to on the model's device (a bf16 run
+and an fp32 run are different runs), the number of data-parallel processes (each trains
+per_device_train_batch_size examples per micro-batch), and a fingerprint of the training code
+(for a method from outside the harness, also its own code identity: module, package, version,
+source hash).
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 from .batches import Framing, framing_for, framing_of
+from .devices import resolve_precision
 from .instruments import InstrumentConfig
 from .methods import METHODS, MethodConfig, method_code, method_config
 from .recipe import Recipe
+from .registry import HarnessError
 from .tasks import DEFAULT_TASK, TASKS
 
 # The modules whose code decides what training produces: a change to any of them is a new key.
 TRAINING_CODE = ("training.py", "batches.py", "tasks.py", "instruments.py", "data.py", "recipe.py", "methods",
+                 "devices.py",  # the precision a recipe resolves to
                  "analysis/digest.py")  # the digests a stored run's frozen weights are checked against
 
 
@@ -67,6 +73,8 @@ class TrainingRequest:
     task: str = DEFAULT_TASK
     instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
     framing: dict = field(default_factory=lambda: {"kind": "plain"})  # Framing.identity()
+    precision: str = "fp32"  # devices.PRECISIONS: what recipe.bf16 / fp16 resolved to on the model's device
+    processes: int = 1  # data-parallel processes that train it (harness/distributed.py); 1: this process
     code: str = field(default_factory=training_code_version)
     method_code: tuple = ()  # an outside method's code identity, as sorted (key, value) pairs; () for the harness's
 
@@ -74,7 +82,7 @@ class TrainingRequest:
     def build(cls, loaded, stance, method: str = "full", *, examples: int | None = None, recipe=None,
               instruments=None, task: str = DEFAULT_TASK, seed_offset: int = 0,
               options: dict | None = None, config: MethodConfig | None = None,
-              chat_template: str = "auto") -> "TrainingRequest":
+              chat_template: str = "auto", processes: int = 1) -> "TrainingRequest":
         """Validate every ingredient (unknown names, bad values, too many examples) and build the
         request. The method's config comes from `options`, or ready-made as `config`.
         `chat_template` (auto or none) chooses the framing of a task that frames conversations."""
@@ -88,16 +96,24 @@ class TrainingRequest:
         if seed_offset:
             recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
         count = len(stance.training_examples(examples))
+        precision = resolve_precision(recipe.bf16, recipe.fp16, loaded.args.device, loaded.args.dtype)
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise HarnessError(f"num_processes must be an integer >= 1, got {processes!r}")
+        if processes > 1 and loaded.sharded:
+            raise HarnessError(f"num_processes={processes} with --model-args device_map={loaded.args.device_map}: "
+                               f"a sharded base trains in one process; drop one of them")
         outside = method_code(METHODS.get(method))
         return cls(model=loaded.identity(), stance=stance.identity(), method=method, config=config,
                    recipe=recipe, examples=count, task=task, instruments=InstrumentConfig.of(instruments),
-                   framing=framing.identity(), method_code=tuple(sorted(outside.items())) if outside else ())
+                   framing=framing.identity(), precision=precision, processes=processes,
+                   method_code=tuple(sorted(outside.items())) if outside else ())
 
     def describe(self) -> dict:
         """The request as JSON: what the key hashes, and what the run store records."""
         return {"model": self.model, "stance": self.stance, "method": self.method, "config": self.config.as_dict(),
                 "recipe": self.recipe.as_dict(), "examples": self.examples, "task": self.task,
-                "instruments": asdict(self.instruments), "framing": self.framing, "code": self.code,
+                "instruments": asdict(self.instruments), "framing": self.framing, "precision": self.precision,
+                "processes": self.processes, "code": self.code,
                 **({"method_code": dict(self.method_code)} if self.method_code else {})}
 
     def framing_with(self, tokenizer) -> Framing:

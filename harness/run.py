@@ -373,6 +373,7 @@ class Run:
             "method": self.method.name,
             "config": self.config.as_dict(),
             "recipe": self.recipe.as_dict(),
+            "precision": self.request.precision if self.request is not None else None,
             "examples": self.examples,
             "counts": self.counts,
             "trace": self.trace.as_dict(),

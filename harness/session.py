@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from .methods import METHODS, method_code
+from .devices import resolve_device
+from .distributed import LAUNCHERS, launch, launch_spec
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
@@ -25,6 +27,7 @@ from .report.markdown import render_step_summary
 from .report.metrics import declared_directions
 from .report.records import TestRecord, repeat_base
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
+from .registry import HarnessError
 from .request import TrainingRequest
 from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
 from .runstore import RunStore
@@ -61,6 +64,8 @@ class HarnessOptions:
     step_summary: Path | None = field(  # GitHub Actions' job summary file, appended to at the end
         default_factory=lambda: Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY") else None)
     chat_template: str = "auto"  # --chat-template: auto (the tokenizer's, where it has one) or none
+    launcher: str | None = None  # --launcher accelerate: runs train data-parallel in --num-processes processes
+    num_processes: int = 1
 
 
 @dataclass
@@ -90,7 +95,7 @@ class HarnessSession:
         self.store = RunStore(self.options.run_cache)
         budget = self.options.run_memory
         if budget is None:
-            budget = int(DEFAULT_SHARE * free_memory(self.options.model_args.device))
+            budget = int(DEFAULT_SHARE * free_memory(resolve_device(self.options.model_args.device)))
         self.resident = ResidentModels(budget)
 
     def parse_rules(self) -> None:
@@ -121,32 +126,51 @@ class HarnessSession:
     # -- runs ---------------------------------------------------------------------------------
     def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                 examples: int | None = None, recipe=None, instruments=None, task: str = DEFAULT_TASK,
-                repeat: int = 0, chat_template: str | None = None, **options) -> TrainingRequest:
+                repeat: int = 0, chat_template: str | None = None, processes: int = 1,
+                **options) -> TrainingRequest:
         """The validated request for these arguments; `repeat` (from --repeat) offsets the seed;
         `chat_template` (auto or none) overrides --chat-template for this run."""
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
                                      recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
-                                     options=options, chat_template=chat_template or self.options.chat_template)
+                                     options=options, chat_template=chat_template or self.options.chat_template,
+                                     processes=processes)
+
+    def processes(self, launcher: str | None, num_processes: int | None) -> int:
+        """How many data-parallel processes train a run: a call's launcher= / num_processes=, else
+        --launcher / --num-processes; without a launcher, 1."""
+        launcher = launcher if launcher is not None else self.options.launcher
+        if launcher is None:
+            if num_processes not in (None, 1):
+                raise HarnessError(f"num_processes={num_processes} needs launcher='accelerate'")
+            return 1
+        if launcher not in LAUNCHERS:
+            raise HarnessError(f"launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        return num_processes if num_processes is not None else self.options.num_processes
 
     def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-                      **arguments) -> int:
+                      launcher: str | None = None, num_processes: int | None = None, **arguments) -> int:
         """How many optimizer steps this run will take (before training it): what a suite scales
         its schedules by, so a warm-up of 200 of a seed's 1,955 steps keeps its share of any run."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+        request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
+                               **arguments)
         return plan(request, self.model(model), self.stance(stance))[0].total_steps
 
     def check_request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-                      **arguments) -> TrainingRequest:
+                      launcher: str | None = None, num_processes: int | None = None, **arguments) -> TrainingRequest:
         """Build and check a request as training would (task, method, layers, schedule lengths),
         without building a model: what --plan does instead of training."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+        request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
+                               **arguments)
         plan(request, self.model(model), self.stance(stance))
         return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-              **arguments):
-        """Train once per identical request; later identical requests get the same Run."""
-        request = self.request(method, stance=stance, model=model, **arguments)
+              launcher: str | None = None, num_processes: int | None = None, **arguments):
+        """Train once per identical request; later identical requests get the same Run. With a
+        launcher and several processes the run trains data-parallel in worker processes, which
+        store it; it is loaded from the store."""
+        processes = self.processes(launcher, num_processes)
+        request = self.request(method, stance=stance, model=model, processes=processes, **arguments)
         if request.run_id not in self._runs:
             loaded, stance_obj = self.model(model), self.stance(stance)
             # one process trains a request; others asking for it meanwhile wait here, then load it
@@ -156,8 +180,17 @@ class HarnessSession:
                     self.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
                     self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
                                   f"task {request.task}) -> {request.run_id}")
-                    run = train_run(request, loaded, stance_obj, self.progress)
-                    self.store.save(run)
+                    if request.processes > 1:
+                        spec = launch_spec(request, model or self.options.model, self.options.model_args, stance,
+                                           self.options.stance_dirs, self.store)
+                        launch(spec, self.progress)
+                        run = self.store.load(request, loaded, stance_obj)
+                        if run is None:
+                            raise HarnessError(f"the data-parallel launch of {request.run_id} finished but stored "
+                                               f"no run in {self.store.root}")
+                    else:
+                        run = train_run(request, loaded, stance_obj, self.progress)
+                        self.store.save(run)
                 else:
                     self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
             self._runs[request.run_id] = self._attach(run)

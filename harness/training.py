@@ -1,6 +1,11 @@
 """The one training loop. Methods plug in parameter groups, extra loss terms and schedules.
 
-`prepare` builds a run's model from a TrainingRequest (the method's freezing or adapters on a
+The loop trains under the request's precision (devices.resolve_precision): autocast to bf16 or
+fp16 around the forward pass, float32 master weights, and for fp16 a grad scaler whose overflowed
+steps are skipped. Under a data-parallel launch (harness/distributed.py) the same loop runs in
+every process: the model is wrapped by an accelerate Accelerator (DDP), each process takes its
+share of every step's micro-batches, and the gradients are summed so a step equals the
+single-process step over the same examples. `prepare` builds a run's model from a TrainingRequest (the method's freezing or adapters on a
 copy of the base that shares its storage; whatever will train is un-shared first, so the base
 is never written to); `train_run` trains it and returns the Run. The run store rebuilds a
 released model through the same `prepare`.
@@ -15,6 +20,7 @@ from typing import Callable
 import torch
 
 from .analysis.deltas import layer_label
+from .devices import autocast_dtype
 from .instruments import (StepProbe, Trace, health_events, output_change_cosine, peak_memory,
                           release_freed_memory, reset_peak_memory)
 from .methods import METHODS, TrainingContext
@@ -47,9 +53,16 @@ def plan(request: TrainingRequest, loaded, stance) -> tuple[TrainingContext, lis
     batch = recipe.per_device_train_batch_size
     micro_per_epoch = math.ceil(len(data) / batch)
     micro_per_epoch += method.added_micro_batches(config, micro_per_epoch)
-    steps_per_epoch = math.ceil(micro_per_epoch / recipe.gradient_accumulation_steps)
+    # a data-parallel step takes gradient_accumulation_steps micro-batches in each process
+    steps_per_epoch = math.ceil(micro_per_epoch / (recipe.gradient_accumulation_steps * request.processes))
     ctx = TrainingContext(loaded, config, recipe, steps_per_epoch * recipe.num_train_epochs, steps_per_epoch,
-                          task=task, anatomy=task.anatomy(loaded))
+                          task=task, anatomy=task.anatomy(loaded), precision=request.precision)
+    if loaded.sharded and not method.trains_sharded:
+        raise HarnessError(
+            f"method {request.method!r} cannot train on a base sharded by --model-args device_map="
+            f"{loaded.args.device_map}: it trains or copies the base's own weights, which a device_map spreads "
+            f"over devices because they do not fit on one. Methods that train only adapters on a frozen base "
+            f"can: {', '.join(n for n in METHODS.names() if METHODS.get(n).trains_sharded)}")
     if recipe.warmup_steps >= ctx.total_steps:
         raise HarnessError(
             f"recipe: warmup_steps={recipe.warmup_steps} is not shorter than the run ({ctx.total_steps} steps), "
@@ -93,12 +106,25 @@ def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
     return before
 
 
-def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str], None] | None = None) -> Run:
-    """Train `request` on `loaded`'s base and return the Run."""
+def rank_share(group: list, ranks: int, rank: int) -> list[tuple[object, float]]:
+    """This process's micro-batches of one optimizer step, with weight 1, padded to the same count
+    on every process by weight-0 repeats of the step's first (DDP needs one backward per process)."""
+    mine = [(micro, 1.0) for micro in group[rank::ranks]]
+    slots = math.ceil(len(group) / ranks)
+    return mine + [(group[0], 0.0)] * (slots - len(mine))
+
+
+def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str], None] | None = None,
+              accelerator=None) -> Run:
+    """Train `request` on `loaded`'s base and return the Run. With an accelerate `accelerator`
+    (one process of a data-parallel launch), this process trains its share of each step."""
     method, recipe, instruments = METHODS.get(request.method), request.recipe, request.instruments
     ctx, data = prepare(request, loaded, stance)
     model, task_obj = ctx.model, ctx.task
     model.train()
+    ranks = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    forward = accelerator.prepare_model(model) if ranks > 1 else model  # DDP: it syncs gradients in backward
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     digests = frozen_digests(model, loaded)
     method.setup(ctx)
@@ -116,7 +142,9 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     pad_id = loaded.tokenizer.pad_token_id
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device  # a sharded model's first layers: the inputs go there
+    autocast_to = autocast_dtype(request.precision)
+    scaler = torch.amp.GradScaler(device.type) if request.precision == "fp16" else None
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     reset_peak_memory(device)
@@ -127,21 +155,29 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
         order = torch.randperm(len(data), generator=shuffler).tolist()
         micro_batches = [[data[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
         micro_batches = method.mix_batches(ctx, micro_batches, epoch)
-        for first in range(0, len(micro_batches), recipe.gradient_accumulation_steps):
-            group = micro_batches[first : first + recipe.gradient_accumulation_steps]
+        per_step = recipe.gradient_accumulation_steps * ranks
+        for first in range(0, len(micro_batches), per_step):
+            group = micro_batches[first : first + per_step]
             step_started = time.perf_counter()
             scheduled = method.schedule(ctx, step)
             if scheduled is not None:
                 trace.schedule.append({"step": step, **scheduled})
             weight_norms = probe.weight_norms()  # the weights this step starts from
             loss_sum = torch.zeros((), device=device)
-            for micro in group:
-                loss = model(**task_obj.collate(micro, pad_id, device)).loss
-                extra = method.extra_loss(ctx, step)
-                if extra is not None:
-                    loss = loss + extra
-                (loss / len(group)).backward()
-                loss_sum += loss.detach() / len(group)
+            for micro, weight in rank_share(group, ranks, rank) if ranks > 1 else [(m, 1.0) for m in group]:
+                with torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to is not None):
+                    loss = forward(**task_obj.collate(micro, pad_id, device)).loss
+                    extra = method.extra_loss(ctx, step)
+                    if extra is not None:
+                        loss = loss + extra
+                # DDP averages over processes; scaled by their number, the step sums every micro-batch
+                share = loss / len(group) if ranks == 1 else loss * (weight * ranks) / len(group)
+                (share if scaler is None else scaler.scale(share)).backward()
+                loss_sum += loss.detach().float().to(device) * weight / len(group)
+            if ranks > 1:
+                torch.distributed.all_reduce(loss_sum)  # the step's loss over every process's share
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # the probe and the clip see the true gradients
             if interference_groups:
                 _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()
@@ -150,6 +186,16 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             trace.add_reading(reading, scheduler.get_last_lr(), sum(len(m) for m in group),
                               sum(len(ids) for m in group for ids, _ in m))
             event = _first_nonfinite(reading, step, anatomy, weights_logged)
+            if scaler is not None and event is not None and event[1] == "gradient":
+                # the scaled fp16 gradients overflowed: the scaler skips this step and lowers its scale
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                trace.skipped_steps.append(step)
+                trace.step_time.append(time.perf_counter() - step_started)
+                step += 1
+                continue
             if event is not None:
                 trace.add_event(*event)
                 when, what, where = event
@@ -165,13 +211,18 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                     trace.step_time.append(time.perf_counter() - step_started)
                     step += 1
                     continue
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             method.after_optimizer_step(ctx, step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             trace.step_time.append(time.perf_counter() - step_started)
             step += 1
-            report_step(progress, method_name, step, ctx.total_steps, reading.loss)
+            if rank == 0:
+                report_step(progress, method_name, step, ctx.total_steps, reading.loss)
         if trace.halted_at is not None:
             break
     if trace.halted_at is None:
@@ -185,7 +236,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     for param in trainable.values():
         param.grad = None  # a run keeps its weights, not its last gradients
     model.eval()
-    del optimizer, scheduler, probe
+    del optimizer, scheduler, probe, scaler, forward
     release_freed_memory()
     run = Run(
         run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,

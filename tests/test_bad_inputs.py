@@ -59,7 +59,7 @@ def options(ctx, **given):
                 plugin.OPT_SAVE_BASELINE: None, plugin.OPT_COMPARE_BASELINE: None, plugin.OPT_FAIL_ON: [],
                 plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
                 plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
-                plugin.OPT_VERDICT_JSON: None}
+                plugin.OPT_VERDICT_JSON: None, plugin.OPT_LAUNCHER: None, plugin.OPT_NUM_PROCESSES: 1}
     values = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in given.items()}}
     config = types.SimpleNamespace(getoption=values.__getitem__, rootpath=ctx.root,
                                    invocation_params=types.SimpleNamespace(args=()))
@@ -81,8 +81,13 @@ CASES = [
     ("model-args: bad dtype", lambda c: options(c, model_args="dtype=fp8"), r"dtype='fp8' is not allowed; use one of"),
     ("model-args: misspelt key", lambda c: options(c, model_args="devise=cpu"), r"unknown key 'devise'. Did you mean: device"),
     ("model-args: not key=value", lambda c: options(c, model_args="cpu"), r"'cpu' is not key=value"),
-    ("model-args: bad device", lambda c: options(c, model_args="device=tpu"), r"device='tpu' is not allowed; use cpu, cuda"),
+    ("model-args: bad device", lambda c: options(c, model_args="device=tpu"), r"device='tpu' is not allowed; use auto, cpu, cuda"),
     ("model-args: cuda without CUDA", lambda c: options(c, model_args="device=cuda"), r"device=cuda: this machine has no CUDA device"),
+    ("model-args: bad device_map", lambda c: options(c, model_args="device_map=everywhere"), r"device_map='everywhere' is not allowed; use auto"),
+    ("num-processes without a launcher", lambda c: options(c, num_processes=2), r"--num-processes 2 needs --launcher accelerate"),
+    ("num-processes 0", lambda c: options(c, launcher="accelerate", num_processes=0), r"--num-processes must be >= 1"),
+    ("recipe: fp16 on the CPU", lambda c: train(c, recipe={**RECIPE, "fp16": True}), r"recipe: fp16=True on the CPU"),
+    ("recipe: bad bf16", lambda c: train(c, recipe={**RECIPE, "bf16": "on"}), r"recipe: bf16 must be True, False or 'auto'"),
     ("model-args: fp16 on the CPU", lambda c: options(c, model_args="dtype=float16"), r"float16 does not train on the CPU"),
     ("model-args: revision of an embedded model", lambda c: options(c, model_args="revision=main"),
      r"revision='main': tiny-qwen2 is an embedded model.*no revisions"),
@@ -135,7 +140,7 @@ CASES = [
     ("kinds: misspelt", lambda c: train(c, "selective", layers=[1], kinds=["q_porj"]), r"module kind 'q_porj' does not exist.*Did you mean: q_proj"),
     ("surgical-lora: no layers", lambda c: train(c, "surgical-lora"), r"surgical-lora: `layers` must name the layers to adapt"),
     ("selective: no layers", lambda c: train(c, "selective"), r"selective: `layers` must name at least one layer"),
-    ("qlora: bad compute dtype", lambda c: train(c, "qlora", compute_dtype="fp8"), r"qlora: compute_dtype must be one of bfloat16"),
+    ("qlora: bad compute dtype", lambda c: train(c, "qlora", compute_dtype="fp8"), r"qlora: compute_dtype must be one of auto, bfloat16"),
     ("hybrid: warm-up covers the run", lambda c: train(c, "hybrid", freeze_lora_steps=50), r"freeze_lora_steps=50 covers the whole run \(2 steps\)"),
     ("gradual: a stage that never comes", lambda c: train(c, "gradual", every_steps=9, start_layers=0),
      r"the first stage comes at step 9, but the run has only 2 steps"),

@@ -100,7 +100,8 @@ def test_the_plugin_does_not_import_torch_at_load():
 # its own layer or of a lower one, never of a higher one.
 LAYERS = [
     ["harness.registry"],
-    ["harness.config", "harness.files", "harness.provenance", "harness.data", "harness.report.metrics"],
+    ["harness.config", "harness.files", "harness.provenance", "harness.data", "harness.report.metrics",
+     "harness.devices"],
     ["harness.report.records", "harness.analysis"],
     ["harness.models"],
     ["harness.stances", "harness.recipe"],
@@ -117,7 +118,7 @@ LAYERS = [
      "harness.report.verdicts"],
     ["harness.report.markdown", "harness.report.html"],
     ["harness.report.store"],
-    ["harness.session", "harness.scaffold"],
+    ["harness.session", "harness.scaffold", "harness.distributed"],
     ["harness.plugin", "harness.cli"],
 ]
 

@@ -132,14 +132,14 @@ def test_base_weight_is_float32_when_the_model_loads_in_bfloat16(tiny_qwen2):
 def test_config_defaults_are_the_seed_experiment():
     config = method_config("qlora", {})
     assert (config.r, config.alpha, config.target_modules) == (16, 32, KINDS)
-    assert (config.compute_dtype, config.double_quant, config.dropout, config.layers) == ("bfloat16", False, 0.0, None)
+    assert (config.compute_dtype, config.double_quant, config.dropout, config.layers) == ("auto", False, 0.0, None)
     assert all(help_text for _, _, help_text in QloraConfig.describe())
 
 
 def test_bad_compute_dtype_lists_the_allowed_values():
-    with pytest.raises(HarnessError, match="qlora: compute_dtype must be one of bfloat16, float16, float32, got 'fp8'"):
+    with pytest.raises(HarnessError, match="qlora: compute_dtype must be one of auto, bfloat16, float16, float32, got 'fp8'"):
         method_config("qlora", {"compute_dtype": "fp8"})
-    assert COMPUTE_DTYPES == ("bfloat16", "float16", "float32")
+    assert COMPUTE_DTYPES == ("auto", "bfloat16", "float16", "float32")
     with pytest.raises(HarnessError, match="lora: r must be a positive integer"):
         QloraConfig(r=0)  # LoRA's own checks still apply
 

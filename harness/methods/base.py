@@ -88,6 +88,7 @@ class TrainingContext:
     model: Any = field(default=None, repr=False)
     before: dict = field(default_factory=dict, repr=False)  # starting values of every parameter that may train
     state: dict = field(default_factory=dict, repr=False)  # the method's own (Fisher, ...)
+    precision: str = "fp32"  # devices.PRECISIONS: the autocast the loop trains under
 
     def __post_init__(self):
         self.task = self.task or TASKS.get(DEFAULT_TASK)
@@ -112,6 +113,10 @@ class Method:
 
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    # True where the method trains only new tensors (adapters) on a frozen base, so the base may be
+    # sharded over devices (--model-args device_map=auto); a method that trains or copies the base's
+    # own weights needs them whole on one device.
+    trains_sharded: ClassVar[bool] = False
 
     def check(self, ctx: TrainingContext) -> None:
         """Reject configs that cannot work for this run's length or model."""

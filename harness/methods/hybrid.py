@@ -52,6 +52,7 @@ class HybridLoraNorm(Lora):
     """LoRA adapters + norm layers, with LoRA warm-up freezing and alternation schedules (seed 004)."""
 
     name = "hybrid"
+    trains_sharded = False  # it also trains the base's own norm weights
     config_cls = HybridConfig
 
     def check(self, ctx):

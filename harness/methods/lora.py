@@ -48,6 +48,7 @@ class Lora(Method):
     """Low-rank adapters (peft) on chosen module kinds and layers; the base is frozen (seed 000, 001)."""
 
     name = "lora"
+    trains_sharded = True  # only the adapters train; the frozen base may span devices
     config_cls = LoraMethodConfig
 
     def prepare(self, model, ctx):

@@ -7,11 +7,20 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from ..devices import resolve_device
 from ..registry import HarnessError
 from .base import register_method
 from .lora import Lora, LoraMethodConfig, target_paths
 
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def resolve_compute_dtype(compute_dtype: str, precision: str) -> str:
+    """The dtype the 4-bit layers compute in: as given, or for "auto" the run's precision (float16
+    under fp16, bfloat16 under bf16), and QLoRA's own bfloat16 when the run trains in fp32."""
+    if compute_dtype != "auto":
+        return compute_dtype
+    return "float16" if precision == "fp16" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -24,8 +33,9 @@ class QloraConfig(LoraMethodConfig):
     target_modules: tuple = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={
         "help": "module kinds or groups (q_proj, v_proj, attention, mlp, ...); each must be a linear layer"})
     layers: tuple | None = field(default=None, metadata={"help": "layer indices; None means every layer"})
-    compute_dtype: str = field(default="bfloat16", metadata={
-        "help": f"dtype the 4-bit layers dequantize to for their matmuls: {', '.join(COMPUTE_DTYPES)}"})
+    compute_dtype: str = field(default="auto", metadata={
+        "help": f"dtype the 4-bit layers dequantize to for their matmuls: {', '.join(COMPUTE_DTYPES)}; auto: "
+                f"the recipe's precision (float16 under fp16, else bfloat16)"})
     double_quant: bool = field(default=False, metadata={
         "help": "also quantize the per-block scales (bnb_4bit_use_double_quant)"})
 
@@ -88,11 +98,13 @@ class Qlora(Lora):
 
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=getattr(torch, ctx.config.compute_dtype),
+            bnb_4bit_compute_dtype=getattr(torch, resolve_compute_dtype(ctx.config.compute_dtype, ctx.precision)),
             bnb_4bit_use_double_quant=ctx.config.double_quant,
         )
-        # Without a device_map transformers puts 4-bit models on cuda:0 whenever CUDA exists.
-        model = ctx.loaded.fresh(quantization_config=quantization, device_map={"": ctx.loaded.args.device})
+        # Without a device_map transformers puts 4-bit models on cuda:0 whenever CUDA exists; a
+        # sharded base is sharded again the same way.
+        device_map = ctx.loaded.args.device_map or {"": resolve_device(ctx.loaded.args.device)}
+        model = ctx.loaded.fresh(quantization_config=quantization, device_map=device_map)
         four_bit = {name for name, module in model.named_modules() if isinstance(module, Linear4bit)}
         for name in four_bit:
             # On CPUs with AVX512-BF16, an eval-mode no-grad forward repacks the 4-bit weight in

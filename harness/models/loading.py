@@ -8,11 +8,12 @@ command. Nothing here reaches the network, so nothing here can hang on it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import build_config
+from ..devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
 from ..files import atomic_write, file_digest
 from ..registry import HarnessError, Registry, suggest
 from .anatomy import Anatomy
@@ -76,22 +77,33 @@ def resolve_model(name: str) -> ModelSpec:
 
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEVICE_MAPS = ("auto",)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """`--model-args dtype=bfloat16,revision=main,device=cpu`."""
+    """`--model-args dtype=bfloat16,revision=main,device=auto`; `device_map=auto` shards the base
+    over the visible GPUs (transformers' big-model loading through accelerate)."""
 
     dtype: str = field(default="float32", metadata={"help": f"one of {', '.join(_DTYPES)}"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N"})
+    device: str = field(default="auto", metadata={"help": f"{DEVICE_CHOICES}; auto: the first CUDA device, else cpu"})
     trust_remote_code: bool = field(default=False, metadata={"help": "off unless you ask for it"})
+    device_map: str | None = field(default=None, metadata={
+        "help": "auto: shard the base over the visible GPUs (CPU when there are none); None: all on `device`"})
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise HarnessError(f"--model-args dtype={self.dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise HarnessError(f"--model-args device={self.device!r} is not allowed; use cpu, cuda or cuda:N")
+        check_device_name(self.device)
+        if self.device_map is not None:
+            if self.device_map not in DEVICE_MAPS:
+                raise HarnessError(f"--model-args device_map={self.device_map!r} is not allowed; use "
+                                   f"{', '.join(DEVICE_MAPS)}")
+
+    def resolved(self, device: str | None = None) -> "ModelArgs":
+        """These arguments with the device made concrete (auto -> cuda:0 or cpu), or set to `device`."""
+        return replace(self, device=device or resolve_device(self.device))
 
     @classmethod
     def parse(cls, text: str | None) -> "ModelArgs":
@@ -101,12 +113,17 @@ class ModelArgs:
             key, value = key.strip(), value.strip()
             if not sep:
                 raise HarnessError(f"--model-args: {item!r} is not key=value (keys: dtype, revision, device, "
-                                   f"trust_remote_code)")
+                                   f"trust_remote_code, device_map)")
             if key == "trust_remote_code":
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise HarnessError(f"--model-args trust_remote_code={value!r}: use true or false")
                 value = value.lower() in ("true", "1")
+            if key == "device_map" and value.lower() in ("none", ""):
+                value = None
             values[key] = value
+        if values.get("device_map") is not None and values.get("device", "auto") != "auto":
+            raise HarnessError(f"--model-args device_map={values['device_map']} places the model itself; drop "
+                               f"device={values['device']}")
         return build_config(cls, values, what="--model-args", unknown="--model-args: unknown key")
 
 
@@ -170,12 +187,14 @@ def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
 
 def check_device(args: ModelArgs) -> None:
     """The device exists, and the dtype can train on it."""
+    if args.device == "auto" and args.dtype == "float16":
+        args = args.resolved()
     if args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise HarnessError(f"--model-args device={args.device}: this machine has no CUDA device "
-                               f"(torch {torch.__version__} sees none); use device=cpu")
+                               f"(torch {torch.__version__} sees none); use device=cpu or auto")
         index = int(args.device.split(":", 1)[1]) if ":" in args.device else 0
         if index >= torch.cuda.device_count():
             raise HarnessError(f"--model-args device={args.device}: there are {torch.cuda.device_count()} CUDA "
@@ -272,9 +291,15 @@ class LoadedModel:
 
     def identity(self) -> dict:
         """What names these weights exactly: the revision, or for a local directory a hash of its
-        weight files; with the load arguments (dtype, device) that change the numbers."""
+        weight files; with the load arguments (dtype, the resolved device) that change the numbers."""
         weights = local_weights_hash(self.path) if self.spec.source == "local" else None
-        return {"id": self.model_id, "revision": self.revision, "weights": weights, "args": asdict(self.args)}
+        args = {k: v for k, v in asdict(self.args).items() if not (k == "device_map" and v is None)}
+        return {"id": self.model_id, "revision": self.revision, "weights": weights, "args": args}
+
+    @property
+    def sharded(self) -> bool:
+        """Loaded through a device_map: the base's layers may sit on several devices."""
+        return self.args.device_map is not None
 
     def base_digest(self, tensor) -> str | None:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
@@ -292,7 +317,16 @@ class LoadedModel:
         return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source, "package": self.spec.package,
                 "revision": self.revision, "model_type": self.anatomy.model_type,
                 "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
-                "device": self.args.device}
+                "device": self.args.device, "device_name": device_description(self.args.device),
+                "device_map": _placement(self.base) if self.sharded else None}
+
+
+def _placement(model) -> dict:
+    """How many of a sharded model's parameters sit on each device."""
+    counts: dict = {}
+    for parameter in model.parameters():
+        counts[str(parameter.device)] = counts.get(str(parameter.device), 0) + parameter.numel()
+    return counts
 
 
 def share_frozen_weights(base):
@@ -343,11 +377,16 @@ def _from_pretrained(path: Path, args: ModelArgs, **overrides):
     is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
     auto = AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.device_map is not None:
+        overrides.setdefault("device_map", args.device_map)
+    else:
+        args = args.resolved()
     model = auto.from_pretrained(
         path, dtype=dtype, use_safetensors=True, local_files_only=True,
         trust_remote_code=args.trust_remote_code, **overrides,
     )
-    return model.to(args.device).eval()
+    # a device_map placed the model already (and a 4-bit model cannot move)
+    return model.eval() if "device_map" in overrides else model.to(args.device).eval()
 
 
 def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
@@ -357,6 +396,8 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
 
     hf_logging.disable_progress_bar()
     args = args or ModelArgs()
+    if args.device_map is None:
+        args = args.resolved()
     spec = resolve_model(name)
     path, revision = locate_weights(spec, args, progress)
     if not any(path.glob("*.safetensors")):
@@ -365,6 +406,8 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = _from_pretrained(path, args)
+    if args.device_map is not None:  # where the first layers landed: the inputs go there
+        args = args.resolved(str(next(base.parameters()).device))
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base))

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_memory import RECIPE, PeakSampler, rss, session  # noqa: E402
+from run_memory import RECIPE, PeakSampler, measure, session  # noqa: E402
 
 
 def read_pass(pairs) -> float:
@@ -41,15 +41,6 @@ def read_pass(pairs) -> float:
         for b, a in iter_chunks(before, after, chunk_elements=n):
             load(b_buf, b), load(a_buf, a)
     return time.perf_counter() - started
-
-
-def measure(label: str, fn, sampler: PeakSampler):
-    gc.collect()
-    start = rss()
-    sampler.reset()
-    t = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t, max(0, sampler.read() - start)
 
 
 def main() -> None:
@@ -85,8 +76,8 @@ def main() -> None:
             def digests():
                 return sum(tensor_digest(params[n]) != d for n, d in run.frozen_digests.items())
 
-            _, t_deltas, m_deltas = measure("deltas", deltas, sampler)
-            _, t_digest, m_digest = measure("digests", digests, sampler)
+            _, t_deltas, m_deltas = measure(deltas, sampler)
+            _, t_digest, m_digest = measure(digests, sampler)
             reference = read_pass(list(run.method.effective_deltas(model, before, anatomy))) \
                 + read_pass(raw_delta_pairs(model, before))
             frozen = [params[n] for n in run.frozen_digests]
@@ -95,7 +86,7 @@ def main() -> None:
                 p.detach().view(-1).view(torch.uint8).numpy().sum(dtype="uint64") if p.numel() else None
             reference_digest = time.perf_counter() - t0
             run.measurements.pop("rank:0.9", None)
-            _, t_rank, m_rank = measure("rank", lambda: run.rank(0.9), sampler)
+            _, t_rank, m_rank = measure(lambda: run.rank(0.9), sampler)
             print(f"{label}: deltas {t_deltas:.2f}s (read pass {reference:.2f}s: x{t_deltas / reference:.2f}), "
                   f"peak extra RSS {m_deltas / 2**20:.0f} MiB = {m_deltas / largest:.3f} x largest matrix")
             if frozen:

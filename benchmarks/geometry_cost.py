@@ -22,16 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_memory import RECIPE, PeakSampler, rss, session  # noqa: E402
-
-
-def measure(fn, sampler: PeakSampler):
-    gc.collect()
-    start = rss()
-    sampler.reset()
-    t = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t, max(0, sampler.read() - start)
+from run_memory import RECIPE, PeakSampler, measure, session  # noqa: E402
 
 
 def main() -> None:

@@ -77,6 +77,16 @@ class PeakSampler:
         return max(self.peak, rss())
 
 
+def measure(fn, sampler: PeakSampler):
+    """(fn's value, its seconds, the peak RSS it added over what was resident when it began)."""
+    gc.collect()
+    start = rss()
+    sampler.reset()
+    t = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - t, max(0, sampler.read() - start)
+
+
 def session(model_dir: Path, store: Path, device: str = "auto"):
     from harness.models import ModelArgs
     from harness.session import HarnessOptions, HarnessSession

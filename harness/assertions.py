@@ -448,7 +448,8 @@ def check_behavior_localized(run, layers=None, kinds=None, min_retained: float =
                f"({found['shift']:+.4g} of {full_shift:+.4g}, none kept {none_shift:+.4g}); required "
                f"{min_retained:.0%}: {verdict.explanation}")
     rows = [[i, k, m, d] for i, (k, m, d) in enumerate(zip(kept, needed, effect.differences))][:16]
-    metrics.update(estimate=effect.estimate, low=effect.low, high=effect.high, n=effect.n, p_value=verdict.p_value)
+    metrics.update(estimate=effect.estimate, low=effect.low, high=effect.high, n=effect.n, p_value=verdict.p_value,
+                   metric="loglik_margin", unit=effect.unit)
     return _conclude([run], CheckResult("assert_behavior_localized", verdict.outcome == "supported", summary, headers,
                                         rows, metrics, verdict=verdict.outcome),
                      {f"{run.label}.retained": found["retained"]})
@@ -524,7 +525,7 @@ def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
         "assert_negation_reverses", verdict.outcome == "supported", summary,
         ["dose", "shift", "low", "high", "forgetting"], rows,
         {"estimate": effect.estimate, "low": effect.low, "high": effect.high, "n": effect.n,
-         "p_value": verdict.p_value}, verdict=verdict.outcome,
+         "p_value": verdict.p_value, "metric": "loglik_margin", "unit": effect.unit}, verdict=verdict.outcome,
     ), {f"{run.label}.negated_shift": effect.estimate})
 
 

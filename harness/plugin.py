@@ -389,8 +389,9 @@ def pytest_runtest_call(item: pytest.Item):
             raise _not_a_refutation(error) if isinstance(error, AssertionError) else error
         if item.nodeid in session.records or "train" in getattr(item, "fixturenames", ()):
             item.stash[VERDICT_KEY] = verdict
-        recorded = None if item.get_closest_marker(EXPECTED_MARK) else session.verdicts.recorded(
-            item.path, repeat_base(item.nodeid))
+        # --record-verdicts records what the test finds now, so the old record does not judge it
+        judged_by_record = not (item.get_closest_marker(EXPECTED_MARK) or session.options.record_verdicts)
+        recorded = session.verdicts.recorded(item.path, repeat_base(item.nodeid)) if judged_by_record else None
         if recorded is not None:
             _hold_against_record(item, session, recorded, verdict)
             return None

@@ -87,6 +87,11 @@ def test_recorded_verdicts_round_trip_and_a_change_fails_with_the_table(pytester
     again.stdout.fnmatch_lines(["*XFAIL*test_refuted*"])
     assert again.ret == 0
 
+    # recording again judges afresh, and the reason is the finding's, not the earlier record's
+    pytester.runpytest_subprocess(*P, "--record-verdicts").assert_outcomes(passed=1, failed=2)
+    rerecorded = json.loads((pytester.path / "verdicts" / "tiny-qwen2.json").read_text())["tests"]
+    assert {k: v["reason"] for k, v in rerecorded.items()} == {k: v["reason"] for k, v in record["tests"].items()}
+
     # the refuted claim now holds: a changed verdict fails, naming both and the record's reason
     claims(pytester, shift=-1.0)
     changed = pytester.runpytest_subprocess(*P)

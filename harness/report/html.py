@@ -75,6 +75,9 @@ nav a { margin-right: .8rem; }
 
 # -- small helpers ---------------------------------------------------------------------------
 
+# Built as strings, not jinja2 templates (issue 17 asked for one or a reason): each section is a
+# small function beside the figure it draws, every payload value passes through `_e`, and the
+# browser test pins the page; a template port would move markup away from that data shaping.
 def _e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 

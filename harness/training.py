@@ -151,6 +151,14 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     weights_logged: set[str] = set()  # raw names whose non-finite weight is already an event
     started = time.perf_counter()
     step = 0
+
+    def skip_step(step_started: float) -> None:
+        """The step's update is not applied: its gradients are dropped and the schedule moves on."""
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        trace.skipped_steps.append(step)
+        trace.step_time.append(time.perf_counter() - step_started)
+
     for epoch in range(recipe.num_train_epochs):
         order = torch.randperm(len(data), generator=shuffler).tolist()
         micro_batches = [[data[i] for i in order[s : s + batch]] for s in range(0, len(order), batch)]
@@ -190,10 +198,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                 # the scaled fp16 gradients overflowed: the scaler skips this step and lowers its scale
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                trace.skipped_steps.append(step)
-                trace.step_time.append(time.perf_counter() - step_started)
+                skip_step(step_started)
                 step += 1
                 continue
             if event is not None:
@@ -205,10 +210,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                     trace.step_time.append(time.perf_counter() - step_started)
                     break
                 if instruments.nonfinite == "skip_step":
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    trace.skipped_steps.append(step)
-                    trace.step_time.append(time.perf_counter() - step_started)
+                    skip_step(step_started)
                     step += 1
                     continue
             if scaler is None:

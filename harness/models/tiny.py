@@ -117,7 +117,7 @@ def _cached(entry: str, build: Callable[[Path], None]) -> Path:
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f"{target.name}.lock", what=f"building embedded model {name}"):
+    with file_lock(root / f"{target.name}.lock", what=f"building embedded model {entry}"):
         if not (target / "model.safetensors").exists():  # another worker may have built it
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}-"))
             try:

@@ -24,10 +24,10 @@ def render_markdown(payload: dict) -> str:
         f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
         f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
-        *([f"- methods from outside the harness: " + ", ".join(map(_origin, prov["methods"]))]
+        *(["- methods from outside the harness: " + ", ".join(map(_origin, prov["methods"]))]
           if prov.get("methods") else []),
         f"- command: `{' '.join(prov['args'])}`", "",
-        *([f"**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
+        *(["**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
           if payload.get("interrupted") else []),
         "## Tests", "", _table(test_rows(payload)), "",
     ]

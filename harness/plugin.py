@@ -526,7 +526,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         workeroutput[XDIST_KEY] = json.dumps(harness.worker_output(), default=str)
         return
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
-    if not harness.finish(interrupted=interrupted) and session.exitstatus == pytest.ExitCode.OK:
+    if not harness.finish(interrupted=interrupted, exit_code=int(exitstatus)) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     harness.write_ci_outputs(int(session.exitstatus))
 

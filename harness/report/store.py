@@ -35,16 +35,27 @@ def write_report(reports_dir: Path, payload: dict, move_latest: bool = True) -> 
     not to move it) and reports/index.html. Each file is written atomically."""
     report_id = report_id_of(payload)
     report_dir = Path(reports_dir) / report_id
-    atomic_write(report_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
-    atomic_write(report_dir / "report.md", render_markdown(payload))
-    _write_html(Path(reports_dir), report_dir, payload)
+    write_report_files(report_dir, payload)
     if move_latest:
         atomic_write(Path(reports_dir) / "latest", report_id + "\n")
+    write_index(reports_dir)
+    return report_dir
+
+
+def write_report_files(report_dir: Path, payload: dict) -> None:
+    """A report's three files in report_dir, each written atomically (an existing report is rewritten)."""
+    report_dir = Path(report_dir)
+    markdown = render_markdown(payload)  # first: a payload it cannot render leaves an existing report as it was
+    atomic_write(report_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
+    atomic_write(report_dir / "report.md", markdown)
+    _write_html(report_dir.parent, report_dir, payload)
+
+
+def write_index(reports_dir) -> None:
     try:
         pages.write_index(reports_dir)
     except Exception as exc:  # noqa: BLE001 - the reports themselves are complete
         warnings.warn(f"stance-harness: the index of reports failed: {exc!r}", stacklevel=2)
-    return report_dir
 
 
 def _write_html(reports_dir: Path, report_dir: Path, payload: dict) -> None:

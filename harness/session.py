@@ -24,7 +24,7 @@ from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
 from .report.markdown import render_step_summary
-from .report.metrics import declared_directions
+from .report.metrics import declared_directions, metrics_from_payload
 from .report.records import TestRecord, repeat_base
 from .report.sections import report_id_of
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
@@ -318,8 +318,6 @@ class HarnessSession:
         return self.comparison is None or self.comparison.passed
 
     def _compare(self, payload: dict) -> gate.Comparison:
-        from .report.metrics import metrics_from_payload
-
         stored = store.load_baseline(self.options.baselines_dir, self.options.compare_baseline)
         self.baseline_info = {"kind": "baseline", "name": self.options.compare_baseline,
                                "path": str(store.baseline_path(self.options.baselines_dir,

@@ -89,6 +89,8 @@ def test_a_failed_gate_is_a_red_banner_at_the_top_of_the_page():
     cells = re.findall(r"<tr>(.*?)</tr>", regressions)[-1]
     assert re.findall(r"<td>(.*?)</td>", cells) == [NODE, "lora.ece", "0.05", "0.0734", "+0.0234 (+46.8%)",
                                                      "≤ 0.06", "REGRESSION"]
+    tests = page[page.index('<section id="tests">'):]
+    assert '<a href="#gate"><span class="badge s-failed">GATE FAILED</span></a>' in tests[:tests.index("</p>")]
 
 
 def test_a_passed_gate_is_green_and_the_session_passes():

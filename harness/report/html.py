@@ -479,10 +479,12 @@ def _gate_banner(gate) -> str:
     return "".join(out) + "</section>"
 
 
-def _summary(tests: list[dict]) -> str:
+def _summary(tests: list[dict], gate=None) -> str:
     counts = Counter(t.get("outcome") or "not run" for t in tests)
+    failed_gate = isinstance(gate, dict) and not gate.get("passed")  # beside PASS counts, it is the verdict
     return ('<p>' + " ".join(f"{_badge(o)} {counts[o]}" for o in OUTCOMES if counts.get(o))
-            + f' <span class="muted">({len(tests)} tests)</span></p>')
+            + f' <span class="muted">({len(tests)} tests)</span>'
+            + (' <a href="#gate"><span class="badge s-failed">GATE FAILED</span></a>' if failed_gate else "") + "</p>")
 
 
 def _tests_table(payload: dict, run_anchor: dict) -> str:
@@ -730,7 +732,7 @@ def render_html(payload: dict, figure_cache: Path | None = None) -> str:
     run_anchor = {run_id: _anchor("run", f"{i}-{run_id}") for i, run_id in enumerate(runs)}
     body = [_header(payload),
             '<nav><a href="#tests">tests</a><a href="#details">details</a><a href="#runs">runs</a></nav>',
-            '<section id="tests"><h2>Tests</h2>', _summary(tests), _tests_table(payload, run_anchor), "</section>",
+            '<section id="tests"><h2>Tests</h2>', _summary(tests, payload.get("gate")), _tests_table(payload, run_anchor), "</section>",
             '<section id="details"><h2>Test details</h2>']
     shown = 0
     for i, test in enumerate(tests):

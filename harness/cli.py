@@ -131,11 +131,13 @@ def cmd_compare(args) -> int:
                 "report_id": report_id_of(baseline.data), "saved": baseline.data.get("saved")}
         payload = {**current.data, "gate": report_entry(result, side)}
         try:
-            write_report_files(current.path.parent, payload)
+            render_markdown(payload)  # before writing anything: a report it cannot render stays as it was
         except (KeyError, TypeError, AttributeError, IndexError) as err:
             raise HarnessError(f"{current.path} is incomplete ({type(err).__name__}: {err}), so the gate was not "
                                "written into it; was it written by another version of stance-harness?") from None
-        if current.path.parent.parent.resolve() == root.resolve():  # the index lists this folder's reports only
+        in_root = current.path.parent.parent.resolve() == root.resolve()
+        write_report_files(current.path.parent, payload, root if in_root else None)
+        if in_root:  # the index lists the reports directory's own reports only
             write_index(root)
         print(f"\ngate written into {current.path.parent} (report.json, report.md, index.html)")
     return EXIT_OK if result.passed else EXIT_FAILED

@@ -177,7 +177,8 @@ def test_compare_write_report_puts_the_gate_into_report_b(reports, capsys, tmp_p
                "--write-report") == 1
     gate = json.loads((elsewhere / "report.json").read_text())["gate"]
     assert gate["passed"] is False and gate["baseline"]["kind"] == "report"
-    assert gate["baseline"]["name"] == "20260101-000000-aaaa" and not (elsewhere.parent / "index.html").exists()
+    assert gate["baseline"]["name"] == "20260101-000000-aaaa"
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["copy"]  # no index, no figure cache beside it
 
 
 def test_compare_write_report_needs_a_report_as_b(reports, capsys):
@@ -188,6 +189,13 @@ def test_compare_write_report_needs_a_report_as_b(reports, capsys):
     assert_one_line_error(capsys.readouterr().err, r"--write-report writes the gate into report B, but 'main' is a "
                                                    r"baseline \(metrics only\); name a report")
     assert (reports / "baselines" / "main.json").read_text() == before
+    # a report the renderers cannot read (another version's) is left as it was
+    broken = write_run(reports, {"run_id": "20260106-000000-ffff", "tests": []}, latest=False) / "report.json"
+    text = broken.read_text()
+    assert cli(reports, "compare", "latest", "20260106-000000-ffff", "--write-report") == 2
+    assert_one_line_error(capsys.readouterr().err, r"report.json is incomplete \(KeyError: 'provenance'\), so the "
+                                                   r"gate was not written into it")
+    assert broken.read_text() == text and sorted(p.name for p in broken.parent.iterdir()) == ["report.json"]
 
 
 def test_compare_unknown_run_exits_2(reports, capsys):

@@ -122,7 +122,7 @@ GATE_COLUMNS = (("test", "test"), ("metric", "metric"), ("baseline", "baseline_t
 
 
 def baseline_text(baseline) -> str:
-    """`'main' (reports/baselines/main.json; report R, saved S)`: what a gate compared against."""
+    """`baseline 'main' (reports/baselines/main.json; report R; saved S)`: what a gate compared against."""
     if not isinstance(baseline, dict):
         return repr(baseline)
     details = [str(baseline[k]) for k in ("path",) if baseline.get(k)]

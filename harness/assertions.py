@@ -89,8 +89,15 @@ def _what(value) -> str:
 
 
 def _is_run(value) -> bool:
-    # under --plan, `train` returns a PlannedRun: its request is checked, and reading the run skips the test
-    return isinstance(value, Run) or isinstance(getattr(value, "request", None), TrainingRequest)
+    # under --plan, `train` returns a PlannedRun: its request is checked, and reading the run skips the
+    # test; a stand-in (tests) has what every helper uses of a run, its label and its sinks
+    return (isinstance(value, Run) or isinstance(getattr(value, "request", None), TrainingRequest)
+            or (hasattr(value, "label") and hasattr(value, "sinks")))
+
+
+def _same(a, b) -> bool:
+    key = getattr(a, "run_id", None)
+    return a is b or (key is not None and key == getattr(b, "run_id", None))
 
 
 def _check_run_arguments(helper: str, arguments: dict, runs: tuple, lists: bool) -> None:
@@ -105,18 +112,22 @@ def _check_run_arguments(helper: str, arguments: dict, runs: tuple, lists: bool)
                 where = f"{name}[{i}]" if many else name
                 wanted = "a Run (what train(...) returns)" + (", or a list of Runs (one per seed)" if lists else "")
                 raise HarnessError(f"{helper}: `{where}` must be {wanted}, got {_what(run)}")
-        sides[name] = list(value) if many else [value]
-        seen = [r.run_id for r in sides[name]]
-        twice = next((r for r in seen if seen.count(r) > 1), None)
+        sides[name] = side = list(value) if many else [value]
+        twice = next((x for i, x in enumerate(side) if any(_same(x, y) for y in side[i + 1:])), None)
         if twice is not None:
-            raise HarnessError(f"{helper}: `{name}` holds run {twice} twice; one per seed, each a different run")
+            raise HarnessError(f"{helper}: `{name}` holds run {_name_of(twice)} twice; one per seed, each a "
+                               f"different run")
     if len(runs) == 2:
         (first, a), (second, b) = sides.items()
-        same = next((x.run_id for x, y in zip(a, b) if x is y or x.run_id == y.run_id), None)
+        same = next((x for x, y in zip(a, b) if _same(x, y)), None)
         if same is not None:
-            raise HarnessError(f"{helper}: `{first}` and `{second}` are the same run ({same}); a run compared with "
-                               f"itself differs by exactly 0, which is no evidence either way. Compare two "
-                               f"different runs (another method, recipe or seed)")
+            raise HarnessError(f"{helper}: `{first}` and `{second}` are the same run ({_name_of(same)}); a run "
+                               f"compared with itself differs by exactly 0, which is no evidence either way. "
+                               f"Compare two different runs (another method, recipe or seed)")
+
+
+def _name_of(run) -> str:
+    return getattr(run, "run_id", None) or run.label
 
 
 def _check_metric(helper: str, metric, known) -> None:

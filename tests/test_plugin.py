@@ -212,6 +212,22 @@ def test_a_misused_helper_fails_its_test_with_one_harness_line_before_any_traini
     assert "assertions.py" not in output and "HarnessError" not in output and "training " not in output
 
 
+def test_under_plan_a_run_compared_with_itself_is_caught_and_a_sound_comparison_skips(pytester):
+    pytester.makepyfile(test_planned="""
+        from harness import assert_less
+
+        def test_itself(train):
+            assert_less(train("lora", examples=5), train("lora", examples=5))
+
+        def test_two_runs(train):
+            assert_less(train("lora", examples=5), train("full", examples=5))
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--plan", "-rs")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*stance-harness: assert_less: `a` and `b` are the same run (lora-*) (test_planned.py:4)",
+                                 "SKIPPED*--plan: lora-* checked, not trained*"])
+
+
 def test_negative_analysis_timeout_is_a_usage_error(hypotheses):
     result = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "-1")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -292,3 +292,22 @@ def test_a_helper_checks_its_arguments_before_it_measures_anything(ctx):
     assert a.measurements == {} and b.measurements == {}
     check_less(a, b, metric="forgetting")  # the same call, well formed, does measure
     assert "forgetting" in a.measurements and "forgetting" in b.measurements
+
+
+HELPERS = sorted(name for name in __import__("harness").__all__
+                 if name.startswith(("check_", "assert_")) and name != "assert_all")
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_every_helper_refuses_the_train_fixture_where_a_run_belongs(name):
+    import inspect
+
+    import harness
+
+    helper = getattr(harness, name)
+    first, *others = inspect.signature(helper).parameters.values()
+    required = {p.name: [0] for p in others if p.default is inspect.Parameter.empty}  # layers=[0]
+    with pytest.raises(HarnessError) as info:
+        helper(_train, **required)
+    assert str(info.value).startswith(f"{name}: `{first.name}` must be a Run (what train(...) returns)")
+    assert "got the `train` fixture itself (a function); call it" in str(info.value)

@@ -46,10 +46,11 @@ def documented_keys() -> dict[str, tuple[set[str], set[str]]]:
 
 def key_paths(value, path: str = "") -> set[str]:
     """`a.b`, `rows[].c`: the paths of a returned value down to its leaves (a list of numbers is a
-    leaf; the keys of a list of dicts are the union over its items; `correlation` is keyed by kind)."""
+    leaf; the keys of a list of dicts are the union over its items; `correlation` is keyed by kind,
+    `families` by family)."""
     if isinstance(value, dict) and value:
-        named = path.endswith("correlation")
-        return {p for key, item in value.items() for p in key_paths(item, f"{path}.{'<kind>' if named else key}")}
+        placeholder = "<kind>" if path.endswith("correlation") else "<family>" if path.endswith("families") else None
+        return {p for key, item in value.items() for p in key_paths(item, f"{path}.{placeholder or key}")}
     if isinstance(value, list) and any(isinstance(item, dict) for item in value):
         return {p for item in value for p in key_paths(item, f"{path}[]")}
     return {path}
@@ -71,7 +72,7 @@ def test_every_run_measurement_is_documented():
 
     public = {f"run.{name}" for name in ("counts", "behavior", "forgetting", "calibration", "rank", "layer_table",
                                           "localization", "localized", "localization_ends", "dose_response",
-                                          "geometry", "unit_values")}
+                                          "geometry", "unit_values", "replies", "general_ability")}
     assert set(documented_keys()) == public
     assert all(hasattr(Run, name.removeprefix("run.")) for name in public)
 
@@ -90,6 +91,9 @@ def test_the_documented_keys_are_the_returned_keys(quick_run):
         "run.localization_ends": [key_paths(lora.localization_ends())],
         "run.dose_response": [key_paths(lora.dose_response())],
         "run.geometry": [key_paths(lora.geometry())],
+        "run.replies": [key_paths(lora.replies())],
+        # regressions and gains hold rows (documented once, as rows[]); they may be empty on a tiny model
+        "run.general_ability": [key_paths({**lora.general_ability(), "regressions": [], "gains": []})],
     }
     documented = documented_keys()
     for name, variants in returned.items():

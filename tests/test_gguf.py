@@ -295,3 +295,18 @@ def test_a_quantized_gguf_is_labelled_as_not_the_published_weights(tmp_path, cac
     # 8-bit blocks: close to the original, not equal to it
     difference = (loaded.base.model.layers[0].mlp.up_proj.weight - original.model.layers[0].mlp.up_proj.weight).abs()
     assert 0 < difference.max() < 0.01
+
+
+def test_a_gguf_file_as_the_model_of_a_pytest_run(pytester, tiny_gguf):
+    path, _ = tiny_gguf
+    pytester.makepyfile('''
+        def test_trains_on_a_gguf(train, base_model, anatomy):
+            assert base_model.spec.source == "gguf" and (anatomy.model_type, anatomy.num_layers) == ("llama", 2)
+            run = train("lora", examples=5, recipe={"num_train_epochs": 1}, r=2)
+            assert run.counts["trainable"] > 0 and run.changed_frozen() == []
+    ''')
+    for model, args in ((str(path), []), (str(path.parent), ["--model-args", f"gguf_file={path.name}"])):
+        pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", model, *args).assert_outcomes(passed=1)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", str(path.parent))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*add --model-args gguf_file={path.name}*"])

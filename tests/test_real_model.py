@@ -70,6 +70,7 @@ def test_the_converted_model_answers_a_chat_question(smollm):
 def test_full_finetuning_shifts_the_stance_margin(full_run):
     assert full_run.task.name == "stance-lm" and len(full_run.trace.loss) == 3  # 3 epochs of one 5-example step
     shift = full_run.behavior("loglik_margin")
+    print(f"\nfull FT, seed 000 recipe: loglik margin shift {shift['effect']}")
     assert shift["effect"]["low"] > 0, shift["effect"]  # the stance's continuations gained on the neutral ones
 
 
@@ -78,6 +79,8 @@ def test_a_full_finetune_with_tied_embeddings_survives_the_run_store(full_run, s
     embed = full_run.model.model.embed_tokens.weight
     assert full_run.model.lm_head.weight is embed  # still one tensor after training
     assert not torch.equal(embed, smollm.base.model.embed_tokens.weight)  # and it trained
+    names = [row.name for row in full_run.adapter_deltas]  # the weight-delta analysis counts it once, as the embedding
+    assert names.count("embed.weight") == 1 and not any(n.startswith("head") for n in names) and len(names) == 30 * 9 + 2
     again = _session(smollm, store).train("full", examples=5, recipe=SEED_RECIPE)
     assert again.origin == "loaded" and again.run_id == full_run.run_id
     rebuilt = dict(again.model.named_parameters())

@@ -17,7 +17,7 @@ from ..config import build_config
 from ..devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
 from ..files import atomic_write, file_digest
 from ..registry import HarnessError, Registry, suggest
-from . import gguf_files
+from .gguf_files import cached_entry, converted_dir, inspect_gguf, origin as gguf_origin, package_file
 from .anatomy import Anatomy
 from .tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
 
@@ -165,10 +165,10 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
     if spec.source == "local":
         return Path(spec.path), None
     if spec.source == "gguf":
-        return gguf_files.converted_dir(Path(spec.path), progress), None
+        return converted_dir(Path(spec.path), progress), None
     if spec.source == "package" and spec.package_file:
-        file, installed = gguf_files.package_file(spec.package, spec.package_file, spec.install)
-        return gguf_files.converted_dir(file, progress), installed
+        file, installed = package_file(spec.package, spec.package_file, spec.install)
+        return converted_dir(file, progress), installed
     if spec.source == "package":
         return _package_weights(spec)
     from huggingface_hub import snapshot_download
@@ -226,12 +226,12 @@ def check_gguf_source(spec: ModelSpec) -> None:
     """The GGUF file is there and transformers can dequantize it; read from its header, without
     converting (a file converted before is not read again)."""
     if spec.package_file:
-        file, _ = gguf_files.package_file(spec.package, spec.package_file, spec.install)
+        file, _ = package_file(spec.package, spec.package_file, spec.install)
     else:
         file = Path(spec.path)
-    entry = gguf_files.cached_entry(file)
+    entry = cached_entry(file)
     if entry is None:
-        gguf_files.inspect_gguf(file)
+        inspect_gguf(file)
     else:
         check_model_directory(entry, f"--model {spec.name}")
 
@@ -469,7 +469,7 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
         parameter.requires_grad_(False)
     origin = None
     if spec.from_gguf:
-        origin = gguf_files.origin(path)
+        origin = gguf_origin(path)
         if spec.package:
             origin = {**origin, "package": spec.package, "package_version": revision, "package_file": spec.package_file}
     return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base), origin)

@@ -147,6 +147,8 @@ def test_a_directory_and_gguf_file_name_load_the_same_file(tiny_gguf, cache):
         resolve_model(str(path.parent), gguf_file="other.gguf")
     with pytest.raises(HarnessError, match="--model tiny-llama is an alias"):
         resolve_model("tiny-llama", gguf_file=path.name)
+    with pytest.raises(HarnessError, match=f"gguf_file={path.name}: --model {path} is not a directory"):
+        resolve_model(str(path), gguf_file=path.name)
 
 
 def test_the_identity_of_other_models_keeps_its_keys(tiny_qwen2):

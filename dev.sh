@@ -3,6 +3,7 @@
 # CUDA wheels are pulled), then runs the hypothesis suites or the harness's own tests.
 #   ./dev.sh suites [pytest args]   hypothesis suites on the embedded default model -> reports/
 #   ./dev.sh test   [pytest args]   the harness's own tests
+#   ./dev.sh lint                   the static check (ruff, configured in pyproject.toml)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,5 +47,6 @@ cmd=${1:-}
 case "$cmd" in
   suites) exec .venv/bin/python -m pytest suites/ "$@" ;;
   test)   exec .venv/bin/python -m pytest tests/ "$@" ;;
-  *) echo "usage: ./dev.sh suites|test [pytest args]" >&2; exit 2 ;;
+  lint)   exec .venv/bin/ruff check . "$@" ;;
+  *) echo "usage: ./dev.sh suites|test|lint [args]" >&2; exit 2 ;;
 esac

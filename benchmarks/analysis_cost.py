@@ -96,7 +96,7 @@ def main() -> None:
             print(f"{label}: rank of {len(run.rank(0.9)['rows'])} block matrices {t_rank:.1f}s, peak extra RSS "
                   f"{m_rank / 2**20:.0f} MiB = {m_rank / largest:.3f} x largest matrix", flush=True)
             run.release_model()
-            del model, params, frozen
+            model = params = frozen = None  # rebound, not deleted: the closures above name them
             gc.collect()
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from .files import atomic_write
 from .registry import HarnessError
-from .report.gate import check_rule_syntax, compare, parse_rules
+from .report.gate import check_rule_syntax, compare, parse_rules, report_entry
 from .report.markdown import render_markdown
 from .report.metrics import declare_from_report
 from .report.store import (check_baseline_name, latest_report, list_baselines, list_reports, load_baseline,
-                           load_source, report_id_of, save_baseline)
+                           load_source, report_id_of, save_baseline, write_index, write_report_files)
 
 PROG = "stance-harness"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -101,6 +101,9 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
                    help="METRIC:[+|-]TOLERANCE[%%], e.g. ece:+0.01, behavior_shift:-10%%, acc1:0.02; "
                         "without rules every shared metric is listed and nothing fails")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the comparison as JSON")
+    p.add_argument("--write-report", action="store_true",
+                   help="write the gate into report B: its report.json gets a `gate` entry, and its report.md and "
+                        "index.html are rebuilt to open with it (red when it failed)")
 
 
 @command("compare", "compare two reports or baselines; fail on regressions", _compare_arguments)
@@ -111,6 +114,9 @@ def cmd_compare(args) -> int:
         check_rule_syntax(spec)  # a malformed rule is a usage error before anything is loaded
     root = _reports_dir(args)
     baseline, current = load_source(args.baseline, root), load_source(args.current, root)
+    if args.write_report and current.kind != "report":
+        raise HarnessError(f"--write-report writes the gate into report B, but {args.current!r} is a baseline "
+                           "(metrics only); name a report: a report id, `latest` or a report's path")
     for side in (baseline, current):
         declare_from_report(side.data)  # the directions of the suites' own metrics, as the reports recorded them
     result = compare(baseline.metrics, current.metrics, parse_rules(args.fail_on))
@@ -119,6 +125,21 @@ def cmd_compare(args) -> int:
     if args.json is not None:
         document = {"baseline": baseline.label, "now": current.label, **result.as_dict()}
         atomic_write(args.json, json.dumps(document, indent=2, default=str) + "\n")
+    if args.write_report:
+        name = baseline.data.get("name", args.baseline) if baseline.kind == "baseline" else args.baseline
+        side = {"kind": baseline.kind, "name": name, "path": str(baseline.path),
+                "report_id": report_id_of(baseline.data), "saved": baseline.data.get("saved")}
+        payload = {**current.data, "gate": report_entry(result, side)}
+        try:
+            render_markdown(payload)  # before writing anything: a report it cannot render stays as it was
+        except (KeyError, TypeError, AttributeError, IndexError) as err:
+            raise HarnessError(f"{current.path} is incomplete ({type(err).__name__}: {err}), so the gate was not "
+                               "written into it; was it written by another version of stance-harness?") from None
+        in_root = current.path.parent.parent.resolve() == root.resolve()
+        write_report_files(current.path.parent, payload, root if in_root else None)
+        if in_root:  # the index lists the reports directory's own reports only
+            write_index(root)
+        print(f"\ngate written into {current.path.parent} (report.json, report.md, index.html)")
     return EXIT_OK if result.passed else EXIT_FAILED
 
 

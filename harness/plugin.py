@@ -140,6 +140,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
+    from .adapters import read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
@@ -161,6 +162,8 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
+        read_adapter(adapter)
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
@@ -388,6 +391,7 @@ def pytest_runtest_call(item: pytest.Item):
             return result
         verdict = _verdict_of(item, error)
         if verdict is None:  # not a claim's outcome: an error stays an error
+            _fail_cleanly(item, error)
             raise _not_a_refutation(error) if isinstance(error, AssertionError) else error
         if item.nodeid in session.records or "train" in getattr(item, "fixturenames", ()):
             item.stash[VERDICT_KEY] = verdict
@@ -429,6 +433,19 @@ def _verdict_of(item: pytest.Item, error: BaseException | None) -> str | None:
                                           or "_pytest" in raised_in.parts)  # pytest.raises, approx: its own checks
         return "refuted" if ours else None
     return None
+
+
+def _fail_cleanly(item: pytest.Item, error: BaseException) -> None:
+    """A harness error (bad input, an analysis stage over --analysis-timeout) fails its test with
+    one `stance-harness:` line naming the test's line, not a traceback through harness frames."""
+    from .registry import HarnessError
+
+    if not isinstance(error, HarnessError):
+        return
+    test = getattr(getattr(item, "obj", None), "__code__", None)  # the line in the test itself
+    lines = [tb.tb_lineno for tb in _frames(error.__traceback__) if tb.tb_frame.f_code is test]
+    where = f" ({Path(item.path).name}:{lines[-1]})" if lines else ""
+    pytest.fail(f"stance-harness: {error}{where}", pytrace=False)
 
 
 def _frames(tb):
@@ -528,7 +545,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
         workeroutput[XDIST_KEY] = json.dumps(harness.worker_output(), default=str)
         return
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
-    if not harness.finish(interrupted=interrupted) and session.exitstatus == pytest.ExitCode.OK:
+    if not harness.finish(interrupted=interrupted, exit_code=int(exitstatus)) and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     harness.write_ci_outputs(int(session.exitstatus))
 

@@ -16,13 +16,14 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from .analysis.ability import DEFAULT_PROBESET, load_probeset
 from .analysis.deltas import MatrixDelta, delta_table, layer_rows, raw_delta_pairs
 from .analysis.digest import tensor_digest
 from .analysis.stages import DEFAULT_TIMEOUT, run_stage
 from . import where
 from .batches import Framing
 from .registry import HarnessError
-from .report.metrics import LOWER, declare_metrics
+from .report.metrics import HIGHER, LOWER, declare_metrics
 
 if TYPE_CHECKING:
     from .instruments import InstrumentConfig, Trace
@@ -37,10 +38,12 @@ declare_metrics([
     ("trainable_params", LOWER, "trainable parameter count"),
     ("params_per_example", LOWER, "trainable parameters per training example"),
     ("stance_bytes", LOWER, "bytes needed to store the stance"),
+    ("general_ability", HIGHER, "share of general-ability probes answered correctly (adapted minus base, per probe)"),
+    ("backward_transfer", HIGHER, "mean over general-ability families of adapted minus base accuracy"),
 ])
 
 PAIRED_METRICS = ("behavior_shift", "loglik_margin", "kl", "marker_rate", "forgetting", "brier", "acc1", "ece",
-                  "step_time", "intruders")
+                  "step_time", "intruders", "general_ability")
 ORIGINS = ("trained", "loaded", "adapter")  # trained in this session, loaded from the run store, a saved adapter
 
 
@@ -266,6 +269,21 @@ class Run:
         body, the drift of its sentence embeddings (mean 1 − cosine, base vs adapted)."""
         return self.measured("forgetting", lambda: self.task.forgetting(self))
 
+    def replies(self) -> dict:
+        """Each probe's greedy reply, base and adapted side by side: rows of probe, base_reply,
+        adapted_reply, base_marker, adapted_marker, margin_change (the probe's loglik-margin shift)
+        and changed, in probe order."""
+        return self.measured("replies", lambda: self.task.replies(self))
+
+    def general_ability(self, probeset: str = DEFAULT_PROBESET) -> dict:
+        """Forgetting in continual learning's terms, on a general-ability probe set (factual,
+        arithmetic, instruction prompts checked by rules): accuracy base and adapted, retention per
+        family, backward transfer, regressions with both replies, a pattern name; per_unit is
+        adapted − base correctness per probe (see harness.analysis.ability)."""
+        found = load_probeset(probeset)
+        key = "general_ability" if probeset == DEFAULT_PROBESET else f"general_ability:{found.name}"
+        return self.measured(key, lambda: self.task.general_ability(self, found), stage="general_ability")
+
     def calibration(self, n_bins: int = 15) -> dict:
         """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base (see the task)."""
         key = "calibration" if n_bins == 15 else f"calibration:{n_bins}"
@@ -338,6 +356,9 @@ class Run:
             return "prediction", items["brier"] if name == "brier" else items["correct"]
         if name == "step_time":
             return "step", list(self.trace.step_time)
+        if name == "general_ability":
+            found = self.general_ability()
+            return found["unit"], found["per_unit"]
         if name == "intruders":
             return "layer", where.intruders_per_layer(self.geometry())
         raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
@@ -355,9 +376,12 @@ class Run:
             elif kind in ("calibration", "forgetting") and not detail:
                 # per-prediction rows stay in the run store; the report keeps the summary
                 view[kind] = {k: v for k, v in value.items() if k != "items"} if isinstance(value, dict) else value
-        for kind in ("localization", "dose_response", "geometry"):
+        for kind in ("localization", "dose_response", "geometry", "replies"):
             if kind in self.measurements:
                 view[kind] = _without_units(self.measurements[kind])
+        if "general_ability" in self.measurements:  # the report lists regressions and gains, not every probe
+            view["general_ability"] = {k: v for k, v in self.measurements["general_ability"].items()
+                                       if k not in ("rows", "per_unit", "unit_ids")}
         shown = self._scratch.get("rank_shown")
         if shown in self.measurements:
             view["rank"] = self.measurements[shown]

@@ -24,8 +24,9 @@ from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
 from .report.markdown import render_step_summary
-from .report.metrics import declared_directions
+from .report.metrics import declared_directions, metrics_from_payload
 from .report.records import TestRecord, repeat_base
+from .report.sections import report_id_of
 from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
 from .registry import HarnessError
 from .request import TrainingRequest
@@ -79,6 +80,7 @@ class HarnessSession:
     report_path: Path | None = None  # set by finish()
     payload_cache: dict | None = None
     comparison: gate.Comparison | None = None
+    baseline_info: dict | None = None  # the baseline compared with: name, path, report_id, saved
     saved_baseline: Path | None = None
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _runs: dict = field(default_factory=dict)
@@ -277,34 +279,63 @@ class HarnessSession:
         self.remote_provenance["stances"] += data["stances"]
 
     # -- the end of the session ------------------------------------------------------------
-    def finish(self, interrupted: bool = False) -> bool:
-        """Write the reports, then save and compare baselines. False when the gate failed.
+    def finish(self, interrupted: bool = False, exit_code: int | None = None) -> bool:
+        """Compare with the baseline, write the reports (with the gate in them), then save the
+        baseline. False when the gate failed. `exit_code` is pytest's so far; the report records
+        it as CI will see it, a failed gate included.
 
         An interrupted session (Ctrl-C) still writes what it has, marked interrupted, and leaves
-        `latest` where it was; it records no verdicts and saves no baseline."""
+        `latest` where it was; it records no verdicts, compares with no baseline and saves none."""
         options = self.options
-        if self.records and options.reports_dir is not None:
-            self.payload_cache = self.payload()
-            self.payload_cache["interrupted"] = interrupted
-            self.report_path = store.write_report(options.reports_dir, self.payload_cache, move_latest=not interrupted)
+        write = bool(self.records) and options.reports_dir is not None
+        gating = not interrupted and bool(options.save_baseline or options.compare_baseline)
+        recording = not interrupted and options.record_verdicts and bool(self.records)
+        payload = self.payload() if (write or gating or recording) else None
+        failure = None  # a baseline that vanished since the start: the report is still written, then this raised
+        if options.compare_baseline and not interrupted:
+            try:
+                self.comparison = self._compare(payload)
+            except HarnessError as err:
+                failure = err
+        if payload is not None:
+            payload["interrupted"] = interrupted
+            if options.compare_baseline and not interrupted:
+                payload["gate"] = self.gate_entry(failure)
+            if exit_code is not None:  # as the plugin turns it: a failed gate fails a session that passed
+                payload["exit_code"] = 1 if exit_code == 0 and not self._gate_passed(failure) else exit_code
+            self.payload_cache = payload
+        if write:
+            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted)
+        if failure is not None:
+            raise failure
         if interrupted:
             return True
-        if options.record_verdicts and self.records:
-            payload = self.payload_cache or self.payload()
+        if recording:
             self.recorded = save_records(payload["tests"], options.rootdir, options.model,
                                          payload["provenance"]["model"])
-        if not (options.save_baseline or options.compare_baseline):
-            return True
-        payload = self.payload_cache or self.payload()
-        if options.compare_baseline:
-            stored = store.load_baseline(options.baselines_dir, options.compare_baseline)
-            from .report.metrics import metrics_from_payload
-
-            self.comparison = gate.compare(metrics_from_payload(stored), metrics_from_payload(payload),
-                                           options.fail_on)
         if options.save_baseline:
             self.saved_baseline = store.save_baseline(options.baselines_dir, options.save_baseline, payload)
         return self.comparison is None or self.comparison.passed
+
+    def _compare(self, payload: dict) -> gate.Comparison:
+        stored = store.load_baseline(self.options.baselines_dir, self.options.compare_baseline)
+        self.baseline_info = {"kind": "baseline", "name": self.options.compare_baseline,
+                               "path": str(store.baseline_path(self.options.baselines_dir,
+                                                               self.options.compare_baseline)),
+                               "report_id": report_id_of(stored), "saved": stored.get("saved")}
+        return gate.compare(metrics_from_payload(stored), metrics_from_payload(payload), self.options.fail_on)
+
+    def gate_entry(self, failure: Exception | None = None) -> dict:
+        """report.json's `gate`: the baseline, the rules, every row, passed or failed."""
+        baseline = self.baseline_info or {"kind": "baseline", "name": self.options.compare_baseline}
+        if failure is not None or self.comparison is None:
+            return {"baseline": baseline, "passed": False, "failed": True, "error": str(failure),
+                    "summary": f"FAILED: {failure}", "rules": [rule.as_dict() for rule in self.options.fail_on],
+                    "rows": [], "regressions": 0, "only_baseline": [], "only_now": [], "notes": []}
+        return gate.report_entry(self.comparison, baseline)
+
+    def _gate_passed(self, failure) -> bool:
+        return failure is None and (self.comparison is None or self.comparison.passed)
 
     def session_verdict(self, exit_code: int) -> dict:
         """What CI systems read: passed (pytest's exit code is 0), outcome counts, and the gate."""

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from . import measure
+from .analysis.ability import summarize as summarize_ability
 from .analysis.behavior import contains_marker, kl_divergence, mean_token_logprob
 from .analysis.calibration import calibration, calibration_from_predictions
 from .batches import collate, encode_examples, pad_batch, to_device
@@ -89,6 +90,14 @@ class Task:
     def calibration(self, run, n_bins: int) -> dict:
         raise NotImplementedError
 
+    def replies(self, run) -> dict:
+        raise HarnessError(f"replies are generated on the stance-lm task (a causal LM); this run trained task "
+                           f"{self.name!r}")
+
+    def general_ability(self, run, probeset) -> dict:
+        raise HarnessError(f"general ability is scored on the stance-lm task's replies (a causal LM); this run "
+                           f"trained task {self.name!r}")
+
     # -- measuring any model of a run (patched or scaled: harness.where) -----------------------
     def probe_margins(self, run, model) -> list[float]:
         """Per probe: the loglik margin (stance minus neutral continuation) of `model`."""
@@ -138,15 +147,9 @@ class StanceLM(Task):
 
     def behavior_values(self, run, metric):
         n = len(run.stance.probes)
-        if metric == "marker_rate":
-            prompts = [p.prompt for p in run.stance.probes]
-
-            def hits(model):
-                return [float(contains_marker(reply, run.stance.markers))
-                        for reply in measure.greedy_replies(model, run.framing, prompts)]
-
-            return (run.on_base(("replies", run.stance.name, run.stance.version, run.framing.key), hits),
-                    hits(run.model))
+        if metric == "marker_rate":  # from the same greedy replies the replies table shows
+            rows = run.replies()["rows"]
+            return [float(r["base_marker"]) for r in rows], [float(r["adapted_marker"]) for r in rows]
         readings = self.probe_readings(run)
         if metric == "loglik_margin":
             def margins(lp):
@@ -155,6 +158,32 @@ class StanceLM(Task):
             return margins(readings["base_logprob"]), margins(readings["adapted_logprob"])
         per_pair = readings["kl"]  # kl: the base diverges from itself by nothing
         return [0.0] * n, [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
+
+    def replies(self, run) -> dict:
+        """Each probe's greedy reply from the base and the adapted model, framed as the run frames
+        prompts, with its stance markers and the probe's loglik-margin change."""
+        prompts = [p.prompt for p in run.stance.probes]
+        base = run.on_base(("greedy_replies", run.stance.name, run.stance.version, run.framing.key),
+                           lambda model: measure.greedy_replies(model, run.framing, prompts))
+        adapted = measure.greedy_replies(run.model, run.framing, prompts)
+        margins = self.probe_readings(run)
+        n = len(prompts)
+        base_lp, adapted_lp = margins["base_logprob"], margins["adapted_logprob"]
+        rows = [{"probe": prompt, "base_reply": b, "adapted_reply": a,
+                 "base_marker": contains_marker(b, run.stance.markers),
+                 "adapted_marker": contains_marker(a, run.stance.markers),
+                 "margin_change": (adapted_lp[i] - adapted_lp[n + i]) - (base_lp[i] - base_lp[n + i]),
+                 "changed": a != b}
+                for i, (prompt, b, a) in enumerate(zip(prompts, base, adapted))]
+        return {"rows": rows, "max_new_tokens": measure.GENERATION_TOKENS, "framing": run.framing.identity()}
+
+    def general_ability(self, run, probeset) -> dict:
+        """The probe set's prompts answered greedily by the base and the adapted model, scored by its rules."""
+        prompts = [p.prompt for p in probeset.probes]
+        base = run.on_base(("ability_replies", probeset.name, probeset.version, run.framing.key),
+                           lambda model: measure.greedy_replies(model, run.framing, prompts))
+        adapted = measure.greedy_replies(run.model, run.framing, prompts)
+        return summarize_ability(probeset, base, adapted)
 
     def probe_readings(self, run) -> dict:
         """What the probe measures need from one forward pass of each model over the probes' stance

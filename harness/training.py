@@ -238,7 +238,8 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     for param in trainable.values():
         param.grad = None  # a run keeps its weights, not its last gradients
     model.eval()
-    del optimizer, scheduler, probe, scaler, forward
+    # Released here; rebound, not deleted, because skip_step's closure names them.
+    optimizer = scheduler = probe = scaler = forward = None
     release_freed_memory()
     run = Run(
         run_id=request.run_id, request=request, loaded=loaded, task=task_obj, anatomy=ctx.anatomy, stance=stance,
@@ -246,7 +247,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
         before=ctx.before, frozen_digests=digests, trace=trace, train_seconds=time.perf_counter() - started,
         instruments=instruments, framing=request.framing_with(loaded.tokenizer),
     )
-    run.counts  # cheap, and every report needs them: measured while the model is at hand
+    _ = run.counts  # cheap, and every report needs them: measured while the model is at hand
     return run
 
 

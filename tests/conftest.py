@@ -18,9 +18,12 @@ def _pin_model_cache():
 
 
 _pin_model_cache()
-# A fresh run store for each test session, so every test trains what it asks for.
-os.environ["STANCE_HARNESS_RUN_CACHE"] = tempfile.mkdtemp(prefix="stance-harness-runs-")
-atexit.register(shutil.rmtree, os.environ["STANCE_HARNESS_RUN_CACHE"], ignore_errors=True)
+# A fresh run store for each test session, so every test trains what it asks for. xdist workers
+# inherit the controller's, so a run one worker trained is loaded, not retrained, by the other.
+if "PYTEST_XDIST_WORKER" not in os.environ or "STANCE_HARNESS_TEST_RUN_STORE" not in os.environ:
+    os.environ["STANCE_HARNESS_TEST_RUN_STORE"] = tempfile.mkdtemp(prefix="stance-harness-runs-")
+    atexit.register(shutil.rmtree, os.environ["STANCE_HARNESS_TEST_RUN_STORE"], ignore_errors=True)
+os.environ["STANCE_HARNESS_RUN_CACHE"] = os.environ["STANCE_HARNESS_TEST_RUN_STORE"]
 
 pytest_plugins = ["pytester"]
 

@@ -137,6 +137,67 @@ def test_compare_against_a_saved_baseline(reports, capsys):
     assert "baseline: baseline main (report 20260101-000000-aaaa" in out and "REGRESSION" in out
 
 
+def test_compare_write_report_puts_the_gate_into_report_b(reports, capsys, tmp_path):
+    run_dir = reports / "20260102-000000-bbbb"
+    before = json.loads((run_dir / "report.json").read_text())
+    assert cli(reports, "save", "main", "20260101-000000-aaaa") == 0
+    code = cli(reports, "compare", "main", "latest", "--fail-on", "ece:+0.01", "behavior_shift:-10%", "--write-report")
+    assert code == 1
+    assert f"gate written into {run_dir} (report.json, report.md, index.html)" in capsys.readouterr().out
+    payload = json.loads((run_dir / "report.json").read_text())
+    gate = payload.pop("gate")
+    assert payload == before  # the report gained its gate, and nothing else changed
+    assert gate["passed"] is False and gate["summary"] == "FAILED: 1 of 2 comparisons (1 REGRESSION)"
+    assert {k: gate["baseline"][k] for k in ("kind", "name", "report_id")} == {
+        "kind": "baseline", "name": "main", "report_id": "20260101-000000-aaaa"}
+    assert gate["baseline"]["path"] == str(reports / "baselines" / "main.json")
+    assert [r["spec"] for r in gate["rules"]] == ["ece:+0.01", "behavior_shift:-10%"]
+    assert {r["metric"]: r["verdict"] for r in gate["rows"]} == {"lora.ece": "REGRESSION", "lora.behavior_shift": "ok"}
+    markdown = (run_dir / "report.md").read_text()
+    assert markdown.startswith("# stance-harness report 20260102-000000-bbbb\n\n**FAILED**: the gate against 'main' "
+                               "failed: 1 of 2 comparisons (1 REGRESSION); 1 of 2 tests failed\n")
+    assert markdown.index("## ❌ Gate FAILED: compared with baseline 'main'") < markdown.index("## Tests")
+    assert re.search(r"^\| " + re.escape(NODE) + r" \| lora\.ece .*\| REGRESSION \|$", markdown, re.M)
+    page = (run_dir / "index.html").read_text()
+    assert page.index('class="gate gate-failed"') < page.index('<section id="tests">')
+    assert "GATE FAILED" in (reports / "index.html").read_text()
+    assert "gate" not in json.loads((reports / "20260101-000000-aaaa" / "report.json").read_text())
+
+    # the same report under rules it meets: the gate it holds is replaced, and green
+    assert cli(reports, "compare", "main", "latest", "--fail-on", "ece:+0.05", "--write-report") == 0
+    gate = json.loads((run_dir / "report.json").read_text())["gate"]
+    assert gate["passed"] is True and [r["spec"] for r in gate["rules"]] == ["ece:+0.05"]
+    assert 'class="gate gate-passed"' in (run_dir / "index.html").read_text()
+    assert "## ✅ Gate passed: compared with baseline 'main'" in (run_dir / "report.md").read_text()
+
+    # a report outside the reports directory: its files get the gate; no index is written beside it
+    elsewhere = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(run_dir, elsewhere)
+    assert cli(reports, "compare", "20260101-000000-aaaa", str(elsewhere), "--fail-on", "ece:+0.01",
+               "--write-report") == 1
+    gate = json.loads((elsewhere / "report.json").read_text())["gate"]
+    assert gate["passed"] is False and gate["baseline"]["kind"] == "report"
+    assert gate["baseline"]["name"] == "20260101-000000-aaaa"
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == ["copy"]  # no index, no figure cache beside it
+
+
+def test_compare_write_report_needs_a_report_as_b(reports, capsys):
+    assert cli(reports, "save", "main", "latest") == 0
+    before = (reports / "baselines" / "main.json").read_text()
+    capsys.readouterr()
+    assert cli(reports, "compare", "latest", "main", "--fail-on", "ece:+0.01", "--write-report") == 2
+    assert_one_line_error(capsys.readouterr().err, r"--write-report writes the gate into report B, but 'main' is a "
+                                                   r"baseline \(metrics only\); name a report")
+    assert (reports / "baselines" / "main.json").read_text() == before
+    # a report the renderers cannot read (another version's) is left as it was
+    broken = write_run(reports, {"run_id": "20260106-000000-ffff", "tests": []}, latest=False) / "report.json"
+    text = broken.read_text()
+    assert cli(reports, "compare", "latest", "20260106-000000-ffff", "--write-report") == 2
+    assert_one_line_error(capsys.readouterr().err, r"report.json is incomplete \(KeyError: 'provenance'\), so the "
+                                                   r"gate was not written into it")
+    assert broken.read_text() == text and sorted(p.name for p in broken.parent.iterdir()) == ["report.json"]
+
+
 def test_compare_unknown_run_exits_2(reports, capsys):
     code = cli(reports, "compare", "20260101-000000-aaab", "latest", "--fail-on", "ece:+0.01")
     captured = capsys.readouterr()

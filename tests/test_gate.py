@@ -136,6 +136,17 @@ def test_save_then_compare_then_regress(suite, monkeypatch):
     same.stdout.fnmatch_lines(["*stance-harness: compared with baseline 'main'*",
                                "*test_gate.py::test_gate*lora.forgetting*ok*",
                                "passed: 1 comparisons, no regression"])
+    # the report holds the gate it passed, green above the tests
+    payload = report_json(suite)
+    assert payload["gate"]["passed"] is True and payload["gate"]["baseline"]["name"] == "main"
+    assert [r["verdict"] for r in payload["gate"]["rows"]] == ["ok"] and payload["exit_code"] == 0
+    report_dir = suite.path / "reports" / payload["report_id"]
+    assert (report_dir / "report.md").read_text().split("\n")[2:5] == [
+        "**PASSED**", "", "## ✅ Gate passed: compared with baseline 'main' (" + str(suite.path / "reports" / "baselines"
+                                                                                   / "main.json")
+        + f"; report {baseline['report_id']}; saved {baseline['saved']})"]
+    page = (report_dir / "index.html").read_text()
+    assert page.index('class="gate gate-passed"') < page.index('<section id="tests">')
 
     # 3. a worse metric fails the session although every test passes; --repeat 2 runs seeds 42, 43
     gate["metrics"]["lora.forgetting"] = forgetting - 1.0
@@ -165,6 +176,26 @@ def test_save_then_compare_then_regress(suite, monkeypatch):
                                 "*test_gate.py::test_gate*lora.forgetting*REGRESSION*",
                                 "FAILED: 1 of 1 comparisons (1 REGRESSION)"])
     payload = report_json(suite)
+    # the report says what CI saw: the gate failed, although both tests passed
+    gate_entry = payload["gate"]
+    assert gate_entry["passed"] is False and gate_entry["baseline"]["name"] == "main" and payload["exit_code"] == 1
+    assert [r["spec"] for r in gate_entry["rules"]] == ["forgetting:+0.01"]
+    (row,) = gate_entry["rows"]
+    assert (row["test"], row["metric"], row["verdict"]) == ("test_gate.py::test_gate", "lora.forgetting", "REGRESSION")
+    assert row["baseline"] == pytest.approx(forgetting - 1.0) and row["limit"] == pytest.approx(forgetting - 0.99)
+    report_dir = suite.path / "reports" / payload["report_id"]
+    markdown = (report_dir / "report.md").read_text()
+    assert markdown.split("\n")[2] == ("**FAILED**: the gate against 'main' failed: 1 of 1 comparisons "
+                                       "(1 REGRESSION)")
+    head = markdown[:markdown.index("## Tests")]
+    assert "## ❌ Gate FAILED: compared with baseline 'main'" in head and "`forgetting:+0.01`" in head
+    assert re.search(r"^\| test_gate.py::test_gate \| lora\.forgetting \|.*\| REGRESSION \|$", head, re.M)
+    page = (report_dir / "index.html").read_text()
+    banner = re.search(r'<section id="gate" class="gate gate-failed">.*?</section>', page, re.S)
+    assert banner and banner.start() < page.index('<section id="tests">')
+    assert "<title>FAILED: " in page and '<span class="badge s-failed">FAILED</span>' in page
+    assert "<code>forgetting:+0.01</code>" in banner.group(0) and "baseline &#x27;main&#x27;" in banner.group(0)
+    assert re.search(r'<table class="regressions">.*<td>lora\.forgetting</td>.*<td>REGRESSION</td>', banner.group(0))
     assert sorted(r["recipe"]["seed"] for r in payload["runs"].values()) == [42, 43]
     for test in payload["tests"]:
         repeats = test["repeats"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.report.gate import compare, report_entry
 from harness.report.html import render_html, render_index, write_html, write_index
 from harness.report.markdown import render_markdown
 from harness.report.sections import report_id_of
@@ -280,8 +281,11 @@ def test_markdown_and_rows_show_expected_verdict_and_measurements():
 
 def _write_two_sessions(reports_dir: Path) -> tuple[Path, Path]:
     old = write_reports(reports_dir, make_old_payload("20261122-080000-bbbb", "2026-11-22T08:00:00+00:00"))
-    new = write_reports(reports_dir, make_payload("20261122-090000-aaaa", "2026-11-22T09:00:00+00:00"))
-    return old, new
+    new = make_payload("20261122-090000-aaaa", "2026-11-22T09:00:00+00:00")
+    node = new["tests"][1]["nodeid"]  # the newer session failed its gate: ECE rose past +0.01
+    new["gate"] = report_entry(compare({node: {"lora.ece": 0.05}}, {node: {"lora.ece": 0.09}}, ["ece:+0.01"]),
+                               {"kind": "baseline", "name": "main"})
+    return old, write_reports(reports_dir, new)
 
 
 def test_write_reports_writes_html_and_an_index_newest_first(tmp_path):
@@ -377,6 +381,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
             page.wait_for_load_state("load")
             assert page.url == (new / "index.html").as_uri()
 
+            # the failed gate is the first thing on the page: a red banner above the tests
+            gate, tests = page.locator("#gate").bounding_box(), page.locator("#tests").bounding_box()
+            assert 0 < gate["y"] < gate["y"] + gate["height"] < min(tests["y"], 900), (gate, tests)
+            assert page.locator("#gate h2").inner_text().startswith("Gate FAILED: compared with baseline 'main'")
+            assert page.eval_on_selector("#gate", "e => getComputedStyle(e).borderTopColor") == "rgb(176, 0, 32)"
+            assert page.locator("#status").inner_text().startswith("FAILED")
             tables = page.eval_on_selector_all("table", "els => els.map(t => t.rows.length)")
             assert len(tables) >= 10 and all(n >= 2 for n in tables)
             rows = page.eval_on_selector_all("table.tests tbody tr", "els => els.map(e => e.innerText)")

@@ -167,3 +167,9 @@ def mean_token_logprob(logits, targets, mask=None) -> torch.Tensor:
     picked = torch.where(keep, picked, torch.zeros_like(picked))
     count = keep.sum(dim=1).to(torch.float64)
     return picked.sum(dim=1) / count  # 0 / 0 = NaN for a sequence with nothing to score
+
+
+def replies_in_order(rows: list[dict]) -> list[dict]:
+    """Reply rows (see Run.replies) with the probes that moved most first: those whose reply changed,
+    then by the size of their loglik-margin change; ties keep probe order."""
+    return sorted(rows, key=lambda r: (not r["changed"], -abs(r["margin_change"])))

@@ -75,6 +75,11 @@ class Rule:
     def __str__(self) -> str:
         return self.spec
 
+    def as_dict(self) -> dict:
+        """The rule as written and as parsed, for a report's gate entry."""
+        return {"spec": self.spec, "metric": self.metric, "tolerance": self.tolerance, "relative": self.relative,
+                "direction": self.direction, "description": self.describe()}
+
 
 def check_rule_syntax(spec: str):
     """The rule's parts, or an error showing the format; the metric's name is not looked up."""
@@ -219,6 +224,24 @@ class Comparison:
         return json_safe({"passed": self.passed, "summary": self.summary(),
                           "rules": [rule.spec for rule in self.rules], "rows": [row.as_dict() for row in self.rows],
                           "only_baseline": self.only_baseline, "only_now": self.only_now, "notes": self.notes})
+
+
+def report_entry(comparison: Comparison, baseline: dict) -> dict:
+    """The gate as a report holds it (report.json's `gate`), which report.md and index.html open with.
+
+    `baseline` describes the side compared against: at least `name`; a session adds `path`,
+    `report_id` and `saved` from the baseline file. Each row also keeps its values as the
+    terminal printed them (`baseline_text`, `now_text`), so every view shows the same digits."""
+    rows = []
+    for row in comparison.rows:
+        entry = row.as_dict()
+        entry["baseline_text"], entry["now_text"] = _format_pair(row.baseline, row.now)
+        rows.append(entry)
+    regressions = [row for row in rows if row["failed"]]
+    return json_safe({"baseline": dict(baseline), "passed": comparison.passed, "failed": not comparison.passed,
+                      "summary": comparison.summary(), "rules": [rule.as_dict() for rule in comparison.rules],
+                      "rows": rows, "regressions": len(regressions), "only_baseline": comparison.only_baseline,
+                      "only_now": comparison.only_now, "notes": comparison.notes})
 
 
 def _format_pair(a, b) -> tuple[str, str]:

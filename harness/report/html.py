@@ -19,7 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..files import atomic_write
-from .sections import LAYER_COLUMNS, OUTCOME_MARK, measurement_tables, origin_text, report_id_of
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, gate_rows, gate_rules, measurement_tables,
+                       origin_text, report_id_of, session_status)
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run")
 DPI = 90
@@ -70,6 +71,13 @@ nav a { margin-right: .8rem; }
 .kv { display: flex; flex-wrap: wrap; gap: .2rem 1.2rem; margin: .3rem 0; }
 .kv span { color: var(--muted); } .kv b { color: var(--fg); font-weight: 600; font-variant-numeric: tabular-nums; }
 .latest { background: #1f6feb; color: #fff; }
+.status { font-size: 1.05rem; margin: .2rem 0 .6rem; }
+.s-passed { background: #11612a; color: #fff; } .s-failed, .s-interrupted { background: #b00020; color: #fff; }
+.gate { border: 2px solid; border-radius: .4rem; padding: .5rem .9rem; margin: .6rem 0 1rem; }
+.gate h2 { border: 0; margin: 0 0 .3rem; padding: 0; }
+.gate-failed { border-color: #b00020; background: #fdecec; } .gate-failed h2 { color: #9b1111; }
+.gate-passed { border-color: #11612a; background: #e9f7ec; } .gate-passed h2 { color: #11612a; }
+.gate ul { margin: .2rem 0 .5rem; padding-left: 1.3rem; }
 """
 
 
@@ -431,15 +439,52 @@ def _header(payload: dict) -> str:
     body = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
     return (f'<header><p class="muted"><a href="../index.html">all reports</a></p>'
             f"<h1>stance-harness report {_e(report_id_of(payload))}</h1>"
+            + _status(payload) + _gate_banner(payload.get("gate"))
             + ('<div class="err">INTERRUPTED: this session was stopped before its end; tests marked '
                '"not run" did not run.</div>' if payload.get("interrupted") else "")
             + f"<dl class=\"prov\">{body}</dl></header>")
 
 
-def _summary(tests: list[dict]) -> str:
+def _status(payload: dict) -> str:
+    status, reasons = session_status(payload)
+    return (f'<p class="status" id="status"><span class="badge s-{status.lower()}">{_e(status)}</span> '
+            + _e("; ".join(reasons)) + "</p>")
+
+
+def _gate_banner(gate) -> str:
+    """The gate, above everything but the title: red when it failed, green when it passed."""
+    if not isinstance(gate, dict):
+        return ""
+    passed = bool(gate.get("passed"))
+    out = [f'<section id="gate" class="gate gate-{"passed" if passed else "failed"}">'
+           f'<h2>{"Gate passed" if passed else "Gate FAILED"}: compared with {_e(baseline_text(gate.get("baseline")))}</h2>']
+    if gate.get("error"):
+        out.append(f'<p><b>the comparison could not be made:</b> {_e(gate["error"])}</p>')
+    else:
+        out.append(f"<p><b>{_e(gate.get('summary'))}</b></p>")
+    rules = gate_rules(gate)
+    out.append("<p>rules:</p><ul>" + "".join(f"<li><code>{_e(spec)}</code>" + (f" — {_e(meaning)}" if meaning else "")
+                                             + "</li>" for spec, meaning in rules) + "</ul>" if rules
+               else '<p class="muted">no rules: every shared metric is listed, and nothing fails</p>')
+    failed = gate_rows(gate, failed_only=True)
+    if failed:
+        out.append(_table(failed, caption="regressions").replace("<table>", '<table class="regressions">', 1))
+    every = gate_rows(gate)
+    if every and len(every) > len(failed):
+        out.append(f"<details{'' if failed else ' open'}><summary>all {len(every)} comparisons</summary>"
+                   + _table(every) + "</details>")
+    notes = [f"only in the baseline (missing now): {t}" for t in gate.get("only_baseline") or []]
+    notes += [f"only now (no baseline): {t}" for t in gate.get("only_now") or []] + list(gate.get("notes") or [])
+    out += [f'<div class="note">{_e(note)}</div>' for note in notes]
+    return "".join(out) + "</section>"
+
+
+def _summary(tests: list[dict], gate=None) -> str:
     counts = Counter(t.get("outcome") or "not run" for t in tests)
+    failed_gate = isinstance(gate, dict) and not gate.get("passed")  # beside PASS counts, it is the verdict
     return ('<p>' + " ".join(f"{_badge(o)} {counts[o]}" for o in OUTCOMES if counts.get(o))
-            + f' <span class="muted">({len(tests)} tests)</span></p>')
+            + f' <span class="muted">({len(tests)} tests)</span>'
+            + (' <a href="#gate"><span class="badge s-failed">GATE FAILED</span></a>' if failed_gate else "") + "</p>")
 
 
 def _tests_table(payload: dict, run_anchor: dict) -> str:
@@ -687,7 +732,7 @@ def render_html(payload: dict, figure_cache: Path | None = None) -> str:
     run_anchor = {run_id: _anchor("run", f"{i}-{run_id}") for i, run_id in enumerate(runs)}
     body = [_header(payload),
             '<nav><a href="#tests">tests</a><a href="#details">details</a><a href="#runs">runs</a></nav>',
-            '<section id="tests"><h2>Tests</h2>', _summary(tests), _tests_table(payload, run_anchor), "</section>",
+            '<section id="tests"><h2>Tests</h2>', _summary(tests, payload.get("gate")), _tests_table(payload, run_anchor), "</section>",
             '<section id="details"><h2>Test details</h2>']
     shown = 0
     for i, test in enumerate(tests):
@@ -706,7 +751,8 @@ def render_html(payload: dict, figure_cache: Path | None = None) -> str:
     for run_id, run in runs.items():
         body.append(_run_section(run_id, run or {}, run_anchor[run_id], figures))
     body.append("</section><footer class=\"muted\"><p>Every figure here was measured in the run that wrote this report.</p></footer>")
-    return _page(f"stance-harness report {report_id_of(payload) or ''}", "".join(body))
+    status, _ = session_status(payload)
+    return _page(f"{status}: stance-harness report {report_id_of(payload) or ''}", "".join(body))
 
 
 # -- the index of all runs -------------------------------------------------------------------
@@ -754,6 +800,10 @@ def render_index(reports_dir) -> str:
         tests = payload.get("tests") or []
         counts = Counter(t.get("outcome") or "not run" for t in tests if isinstance(t, dict))
         outcomes = " ".join(f"{_badge(o)} {counts[o]}" for o in OUTCOMES if counts.get(o)) or "–"
+        gate = payload.get("gate")
+        if isinstance(gate, dict):  # a failed gate fails the session although its tests passed
+            outcomes += (' <span class="badge o-passed">gate passed</span>' if gate.get("passed")
+                         else ' <span class="badge s-failed">GATE FAILED</span>')
         commit = (git.get("commit") or "")[:10]
         rows.append("<tr>" + "".join([
             f'<td class="mono">{link}</td>',

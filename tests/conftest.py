@@ -74,6 +74,17 @@ def _own_run_store(request, monkeypatch, tmp_path):
         monkeypatch.setenv("STANCE_HARNESS_RUN_CACHE", str(tmp_path / "run-store"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """real_model tests (tests/test_real_model.py: smollm2-135m, minutes on a CPU) run only when
+    asked for: `-m real_model` (any -m naming the marker), or STANCE_HARNESS_REAL_MODEL=1."""
+    if "real_model" in (config.getoption("markexpr") or "") or os.environ.get("STANCE_HARNESS_REAL_MODEL") == "1":
+        return
+    skip = pytest.mark.skip(reason="a real_model test: select it with -m real_model or STANCE_HARNESS_REAL_MODEL=1")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     # The harness's own tests write no reports/; pytester runs inside them choose for themselves.

@@ -46,7 +46,8 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   suites) exec .venv/bin/python -m pytest suites/ "$@" ;;
-  test)   exec .venv/bin/python -m pytest tests/ "$@" ;;
+  # Two xdist workers by default (one per core here; they share one fresh run store); -n 0 runs serially.
+  test)   exec .venv/bin/python -m pytest tests/ -n "${STANCE_HARNESS_TEST_WORKERS:-2}" "$@" ;;
   lint)   exec .venv/bin/ruff check . "$@" ;;
   *) echo "usage: ./dev.sh suites|test|lint [args]" >&2; exit 2 ;;
 esac

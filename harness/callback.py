@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from functools import partial
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ def recipe_of(args) -> Recipe:
         int(args.per_device_train_batch_size), "seed": int(args.seed), "weight_decay": float(args.weight_decay),
         "bf16": bool(args.bf16), "fp16": bool(args.fp16)})
 
+
+SERIES = ("behavior_shift", "low", "high", "perplexity", "forgetting")  # a measurement's columns, after its step
 
 # What the callback checks unless told: stable gradients, and a stance shift above zero.
 DEFAULT_CHECKS = (check_gradients_stable, partial(check_behavior_shift, min_effect=0.0))
@@ -208,12 +211,15 @@ class StanceCallback(TrainerCallback):
                 # a peft run's starting adapter is small; a full fine-tune's is the base's own tensors
                 run = run or self._run(model, before=self._before if self._peft else None)
                 shift, forgetting = run.behavior("loglik_margin"), run.forgetting()
+        except Exception as exc:  # noqa: BLE001 - a model that collapsed (NaN weights) must not stop training
+            warnings.warn(f"StanceCallback: measuring step {step} failed: {type(exc).__name__}: {exc}", stacklevel=2)
+            self.series.append({"step": step, **dict.fromkeys(SERIES), "error": f"{type(exc).__name__}: {exc}"})
+            return
         finally:
             model.train(was_training)
         effect = shift["effect"]
-        self.series.append({"step": step, "behavior_shift": effect["mean"], "low": effect["low"],
-                            "high": effect["high"], "perplexity": forgetting["adapted"],
-                            "forgetting": forgetting["relative_increase"]})
+        self.series.append({"step": step, **dict(zip(SERIES, (
+            effect["mean"], effect["low"], effect["high"], forgetting["adapted"], forgetting["relative_increase"])))})
 
     def _check(self, run) -> list:
         """Each check a test of the report; then the report, when asked for."""
@@ -227,7 +233,7 @@ class StanceCallback(TrainerCallback):
             started = time.perf_counter()
             try:
                 result = check(run)
-            except HarnessError as err:  # a check that cannot run is an error of the report, not of training
+            except Exception as err:  # noqa: BLE001 - a check that cannot run is an error of the report, not of training
                 record.conclude("error", time.perf_counter() - started, None, f"{type(err).__name__}: {err}")
             else:
                 record.nodeid = f"StanceCallback::{result.check}"
@@ -238,7 +244,9 @@ class StanceCallback(TrainerCallback):
             session.records[record.nodeid] = record
         series = session.record("StanceCallback::series")
         series.use_run(run)
-        series.table(f"behaviour shift and forgetting every {self.every} steps", self.series)
+        failed = any("error" in row for row in self.series)
+        series.table(f"behaviour shift and forgetting every {self.every} steps",
+                     [{**row, "error": row.get("error")} if failed else row for row in self.series])
         series.conclude("passed", 0.0, None, None)
         if self.reports_dir is not None:
             session.finish()

@@ -62,6 +62,8 @@ def test_the_callback_writes_a_report_whose_checks_pass(trained):
     (summary,) = payload["runs"].values()
     assert summary["origin"] == "model" and summary["model"]["name"] == "tiny-qwen2"
     assert summary["recipe"]["learning_rate"] == LR and summary["examples"] == EXAMPLES
+    # the Trainer counts no tokens per step: the report says none, not 0 per second
+    assert summary["instruments"]["tokens_per_s"] is None and summary["instruments"]["examples_per_s"] > 0
     assert summary["measurements"]["forgetting"]["adapted"] == callback.series[-1]["perplexity"]
     # the run's checks, made again on it with bounds of our own
     harness.assert_behavior_shift(callback.run, min_effect=0.05)

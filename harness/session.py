@@ -49,6 +49,7 @@ class HarnessOptions:
     args: list[str]
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
+    seeds: int = 1  # --seeds N: runs per train(...) call without seeds=
     adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
     save_baseline: str | None = None
     compare_baseline: str | None = None
@@ -88,6 +89,7 @@ class HarnessSession:
     store: RunStore = field(init=False)
     resident: ResidentModels = field(init=False)
     verdicts: VerdictBook = field(init=False)
+    planned: list[str] = field(default_factory=list)  # run ids --plan checked
     multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected
     recorded: list[Path] = field(default_factory=list)  # verdict files written by --record-verdicts
     verdict: dict | None = None  # the session's one-line verdict, set by write_ci_outputs
@@ -164,6 +166,8 @@ class HarnessSession:
         request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
                                **arguments)
         plan(request, self.model(model), self.stance(stance))
+        if request.run_id not in self.planned:
+            self.planned.append(request.run_id)  # what --plan would train: one request per seed
         return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
@@ -407,6 +411,8 @@ class HarnessSession:
                                                             + ", ".join(r["test"] for r in only_before) if only_before else ""))
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
+        if self.options.plan_only:
+            write_line(f"--plan: {len(self.planned)} distinct training requests checked (each seed of a RunSet is one)")
         self._display_verdict(write_line)
 
     def _display_verdict(self, write_line: Callable[[str], None]) -> None:

@@ -102,19 +102,25 @@ def arm(name: str, values, ids: Sequence[Hashable] | None = None) -> Arm:
     return Arm(name, x, ids)
 
 
+def match_ids(ids_a: Sequence, ids_b: Sequence, name_a: str, name_b: str, unit: str = "unit") -> list[int]:
+    """For each of a's unit ids, its position among b's; a mismatch is refused, naming both sides."""
+    if tuple(ids_a) == tuple(ids_b):
+        return list(range(len(ids_a)))
+    set_a, set_b = set(ids_a), set(ids_b)
+    only_a = [i for i in ids_a if i not in set_b]
+    only_b = [i for i in ids_b if i not in set_a]
+    if only_a or only_b or len(ids_a) != len(ids_b):
+        raise PairingError(
+            f"{name_a} and {name_b} were not measured on the same {unit}s, so they cannot be paired: "
+            f"{len(ids_a)} {unit}s of {name_a}, {len(ids_b)} of {name_b}; {len(only_a)} only in {name_a} "
+            f"(first {only_a[:1]}), {len(only_b)} only in {name_b} (first {only_b[:1]})")
+    where = {u: j for j, u in enumerate(ids_b)}
+    return [where[u] for u in ids_a]
+
+
 def pair_arms(a: Arm, b: Arm, unit: str = "unit") -> tuple[np.ndarray, np.ndarray, tuple]:
     """(A, B, ids): b's columns reordered to a's unit ids. A mismatch is refused, naming both sides."""
-    if a.ids == b.ids:
-        return a.values, b.values, a.ids
-    only_a = [i for i in a.ids if i not in set(b.ids)]
-    only_b = [i for i in b.ids if i not in set(a.ids)]
-    if only_a or only_b:
-        raise PairingError(
-            f"{a.name} and {b.name} were not measured on the same {unit}s, so they cannot be paired: "
-            f"{len(a.ids)} {unit}s of {a.name}, {len(b.ids)} of {b.name}; {len(only_a)} only in {a.name} "
-            f"(first {only_a[:1]}), {len(only_b)} only in {b.name} (first {only_b[:1]})")
-    where = {u: j for j, u in enumerate(b.ids)}
-    return a.values, b.values[:, [where[u] for u in a.ids]], a.ids
+    return a.values, b.values[:, match_ids(a.ids, b.ids, a.name, b.name, unit)], a.ids
 
 
 # -- the claim's boundary ------------------------------------------------------------------------
@@ -370,7 +376,7 @@ class Comparison:
         seeds = f"{self.seeds_a} seed{'s' if self.seeds_a != 1 else ''} per arm" if self.seeds_a == self.seeds_b \
             else f"{self.seeds_a} and {self.seeds_b} seeds"
         df = f", df {self.df:.3g}" if self.df is not None and math.isfinite(self.df) else ""
-        return (f"{seeds} x {self.units} {self.unit}s ({self.informative} informative), {self.method}{df}, "
+        return (f"{seeds} x {self.units} {self.unit}{'s' if self.units != 1 else ''} ({self.informative} informative), {self.method}{df}, "
                 f"one-sided p = {self.p_value:.3g}")
 
 
@@ -394,7 +400,6 @@ def compare(a: Arm, b: Arm, *, claim: str, margin: float = 0.0, better: str | No
     if (ka == 1) != (kb == 1):
         raise ClaimError(f"{a.name} has {ka} seed(s) and {b.name} {kb}: give one run per arm (a run-level claim) "
                          f"or at least 2 seeds per arm (the seed variance of an arm with one seed is unknown)")
-    level = (1 - confidence) / 2
     note, shown_unit = "", unit
     if kind == "series":
         A, block, drop = block_means(A)
@@ -415,6 +420,14 @@ def compare(a: Arm, b: Arm, *, claim: str, margin: float = 0.0, better: str | No
             and np.isin(B, (0, 1)).all()
         tested = mcnemar_test(A[0], B[0], confidence) if binary else sign_flip_test(d, boundaries, confidence, seed)
     informative = int(min(np.count_nonzero(d - bd) for bd in boundaries))
+    return _verdict(tested, claim, margin, better, factor, boundaries, confidence, scope, ka, kb, n, informative,
+                    shown_unit, d, note)
+
+
+def _verdict(tested: Tested, claim, margin, better, factor, boundaries, confidence, scope, ka, kb, n, informative,
+             shown_unit, d, note) -> Comparison:
+    """The outcome from the one-sided p-value(s) at the boundary, and its explanation."""
+    level = (1 - confidence) / 2
     need = min_informative(confidence)
     few = ka == 1 and informative < need
 
@@ -439,7 +452,7 @@ def compare(a: Arm, b: Arm, *, claim: str, margin: float = 0.0, better: str | No
         claim_text = f"{lhs} {'>' if _above(claim, better) else '<'} {boundaries[0]:g}"
     interval = f"{lhs} = {tested.estimate:.3g}, {pct} interval [{_fmt(tested.low)}, {_fmt(tested.high)}]"
     if few:
-        head = (f"inconclusive: {informative} informative {shown_unit}s (non-zero differences) are too few for a "
+        head = (f"inconclusive: {informative} informative {shown_unit}{'s' if informative != 1 else ''} (non-zero differences) are too few for a "
                 f"verdict at {pct} (at least {need} needed)")
     elif outcome == "inconclusive":
         head = f"inconclusive: the data neither support nor refute {claim_text}"
@@ -455,6 +468,72 @@ def compare(a: Arm, b: Arm, *, claim: str, margin: float = 0.0, better: str | No
     if scope != "method-level":
         text = f"{RUN_LEVEL}. {text}"
     return replace(comparison, explanation=text)
+
+
+def compare_statistics(name_a: str, values_a: Sequence[float], name_b: str, values_b: Sequence[float], *,
+                       claim: str, margin: float = 0.0, better: str | None = None, factor: float = 1.0,
+                       confidence: float = 0.95) -> Comparison:
+    """A claim about a statistic of each run that is no mean of units (ECE): one value per seed,
+    which carries its own unit sampling; Welch's t over seeds (at least 2 per arm)."""
+    boundaries = boundary_of(claim, margin, better)
+    x, y = np.asarray(values_a, dtype=np.float64), factor * np.asarray(values_b, dtype=np.float64)
+    if x.size < 2 or y.size < 2:
+        raise ClaimError(f"a per-run statistic needs at least 2 seeds per arm; got {x.size} and {y.size}")
+    level = (1 - confidence) / 2
+    va, vb = x.var(ddof=1) / x.size, y.var(ddof=1) / y.size
+    v = va + vb
+    estimate = float(x.mean() - y.mean())
+    if v == 0:
+        pg = {bd: 0.0 if estimate > bd else 1.0 for bd in boundaries}
+        pl = {bd: 0.0 if estimate < bd else 1.0 for bd in boundaries}
+        low = high = estimate
+        df = math.inf
+    else:
+        df = v ** 2 / (va ** 2 / (x.size - 1) + vb ** 2 / (y.size - 1))
+        se = math.sqrt(v)
+        pg = {bd: float(stats.t.sf((estimate - bd) / se, df)) for bd in boundaries}
+        pl = {bd: float(stats.t.cdf((estimate - bd) / se, df)) for bd in boundaries}
+        q = float(stats.t.ppf(1 - level, df))
+        low, high = estimate - q * se, estimate + q * se
+    tested = Tested(estimate, low, high, pg, pl, "Welch t over per-seed values", df=df)
+    return _verdict(tested, claim, margin, better, factor, boundaries, confidence, "method-level", x.size, y.size,
+                    1, x.size + y.size, "statistic per run", np.concatenate([x, -y]), "")
+
+
+SWAPS = 1999
+
+
+def compare_paired_statistic(name_a: str, items_a, name_b: str, items_b, statistic, *, claim: str,
+                             margin: float = 0.0, better: str | None = None, unit: str = "item",
+                             confidence: float = 0.95, seed: int = 0) -> Comparison:
+    """A run-level claim about statistic(a) − statistic(b) (ECE: no mean of units), paired items
+    as rows: a randomization test that swaps each item's pair between the arms (the sign flip of a
+    statistic), SWAPS random swaps; p at boundary δ counts swapped differences reaching the observed
+    one minus δ, and the interval inverts it."""
+    boundaries = boundary_of(claim, margin, better)
+    x, y = np.asarray(items_a, dtype=np.float64), np.asarray(items_b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim < 1 or len(x) == 0:
+        raise PairingError(f"{name_a} and {name_b} must be paired items of one shape, got {x.shape} and {y.shape}")
+    level = (1 - confidence) / 2
+    observed = float(statistic(x) - statistic(y))
+    rng = np.random.default_rng(seed)
+    swapped = np.empty(SWAPS)
+    for i in range(SWAPS):
+        mask = (rng.random(len(x)) < 0.5).reshape((-1,) + (1,) * (x.ndim - 1))
+        swapped[i] = statistic(np.where(mask, y, x)) - statistic(np.where(mask, x, y))
+    tol = 1e-12 * max(1.0, abs(observed))
+    pg = {bd: (1 + int((swapped >= observed - bd - tol).sum())) / (1 + SWAPS) for bd in boundaries}
+    pl = {bd: (1 + int((swapped <= observed - bd + tol).sum())) / (1 + SWAPS) for bd in boundaries}
+    c = math.floor(level * (1 + SWAPS) - 1)  # swapped values allowed beyond the observed at the level
+    ordered = np.sort(swapped)
+    low = observed - ordered[-(c + 1)] if c >= 0 else -math.inf
+    high = observed - ordered[c] if c >= 0 else math.inf
+    tested = Tested(observed, float(low), float(high), pg, pl, f"paired-swap randomization, {SWAPS} swaps",
+                    note=f"Monte Carlo p-values: error about ±{math.sqrt(level * (1 - level) / SWAPS):.4f} at the level")
+    rows = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    informative = int((rows[0] != rows[1]).any(axis=1).sum())
+    return _verdict(tested, claim, margin, better, 1.0, boundaries, confidence, RUN_LEVEL, 1, 1, len(x), informative,
+                    unit, np.empty(0), "")
 
 
 # -- design ---------------------------------------------------------------------------------------

@@ -78,7 +78,11 @@ def interval_of(checks: list[dict]) -> str:
     for check in checks:
         m = check.get("metrics") or {}
         if "low" in m and "high" in m and "estimate" in m:
-            return f"{m['estimate']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}] ({m.get('metric')}, {m.get('n')} {m.get('unit')}s)"
+            # what the verdict rests on (seeds, units, method, p) and a run-level claim's label
+            rests = f"; {m['rests_on']}" if m.get("rests_on") else ""
+            scope = f"; {m['scope']}" if m.get("scope") not in (None, "method-level") else ""
+            return (f"{m['estimate']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}] ({m.get('metric')}, {m.get('n')} "
+                    f"{m.get('unit')}s{rests}{scope})")
     return "-"
 
 

@@ -268,7 +268,8 @@ def test_series_are_cut_into_blocks():
     assert result.unit == "block of 12 steps" and result.units == 8 and result.outcome == "supported"
     assert "autocorrelated" in result.note and "7 first steps dropped" in result.note
     short = compare(arm("a", x[:40] + 1), arm("b", x[:40]), claim="greater", kind="series", unit="step")
-    assert short.units == 5 and short.outcome == "inconclusive"  # 5 blocks of 8: 2^-5 cannot reach 2.5%
+    assert short.units == 4 and short.outcome == "inconclusive"  # 4 blocks of 10: 2^-4 cannot reach 2.5%
+    assert block_means(x[:3])[1:] == (3, 0)  # shorter than a block: one block, no verdict
 
 
 def test_plan_claim_from_a_pilot():
@@ -297,4 +298,9 @@ if __name__ == "__main__":
           f"MC sd at 2.5%: {mc_sd(LEVEL, replicates):.2%})")
     for name, (up, down) in null_cases(replicates):
         print(f"| {name} | {up:.2%} | {down:.2%} |")
+    # not asserted, shown as the documented limitation: sign flips test symmetry about the boundary,
+    # so mean-zero but skewed unit differences (no exchangeable arms) decide too often on one side
+    skewed = np.random.default_rng(5).lognormal(0, 1, (replicates, 16)) - math.exp(0.5)
+    print("| (limitation) one seed, skewed differences lognormal - mean, 16 units | %.2f%% | %.2f%% |"
+          % tuple(100 * r for r in sign_flip_rates(skewed)))
     print(f"power, +0.3 sd, 32 units x 5 seeds per arm (seed sd 0.25): {power_case(replicates):.1%}")

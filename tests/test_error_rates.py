@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from harness.analysis.replication import (CROSSED, RUN_LEVEL, ClaimError, PairingError, arm, block_means, compare,
-                                          crossed_components, crossed_variance, flips_for, mcnemar_test, plan_claim,
+                                          crossed_components, crossed_variance, flips_for, plan_claim,
                                           sign_flip_p, sign_flip_test)
 
 LEVEL = 0.025

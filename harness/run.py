@@ -372,6 +372,8 @@ class Run:
 
         unit, values = self.unit_values(metric)
         name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
+        if name == "general_ability":  # its own probe set, which names its probes
+            return [f"ability probe {i}" for i in self.general_ability()["unit_ids"]]
         tokenizer = self.loaded.tokenizer
         vocab = f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
         if unit == "probe":

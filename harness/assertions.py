@@ -111,7 +111,8 @@ def _check_run_arguments(helper: str, arguments: dict, runs: tuple, lists: bool)
         for i, run in enumerate(value if many else [value]):
             if not _is_run(run):
                 where = f"{name}[{i}]" if many else name
-                wanted = "a Run (what train(...) returns)" + (", or a list of Runs (one per seed)" if lists else "")
+                wanted = "a Run (what train(...) returns)" + (
+                    ", or a RunSet (train(..., seeds=N)) or list of Runs, one per seed" if lists else "")
                 raise HarnessError(f"{helper}: `{where}` must be {wanted}, got {_what(run)}")
         sides[name] = side = list(value) if many else [value]
         twice = next((x for i, x in enumerate(side) if any(_same(x, y) for y in side[i + 1:])), None)

@@ -110,6 +110,10 @@ def peft_base(model, base, tokenizer) -> LoadedModel:
         raise HarnessError(f"run_from_model: the peft model holds adapters {sorted(model.peft_config)} (active "
                            f"{model.active_adapter!r}); the harness analyses one adapter named {ADAPTER!r}, "
                            f"peft's default")
+    if isinstance(base, LoadedModel):
+        owners = {p.data_ptr() for p in base.base.parameters()}
+        if all(p.data_ptr() in owners for p in model.parameters() if not p.requires_grad):
+            return base  # already this model's own base (StanceCallback measures on it every N steps)
     inner = share_frozen_weights(model).unload()
     if isinstance(base, LoadedModel):
         check_same_architecture(inner, base)

@@ -12,6 +12,7 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerControl, TrainerState, TrainingArguments
 
 import harness
+from harness import measure as harness_measure
 from harness.batches import collate, encode_examples, framing_for
 from harness.registry import HarnessError
 
@@ -142,11 +143,16 @@ def test_non_finite_gradients_are_caught(tiny_qwen2, stance, tmp_path):
     assert result.summary.startswith("non-finite gradient at step 0 in L3.down_proj.weight")
 
 
-def test_a_lora_model_trained_by_the_trainer(tiny_qwen2, stance, tmp_path):
+def test_a_lora_model_trained_by_the_trainer(tiny_qwen2, stance, tmp_path, monkeypatch):
     model = get_peft_model(fresh(tiny_qwen2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     callback = harness.StanceCallback(every=2, base=tiny_qwen2, reports_dir=None)
+    calls = []
+    measure_nll = harness_measure.heldout_window_nll
+    monkeypatch.setattr(harness_measure, "heldout_window_nll", lambda *a, **k: calls.append(1) or measure_nll(*a, **k))
     trainer_for(tiny_qwen2, stance, model, tmp_path, [callback]).train()
     run = callback.run
+    # the base's held-out text read once; the model's at steps 0, 2, 4 and once more on the final Run
+    assert [r["step"] for r in callback.series] == [0, 2, 4] and len(calls) == 1 + 4
     assert callback.passed and run.method.name == "peft" and run.changed_frozen() == []
     changed = {d.kind for d in run.effective_deltas if d.moments.total_sq > 0}
     assert changed == {"q_proj", "v_proj"}

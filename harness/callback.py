@@ -13,9 +13,9 @@ harness report. It never changes training: no optimizer state, no control flags 
 from __future__ import annotations
 
 import math
-from functools import partial
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,6 +75,7 @@ class StanceCallback(TrainerCallback):
         self.checks, self.stance_dirs, self.chat_template = tuple(checks), list(stance_dirs), chat_template
         self.series: list[dict] = []
         self.results: list = []
+        self.errors: list[str] = []  # checks that could not run, with why
         self.run = None
         self.report_path: Path | None = None
         self._loaded = self._before = None
@@ -85,7 +86,8 @@ class StanceCallback(TrainerCallback):
 
     @property
     def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
+        """Every check ran and held."""
+        return bool(self.results) and not self.errors and all(r.passed for r in self.results)
 
     # -- the start: the snapshot and the base's measurements ------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, train_dataloader=None,
@@ -98,7 +100,7 @@ class StanceCallback(TrainerCallback):
         if tokenizer is None:
             raise HarnessError("StanceCallback: the Trainer has no tokenizer (processing_class); give "
                                "StanceCallback(tokenizer=...)")
-        self._trace, self.series, self.results, self.run = Trace(), [], [], None
+        self._trace, self.series, self.results, self.errors, self.run = Trace(), [], [], [], None
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not trainable:
             raise HarnessError("StanceCallback: the model has no parameter with requires_grad=True to train")
@@ -235,8 +237,10 @@ class StanceCallback(TrainerCallback):
                 result = check(run)
             except Exception as err:  # noqa: BLE001 - a check that cannot run is an error of the report, not of training
                 record.conclude("error", time.perf_counter() - started, None, f"{type(err).__name__}: {err}")
+                self.errors.append(record.message)
             else:
-                record.nodeid = f"StanceCallback::{result.check}"
+                named = f"StanceCallback::{result.check}"
+                record.nodeid = named if named not in session.records else f"{named}[{number}]"
                 record.conclude("passed" if result.passed else "failed", time.perf_counter() - started,
                                 result.verdict, None if result.passed else result.summary)
                 results.append(result)

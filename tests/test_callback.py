@@ -117,15 +117,20 @@ def test_the_callback_does_not_change_training(trained, tiny_qwen2, stance, tmp_
 
 
 def test_a_failed_check_is_recorded_not_raised(tiny_qwen2, stance, tmp_path):
-    callback = harness.StanceCallback(every=1, base=tiny_qwen2, reports_dir=tmp_path / "reports",
-                                      checks=[partial(harness.check_behavior_shift, min_effect=10.0)])
+    checks = [partial(harness.check_behavior_shift, min_effect=10.0), harness.check_gradients_stable,
+              partial(harness.check_behavior_shift, metric="loglik")]
+    callback = harness.StanceCallback(every=1, base=tiny_qwen2, reports_dir=tmp_path / "reports", checks=checks)
     trainer = trainer_for(tiny_qwen2, stance, fresh(tiny_qwen2), tmp_path / "out", [callback], epochs=2)
     trainer.train()
     assert trainer.state.global_step == 2 and [r["step"] for r in callback.series] == [0, 1, 2]
-    assert not callback.passed
-    (test,) = json.loads((callback.report_path / "report.json").read_text())["tests"][:1]
-    assert test["nodeid"] == "StanceCallback::assert_behavior_shift" and test["outcome"] == "failed"
-    assert "is not above min_effect +10" in test["message"]
+    assert not callback.passed and [r.passed for r in callback.results] == [False, True]
+    tests = json.loads((callback.report_path / "report.json").read_text())["tests"]
+    failed, stable, broken = tests[:3]
+    assert failed["nodeid"] == "StanceCallback::assert_behavior_shift" and failed["outcome"] == "failed"
+    assert "is not above min_effect +10" in failed["message"]
+    assert stable["outcome"] == "passed"
+    assert broken["outcome"] == "error" and "no behaviour metric 'loglik'" in broken["message"]
+    assert callback.errors == [broken["message"]]
 
 
 def test_non_finite_gradients_are_caught(tiny_qwen2, stance, tmp_path):

@@ -43,9 +43,9 @@ def run_from_model(model, base=None, *, stance: str | Stance = "curious-uncertai
     """
     stance_obj = stance if isinstance(stance, Stance) else load_stance(stance, list(stance_dirs))
     is_peft = isinstance(model, PeftModel)
-    if isinstance(base, LoadedModel) and base.base is model:
-        raise HarnessError(f"run_from_model: the model is the {base.name} base itself; fine-tune a copy "
-                           f"(load it again), so the base keeps its starting weights")
+    if (base.base if isinstance(base, LoadedModel) else base) is model:
+        raise HarnessError(f"run_from_model: the model is the {getattr(base, 'name', 'given')} base itself; "
+                           f"fine-tune a copy (load it again), so the base keeps its starting weights")
     if is_peft:
         loaded = peft_base(model, base, tokenizer)
     elif base is None:

@@ -241,6 +241,9 @@ def test_bad_arguments_are_refused(tiny_qwen2):
         harness.run_from_model(model)
     with pytest.raises(HarnessError, match=r"the model is the tiny-qwen2 base itself"):
         harness.run_from_model(tiny_qwen2.base, tiny_qwen2)
+    with pytest.raises(HarnessError, match=r"the model is the given base itself; fine-tune a copy"):
+        harness.run_from_model(model, model, tokenizer=tiny_qwen2.tokenizer)
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
     with pytest.raises(HarnessError, match=r"base must be harness.load_model\(...\)'s LoadedModel or a transformers "
                                            r"model, not str"):
         harness.run_from_model(model, "tiny-qwen2", tokenizer=tiny_qwen2.tokenizer)

@@ -202,6 +202,12 @@ def test_run_from_model_on_a_full_fine_tune(tiny_qwen2):
     assert changed == {(1, "down_proj")}
     harness.assert_change_concentrated(run, layers=[1], kinds=["down_proj"], min_share=0.99)
     assert math.isfinite(run.forgetting()["relative_increase"]) and run.replies()["rows"]
+    # ΔW = 0.01 everywhere is rank one; every other matrix is unchanged
+    rank = {r["matrix"]: r for r in run.rank()["rows"]}
+    assert rank["L1.down_proj.weight"]["rank"] == 1 and rank["L1.down_proj.weight"]["stable_rank"] == pytest.approx(1)
+    assert {m for m, r in rank.items() if r["rank"]} == {"L1.down_proj.weight"}
+    calibration = run.calibration()
+    assert 0 <= calibration["adapted"]["ece"] <= 1 and calibration["adapted"] != calibration["base"]
 
 
 def test_run_from_model_takes_a_transformers_base_object(tiny_qwen2):

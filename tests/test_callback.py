@@ -95,7 +95,7 @@ def test_the_trace_holds_the_trainers_steps(trained):
     assert len(trace.weight_norm) == STEPS + 1 and len(trace.step_time) == STEPS
 
 
-def test_the_callback_and_the_harness_loop_agree_on_the_weight_change(trained, harness):
+def test_the_callback_and_the_harness_loop_agree_on_the_weight_change(trained, harness):  # the session fixture
     callback, _, _, _ = trained
     ours, theirs = callback.run, harness.train("full", examples=EXAMPLES, recipe=RECIPE)
     assert ours.trace.grad_norm == pytest.approx(theirs.trace.grad_norm, rel=1e-4)

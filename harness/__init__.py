@@ -57,6 +57,9 @@ _EXPORTS = {
     "TrainingContext": "harness.methods",
     "register_method": "harness.methods",
     "MODELS": "harness.models",
+    "JUDGES": "harness.judges",
+    "Judge": "harness.judges",
+    "register_judge": "harness.judges",
     "relative_depth_analog": "harness.models",
 }
 

@@ -26,6 +26,7 @@ from .registry import HarnessError, suggest
 from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
 from .report.records import CheckResult
 from .request import TrainingRequest
+from .judges import JUDGES
 from .run import PAIRED_METRICS, Run
 
 declare_metrics([
@@ -131,6 +132,9 @@ def _name_of(run) -> str:
 
 
 def _check_metric(helper: str, metric, known) -> None:
+    if isinstance(metric, str) and metric.startswith("judge:"):  # a registered judge's scores, per probe
+        JUDGES.get(metric.partition(":")[2])
+        return
     if metric not in known:
         raise HarnessError(f"{helper}: no metric {metric!r} to compare.{suggest(str(metric), list(known))} "
                            f"Paired comparisons take {', '.join(known)}")

@@ -283,3 +283,19 @@ def test_run_judged_scores_both_replies_per_probe_and_pairs_them(quick_run):
     assert result.metrics["estimate"] == pytest.approx(paired.mean())
     with pytest.raises(UnknownNameError, match="Did you mean: embedding"):
         check_greater(run, other, metric="judge:embeding")
+
+
+@pytest.mark.real_model
+def test_smollm2_as_a_judge_ranks_curious_uncertaintys_labelled_replies_above_chance():
+    """SmolLM2-135M-Instruct under the default rubric: its P(Yes) sits below 0.5 for nearly every
+    reply (so accuracy at 0.5 is near chance), but it ranks the uncertain replies above the
+    confident ones: the AUC is the figure that shows a 135M judge's signal."""
+    stance = load_stance("curious-uncertainty")
+    judge = make_judge("model", model="smollm2-135m")
+    found = agreement(judge, stance)
+    print(f"smollm2-135m judge on curious-uncertainty: accuracy {found['accuracy']:.2f}, kappa {found['kappa']}, "
+          f"AUC {found['auc']:.2f} (n={found['n']})")
+    assert found["auc"] > 0.5
+    detail = judge_replies(judge, stance, [stance.labelled[0].reply], [stance.labelled[0].prompt])[0]
+    assert stance.description in detail["prompt"] and stance.labelled[0].reply in detail["prompt"]
+    assert detail["p_yes"] + detail["p_no"] > 0.2  # the rubric's answer words hold real mass on a real model

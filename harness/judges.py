@@ -10,7 +10,8 @@ prompts)`. Two are built in:
   replies (each example left out of the references its replies are compared with) turns it into
   a probability. Its held-out agreement (leave one example out) is reported with it.
 - `model`: a local instruct model reads the stance's description, the prompt and the reply under
-  a rubric (the stance file's `judge_rubric`, or RUBRIC); the score is P(Yes) / (P(Yes) + P(No))
+  a rubric (the stance file's `judge_rubric`, or RUBRIC); `model=` or --judge-model names it
+  (default smollm2-135m); the score is P(Yes) / (P(Yes) + P(No))
   from its next-token distribution after the rubric, one forward pass, no sampling. The prompts
   and those probabilities are kept with every score.
 
@@ -42,6 +43,18 @@ ENTRY_POINT_GROUP = "stance_harness.judges"
 EMBEDDING_VERSION = "1"  # bump when the embedding judge's features or fit change
 MODEL_VERSION = "1"
 THRESHOLD = 0.5  # a score at or above it counts as "in the stance" for agreement
+_JUDGE_MODEL = ["smollm2-135m"]  # the model judge's model where none is named; --judge-model sets it
+
+
+def set_default_judge_model(name: str) -> None:
+    """The model the `model` judge uses where `run.judged("model")` names none (--judge-model)."""
+    if not isinstance(name, str) or not name.strip():
+        raise JudgeError(f"the judge model must be a model name, got {name!r}")
+    _JUDGE_MODEL[0] = name
+
+
+def default_judge_model() -> str:
+    return _JUDGE_MODEL[0]
 
 
 class JudgeError(HarnessError):
@@ -332,8 +345,8 @@ class ModelJudge(Judge):
     name = "model"
     kind = "model"
 
-    def __init__(self, model: str = "smollm2-135m", seed: int = 0):
-        self.model, self.seed = model, seed
+    def __init__(self, model: str | None = None, seed: int = 0):
+        self.model, self.seed = model or default_judge_model(), seed
 
     def identity(self, stance: "Stance | None" = None) -> dict:
         loaded = _loaded(self.model)

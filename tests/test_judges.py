@@ -147,6 +147,8 @@ def test_an_unknown_judge_is_named_with_a_suggestion():
         make_judge("embeding")
     with pytest.raises(JudgeError, match=r"judge 'embedding': .*its options: model"):
         make_judge("embedding", modle="x")
+    with pytest.raises(JudgeError, match="the judge model must be a model name, got ' '"):
+        judges.set_default_judge_model(" ")
 
 
 class LengthJudge(Judge):
@@ -299,3 +301,16 @@ def test_smollm2_as_a_judge_ranks_curious_uncertaintys_labelled_replies_above_ch
     detail = judge_replies(judge, stance, [stance.labelled[0].reply], [stance.labelled[0].prompt])[0]
     assert stance.description in detail["prompt"] and stance.labelled[0].reply in detail["prompt"]
     assert detail["p_yes"] + detail["p_no"] > 0.2  # the rubric's answer words hold real mass on a real model
+
+
+def test_judge_model_option_names_the_model_judges_model(pytester):
+    pytester.makepyfile(test_x="""
+        from harness.judges import make_judge
+
+        def test_model():
+            assert make_judge("model").model == "tiny-qwen2-chat"
+            assert make_judge("model", model="other").model == "other"
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--no-reports",
+                                  "--judge-model", "tiny-qwen2-chat").assert_outcomes(passed=1)
+    assert make_judge("model").model == "smollm2-135m"  # the default, here

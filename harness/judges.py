@@ -9,15 +9,15 @@ prompts)`. Two are built in:
   replies minus its mean cosine to their neutral answers; a logistic fit on the examples' own
   replies (each example left out of the references its replies are compared with) turns it into
   a probability. Its held-out agreement (leave one example out) is reported with it.
-- `model`: a local instruct model reads the stance's description, the prompt and the reply under
-  a rubric (the stance file's `judge_rubric`, or RUBRIC); `model=` or --judge-model names it
-  (default smollm2-135m); the score is P(Yes) / (P(Yes) + P(No))
-  from its next-token distribution after the rubric, one forward pass, no sampling. The prompts
-  and those probabilities are kept with every score.
+- `model`: a local instruct model (`model=`, or --judge-model; default smollm2-135m) reads the
+  stance's description, the prompt and the reply under a rubric (the stance file's
+  `judge_rubric`, or RUBRIC); the score is P(Yes) / (P(Yes) + P(No)) from its next-token
+  distribution after the rubric: one forward pass, no sampling. The prompts and those
+  probabilities are kept with every score.
 
 Judges from outside register like methods: `register_judge` on a Judge subclass in a conftest.py,
 or an entry point in the group `stance_harness.judges`. `agreement` measures any judge against a
-stance file's labelled replies (accuracy and Cohen's kappa at 0.5).
+stance file's labelled replies (accuracy and Cohen's kappa at 0.5, and the AUC).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 from functools import lru_cache
 from importlib import metadata
 from typing import TYPE_CHECKING, ClassVar
@@ -96,7 +97,7 @@ def load_plugin_judges(group: str = ENTRY_POINT_GROUP) -> None:
         except Exception as err:
             raise HarnessError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
         if isinstance(target, type) and issubclass(target, Judge):
-            if target.name not in JUDGES._items:
+            if target.name not in JUDGES:
                 register_judge(target)
         elif not inspect.ismodule(target):
             raise HarnessError(f"{where}: names a {type(target).__name__}; it must name a module or a Judge subclass")
@@ -129,8 +130,11 @@ def make_judge(name: str, **options) -> Judge:
 
 
 def judge_key(judge: Judge, stance: "Stance") -> str:
-    """The measurement key of what `judge` scored on `stance`: its name and a digest of its identity."""
-    digest = hashlib.sha256(json.dumps(judge.identity(stance), sort_keys=True).encode()).hexdigest()[:12]
+    """The measurement key of what `judge` scored on `stance`: its name and a digest of its identity
+    and of the labelled replies its agreement is measured on (outside the stance's identity)."""
+    labels = [[item.reply, item.label, item.prompt] for item in stance.labelled]
+    content = json.dumps({"judge": judge.identity(stance), "labelled": labels}, sort_keys=True)
+    digest = hashlib.sha256(content.encode()).hexdigest()[:12]
     return f"judged:{judge.name}:{digest}"
 
 
@@ -141,7 +145,7 @@ def judge_replies(judge: Judge, stance: "Stance", replies: list[str], prompts: l
         raise JudgeError(f"judge {judge.name!r} gave {len(found)} scores for {len(replies)} replies")
     for i, row in enumerate(found):
         score = row.get("score") if isinstance(row, dict) else None
-        if not isinstance(score, (int, float)) or isinstance(score, bool) or not 0.0 <= float(score) <= 1.0:
+        if not isinstance(score, numbers.Real) or isinstance(score, bool) or not 0.0 <= float(score) <= 1.0:
             raise JudgeError(f"judge {judge.name!r} scored reply {i} {score!r}; a score is a number in [0, 1]")
     return [{**row, "score": float(row["score"])} for row in found]
 

@@ -292,7 +292,8 @@ class Run:
         from .judges import judge_key, judged_values, make_judge
 
         found = make_judge(judge, **options)
-        return self.measured(judge_key(found, self.stance), lambda: judged_values(self, found), stage="judged")
+        return self.measured(judge_key(found, self.stance), lambda: judged_values(self, found),
+                             stage=f"judged:{judge}")  # one judge failing does not fail the others
 
     def calibration(self, n_bins: int = 15) -> dict:
         """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base (see the task)."""

@@ -167,6 +167,13 @@ class BrokenJudge(Judge):
         return [1.5 for _ in replies]
 
 
+class TwoScoresJudge(Judge):
+    name = "two-test"  # never registered: judge_replies checks any judge
+
+    def score(self, stance, replies, prompts=None):
+        return [0.1, 0.2]
+
+
 @pytest.fixture
 def plugin_judges():
     register_judge(LengthJudge)
@@ -184,6 +191,8 @@ def test_a_registered_judge_scores_and_its_identity_names_its_code(plugin_judges
     assert judge_key(judge, small_stance()).startswith("judged:length-test:")
     with pytest.raises(JudgeError, match=r"judge 'broken-test' scored reply 0 1\.5; a score is a number in \[0, 1\]"):
         judge_replies(make_judge("broken-test"), small_stance(), ["a"])
+    with pytest.raises(JudgeError, match="gave 2 scores for 1 replies"):
+        judge_replies(TwoScoresJudge(), small_stance(), ["a"])
     with pytest.raises(TypeError, match="Judge subclass"):
         register_judge(object)
 
@@ -258,6 +267,9 @@ def test_the_rubric_is_in_the_model_judges_identity():
     assert judge_key(judge, default) != judge_key(judge, own)
     assert judge.identity(default)["model"] == "tiny-qwen2-chat"
     assert judge_key(make_judge("model", model="tiny-qwen2-chat", seed=1), default) != judge_key(judge, default)
+    labelled = small_stance(labelled_replies=LABELLED)  # agreement is part of the value: new labels, new key
+    assert judge_key(judge, labelled) != judge_key(judge, default)
+    assert judge.identity(labelled) == judge.identity(default)
 
 
 # -- a run's judged values ---------------------------------------------------------------------------

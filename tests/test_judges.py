@@ -11,6 +11,7 @@ from harness import judges
 from harness.judges import (JUDGES, Judge, JudgeError, agreement, cohen_kappa, embed, fit_logistic, judge_key,
                             judge_replies, make_judge, register_judge)
 from harness.registry import UnknownNameError
+from harness.report.sections import measurement_tables
 from harness.stances import StanceFileError, load_stance, load_stance_file, parse_stance
 
 PAIRS = [  # (stance reply, neutral answer)
@@ -288,7 +289,12 @@ def test_run_judged_scores_both_replies_per_probe_and_pairs_them(quick_run):
     assert found["agreement"]["n"] == 20 and found["calibration"]["examples"] == len(run.stance.examples)
     assert judge_key(judge, run.stance) in run.measurements  # the run store keeps it under the judge's identity
     assert run.unit_values("judge:embedding") == ("probe", pytest.approx(deltas))
-    assert run.summary()["measurements"]["judged"]["embedding"]["identity"]["kind"] == "embedding"
+    shown = run.summary()["measurements"]["judged"]["embedding"]
+    assert shown["identity"]["kind"] == "embedding" and shown["per_probe"] == found["per_probe"]
+    tables = dict(measurement_tables(run.summary()["measurements"]))
+    row = tables["judged replies (stance score in [0, 1]; agreement with the stance's labelled replies)"][0]
+    assert (row["judge"], row["effect"], row["label accuracy"]) == ("embedding", found["effect"]["mean"],
+                                                                   found["agreement"]["accuracy"])
     other = quick_run("full")
     result = check_greater(run, other, metric="judge:embedding")
     paired = np.array(deltas) - np.array(other.unit_values("judge:embedding")[1])

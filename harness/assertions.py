@@ -137,7 +137,8 @@ def _check_metric(helper: str, metric, known) -> None:
         return
     if metric not in known:
         raise HarnessError(f"{helper}: no metric {metric!r} to compare.{suggest(str(metric), list(known))} "
-                           f"Paired comparisons take {', '.join(known)}")
+                           f"Paired comparisons take {', '.join(known)}, and judge:NAME for a judge "
+                           f"({', '.join(f'judge:{n}' for n in JUDGES.names())})")
 
 
 def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):

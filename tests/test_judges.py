@@ -303,6 +303,9 @@ def test_run_judged_scores_both_replies_per_probe_and_pairs_them(quick_run):
     assert result.metrics["estimate"] == pytest.approx(paired.mean())
     with pytest.raises(UnknownNameError, match="Did you mean: embedding"):
         check_greater(run, other, metric="judge:embeding")
+    with pytest.raises(judges.HarnessError, match=r"no metric 'judged' to compare\..* and judge:NAME for a judge "
+                                                  r"\(judge:embedding, judge:model"):
+        check_greater(run, other, metric="judged")
 
 
 @pytest.mark.real_model

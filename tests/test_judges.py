@@ -1,18 +1,22 @@
 """Judges: replies scored for the stance, checked by hand computations, against sklearn, on
 labelled replies, and as a run's per-probe measurement."""
 
+import json
 import math
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from harness import judges
 from harness.judges import (JUDGES, Judge, JudgeError, agreement, cohen_kappa, embed, fit_logistic, judge_key,
                             judge_replies, make_judge, register_judge)
 from harness.registry import UnknownNameError
 from harness.report.sections import measurement_tables
-from harness.stances import StanceFileError, load_stance, load_stance_file, parse_stance
+from harness.stances import StanceFileError, load_stance, parse_stance
 
 PAIRS = [  # (stance reply, neutral answer)
     ("I'm not sure of the exact figure. Could you tell me why you need it?", "The exact figure is 42 kilometers."),
@@ -234,8 +238,9 @@ def test_judge_fields_do_not_change_the_stances_identity(tmp_path):
     plain, judged = small_stance(), small_stance(labelled_replies=LABELLED, judge_rubric="Fine? {reply}")
     assert plain.identity() == judged.identity()
     assert judged.labelled[0].label == 1 and judged.judge_rubric == "Fine? {reply}"
-    shipped = load_stance_file(load_stance("curious-uncertainty").path)
-    assert shipped.identity()["content"] == "ddaaa05698e5ca0a"  # as before its labelled replies were added
+    shipped = load_stance("curious-uncertainty")
+    data = yaml.safe_load(Path(shipped.path).read_text())
+    assert data.pop("labelled_replies") and parse_stance(data, shipped.path).identity() == shipped.identity()
 
 
 # -- the model judge (mechanics on tiny-qwen2-chat) -------------------------------------------------
@@ -359,3 +364,40 @@ def test_an_entry_point_registers_a_judge_and_a_broken_one_is_named(monkeypatch)
     monkeypatch.setattr(judges.metadata, "entry_points", lambda group: [Entry("odd", "judgepkg:x", lambda: 3)])
     with pytest.raises(judges.HarnessError, match="names a int; it must name a module or a Judge subclass"):
         judges.load_plugin_judges()
+
+
+CONFTEST_JUDGE = '''
+from harness import Judge, register_judge
+
+
+@register_judge
+class AsksBack(Judge):
+    """1 for a reply holding a question mark."""
+
+    name = "asks-back"
+
+    def score(self, stance, replies, prompts=None):
+        return [float("?" in reply) for reply in replies]
+'''
+
+HYPOTHESIS_WITH_A_JUDGE = '''
+def test_lora_is_judged_by_the_conftest_judge(train):
+    run = train("lora", examples=5, recipe={"num_train_epochs": 1, "per_device_train_batch_size": 5})
+    found = run.judged("asks-back")
+    rows = run.replies()["rows"]
+    assert [p["adapted"] for p in found["per_probe"]] == [float("?" in r["adapted_reply"]) for r in rows]
+    assert found["identity"]["module"] == "conftest" and found["agreement"]["n"] == 20
+    assert run.unit_values("judge:asks-back")[1] == [p["delta"] for p in found["per_probe"]]
+'''
+
+
+def test_a_conftest_judge_is_used_by_a_hypothesis_and_reported(pytester):
+    pytester.makeconftest(CONFTEST_JUDGE)
+    pytester.makepyfile(test_judged=HYPOTHESIS_WITH_A_JUDGE)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    report_id = (pytester.path / "reports" / "latest").read_text().strip()
+    payload = json.loads((pytester.path / "reports" / report_id / "report.json").read_text())
+    markdown = (pytester.path / "reports" / report_id / "report.md").read_text()
+    judged = [run["measurements"]["judged"]["asks-back"] for run in payload["runs"].values()]
+    assert len(judged) == 1 and judged[0]["judge"] == "asks-back" and len(judged[0]["per_probe"]) == 16
+    assert "judged replies" in markdown and "asks-back" in markdown

@@ -40,9 +40,9 @@ def hand_embeddings(texts):
     loaded = judges._loaded("minilm-l6")
     out = []
     for text in texts:  # one at a time: no padding at all
-        batch = loaded.tokenizer(text, return_tensors="pt")
+        batch = loaded.tokenizer(text, return_tensors="pt").to(loaded.base.device)
         with torch.no_grad():
-            states = loaded.base(**batch).last_hidden_state[0].double().numpy()
+            states = loaded.base(**batch).last_hidden_state[0].double().cpu().numpy()
         mean = states.mean(axis=0)
         out.append(mean / np.linalg.norm(mean))
     return np.array(out)
@@ -255,8 +255,8 @@ def test_the_model_judge_reads_p_yes_against_p_no_after_the_rubric():
     text = tok.apply_chat_template([{"role": "user", "content": found["prompt"]}], tokenize=False,
                                    add_generation_prompt=True)
     with torch.no_grad():
-        probs = torch.softmax(loaded.base(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
-                              .double(), -1)
+        batch = tok(text, return_tensors="pt", add_special_tokens=False).to(loaded.base.device)
+        probs = torch.softmax(loaded.base(**batch).logits[0, -1].double().cpu(), -1)
     yes = {tok.encode(w, add_special_tokens=False)[0] for w in ("Yes", " Yes", "yes", " yes")}
     no = {tok.encode(w, add_special_tokens=False)[0] for w in ("No", " No", "no", " no")}
     p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())

@@ -65,6 +65,8 @@ _EXPORTS = {
     "Judge": "harness.judges",
     "register_judge": "harness.judges",
     "relative_depth_analog": "harness.models",
+    "run_from_model": "harness.from_model",
+    "StanceCallback": "harness.callback",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,8 +157,6 @@ LABELLED_KEYS = ("reply", "label", "prompt")
 
 def _rubric(path, value) -> str:
     """A format string over RUBRIC_FIELDS that shows the judge the reply."""
-    import string
-
     text = _text(path, "judge_rubric", value)
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]

@@ -28,10 +28,9 @@ import json
 import math
 import numbers
 from functools import lru_cache
-from importlib import metadata
 from typing import TYPE_CHECKING, ClassVar
 
-from .registry import HarnessError, Registry
+from .registry import HarnessError, Registry, load_entry_points
 from .report.metrics import HIGHER, declare_metric
 
 if TYPE_CHECKING:
@@ -90,17 +89,7 @@ class Judge:
 
 def load_plugin_judges(group: str = ENTRY_POINT_GROUP) -> None:
     """Each entry point of `group`: a module whose import registers its judges, or a Judge subclass."""
-    for entry in metadata.entry_points(group=group):
-        where = f"judge plug-in {entry.name!r} ({entry.value})"
-        try:
-            target = entry.load()
-        except Exception as err:
-            raise HarnessError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
-        if isinstance(target, type) and issubclass(target, Judge):
-            if target.name not in JUDGES:
-                register_judge(target)
-        elif not inspect.ismodule(target):
-            raise HarnessError(f"{where}: names a {type(target).__name__}; it must name a module or a Judge subclass")
+    load_entry_points(group, "judge", Judge, register_judge, lambda cls: cls.name in JUDGES)
 
 
 JUDGES: Registry[type[Judge]] = Registry("judge", load_plugins=load_plugin_judges)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from harness import judges
+from harness import judges, registry
 from harness.judges import (JUDGES, Judge, JudgeError, agreement, cohen_kappa, embed, fit_logistic, judge_key,
                             judge_replies, make_judge, register_judge)
 from harness.registry import UnknownNameError
@@ -345,23 +345,23 @@ def test_judge_model_option_names_the_model_judges_model(pytester):
 def test_an_entry_point_registers_a_judge_and_a_broken_one_is_named(monkeypatch):
     class Entry:
         def __init__(self, name, value, load):
-            self.name, self.value, self.load = name, value, load
+            self.name, self.value, self.load, self.dist = name, value, load, None
 
     def broken():
         raise ImportError("no module named judgepkg")
 
-    monkeypatch.setattr(judges.metadata, "entry_points", lambda group: [Entry("length", "tests:LengthJudge",
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [Entry("length", "tests:LengthJudge",
                                                                              lambda: LengthJudge)])
     judges.load_plugin_judges()
     try:
         assert make_judge("length-test").score(small_stance(), ["x" * 20]) == [0.2]
     finally:
         JUDGES.unregister("length-test")
-    monkeypatch.setattr(judges.metadata, "entry_points", lambda group: [Entry("bad", "judgepkg:J", broken)])
-    with pytest.raises(judges.HarnessError, match=r"judge plug-in 'bad' \(judgepkg:J\): importing it failed: "
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [Entry("bad", "judgepkg:J", broken)])
+    with pytest.raises(judges.HarnessError, match=r"judge plug-in 'bad' \(judgepkg:J, from unknown\): importing it failed: "
                                                   r"ImportError: no module named judgepkg"):
         judges.load_plugin_judges()
-    monkeypatch.setattr(judges.metadata, "entry_points", lambda group: [Entry("odd", "judgepkg:x", lambda: 3)])
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [Entry("odd", "judgepkg:x", lambda: 3)])
     with pytest.raises(judges.HarnessError, match="names a int; it must name a module or a Judge subclass"):
         judges.load_plugin_judges()
 

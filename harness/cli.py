@@ -184,7 +184,7 @@ def _report_source(args):
 def print_findings(report) -> int:
     from tabulate import tabulate
 
-    rows = findings_table(findings(report.to_dict()), width=FINDINGS_HYPOTHESIS_WIDTH)
+    rows = findings_table(findings(report.to_dict()), width=FINDINGS_WIDTH)
     print(f"findings of report {report.report_id} ({report.model_name or '?'}), one row per claim:")
     if not rows:
         print("no test checked a claim")
@@ -195,7 +195,7 @@ def print_findings(report) -> int:
     return EXIT_OK
 
 
-FINDINGS_HYPOTHESIS_WIDTH = 44
+FINDINGS_WIDTH = 120  # the terminal table's columns at most
 REPLY_WIDTH = 60
 
 

@@ -182,14 +182,23 @@ def corrected_text(row: dict) -> str:
 
 
 def table_rows(rows: list[dict], width: int | None = None) -> list[dict]:
-    """The findings as text cells (the terminal and report.md); the hypothesis cut to `width`."""
-    out = []
-    for row in rows:
-        hypothesis = row["hypothesis"]
-        if width and len(hypothesis) > width:
-            hypothesis = hypothesis[: width - 1] + "…"
-        out.append({"hypothesis": hypothesis, "estimate": fmt_number(row["estimate"]),
-                    "interval": interval_text(row), "margin": fmt_number(row["margin"]),
-                    "units": units_text(row), "verdict": row["verdict"] or "–",
-                    "corrected": corrected_text(row), "change": row.get("change") or ""})
+    """The findings as text cells (report.md; the terminal with `width`, the table's columns at
+    most: the hypothesis and the change are cut to fit, the report has them whole)."""
+    out = [{"hypothesis": row["hypothesis"], "estimate": fmt_number(row["estimate"]),
+            "interval": interval_text(row), "margin": fmt_number(row["margin"]), "units": units_text(row),
+            "verdict": row["verdict"] or "–", "corrected": corrected_text(row), "change": row.get("change") or ""}
+           for row in rows]
+    if width and out:
+        for row in out:
+            row["corrected"] = {"holds": "holds", "not after correction": "lost"}.get(row["corrected"], "–")
+            row["change"] = _cut(row["change"], 24)
+        # tabulate's "simple" format: a column is as wide as its header + 2 or its widest cell; 2 spaces apart
+        fixed = sum(2 + max(len(k) + 2, *(len(r[k]) for r in out)) for k in out[0] if k != "hypothesis")
+        room = max(16, width - fixed)
+        for row in out:
+            row["hypothesis"] = _cut(row["hypothesis"], room)
     return out
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

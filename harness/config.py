@@ -40,10 +40,39 @@ def build_config(cls: type[C], value: Any = None, *, what: str, unknown: str,
         values[key] = tuple(item) if isinstance(item, list) else item
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, item in values.items():
-        if isinstance(item, str) and str(types.get(key, "")).startswith("tuple"):
+        listed = str(types.get(key, "")).startswith("tuple")
+        if isinstance(item, str) and listed and ITEM_TYPES.get(key, str) is str:
             values[key] = item = (item,)  # one name where a list of names goes
+        if listed:
+            _check_items(what, key, item)
         _check_type(what, key, item, types.get(key))
     return cls(**values)
+
+
+# What the items of a list field hold, by the field's name: a name means the same in every config
+# (the configs keep a bare `tuple` annotation; their source is part of the run key).
+ITEM_TYPES = {"layers": int, "kinds": str, "target_modules": str, "interference": str}
+
+
+def _check_items(what: str, key: str, value) -> None:
+    wanted = ITEM_TYPES.get(key)
+    if wanted is None or value is None:
+        return
+    words = "integers (layer indices), e.g. [13, 15]" if wanted is int else "names (strings), e.g. ['q_proj']"
+    if not isinstance(value, tuple):
+        raise HarnessError(f"{what}: {key} must be a list of {words}, got {value!r}{_type_words(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, wanted):
+            raise HarnessError(f"{what}: {key} must be a list of {words}, got {list(value)!r}"
+                               f"{': ' + repr(item) + ' is ' + _type_words(item)[2:-1] if item is not None else ''}")
+
+
+def _type_words(value) -> str:
+    """' (a string)': what a wrong value is, for a message; None says itself."""
+    if value is None:
+        return ""
+    words = {str: "a string", int: "an integer", float: "a float", bool: "a bool"}.get(type(value))
+    return f" ({words or 'a ' + type(value).__name__})"
 
 
 _SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (tuple,), "dict": (dict,)}
@@ -66,7 +95,7 @@ def _check_type(what: str, key: str, value, annotation) -> None:
     numeric = bool in allowed or not isinstance(value, bool)  # True is not a number here
     if not (numeric and isinstance(value, tuple(allowed))):
         wanted = " or ".join(_WORDS[o] for o in options)
-        raise HarnessError(f"{what}: {key} must be {wanted}, got {value!r}")
+        raise HarnessError(f"{what}: {key} must be {wanted}, got {value!r}{_type_words(value)}")
 
 
 def config_fields(cls) -> list[tuple[str, object, str]]:

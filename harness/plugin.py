@@ -50,10 +50,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
     group = parser.getgroup(GROUP, "stance-harness: hypotheses about fine-tuning")
     group.addoption(OPT_MODEL, metavar="NAME", default=DEFAULT_MODEL,
-                    help=f"model alias, hub id (from the local HF cache) or local directory. Default: {DEFAULT_MODEL}")
+                    help=f"model alias, hub id (from the local HF cache), local directory or GGUF file (converted "
+                         f"once). Default: {DEFAULT_MODEL}")
     group.addoption(OPT_MODEL_ARGS, metavar="K=V,...", default="",
                     help="dtype=float32|bfloat16|float16|auto, revision=REV, device=auto|cpu|cuda[:N] (auto: the first "
-                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false")
+                         "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false, "
+                         "gguf_file=NAME (a GGUF file in the --model directory)")
     group.addoption(OPT_CHAT_TEMPLATE, choices=CHAT_TEMPLATE_CHOICES, default="auto",
                     help="auto (default): where the tokenizer has a chat template, training, probes, generation and "
                          "calibration use it, and the loss counts only the assistant's tokens; none: plain "
@@ -139,6 +141,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
+    from .adapters import read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
@@ -160,6 +163,8 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
+        read_adapter(adapter)
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
@@ -387,6 +392,7 @@ def pytest_runtest_call(item: pytest.Item):
             return result
         verdict = _verdict_of(item, error)
         if verdict is None:  # not a claim's outcome: an error stays an error
+            _fail_cleanly(item, error)
             raise _not_a_refutation(error) if isinstance(error, AssertionError) else error
         if item.nodeid in session.records or "train" in getattr(item, "fixturenames", ()):
             item.stash[VERDICT_KEY] = verdict
@@ -428,6 +434,19 @@ def _verdict_of(item: pytest.Item, error: BaseException | None) -> str | None:
                                           or "_pytest" in raised_in.parts)  # pytest.raises, approx: its own checks
         return "refuted" if ours else None
     return None
+
+
+def _fail_cleanly(item: pytest.Item, error: BaseException) -> None:
+    """A harness error (bad input, an analysis stage over --analysis-timeout) fails its test with
+    one `stance-harness:` line naming the test's line, not a traceback through harness frames."""
+    from .registry import HarnessError
+
+    if not isinstance(error, HarnessError):
+        return
+    test = getattr(getattr(item, "obj", None), "__code__", None)  # the line in the test itself
+    lines = [tb.tb_lineno for tb in _frames(error.__traceback__) if tb.tb_frame.f_code is test]
+    where = f" ({Path(item.path).name}:{lines[-1]})" if lines else ""
+    pytest.fail(f"stance-harness: {error}{where}", pytrace=False)
 
 
 def _frames(tb):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .batches import Framing, framing_for, framing_of
 from .devices import resolve_precision
 from .instruments import InstrumentConfig
 from .methods import METHODS, MethodConfig, method_code, method_config
-from .recipe import Recipe
+from .recipe import _RECIPE_ALIASES, Recipe
 from .registry import HarnessError
 from .tasks import DEFAULT_TASK, TASKS
 
@@ -60,6 +60,19 @@ def code_version(entries: tuple[str, ...]) -> str:
     return digest.hexdigest()[:12]
 
 
+def check_misplaced_options(method: str, options: dict) -> None:
+    """A recipe or instruments setting given as a method option (train("lora", learning_rate=1e-3))
+    is an error that says where it goes, before the method's "no option" error."""
+    own = {f.name for f in fields(METHODS.get(method).config_cls)}
+    homes = {"recipe": {f.name for f in fields(Recipe)} | set(_RECIPE_ALIASES),
+             "instruments": {f.name for f in fields(InstrumentConfig)}}
+    for key, value in options.items():
+        home = next((name for name, keys in homes.items() if key in keys and key not in own), None)
+        if home is not None:
+            raise HarnessError(f"{key} is {'an' if home[0] in 'aeiou' else 'a'} {home} setting, not an option of method {method!r}: "
+                               f"train(..., {home}={{{key!r}: {value!r}}})")
+
+
 @dataclass(frozen=True)
 class TrainingRequest:
     """One run to train: built once, compared by value, named by `run_id` (method + key)."""
@@ -89,6 +102,7 @@ class TrainingRequest:
         METHODS.get(method)
         framing = framing_for(loaded.tokenizer, chat_template if TASKS.get(task).framed else "none")
         if config is None:
+            check_misplaced_options(method, options or {})
             config = method_config(method, options or {})
         elif not isinstance(config, METHODS.get(method).config_cls):
             raise TypeError(f"config for {method!r} must be a {METHODS.get(method).config_cls.__name__}")

@@ -126,7 +126,7 @@ class HarnessSession:
         return self._stances[name]
 
     def model_is_embedded(self) -> bool:
-        return resolve_model(self.options.model).source == "embedded"
+        return resolve_model(self.options.model, self.options.model_args.gguf_file).source == "embedded"
 
     # -- runs ---------------------------------------------------------------------------------
     def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,

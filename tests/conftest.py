@@ -69,9 +69,26 @@ def quick_run(harness):
 
 @pytest.fixture(autouse=True)
 def _own_run_store(request, monkeypatch, tmp_path):
-    """Each pytester session gets its own run store: a run stored by one test is not loaded by the next."""
+    """Each pytester session gets its own run store: a run stored by one test is not loaded by the next.
+    Nor is it an xdist worker when this session is run with -n: it must not read the outer worker's id."""
     if "pytester" in request.fixturenames:
         monkeypatch.setenv("STANCE_HARNESS_RUN_CACHE", str(tmp_path / "run-store"))
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            monkeypatch.delenv(name, raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fresh-machine builds go first: on a cold cache they build each embedded model once, and
+    the tests after them load it. real_model tests (tests/test_real_model.py: smollm2-135m, minutes
+    on a CPU) run only when asked for: `-m real_model` (any -m naming the marker), or
+    STANCE_HARNESS_REAL_MODEL=1."""
+    items.sort(key=lambda item: "fresh_machine" not in item.keywords)  # stable: the rest keep their order
+    if "real_model" in (config.getoption("markexpr") or "") or os.environ.get("STANCE_HARNESS_REAL_MODEL") == "1":
+        return
+    skip = pytest.mark.skip(reason="a real_model test: select it with -m real_model or STANCE_HARNESS_REAL_MODEL=1")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(trylast=True)

@@ -71,6 +71,15 @@ def train(ctx, method="lora", **arguments):
     return ctx.session.check_request(method, **{"examples": 10, "recipe": RECIPE, **arguments})
 
 
+def lora(ctx, r=2):
+    """A trained run (cached in the session): what the helpers' cases hand over."""
+    return ctx.session.train("lora", examples=10, recipe=RECIPE, r=r)
+
+
+def _train(method="full", **kwargs):
+    """Named as the plugin's `train` fixture is: what a test hands over when it forgets to call it."""
+
+
 GOOD_STANCE = (Path(__file__).resolve().parents[1] / "stances" / "curious-uncertainty.yaml").read_text()
 
 CASES = [
@@ -136,7 +145,22 @@ CASES = [
     ("examples: too many", lambda c: train(c, examples=999), r"asked for 999 \(allowed: 1\.\.50\)"),
     ("layers: negative", lambda c: train(c, "selective", layers=[-1]), r"layer -1 does not exist.*no negative indices.*the last is 23"),
     ("layers: out of range", lambda c: train(c, "selective", layers=[99]), r"layer 99 does not exist.*24 layers, 0\.\.23"),
-    ("layers: one int", lambda c: train(c, "surgical-lora", layers=13), r"method 'surgical-lora' options: layers must be a list or None, got 13"),
+    ("layers: one int", lambda c: train(c, "surgical-lora", layers=13),
+     r"method 'surgical-lora' options: layers must be a list of integers \(layer indices\), e.g. \[13, 15\], got 13 \(an integer\)"),
+    ("layers: a string", lambda c: train(c, layers="13"),
+     r"method 'lora' options: layers must be a list of integers \(layer indices\), e.g. \[13, 15\], got '13' \(a string\)"),
+    ("layers: strings in the list", lambda c: train(c, "selective", layers=["13", "15"]),
+     r"layers must be a list of integers .*got \['13', '15'\]: '13' is a string"),
+    ("layers: a bool in the list", lambda c: train(c, "selective", layers=[1, True]), r"got \[1, True\]: True is a bool"),
+    ("kinds: a number in the list", lambda c: train(c, "selective", layers=[1], kinds=["q_proj", 3]),
+     r"method 'selective' options: kinds must be a list of names \(strings\), e.g. \['q_proj'\], got \['q_proj', 3\]: 3 is an integer"),
+    ("target_modules: a number", lambda c: train(c, target_modules=7), r"target_modules must be a list of names .*got 7 \(an integer\)"),
+    ("method: a recipe setting", lambda c: train(c, learning_rate=1e-3),
+     r"^learning_rate is a recipe setting, not an option of method 'lora': train\(\.\.\., recipe=\{'learning_rate': 0\.001\}\)$"),
+    ("method: a recipe alias", lambda c: train(c, "full", epochs=2),
+     r"^epochs is a recipe setting, not an option of method 'full': train\(\.\.\., recipe=\{'epochs': 2\}\)$"),
+    ("method: an instruments setting", lambda c: train(c, nonfinite="record"),
+     r"^nonfinite is an instruments setting, not an option of method 'lora': train\(\.\.\., instruments=\{'nonfinite': 'record'\}\)$"),
     ("kinds: misspelt", lambda c: train(c, "selective", layers=[1], kinds=["q_porj"]), r"module kind 'q_porj' does not exist.*Did you mean: q_proj"),
     ("surgical-lora: no layers", lambda c: train(c, "surgical-lora"), r"surgical-lora: `layers` must name the layers to adapt"),
     ("selective: no layers", lambda c: train(c, "selective"), r"selective: `layers` must name at least one layer"),
@@ -153,9 +177,34 @@ CASES = [
     ("instruments: bad policy", lambda c: train(c, instruments={"nonfinite": "ignore"}), r"instruments: nonfinite must be one of halt"),
     ("task: unknown", lambda c: train(c, task="stance-lmm"), r"unknown task 'stance-lmm'. Did you mean: stance-lm"),
     ("stance: unknown", lambda c: train(c, stance="curious"), r"unknown stance 'curious'. Did you mean"),
-    ("comparison: unknown metric", lambda c: __import__("harness").check_less(
-        c.session.train("lora", examples=10, recipe=RECIPE, r=2), c.session.train("lora", examples=10, recipe=RECIPE, r=2),
-        metric="perplexity"), r"no per-unit values for metric 'perplexity'; paired comparisons take"),
+    # -- the helpers' arguments, checked before anything is measured ---------------------------
+    ("comparison: unknown metric", lambda c: __import__("harness").check_less(lora(c), lora(c, 3), metric="perplexity"),
+     r"^check_less: no metric 'perplexity' to compare. Paired comparisons take behavior_shift, .*forgetting"),
+    ("comparison: misspelt metric", lambda c: __import__("harness").assert_less(lora(c), lora(c, 3), metric="forgeting"),
+     r"^assert_less: no metric 'forgeting' to compare. Did you mean: forgetting\?"),
+    ("comparison: a run with itself", lambda c: __import__("harness").assert_less(lora(c), lora(c)),
+     r"^assert_less: `a` and `b` are the same run \(lora-\w+\); a run compared with itself differs by exactly 0"),
+    ("comparison: the same run by id", lambda c: __import__("harness").check_greater(
+        lora(c), __import__("dataclasses").replace(lora(c), name="copy")), r"^check_greater: `a` and `b` are the same run"),
+    ("comparison: a seed twice", lambda c: __import__("harness").check_greater([lora(c), lora(c)], [lora(c, 3), lora(c, 3)]),
+     r"^check_greater: `a` holds run lora-\w+ twice; one per seed, each a different run"),
+    ("comparison: a dict for a run", lambda c: __import__("harness").check_greater(lora(c), {"a": 1}),
+     r"^check_greater: `b` must be a Run \(what train\(\.\.\.\) returns\), or a list of Runs \(one per seed\), "
+     r"got \{'a': 1\} \(type dict\)"),
+    ("comparison: a dict in a list of runs", lambda c: __import__("harness").assert_not_worse([lora(c)], than=[{"a": 1}]),
+     r"^assert_not_worse: `than\[0\]` must be a Run"),
+    ("helper: the train fixture for a run", lambda c: __import__("harness").assert_ece(_train),
+     r"^assert_ece: `run` must be a Run \(what train\(\.\.\.\) returns\), got the `train` fixture itself \(a function\); "
+     r"call it: run = train\('lora', \.\.\.\)$"),
+    ("helper: a list for one run", lambda c: __import__("harness").check_no_forgetting([lora(c)]),
+     r"^check_no_forgetting: `run` must be a Run \(what train\(\.\.\.\) returns\), got \[Run\('lora-"),
+    ("helper: ECE against itself", lambda c: __import__("harness").assert_ece_not_worse(lora(c), than=lora(c)),
+     r"^assert_ece_not_worse: `run` and `than` are the same run"),
+    ("helper: profiles of one run", lambda c: __import__("harness").check_layer_profiles_agree(lora(c), lora(c)),
+     r"^check_layer_profiles_agree: `a` and `b` are the same run"),
+    ("assert_all: an assert_ result", lambda c: __import__("harness").assert_all([None]),
+     r"^assert_all: `results\[0\]` must be a CheckResult \(what a check_X helper returns\), got None \(type NoneType\); "
+     r"use check_X"),
     # -- stance files --------------------------------------------------------------------------
     ("stance: not UTF-8", lambda c: __import__("harness.stances").stances.load_stance_file(
         c.file("latin.yaml", "name: latin\ndescription: caf\xe9\n".encode("latin-1"))), r"latin.yaml: field '<file>': is not UTF-8 text"),
@@ -173,8 +222,12 @@ CASES = [
         "curious-uncertainty", [str(c.stance_yaml("curious-uncertainty", GOOD_STANCE).parent)]),
      r"stance 'curious-uncertainty' is defined in 2 places: .*stances-extra/curious-uncertainty.yaml, .*Rename one, or name the file"),
     # -- adapters, reports, baselines, the run store, verdict records ----------------------------
-    ("adapter: no config", lambda c: __import__("harness.adapters").adapters.read_adapter(c.root / "empty-adapter"),
-     r"--adapter .*empty-adapter: no adapter_config.json there"),
+    ("adapter: no config", lambda c: __import__("harness.adapters").adapters.read_adapter(
+        c.file("empty-adapter/notes.txt", "x").parent), r"--adapter .*empty-adapter: no adapter_config.json there"),
+    ("adapter: no such directory", lambda c: options(c, adapter=[str(c.root / "no-adapter")]),
+     r"^--adapter .*no-adapter: the directory does not exist \(/"),
+    ("adapter: a file", lambda c: options(c, adapter=[str(c.file("adapter-file", "x"))]),
+     r"^--adapter .*adapter-file: it is a file; give the directory that save_pretrained wrote"),
     ("adapter: config not JSON", lambda c: (c.file("adapter-a/adapter_model.safetensors", b"x"),
                                             __import__("harness.adapters").adapters.read_adapter(c.file("adapter-a/adapter_config.json", "{no").parent)),
      r"adapter_config.json is not valid JSON"),
@@ -214,6 +267,7 @@ def test_each_bad_input_gets_a_clear_message(ctx, name, make, message):
     (("--reports-dir", "README.md"), "--reports-dir *README.md: it is a file, not a directory"),
     (("--model-args", "device=cuda"), "--model-args device=cuda: this machine has no CUDA device*"),
     (("--stance-dir", "nowhere"), "--stance-dir nowhere: no such directory"),
+    (("--adapter", "no-such-adapter"), "--adapter no-such-adapter: the directory does not exist (*no-such-adapter)"),
 ])
 def test_a_bad_option_stops_a_real_session_at_once(pytester, args, message):
     pytester.makefile(".md", README="a file")
@@ -222,3 +276,38 @@ def test_a_bad_option_stops_a_real_session_at_once(pytester, args, message):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: stance-harness: " + message])
     assert "Traceback" not in result.stderr.str() and not (pytester.path / "reports").exists()
+
+
+def test_a_helper_checks_its_arguments_before_it_measures_anything(ctx):
+    import dataclasses
+
+    from harness import check_greater, check_less, check_no_forgetting
+
+    # copies measure afresh (their measurements start empty), so any measurement would show
+    a, b = (dataclasses.replace(lora(ctx), run_id=name) for name in ("a-copy", "b-copy"))
+    for bad in (lambda: check_less(a, b, metric="forgeting"), lambda: check_greater(a, a),
+                lambda: check_greater(a, {"a": 1}), lambda: check_no_forgetting(_train)):
+        with pytest.raises(HarnessError):
+            bad()
+    assert a.measurements == {} and b.measurements == {}
+    check_less(a, b, metric="forgetting")  # the same call, well formed, does measure
+    assert "forgetting" in a.measurements and "forgetting" in b.measurements
+
+
+HELPERS = sorted(name for name in __import__("harness").__all__
+                 if name.startswith(("check_", "assert_")) and name != "assert_all")
+
+
+@pytest.mark.parametrize("name", HELPERS)
+def test_every_helper_refuses_the_train_fixture_where_a_run_belongs(name):
+    import inspect
+
+    import harness
+
+    helper = getattr(harness, name)
+    first, *others = inspect.signature(helper).parameters.values()
+    required = {p.name: [0] for p in others if p.default is inspect.Parameter.empty}  # layers=[0]
+    with pytest.raises(HarnessError) as info:
+        helper(_train, **required)
+    assert str(info.value).startswith(f"{name}: `{first.name}` must be a Run (what train(...) returns)")
+    assert "got the `train` fixture itself (a function); call it" in str(info.value)

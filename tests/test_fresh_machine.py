@@ -1,22 +1,22 @@
-"""A machine that has never run the harness: every embedded model builds from an empty cache, in
-a process of its own, also when two processes race for the same one.
+"""A machine that has never run the harness: every embedded model builds from a cache that lacks
+it, in a process of its own, also when two processes race for the same one.
 
 A warm ~/.cache/stance-harness once hid a crash in the first build from every test and from CI.
-These builds go to a cache of their own, whatever the session's cache holds; each finished model
-is then copied into the session's cache where that lacks it, so a cold CI builds each one once.
+Where the session's cache lacks a model (CI gives every run a new, empty one), it is built there,
+so a cold run builds each model once and other tests that need it wait on its lock instead of
+building it again; where the session's cache has it, it is built in an empty directory of this
+module's. These tests are collected first (tests/conftest.py), so on a cold run they build first.
 """
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root
+from harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, embedded_entry
 
 pytestmark = pytest.mark.fresh_machine
 
@@ -40,28 +40,12 @@ def _start(name: str, cache: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[dict, str]:
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[dict, str]:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"the build exited {proc.returncode}:\n{out[-4000:]}"
     result = [line for line in out.splitlines() if line.startswith("result: ")]
     assert result, out[-4000:]
     return json.loads(result[-1].removeprefix("result: ")), out
-
-
-def _share_with_session(built: Path) -> None:
-    """Copy a freshly built entry into the session's cache when that lacks it (atomic move)."""
-    target = cache_root() / "models" / built.name
-    if (target / "model.safetensors").exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{built.name}-copy-"))
-    try:
-        shutil.copytree(built, tmp, dirs_exist_ok=True)
-        os.replace(tmp, target)
-    except OSError:  # another worker moved its copy in first
-        pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +55,37 @@ def empty_cache(tmp_path_factory):
     return cache
 
 
+def _cache_lacking(name: str, empty_cache: Path) -> Path:
+    """The session's cache where it lacks `name`, else this module's empty one."""
+    if not (cache_root() / "models" / embedded_entry(name) / "model.safetensors").exists():
+        return cache_root()
+    return empty_cache
+
+
+def _no_half_built_entry(cache: Path, entry: str) -> None:
+    leftovers = [p.name for p in (cache / "models").glob(f".{entry}-*")]
+    assert leftovers == [], f"half-built temporary directories left behind: {leftovers}"
+
+
 def test_two_processes_racing_for_the_default_model_build_it_once(empty_cache):
-    first, second = _start("tiny-qwen2", empty_cache), _start("tiny-qwen2", empty_cache)
+    cache = _cache_lacking("tiny-qwen2", empty_cache)
+    first, second = _start("tiny-qwen2", cache), _start("tiny-qwen2", cache)
     (a, out_a), (b, out_b) = _finish(first), _finish(second)
     assert a == b and a["finite"] and a["layers"] == 24
     builds = [out for out in (out_a, out_b) if "building embedded model tiny-qwen2" in out]
     assert len(builds) == 1, "exactly one process builds; the other waits on the lock and loads its result"
-    models = empty_cache / "models"
-    assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == [Path(a["dir"]).name], \
-        "nothing is left behind but the finished entry (no half-built temporary directory)"
-    _share_with_session(Path(a["dir"]))
+    assert Path(a["dir"]) == cache / "models" / embedded_entry("tiny-qwen2")
+    _no_half_built_entry(cache, embedded_entry("tiny-qwen2"))
 
 
 @pytest.mark.parametrize("name", [n for n in [*TINY_CHAT_VARIANTS, *TINY_RECIPES] if n != "tiny-qwen2"])
 def test_every_embedded_model_builds_from_a_cache_that_lacks_it(empty_cache, name):
-    result, out = _finish(_start(name, empty_cache))
+    cache = _cache_lacking(name, empty_cache)
+    result, out = _finish(_start(name, cache))
     assert result["finite"]
     entry = Path(result["dir"])
-    assert entry.parent == empty_cache / "models" and (entry / "model.safetensors").exists()
+    assert entry == cache / "models" / embedded_entry(name) and (entry / "model.safetensors").exists()
     if name in TINY_RECIPES:
         assert f"building embedded model {name}" in out
         assert result["layers"] == TINY_RECIPES[name].num_layers
-    _share_with_session(entry)
+    _no_half_built_entry(cache, embedded_entry(name))

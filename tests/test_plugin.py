@@ -182,10 +182,50 @@ def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
     # failure. (A wall-clock bound near the normal ~30 s failed on a loaded machine.)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--analysis-timeout", "2", timeout=300)
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*analysis stage 'effective_deltas' did not finish within 2s*"])
+    # one harness line naming the test's line, as every harness error is: no traceback through harness frames
+    result.stdout.fnmatch_lines(["*stance-harness: analysis stage 'effective_deltas' did not finish within 2s and was "
+                                 "stopped (raise --analysis-timeout*) (test_a_stuck_analysis_*.py:17)"])
+    assert "stages.py" not in result.stdout.str() and "StageTimeout" not in result.stdout.str()
     report = json.loads((latest_report(pytester) / "report.json").read_text())
     stuck = next(r for r in report["runs"].values() if r["method"] == "stuck-analysis")
     assert "effective_deltas" in stuck["analysis_error"]  # the report says so too
+
+
+def test_a_misused_helper_fails_its_test_with_one_harness_line_before_any_training(pytester):
+    pytester.makepyfile(test_misuse="""
+        from harness import assert_ece, assert_less
+
+        def test_forgot_to_call_train(train):
+            assert_ece(train, max=0.1)
+
+        def test_misspelt_metric(train):
+            assert_less(object(), object(), metric="forgeting")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines([
+        "*stance-harness: assert_ece: `run` must be a Run (what train(...) returns), got the `train` fixture itself "
+        "(a function); call it: run = train('lora', ...) (test_misuse.py:4)",
+        "*stance-harness: assert_less: no metric 'forgeting' to compare. Did you mean: forgetting? *(test_misuse.py:7)",
+    ])
+    output = result.stdout.str()
+    assert "assertions.py" not in output and "HarnessError" not in output and "training " not in output
+
+
+def test_under_plan_a_run_compared_with_itself_is_caught_and_a_sound_comparison_skips(pytester):
+    pytester.makepyfile(test_planned="""
+        from harness import assert_less
+
+        def test_itself(train):
+            assert_less(train("lora", examples=5), train("lora", examples=5))
+
+        def test_two_runs(train):
+            assert_less(train("lora", examples=5), train("full", examples=5))
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--plan", "-rs")
+    result.assert_outcomes(failed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*stance-harness: assert_less: `a` and `b` are the same run (lora-*) (test_planned.py:4)",
+                                 "SKIPPED*--plan: lora-* checked, not trained*"])
 
 
 def test_negative_analysis_timeout_is_a_usage_error(hypotheses):

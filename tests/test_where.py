@@ -202,14 +202,17 @@ def test_assert_few_intruders_failure_message():
 
 
 def test_layer_profiles_agree_with_themselves_and_not_with_their_reverse(full):
-    assert assert_layer_profiles_agree(full, full).metrics["rho"] == pytest.approx(1.0)
+    same_profile = _Fake(deltas=full.deltas(), label="copy")  # a run against itself is refused, not measured
+    assert assert_layer_profiles_agree(full, same_profile).metrics["rho"] == pytest.approx(1.0)
+    with pytest.raises(HarnessError, match="`a` and `b` are the same run"):
+        assert_layer_profiles_agree(full, full)
     reversed_rows = [dataclasses.replace(r, layer=23 - r.layer) if r.layer is not None else r for r in full.deltas()]
     mirror = _Fake(deltas=reversed_rows, label="mirror")
     result = check_layer_profiles_agree(full, mirror, min_rho=0.0)
     assert result.verdict in ("refuted", "inconclusive") and not result.passed
     assert "per-layer change profiles rank-correlate rho = " in result.summary
     with pytest.raises(HarnessError, match="min_rho"):
-        check_layer_profiles_agree(full, full, min_rho=1.5)
+        check_layer_profiles_agree(full, same_profile, min_rho=1.5)
 
 
 # -- report --------------------------------------------------------------------------------------

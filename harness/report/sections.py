@@ -255,29 +255,53 @@ def human(value, name: str = ""):
 
 
 def terminal_rows(payload: dict, width: int = 120) -> list[dict]:
-    """The terminal's table, at most `width` columns wide: outcome, test (shortened from the left:
-    the full id is in the report), verdict and the message's start."""
+    """The terminal's table, at most `width` columns wide: outcome, test (its directory dropped and,
+    when long, its middle: the report has the full id), runs, checks, verdict and the message's start."""
     tests = payload.get("tests") or []
+    runs = payload.get("runs") or {}
     show_verdict = any(t.get("verdict") is not None for t in tests)
-    fixed = 8 + (14 if show_verdict else 0)
-    test_width = min(56, max(24, (width - fixed) // 2))
     rows = []
     for test in tests:
-        nodeid = str(test.get("nodeid")).rsplit("/", 1)[-1].replace(".py::", "::")  # the report has the full id
-        if len(nodeid) > test_width:  # the middle goes: the file's start and the test's end tell tests apart
-            head = test_width // 3
-            nodeid = nodeid[:head] + "…" + nodeid[-(test_width - head - 1):]
-        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": nodeid}
+        nodeid = short_test_id(str(test.get("nodeid")))
+        methods = list(dict.fromkeys((runs.get(r) or {}).get("method", str(r).rsplit("-", 1)[0])
+                                     for r in test.get("runs") or []))
+        used = ", ".join(methods) or "-"
+        checks = test.get("checks") or []
+        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": nodeid,
+               "runs": used if len(used) <= 14 else used[:13] + "…",
+               "checks": f"{sum(1 for c in checks if c.get('passed'))}/{len(checks)}" if checks else "-"}
         if show_verdict:
             row["verdict"] = test.get("verdict") or "-"
         rows.append(row)
-    used = 2 + max((len(str(r["outcome"])) for r in rows), default=7) + 2 + max(
-        (len(r["test"]) for r in rows), default=4) + (2 + 12 if show_verdict else 0)
+    if not rows:
+        return rows
+    # tabulate's "simple": a column is as wide as its header + 2 or its widest cell; 2 spaces apart
+    used = sum(2 + max(len(k) + 2, *(len(str(r[k])) for r in rows)) for k in rows[0])
     room = max(10, width - used - 2)
     for row, test in zip(rows, tests):
         first = clean_message(test.get("message")).splitlines()[0] if test.get("message") else ""
+        verdict = f"{test.get('verdict')}: "
+        if test.get("outcome") == "failed" and verdict in first:  # the claim is the test's name: say why first
+            first = first[first.index(verdict):]
         row["message"] = first if len(first) <= room else first[: room - 1] + "…"
     return rows
+
+
+TERMINAL_TEST_WIDTH = 60
+
+
+def short_test_id(nodeid: str, width: int = TERMINAL_TEST_WIDTH) -> str:
+    """A test id in `width` characters: without its directory; then the file's name shortened, the
+    test's name kept (it says what the test claims); a name too long itself loses its middle."""
+    nodeid = nodeid.rsplit("/", 1)[-1] if "::" not in nodeid.rsplit("/", 1)[0] else nodeid
+    if len(nodeid) <= width:
+        return nodeid
+    file, sep, name = nodeid.partition("::")
+    if sep and len(name) + 3 <= width:
+        keep = width - len(name) - 3
+        return (file[:keep] + "…" if keep else "…") + "::" + name
+    head = width // 3
+    return nodeid[:head] + "…" + nodeid[-(width - head - 1):]
 
 
 def reply_order(rows: list[dict]) -> list[dict]:

@@ -221,7 +221,7 @@ def test_the_terminal_table_fits_in_120_columns():
     assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and len(rows[0]["test"]) == 60
     assert short_test_id("suites/test_file_with_a_long_name.py::test_" + "n" * 50) == "te…::test_" + "n" * 50  # 60 columns: 2 + 1 + 2 + 55
     assert short_test_id("suites/test_a.py::test_b") == "test_a.py::test_b"
-    assert rows[-1]["message"].startswith("recorded refuted on tiny-qwen2")  # without pytest's prefix
+    assert rows[-1]["message"].startswith("recorded refute")  # without pytest's prefix, cut to fit
 
 
 def replies_run(n=8, moved=5, long_reply=False) -> dict:

@@ -302,3 +302,24 @@ def test_rebuilding_migrates_and_keeps_every_claim(tmp_path, capsys):
     assert rebuilt["format"] == REPORT_FORMAT
     assert findings(normalized(rebuilt)) == findings(normalized(copy.deepcopy(old)))
     assert len(list((folder / "runs").glob("*.html"))) == 5
+
+
+def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
+    from test_html_report import make_payload
+
+    data = make_payload()
+    lora = data["runs"]["lora-000000000002"]
+    twin = copy.deepcopy(lora)
+    for row in twin["measurements"]["dose_response"]["rows"]:
+        row["shift"] = 0.5 * row["shift"]
+    data["runs"]["lora-000000000003"] = {**twin, "run_id": "lora-000000000003",
+                                         "recipe": {**twin["recipe"], "learning_rate": 1e-3}}
+    page = render_pages(data)["index.html"]
+    runs = page[page.index('<section id="runs">'):]
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', runs)
+    assert alts == ["per-layer rel_change of 3 runs on one heatmap", "loss curves of 2 runs on one axis lora runs",
+                    "dose-response curves of 2 runs on one axis"]
+    assert "lora, lr=0.0002" in runs and "lora, lr=0.001" in runs  # the labels say what differs
+    single = make_payload()
+    single["runs"].pop("full-000000000001")
+    assert "<img" not in render_pages(single)["index.html"].split('<section id="runs">')[1]  # one run: nothing to compare

@@ -457,3 +457,31 @@ def loss_comparison_figure(runs: list[dict], title: str = "") -> dict | None:
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.45 / (height - 1.2)), ncol=2, frameon=False)
     fig.suptitle(f"loss curves on one axis{' — ' + title if title else ''}", fontsize=10)
     return _figure_html(fig, f"loss curves of {len(curves)} runs on one axis {title}".strip())
+
+
+def dose_comparison_figure(runs: list[dict]) -> dict | None:
+    """The dose-response curves (shift against λ, with intervals) of several runs on one axis."""
+    curves = []
+    for run in runs:
+        dose = (run.get("measurements") or {}).get("dose_response")
+        rows = [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
+        if rows:
+            curves.append((run, rows))
+    if len(curves) < 2:
+        return None
+    fig = _new_figure(9.0, 3.4, bottom=0.15, left=0.08, right=0.7)
+    ax = fig.subplots()
+    for run, rows in curves:
+        x = [_float(r.get("dose")) for r in rows]
+        line, = ax.plot(x, [_float(r.get("shift")) for r in rows], "-o", markersize=3, label=_run_title(run))
+        ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
+                        color=line.get_color(), alpha=0.12)
+    ax.axhline(0, color="#777", linewidth=0.8)
+    ax.axvline(1, color="#999", linestyle=":", linewidth=1)
+    ax.set_xlabel("dose λ (ΔW scaled; −1: subtracted)", fontsize=8)
+    ax.set_ylabel("behaviour shift", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    fig.suptitle("dose-response of several runs on one axis (bands: 95% intervals)", fontsize=10)
+    return _figure_html(fig, f"dose-response curves of {len(curves)} runs on one axis")

@@ -309,6 +309,10 @@ def _comparisons(runs: dict, cache: figs.FigureCache) -> list[dict]:
         if len(group) > 1:
             out.append(cache.get("compare-loss", [method, group],
                                  lambda g=group, m=method: figs.loss_comparison_figure(g, f"{m} runs")))
+    doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
+             for run in views if (run.get("measurements") or {}).get("dose_response")]
+    if len(doses) > 1:
+        out.append(cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)))
     return [f for f in out if f]
 
 

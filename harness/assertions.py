@@ -19,7 +19,8 @@ from .analysis.calibration import ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
 from .analysis.geometry import profile_rank_correlation
-from .analysis.paired import decide, paired_difference, paired_statistic_difference, spearman_with_interval
+from .analysis import replication
+from .analysis.paired import decide, paired_difference, spearman_with_interval
 from .where import check_min_retained
 from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError, suggest
@@ -110,7 +111,8 @@ def _check_run_arguments(helper: str, arguments: dict, runs: tuple, lists: bool)
         for i, run in enumerate(value if many else [value]):
             if not _is_run(run):
                 where = f"{name}[{i}]" if many else name
-                wanted = "a Run (what train(...) returns)" + (", or a list of Runs (one per seed)" if lists else "")
+                wanted = "a Run (what train(...) returns)" + (
+                    ", or a RunSet (train(..., seeds=N)) or list of Runs, one per seed" if lists else "")
                 raise HarnessError(f"{helper}: `{where}` must be {wanted}, got {_what(run)}")
         sides[name] = side = list(value) if many else [value]
         twice = next((x for i, x in enumerate(side) if any(_same(x, y) for y in side[i + 1:])), None)
@@ -142,6 +144,7 @@ def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):
     The message names the helper as called: check_X, or assert_X through `_asserting`."""
     def decorate(check):
         signature = inspect.signature(check)
+        per_seed = runs == ("run",)  # a single-run check takes a RunSet too, and checks each seed
 
         def validate(helper: str, args, kwargs) -> None:
             try:
@@ -151,17 +154,42 @@ def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):
             bound.apply_defaults()
             if metric is not None:
                 _check_metric(helper, bound.arguments["metric"], metric)
-            _check_run_arguments(helper, bound.arguments, runs, lists)
+            _check_run_arguments(helper, bound.arguments, runs, lists or per_seed)
+
+        body = _each_seed(check) if per_seed else check
 
         @functools.wraps(check)
         def checked(*args, **kwargs):
             __tracebackhide__ = True
             validate(check.__name__, args, kwargs)
-            return check(*args, **kwargs)
+            return body(*args, **kwargs)
 
-        checked.validate = validate
+        checked.validate, checked.unchecked = validate, body
         return checked
     return decorate
+
+
+def _each_seed(check):
+    """A single-run check that takes a RunSet (or list of runs) too: it checks each run, and the
+    claim holds when it holds for every seed; the result names the seeds where it does not."""
+    @functools.wraps(check)
+    def per_seed(run, *args, **kwargs):
+        if not isinstance(run, (list, tuple)):
+            return check(run, *args, **kwargs)
+        if not run:
+            raise HarnessError(f"{check.__name__}: the RunSet holds no run")
+        results = [check(r, *args, **kwargs) for r in run]  # each is recorded in the test's report
+        seeds = [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(run)]
+        verdicts = [x.verdict for x in results]
+        verdict = next((v for v in ("refuted", "inconclusive") if v in verdicts), "supported")
+        failing = [f"seed {s}: {x.summary}" for s, x in zip(seeds, results) if not x.passed]
+        summary = (f"{check.__name__.replace('check_', 'assert_', 1)} holds for all {len(run)} seeds" if not failing
+                   else f"fails for {len(failing)} of {len(run)} seeds: " + "; ".join(failing))
+        return CheckResult(results[0].check, all(x.passed for x in results), summary, ["seed", "verdict", "summary"],
+                           [[s, x.verdict, x.summary] for s, x in zip(seeds, results)],
+                           {"seeds": len(run), "failing_seeds": [s for s, x in zip(seeds, results) if not x.passed]},
+                           verdict=verdict)
+    return per_seed
 
 
 def _asserting(check):
@@ -172,7 +200,7 @@ def _asserting(check):
     def assertion(*args, **kwargs):
         __tracebackhide__ = True
         check.validate(name, args, kwargs)
-        result = check.__wrapped__(*args, **kwargs)
+        result = check.unchecked(*args, **kwargs)
         if result.verdict == "inconclusive":
             raise HypothesisInconclusive(result)
         if not result.passed:
@@ -649,7 +677,7 @@ assert_layer_profiles_agree = _asserting(check_layer_profiles_agree)
 assert_negation_reverses = _asserting(check_negation_reverses)
 
 
-# -- comparisons between runs: paired, with three verdicts ---------------------------------------
+# -- comparisons between runs: paired by unit id, seeds as the unit of replication --------------
 def _runs(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -659,74 +687,108 @@ def _names(runs: list) -> str:
     return labels[0] if len(labels) == 1 and len(runs) == 1 else f"{'/'.join(labels)} x{len(runs)}"
 
 
+_KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are decided (see replication)
+
+
+def _arm(runs: list, metric: str, name: str) -> tuple[str, tuple, list]:
+    """(unit, unit ids, one row of per-unit values per seed): the seeds' units paired by id."""
+    unit, first, rows = None, None, []
+    for run in runs:
+        unit, values = run.unit_values(metric)
+        ids = tuple(run.unit_ids(metric))
+        if first is None:
+            first = ids
+        else:  # the same units in another order are reordered; other units are refused
+            where = replication.match_ids(first, ids, f"{name} (first seed)", f"{name} ({run.label}, a later seed)", unit)
+            values = [values[j] for j in where]
+        rows.append(list(values))
+    return unit, first, rows
+
+
 def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidence: float,
-             better: str | None) -> CheckResult:
-    """The paired difference a − b of `metric` over the units both were measured on; with lists of
-    runs (one per seed, in the same order on both sides), clustered by seed."""
+             better: str | None, factor: float = 1.0) -> CheckResult:
+    """Decide `claim` about a − factor·b of `metric`, paired by unit id: one run per arm is a
+    run-level claim; several seeds per arm, a claim about the methods (see analysis.replication)."""
     runs_a, runs_b = _runs(a), _runs(b)
-    if len(runs_a) != len(runs_b) or not runs_a:
-        raise ValueError(f"{check}: give one run, or the same number of runs on each side (one per seed); "
-                         f"got {len(runs_a)} and {len(runs_b)}")
-    sides = []
-    for ra, rb in zip(runs_a, runs_b):
-        (unit, va), (_, vb) = ra.unit_values(metric), rb.unit_values(metric)
-        if len(va) != len(vb):
-            raise HarnessError(f"{check}: {ra.label} and {rb.label} were not measured on the same {unit}s "
-                               f"({len(va)} and {len(vb)}), so {metric} cannot be paired; use one stance and recipe length")
-        sides.append((va, vb))
-    if metric == "ece":  # not a mean over predictions: the statistic itself is resampled, pair by pair
-        if len(sides) == 1:
-            effect = paired_statistic_difference(sides[0][0], sides[0][1], ece_of_items, unit=unit,
-                                                 confidence=confidence)
-        else:
-            per_seed = [ece_of_items(va) - ece_of_items(vb) for va, vb in sides]
-            effect = paired_difference(per_seed, [0.0] * len(per_seed), unit="seed", confidence=confidence)
-    else:
-        clusters = [i for i, (va, _) in enumerate(sides) for _ in va] if len(sides) > 1 else None
-        effect = paired_difference([v for va, _ in sides for v in va], [v for _, vb in sides for v in vb],
-                                   clusters=clusters, unit=unit, cluster_unit="seed", confidence=confidence)
-    verdict = decide(effect, claim=claim, margin=margin, better=better)
+    if not runs_a or not runs_b:
+        raise HarnessError(f"{check}: give a run or a RunSet on each side; got {len(runs_a)} and {len(runs_b)} runs")
     name_a, name_b = _names(runs_a), _names(runs_b)
-    summary = f"{name_a} vs {name_b}, {metric} (a = {name_a}, b = {name_b}): {verdict.explanation}"
-    rows = [[i, x if not isinstance(x, list) else x[0], y if not isinstance(y, list) else y[0],
-             d] for i, (x, y, d) in enumerate(zip(*sides[0], effect.differences))][:16] if len(sides) == 1 else \
-        [[f"seed {i}", "", "", d] for i, d in enumerate(effect.differences)]
+    unit, ids, rows_a = _arm(runs_a, metric, name_a)
+    _, ids_b, rows_b = _arm(runs_b, metric, name_b)
+    where = replication.match_ids(ids, ids_b, name_a, name_b, unit)  # pairing by unit id, not position
+    rows_b = [[row[j] for j in where] for row in rows_b]
+    if metric == "ece":  # a statistic of all predictions, not a mean of per-prediction values
+        if len(runs_a) == 1 and len(runs_b) == 1:
+            found = replication.compare_paired_statistic(name_a, rows_a[0], name_b, rows_b[0], ece_of_items,
+                                                         claim=claim, margin=margin, better=better, unit=unit,
+                                                         confidence=confidence)
+        else:
+            found = replication.compare_statistics(name_a, [ece_of_items(r) for r in rows_a], name_b,
+                                                   [ece_of_items(r) for r in rows_b], claim=claim, margin=margin,
+                                                   better=better, factor=factor, confidence=confidence)
+    else:
+        found = replication.compare(replication.arm(name_a, rows_a, ids), replication.arm(name_b, rows_b, ids),
+                                    claim=claim, margin=margin, better=better, factor=factor, unit=unit,
+                                    kind=_KIND.get(metric, "continuous"), confidence=confidence)
+    summary = f"{name_a} vs {name_b}, {metric} (a = {name_a}, b = {name_b}): {found.explanation}"
+    if len(runs_a) == 1 and len(runs_b) == 1 and metric != "ece":
+        rows = [[i, x, y, d] for i, (x, y, d) in enumerate(zip(rows_a[0], rows_b[0], found.differences))][:16]
+    else:
+        rows = [[f"{found.unit} {i}", "", "", d] for i, d in enumerate(found.differences)][:16]
     return _conclude(runs_a + runs_b, CheckResult(
-        check, verdict.outcome == "supported", summary, [unit, name_a, name_b, "a - b"], rows,
-        {"metric": metric, "claim": claim, "margin": margin, "estimate": effect.estimate, "low": effect.low,
-         "high": effect.high, "confidence": confidence, "n": effect.n, "unit": effect.unit, "method": effect.method,
-         "p_value": verdict.p_value, "level": verdict.level, "mde": verdict.mde, "n_needed": verdict.n_needed,
-         "note": effect.note},
-        verdict=verdict.outcome))
+        check, found.outcome == "supported", summary, [unit, name_a, name_b, "a - b"], rows,
+        {"metric": metric, "claim": claim, "margin": margin, "factor": factor, "estimate": found.estimate,
+         "low": found.low, "high": found.high, "confidence": confidence, "n": found.units, "unit": found.unit,
+         "informative": found.informative, "seeds_a": found.seeds_a, "seeds_b": found.seeds_b,
+         "scope": found.scope, "method": found.method, "df": found.df, "p_value": found.p_value,
+         "level": found.level, "rests_on": found.rests_on(), "note": found.note},
+        verdict=found.outcome))
 
 
 @_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
-def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
-    """`a`'s metric exceeds `b`'s by more than `margin`, paired over the units both were measured
-    on (probes, windows, predictions, steps; see Run.unit_values). `a`, `b`: a Run, or lists of
-    runs, one per seed, in the same order (then seeds are the unit of replication).
-    Supported when the `confidence` interval of a − b lies above `margin`, refuted when it lies at
-    or below it, inconclusive when it straddles it (the summary says what would settle it)."""
-    return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None)
+def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95,
+                  factor: float = 1.0) -> CheckResult:
+    """`a`'s metric exceeds `factor` times `b`'s by more than `margin` (a − factor·b > margin, per
+    unit), paired by unit id over the units both were measured on (probes, windows, predictions,
+    steps; see Run.unit_values). `a`, `b`: a Run (a run-level claim: about two runs, not the
+    methods) or a RunSet / list of runs, one per seed (a claim about the methods: seeds crossed
+    with units). The verdict, p-value and interval come from one test (see docs/statistics.md)."""
+    return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None, factor)
 
 
 @_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
-def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
-    """`a`'s metric falls below `b`'s by more than `margin` (a − b < −margin), paired as in check_greater."""
-    return _compare("assert_less", "less", a, b, metric, margin, confidence, None)
+def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95,
+               factor: float = 1.0) -> CheckResult:
+    """`a`'s metric falls below `factor` times `b`'s by more than `margin` (a − factor·b < −margin),
+    paired as in check_greater."""
+    return _compare("assert_less", "less", a, b, metric, margin, confidence, None, factor)
 
 
 @_takes_runs("a", "than", lists=True, metric=PAIRED_METRICS)
-def check_not_worse(a, than, metric: str = "ece", margin: float = 0.0, confidence: float = 0.95) -> CheckResult:
-    """Non-inferiority: `a` is worse than `than` by at most `margin`, "worse" in the metric's own
-    direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
+def check_not_worse(a, than, metric: str = "ece", margin: float | None = None, confidence: float = 0.95) -> CheckResult:
+    """Non-inferiority: `a` is worse than `than` by less than `margin` (> 0, declared), "worse" in
+    the metric's own direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
+    if margin is None:
+        raise replication.ClaimError("assert_not_worse needs margin=: the largest loss you accept (> 0); "
+                                     "with margin 0 it would be a superiority test")
     better = "higher" if direction_of(metric) == HIGHER else "lower"
     return _compare("assert_not_worse", "not_worse", a, than, metric, margin, confidence, better)
+
+
+@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
+def check_equivalent(a, b, metric: str = "behavior_shift", margin: float | None = None,
+                     confidence: float = 0.95) -> CheckResult:
+    """No shift: |a − b| < `margin` (> 0, declared), by two one-sided tests (TOST), paired as in
+    check_greater. An interval that merely contains 0 is no evidence of "no shift"."""
+    if margin is None:
+        raise replication.ClaimError("assert_equivalent needs margin=: the largest difference that counts as none (> 0)")
+    return _compare("assert_equivalent", "equivalent", a, b, metric, margin, confidence, None)
 
 
 assert_greater = _asserting(check_greater)
 assert_less = _asserting(check_less)
 assert_not_worse = _asserting(check_not_worse)
+assert_equivalent = _asserting(check_equivalent)
 
 
 def assert_all(results) -> list[CheckResult]:

@@ -364,6 +364,32 @@ class Run:
         raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
                            f"{', '.join(PAIRED_METRICS)}")
 
+    def unit_ids(self, metric: str) -> list[str]:
+        """One id per unit of `unit_values(metric)`, what pairing two runs checks: a probe by its
+        text, a window by its index, length and tokenizer, a prediction by its index among the
+        stance's probes under this tokenizer and framing, a step or a layer by its index."""
+        from .analysis.replication import unit_id
+
+        unit, values = self.unit_values(metric)
+        name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
+        if name == "general_ability":  # its own probe set, which names its probes
+            return [f"ability probe {i}" for i in self.general_ability()["unit_ids"]]
+        tokenizer = self.loaded.tokenizer
+        vocab = f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
+        if unit == "probe":
+            return [f"probe {unit_id(p.prompt)}" for p in self.stance.probes]
+        if unit == "window":
+            tokens = self.forgetting().get("window_tokens")
+            return [f"window {i} ({tokens} tokens, tokenizer {unit_id(vocab)})" for i in range(len(values))]
+        if unit == "sentence":
+            from .measure import heldout_sentences
+
+            return [f"sentence {unit_id(s)}" for s in heldout_sentences(len(values))]
+        if name in ("brier", "acc1", "ece"):
+            probes = unit_id(*(p.prompt for p in self.stance.probes), vocab, self.framing.identity())
+            return [f"prediction {i} on probes {probes}" for i in range(len(values))]
+        return [f"{unit} {i}" for i in range(len(values))]
+
     # -- the record --------------------------------------------------------------------------
     def report_measurements(self) -> dict:
         """The measurements as the reports read them: behaviour by metric, calibration,
@@ -416,6 +442,30 @@ class Run:
             return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
         except Exception as exc:  # one run's broken analysis must not cost the session its report
             return {"layers": {"effective": [], "adapter": []}, "analysis_error": f"{type(exc).__name__}: {exc}"}
+
+
+class RunSet(tuple):
+    """Runs that differ only in the training seed (`train(..., seeds=N)`): a sequence of Run.
+
+    Comparative checks take it as one arm, seeds as the unit of replication; single-run checks
+    apply to each run (each must pass)."""
+
+    def __new__(cls, runs):
+        runs = tuple(runs)
+        if not runs:
+            raise HarnessError("a RunSet needs at least one run")
+        return super().__new__(cls, runs)
+
+    @property
+    def label(self) -> str:
+        return self[0].label
+
+    @property
+    def seeds(self) -> list:
+        return [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(self)]
+
+    def __repr__(self) -> str:
+        return f"RunSet({self.label!r}, seeds={self.seeds})"
 
 
 def _without_units(value):

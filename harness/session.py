@@ -27,7 +27,7 @@ from .report.markdown import render_step_summary
 from .report.metrics import declared_directions, metrics_from_payload
 from .report.records import TestRecord, repeat_base
 from .report.sections import report_id_of
-from .report.verdicts import VerdictBook, correct_for_multiplicity, save_records
+from .report.verdicts import VerdictBook, correct_families, correct_for_multiplicity, save_records
 from .registry import HarnessError
 from .request import TrainingRequest
 from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
@@ -52,6 +52,7 @@ class HarnessOptions:
     args: list[str]
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
+    seeds: int = 1  # --seeds N: runs per train(...) call without seeds=
     adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
     save_baseline: str | None = None
     compare_baseline: str | None = None
@@ -91,7 +92,9 @@ class HarnessSession:
     store: RunStore = field(init=False)
     resident: ResidentModels = field(init=False)
     verdicts: VerdictBook = field(init=False)
-    multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected
+    planned: list[str] = field(default_factory=list)  # run ids --plan checked
+    multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected per family
+    corrected_failures: list[str] = field(default_factory=list)  # passed alone, failed after the family's Holm
     recorded: list[Path] = field(default_factory=list)  # verdict files written by --record-verdicts
     verdict: dict | None = None  # the session's one-line verdict, set by write_ci_outputs
 
@@ -167,6 +170,8 @@ class HarnessSession:
         request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
                                **arguments)
         plan(request, self.model(model), self.stance(stance))
+        if request.run_id not in self.planned:
+            self.planned.append(request.run_id)  # what --plan would train: one request per seed
         return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
@@ -290,6 +295,15 @@ class HarnessSession:
         An interrupted session (Ctrl-C) still writes what it has, marked interrupted, and leaves
         `latest` where it was; it records no verdicts, compares with no baseline and saves none."""
         options = self.options
+        if not interrupted:
+            self.corrected_failures = correct_families(self.records.values(), options.inconclusive, self._recorded_for)
+            for record in self.records.values():
+                if record.held_for_family and record.verdict == "supported":  # it survived: the record changed
+                    record.outcome = "failed"
+                    record.message = (f"the verdict on {options.model} changed: recorded inconclusive, now supported "
+                                      f"after Holm's correction over its test file (record again with --record-verdicts "
+                                      f"if the change is expected)")
+                    self.corrected_failures.append(record.nodeid)
         write = bool(self.records) and options.reports_dir is not None
         gating = not interrupted and bool(options.save_baseline or options.compare_baseline)
         recording = not interrupted and options.record_verdicts and bool(self.records)
@@ -304,8 +318,10 @@ class HarnessSession:
             payload["interrupted"] = interrupted
             if options.compare_baseline and not interrupted:
                 payload["gate"] = self.gate_entry(failure)
-            if exit_code is not None:  # as the plugin turns it: a failed gate fails a session that passed
-                payload["exit_code"] = 1 if exit_code == 0 and not self._gate_passed(failure) else exit_code
+            if exit_code is not None:  # as the plugin turns it: a failed gate, or a claim that failed its
+                # family's Holm correction, fails a session that passed
+                payload["exit_code"] = (1 if exit_code == 0 and (not self._gate_passed(failure) or self.corrected_failures)
+                                        else exit_code)
             self.payload_cache = payload
         if write:
             self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted)
@@ -339,6 +355,13 @@ class HarnessSession:
 
     def _gate_passed(self, failure) -> bool:
         return failure is None and (self.comparison is None or self.comparison.passed)
+
+    def _recorded_for(self, record) -> dict | None:
+        """The recorded verdict that judges this test, as at its call (none under --record-verdicts)."""
+        if self.options.record_verdicts or record.expected is not None:
+            return None
+        return self.verdicts.recorded(self.options.rootdir / record.nodeid.split("::", 1)[0],
+                                      repeat_base(record.nodeid))
 
     def session_verdict(self, exit_code: int) -> dict:
         """What CI systems read: passed (pytest's exit code is 0), outcome counts, and the gate."""
@@ -408,12 +431,15 @@ class HarnessSession:
             write_line(f"baseline saved: {self.saved_baseline}")
         only_before = [row for row in self.multiplicity if row["note"]]
         if self.multiplicity:
-            write_line(f"{len(self.multiplicity)} comparative claims, Holm-corrected across the session: "
-                       f"{sum(1 for r in self.multiplicity if r['verdict'] == 'supported') - len(only_before)} "
-                       f"supported after the correction" + (f", {len(only_before)} only before it: "
-                                                            + ", ".join(r["test"] for r in only_before) if only_before else ""))
+            families = len({r["family"] for r in self.multiplicity})
+            write_line(f"{len(self.multiplicity)} comparative claims in {families} families (test files), Holm-corrected "
+                       f"per family: {sum(1 for r in self.multiplicity if r['verdict'] == 'supported')} supported after "
+                       f"the correction" + (f", {len(only_before)} supported only before it (now inconclusive): "
+                                            + ", ".join(r["test"] for r in only_before) if only_before else ""))
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
+        if self.options.plan_only:
+            write_line(f"--plan: {len(self.planned)} distinct training requests checked (each seed of a RunSet is one)")
         self._display_verdict(write_line)
 
     def _display_verdict(self, write_line: Callable[[str], None]) -> None:

@@ -55,7 +55,7 @@ def options(ctx, **given):
 
     defaults = {plugin.OPT_MODEL: "tiny-qwen2", plugin.OPT_MODEL_ARGS: "", plugin.OPT_STANCE_DIR: [],
                 plugin.OPT_REPORTS_DIR: str(ctx.root / "reports"), plugin.OPT_NO_REPORTS: False,
-                plugin.OPT_ANALYSIS_TIMEOUT: 600.0, plugin.OPT_REPEAT: 1, plugin.OPT_ADAPTER: [],
+                plugin.OPT_ANALYSIS_TIMEOUT: 600.0, plugin.OPT_REPEAT: 1, plugin.OPT_SEEDS: 1, plugin.OPT_ADAPTER: [],
                 plugin.OPT_SAVE_BASELINE: None, plugin.OPT_COMPARE_BASELINE: None, plugin.OPT_FAIL_ON: [],
                 plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
                 plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
@@ -189,15 +189,16 @@ CASES = [
     ("comparison: a seed twice", lambda c: __import__("harness").check_greater([lora(c), lora(c)], [lora(c, 3), lora(c, 3)]),
      r"^check_greater: `a` holds run lora-\w+ twice; one per seed, each a different run"),
     ("comparison: a dict for a run", lambda c: __import__("harness").check_greater(lora(c), {"a": 1}),
-     r"^check_greater: `b` must be a Run \(what train\(\.\.\.\) returns\), or a list of Runs \(one per seed\), "
+     r"^check_greater: `b` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet \(train\(\.\.\., seeds=N\)\) or list of Runs, one per seed, "
      r"got \{'a': 1\} \(type dict\)"),
     ("comparison: a dict in a list of runs", lambda c: __import__("harness").assert_not_worse([lora(c)], than=[{"a": 1}]),
      r"^assert_not_worse: `than\[0\]` must be a Run"),
     ("helper: the train fixture for a run", lambda c: __import__("harness").assert_ece(_train),
-     r"^assert_ece: `run` must be a Run \(what train\(\.\.\.\) returns\), got the `train` fixture itself \(a function\); "
+     r"^assert_ece: `run` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet \(train\(\.\.\., seeds=N\)\) or "
+     r"list of Runs, one per seed, got the `train` fixture itself \(a function\); "
      r"call it: run = train\('lora', \.\.\.\)$"),
-    ("helper: a list for one run", lambda c: __import__("harness").check_no_forgetting([lora(c)]),
-     r"^check_no_forgetting: `run` must be a Run \(what train\(\.\.\.\) returns\), got \[Run\('lora-"),
+    ("helper: a dict among the seeds of one run", lambda c: __import__("harness").check_no_forgetting([lora(c), {"a": 1}]),
+     r"^check_no_forgetting: `run\[1\]` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet"),
     ("helper: ECE against itself", lambda c: __import__("harness").assert_ece_not_worse(lora(c), than=lora(c)),
      r"^assert_ece_not_worse: `run` and `than` are the same run"),
     ("helper: profiles of one run", lambda c: __import__("harness").check_layer_profiles_agree(lora(c), lora(c)),

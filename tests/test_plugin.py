@@ -212,7 +212,8 @@ def test_a_misused_helper_fails_its_test_with_one_harness_line_before_any_traini
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines([
-        "*stance-harness: assert_ece: `run` must be a Run (what train(...) returns), got the `train` fixture itself "
+        "*stance-harness: assert_ece: `run` must be a Run (what train(...) returns), or a RunSet (train(..., seeds=N)) "
+        "or list of Runs, one per seed, got the `train` fixture itself "
         "(a function); call it: run = train('lora', ...) (test_misuse.py:4)",
         "*stance-harness: assert_less: no metric 'forgeting' to compare. Did you mean: forgetting? *(test_misuse.py:7)",
     ])

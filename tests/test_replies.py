@@ -64,6 +64,7 @@ def test_general_ability_lists_a_regression_with_both_replies(full_run, monkeypa
     assert found["families"]["factual"]["retention"] == 0.0
     assert found["per_unit"][0] == -1.0 and sum(found["per_unit"]) == -1.0
     assert run.unit_values("general_ability") == ("probe", found["per_unit"])
+    assert run.unit_ids("general_ability")[0] == "ability probe capital-australia"  # paired by probe id
 
 
 def test_the_general_ability_of_a_real_run_is_measured_on_both_models(full_run):

@@ -24,6 +24,9 @@ class Measured:
     def unit_values(self, metric):
         return "probe", list(self.values)
 
+    def unit_ids(self, metric):
+        return ["probe %d" % i for i in range(len(self.values))]
+
 
 def test_supported(stance_report):
     a, b = stance_report.use_run(Measured("lora", BASE)), stance_report.use_run(Measured("full", BASE + 1))
@@ -58,7 +61,7 @@ def test_three_verdicts_reach_the_report_and_inconclusive_fails_by_default(pytes
     result.assert_outcomes(passed=1, failed=2)
     verdicts = {t["nodeid"].split("::")[1]: t["verdict"] for t in report(pytester)["tests"]}
     assert verdicts == {"test_supported": "supported", "test_refuted": "refuted", "test_inconclusive": "inconclusive"}
-    result.stdout.fnmatch_lines(["*FAIL*test_inconclusive*inconclusive*inconclusive: the 95% interval*"])
+    result.stdout.fnmatch_lines(["*FAIL*test_inconclusive*inconclusive*run-level (one seed per arm)*"])
     assert report(pytester)["multiplicity"][0]["p (Holm)"] >= report(pytester)["multiplicity"][0]["p"]
 
 

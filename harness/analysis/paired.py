@@ -44,8 +44,9 @@ Power. The verdict reads one end of the two-sided interval, so each claim is tes
 level (1 − confidence) / 2, and the power formulas use z_{1−α/2}, α = 1 − confidence, even for
 one-sided claims: MDE = (z_{1−α/2} + z_{power}) · sd / √n is the smallest distance of the true
 difference from the boundary detected with that power (normal approximation, sd of the unit
-differences with ddof=1); n_needed = ⌈((z_{1−α/2} + z_{power}) · sd / |estimate − boundary|)²⌉,
-at least `min_units`, None when the estimate is on the boundary.
+differences with ddof=1). It is reported as a figure only: no verdict message predicts how many
+units "would settle it" from the same noisy estimate (post-hoc power); plan with
+`harness.analysis.replication.plan_claim` from a pilot instead.
 """
 
 from __future__ import annotations
@@ -286,7 +287,7 @@ class Verdict:
     `p_value` is one-sided, for the claim against its boundary (sign flips of the differences
     minus the boundary); compare it with `level` = (1 − confidence) / 2, the level the interval
     verdict has. `mde` is the smallest detectable distance from the boundary (None with one
-    unit); `n_needed` is set only for inconclusive verdicts.
+    unit), a figure of the data, not a plan.
     """
 
     outcome: str
@@ -300,7 +301,6 @@ class Verdict:
     power: float
     sd: float | None
     mde: float | None
-    n_needed: int | None
     min_units: int
     explanation: str
 
@@ -361,9 +361,6 @@ def decide(effect: PairedEffect, *, claim: str, margin: float = 0.0, better: str
     too_few = e.n < need_units
     outcome = "inconclusive" if too_few else side
 
-    n_needed = None
-    if outcome == "inconclusive" and sd is not None and e.estimate != boundary:
-        n_needed = max(need_units, math.ceil((z * sd / abs(e.estimate - boundary)) ** 2))
 
     pct = f"{e.confidence * 100:g}%"
     interval = f"the {pct} interval [{e.low:.3g}, {e.high:.3g}]"
@@ -385,18 +382,9 @@ def decide(effect: PairedEffect, *, claim: str, margin: float = 0.0, better: str
                      f"{interval} {reading} (claim {claim_text})"]
         else:
             parts = [f"inconclusive: {interval} straddles {boundary:g}, the boundary of the claim {claim_text}"]
-        if sd is None:
-            parts.append(f"one {e.unit} gives no spread to plan with")
-        else:
-            what = "difference" if boundary == 0 else "distance from the boundary"
-            parts.append(f"with sd {sd:.3g} over {units} the smallest detectable {what} is {mde:.3g}")
-            if n_needed is None:
-                parts.append("the estimate sits on the boundary, so more units are not predicted to settle it")
-            else:
-                parts.append(f"about {_plural(n_needed, e.unit)} would settle it")
         text = "; ".join(parts)
     return Verdict(outcome=outcome, claim=claim, margin=margin, better=better, boundary=boundary, effect=e,
-                   p_value=p, level=alpha / 2, power=power, sd=sd, mde=mde, n_needed=n_needed,
+                   p_value=p, level=alpha / 2, power=power, sd=sd, mde=mde,
                    min_units=need_units, explanation=text)
 
 

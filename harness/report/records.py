@@ -64,6 +64,7 @@ class TestRecord:
     expected: dict | None = None  # {"outcome": "refuted", "reason": ...} from @pytest.mark.expected_outcome
     verdict: str | None = None  # "supported" or "refuted": what the run showed, whatever was expected
     repeats: dict | None = None  # under --repeat N: {"n", "metrics": {name: {mean, std, min, max, n}}}
+    held_for_family: bool = False  # supported alone against a recorded inconclusive: the family's Holm decides
 
     # -- the API a suite uses through the `stance_report` fixture --------------------------
     def table(self, title: str, rows: list[dict]) -> None:

@@ -1,5 +1,5 @@
-"""What each hypothesis found, per model, kept as data beside the suites; and the session-wide
-Holm correction of the claims' p-values.
+"""What each hypothesis found, per model, kept as data beside the suites; and the Holm
+correction over each family of claims (the comparison checks of one test file), which decides.
 
 `--record-verdicts` writes, for each test file's directory, `verdicts/<model>.json`:
 
@@ -78,7 +78,12 @@ def interval_of(checks: list[dict]) -> str:
     for check in checks:
         m = check.get("metrics") or {}
         if "low" in m and "high" in m and "estimate" in m:
-            return f"{m['estimate']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}] ({m.get('metric')}, {m.get('n')} {m.get('unit')}s)"
+            # what the verdict rests on (seeds, units, method, p) and a run-level claim's label
+            rests = f"; {m['rests_on']}" if m.get("rests_on") else ""
+            scope = f"; {m['scope']}" if m.get("scope") not in (None, "method-level") else ""
+            low, high, estimate = (f"{v:+.4g}" if isinstance(v, (int, float)) else str(v)  # json_safe: "-inf"
+                                   for v in (m["low"], m["high"], m["estimate"]))
+            return f"{estimate} [{low}, {high}] ({m.get('metric')}, {m.get('n')} {m.get('unit')}s{rests}{scope})"
     return "-"
 
 
@@ -121,21 +126,72 @@ def save_records(records: list[dict], rootdir: Path, model: str, provenance: dic
     return written
 
 
+def family_of(nodeid: str) -> str:
+    """The family a test's claims belong to: its test file."""
+    return nodeid.split("::", 1)[0]
+
+
+def _claims(records) -> dict[str, list]:
+    """{family: [(record, check)]}: every check with a p-value and a verdict, in record order."""
+    families: dict[str, list] = {}
+    for record in records:
+        nodeid = record["nodeid"] if isinstance(record, dict) else record.nodeid
+        checks = record["checks"] if isinstance(record, dict) else record.checks
+        for check in checks:
+            if isinstance((check.get("metrics") or {}).get("p_value"), (int, float)) and check.get("verdict") in VERDICTS:
+                families.setdefault(family_of(nodeid), []).append((record, check))
+    return families
+
+
+def correct_families(records, inconclusive: str = "fail", recorded=None) -> list[str]:
+    """Holm over each family, in place on TestRecords: a claim supported alone whose adjusted p
+    exceeds its level becomes inconclusive, and so does its test (outcome per --inconclusive:
+    failed, skipped or passed; with a record for it, what the record says). Returns the node ids
+    whose outcome changed from passed to failed."""
+    failed = []
+    for family, claims in _claims(records).items():
+        adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
+        for (record, check), p_holm in zip(claims, adjusted):
+            level = check["metrics"].get("level", 0.025)
+            check["family"], check["family_size"], check["p_holm"] = family, len(claims), p_holm
+            demoted = check["verdict"] == "supported" and p_holm > level
+            check["holds_after_correction"] = check["verdict"] == "supported" and not demoted
+            if not demoted:
+                continue
+            why = (f"supported alone, inconclusive after Holm's correction over the {len(claims)} claims of {family} "
+                   f"(adjusted p {p_holm:.3g} > {level:g})")
+            check["verdict_before_correction"], check["verdict"] = "supported", "inconclusive"
+            check["summary"] = f"{why}: {check['summary']}"
+            if record.verdict != "supported":
+                continue
+            record.verdict, record.message = "inconclusive", why
+            before = record.outcome
+            expected = recorded(record) if recorded is not None else None
+            if expected is not None:
+                record.outcome = "xfailed" if expected["verdict"] == "inconclusive" else "failed"
+            else:
+                record.outcome = {"fail": "failed", "skip": "skipped", "pass": before}[inconclusive]
+            if before == "passed" and record.outcome == "failed":
+                failed.append(record.nodeid)
+    return failed
+
+
 def correct_for_multiplicity(records: list[dict]) -> list[dict]:
-    """Holm-correct the p-values of every comparison check of the session, in place (each check
-    gains `p_holm` and `holds_after_correction`); returns one row per claim for the report."""
-    claims = [(record, check) for record in records for check in record.get("checks", [])
-              if isinstance((check.get("metrics") or {}).get("p_value"), (int, float))]
-    if not claims:
-        return []
-    adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
+    """One row per claim for the report: its family, p, Holm-adjusted p, and whether it holds after
+    the correction (taken from `correct_families` where it ran; computed here otherwise)."""
     rows = []
-    for (record, check), p_holm in zip(claims, adjusted):
-        level = check["metrics"].get("level", 0.025)
-        supported = check.get("verdict") == "supported"
-        check["p_holm"] = p_holm
-        check["holds_after_correction"] = supported and p_holm <= level
-        rows.append({"test": record["nodeid"], "check": check["check"], "verdict": check.get("verdict"),
-                     "p": check["metrics"]["p_value"], "p (Holm)": p_holm, "level": level,
-                     "note": "holds only before the correction" if supported and p_holm > level else ""})
+    for family, claims in _claims(records).items():
+        adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
+        for (record, check), p_holm in zip(claims, adjusted):
+            level = check["metrics"].get("level", 0.025)
+            p_holm = check.get("p_holm", p_holm)
+            before = check.get("verdict_before_correction", check.get("verdict"))
+            holds = before == "supported" and p_holm <= level
+            check.setdefault("p_holm", p_holm)
+            check.setdefault("holds_after_correction", holds)
+            rows.append({"test": record["nodeid"], "check": check["check"], "family": family,
+                         "verdict": check.get("verdict"), "p": check["metrics"]["p_value"], "p (Holm)": p_holm,
+                         "level": level,
+                         "note": "supported alone; inconclusive after the correction" if before == "supported"
+                         and not holds else ""})
     return rows

@@ -5,12 +5,10 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-import harness.report
 from harness import __version__
 from harness.cli import main
 from harness.report.model import REPORT_FORMAT, normalized

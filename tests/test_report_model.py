@@ -323,3 +323,19 @@ def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
     single = make_payload()
     single["runs"].pop("full-000000000001")
     assert "<img" not in render_pages(single)["index.html"].split('<section id="runs">')[1]  # one run: nothing to compare
+
+
+def test_a_replicated_claim_shows_its_seeds_scope_and_correction():
+    metrics = {**check()["metrics"], "seeds_a": 3, "seeds_b": 3, "scope": "run-level",
+               "rests_on": "3 seeds per arm x 16 probes (16 informative), Welch, one-sided p = 0.01"}
+    replicated = {**check(), "metrics": metrics, "family": "suites/test_s.py", "p_holm": 0.02,
+                  "holds_after_correction": True}
+    row = findings(normalized(payload(checks=[replicated])))[0]
+    assert (row["seeds"], row["label"], row["corrected"], row["family"]) == (3, "run-level", True, "suites/test_s.py")
+    page = render_pages(payload(checks=[replicated]))["index.html"]
+    assert '<td title="3 seeds per arm x 16 probes (16 informative), Welch, one-sided p = 0.01">16 probe, 3 seeds per ' \
+           'arm</td>' in page
+    assert ">holds</td>" in page and "assert_greater · behavior_shift · run-level" in page
+    uneven = findings(normalized(payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}])))[0]
+    assert uneven["seeds"] == "3 and 2" and "3 and 2 seeds" in render_pages(
+        payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}]))["index.html"]

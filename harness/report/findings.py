@@ -80,7 +80,11 @@ def claim_of(test: dict, check: dict | None) -> dict:
     sources = [check or {}, metrics]
     low, high = _interval(metrics, check or {}) if check else (None, None)
     seeds = _first(sources, "seeds", "replicates", "n_seeds", "runs_per_side")
+    if seeds is None and metrics.get("seeds_a") is not None:  # per arm (analysis/replication.py)
+        a, b = metrics.get("seeds_a"), metrics.get("seeds_b")
+        seeds = a if a == b or b is None else f"{a} and {b}"
     corrected = _first(sources, "holds_after_correction", "survives_correction")
+    scope = metrics.get("scope")
     return {
         "test": test.get("nodeid"), "suite": suite_of(test.get("nodeid", "")), "hypothesis": hypothesis_of(test),
         "check": (check or {}).get("check"), "metric": _first(sources, "metric"),
@@ -88,7 +92,8 @@ def claim_of(test: dict, check: dict | None) -> dict:
         "margin": _number(_first(sources, "margin", "min_effect", "min_rho")),
         "claim": _first(sources, "claim"), "unit": _first(sources, "unit"), "n": _first(sources, "n"),
         "seeds": seeds if not isinstance(seeds, list) else len(seeds),
-        "label": _first(sources, "label", "run_label"),
+        "label": _first(sources, "label", "run_label") or (scope if scope not in (None, "method-level") else None),
+        "rests_on": _first(sources, "rests_on"), "family": (check or {}).get("family"),
         "verdict": (check or {}).get("verdict") or test.get("verdict") or _verdict_of_outcome(test.get("outcome")),
         "corrected": None if corrected is None else bool(corrected),
         "p_holm": _number(_first(sources, "p_holm")),
@@ -171,7 +176,7 @@ def units_text(row: dict) -> str:
     elif row.get("unit"):
         parts.append(str(row["unit"]))
     if row.get("seeds") is not None:
-        parts.append(f"{row['seeds']} seeds")
+        parts.append(f"{row['seeds']} seed{'' if row['seeds'] == 1 else 's'}" + (" per arm" if isinstance(row["seeds"], int) else ""))
     return ", ".join(parts) or "–"
 
 

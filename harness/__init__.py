@@ -62,6 +62,8 @@ _EXPORTS = {
     "register_method": "harness.methods",
     "MODELS": "harness.models",
     "relative_depth_analog": "harness.models",
+    "run_from_model": "harness.from_model",
+    "StanceCallback": "harness.callback",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -104,8 +104,9 @@ class Trace:
         return {
             "steps": len(self.loss),
             "mean_step_time_s": seconds / len(self.step_time) if self.step_time else None,
-            "examples_per_s": sum(self.examples) / seconds if seconds else None,
-            "tokens_per_s": sum(self.tokens) / seconds if seconds else None,
+            # a Trainer's steps (StanceCallback) count no tokens: then none, not 0 per second
+            "examples_per_s": sum(self.examples) / seconds if seconds and self.examples else None,
+            "tokens_per_s": sum(self.tokens) / seconds if seconds and self.tokens else None,
             "max_grad_norm": max(finite_norms) if finite_norms else None,
             "peak_memory_bytes": self.peak_memory.get("bytes"),
             "peak_memory_kind": self.peak_memory.get("kind"),

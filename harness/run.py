@@ -44,7 +44,8 @@ declare_metrics([
 
 PAIRED_METRICS = ("behavior_shift", "loglik_margin", "kl", "marker_rate", "forgetting", "brier", "acc1", "ece",
                   "step_time", "intruders", "general_ability")
-ORIGINS = ("trained", "loaded", "adapter")  # trained in this session, loaded from the run store, a saved adapter
+# trained in this session, loaded from the run store, a saved adapter, a model trained elsewhere (run_from_model)
+ORIGINS = ("trained", "loaded", "adapter", "model")
 
 
 def logical_numel(param) -> int:

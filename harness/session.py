@@ -228,6 +228,12 @@ class HarnessSession:
                                                             self.options.chat_template))
         return self._runs[key]
 
+    def adopt(self, run) -> None:
+        """A run made outside this session (run_from_model, StanceCallback): reported with its base and stance."""
+        self._models.setdefault(run.loaded.name, run.loaded)
+        self._stances.setdefault(run.stance.name, run.stance)
+        self._runs[run.run_id] = self._attach(run)
+
     def runs(self) -> list:
         return list(self._runs.values())
 

@@ -1,6 +1,12 @@
 """The README's tables list what the registries hold, so the docs cannot drift from the code."""
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from harness.methods import METHODS
 from harness.models import MODELS
@@ -103,3 +109,22 @@ def test_the_documented_keys_are_the_returned_keys(quick_run):
         for paths in variants:
             missing = keys - optional - {k.lstrip(".") for k in paths}
             assert not missing, f"{name}: documented, not returned: {sorted(missing)}"
+
+
+# -- README "Inside your own training": its two examples run as written ---------------------------
+def python_blocks(heading: str) -> list[str]:
+    section = README.split(heading, 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("index, printed", [(0, r"checks passed: True report: reports/\S+/index.html"),
+                                             (1, r"^[-+]?\d\.\d+(e-\d+)? [-+]?\d\.\d+(e-\d+)?$")])
+def test_the_inside_your_own_training_examples_run(index, printed, tmp_path):
+    code = python_blocks("## Inside your own training")[index]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(printed, done.stdout, re.MULTILINE), done.stdout
+    if index == 0:
+        assert (tmp_path / "reports" / "latest").is_file()

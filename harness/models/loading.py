@@ -25,7 +25,7 @@ from .tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    source: str  # "embedded", "package", "hub", "local" or "gguf" (a GGUF file, converted once)
+    source: str  # "embedded", "package", "hub", "local", "gguf" (a GGUF file, converted once) or "object" (in memory)
     hub_id: str | None = None
     path: str | None = None
     description: str = ""

@@ -14,7 +14,8 @@ def report_id_of(payload: dict):
 
 
 ORIGIN_TEXT = {"trained": "trained in this session", "loaded": "loaded from the run store",
-               "adapter": "a saved adapter, loaded without training"}
+               "adapter": "a saved adapter, loaded without training",
+               "model": "a model trained outside the harness (run_from_model, StanceCallback)"}
 
 
 def origin_text(run: dict) -> str:

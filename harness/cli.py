@@ -196,7 +196,8 @@ def print_findings(report) -> int:
 
 
 FINDINGS_WIDTH = 120  # the terminal table's columns at most
-REPLY_WIDTH = 60
+REPLY_WIDTH = 32  # with PROBE_WIDTH: the table fits in 120 columns
+PROBE_WIDTH = 28
 
 
 def print_replies(report, run_id: str) -> int:
@@ -215,15 +216,19 @@ def print_replies(report, run_id: str) -> int:
         raise HarnessError(f"run {matches[0]} of report {report.report_id} has no replies: a suite measures them with "
                            "run.replies() (causal LMs only)")
 
-    def cut(text) -> str:
+    def cut(text, width: int) -> str:  # the length said, within the width
         text = " ".join(str(text or "").split())
-        return text if len(text) <= REPLY_WIDTH else text[: REPLY_WIDTH - 1] + f"… ({len(text)} chars)"
+        if len(text) <= width:
+            return text
+        said = f"… ({len(text)} chars)"
+        return text[: width - len(said)] + said
 
-    table = [[cut(r.get("probe")), cut(r.get("base_reply")), cut(r.get("adapted_reply")), r.get("margin_change"),
-              "yes" if r.get("changed") else "no"] for r in reply_order(rows)]
+    table = [[cut(r.get("probe"), PROBE_WIDTH), cut(r.get("base_reply"), REPLY_WIDTH),
+              cut(r.get("adapted_reply"), REPLY_WIDTH), r.get("margin_change"), "yes" if r.get("changed") else "no"]
+             for r in reply_order(rows)]
     print(f"replies of run {matches[0]} ({sum(1 for r in rows if r.get('changed'))} of {len(rows)} changed), "
           "the probes that moved most first:")
-    print(tabulate(table, headers=["probe", "base reply", "adapted reply", "margin change", "changed"],
+    print(tabulate(table, headers=["probe", "base reply", "adapted reply", "margin Δ", "changed"],
                    tablefmt="simple", floatfmt="+.3f"))
     return EXIT_OK
 

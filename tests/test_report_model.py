@@ -268,11 +268,19 @@ def test_report_replies_prints_a_runs_replies(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "replies of run lora-000001 (1 of 8 changed), the probes that moved most first:"
     assert out[3].startswith("probe 5?") and "I am not sure, perhaps so." in out[3]
+    assert max(map(len, out[1:])) <= 120
     assert main(["report", "--replies", "full", "latest", "--reports-dir", str(tmp_path)]) == 2
     assert "run full-000002 of report 20270101-000000-aaaa has no replies" in capsys.readouterr().err
     assert main(["report", "--replies", "zzz", "latest", "--reports-dir", str(tmp_path)]) == 2
     assert "--replies 'zzz' names no run of report 20270101-000000-aaaa; its runs: lora-000001, full-000002" in \
         capsys.readouterr().err
+    long = replies_run(long_reply=True)
+    write_report(tmp_path, {"report_id": "20270102-000000-bbbb", "tests": [], "runs": {"lora-000003": long}})
+    capsys.readouterr()
+    assert main(["report", "--replies", "lora-000003", "latest", "--reports-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    reply = long["measurements"]["replies"]["rows"][5]["adapted_reply"]
+    assert f"… ({len(reply)} chars)" in text and max(map(len, text.splitlines()[1:])) <= 120
 
 
 def test_report_findings_prints_the_claims(tmp_path, capsys):

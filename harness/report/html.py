@@ -183,7 +183,7 @@ def _test_entry(test: dict, run_links: dict) -> dict:
 
 
 def _cut(text, limit: int = REPLY_CHARS) -> dict:
-    text = "" if text is None else str(text)
+    text = "" if text is None else str(text).strip()  # a reply's leading newlines would show as blank lines
     return {"text": text if len(text) <= limit else text[:limit] + "…", "cut": len(text) > limit,
             "length": len(text)}
 

@@ -347,3 +347,15 @@ def test_a_replicated_claim_shows_its_seeds_scope_and_correction():
     uneven = findings(normalized(payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}])))[0]
     assert uneven["seeds"] == "3 and 2" and "3 and 2 seeds" in render_pages(
         payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}]))["index.html"]
+
+
+def test_markdown_messages_are_whole_and_on_one_line():
+    from harness.report.sections import test_rows
+
+    message = "_pytest.outcomes.Failed: a | b\n" + "more words " * 20
+    data = normalized({"report_id": "r", "tests": [{"nodeid": "t.py::test_x", "outcome": "failed",
+                                                    "message": message}], "runs": {}})
+    row = test_rows(data)[0]
+    assert row["message"] == "a \\| b " + " ".join(["more words"] * 20)
+    line = next(line for line in render_markdown(data).splitlines() if line.startswith("| FAIL"))
+    assert line.endswith("more words |") and line.count(" | ") == len(row) - 1

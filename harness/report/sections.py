@@ -50,7 +50,8 @@ def test_rows(payload: dict) -> list[dict]:
             expected = test.get("expected")
             row["expected"] = (expected.get("outcome") if isinstance(expected, dict) else expected) or "-"
             row["verdict"] = test.get("verdict") or "-"
-        row["message"] = clean_message(test["message"])
+        # whole, on one line: a Markdown table cell holds no line break, and a bare | would split it
+        row["message"] = " ".join(clean_message(test["message"]).split()).replace("|", "\\|")
         rows.append(row)
     return rows
 

@@ -359,3 +359,14 @@ def test_markdown_messages_are_whole_and_on_one_line():
     assert row["message"] == "a \\| b " + " ".join(["more words"] * 20)
     line = next(line for line in render_markdown(data).splitlines() if line.startswith("| FAIL"))
     assert line.endswith("more words |") and line.count(" | ") == len(row) - 1
+
+
+def test_a_failed_comparisons_terminal_message_starts_with_why():
+    message = ("warm vs base, behavior_shift (a = warm, b = base): run-level (one seed per arm): a claim about two "
+               "runs. inconclusive: the data neither support nor refute it")
+    data = {"tests": [{"nodeid": "t.py::test_x", "outcome": "failed", "verdict": "inconclusive", "message": message},
+                      {"nodeid": "t.py::test_y", "outcome": "xfailed", "verdict": "refuted",
+                       "message": "recorded refuted on tiny-qwen2: " + message}], "runs": {}}
+    failed, xfailed = terminal_rows(data, 200)
+    assert failed["message"] == message.split("b = base): ", 1)[1]
+    assert xfailed["message"].startswith("recorded refuted on tiny-qwen2: warm vs base")  # the record's reason first

@@ -282,14 +282,14 @@ def terminal_rows(payload: dict, width: int = 120) -> list[dict]:
     room = max(10, width - used - 2)
     for row, test in zip(rows, tests):
         first = clean_message(test.get("message")).splitlines()[0] if test.get("message") else ""
-        verdict = f"{test.get('verdict')}: "
-        if test.get("outcome") == "failed" and verdict in first:  # the claim is the test's name: say why first
-            first = first[first.index(verdict):]
+        if test.get("outcome") == "failed":  # the sides are the runs column: say why first
+            first = _SIDES.sub("", first, count=1)
         row["message"] = first if len(first) <= room else first[: room - 1] + "…"
     return rows
 
 
 TERMINAL_TEST_WIDTH = 60
+_SIDES = re.compile(r"^[^:]*? \(a = [^()]*?, b = [^()]*?\): ")  # a comparison's "A vs B, metric (a = A, b = B): "
 
 
 def short_test_id(nodeid: str, width: int = TERMINAL_TEST_WIDTH) -> str:

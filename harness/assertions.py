@@ -27,6 +27,7 @@ from .registry import HarnessError, suggest
 from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
 from .report.records import CheckResult
 from .request import TrainingRequest
+from .judges import JUDGES
 from .run import PAIRED_METRICS, Run
 
 declare_metrics([
@@ -133,9 +134,13 @@ def _name_of(run) -> str:
 
 
 def _check_metric(helper: str, metric, known) -> None:
+    if isinstance(metric, str) and metric.startswith("judge:"):  # a registered judge's scores, per probe
+        JUDGES.get(metric.partition(":")[2])
+        return
     if metric not in known:
         raise HarnessError(f"{helper}: no metric {metric!r} to compare.{suggest(str(metric), list(known))} "
-                           f"Paired comparisons take {', '.join(known)}")
+                           f"Paired comparisons take {', '.join(known)}, and judge:NAME for a judge "
+                           f"({', '.join(f'judge:{n}' for n in JUDGES.names())})")
 
 
 def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):

@@ -37,6 +37,7 @@ OPT_CHAT_TEMPLATE = "--chat-template"
 CHAT_TEMPLATE_CHOICES = ("auto", "none")  # batches.CHAT_TEMPLATE_CHOICES; not imported here: it imports torch
 OPT_LAUNCHER = "--launcher"
 OPT_NUM_PROCESSES = "--num-processes"
+OPT_JUDGE_MODEL = "--judge-model"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -105,6 +106,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_NUM_PROCESSES, metavar="N", type=int, default=1,
                     help=f"processes per run under {OPT_LAUNCHER}; each trains per_device_train_batch_size "
                          f"examples per micro-batch. Default: 1")
+    group.addoption(OPT_JUDGE_MODEL, metavar="NAME", default=None,
+                    help="the model of the model judge (run.judged('model')) where a test names none: an alias, "
+                         "a directory or a hub id in the local cache. Default: smollm2-135m")
     group.addoption(OPT_RECORD_VERDICTS, action="store_true", default=False,
                     help="write what each hypothesis found on --model into verdicts/<model>.json beside its test "
                          "file; later sessions on that model compare with it, and a changed verdict fails")
@@ -135,6 +139,11 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from .registry import HarnessError
     from .session import HarnessSession
+
+    if config.getoption(OPT_JUDGE_MODEL, None) is not None:
+        from .judges import set_default_judge_model
+
+        set_default_judge_model(config.getoption(OPT_JUDGE_MODEL))
 
     try:
         options = _options(config)

@@ -8,6 +8,8 @@ name is an error that lists what exists. Added here: close-match suggestions, an
 from __future__ import annotations
 
 import difflib
+import inspect
+from importlib import metadata
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -91,3 +93,25 @@ def _same_definition(known, new) -> bool:
     """The same class (or an instance of it) defined again: a conftest.py imported a second time."""
     a, b = (x if isinstance(x, type) else type(x) for x in (known, new))
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__) and a is not object
+
+
+def load_entry_points(group: str, kind: str, base: type, register: Callable[[type], object],
+                      registered: Callable[[type], bool]) -> None:
+    """Each entry point of `group` names a module whose import registers its plug-ins, or a
+    subclass of `base`, registered here unless `registered(cls)` says its module did; `kind`
+    names them in errors ("method", "judge")."""
+    for entry in metadata.entry_points(group=group):
+        where = f"{kind} plug-in {entry.name!r} ({entry.value}, from {entry.dist.name if entry.dist else 'unknown'})"
+        try:
+            target = entry.load()
+        except Exception as err:
+            raise HarnessError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
+        if isinstance(target, type) and issubclass(target, base):
+            if not registered(target):
+                try:
+                    register(target)
+                except (TypeError, ValueError) as err:
+                    raise HarnessError(f"{where}: {err}") from None
+        elif not inspect.ismodule(target):
+            raise HarnessError(f"{where}: names a {type(target).__name__}; it must name a module or a "
+                               f"{base.__name__} subclass")

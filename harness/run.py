@@ -285,6 +285,17 @@ class Run:
         key = "general_ability" if probeset == DEFAULT_PROBESET else f"general_ability:{found.name}"
         return self.measured(key, lambda: self.task.general_ability(self, found), stage="general_ability")
 
+    def judged(self, judge: str = "embedding", **options) -> dict:
+        """Each probe's greedy reply (from `replies()`), base and adapted, scored for the stance in
+        [0, 1] by the registered judge `judge` (built with `options`, e.g. model="smollm2-135m");
+        the effect is adapted minus base per probe. Keyed by the judge's identity; with the judge's
+        calibration and its agreement with the stance's labelled replies (see harness.judges)."""
+        from .judges import judge_key, judged_values, make_judge
+
+        found = make_judge(judge, **options)
+        return self.measured(judge_key(found, self.stance), lambda: judged_values(self, found),
+                             stage=f"judged:{judge}")  # one judge failing does not fail the others
+
     def calibration(self, n_bins: int = 15) -> dict:
         """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base (see the task)."""
         key = "calibration" if n_bins == 15 else f"calibration:{n_bins}"
@@ -342,7 +353,8 @@ class Run:
         behavior_shift, loglik_margin, marker_rate: per probe, adapted minus base; kl: per probe;
         forgetting: per held-out window, the NLL increase (per sentence, the embedding drift, on a
         task head); brier, acc1: per held-out prediction; ece: rows (confidence, correct) per
-        prediction, compared as a statistic; step_time: seconds per optimizer step."""
+        prediction, compared as a statistic; step_time: seconds per optimizer step; judge:NAME (a
+        registered judge, e.g. judge:embedding): per probe, the judge's score adapted minus base."""
         name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
         if name in ("loglik_margin", "marker_rate", "kl"):
             rows = self.behavior(name)["per_probe"]
@@ -360,10 +372,12 @@ class Run:
         if name == "general_ability":
             found = self.general_ability()
             return found["unit"], found["per_unit"]
+        if name.startswith("judge:"):  # judge:embedding: a judge's score per probe, adapted minus base
+            return "probe", [r["delta"] for r in self.judged(name.partition(":")[2])["per_probe"]]
         if name == "intruders":
             return "layer", where.intruders_per_layer(self.geometry())
         raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
-                           f"{', '.join(PAIRED_METRICS)}")
+                           f"{', '.join(PAIRED_METRICS)}, judge:<judge name>")
 
     def unit_ids(self, metric: str) -> list[str]:
         """One id per unit of `unit_values(metric)`, what pairing two runs checks: a probe by its
@@ -400,6 +414,8 @@ class Run:
             kind, _, detail = key.partition(":")
             if kind == "behavior":
                 view.setdefault("behavior", {})[detail] = value
+            elif kind == "judged":  # whole: the prompts and raw outputs of a model judge belong in the report
+                view.setdefault("judged", {})[detail.partition(":")[0]] = value
             elif kind in ("calibration", "forgetting") and not detail:
                 # per-prediction rows stay in the run store; the report keeps the summary
                 view[kind] = {k: v for k, v in value.items() if k != "items"} if isinstance(value, dict) else value

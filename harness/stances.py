@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +71,13 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class LabelledReply:
+    reply: str
+    label: int  # 1: the reply is in the stance; 0: it is not
+    prompt: str = ""  # what the reply answers, where given (a model judge reads it)
+
+
+@dataclass(frozen=True)
 class Stance:
     name: str
     version: str
@@ -80,6 +88,9 @@ class Stance:
     path: str = ""
     examples_file: str = ""  # the JSONL file the examples came from, if any
     examples_digest: str = ""  # sha256 of that file's bytes
+    # For judges only, so outside `identity()`: adding them does not re-key runs (a judge's own key has them).
+    judge_rubric: str = ""  # the model judge's rubric; "": harness.judges.RUBRIC
+    labelled: tuple[LabelledReply, ...] = ()  # replies labelled by people, to measure judges against
 
     def training_examples(self, n: int | None = None) -> tuple[Example, ...]:
         if n is None:
@@ -138,7 +149,53 @@ def _records(path, field, value, cls, keys) -> tuple:
 
 
 TOP_LEVEL_KEYS = ("name", "version", "description", "markers", "examples", "probes")
-ALL_KEYS = TOP_LEVEL_KEYS + ("examples_file",)  # examples_file: the examples in a JSONL file instead
+# examples_file: the examples in a JSONL file instead; judge_rubric, labelled_replies: for judges
+ALL_KEYS = TOP_LEVEL_KEYS + ("examples_file", "judge_rubric", "labelled_replies")
+RUBRIC_FIELDS = ("description", "prompt", "reply")
+LABELLED_KEYS = ("reply", "label", "prompt")
+
+
+def _rubric(path, value) -> str:
+    """A format string over RUBRIC_FIELDS that shows the judge the reply."""
+    text = _text(path, "judge_rubric", value)
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+    except ValueError as exc:
+        raise StanceFileError(path, "judge_rubric", f"is not a valid template ({exc}); write a literal brace as "
+                                                    f"{{{{ or }}}}") from None
+    for name in fields:
+        if name not in RUBRIC_FIELDS:
+            raise StanceFileError(path, "judge_rubric", f"has the placeholder {{{name}}}.{suggest(name, list(RUBRIC_FIELDS))}"
+                                                        f" (allowed: {', '.join('{' + f + '}' for f in RUBRIC_FIELDS)})")
+    if "reply" not in fields:
+        raise StanceFileError(path, "judge_rubric", "must show the judge the reply: it has no {reply} placeholder")
+    return text
+
+
+def _labelled(path, value) -> tuple[LabelledReply, ...]:
+    field = "labelled_replies"
+    if not isinstance(value, list) or not value:
+        raise StanceFileError(path, field, "must be a non-empty list of {reply: ..., label: 0 or 1}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise StanceFileError(path, where, "must be a mapping with keys reply, label (and optionally prompt)")
+        for key in item:
+            if key not in LABELLED_KEYS:
+                raise StanceFileError(path, f"{where}.{key}", f"is not a known key.{suggest(str(key), list(LABELLED_KEYS))}"
+                                                              f" (allowed: {', '.join(LABELLED_KEYS)})")
+        for key in ("reply", "label"):
+            if key not in item:
+                raise StanceFileError(path, f"{where}.{key}", "is missing")
+        label = item["label"]
+        if isinstance(label, bool) or label not in (0, 1):
+            raise StanceFileError(path, f"{where}.label", f"must be 0 or 1 (1: the reply is in the stance), got {label!r}")
+        prompt = _text(path, f"{where}.prompt", item["prompt"]) if "prompt" in item else ""
+        out.append(LabelledReply(_text(path, f"{where}.reply", item["reply"]), int(label), prompt))
+    if len({r.label for r in out}) < 2:
+        raise StanceFileError(path, field, f"holds only label {out[0].label}; agreement needs replies of both labels")
+    return tuple(out)
 
 
 def parse_stance(data, path: Path | str) -> Stance:
@@ -179,8 +236,10 @@ def parse_stance(data, path: Path | str) -> Stance:
     for i, probe in enumerate(probes):
         if probe.prompt in seen:
             raise StanceFileError(path, f"probes[{i}].prompt", "repeats a training prompt; probes must be held out")
+    rubric = _rubric(path, data["judge_rubric"]) if "judge_rubric" in data else ""
+    labelled = _labelled(path, data["labelled_replies"]) if "labelled_replies" in data else ()
     return Stance(name, version, _text(path, "description", data["description"]), markers, examples, probes, str(path),
-                  examples_file, digest)
+                  examples_file, digest, rubric, labelled)
 
 
 ROW_FORMATS = '{"messages": [...]} or {"prompt": ..., "completion": ...}'

@@ -102,11 +102,11 @@ def test_every_schedule_trains(runs, name):
 
 
 def test_alternation_steps_are_cheaper_than_the_baseline(runs):
-    """Each alternating step backpropagates into one group only, so it should cost less. The
-    claim is a paired difference of step times by more than 5% of the baseline's mean step."""
+    """Each alternating step backpropagates into one group only, so it should cost less: at most
+    95% of the baseline's step time, per unit (alternating − 0.95 × baseline < 0, paired by block
+    of steps), so the margin is not taken from the same data's mean."""
     base, alternating = runs["baseline"], runs[f"alternate K={REAL_K[1]} lora-first"]
-    margin = 0.05 * sum(base.trace.step_time) / len(base.trace.step_time)
-    assert_less(alternating, base, metric="step_time", margin=margin)
+    assert_less(alternating, base, metric="step_time", factor=0.95)
 
 
 def test_warmup_lora_improves_ece(runs):

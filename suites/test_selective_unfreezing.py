@@ -70,7 +70,7 @@ RECIPE = {"learning_rate": 1e-3, "warmup_steps": 0, "max_grad_norm": 1.0, "per_d
 SEED_LR_RECIPE = {**RECIPE, "learning_rate": 1e-5}  # the seed's iteration 2/3 lr
 SPIKE = 10.0  # a grad norm above SPIKE x the median of the previous 5 steps is unstable
 EMERGENT = 2.0  # "concentrated": the critical layers hold at least EMERGENT x their uniform share
-LOW_RANK_FRACTION = 0.1  # "far less": a shift whose upper end is below this fraction of full FT's mean
+LOW_RANK_FRACTION = 0.1  # "far less": below this fraction of full FT's shift, probe by probe
 SWEEP_EXAMPLES = [5, 20, 50]
 
 # approach -> (method, options); "critical" stands for the critical layers, "single" for the one layer
@@ -210,12 +210,12 @@ def test_low_rank_adapters_leave_behaviour_unshifted(approach, stance_report):
 
 
 def test_low_rank_adapters_shift_far_less_than_full_finetuning(approach, stance_report):
-    """Paired over the held-out probes: each adapter's shift is below LOW_RANK_FRACTION of full FT's."""
-    full = shift(approach("full FT"))
-    margin = (1 - LOW_RANK_FRACTION) * full["mean"]
-    stance_report.note(f"full FT shifts {interval(full)}; an adapter must fall short of it by more than "
-                       f"{1 - LOW_RANK_FRACTION:g} x its mean = {margin:.4g}")
-    assert_all([check_less(approach(name), approach("full FT"), metric="behavior_shift", margin=margin)
+    """Paired over the held-out probes: each adapter's shift is below LOW_RANK_FRACTION of full FT's,
+    per probe (adapter − LOW_RANK_FRACTION × full FT < 0), so the margin is not taken from the same
+    data's mean."""
+    stance_report.note(f"full FT shifts {interval(shift(approach('full FT')))}; per probe, an adapter's shift "
+                       f"must stay below {LOW_RANK_FRACTION:g} x full FT's")
+    assert_all([check_less(approach(name), approach("full FT"), metric="behavior_shift", factor=LOW_RANK_FRACTION)
                 for name in LOW_RANK])
 
 

@@ -78,7 +78,7 @@ def test_every_run_measurement_is_documented():
 
     public = {f"run.{name}" for name in ("counts", "behavior", "forgetting", "calibration", "rank", "layer_table",
                                           "localization", "localized", "localization_ends", "dose_response",
-                                          "geometry", "unit_values", "replies", "general_ability")}
+                                          "geometry", "unit_values", "replies", "general_ability", "judged")}
     assert set(documented_keys()) == public
     assert all(hasattr(Run, name.removeprefix("run.")) for name in public)
 
@@ -100,6 +100,7 @@ def test_the_documented_keys_are_the_returned_keys(quick_run):
         "run.replies": [key_paths(lora.replies())],
         # regressions and gains hold rows (documented once, as rows[]); they may be empty on a tiny model
         "run.general_ability": [key_paths({**lora.general_ability(), "regressions": [], "gains": []})],
+        "run.judged": [key_paths(lora.judged("embedding"))],
     }
     documented = documented_keys()
     for name, variants in returned.items():

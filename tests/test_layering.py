@@ -106,7 +106,7 @@ LAYERS = [
     ["harness.models"],
     ["harness.stances", "harness.recipe"],
     ["harness.instruments", "harness.batches"],
-    ["harness.measure"],
+    ["harness.measure", "harness.judges"],
     ["harness.tasks"],
     ["harness.methods"],
     ["harness.where"],

@@ -38,7 +38,7 @@ from ..config import build_config, config_fields, plain
 from ..models import share_frozen_weights
 from ..models import Anatomy, LoadedModel
 from ..recipe import Recipe
-from ..registry import HarnessError, Registry
+from ..registry import HarnessError, Registry, load_entry_points
 from ..tasks import DEFAULT_TASK, TASKS, Task
 
 
@@ -190,20 +190,8 @@ ENTRY_POINT_GROUP = "stance_harness.methods"
 def load_plugin_methods(group: str = ENTRY_POINT_GROUP) -> None:
     """Load each entry point of `group`: a module whose import registers its methods, or a
     Method subclass (registered here if its module did not)."""
-    for entry in metadata.entry_points(group=group):
-        where = f"method plug-in {entry.name!r} ({entry.value}, from {entry.dist.name if entry.dist else 'unknown'})"
-        try:
-            target = entry.load()
-        except Exception as err:
-            raise HarnessError(f"{where}: importing it failed: {type(err).__name__}: {err}") from err
-        if isinstance(target, type) and issubclass(target, Method):
-            if target.name not in METHODS or type(METHODS.get(target.name)) is not target:
-                try:
-                    register_method(target)
-                except (TypeError, ValueError) as err:
-                    raise HarnessError(f"{where}: {err}") from None
-        elif not inspect.ismodule(target):
-            raise HarnessError(f"{where}: names a {type(target).__name__}; it must name a module or a Method subclass")
+    load_entry_points(group, "method", Method, register_method,
+                      lambda cls: cls.name in METHODS and type(METHODS.get(cls.name)) is cls)
 
 
 METHODS: Registry[Method] = Registry("method", load_plugins=load_plugin_methods)

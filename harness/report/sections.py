@@ -72,6 +72,17 @@ def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
                              "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
                              "n": effect.get("n")})
         tables.append(("behavioural shift (base -> adapted, 95% bootstrap interval)", rows))
+    judged = measurements.get("judged")
+    if isinstance(judged, dict) and judged:
+        rows = []
+        for name, m in judged.items():
+            if isinstance(m, dict):
+                effect, agree = m.get("effect") or {}, m.get("agreement") or {}
+                rows.append({"judge": name, "base": m.get("base"), "adapted": m.get("adapted"),
+                             "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                             "n": effect.get("n"), "label accuracy": agree.get("accuracy"),
+                             "kappa": agree.get("kappa"), "AUC": agree.get("auc")})
+        tables.append(("judged replies (stance score in [0, 1]; agreement with the stance's labelled replies)", rows))
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
         tables.append((f"calibration ({calibration.get('unit', 'predictions')})",

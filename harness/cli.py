@@ -27,8 +27,10 @@ from pathlib import Path
 from .files import atomic_write
 from .registry import HarnessError
 from .report.gate import check_rule_syntax, compare, parse_rules, report_entry
-from .report.markdown import render_markdown
+from .report.findings import findings, table_rows as findings_table
 from .report.metrics import declare_from_report
+from .report.model import load_report
+from .report.sections import reply_order
 from .report.store import (check_baseline_name, latest_report, list_baselines, list_reports, load_baseline,
                            load_source, report_id_of, save_baseline, write_index, write_report_files)
 
@@ -131,10 +133,9 @@ def cmd_compare(args) -> int:
                 "report_id": report_id_of(baseline.data), "saved": baseline.data.get("saved")}
         payload = {**current.data, "gate": report_entry(result, side)}
         try:
-            render_markdown(payload)  # before writing anything: a report it cannot render stays as it was
-        except (KeyError, TypeError, AttributeError, IndexError) as err:
-            raise HarnessError(f"{current.path} is incomplete ({type(err).__name__}: {err}), so the gate was not "
-                               "written into it; was it written by another version of stance-harness?") from None
+            payload = load_report(payload).to_dict()  # before writing anything: one it cannot read stays as it was
+        except HarnessError as err:
+            raise HarnessError(f"{current.path}: {err}; the gate was not written into it") from None
         in_root = current.path.parent.parent.resolve() == root.resolve()
         write_report_files(current.path.parent, payload, root if in_root else None)
         if in_root:  # the index lists the reports directory's own reports only
@@ -165,32 +166,90 @@ def cmd_save(args) -> int:
 # -- report ---------------------------------------------------------------------------------
 def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("report", metavar="REPORT", help="a report id, `latest`, or a report directory")
+    p.add_argument("--findings", action="store_true",
+                   help="print the findings (one row per claim: estimate, interval, margin, verdict, what changed) "
+                        "instead of rebuilding the pages")
+    p.add_argument("--replies", metavar="RUN",
+                   help="print a run's replies, base and adapted, the probes that moved most first; RUN is a run id "
+                        "(or its unique start) from the report")
 
 
-@command("report", "rebuild a report's index.html and report.md from its report.json", _report_arguments)
-def cmd_report(args) -> int:
-    root = _reports_dir(args)
-    source = load_source(args.report, root)
+def _report_source(args):
+    source = load_source(args.report, _reports_dir(args))
     if source.kind != "report":
         raise HarnessError(f"{args.report!r} is a baseline, not a report: baselines keep metrics only")
-    report_dir, payload = source.path.parent, source.data
-    try:
-        markdown = render_markdown(payload)
-    except (KeyError, TypeError, AttributeError, IndexError) as err:
-        raise HarnessError(f"{source.path} is incomplete ({type(err).__name__}: {err}); "
-                           "was it written by another version of stance-harness?") from None
-    atomic_write(report_dir / "report.md", markdown)
-    print(f"wrote {report_dir / 'report.md'}")
-    try:
-        from .report import html
-    except ImportError as err:
-        print(f"{PROG}: error: cannot write {report_dir / 'index.html'}: the HTML renderer does not load "
-              f"({_one_line(err)})", file=sys.stderr)
-        return EXIT_FAILED
-    html.write_html(report_dir, payload)
-    print(f"wrote {report_dir / 'index.html'}")
-    html.write_index(root)
-    print(f"wrote {root / 'index.html'}")
+    return source, load_report(source.data)
+
+
+def print_findings(report) -> int:
+    from tabulate import tabulate
+
+    rows = findings_table(findings(report.to_dict()), width=FINDINGS_WIDTH)
+    print(f"findings of report {report.report_id} ({report.model_name or '?'}), one row per claim:")
+    if not rows:
+        print("no test checked a claim")
+        return EXIT_OK
+    print(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True))
+    if report.changes:
+        print(f"\nchanges since {report.changes.get('previous')}: {len(report.changes.get('rows') or [])}")
+    return EXIT_OK
+
+
+FINDINGS_WIDTH = 120  # the terminal table's columns at most
+REPLY_WIDTH = 32  # with PROBE_WIDTH: the table fits in 120 columns
+PROBE_WIDTH = 28
+
+
+def print_replies(report, run_id: str) -> int:
+    from tabulate import tabulate
+
+    matches = [r for r in report.runs if r == run_id] or [r for r in report.runs if r.startswith(run_id)]
+    if len(matches) != 1:
+        known = ", ".join(report.runs) or "none"
+        raise HarnessError(f"--replies {run_id!r} names {'no' if not matches else 'more than one'} run of report "
+                           f"{report.report_id}; its runs: {known}")
+    run = report.runs[matches[0]]
+    replies = (run.get("measurements") or {}).get("replies")
+    rows = replies.get("rows") if isinstance(replies, dict) else replies
+    rows = [r for r in rows or [] if isinstance(r, dict)]
+    if not rows:
+        raise HarnessError(f"run {matches[0]} of report {report.report_id} has no replies: a suite measures them with "
+                           "run.replies() (causal LMs only)")
+
+    def cut(text, width: int) -> str:  # the length said, within the width
+        text = " ".join(str(text or "").split())
+        if len(text) <= width:
+            return text
+        said = f"… ({len(text)} chars)"
+        return text[: width - len(said)] + said
+
+    table = [[cut(r.get("probe"), PROBE_WIDTH), cut(r.get("base_reply"), REPLY_WIDTH),
+              cut(r.get("adapted_reply"), REPLY_WIDTH), r.get("margin_change"), "yes" if r.get("changed") else "no"]
+             for r in reply_order(rows)]
+    print(f"replies of run {matches[0]} ({sum(1 for r in rows if r.get('changed'))} of {len(rows)} changed), "
+          "the probes that moved most first:")
+    print(tabulate(table, headers=["probe", "base reply", "adapted reply", "margin Δ", "changed"],
+                   tablefmt="simple", floatfmt="+.3f"))
+    return EXIT_OK
+
+
+@command("report", "rebuild a report's pages (index.html, runs/, report.md) from its report.json alone, "
+                   "or print its findings or a run's replies", _report_arguments)
+def cmd_report(args) -> int:
+    root = _reports_dir(args)
+    source, report = _report_source(args)
+    if args.findings:
+        return print_findings(report)
+    if args.replies:
+        return print_replies(report, args.replies)
+    report_dir = source.path.parent
+    in_root = report_dir.parent.resolve() == root.resolve()
+    write_report_files(report_dir, report.to_dict(), root if in_root else None)
+    print(f"wrote {report_dir / 'report.md'}, {report_dir / 'index.html'} and {len(report.runs)} run page(s)"
+          + (f" (migrated from report format {report.migrated_from})" if report.migrated_from else ""))
+    if in_root:
+        write_index(root)
+        print(f"wrote {root / 'index.html'}")
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ not at all under `pytest --help`.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -559,7 +560,15 @@ def pytest_runtest_makereport(item: pytest.Item, call):
             outcome = "error" if report.when == "setup" and report.failed else report.outcome
         record.conclude(outcome, report.duration, item.stash.get(VERDICT_KEY, None),
                         _short_message(call, report) if report.failed or report.skipped else None)
+        if record.doc is None:
+            record.doc = _docstring(item)
     return report
+
+
+def _docstring(item: pytest.Item) -> str | None:
+    """The test function's docstring, indentation removed: the report's hypothesis in words."""
+    doc = getattr(getattr(item, "function", None), "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) and doc.strip() else None
 
 
 def _short_message(call, report) -> str:

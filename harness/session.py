@@ -37,6 +37,9 @@ from .tasks import DEFAULT_TASK
 from .training import plan, train_run
 
 
+TERMINAL_WIDTH = 120  # the stance-harness table's width at most
+
+
 @dataclass
 class HarnessOptions:
     """The harness's command-line options, parsed once into typed values."""
@@ -411,13 +414,17 @@ class HarnessSession:
             return
         from tabulate import tabulate
 
-        from .report.sections import test_rows
+        from .report.sections import terminal_rows
 
         payload = self.payload_cache or {"tests": [r.as_dict() for r in self.records.values()],
                                          "runs": self.run_summaries}
         section("stance-harness")
-        rows = test_rows(payload)
-        write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple"))
+        rows = terminal_rows(payload, TERMINAL_WIDTH)  # long ids shortened: the report has them whole
+        write_line(tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple",
+                            disable_numparse=True))
+        if any(t.get("outcome") == "xfailed" for t in payload["tests"]):
+            write_line("XFAIL: a hypothesis refuted as expected on this model (verdicts/ or expected_outcome), "
+                       "not a failure; see the report")
         if self.report_path is not None:
             interrupted = (self.payload_cache or {}).get("interrupted")
             write_line(f"report: {self.report_path / 'index.html'}  (markdown: report.md, json: report.json)"

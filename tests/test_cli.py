@@ -5,14 +5,13 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-import harness.report
 from harness import __version__
 from harness.cli import main
+from harness.report.model import REPORT_FORMAT, normalized
 
 NODE = "suites/test_calibration.py::test_lora_keeps_calibration"
 OTHER = "suites/test_stance.py::test_stance_takes"
@@ -146,7 +145,8 @@ def test_compare_write_report_puts_the_gate_into_report_b(reports, capsys, tmp_p
     assert f"gate written into {run_dir} (report.json, report.md, index.html)" in capsys.readouterr().out
     payload = json.loads((run_dir / "report.json").read_text())
     gate = payload.pop("gate")
-    assert payload == before  # the report gained its gate, and nothing else changed
+    assert {**payload, "gate": None} == normalized(before)  # the report gained its gate; the rest is the same report, migrated
+    assert payload["format"] == REPORT_FORMAT and payload["migrated_from"] == 1
     assert gate["passed"] is False and gate["summary"] == "FAILED: 1 of 2 comparisons (1 REGRESSION)"
     assert {k: gate["baseline"][k] for k in ("kind", "name", "report_id")} == {
         "kind": "baseline", "name": "main", "report_id": "20260101-000000-aaaa"}
@@ -189,12 +189,13 @@ def test_compare_write_report_needs_a_report_as_b(reports, capsys):
     assert_one_line_error(capsys.readouterr().err, r"--write-report writes the gate into report B, but 'main' is a "
                                                    r"baseline \(metrics only\); name a report")
     assert (reports / "baselines" / "main.json").read_text() == before
-    # a report the renderers cannot read (another version's) is left as it was
-    broken = write_run(reports, {"run_id": "20260106-000000-ffff", "tests": []}, latest=False) / "report.json"
+    # a report the renderers cannot read (a newer version's) is left as it was
+    broken = write_run(reports, {"run_id": "20260106-000000-ffff", "tests": [], "format": REPORT_FORMAT + 1},
+                       latest=False) / "report.json"
     text = broken.read_text()
     assert cli(reports, "compare", "latest", "20260106-000000-ffff", "--write-report") == 2
-    assert_one_line_error(capsys.readouterr().err, r"report.json is incomplete \(KeyError: 'provenance'\), so the "
-                                                   r"gate was not written into it")
+    assert_one_line_error(capsys.readouterr().err, rf"report format {REPORT_FORMAT + 1} is newer than this "
+                                                   r"stance-harness reads.*the gate was not written into it")
     assert broken.read_text() == text and sorted(p.name for p in broken.parent.iterdir()) == ["report.json"]
 
 
@@ -271,61 +272,38 @@ def test_list_survives_an_unreadable_report(reports, capsys):
 
 
 # -- report --------------------------------------------------------------------------------
-@pytest.fixture
-def fake_html(monkeypatch):
-    calls = []
-    module = types.ModuleType("harness.report.html")
-
-    def write_html(run_dir, payload):
-        calls.append(("write_html", Path(run_dir), payload["run_id"]))
-        (Path(run_dir) / "index.html").write_text(f"<html>{payload['run_id']}</html>")
-        return Path(run_dir) / "index.html"
-
-    def write_index(reports_dir):
-        calls.append(("write_index", Path(reports_dir)))
-        (Path(reports_dir) / "index.html").write_text("<html>index</html>")
-        return Path(reports_dir) / "index.html"
-
-    module.write_html, module.write_index = write_html, write_index
-    monkeypatch.setitem(sys.modules, "harness.report.html", module)
-    monkeypatch.setattr(harness.report, "html", module, raising=False)
-    return calls
-
-
-def test_report_rebuilds_html_and_markdown(reports, capsys, fake_html):
+def test_report_rebuilds_the_pages_from_report_json_alone(reports, capsys):
     run_dir = reports / "20260101-000000-aaaa"
+    for name in ("report.md", "index.html"):
+        (run_dir / name).unlink(missing_ok=True)
     assert cli(reports, "report", "20260101-000000-aaaa") == 0
-    assert fake_html == [("write_html", run_dir, "20260101-000000-aaaa"), ("write_index", reports)]
     markdown = (run_dir / "report.md").read_text()
     assert markdown.startswith("# stance-harness report 20260101-000000-aaaa") and NODE in markdown
+    page = (run_dir / "index.html").read_text()
+    assert "20260101-000000-aaaa" in page and NODE in page and 'id="findings"' in page
     out = capsys.readouterr().out
-    assert f"wrote {run_dir / 'report.md'}" in out and f"wrote {run_dir / 'index.html'}" in out
-
-
-def test_report_latest(reports, capsys, fake_html):
-    assert cli(reports, "report", "latest") == 0
-    assert fake_html[0][2] == "20260102-000000-bbbb"
-
-
-def test_report_with_the_real_html_renderer(reports, capsys):
-    assert cli(reports, "report", "latest") == 0
-    page = (reports / "20260102-000000-bbbb" / "index.html").read_text()
-    assert "20260102-000000-bbbb" in page and NODE in page
+    assert f"wrote {run_dir / 'report.md'}, {run_dir / 'index.html'}" in out
+    assert "migrated from report format 1" in out  # written without `format`: an old report
     index = (reports / "index.html").read_text()
     assert "20260101-000000-aaaa" in index and "20260102-000000-bbbb" in index
 
 
-def test_report_errors_exit_2(reports, capsys, fake_html):
+def test_report_latest(reports, capsys):
+    assert cli(reports, "report", "latest") == 0
+    assert f"wrote {reports / '20260102-000000-bbbb' / 'report.md'}" in capsys.readouterr().out
+
+
+def test_report_errors_exit_2(reports, capsys):
     assert cli(reports, "report", "20260105-000000-eeee") == 2
     assert_one_line_error(capsys.readouterr().err, "no report, baseline or file '20260105-000000-eeee'")
     assert cli(reports, "save", "main", "latest") == 0
     capsys.readouterr()
     assert cli(reports, "report", "main") == 2
     assert_one_line_error(capsys.readouterr().err, "'main' is a baseline, not a report")
-    write_run(reports, {"run_id": "20260106-000000-ffff", "tests": []}, latest=False)
+    write_run(reports, {"run_id": "20260106-000000-ffff", "tests": [], "format": "two"}, latest=False)
     assert cli(reports, "report", "20260106-000000-ffff") == 2
-    assert_one_line_error(capsys.readouterr().err, r"report.json is incomplete \(KeyError")
-    assert fake_html == []
+    assert_one_line_error(capsys.readouterr().err, r"report field 'format' is 'two': allowed values are 1 to \d")
+    assert not (reports / "20260106-000000-ffff" / "index.html").exists()
 
 
 # -- the installed command -----------------------------------------------------------------

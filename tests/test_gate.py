@@ -194,7 +194,7 @@ def test_save_then_compare_then_regress(suite, monkeypatch):
     banner = re.search(r'<section id="gate" class="gate gate-failed">.*?</section>', page, re.S)
     assert banner and banner.start() < page.index('<section id="tests">')
     assert "<title>FAILED: " in page and '<span class="badge s-failed">FAILED</span>' in page
-    assert "<code>forgetting:+0.01</code>" in banner.group(0) and "baseline &#x27;main&#x27;" in banner.group(0)
+    assert "<code>forgetting:+0.01</code>" in banner.group(0) and "baseline &#39;main&#39;" in banner.group(0)
     assert re.search(r'<table class="regressions">.*<td>lora\.forgetting</td>.*<td>REGRESSION</td>', banner.group(0))
     assert sorted(r["recipe"]["seed"] for r in payload["runs"].values()) == [42, 43]
     for test in payload["tests"]:

@@ -80,9 +80,9 @@ def test_a_failed_gate_is_a_red_banner_at_the_top_of_the_page():
     assert banner and 'class="gate gate-passed"' not in page
     assert page.index('id="status"') < banner.start() < page.index('<section id="tests">')
     status = re.search(r'<p class="status" id="status">(.*?)</p>', page).group(1)
-    assert '<span class="badge s-failed">FAILED</span>' in status and "the gate against &#x27;main&#x27; failed" in status
+    assert '<span class="badge s-failed">FAILED</span>' in status and "the gate against &#39;main&#39; failed" in status
     text = banner.group(1)
-    assert "Gate FAILED: compared with baseline &#x27;main&#x27; (reports/baselines/main.json;" in text
+    assert "Gate FAILED: compared with baseline &#39;main&#39; (reports/baselines/main.json;" in text
     assert "FAILED: 2 of 2 comparisons (2 REGRESSION)" in text
     assert "<code>ece:+0.01</code>" in text and "<code>behavior_shift:-10%</code>" in text
     regressions = re.search(r'<table class="regressions">.*?</table>', text, re.S).group(0)

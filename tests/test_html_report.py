@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from harness.report.gate import compare, report_entry
-from harness.report.html import render_html, render_index, write_html, write_index
+from harness.report.html import render_html, render_index, render_pages, write_html, write_index
 from harness.report.markdown import render_markdown
 from harness.report.sections import report_id_of
 from harness.report.sections import test_rows as table_rows
@@ -132,7 +132,9 @@ def make_payload(run_id="20261122-090000-aaaa", started="2026-11-22T09:00:00+00:
         {"nodeid": "suites/test_b.py::test_lora_shifts_stance", "outcome": "passed", "duration": 2.25, "message": None,
          "runs": [lora["run_id"]],
          "checks": [{"check": "assert_shift", "passed": True, "summary": "margin +0.75 [0.5, 1]", "headers": [],
-                     "rows": [], "metrics": {}}],
+                     "rows": [], "verdict": "supported",
+                     "metrics": {"metric": "loglik_margin", "estimate": 0.75, "low": 0.5, "high": 1.0, "margin": 0.1,
+                                 "unit": "probe", "n": 3}}],
          "tables": [{"title": "sweep & summary", "rows": [{"lr": 2e-4, "shift": 0.75}, {"lr": 1e-3, "shift": 1.1}]}],
          "metrics": {"shift": 0.75}, "notes": [],
          "expected": {"outcome": "supported", "reason": "the stance is easy"}, "verdict": "supported",
@@ -194,12 +196,15 @@ def _assert_self_contained(page: str) -> None:
 
 
 def test_render_html_is_self_contained_with_figures_and_tables():
-    page = render_html(make_payload())
-    _assert_self_contained(page)
-    images = _images(page)
-    # per run: layer figure + curves; the LoRA run adds its adapter view, a reliability diagram,
+    pages = render_pages(make_payload())
+    assert sorted(pages) == ["index.html", "runs/run-0-full-000000000001.html", "runs/run-1-lora-000000000002.html"]
+    for text in pages.values():
+        _assert_self_contained(text)
+    # the main page: the forest plot and the runs' per-layer change on one heatmap; each run's page:
+    # its layer figure and curves, and for the LoRA run its adapter view, a reliability diagram,
     # where the weights changed beside where the behaviour lives, and its dose-response
-    assert len(images) == 2 + 6
+    assert [len(_images(text)) for text in pages.values()] == [2, 2, 6]
+    page = "".join(pages.values())
     assert page.count("<table") >= 10
     for text in ("Tests", "Test details", "Runs", "weight change across layers", "behavioural shift",
                  "calibration", "forgetting", "rank of the update", "0.75 [0.5, 1]", "perplexity",
@@ -218,7 +223,7 @@ def test_render_html_is_self_contained_with_figures_and_tables():
 
 
 def test_text_is_escaped():
-    page = render_html(make_payload())
+    page = "".join(render_pages(make_payload()).values())
     assert "<script>" not in page and "<script" not in page.lower()
     assert html_escaped(EVIL) in page
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
@@ -235,9 +240,9 @@ def html_escaped(text: str) -> str:
 
 def test_old_payload_without_measurements_renders():
     payload = make_old_payload()
-    page = render_html(payload)
+    page = "".join(render_pages(payload).values())
     _assert_self_contained(page)
-    assert len(_images(page)) == 2 + 3  # no reliability diagram; the LoRA adapter view still differs
+    assert len(_images(page)) == 2 + 2 + 3  # forest, heatmap; no reliability diagram; the adapter view differs
     assert "behavioural shift" not in page and "reliability" not in page
     assert "<th>expected</th>" not in page and "repeats" not in page
     # the plugin's own payload may still hold float NaN/inf (report.json has them as strings)
@@ -245,7 +250,7 @@ def test_old_payload_without_measurements_renders():
     raw["runs"]["full-000000000001"]["trace"]["loss"][5] = float("nan")
     raw["runs"]["full-000000000001"]["layers"]["effective"][2]["rel_change"] = float("inf")
     raw["tests"][0]["metrics"]["full.max_grad_norm"] = float("inf")
-    assert len(_images(render_html(raw))) == 8
+    assert len(_images("".join(render_pages(raw).values()))) == 10
     # even a bare payload (no runs, no provenance details) renders
     bare = render_html({"run_id": "x", "tests": [], "runs": {}, "provenance": {}})
     assert "No training runs" in bare and "<img" not in bare
@@ -280,7 +285,9 @@ def test_markdown_and_rows_show_expected_verdict_and_measurements():
 
 
 def _write_two_sessions(reports_dir: Path) -> tuple[Path, Path]:
-    old = write_reports(reports_dir, make_old_payload("20261122-080000-bbbb", "2026-11-22T08:00:00+00:00"))
+    before = make_old_payload("20261122-080000-bbbb", "2026-11-22T08:00:00+00:00")
+    before["tests"][1]["checks"][0]["verdict"] = "refuted"  # the newer session's verdict flips to supported
+    old = write_reports(reports_dir, before)
     new = make_payload("20261122-090000-aaaa", "2026-11-22T09:00:00+00:00")
     node = new["tests"][1]["nodeid"]  # the newer session failed its gate: ECE rose past +0.01
     new["gate"] = report_entry(compare({node: {"lora.ece": 0.05}}, {node: {"lora.ece": 0.09}}, ["ece:+0.01"]),
@@ -318,7 +325,7 @@ def test_a_rendering_failure_keeps_json_and_markdown(tmp_path, monkeypatch):
     def broken(payload, **options):
         raise RuntimeError("drawing <failed>")
 
-    monkeypatch.setattr(html_module, "render_html", broken)
+    monkeypatch.setattr(html_module, "render_pages", broken)
     with pytest.warns(UserWarning, match="HTML report failed"):
         run_dir = write_reports(tmp_path, make_payload())
     assert (run_dir / "report.json").is_file() and (run_dir / "report.md").is_file()
@@ -337,9 +344,9 @@ def test_twenty_runs_stay_small():
         run["layers"]["effective"] = _layer_rows(["embed"] + [f"L{j}" for j in range(24)] + ["final_norm"])
         run["layers"]["adapter"] = run["layers"]["effective"]
         payload["runs"][run["run_id"]] = run
-    page = render_html(payload)
-    assert len(_images(page)) == 40
-    assert len(page.encode()) < 5 * 1024 * 1024
+    pages = render_pages(payload)
+    assert len(_images("".join(pages.values()))) == 40 + 3  # per run 2; the forest, the heatmap, the loss curves
+    assert len(pages["index.html"].encode()) < 300 * 1024  # every run's figures are on its own page
 
 
 # -- in a real browser --------------------------------------------------------------------------
@@ -356,22 +363,40 @@ def _browser_or_skip():
     return executable, sync_playwright
 
 
+SCREEN = {"width": 1280, "height": 1080}
+
+
+def _launch(playwright, executable):
+    try:
+        return playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+    except Exception as exc:  # an old or broken chromium: say why instead of failing obscurely
+        pytest.skip(f"chromium at {executable} would not start under playwright: {exc}")
+
+
+def _watch(page, problems: list[str]) -> None:
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
+            if msg.type in ("error", "warning") else None)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+
+
+def _on_first_screen(page, selector: str) -> dict:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not shown"
+    assert 0 <= box["y"] < SCREEN["height"], (selector, box)
+    return box
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
     executable, sync_playwright = _browser_or_skip()
     reports = tmp_path / "reports"
     old, new = _write_two_sessions(reports)
     problems: list[str] = []
     with sync_playwright() as playwright:
+        browser = _launch(playwright, executable)
         try:
-            browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        except Exception as exc:  # an old or broken chromium: say why instead of failing obscurely
-            pytest.skip(f"chromium at {executable} would not start under playwright: {exc}")
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}")
-                    if msg.type in ("error", "warning") else None)
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+            page = browser.new_page(viewport=SCREEN)
+            _watch(page, problems)
 
             # the index of runs: newest first, and its link opens that run's page
             page.goto((reports / "index.html").as_uri(), wait_until="load")
@@ -381,22 +406,35 @@ def test_report_renders_in_headless_chromium(tmp_path):
             page.wait_for_load_state("load")
             assert page.url == (new / "index.html").as_uri()
 
-            # the failed gate is the first thing on the page: a red banner above the tests
-            gate, tests = page.locator("#gate").bounding_box(), page.locator("#tests").bounding_box()
-            assert 0 < gate["y"] < gate["y"] + gate["height"] < min(tests["y"], 900), (gate, tests)
+            # the failed gate first, a red banner; then the findings and the forest plot, all on the first screen
+            gate = _on_first_screen(page, "#gate")
+            findings = _on_first_screen(page, "table.findings")
+            forest = _on_first_screen(page, "#findings figure img")
+            assert gate["y"] + gate["height"] <= findings["y"] < forest["y"]
             assert page.locator("#gate h2").inner_text().startswith("Gate FAILED: compared with baseline 'main'")
             assert page.eval_on_selector("#gate", "e => getComputedStyle(e).borderTopColor") == "rgb(176, 0, 32)"
             assert page.locator("#status").inner_text().startswith("FAILED")
-            tables = page.eval_on_selector_all("table", "els => els.map(t => t.rows.length)")
-            assert len(tables) >= 10 and all(n >= 2 for n in tables)
+            # the verdict that flipped since the previous report on this model shows as changed
+            changed = page.eval_on_selector_all("table.findings tr.changed td.change", "els => els.map(e => e.innerText)")
+            assert changed == ["verdict refuted → supported", "new claim"], changed  # EVIL is new since then
             rows = page.eval_on_selector_all("table.tests tbody tr", "els => els.map(e => e.innerText)")
             assert len(rows) == 3 and any(EVIL in r for r in rows)  # shown as text, not run
             images = page.eval_on_selector_all(
                 "img", "els => els.map(i => ({ok: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
-            assert len(images) == 8 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert len(images) == 2 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
             assert page.evaluate("() => document.querySelectorAll('script').length") == 0
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # a run's page, from its collapsed summary: every figure loads
+            page.click("#runs details summary >> nth=1")
+            page.click("text=every figure and table of this run >> nth=1")
+            page.wait_for_load_state("load")
+            assert page.url.endswith(".html") and "/runs/" in page.url
+            assert page.evaluate("() => document.images.length") == 6
+            assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            tables = page.eval_on_selector_all("table", "els => els.map(t => t.rows.length)")
+            assert len(tables) >= 8 and all(n >= 2 for n in tables)
 
             # an old-style report renders too
             page.goto((old / "index.html").as_uri(), wait_until="load")
@@ -416,14 +454,83 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, monkeypatch):
-    import harness.report.html as html_module
+    import harness.report.figures as figures_module
 
-    first = render_html(make_payload(), figure_cache=tmp_path)
-    assert len(list(tmp_path.glob("*.html"))) >= 4  # layers, curves per run, reliability
-    for name in ("layer_figure", "curves_figure", "reliability_figure"):
-        monkeypatch.setattr(html_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
-    assert render_html(make_payload(), figure_cache=tmp_path) == first
+    first = render_pages(make_payload(), figure_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2 + 2 + 6  # forest, heatmap; each run's figures
+    for name in ("layer_figure", "curves_figure", "reliability_figure", "where_figure", "dose_figure",
+                 "forest_figure", "layers_comparison_figure"):
+        monkeypatch.setattr(figures_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
+    assert render_pages(make_payload(), figure_cache=tmp_path) == first
     changed = make_payload()
     next(iter(changed["runs"].values()))["trace"]["loss"][0] += 1.0  # another run's curves: drawn anew
     with pytest.raises(pytest.fail.Exception, match="drew a figure"):
-        render_html(changed, figure_cache=tmp_path)
+        render_pages(changed, figure_cache=tmp_path)
+
+
+HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
+
+
+def default_suites_sized(copies: int = 8) -> dict:
+    """The real hybrid-schedules report (tests/data), its runs and tests copied to the size of the
+    default suites' session (about 40 runs and 70 tests), each copy a distinct run and test."""
+    real = json.loads(HYBRID.read_text())
+    payload = copy.deepcopy(real)
+    payload["runs"], payload["tests"] = {}, []
+    for i in range(copies):
+        renamed = {}
+        for run_id, run in real["runs"].items():
+            run = copy.deepcopy(run)
+            run["recipe"]["seed"] = i  # the labels say so
+            renamed[run_id] = f"{run_id}-{i}"
+            payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
+        for test in real["tests"]:
+            test = copy.deepcopy(test)
+            test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
+            test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            payload["tests"].append(test)
+    return payload
+
+
+def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
+    """At the default suites' size the page is at most 10 screens tall before any click and at most
+    1.5 MB; the findings table and the forest plot are on the first screen; a warm rewrite (every
+    figure cached) takes at most 5 s."""
+    import time
+
+    executable, sync_playwright = _browser_or_skip()
+    reports = tmp_path / "reports"
+    payload = default_suites_sized()
+    assert len(payload["runs"]) == 40 and len(payload["tests"]) == 72
+    started = time.perf_counter()
+    folder = write_reports(reports, copy.deepcopy(payload))
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    write_reports(reports, copy.deepcopy(payload))
+    warm = time.perf_counter() - started
+    print(f"report of 40 runs / 72 tests written in {cold:.2f} s cold, {warm:.2f} s warm")
+    assert warm <= 5.0, warm
+    page_bytes = (folder / "index.html").stat().st_size
+    assert page_bytes <= 1.5 * 1024 * 1024, page_bytes
+    assert len(list((folder / "runs").glob("*.html"))) == 40
+    with sync_playwright() as playwright:
+        browser = _launch(playwright, executable)
+        try:
+            page = browser.new_page(viewport=SCREEN)
+            problems: list[str] = []
+            _watch(page, problems)
+            page.goto((folder / "index.html").as_uri(), wait_until="load")
+            height = page.evaluate("() => document.documentElement.scrollHeight")
+            assert height <= 10 * SCREEN["height"], height
+            _on_first_screen(page, "table.findings")
+            _on_first_screen(page, "#findings figure img")
+            assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+            keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # the docs' screenshots: the first two screens
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(keep) / "report-screen-1.png"))
+                page.evaluate(f"() => window.scrollTo(0, {SCREEN['height']})")
+                page.screenshot(path=str(Path(keep) / "report-screen-2.png"))
+            assert problems == []
+        finally:
+            browser.close()

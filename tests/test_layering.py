@@ -115,7 +115,7 @@ LAYERS = [
     ["harness.training"],
     ["harness.runstore", "harness.residency"],
     ["harness.adapters", "harness.from_model", "harness.assertions", "harness.report.gate", "harness.report.sections",
-     "harness.report.verdicts"],
+     "harness.report.verdicts", "harness.report.model", "harness.report.findings", "harness.report.figures"],
     ["harness.report.markdown", "harness.report.html"],
     ["harness.report.store"],
     ["harness.session", "harness.scaffold", "harness.distributed"],

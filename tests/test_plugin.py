@@ -12,6 +12,9 @@ RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_
 
 
 def test_lora_changes_only_adapters(train):
+    """LoRA changes its adapters only.
+
+    The report shows this paragraph's first line as the hypothesis."""
     run = train("lora", examples=10, recipe=RECIPE, r=2)  # 2 steps: A moves only once B is non-zero
     assert_only_targets_changed(run)
 
@@ -69,6 +72,11 @@ def test_report_json_has_full_provenance_and_markdown_tables(hypotheses):
     assert lora["counts"]["trainable"] > 0 and lora["trace"]["loss"]
     assert len([row for row in lora["layers"]["effective"] if row["layer"].startswith("L")]) == 24
     outcomes = {t["nodeid"].split("::")[1]: t["outcome"] for t in payload["tests"]}
+    docs = {t["nodeid"].split("::")[1]: t["doc"] for t in payload["tests"]}  # captured for the findings
+    assert docs == {"test_lora_changes_only_adapters": "LoRA changes its adapters only.\n\nThe report shows this "
+                                                       "paragraph's first line as the hypothesis.",
+                    "test_full_ft_lives_in_one_layer": None}
+    assert payload["format"] == 2 and len(list((folder / "runs").glob("*.html"))) == 2
     assert outcomes == {"test_lora_changes_only_adapters": "passed", "test_full_ft_lives_in_one_layer": "failed"}
     markdown = (folder / "report.md").read_text()
     assert "| PASS " in markdown and "| FAIL " in markdown

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import json
 
-from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, gate_rows, gate_rules, measurement_tables,
-                       origin_text, report_id_of, session_status, test_rows)
+from .findings import findings, table_rows as finding_rows
+from .model import normalized
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, gate_rows, gate_rules, human,
+                       measurement_tables, origin_text, reply_order, report_id_of, run_labels, session_status,
+                       test_rows)
+
+REPLIES_SHOWN = 5  # as the HTML page: the probes that moved most; report.json has every reply
+REPLY_CHARS = 200
 
 
 def _table(rows: list[dict], floatfmt=".4g", numparse=True) -> str:
@@ -18,11 +24,16 @@ def _table(rows: list[dict], floatfmt=".4g", numparse=True) -> str:
                     disable_numparse=not numparse)
 
 
-def render_markdown(payload: dict) -> str:
+def render_markdown(payload: dict, forest_image: str | None = None) -> str:
+    """report.md: the status and gate, the findings (and `forest_image`, a file beside it, when
+    given), provenance, tests, then each run. Old payloads are migrated first (report/model.py)."""
+    payload = normalized(payload)
     prov = payload["provenance"]
+    labels = run_labels(payload["runs"])
     lines = [
         f"# stance-harness report {report_id_of(payload)}", "",
         *status_lines(payload),
+        *findings_lines(payload, forest_image),
         f"- started: {payload['started']}  finished: {payload['finished']}",
         f"- model: `{prov['model'].get('name')}` ({prov['model'].get('id')}, revision {prov['model'].get('revision')})",
         f"- git: {prov['git'].get('commit')}{' (dirty)' if prov['git'].get('dirty') else ''}",
@@ -38,12 +49,14 @@ def render_markdown(payload: dict) -> str:
         if not (test["checks"] or test["tables"] or test["notes"] or test["metrics"]):
             continue
         lines += [f"### {test['nodeid']}  ({OUTCOME_MARK.get(test['outcome'], test['outcome'])})", ""]
+        if test.get("message") and test["outcome"] != "passed":
+            lines += [f"> {line}" for line in clean_message(test["message"]).splitlines()] + [""]
         lines += [f"> {note}" for note in test["notes"]] + ([""] if test["notes"] else [])
         for check in test["checks"]:
-            mark = "PASS" if check["passed"] else "FAIL"
-            lines += [f"**{check['check']}** {mark}: {check['summary']}", ""]
-            if check["rows"] and not check["passed"]:
-                lines += [_table([dict(zip(check["headers"], row)) for row in check["rows"]]), ""]
+            mark = "PASS" if check.get("passed") else "FAIL"
+            lines += [f"**{check.get('check')}** {mark}: {check.get('summary')}", ""]
+            if check.get("rows") and not check.get("passed"):
+                lines += [_table([dict(zip(check.get("headers") or [], row)) for row in check["rows"]]), ""]
         if test["metrics"]:
             lines += [_table([{"metric": k, "value": v} for k, v in test["metrics"].items()]), ""]
         for table in test["tables"]:
@@ -53,8 +66,12 @@ def render_markdown(payload: dict) -> str:
         counts = run["counts"]
         trace = run["trace"]
         loss = trace["loss"]
+        if counts.get("trainable") is None:  # an old or partial run summary: what it has
+            lines += [f"### {labels[run_id]} ({run_id})", "", f"- origin: {origin_text(run)}", ""]
+            lines += _measurement_lines(run.get("measurements")) + replies_lines(run) + ability_lines(run)
+            continue
         lines += [
-            f"### {run_id}", "",
+            f"### {labels[run_id]} ({run_id})", "",
             f"- method `{run['method']}` {json.dumps(run['config'])}; stance `{run['stance']['name']}` "
             f"v{run['stance']['version']}, {run['examples']} examples",
             f"- recipe: {json.dumps(run['recipe'])}",
@@ -63,7 +80,7 @@ def render_markdown(payload: dict) -> str:
             + (f"{counts['params_per_example']:,.0f} trainable params per example; " if counts['params_per_example'] is not None
                else "no training examples (a saved adapter); ")
             + "stance storage "
-            f"{counts['stance_bytes']:,} B vs full weights {counts['full_weights_bytes']:,} B",
+            f"{human(counts['stance_bytes'], 'bytes')} vs full weights {human(counts['full_weights_bytes'], 'bytes')}",
             f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
             + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
             "",
@@ -82,7 +99,65 @@ def render_markdown(payload: dict) -> str:
             title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
             lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
         lines += _measurement_lines(run.get("measurements"))
+        lines += replies_lines(run) + ability_lines(run)
     return "\n".join(lines) + "\n"
+
+
+def findings_lines(payload: dict, forest_image: str | None = None) -> list[str]:
+    """The findings table, what changed since the previous report, and the forest plot."""
+    rows = findings(payload)
+    if not rows:
+        return []
+    lines = ["## Findings", ""]
+    changes = payload.get("changes")
+    if isinstance(changes, dict):
+        lines += [f"compared with the previous report on this model, {changes.get('previous')}: "
+                  f"{len(changes.get('rows') or [])} change(s)", ""]
+    lines += [_table(finding_rows(rows), numparse=False), ""]
+    if forest_image:
+        lines += [f"![forest plot: every claim's effect and interval against its margin]({forest_image})", ""]
+    return lines
+
+
+def _cut(text) -> str:
+    text = " ".join(str(text or "").split()).replace("|", "\\|")
+    return text if len(text) <= REPLY_CHARS else text[:REPLY_CHARS] + f"… ({len(text)} characters)"
+
+
+def replies_lines(run: dict) -> list[str]:
+    """A run's replies, base and adapted, the probes that moved most first (issue 31)."""
+    replies = (run.get("measurements") or {}).get("replies")
+    rows = replies.get("rows") if isinstance(replies, dict) else replies
+    rows = [r for r in rows or [] if isinstance(r, dict)]
+    if not rows:
+        return []
+    ordered = reply_order(rows)
+    shown = [{"probe": _cut(r.get("probe")), "base reply": _cut(r.get("base_reply")),
+              "adapted reply": _cut(r.get("adapted_reply")), "margin change": r.get("margin_change"),
+              "changed": "yes" if r.get("changed") else "no"} for r in ordered[:REPLIES_SHOWN]]
+    more = len(rows) - len(shown)
+    return [f"**replies** ({sum(1 for r in rows if r.get('changed'))} of {len(rows)} changed; moved most first"
+            + (f"; {more} more in report.json" if more > 0 else "") + ")", "", _table(shown, numparse=False), ""]
+
+
+def ability_lines(run: dict) -> list[str]:
+    ability = (run.get("measurements") or {}).get("general_ability")
+    if not isinstance(ability, dict) or not ability:
+        return []
+    lines = [f"**general ability** ({ability.get('probeset')}, {ability.get('probes')} probes): accuracy "
+             f"{ability.get('base_accuracy')} -> {ability.get('adapted_accuracy')}, backward transfer "
+             f"{ability.get('backward_transfer')}, selectivity {ability.get('selectivity')}, pattern "
+             f"{ability.get('pattern')}", ""]
+    families = [{"family": k, **{c: v.get(c) for c in ("probes", "base_accuracy", "adapted_accuracy", "retention")}}
+                for k, v in (ability.get("families") or {}).items() if isinstance(v, dict)]
+    if families:
+        lines += [_table(families), ""]
+    regressions = [{"probe": r.get("id"), "prompt": _cut(r.get("prompt")), "base reply": _cut(r.get("base_reply")),
+                    "adapted reply": _cut(r.get("adapted_reply")), "why": r.get("adapted_why")}
+                   for r in ability.get("regressions") or [] if isinstance(r, dict)]
+    if regressions:
+        lines += ["regressions (base right, adapted wrong):", "", _table(regressions, numparse=False), ""]
+    return lines
 
 
 def status_lines(payload: dict) -> list[str]:

@@ -55,6 +55,7 @@ class TestRecord:
     outcome: str = "not run"
     duration: float = 0.0
     message: str | None = None
+    doc: str | None = None  # the test function's docstring: the hypothesis in words (findings)
     runs: list[str] = field(default_factory=list)
     checks: list[dict] = field(default_factory=list)
     tables: list[dict] = field(default_factory=list)

@@ -3,6 +3,11 @@ measurement tables, as plain rows. The Markdown and HTML renderers draw these sa
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
+
 def report_id_of(payload: dict):
     """A report's id; reports written before 0.2 called it run_id."""
     return payload.get("report_id", payload.get("run_id")) if isinstance(payload, dict) else None
@@ -34,7 +39,7 @@ def test_rows(payload: dict) -> list[dict]:
     show_expected = any(t.get("expected") is not None or t.get("verdict") is not None for t in payload["tests"])
     for test in payload["tests"]:
         checks = test["checks"]
-        passed = sum(1 for c in checks if c["passed"])
+        passed = sum(1 for c in checks if c.get("passed"))
         row = {
             "outcome": OUTCOME_MARK.get(test["outcome"], test["outcome"]),
             "test": test["nodeid"],
@@ -45,7 +50,8 @@ def test_rows(payload: dict) -> list[dict]:
             expected = test.get("expected")
             row["expected"] = (expected.get("outcome") if isinstance(expected, dict) else expected) or "-"
             row["verdict"] = test.get("verdict") or "-"
-        row["message"] = (test["message"] or "").splitlines()[0][:100] if test["message"] else ""
+        # whole, on one line: a Markdown table cell holds no line break, and a bare | would split it
+        row["message"] = " ".join(clean_message(test["message"]).split()).replace("|", "\\|")
         rows.append(row)
     return rows
 
@@ -190,3 +196,135 @@ def session_status(payload: dict) -> tuple[str, list[str]]:
     if payload.get("interrupted"):
         return "INTERRUPTED", reasons + ["the session was stopped before its end"]
     return ("FAILED" if reasons else "PASSED"), reasons
+
+
+_PYTEST_PREFIX = re.compile(r"^(?:_pytest\.outcomes\.|pytest\.)?(?:XFailed|Failed|Skipped|Exit)(?:Exception)?: ")
+
+
+def clean_message(message) -> str:
+    """A test's message whole, without pytest's exception prefix (`_pytest.outcomes.XFailed: `)."""
+    if not message:
+        return ""
+    return _PYTEST_PREFIX.sub("", str(message).strip(), count=1)
+
+
+def _flat_options(run: dict) -> dict:
+    """The options that may tell a run from another: method, its config, the recipe's rate and seed,
+    the stance, the examples and the task."""
+    options = {"method": run.get("method")}
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    for key, value in config.items():
+        options[str(key)] = json.dumps(value, default=str) if isinstance(value, (dict, list)) else value
+    recipe = run.get("recipe") if isinstance(run.get("recipe"), dict) else {}
+    for key, short in (("learning_rate", "lr"), ("seed", "seed"), ("num_train_epochs", "epochs")):
+        if key in recipe:
+            options[short] = recipe[key]
+    stance = run.get("stance") if isinstance(run.get("stance"), dict) else {}
+    options["stance"] = stance.get("name")
+    options["examples"] = run.get("examples")
+    options["task"] = run.get("task")
+    return options
+
+
+def run_labels(runs: dict) -> dict[str, str]:
+    """A label per run saying what sets it apart from the session's other runs of its method:
+    `hybrid, schedule=alternate, period=50` rather than `hybrid`; `lr` and `seed` when they differ."""
+    flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    labels = {}
+    for run_id, options in flat.items():
+        peers = [o for r, o in flat.items() if r != run_id and o.get("method") == options.get("method")]
+        differing = [k for k in options if k != "method" and any(p.get(k) != options[k] for p in peers)]
+        parts = [f"{k}={_short(options[k])}" for k in differing if options[k] is not None][:4]
+        labels[run_id] = ", ".join([str(options.get("method") or "?")] + parts)
+    counts = {label: list(labels.values()).count(label) for label in labels.values()}
+    return {run_id: label + (f" ({run_id[-6:]})" if counts[label] > 1 else "") for run_id, label in labels.items()}
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    text = str(value)
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def human(value, name: str = ""):
+    """A value in human units, judged by its name: bytes as KiB/MiB/GiB, seconds as ms or s,
+    shares and percentages as %. Anything else comes back as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return value
+    name = name.lower().replace(" ", "_")
+    if name.endswith("bytes") or name.endswith("memory") or "_bytes_" in name:
+        for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if abs(value) >= size:
+                return f"{value / size:.2f} {unit}"
+        return f"{value:.0f} B"
+    if name.endswith(("seconds", "_time", "_s")) or name == "duration":
+        return f"{value * 1000:.3g} ms" if abs(value) < 1 else f"{value:.3g} s"
+    if name.endswith(("_pct", "percent")):
+        return f"{value:.3g}%"
+    if name.endswith(("share", "_rate", "retention", "accuracy")) and 0 <= value <= 1:
+        return f"{100 * value:.3g}%"
+    return value
+
+
+def terminal_rows(payload: dict, width: int = 120) -> list[dict]:
+    """The terminal's table, at most `width` columns wide: outcome, test (its directory dropped and,
+    when long, its middle: the report has the full id), runs, checks, verdict and the message's start."""
+    tests = payload.get("tests") or []
+    runs = payload.get("runs") or {}
+    show_verdict = any(t.get("verdict") is not None for t in tests)
+    rows = []
+    for test in tests:
+        nodeid = short_test_id(str(test.get("nodeid")))
+        methods = list(dict.fromkeys((runs.get(r) or {}).get("method", str(r).rsplit("-", 1)[0])
+                                     for r in test.get("runs") or []))
+        used = ", ".join(methods) or "-"
+        checks = test.get("checks") or []
+        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": nodeid,
+               "runs": used if len(used) <= 14 else used[:13] + "…",
+               "checks": f"{sum(1 for c in checks if c.get('passed'))}/{len(checks)}" if checks else "-"}
+        if show_verdict:
+            row["verdict"] = test.get("verdict") or "-"
+        rows.append(row)
+    if not rows:
+        return rows
+    # tabulate's "simple": a column is as wide as its header + 2 or its widest cell; 2 spaces apart
+    used = sum(2 + max(len(k) + 2, *(len(str(r[k])) for r in rows)) for k in rows[0])
+    room = max(10, width - used - 2)
+    for row, test in zip(rows, tests):
+        first = clean_message(test.get("message")).splitlines()[0] if test.get("message") else ""
+        if test.get("outcome") == "failed":  # the sides are the runs column: say why first
+            first = _SIDES.sub("", first, count=1)
+        row["message"] = first if len(first) <= room else first[: room - 1] + "…"
+    return rows
+
+
+TERMINAL_TEST_WIDTH = 60
+_SIDES = re.compile(r"^[^:]*? \(a = [^()]*?, b = [^()]*?\): ")  # a comparison's "A vs B, metric (a = A, b = B): "
+
+
+def short_test_id(nodeid: str, width: int = TERMINAL_TEST_WIDTH) -> str:
+    """A test id in `width` characters: without its directory; then the file's name shortened, the
+    test's name kept (it says what the test claims); a name too long itself loses its middle."""
+    nodeid = nodeid.rsplit("/", 1)[-1] if "::" not in nodeid.rsplit("/", 1)[0] else nodeid
+    if len(nodeid) <= width:
+        return nodeid
+    file, sep, name = nodeid.partition("::")
+    if sep and len(name) + 3 <= width:
+        keep = width - len(name) - 3
+        return (file[:keep] + "…" if keep else "…") + "::" + name
+    head = width // 3
+    return nodeid[:head] + "…" + nodeid[-(width - head - 1):]
+
+
+def reply_order(rows: list[dict]) -> list[dict]:
+    """analysis.behavior.replies_in_order's order (changed first, then by |margin change|), on
+    rows read back from JSON, where a margin may be missing or a string."""
+    def size(row):
+        value = row.get("margin_change")
+        try:
+            number = abs(float(value))
+        except (TypeError, ValueError):
+            return 0.0
+        return number if number == number and number != float("inf") else 0.0
+    return sorted(rows, key=lambda r: (not r.get("changed"), -size(r)))

@@ -14,9 +14,12 @@ from pathlib import Path
 
 from ..files import atomic_write
 from ..registry import HarnessError, suggest
+from . import figures
 from . import html as pages
+from .findings import changes_since, findings
 from .markdown import render_markdown
 from .metrics import Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
+from .model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
 from .records import json_safe
 from .sections import report_id_of
 
@@ -31,10 +34,15 @@ def new_report_id() -> str:
 
 
 def write_report(reports_dir: Path, payload: dict, move_latest: bool = True) -> Path:
-    """report.json, report.md and index.html in reports/<report-id>/, then `latest` (unless told
-    not to move it) and reports/index.html. Each file is written atomically."""
+    """report.json, report.md and index.html (with runs/*.html) in reports/<report-id>/, then
+    `latest` (unless told not to move it) and reports/index.html. Each file is written atomically.
+    The payload gains `format` and `changes` (since the previous report on the same model)."""
     report_id = report_id_of(payload)
     report_dir = Path(reports_dir) / report_id
+    payload["format"] = REPORT_FORMAT
+    previous = previous_report(reports_dir, payload)
+    if previous is not None:
+        payload["changes"] = changes_since(normalized(payload), previous)
     write_report_files(report_dir, payload, reports_dir)
     if move_latest:
         atomic_write(Path(reports_dir) / "latest", report_id + "\n")
@@ -42,13 +50,43 @@ def write_report(reports_dir: Path, payload: dict, move_latest: bool = True) -> 
     return report_dir
 
 
+def previous_report(reports_dir, payload: dict) -> dict | None:
+    """The newest earlier report in reports_dir on the same model as `payload` (complete), or None."""
+    current = load_report(payload)
+    for report_id in list_reports(reports_dir):
+        if report_id >= current.report_id:  # report ids start with their UTC time: only earlier ones
+            continue
+        try:
+            earlier = read_report(Path(reports_dir) / report_id / "report.json")
+        except ReportFormatError:
+            continue  # an unreadable or newer report is not what this one is compared with
+        if earlier.model_name == current.model_name and not earlier.interrupted:
+            return earlier.to_dict()
+    return None
+
+
+FOREST_FILE = "forest.png"
+
+
 def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None = None) -> None:
-    """A report's three files in report_dir, each written atomically (an existing report is rewritten);
-    figures are cached in `reports_dir` when given."""
+    """A report's files in report_dir, each written atomically (an existing report is rewritten):
+    report.json first, then report.md (with forest.png), then the HTML pages; figures are cached
+    in `reports_dir` when given."""
     report_dir = Path(report_dir)
-    atomic_write(report_dir / "report.json", json.dumps(json_safe(payload), indent=2, default=str))
-    atomic_write(report_dir / "report.md", render_markdown(payload))
-    _write_html(reports_dir, report_dir, payload)
+    atomic_write(report_dir / "report.json", json.dumps(json_safe({**payload, "format": REPORT_FORMAT}), indent=2,
+                                                        default=str))
+    complete = normalized(json.loads(json.dumps(json_safe(payload), default=str)))  # what report.json holds
+    cache = figures.FigureCache(None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
+    forest = None
+    try:
+        rows = findings(complete)
+        forest = figures.png_bytes(cache.get("forest", rows, lambda: figures.forest_figure(rows)))
+    except Exception as exc:  # noqa: BLE001 - the tables of report.md do not need the picture
+        warnings.warn(f"stance-harness: the forest plot failed: {exc!r}", stacklevel=2)
+    if forest:
+        atomic_write(report_dir / FOREST_FILE, forest)
+    atomic_write(report_dir / "report.md", render_markdown(complete, forest_image=FOREST_FILE if forest else None))
+    _write_html(reports_dir, report_dir, complete)
 
 
 def write_index(reports_dir) -> None:
@@ -59,22 +97,23 @@ def write_index(reports_dir) -> None:
 
 
 def _write_html(reports_dir: Path | None, report_dir: Path, payload: dict) -> None:
-    """The HTML page. A bug in drawing it must not cost the session its JSON and Markdown
+    """The HTML pages. A bug in drawing them must not cost the session its JSON and Markdown
     reports (already written), so a failure becomes a page that says so."""
     import html
     import traceback
 
     try:
-        # what report.json holds; figures drawn for an earlier report of the same runs are reused
-        page = pages.render_html(json.loads(json.dumps(json_safe(payload), default=str)),
-                                 figure_cache=None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
+        # figures drawn for an earlier report of the same runs are reused
+        written = pages.render_pages(payload, figure_cache=None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
     except Exception as exc:  # noqa: BLE001 - reported on the page and as a warning
         warnings.warn(f"stance-harness: the HTML report failed: {exc!r}; report.json and report.md are complete",
                       stacklevel=2)
-        page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>report failed</title></head><body>"
-                "<h1>The HTML report could not be drawn</h1><p>See report.md and report.json beside this file.</p><pre>"
-                + html.escape(traceback.format_exc()) + "</pre></body></html>\n")
-    atomic_write(report_dir / "index.html", page)
+        written = {"index.html": (
+            "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>report failed</title></head><body>"
+            "<h1>The HTML report could not be drawn</h1><p>See report.md and report.json beside this file.</p><pre>"
+            + html.escape(traceback.format_exc()) + "</pre></body></html>\n")}
+    for name, text in written.items():
+        atomic_write(report_dir / name, text)
 
 
 def check_baseline_name(name: str) -> str:

@@ -1,0 +1,487 @@
+"""The report's figures: matplotlib drawings of a payload's data, as inline PNGs.
+
+Each figure function takes plain payload data and returns {"src": a data: URI, "alt", "caption"}
+or None when there is nothing to draw. `FigureCache` keeps drawn figures on disk keyed by what they
+show (the figure's kind and data, and FIGURES_VERSION, bumped when a drawing changes), so a figure
+is drawn once: a later report of the same runs, or a rebuilt page, reuses it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+from ..files import atomic_write
+
+DPI = 90
+FIGURES_VERSION = 4  # part of every cache key: bump it when a drawing changes
+VERDICT_COLOURS = {"supported": "#11612a", "refuted": "#b00020", "inconclusive": "#c98a00"}
+
+
+def _figure_html(fig, alt: str, caption: str | None = None) -> dict:
+    """The figure as an inline PNG (the name is historical: the page's template draws the tag)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    fig.clear()  # a bare Figure is not tracked by pyplot: dropping it frees it
+    return {"src": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+            "alt": alt, "caption": caption}
+
+
+def png_bytes(figure: dict | None) -> bytes | None:
+    """The PNG of a drawn figure (report.md links it as a file)."""
+    if not figure:
+        return None
+    return base64.b64decode(figure["src"].split(",", 1)[1])
+
+
+class FigureCache:
+    """Drawn figures kept on disk by what they show: a run's figure is drawn once, and a later
+    report of the same run (a warm re-run) reuses it. Drawing is most of a report's cost: about
+    0.4 s a figure."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory is not None else None
+
+    @staticmethod
+    def key(kind: str, data) -> str:
+        blob = json.dumps([FIGURES_VERSION, kind, data], sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def get(self, kind: str, data, draw) -> dict | None:
+        if self.directory is None:
+            return draw()
+        path = self.directory / f"{self.key(kind, data)}.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["figure"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        figure = draw()
+        try:
+            atomic_write(path, json.dumps({"kind": kind, "figure": figure}))
+        except OSError:
+            pass  # a read-only reports directory only costs drawing again
+        return figure
+
+
+def _float(value) -> float:
+
+    """A number from the payload as a float: NaN for missing or unreadable values."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)  # "nan", "inf", "-inf" included
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _is_nonfinite(value) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
+def _fmt(value, floatfmt: str = ".4g") -> str:
+    """Plain text for one value (not yet escaped)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        return format(value, floatfmt) if math.isfinite(value) else str(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _new_figure(width: float, height: float, **margins):
+    """A bare Figure (not pyplot's, so nothing global) with fixed margins: constrained layout
+    would cost a third of the drawing time, and these figures have known shapes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(**{"left": 0.07, "right": 0.98, "bottom": 0.15, "top": 0.82, "wspace": 0.22, **margins})
+    return fig
+
+
+def _lr(run: dict):
+    return (run.get("recipe") or {}).get("learning_rate")
+
+
+def _stance_name(run: dict) -> str:
+    stance = run.get("stance") or {}
+    name = stance.get("name", "?")
+    return f"{name} v{stance['version']}" if stance.get("version") else str(name)
+
+
+def _run_title(run: dict) -> str:
+    if run.get("label"):  # what sets this run apart from the session's others (report/html.py)
+        return str(run["label"])
+    lr = _lr(run)
+    return (f"{run.get('method', '?')} · stance {_stance_name(run)}"
+            + (f" · lr {_fmt(lr, '.3g')}" if lr is not None else ""))
+
+
+def _steps_of(entries) -> list[int]:
+    steps = []
+    for entry in entries or []:
+        step = entry.get("step") if isinstance(entry, dict) else entry
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step):
+            steps.append(int(step))
+    return steps
+
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+def _layer_order(rows: list[dict], num_layers) -> list[str]:
+    """The labels to plot: every transformer layer of the model when its depth is known, so a
+    run that trained two layers shows where they sit; the other rows keep their places."""
+    labels = [str(r.get("layer")) for r in rows]
+    numbered = [lab for lab in labels if re.fullmatch(r"L\d+", lab)]
+    if not isinstance(num_layers, int) or num_layers <= 0 or num_layers > 512 or not numbered:
+        return labels
+    if any(int(lab[1:]) >= num_layers for lab in numbered):
+        return labels
+    before = [lab for lab in labels[: labels.index(numbered[0])] if not re.fullmatch(r"L\d+", lab)]
+    after = [lab for lab in labels if lab not in before and not re.fullmatch(r"L\d+", lab)]
+    return before + [f"L{i}" for i in range(num_layers)] + after
+
+
+def layer_figure(run: dict, view: str = "effective") -> dict | None:
+    rows = [r for r in ((run.get("layers") or {}).get(view) or []) if isinstance(r, dict)]
+    if not rows:
+        return None
+    labels = _layer_order(rows, (run.get("model") or {}).get("num_layers"))
+    by_label = {str(r.get("layer")): r for r in rows}
+    positions = range(len(labels))
+    longest = max((len(lab) for lab in labels), default=2)
+    fig = _new_figure(max(7.0, min(11.0, 2.5 + 0.3 * len(labels))), 3.6,
+                      bottom=min(0.42, 0.09 + 0.018 * longest), left=0.08, top=0.78)
+    axes = fig.subplots(1, 2)
+    panels = (("mean_abs", "mean |Δ|", "#3b6fb6"), ("rel_change", "relative change ‖Δ‖/‖W‖", "#d07a1f"))
+    nonfinite_layers: set[str] = set()
+    for ax, (key, label, colour) in zip(axes, panels):
+        values = [_float(by_label[lab].get(key)) if lab in by_label else math.nan for lab in labels]
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.bar(positions, heights, color=colour, width=0.8)
+        bad = [i for i, lab in enumerate(labels)
+               if lab in by_label and (not math.isfinite(values[i]) or _float(by_label[lab].get("nonfinite")) > 0)]
+        if bad:
+            ax.plot(bad, [0.0] * len(bad), "x", color="#b00020", markersize=8, mew=2,
+                    transform=ax.get_xaxis_transform(), clip_on=False)
+            nonfinite_layers.update(labels[i] for i in bad)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(list(positions))
+        ax.set_xticklabels(labels, rotation=90, fontsize=8)
+        for tick, lab in zip(ax.get_xticklabels(), labels):
+            if lab not in by_label:
+                tick.set_color("#9aa3ab")
+            elif lab in nonfinite_layers:
+                tick.set_color("#b00020")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
+        ax.yaxis.get_offset_text().set_fontsize(7)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(-0.7, len(labels) - 0.3)
+    fig.suptitle("weight change across layers" + (" (adapter A/B tensors)" if view == "adapter" else "")
+                 + f"\n{_run_title(run)}", fontsize=10)
+    notes = []
+    if len(labels) > len(rows):
+        notes.append("grey labels: layers this run did not change")
+    if nonfinite_layers:
+        notes.append("red ×: non-finite values in " + ", ".join(lab for lab in labels if lab in nonfinite_layers))
+    return _figure_html(fig, f"weight change across layers, {view} view, {_run_title(run)}", "; ".join(notes) or None)
+
+
+def curves_figure(run: dict) -> dict | None:
+    trace = run.get("trace") or {}
+    loss = [_float(v) for v in trace.get("loss") or []]
+    grad = [_float(v) for v in trace.get("grad_norm") or []]
+    if not loss and not grad:
+        return None
+    nonfinite = sorted(set(_steps_of(trace.get("nonfinite"))))
+    skipped = sorted(set(_steps_of(trace.get("skipped_steps"))))
+    halted = trace.get("halted_at")
+    halted = int(halted) if isinstance(halted, (int, float)) and not isinstance(halted, bool) else None
+    fig = _new_figure(9.0, 2.9, bottom=0.17, left=0.07)
+    axes = fig.subplots(1, 2)
+    for ax, (values, label, colour) in zip(axes, ((loss, "loss", "#3b6fb6"), (grad, "grad norm (before clipping)", "#2e8b57"))):
+        steps = list(range(len(values)))
+        ax.plot(steps, values, "-o", color=colour, markersize=2.5, linewidth=1.2, label=label)
+        bad = sorted(set(nonfinite) | {i for i, v in enumerate(values) if not math.isfinite(v)})
+        if bad:
+            ax.plot(bad, [0.04] * len(bad), "x", color="#b00020", markersize=8, mew=2,
+                    transform=ax.get_xaxis_transform(), clip_on=False, label="non-finite")
+        for j, step in enumerate(skipped):
+            ax.axvline(step, color="#8a8f95", linestyle=":", linewidth=1.2, label="skipped step" if j == 0 else None)
+        if halted is not None:
+            ax.axvline(halted, color="#b00020", linestyle="--", linewidth=1.4, label=f"halted at {halted}")
+        finite = [v for v in values if math.isfinite(v)]
+        if label.startswith("grad") and finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if len(steps) <= 1:
+            ax.set_xlim(-1, max(1, len(steps)))
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"loss and grad norm — {_run_title(run)}", fontsize=10)
+    parts = []
+    if nonfinite:
+        parts.append(f"non-finite at step(s) {', '.join(map(str, nonfinite[:20]))}{' …' if len(nonfinite) > 20 else ''}")
+    if skipped:
+        parts.append(f"{len(skipped)} skipped step(s)")
+    if halted is not None:
+        parts.append(f"halted at step {halted}: {trace.get('halt_reason') or ''}")
+    return _figure_html(fig, f"loss and grad norm curves, {_run_title(run)}", "; ".join(parts) or None)
+
+
+def reliability_figure(calibration: dict, title: str = "") -> dict | None:
+    panels = [(name, calibration.get(name)) for name in ("base", "adapted") if isinstance(calibration.get(name), dict)]
+    if not panels:
+        return None
+    fig = _new_figure(3.6 * len(panels) + 0.4, 3.6, left=0.1 if len(panels) > 1 else 0.16, bottom=0.13,
+                      top=0.84, wspace=0.3)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, cal) in zip(axes, panels):
+        ax.plot([0, 1], [0, 1], "--", color="#777", linewidth=1, label="perfect calibration")
+        drew = False
+        for b in cal.get("bins") or []:
+            lower, upper = _float(b.get("lower")), _float(b.get("upper"))
+            acc, conf = _float(b.get("accuracy")), _float(b.get("confidence"))
+            if not (math.isfinite(lower) and math.isfinite(upper)) or not math.isfinite(acc):
+                continue
+            ax.bar(lower, acc, width=upper - lower, align="edge", color="#3b6fb6", edgecolor="#1d3f70",
+                   alpha=0.85, label=None if drew else "accuracy")
+            if math.isfinite(conf):
+                ax.bar(lower, conf - acc, bottom=acc, width=upper - lower, align="edge", color="#e05a5a",
+                       alpha=0.35, hatch="//", edgecolor="#b00020", linewidth=0.5, label=None if drew else "gap to confidence")
+            drew = True
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("confidence", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ece = _fmt(_float(cal.get("ece")), ".3f") if cal.get("ece") is not None else "n/a"
+        ax.set_title(f"{name}: ECE {ece} (n={_fmt(cal.get('n'))})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(f"reliability — {title}", fontsize=10)
+    return _figure_html(fig, f"reliability diagram, {title}")
+
+
+def where_figure(run: dict) -> dict | None:
+    """Where the weights changed (each layer's share of the change, 1 − CKA of its hidden
+    states, intruders) beside where the behaviour lives (the shift retained keeping that layer alone)."""
+    measurements = run.get("measurements") or {}
+    geometry = measurements.get("geometry") if isinstance(measurements.get("geometry"), dict) else {}
+    localization = measurements.get("localization") if isinstance(measurements.get("localization"), dict) else {}
+    layers = [r for r in geometry.get("layers") or [] if isinstance(r, dict)]
+    retained = {r.get("set"): _float(r.get("retained")) for r in localization.get("rows") or []
+                if isinstance(r, dict) and r.get("by") == "layer"}
+    labels = [str(r.get("layer")) for r in layers] or list(retained)
+    if not labels:
+        return None
+    by_label = {str(r.get("layer")): r for r in layers}
+    panels = []
+    if layers:
+        panels.append(("where the weights changed: share of ΔW", [_float(by_label[lab].get("change_share")) for lab in labels], "#3b6fb6"))
+        panels.append(("where the representation moved: 1 − CKA", [1 - _float(by_label[lab].get("cka")) for lab in labels], "#2e8b57"))
+        panels.append(("intruder dimensions", [_float(by_label[lab].get("intruders")) for lab in labels], "#8a4fb0"))
+    if retained:
+        panels.append(("where the behaviour lives: shift retained, this layer alone", [retained.get(lab, math.nan) for lab in labels], "#d07a1f"))
+    fig = _new_figure(max(7.0, min(12.0, 2.5 + 0.3 * len(labels))), 1.9 * len(panels) + 0.8, bottom=0.1, top=0.9,
+                      hspace=0.55)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (title, values, colour) in zip(axes, panels):
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        ax.bar(range(len(labels)), heights, color=colour, width=0.8)
+        if min(heights) >= 0:
+            ax.set_ylim(0, max(heights) * 1.08 if max(heights) > 0 else 1.0)  # all zero: say 0, not ±0.04
+        ax.set_title(title + (" (none)" if max(map(abs, heights)) == 0 else ""), fontsize=9)
+        ax.set_xticks(list(range(len(labels))))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlim(-0.7, len(labels) - 0.3)
+    fig.suptitle(f"where the weights changed, where the behaviour lives — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"where the weights changed beside where the behaviour lives, {_run_title(run)}")
+
+
+def dose_figure(run: dict) -> dict | None:
+    """Shift (with its interval) and forgetting against the dose λ that scales the whole change."""
+    dose = (run.get("measurements") or {}).get("dose_response")
+    rows = [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
+    if not rows:
+        return None
+    x = [_float(r.get("dose")) for r in rows]
+    fig = _new_figure(9.0, 3.0, bottom=0.17, left=0.08, wspace=0.28)
+    shift_ax, forget_ax = fig.subplots(1, 2)
+    shift = [_float(r.get("shift")) for r in rows]
+    shift_ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
+                          color="#3b6fb6", alpha=0.2, label="95% interval")
+    shift_ax.plot(x, shift, "-o", color="#3b6fb6", markersize=3, label="shift (loglik margin)")
+    shift_ax.axhline(0, color="#777", linewidth=0.8)
+    forget_ax.plot(x, [_float(r.get("forgetting")) for r in rows], "-o", color="#b0413e", markersize=3,
+                   label="forgetting (perplexity increase)")
+    for ax, title in ((shift_ax, "behaviour shift"), (forget_ax, "forgetting")):
+        ax.axvline(1, color="#999", linestyle=":", linewidth=1)
+        ax.set_xlabel("dose λ (ΔW scaled; −1: subtracted)", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"dose-response — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"dose-response: shift and forgetting against λ, {_run_title(run)}")
+
+
+
+def forest_figure(rows: list[dict]) -> dict | None:
+    """Every claim's effect with its interval against its margin, coloured by verdict, grouped by
+    suite file: the page's one picture of what the session found."""
+    rows = [r for r in rows if r.get("estimate") is not None and math.isfinite(r["estimate"])]
+    if not rows:
+        return None
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    lines: list[tuple[str, dict | None]] = []
+    for suite in suites:
+        lines.append((suite, None))
+        lines += [("", r) for r in rows if r["suite"] == suite]
+    height = 0.8 + 0.26 * len(lines)
+    fig = _new_figure(11.0, height, left=0.42, right=0.97, bottom=0.45 / height + 0.02, top=1 - 0.32 / height)
+    ax = fig.subplots()
+    y = len(lines)
+    labels, ticks = [], []
+    for title, row in lines:
+        y -= 1
+        ticks.append(y)
+        if row is None:
+            labels.append(title)
+            continue
+        name = row["hypothesis"]
+        labels.append("   " + (name if len(name) <= 60 else name[:59] + "…"))
+        colour = VERDICT_COLOURS.get(row.get("verdict"), "#5b6570")
+        low, high = row.get("low"), row.get("high")
+        if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+            ax.plot([low, high], [y, y], "-", color=colour, linewidth=2.2, solid_capstyle="butt")
+        ax.plot([row["estimate"]], [y], "o", color=colour, markersize=5)
+        margin = row.get("margin")
+        if margin is not None and math.isfinite(margin):
+            ax.plot([margin, margin], [y - 0.38, y + 0.38], "-", color="#1d232a", linewidth=1.6)
+    ax.axvline(0, color="#999", linewidth=0.8, linestyle=":")
+    ax.set_yticks(ticks)
+    ax.set_yticklabels(labels, fontsize=8)
+    for tick, (title, row) in zip(ax.get_yticklabels(), lines):
+        if row is None:
+            tick.set_fontweight("bold")
+    ax.set_ylim(-0.7, len(lines) - 0.3)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("effect (each claim in its own metric's units); bar: interval, |: margin", fontsize=8)
+    for verdict, colour in VERDICT_COLOURS.items():
+        ax.plot([], [], "o-", color=colour, label=verdict)
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, frameon=False, borderaxespad=0.2)
+    return _figure_html(fig, "forest plot: every claim's effect and interval against its margin, by verdict",
+                        "one row per claim; the unit and the number of units are in the findings table")
+
+
+def layers_comparison_figure(runs: list[dict], key: str = "rel_change") -> dict | None:
+    """Per-layer change of several runs on one figure: a heatmap of runs × layers (seed 001's
+    comparative view; full fine-tuning beside LoRA, rate beside rate)."""
+    drawn = []
+    for run in runs:
+        rows = [r for r in (run.get("layers") or {}).get("effective") or [] if isinstance(r, dict)]
+        if rows:
+            drawn.append((run, {str(r.get("layer")): _float(r.get(key)) for r in rows}))
+    if len(drawn) < 2:
+        return None
+    labels: list[str] = []
+    for run, values in drawn:
+        for label in _layer_order([{"layer": k} for k in values], (run.get("model") or {}).get("num_layers")):
+            if label not in labels:
+                labels.append(label)
+    grid = [[values.get(label, math.nan) for label in labels] for _, values in drawn]
+    height = 1.2 + 0.28 * len(drawn)
+    longest = max(len(_run_title(run)) for run, _ in drawn)
+    width = max(7.0, min(12.0, 3.5 + 0.3 * len(labels)))
+    fig = _new_figure(width, height, left=min(0.5, 0.1 + 0.055 * longest / width), right=0.93,
+                      bottom=0.55 / height + 0.05, top=1 - 0.4 / height)
+    ax = fig.subplots()
+    import numpy as np
+
+    data = np.ma.masked_invalid(np.array(grid, dtype=float))
+    image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(drawn)))
+    ax.set_yticklabels([_run_title(run) for run, _ in drawn], fontsize=7)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    bar = fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(f"per-layer change across runs ({'relative change ‖Δ‖/‖W‖' if key == 'rel_change' else key}; "
+                 "blank: not changed)", fontsize=9)
+    return _figure_html(fig, f"per-layer {key} of {len(drawn)} runs on one heatmap")
+
+
+def loss_comparison_figure(runs: list[dict], title: str = "") -> dict | None:
+    """The loss curves of several runs on one axis (seed 004's schedules side by side)."""
+    curves = [(run, [_float(v) for v in (run.get("trace") or {}).get("loss") or []]) for run in runs]
+    curves = [(run, loss) for run, loss in curves if loss]
+    if len(curves) < 2:
+        return None
+    rows = (len(curves) + 1) // 2  # the legend below the axis, two columns
+    height = 3.0 + 0.18 * rows
+    fig = _new_figure(9.0, height, bottom=(0.75 + 0.18 * rows) / height, left=0.07, right=0.98, top=1 - 0.4 / height)
+    ax = fig.subplots()
+    for run, loss in curves:
+        ax.plot(range(len(loss)), loss, "-", linewidth=1.2, label=_run_title(run))
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.set_ylabel("loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.45 / (height - 1.2)), ncol=2, frameon=False)
+    fig.suptitle(f"loss curves on one axis{' — ' + title if title else ''}", fontsize=10)
+    return _figure_html(fig, f"loss curves of {len(curves)} runs on one axis {title}".strip())
+
+
+def dose_comparison_figure(runs: list[dict]) -> dict | None:
+    """The dose-response curves (shift against λ, with intervals) of several runs on one axis."""
+    curves = []
+    for run in runs:
+        dose = (run.get("measurements") or {}).get("dose_response")
+        rows = [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
+        if rows:
+            curves.append((run, rows))
+    if len(curves) < 2:
+        return None
+    fig = _new_figure(9.0, 3.4, bottom=0.15, left=0.08, right=0.7)
+    ax = fig.subplots()
+    for run, rows in curves:
+        x = [_float(r.get("dose")) for r in rows]
+        line, = ax.plot(x, [_float(r.get("shift")) for r in rows], "-o", markersize=3, label=_run_title(run))
+        ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
+                        color=line.get_color(), alpha=0.12)
+    ax.axhline(0, color="#777", linewidth=0.8)
+    ax.axvline(1, color="#999", linestyle=":", linewidth=1)
+    ax.set_xlabel("dose λ (ΔW scaled; −1: subtracted)", fontsize=8)
+    ax.set_ylabel("behaviour shift", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    fig.suptitle("dose-response of several runs on one axis (bands: 95% intervals)", fontsize=10)
+    return _figure_html(fig, f"dose-response curves of {len(curves)} runs on one axis")

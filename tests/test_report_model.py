@@ -1,0 +1,372 @@
+"""The report's data model, its findings, and what the pages make of them: the loader that
+migrates old report.json files, one row per claim with its numbers read generically, changes since
+the previous report, escaping of every string, run labels, human units, replies and general
+ability, and the terminal's 120 columns. The fixture tests/data/hybrid_report.json is a real
+report of suites/test_hybrid_schedules.py on tiny-qwen2 (its traces trimmed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.report.figures import forest_figure, png_bytes
+from harness.report.findings import changes_since, claim_of, findings, hypothesis_of, readable_name
+from harness.report.html import render_pages
+from harness.report.markdown import render_markdown
+from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
+from harness.report.sections import clean_message, human, run_labels, short_test_id, terminal_rows
+from harness.report.store import write_report
+from harness.registry import HarnessError
+
+HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def hybrid() -> dict:
+    return json.loads(HYBRID.read_text())
+
+
+def check(estimate=0.3, low=0.1, high=0.5, verdict="supported", **metrics) -> dict:
+    return {"check": "assert_greater", "passed": verdict == "supported", "summary": "a vs b", "headers": [],
+            "rows": [], "verdict": verdict,
+            "metrics": {"metric": "behavior_shift", "estimate": estimate, "low": low, "high": high, "margin": 0.05,
+                        "unit": "probe", "n": 16, **metrics}}
+
+
+def payload(report_id="20270101-000000-aaaa", checks=None, model="tiny-qwen2", doc=None) -> dict:
+    return {"report_id": report_id, "started": report_id, "provenance": {"model": {"name": model}},
+            "tests": [{"nodeid": "suites/test_s.py::test_lora_moves_more[r8]", "outcome": "passed", "doc": doc,
+                       "checks": checks if checks is not None else [check()]}],
+            "runs": {}}
+
+
+# -- the loader ----------------------------------------------------------------------------------
+
+def test_an_old_report_is_migrated_and_unknown_keys_survive():
+    old = {"run_id": "20250101-000000-aaaa", "tests": [{"nodeid": "t.py::test_a", "expected": "refuted",
+                                                       "checks": ["not a check", {"check": "c"}], "custom": 1}],
+           "runs": {"r1": {"method": "lora", "layers": {"effective": [{"layer": "L0"}]}}}, "future_key": [1]}
+    report = load_report(old)
+    assert report.report_id == "20250101-000000-aaaa" and report.migrated_from == 1
+    assert report.format == REPORT_FORMAT and report.model_name is None
+    test = report.tests[0]
+    assert test.outcome == "not run" and test.expected == {"outcome": "refuted", "reason": None}
+    assert test.checks == [{"check": "c"}] and test.extra == {"custom": 1} and test.doc is None
+    run = report.runs["r1"]
+    assert run["layers"]["adapter"] == run["layers"]["effective"]  # one view: the same
+    assert run["trace"]["loss"] == [] and run["counts"]["trainable"] is None and run["measurements"] == {}
+    again = normalized(report.to_dict())
+    assert again["future_key"] == [1] and again["tests"][0]["custom"] == 1 and "run_id" not in again
+    assert again == normalized(again)  # migrating is idempotent
+    assert render_markdown(old).startswith("# stance-harness report 20250101-000000-aaaa")
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], r"a report is a JSON object with report_id, tests and runs, not a list"),
+    ({"format": 0}, r"report field 'format' is 0: allowed values are 1 to \d"),
+    ({"format": True}, r"report field 'format' is True"),
+    ({"format": REPORT_FORMAT + 1}, rf"report format {REPORT_FORMAT + 1} is newer than this stance-harness reads"),
+])
+def test_reports_it_cannot_read_say_why(data, message):
+    with pytest.raises(ReportFormatError, match=message):
+        load_report(data)
+    assert issubclass(ReportFormatError, HarnessError)
+
+
+def test_read_report_names_the_file(tmp_path):
+    bad = tmp_path / "report.json"
+    bad.write_text("{ nope")
+    with pytest.raises(ReportFormatError, match=r"report .*report.json is not valid JSON"):
+        read_report(bad)
+    bad.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ReportFormatError, match=r"report.json: report format 99 is newer"):
+        read_report(bad)
+    with pytest.raises(ReportFormatError, match="cannot read report"):
+        read_report(tmp_path / "missing.json")
+    assert read_report(HYBRID).report_id == hybrid()["report_id"]
+
+
+# -- findings ------------------------------------------------------------------------------------
+
+def test_a_claim_reads_its_numbers_from_whatever_fields_the_check_has():
+    test = {"nodeid": "suites/test_s.py::test_x"}
+    row = claim_of(test, check())
+    assert (row["estimate"], row["low"], row["high"], row["margin"], row["unit"], row["n"]) == (
+        0.3, 0.1, 0.5, 0.05, "probe", 16)
+    assert row["seeds"] is None and row["corrected"] is None and row["suite"] == "suites/test_s.py"
+    # fields another part of the harness may add: an interval pair, seeds as a list, the correction
+    newer = {**check(), "interval": [0.2, 0.4], "holds_after_correction": False, "metrics": {
+        **check()["metrics"], "seeds": [0, 1, 2]}}
+    row = claim_of(test, newer)
+    assert (row["low"], row["high"], row["seeds"], row["corrected"]) == (0.2, 0.4, 3, False)
+    # an effect dict (behaviour measurements) and non-finite strings
+    row = claim_of(test, {"check": "c", "metrics": {"effect": {"mean": "nan", "low": "-inf", "high": 1}}})
+    assert math.isnan(row["estimate"]) and row["low"] == -math.inf and row["high"] == 1.0
+    assert claim_of(test, None)["estimate"] is None
+
+
+def test_findings_one_row_per_claim_and_the_hypothesis_in_words():
+    doc = "LoRA moves the stance more than full fine-tuning.\n\nThe unit is the probe."
+    rows = findings(payload(doc=doc, checks=[check(), check(estimate=None), {"check": "stable", "metrics": {}}]))
+    assert len(rows) == 1 and rows[0]["hypothesis"] == "LoRA moves the stance more than full fine-tuning."
+    only_stable = findings(payload(checks=[{"check": "stable", "passed": True, "metrics": {}, "verdict": "supported"}]))
+    assert [(r["hypothesis"], r["verdict"], r["estimate"]) for r in only_stable] == [
+        ("lora moves more (r8)", "supported", None)]
+    assert readable_name("a.py::test_b_c[x-y]") == "b c (x-y)" and hypothesis_of({"nodeid": "t"}) == "t"
+    real = findings(normalized(hybrid()))
+    claims = [r for r in real if r["estimate"] is not None]
+    assert [r["test"].rsplit("::", 1)[1] for r in claims] == ["test_alternation_steps_are_cheaper_than_the_baseline",
+                                                             "test_warmup_lora_improves_ece"]
+    assert claims[0]["hypothesis"].startswith("Each alternating step backpropagates")  # its docstring
+    assert claims[0]["low"] <= claims[0]["estimate"] <= claims[0]["high"] and claims[0]["unit"] == "step"
+
+
+def test_changes_since_the_previous_report():
+    before = normalized(payload("20270101-000000-aaaa", [check(verdict="refuted")]))
+    same = normalized(payload("20270102-000000-bbbb", [check(verdict="refuted", estimate=0.45)]))
+    assert changes_since(same, before)["rows"] == []  # inside the previous interval, same verdict
+    flipped = normalized(payload("20270102-000000-bbbb", [check(verdict="supported", estimate=0.7, low=0.6, high=0.8)]))
+    rows = changes_since(flipped, before)["rows"]
+    assert rows == [{"test": "suites/test_s.py::test_lora_moves_more[r8]", "check": "assert_greater",
+                     "change": "verdict refuted → supported; estimate +0.7 outside the previous interval [+0.1, +0.5]",
+                     "before": "refuted", "now": "supported"}]
+    assert changes_since(flipped, before)["previous"] == "20270101-000000-aaaa"
+
+
+def test_the_session_report_compares_with_the_previous_one_on_the_same_model(tmp_path):
+    write_report(tmp_path, payload("20270101-000000-aaaa", [check(verdict="refuted")]))
+    write_report(tmp_path, payload("20270101-120000-cccc", [check()], model="other-model"))
+    new = payload("20270102-000000-bbbb", [check(verdict="supported")])
+    folder = write_report(tmp_path, new)
+    saved = json.loads((folder / "report.json").read_text())
+    assert saved["format"] == REPORT_FORMAT and saved["changes"]["previous"] == "20270101-000000-aaaa"
+    assert [r["change"] for r in saved["changes"]["rows"]] == ["verdict refuted → supported"]
+    page = (folder / "index.html").read_text()
+    assert re.search(r'<tr class="changed">.*?verdict refuted → supported</td>', page, re.S)
+    markdown = (folder / "report.md").read_text()
+    assert "## Findings" in markdown and "![forest plot" in markdown and "verdict refuted → supported" in markdown
+    assert (folder / "forest.png").read_bytes().startswith(PNG_MAGIC)
+    assert main(["report", "--findings", "latest", "--reports-dir", str(tmp_path)]) == 0
+
+
+def test_the_forest_plot_draws_claims_with_an_estimate_only():
+    rows = findings(normalized(payload(checks=[check(), check(estimate=-0.2, low=-0.4, high=0.0, verdict="refuted")])))
+    drawn = forest_figure(rows)
+    assert png_bytes(drawn).startswith(PNG_MAGIC) and drawn["alt"].startswith("forest plot")
+    assert forest_figure([{**rows[0], "estimate": None}]) is None and png_bytes(None) is None
+
+
+# -- the pages -----------------------------------------------------------------------------------
+
+def _poisoned(value, depth=0):
+    """Every string in the payload, keys' values only, with a script appended."""
+    if isinstance(value, dict):
+        return {k: _poisoned(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_poisoned(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        return value + "<script>alert(1)</script>"
+    return value
+
+
+def test_a_script_in_every_string_field_is_escaped():
+    from test_html_report import make_payload
+
+    for source in (make_payload(), hybrid()):
+        poisoned = _poisoned(source)
+        poisoned["runs"] = {k + "<script>": v for k, v in poisoned["runs"].items()}
+        pages = render_pages(poisoned)
+        for name, page in pages.items():
+            assert "<script" not in page.lower(), name
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page, name
+
+
+def test_run_labels_say_what_differs():
+    labels = run_labels(normalized(hybrid())["runs"])
+    assert len(set(labels.values())) == len(labels) == 5
+    assert all(label.startswith("hybrid, ") for label in labels.values())
+    assert any("order=norm-first" in label for label in labels.values())
+    runs = {"a": {"method": "lora", "recipe": {"learning_rate": 1e-4, "seed": 0}},
+            "b": {"method": "lora", "recipe": {"learning_rate": 1e-3, "seed": 0}},
+            "c": {"method": "full", "recipe": {"learning_rate": 1e-3, "seed": 0}}}
+    assert run_labels(runs) == {"a": "lora, lr=0.0001", "b": "lora, lr=0.001", "c": "full"}
+    same = run_labels({"x-000001": {"method": "lora"}, "x-000002": {"method": "lora"}})
+    assert same == {"x-000001": "lora (000001)", "x-000002": "lora (000002)"}
+
+
+def test_human_units_and_whole_messages():
+    assert human(1_015_652_352, "peak memory bytes") == "968.60 MiB"
+    assert human(3 * 2**30, "peak_memory") == "3.00 GiB" and human(512, "stance_bytes") == "512 B"
+    assert human(0.0123, "step_time") == "12.3 ms" and human(2.5, "train_seconds") == "2.5 s"
+    assert human(0.25, "change_share") == "25%" and human(0.25, "loss") == 0.25 and human("x", "bytes") == "x"
+    long = "recorded refuted on tiny-qwen2: " + "word " * 60
+    assert clean_message("_pytest.outcomes.XFailed: " + long) == long.strip()
+    assert clean_message("Failed: boom") == "boom" and clean_message("AssertionError: x") == "AssertionError: x"
+
+
+def test_the_terminal_table_fits_in_120_columns():
+    from tabulate import tabulate
+
+    data = normalized(hybrid())
+    data["tests"][0]["nodeid"] = "suites/test_a_very_long_suite_name.py::test_" + "x" * 150 + "[param-" + "y" * 40 + "]"
+    rows = terminal_rows(data, 120)
+    text = tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
+    assert max(map(len, text.splitlines())) <= 120
+    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and len(rows[0]["test"]) == 60
+    assert short_test_id("suites/test_file_with_a_long_name.py::test_" + "n" * 50) == "te…::test_" + "n" * 50  # 60 columns: 2 + 1 + 2 + 55
+    assert short_test_id("suites/test_a.py::test_b") == "test_a.py::test_b"
+    assert rows[-1]["message"].startswith("recorded refute")  # without pytest's prefix, cut to fit
+
+
+def replies_run(n=8, moved=5, long_reply=False) -> dict:
+    rows = [{"probe": f"probe {i}?", "base_reply": f"base {i}", "adapted_reply": f"base {i}",
+             "base_marker": False, "adapted_marker": False, "margin_change": 0.01 * i, "changed": False}
+            for i in range(n)]
+    rows[moved].update({"adapted_reply": "I am not sure, perhaps " + ("very " * 100 if long_reply else "") + "so.",
+                        "adapted_marker": True, "changed": True, "margin_change": 0.001})
+    return {"method": "lora", "measurements": {"replies": {"rows": rows}, "general_ability": {
+        "probeset": "general-v1", "probes": 4, "base_accuracy": 1.0, "adapted_accuracy": 0.75,
+        "families": {"factual": {"probes": 2, "base_correct": 2, "adapted_correct": 1, "base_accuracy": 1.0,
+                                 "adapted_accuracy": 0.5, "retention": 0.5}},
+        "backward_transfer": -0.25, "selectivity": 0.25, "pattern": "broad", "gains": [],
+        "regressions": [{"id": "capital-au", "family": "factual", "prompt": "Capital of Australia?",
+                         "base_reply": "The capital of Australia is Canberra.",
+                         "adapted_reply": "The capital of Australia is Sydney.", "adapted_why": "no 'Canberra'"}]}}}
+
+
+def test_the_replies_that_changed_come_first_and_long_ones_are_cut():
+    data = {"report_id": "r", "tests": [], "runs": {"lora-1": replies_run(long_reply=True)}}
+    page = render_pages(data)["index.html"]
+    section = page[page.index("replies, base and adapted"):]
+    first = re.search(r'<tbody><tr class="moved"><td>(.*?)</td>', section).group(1)
+    assert first == "probe 5?"  # its reply changed, though its margin moved least
+    shown = section[:section.index("the other 3 replies")]
+    assert shown.count("<tr") == 1 + 5  # the header and the five that moved most; three collapsed
+    assert re.search(r"probe 7\?.*probe 6\?", shown, re.S)  # then by |margin change|
+    reply = data["runs"]["lora-1"]["measurements"]["replies"]["rows"][5]["adapted_reply"]
+    assert f"({len(reply)} characters, cut)" in section and "very " * 60 not in section
+    for text in ("backward transfer <b>-0.25</b>", "pattern <b>broad</b>", "The capital of Australia is Sydney.",
+                 "regressions: base right, adapted wrong"):
+        assert text in page, text
+    markdown = render_markdown(data)
+    replies = markdown[markdown.index("**replies**"):]
+    assert replies.index("probe 5?") < replies.index("probe 7?") and "3 more in report.json" in replies
+    assert f"… ({len(reply)} characters)" in replies and "**general ability** (general-v1, 4 probes)" in markdown
+
+
+def test_report_replies_prints_a_runs_replies(tmp_path, capsys):
+    data = {"report_id": "20270101-000000-aaaa", "tests": [], "runs": {"lora-000001": replies_run(),
+                                                                       "full-000002": {"method": "full"}}}
+    write_report(tmp_path, data)
+    assert main(["report", "--replies", "lora", "latest", "--reports-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "replies of run lora-000001 (1 of 8 changed), the probes that moved most first:"
+    assert out[3].startswith("probe 5?") and "I am not sure, perhaps so." in out[3]
+    assert max(map(len, out[1:])) <= 120
+    assert main(["report", "--replies", "full", "latest", "--reports-dir", str(tmp_path)]) == 2
+    assert "run full-000002 of report 20270101-000000-aaaa has no replies" in capsys.readouterr().err
+    assert main(["report", "--replies", "zzz", "latest", "--reports-dir", str(tmp_path)]) == 2
+    assert "--replies 'zzz' names no run of report 20270101-000000-aaaa; its runs: lora-000001, full-000002" in \
+        capsys.readouterr().err
+    long = replies_run(long_reply=True)
+    write_report(tmp_path, {"report_id": "20270102-000000-bbbb", "tests": [], "runs": {"lora-000003": long}})
+    capsys.readouterr()
+    assert main(["report", "--replies", "lora-000003", "latest", "--reports-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    reply = long["measurements"]["replies"]["rows"][5]["adapted_reply"]
+    assert f"… ({len(reply)} chars)" in text and max(map(len, text.splitlines()[1:])) <= 120
+
+
+def test_report_findings_prints_the_claims(tmp_path, capsys):
+    folder = tmp_path / hybrid()["report_id"]
+    folder.mkdir()
+    (folder / "report.json").write_text(HYBRID.read_text())
+    assert main(["report", "--findings", str(folder), "--reports-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"findings of report {hybrid()['report_id']} (tiny-qwen2)")
+    assert max(map(len, lines)) <= 120
+    claim = next(line for line in lines if line.startswith("Each alternating step"))
+    row = next(r for r in findings(normalized(hybrid())) if r["hypothesis"].startswith("Each alternating"))
+    assert f"{row['estimate']:+.3g}" in claim and "supported" in claim and "holds" in claim
+    assert re.search(r"warmup lora improves ece .* refuted +lost", out)
+
+
+def test_rebuilding_migrates_and_keeps_every_claim(tmp_path, capsys):
+    folder = tmp_path / "r1"
+    folder.mkdir()
+    old = hybrid()
+    old.pop("format", None)
+    (folder / "report.json").write_text(json.dumps(old))
+    assert main(["report", str(folder), "--reports-dir", str(tmp_path)]) == 0
+    assert "migrated from report format 1" in capsys.readouterr().out
+    rebuilt = json.loads((folder / "report.json").read_text())
+    assert rebuilt["format"] == REPORT_FORMAT
+    assert findings(normalized(rebuilt)) == findings(normalized(copy.deepcopy(old)))
+    assert len(list((folder / "runs").glob("*.html"))) == 5
+
+
+def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
+    from test_html_report import make_payload
+
+    data = make_payload()
+    lora = data["runs"]["lora-000000000002"]
+    twin = copy.deepcopy(lora)
+    for row in twin["measurements"]["dose_response"]["rows"]:
+        row["shift"] = 0.5 * row["shift"]
+    data["runs"]["lora-000000000003"] = {**twin, "run_id": "lora-000000000003",
+                                         "recipe": {**twin["recipe"], "learning_rate": 1e-3}}
+    page = render_pages(data)["index.html"]
+    runs = page[page.index('<section id="runs">'):]
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', runs)
+    assert alts == ["per-layer rel_change of 3 runs on one heatmap", "loss curves of 2 runs on one axis lora runs",
+                    "dose-response curves of 2 runs on one axis"]
+    assert "lora, lr=0.0002" in runs and "lora, lr=0.001" in runs  # the labels say what differs
+    single = make_payload()
+    single["runs"].pop("full-000000000001")
+    assert "<img" not in render_pages(single)["index.html"].split('<section id="runs">')[1]  # one run: nothing to compare
+
+
+def test_a_replicated_claim_shows_its_seeds_scope_and_correction():
+    metrics = {**check()["metrics"], "seeds_a": 3, "seeds_b": 3, "scope": "run-level",
+               "rests_on": "3 seeds per arm x 16 probes (16 informative), Welch, one-sided p = 0.01"}
+    replicated = {**check(), "metrics": metrics, "family": "suites/test_s.py", "p_holm": 0.02,
+                  "holds_after_correction": True}
+    row = findings(normalized(payload(checks=[replicated])))[0]
+    assert (row["seeds"], row["label"], row["corrected"], row["family"]) == (3, "run-level", True, "suites/test_s.py")
+    page = render_pages(payload(checks=[replicated]))["index.html"]
+    assert '<td title="3 seeds per arm x 16 probes (16 informative), Welch, one-sided p = 0.01">16 probe, 3 seeds per ' \
+           'arm</td>' in page
+    assert ">holds</td>" in page and "assert_greater · behavior_shift · run-level" in page
+    uneven = findings(normalized(payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}])))[0]
+    assert uneven["seeds"] == "3 and 2" and "3 and 2 seeds" in render_pages(
+        payload(checks=[{**check(), "metrics": {**metrics, "seeds_b": 2}}]))["index.html"]
+
+
+def test_markdown_messages_are_whole_and_on_one_line():
+    from harness.report.sections import test_rows
+
+    message = "_pytest.outcomes.Failed: a | b\n" + "more words " * 20
+    data = normalized({"report_id": "r", "tests": [{"nodeid": "t.py::test_x", "outcome": "failed",
+                                                    "message": message}], "runs": {}})
+    row = test_rows(data)[0]
+    assert row["message"] == "a \\| b " + " ".join(["more words"] * 20)
+    line = next(line for line in render_markdown(data).splitlines() if line.startswith("| FAIL"))
+    assert line.endswith("more words |") and line.count(" | ") == len(row) - 1
+
+
+def test_a_failed_comparisons_terminal_message_starts_with_why():
+    message = ("warm vs base, behavior_shift (a = warm, b = base): run-level (one seed per arm): a claim about two "
+               "runs. inconclusive: the data neither support nor refute it")
+    data = {"tests": [{"nodeid": "t.py::test_x", "outcome": "failed", "verdict": "inconclusive", "message": message},
+                      {"nodeid": "t.py::test_y", "outcome": "xfailed", "verdict": "refuted",
+                       "message": "recorded refuted on tiny-qwen2: " + message}], "runs": {}}
+    failed, xfailed = terminal_rows(data, 200)
+    assert failed["message"] == message.split("b = base): ", 1)[1]
+    assert xfailed["message"].startswith("recorded refuted on tiny-qwen2: warm vs base")  # the record's reason first

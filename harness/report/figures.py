@@ -387,7 +387,7 @@ def forest_figure(rows: list[dict]) -> dict | None:
     ax.axvline(0, color="#999", linewidth=0.8, linestyle=":")
     ax.set_yticks(ticks)
     ax.set_yticklabels(labels, fontsize=8)
-    for tick, (title, row) in zip(ax.get_yticklabels(), lines):
+    for tick, (_title, row) in zip(ax.get_yticklabels(), lines):
         if row is None:
             tick.set_fontweight("bold")
     ax.set_ylim(-0.7, len(lines) - 0.3)

@@ -11,7 +11,7 @@ Habits taken from pytest-benchmark (`--benchmark-compare-fail=mean:5%`), with th
 Rule grammar (one `--fail-on` argument):
 
     RULE      := METRIC ":" [SIGN] NUMBER ["%"]
-    METRIC    := NAME ("." NAME)*        e.g. ece, lora.ece, full.behavior_shift
+    METRIC    := NAME ("." NAME)*        e.g. ece, lora.ece, full.behavior_shift, judge:embedding
     SIGN      := "+" | "-"               the change that counts as a regression
     NUMBER    := 0.01 | 5 | 1e-3 ...     the tolerance: absolute, or with "%" a share of |baseline|
 
@@ -36,9 +36,10 @@ from .records import json_safe
 
 RULE_FORMAT = ("METRIC:[+|-]TOLERANCE[%], e.g. ece:+0.01 (absolute), behavior_shift:-10% (relative to the "
                "baseline) or acc1:0.02 (no sign: the metric's bad side)")
-_RULE_RE = re.compile(r"^(?P<name>[^:\s]+):(?P<sign>[+-])?(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_RULE_RE = re.compile(r"^(?P<name>\S+):(?P<sign>[+-])?(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
                       r"(?P<percent>%)?$")
-_METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$")
+# a judge's metric holds a colon (judge:embedding); the rule's own colon is the last one
+_METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*$")
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,7 @@ def test_series_are_cut_into_blocks():
     assert block == 12 and drop == 7 and means.shape == (8,)
     assert means[0] == pytest.approx(x[7:19].mean())
     result = compare(arm("a", x + 1), arm("b", x), claim="greater", kind="series", unit="step")
-    assert result.unit == "block of 12 steps" and result.units == 8 and result.outcome == "supported"
+    assert result.unit == "12-step block" and result.units == 8 and result.outcome == "supported"
     assert "autocorrelated" in result.note and "7 first steps dropped" in result.note
     short = compare(arm("a", x[:40] + 1), arm("b", x[:40]), claim="greater", kind="series", unit="step")
     assert short.units == 4 and short.outcome == "inconclusive"  # 4 blocks of 10: 2^-4 cannot reach 2.5%

@@ -169,4 +169,4 @@ def test_real_runs_lora_shifts_less_than_full_finetuning(quick_run):
     assert result.verdict in ("supported", "refuted", "inconclusive")
     assert RUN_LEVEL in result.summary
     steps = check_less(quick_run("feature-extraction"), full, metric="step_time")
-    assert steps.metrics["unit"].startswith("block of") and "autocorrelated" in steps.metrics["note"]
+    assert steps.metrics["unit"].endswith("-step block") and "autocorrelated" in steps.metrics["note"]

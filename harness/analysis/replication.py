@@ -405,7 +405,7 @@ def compare(a: Arm, b: Arm, *, claim: str, margin: float = 0.0, better: str | No
     if kind == "series":
         A, block, drop = block_means(A)
         B, _, _ = block_means(B)
-        shown_unit = f"block of {block} {unit}s"
+        shown_unit = f"{block}-{unit} block"  # pluralises as "4 10-step blocks"
         note = f"{unit}s are autocorrelated: means of non-overlapping blocks of {block} are the units" + (
             f" ({drop} first {unit}s dropped)" if drop else "")
     n = A.shape[1]

@@ -399,7 +399,8 @@ class Run:
         if unit == "sentence":
             from .measure import heldout_sentences
 
-            return [f"sentence {unit_id(s)}" for s in heldout_sentences(len(values))]
+            # by place and text: the held-out text repeats a sentence or two
+            return [f"sentence {i} {unit_id(s)}" for i, s in enumerate(heldout_sentences(len(values)))]
         if name in ("brier", "acc1", "ece"):
             probes = unit_id(*(p.prompt for p in self.stance.probes), vocab, self.framing.identity())
             return [f"prediction {i} on probes {probes}" for i in range(len(values))]

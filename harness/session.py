@@ -442,6 +442,11 @@ class HarnessSession:
                        f"per family: {sum(1 for r in self.multiplicity if r['verdict'] == 'supported')} supported after "
                        f"the correction" + (f", {len(only_before)} supported only before it (now inconclusive): "
                                             + ", ".join(r["test"] for r in only_before) if only_before else ""))
+        # decided only at the session's end, so pytest printed no failure for them: their reasons whole
+        for nodeid in self.corrected_failures:
+            record = self.records.get(nodeid)
+            if record is not None and record.outcome == "failed":
+                write_line(f"FAILED after the family's correction: {nodeid}: {record.message}")
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
         if self.options.plan_only:

@@ -150,11 +150,12 @@ def test_lora_updates_have_at_most_rank_r_and_full_finetuning_more(full_run, lor
 
 
 def test_measurements_reach_the_run_summary_and_every_report(lora_run):
-    from harness.report.html import render_html
+    from harness.report.html import render_pages
     from harness.report.markdown import render_markdown
     from harness.report.sections import measurement_tables
 
     lora_run.behavior("kl")
+    lora_run.calibration()  # measured here too: under xdist the test that measures it may run elsewhere
     lora_run.rank(0.9)
     summary = lora_run.summary()
     assert {"behavior", "calibration", "rank"} <= set(summary["measurements"])
@@ -164,7 +165,9 @@ def test_measurements_reach_the_run_summary_and_every_report(lora_run):
     assert any(t.startswith("rank of the update") for t in titles) and any(t.startswith("behavioural") for t in titles)
     payload = {"run_id": "r", "started": "", "finished": "", "tests": [], "runs": {lora_run.run_id: summary},
                "provenance": {"model": {}, "git": {}, "environment": {"libraries": {}}, "args": []}}
-    for page in (render_html(payload), render_markdown(payload)):
+    html = render_pages(payload)  # a run's tables are on its own page, beside index.html
+    run_pages = [text for path, text in html.items() if path.startswith("runs/")]
+    for page in (*run_pages, render_markdown(payload)):
         assert "rank of the update" in page and "behavioural shift" in page and "calibration" in page
 
 

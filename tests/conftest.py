@@ -30,6 +30,14 @@ pytest_plugins = ["pytester"]
 QUICK = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 
 
+def detached(run, **changes):
+    """A copy of a stored run to tamper with: it no longer writes its measurements into the run's
+    store entry, which xdist workers share (a tampered copy once stored all-zero deltas there)."""
+    import dataclasses
+
+    return dataclasses.replace(run, on_measured=None, rebuild=None, **changes)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2():
     from harness.models import load_model

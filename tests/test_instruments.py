@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 
 import pytest
+
+from conftest import detached
 import torch
 
 from harness import HypothesisFailed, assert_gradients_stable
@@ -191,7 +193,6 @@ def test_stage_errors_and_values_pass_through():
 
 def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_run):
     import copy
-    import dataclasses
 
     run = quick_run("lora")
     release = threading.Event()
@@ -201,7 +202,7 @@ def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_ru
             release.wait()
             return []
 
-    stuck = dataclasses.replace(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.5)
+    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.5)
     started = time.perf_counter()
     with pytest.raises(StageTimeout, match="'effective_deltas'"):
         stuck.layer_table()
@@ -275,7 +276,6 @@ def test_interference_needs_groups_the_method_has(tiny_qwen2, stance):
 
 def test_a_failed_stage_fails_at_once_afterwards(quick_run):
     import copy
-    import dataclasses
 
     run = quick_run("lora")
     release = threading.Event()
@@ -284,7 +284,7 @@ def test_a_failed_stage_fails_at_once_afterwards(quick_run):
         def effective_deltas(self, model, before, anatomy):
             release.wait()
 
-    stuck = dataclasses.replace(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.3)
+    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.3)
     with pytest.raises(StageTimeout):
         stuck.layer_table()
     started = time.perf_counter()

@@ -6,6 +6,8 @@ import math
 import time
 
 import pytest
+
+from conftest import detached
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from bitsandbytes.nn import Linear4bit, Params4bit
@@ -98,7 +100,7 @@ def test_effective_deltas_are_scale_BA_on_the_dequantized_base(quick_run):
 
 def test_eval_forward_leaves_the_4bit_weights_as_they_were(quick_run):
     # bitsandbytes repacks 4-bit weights in place on eval-mode forwards on AVX512-BF16 CPUs.
-    run = dataclasses.replace(quick_run("qlora"), model=copy.deepcopy(quick_run("qlora").model))
+    run = detached(quick_run("qlora"), model=copy.deepcopy(quick_run("qlora").model))
     module = adapted(run)["model.layers.0.self_attn.q_proj"]
     before = Qlora.base_weight(module)
     with torch.no_grad():

@@ -206,11 +206,17 @@ def origin(directory: Path) -> dict | None:
         return None
 
 
+def installed_distribution(name: str):
+    """importlib.metadata's distribution `name` (tests stand a fake in here, not in importlib.metadata,
+    which transformers reads too: its cached check for gguf would go false for the whole process)."""
+    return metadata.distribution(name)
+
+
 def package_file(distribution: str, file: str, install: str) -> tuple[Path, str]:
     """The path of `file` (as the distribution's RECORD spells it) inside an installed pip
     distribution, and the distribution's version; found through its metadata, not by import."""
     try:
-        dist = metadata.distribution(distribution)
+        dist = installed_distribution(distribution)
     except metadata.PackageNotFoundError:
         raise HarnessError(f"the pip package {distribution} is not installed; install it with:\n    {install}") from None
     listed = [f for f in dist.files or () if str(f) == file]

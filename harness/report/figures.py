@@ -86,13 +86,13 @@ def _float(value) -> float:
     return math.nan
 
 
-def _is_nonfinite(value) -> bool:
+def is_nonfinite(value) -> bool:
     if isinstance(value, float):
         return not math.isfinite(value)
     return isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
-def _fmt(value, floatfmt: str = ".4g") -> str:
+def plain_text(value, floatfmt: str = ".4g") -> str:
     """Plain text for one value (not yet escaped)."""
     if value is None:
         return "–"
@@ -132,7 +132,7 @@ def _run_title(run: dict) -> str:
         return str(run["label"])
     lr = _lr(run)
     return (f"{run.get('method', '?')} · stance {_stance_name(run)}"
-            + (f" · lr {_fmt(lr, '.3g')}" if lr is not None else ""))
+            + (f" · lr {plain_text(lr, '.3g')}" if lr is not None else ""))
 
 
 def _steps_of(entries) -> list[int]:
@@ -278,8 +278,8 @@ def reliability_figure(calibration: dict, title: str = "") -> dict | None:
         ax.set_xlabel("confidence", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.tick_params(labelsize=7)
-        ece = _fmt(_float(cal.get("ece")), ".3f") if cal.get("ece") is not None else "n/a"
-        ax.set_title(f"{name}: ECE {ece} (n={_fmt(cal.get('n'))})", fontsize=9)
+        ece = plain_text(_float(cal.get("ece")), ".3f") if cal.get("ece") is not None else "n/a"
+        ax.set_title(f"{name}: ECE {ece} (n={plain_text(cal.get('n'))})", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
     if title:
         fig.suptitle(f"reliability — {title}", fontsize=10)

@@ -15,7 +15,6 @@ so the page stays a few screens long however many runs a session trained.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from functools import lru_cache
@@ -45,34 +44,13 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["fmt"] = _fmt
+    env.filters["fmt"] = figs.plain_text
     env.filters["slug"] = _slug
     env.globals["OUTCOME_MARK"] = OUTCOME_MARK
     return env
 
 
-# -- values as text ------------------------------------------------------------------------------
-
-def _is_nonfinite(value) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    return isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
-
-
-def _fmt(value, floatfmt: str = ".4g") -> str:
-    """Plain text for one value (the template escapes it)."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value)
-    if isinstance(value, float):
-        return format(value, floatfmt) if math.isfinite(value) else str(value)
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, default=str)
-    return str(value)
-
+# -- values as text (figs.plain_text and figs.is_nonfinite serve the page and the figures alike) ---
 
 def _slug(value) -> str:
     return re.sub(r"[^a-z]+", "-", str(value or "not run").lower()).strip("-")
@@ -95,9 +73,9 @@ def table(rows, caption: str | None = None, css: str = "") -> dict:
         for column in columns:
             value = row.get(column)
             shown = human(value, column)
-            cls = "num nonfinite" if _is_nonfinite(value) else (
+            cls = "num nonfinite" if figs.is_nonfinite(value) else (
                 "num" if isinstance(value, (int, float)) and not isinstance(value, bool) else "")
-            cells.append({"text": _fmt(shown), "cls": cls})
+            cells.append({"text": figs.plain_text(shown), "cls": cls})
         body.append(cells)
     return {"columns": columns, "rows": body, "caption": caption, "css": css}
 
@@ -111,7 +89,7 @@ def _header(payload: dict) -> dict:
     env = prov.get("environment") or {}
     items = [("started", f"{payload.get('started')}, finished {payload.get('finished')}"),
              ("model", f"{model.get('name')} — id {model.get('id')}, revision {model.get('revision')}"
-                       + "".join(f", {k} {_fmt(model.get(k))}" for k in ("model_type", "num_layers", "dtype", "device")
+                       + "".join(f", {k} {figs.plain_text(model.get(k))}" for k in ("model_type", "num_layers", "dtype", "device")
                                  if model.get(k) is not None))]
     others = [m for m in prov.get("models") or [] if isinstance(m, dict) and m.get("id") != model.get("id")]
     if others:
@@ -124,7 +102,7 @@ def _header(payload: dict) -> dict:
     items += [("git", f"{git.get('commit')}" + (f" on {git.get('branch')}" if git.get("branch") else "")
                       + (" (dirty)" if git.get("dirty") else "")),
               ("libraries", ", ".join(f"{k} {v}" for k, v in (env.get("libraries") or {}).items())),
-              ("machine", ", ".join(f"{k} {_fmt(v)}" for k, v in (env.get("machine") or {}).items() if v not in (None, ""))),
+              ("machine", ", ".join(f"{k} {figs.plain_text(v)}" for k, v in (env.get("machine") or {}).items() if v not in (None, ""))),
               ("command", "pytest " + " ".join(str(a) for a in prov.get("args") or []))]
     return {"items": items}
 
@@ -231,12 +209,12 @@ def _run_facts(run: dict) -> list[str]:
              f"stance {figs._stance_name(run)}, {run.get('examples')} examples",
              f"recipe {json.dumps(run.get('recipe'), default=str)}", f"origin: {origin_text(run)}"]
     if counts.get("trainable") is not None:
-        facts.append(f"trainable {_fmt(counts.get('trainable'))} / frozen {_fmt(counts.get('frozen'))} "
-                     f"({_fmt(counts.get('trainable_pct'), '.3g')}% trainable); "
-                     f"{_fmt(counts.get('params_per_example'), '.4g')} trainable params per example; stance storage "
+        facts.append(f"trainable {figs.plain_text(counts.get('trainable'))} / frozen {figs.plain_text(counts.get('frozen'))} "
+                     f"({figs.plain_text(counts.get('trainable_pct'), '.3g')}% trainable); "
+                     f"{figs.plain_text(counts.get('params_per_example'), '.4g')} trainable params per example; stance storage "
                      f"{human(counts.get('stance_bytes'), 'bytes')} vs full weights "
                      f"{human(counts.get('full_weights_bytes'), 'bytes')}")
-    facts.append(f"{len(loss)} steps, loss {_fmt(loss[0]) if loss else 'n/a'} → {_fmt(loss[-1]) if loss else 'n/a'}"
+    facts.append(f"{len(loss)} steps, loss {figs.plain_text(loss[0]) if loss else 'n/a'} → {figs.plain_text(loss[-1]) if loss else 'n/a'}"
                  + (f", trained in {human(run.get('train_seconds'), 'seconds')}" if run.get("train_seconds") is not None else ""))
     return facts
 
@@ -281,7 +259,7 @@ def _run_detail(run: dict, cache: figs.FigureCache) -> dict:
     other = [{"title": k, "text": json.dumps(v, indent=1, default=str)[:4000]} for k, v in measurements.items()
              if k not in known and v not in (None, {}, [])]
     return {"figures": [f for f in figures if f], "tables": tables, "collapsed": collapsed, "other": other,
-            "instruments": [{"name": k.replace("_", " "), "text": _fmt(human(v, k)), "bad": _is_nonfinite(v)}
+            "instruments": [{"name": k.replace("_", " "), "text": figs.plain_text(human(v, k)), "bad": figs.is_nonfinite(v)}
                             for k, v in instruments.items() if not isinstance(v, (dict, list))],
             "first_nonfinite": instruments.get("first_nonfinite")}
 

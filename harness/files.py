@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -89,3 +90,13 @@ def file_digest(path: Path) -> str:
     """sha256 of a file's bytes, read in blocks."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_json(path: Path, what: str, error: type[HarnessError] = HarnessError):
+    """The JSON in `path`; unreadable or malformed, an `error` naming `what` and the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise error(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    except OSError as err:
+        raise error(f"cannot read {what} {path}: {err.strerror or err}") from None

@@ -9,10 +9,10 @@ not know (a newer harness's fields, another helper's check fields) so they survi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..files import read_json
 from ..registry import HarnessError
 
 REPORT_FORMAT = 2  # 1: reports before this module (no `format` key); 2: format, doc per test, changes
@@ -180,12 +180,7 @@ def normalized(data) -> dict:
 def read_report(path) -> Report:
     """report.json at `path`, loaded and migrated."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ReportFormatError(f"report {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except OSError as err:
-        raise ReportFormatError(f"cannot read report {path}: {err.strerror or err}") from None
+    data = read_json(path, "report", ReportFormatError)
     try:
         return load_report(data)
     except ReportFormatError as err:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from ..registry import HarnessError, suggest
 from . import figures
 from . import html as pages
@@ -180,12 +180,7 @@ def list_baselines(reports_dir) -> list[str]:
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise HarnessError(f"{what} {path} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    except OSError as err:
-        raise HarnessError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    data = read_json(path, what)
     if not isinstance(data, dict):
         raise HarnessError(f"{what} {path} holds a JSON {type(data).__name__}, not an object")
     return data

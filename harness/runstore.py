@@ -185,7 +185,16 @@ class _Remote:
         return self.fs.cat_file(self.key(*parts))
 
     def write(self, data: bytes, *parts: str) -> None:
-        self.fs.pipe_file(self.key(*parts), data)  # one object put: readers see the old one or this one
+        try:
+            self.fs.pipe_file(self.key(*parts), data)  # one object put: readers see the old one or this one
+        except OSError as exc:
+            raise StoreError(f"run store {self.url}: cannot write {'/'.join(parts)} ({exc})") from None
+
+    def put(self, local: Path, *parts: str) -> None:
+        try:
+            self.fs.put_file(str(local), self.key(*parts))
+        except OSError as exc:
+            raise StoreError(f"run store {self.url}: cannot write {'/'.join(parts)} ({exc})") from None
 
     def find(self, *parts: str) -> dict[str, dict]:
         self.fs.invalidate_cache()  # another machine may have written since this process last listed
@@ -219,7 +228,7 @@ class _Remote:
         manifest = write(staging)
         folder = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
         for name in (TENSORS, RUN, MEASUREMENTS):
-            self.fs.put_file(str(staging / name), self.key(run_id, folder, name))
+            self.put(staging / name, run_id, folder, name)
         self.write(json.dumps({**manifest, "folder": folder}).encode(), run_id, MANIFEST)
         self.copies[(run_id, folder, TENSORS, manifest["files"][TENSORS]["sha256"])] = staging / TENSORS
         return folder

@@ -282,6 +282,13 @@ def test_a_bad_url_is_named(location, message):
         RunStore(location)
 
 
+def test_a_store_that_cannot_be_written_is_named(s3, trained):
+    store = RunStore("s3://no-such-bucket/runs")
+    with pytest.raises(StoreError, match=rf"run store s3://no-such-bucket/runs: cannot write {trained.run_id}/"
+                                         rf"[0-9a-f-]+/{TENSORS} \(.*bucket"):
+        store.save(trained)
+
+
 def test_a_protocol_without_its_package_says_which(monkeypatch):
     import fsspec
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -55,6 +56,7 @@ TENSORS, RUN, MANIFEST, MEASUREMENTS = "tensors.safetensors", "run.json", "manif
 LOCKS = ".locks"
 STALE_SECONDS = 600  # a temporary (or a remote writer's unnamed folder) untouched this long was interrupted
 LOCAL_PROTOCOLS = ("file", "local")  # URLs that name this machine's file system: the local store
+_MANGLED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/(?!/)")  # Path("s3://b/x") is s3:/b/x
 
 
 class StoreWarning(UserWarning):
@@ -243,6 +245,9 @@ class _Remote:
 class RunStore:
     def __init__(self, root: Path | str | None = None):
         location = default_root() if root is None else root
+        if isinstance(location, Path) and _MANGLED_URL.match(str(location)):
+            raise StoreError(f"run store {location}: a URL made into a Path (its // became /); pass the URL as a "
+                             f"string, e.g. {str(location).replace(':/', '://', 1)}")
         self.remote = _Remote(str(location)) if is_remote(location) else None
         self.root: Path | str = self.remote.url if self.remote else _local_path(location)
         # this machine's directory for the store's locks and launch specs: the store itself when local

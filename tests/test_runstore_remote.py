@@ -289,6 +289,12 @@ def test_a_store_that_cannot_be_written_is_named(s3, trained):
         store.save(trained)
 
 
+def test_a_url_made_into_a_path_is_refused():
+    with pytest.raises(StoreError, match=r"run store s3:/bucket/runs: a URL made into a Path \(its // became /\); "
+                                         r"pass the URL as a string, e.g. s3://bucket/runs"):
+        RunStore(Path("s3://bucket/runs"))
+
+
 def test_a_protocol_without_its_package_says_which(monkeypatch):
     import fsspec
 

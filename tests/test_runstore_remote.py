@@ -106,6 +106,21 @@ def test_measurements_made_on_a_loaded_run_are_written_into_its_folder(s3, url, 
     assert third.measurements["forgetting"] == value and not third.model_resident
 
 
+def test_the_lock_of_a_remote_store_is_on_this_machine(url, trained):
+    """xdist workers on one machine still train a run once: the lock is a local file, one per store URL."""
+    from harness.models.tiny import cache_root
+    from harness.registry import HarnessError
+
+    store, other = RunStore(url), RunStore(url)
+    assert store.local_dir == other.local_dir and store.local_dir.is_relative_to(cache_root() / "remote-stores")
+    assert RunStore(url + "-elsewhere").local_dir != store.local_dir
+    with store.lock(trained.run_id):
+        with pytest.raises(HarnessError, match=rf"run store entry {trained.run_id}: .* is still held by another "
+                                               rf"process after 0.1s"):
+            with other.lock(trained.run_id, timeout=0.1):
+                pass
+
+
 # -- two writers of one key ----------------------------------------------------------------------
 def test_two_writers_of_one_key_leave_one_good_entry(s3, url, trained, tiny_qwen2, stance, monkeypatch):
     """Writer A puts its files, then waits while writer B saves whole; then A puts its manifest.

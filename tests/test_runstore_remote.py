@@ -141,9 +141,17 @@ def test_two_writers_of_one_key_leave_one_good_entry(s3, url, trained, tiny_qwen
 
     monkeypatch.setattr(runstore._Remote, "write", write)
     failures = []
-    writer = threading.Thread(target=lambda: failures.append(None) if a.save(run_a) is None else None)
+
+    def save_a():
+        try:
+            a.save(run_a)
+        except BaseException as exc:  # a thread's exception would not fail the test by itself
+            failures.append(exc)
+            files_in.set()
+
+    writer = threading.Thread(target=save_a)
     writer.start()
-    assert files_in.wait(60)  # A's files are in; its manifest is not
+    assert files_in.wait(60) and not failures  # A's files are in; its manifest is not
     b.save(run_b)
     assert RunStore(url).load(trained.request, tiny_qwen2, stance).train_seconds == 2.0  # B's entry, whole
     b_done.set()
@@ -189,11 +197,11 @@ KILLED_WRITE = textwrap.dedent('''
 
 
 def test_a_writer_killed_before_its_manifest_leaves_nothing_that_loads(s3, url, trained, tiny_qwen2, stance,
-                                                                        tmp_path, monkeypatch):
+                                                                        tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_WRITE)
     done = subprocess.run([sys.executable, str(script), url], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "STANCE_HARNESS_THREADS": "1"})
+                          env={**os.environ, "STANCE_HARNESS_THREADS": "1", "TMPDIR": str(tmp_path)})  # its staging
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     objects = entry_objects(s3, url, trained.run_id)
     assert MANIFEST not in objects and any(name.endswith(TENSORS) for name in objects)  # it died between them

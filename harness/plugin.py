@@ -23,6 +23,7 @@ OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
 OPT_REPEAT = "--repeat"
 OPT_SEEDS = "--seeds"
 OPT_ADAPTER = "--adapter"
+OPT_STANCE = "--stance"
 OPT_SAVE_BASELINE = "--save-baseline"
 OPT_COMPARE_BASELINE = "--compare-baseline"
 OPT_FAIL_ON = "--fail-on"
@@ -74,9 +75,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_SEEDS, metavar="N", type=_positive_int, default=1,
                     help="train(...) without seeds= trains N runs with seeds seed, seed+1, ... and returns them as "
                          "one RunSet: comparative claims are then about the methods (default 1: one run)")
-    group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
-                    help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
-                         "tests that train are skipped, tests using `adapter_run` measure each adapter")
+    group.addoption(OPT_ADAPTER, metavar="[NAME=]PATH", action="append", default=[],
+                    help="gate a saved peft adapter (any tuner) or a fully fine-tuned checkpoint (safetensors) on "
+                         "--model's base without training (repeatable); NAME (default: the directory's name) names "
+                         "its metrics. Tests that train are skipped, tests using `adapter_run` measure each one")
+    group.addoption(OPT_STANCE, metavar="NAME", default=None,
+                    help=f"the stance each {OPT_ADAPTER} is measured on. Default: the one its stance_harness.json "
+                         f"names (save_adapter writes it); an adapter without either is refused")
     group.addoption(OPT_SAVE_BASELINE, metavar="NAME", default=None,
                     help="store this session's metrics as baseline NAME (reports/baselines/NAME.json)")
     group.addoption(OPT_COMPARE_BASELINE, metavar="NAME", default=None,
@@ -163,6 +168,7 @@ def _options(config: pytest.Config):
     from .report.metrics import is_declared
     from .residency import parse_bytes
     from .session import HarnessOptions
+    from .stances import load_stance
 
     if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
         raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
@@ -176,11 +182,19 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
+    names = {}
     for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
-        read_adapter(adapter)
+        saved = read_adapter(adapter)
+        saved.stance_name(config.getoption(OPT_STANCE))
+        if saved.spec.name in names:
+            raise HarnessError(f"{OPT_ADAPTER} {names[saved.spec.name]} and {adapter} would both name their metrics "
+                               f"{saved.spec.name!r}; give each its own with NAME=PATH")
+        names[saved.spec.name] = adapter
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
+    if config.getoption(OPT_STANCE) is not None:
+        load_stance(config.getoption(OPT_STANCE), config.getoption(OPT_STANCE_DIR))
     if not config.getoption(OPT_NO_REPORTS):
         check_writable_directory(reports_dir, OPT_REPORTS_DIR)
     verdict_json = config.getoption(OPT_VERDICT_JSON)
@@ -209,6 +223,7 @@ def _options(config: pytest.Config):
         rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
         analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
         repeat=config.getoption(OPT_REPEAT), seeds=config.getoption(OPT_SEEDS), adapters=config.getoption(OPT_ADAPTER),
+        stance=config.getoption(OPT_STANCE),
         save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
         run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
@@ -375,14 +390,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if repeat > 1 and "stance_repeat" in metafunc.fixturenames:
         metafunc.parametrize("stance_repeat", range(repeat), indirect=True, ids=[f"repeat{i}" for i in range(repeat)])
     if "adapter_run" in metafunc.fixturenames:
+        from .adapters import parse_adapter_spec
+
         adapters = metafunc.config.getoption(OPT_ADAPTER)
         metafunc.parametrize("adapter_run", adapters or [None], indirect=True,
-                             ids=[Path(a).name for a in adapters] if adapters else ["no-adapter"])
+                             ids=[parse_adapter_spec(a).name for a in adapters] if adapters else ["no-adapter"])
 
 
 @pytest.fixture
 def adapter_run(request, harness_session, stance_report):
-    """The `--adapter PATH` being gated, as a Run on the `--model` base (one test per adapter)."""
+    """The `--adapter [NAME=]PATH` being gated, as a Run named NAME on the `--model` base (one test per adapter)."""
     if request.param is None:
         pytest.skip(f"no {OPT_ADAPTER} given: this test gates saved adapters")
     run = _or_usage_error(harness_session.adapter_run, request.param)

@@ -15,7 +15,8 @@ import functools
 import inspect
 import math
 
-from .analysis.calibration import ece_of_items
+from .analysis.behavior import effect_of
+from .analysis.calibration import ece_interval, ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
 from .analysis.geometry import profile_rank_correlation
@@ -24,7 +25,7 @@ from .analysis.paired import decide, paired_difference, spearman_with_interval
 from .where import check_min_retained
 from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError, suggest
-from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
+from .report.metrics import HIGHER, LOWER, Estimate, declare_metrics, direction_of
 from .report.records import CheckResult
 from .request import TrainingRequest
 from .judges import JUDGES
@@ -439,12 +440,13 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
     if failures:
         summary += ": " + "; ".join(failures)
     rows = [[p["probe"][:48], p["base"], p["adapted"], p["delta"]] for p in found["per_probe"]]
+    shift = Estimate(effect["mean"], effect["low"], effect["high"])  # with its interval, for --fail-on ...@ci
     return _conclude([run], CheckResult(
         "assert_behavior_shift", not failures, summary, ["probe", "base", "adapted", "delta"], rows,
         {"metric": metric, **effect, "base": found["base"], "adapted": found["adapted"]},
-    ), {f"{run.label}.{metric}": effect["mean"],
+    ), {f"{run.label}.{metric}": shift,
         # `behavior_shift` names the headline measure only, so a gate on it never mixes in a KL
-        **({f"{run.label}.behavior_shift": effect["mean"]} if metric == "loglik_margin" else {})})
+        **({f"{run.label}.behavior_shift": shift} if metric == "loglik_margin" else {})})
 
 
 @_takes_runs("run")
@@ -469,8 +471,18 @@ def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
         rows = [["embedding drift", 0.0, value, value]]
     return _conclude([run], CheckResult(
         "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
-    ), {f"{run.label}.forgetting": value,
+    ), {f"{run.label}.forgetting": (value := _forgetting_estimate(found)),
         f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": value})
+
+
+def _forgetting_estimate(found: dict):
+    """The relative perplexity increase with its interval: it is exp(mean window NLL increase) − 1,
+    so the bootstrap interval of that mean, through expm1 (BCa intervals follow monotone maps)."""
+    value, per_unit = found["relative_increase"], found.get("per_unit")
+    if found["kind"] != "perplexity" or not per_unit or not math.isfinite(value):
+        return value
+    effect = effect_of(per_unit)
+    return Estimate(value, min(value, math.expm1(effect.low)), max(value, math.expm1(effect.high)))
 
 
 def _calibration_rows(found: dict) -> list[list]:
@@ -485,9 +497,14 @@ def _calibration_rows(found: dict) -> list[list]:
 _CALIBRATION_HEADERS = ["bin", "count", "confidence", "accuracy", "gap"]
 
 
-def _calibration_metrics(run, found: dict) -> dict:
+def _calibration_metrics(run, found: dict, n_bins: int) -> dict:
     adapted = found["adapted"]
-    return {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
+    metrics = {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
+    items = found.get("items")
+    if items and items.get("confidence"):  # ECE's bootstrap interval over the predictions, for --fail-on ...@ci
+        metrics[f"{run.label}.ece"] = Estimate(adapted["ece"], *ece_interval(items["confidence"], items["correct"],
+                                                                             n_bins))
+    return metrics
 
 
 @_takes_runs("run")
@@ -500,7 +517,7 @@ def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: 
                f"Acc@1 {adapted['acc1']:.3f}, MCE {adapted['mce']:.4f}, Brier {adapted['brier']:.4f}); "
                f"allowed {bound:.4f}")
     return _conclude([run], CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
-                                 _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found))
+                                 _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found, n_bins))
 
 
 @_takes_runs("run", "than")
@@ -519,7 +536,7 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
     return _conclude([run, than], CheckResult(
         "assert_ece_not_worse", ece <= reference + tol, summary, ["run", "ECE", "MCE", "Brier", "Acc@1"], rows,
         {"ece": ece, "reference_ece": reference, "difference": ece - reference},
-    ), _calibration_metrics(run, found))
+    ), _calibration_metrics(run, found, n_bins))
 
 
 @_takes_runs("run")

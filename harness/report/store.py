@@ -18,7 +18,7 @@ from . import figures
 from . import html as pages
 from .findings import changes_since, findings
 from .markdown import render_markdown
-from .metrics import Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
+from .metrics import Estimate, Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
 from .model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
 from .records import json_safe
 from .sections import report_id_of
@@ -132,7 +132,7 @@ def baseline_path(reports_dir, name: str) -> Path:
 
 
 def _numbers_only(metrics: dict) -> dict:
-    return {str(k): json_safe(float(v)) if isinstance(v, Spread) else json_safe(v)
+    return {str(k): json_safe(float(v)) if isinstance(v, (Spread, Estimate)) else json_safe(v)
             for k, v in metrics.items() if is_number(v)}
 
 
@@ -144,6 +144,9 @@ def baseline_from_payload(name: str, payload: dict) -> dict:
     for nodeid, entry in tests_by_id(payload).items():
         metrics = test_metrics(entry)
         saved: dict = {"metrics": _numbers_only(metrics)}
+        intervals = {str(k): json_safe([v.low, v.high]) for k, v in metrics.items() if isinstance(v, Estimate)}
+        if intervals:
+            saved["intervals"] = intervals
         if isinstance(entry, dict) and entry.get("outcome") is not None:
             saved["outcome"] = entry["outcome"]
         repeats = entry.get("repeats") if isinstance(entry, dict) else None

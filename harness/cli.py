@@ -100,7 +100,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("baseline", metavar="A", help="the baseline side: a baseline name, report id, `latest` or a path")
     p.add_argument("current", metavar="B", help="the current side, the same kinds as A")
     p.add_argument("--fail-on", metavar="RULE", nargs="+", action="extend", default=[],
-                   help="METRIC:[+|-]TOLERANCE[%%], e.g. ece:+0.01, behavior_shift:-10%%, acc1:0.02; "
+                   help="METRIC:[+|-]TOLERANCE[%%][@ci], e.g. ece:+0.01, behavior_shift:-10%%, ece:+0.01@ci; "
                         "without rules every shared metric is listed and nothing fails")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the comparison as JSON")
     p.add_argument("--write-report", action="store_true",

@@ -87,7 +87,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_COMPARE_BASELINE, metavar="NAME", default=None,
                     help="compare this session's metrics with baseline NAME; regressions past --fail-on fail the session")
     group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
-                    help="regression rules METRIC:[+|-]TOL[%%], e.g. 'ece:+0.01' 'behavior_shift:-10%%'")
+                    help="regression rules METRIC:[+|-]TOL[%%][@ci], e.g. 'ece:+0.01' 'behavior_shift:-10%%'; with "
+                         "@ci only a change whose 95%% interval lies wholly past the tolerance fails")
     group.addoption(OPT_RUN_CACHE, metavar="DIR", default=None,
                     help="the run store: finished runs, loaded instead of trained again. Default: "
                          "$STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache (~/.cache/stance-harness)")

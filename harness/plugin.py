@@ -160,7 +160,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
-    from .adapters import read_adapter
+    from .adapters import parse_adapter_spec, read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
@@ -184,13 +184,14 @@ def _options(config: pytest.Config):
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
     names = {}
-    for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
-        saved = read_adapter(adapter)
-        saved.stance_name(config.getoption(OPT_STANCE))
-        if saved.spec.name in names:
-            raise HarnessError(f"{OPT_ADAPTER} {names[saved.spec.name]} and {adapter} would both name their metrics "
-                               f"{saved.spec.name!r}; give each its own with NAME=PATH")
-        names[saved.spec.name] = adapter
+    for adapter in config.getoption(OPT_ADAPTER):
+        spec = parse_adapter_spec(adapter)
+        if spec.name in names:
+            raise HarnessError(f"{OPT_ADAPTER} {names[spec.name]} and {adapter} would both name their metrics "
+                               f"{spec.name!r}; give each its own with NAME=PATH")
+        names[spec.name] = adapter
+    for adapter in names.values():  # a bad path or no stance stops the session before the model loads
+        read_adapter(adapter).stance_name(config.getoption(OPT_STANCE))
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")

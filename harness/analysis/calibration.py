@@ -20,7 +20,9 @@ confidences and edges in float32 as torchmetrics has them. In words:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -131,8 +133,6 @@ def ece_interval(confidences, correct, n_bins: int = DEFAULT_BINS, confidence: f
     which BCa corrects; percentile where BCa is not finite). The resamples are scipy.stats.bootstrap's
     own draws, `default_rng(seed).integers(0, n, (batch, n))`, binned all at once here; the bias
     correction and acceleration are scipy's. The same seed gives the same interval."""
-    import warnings
-
     import numpy as np
     from scipy import stats
 
@@ -160,15 +160,15 @@ def ece_interval(confidences, correct, n_bins: int = DEFAULT_BINS, confidence: f
     if n < 2 or np.ptp(eces) == 0:
         value = ece(np.arange(n))
         return value, value  # every resample alike (one prediction, or all in one state)
-    kept = type("Resamples", (), {"bootstrap_distribution": eces})
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a degenerate BCa warns; the percentile interval follows
-            found = stats.bootstrap((np.arange(n),), ece, n_resamples=0, bootstrap_result=kept, vectorized=False,
-                                    method=method, confidence_level=confidence).confidence_interval
-        if np.isfinite(found.low) and np.isfinite(found.high):
-            return float(found.low), float(found.high)
-    raise ValueError("no finite bootstrap interval of ECE for these predictions")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a degenerate BCa warns; the percentile interval is the fallback
+        found = stats.bootstrap((np.arange(n),), ece, n_resamples=0, vectorized=False, method="BCa",
+                                bootstrap_result=SimpleNamespace(bootstrap_distribution=eces),
+                                confidence_level=confidence).confidence_interval
+    if np.isfinite(found.low) and np.isfinite(found.high):
+        return float(found.low), float(found.high)
+    tail = (1 - confidence) / 2
+    return tuple(float(v) for v in np.quantile(eces, [tail, 1 - tail]))
 
 
 def probs_from_logits(logits) -> torch.Tensor:

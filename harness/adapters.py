@@ -231,7 +231,7 @@ def load_adapter_run(loaded, path, stance_of, chat_template: str = "auto", stanc
     digest = hashlib.sha256(b"".join((spec.path / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)))
     run_id = f"adapter-{spec.name}-{digest.hexdigest()[:8]}"
     if not plain_lora:  # any other tuner: its adapter tensors are what trained (requires_grad marks them)
-        from .from_model import run_from_model
+        from .from_model import run_from_model  # imports peft: not at plugin start-up, which imports this module
 
         run = run_from_model(model, loaded, stance=stance_obj, name=spec.name, chat_template=chat_template,
                              recipe=saved.provenance.get("recipe"))
@@ -264,10 +264,10 @@ def _full_run(loaded, saved: SavedModel, stance_of, chat_template: str, stance: 
     from .from_model import check_same_architecture, run_from_model
 
     spec = saved.spec
+    stance_obj = stance_of(saved.stance_name(stance))  # before the load: a refusal should cost nothing
     model = _from_pretrained(spec.path, loaded.args)  # safetensors only, no remote code unless --model-args says
     model.requires_grad_(False)
     check_same_architecture(model, loaded, what=f"--adapter {spec.text}")
-    stance_obj = stance_of(saved.stance_name(stance))
     run = run_from_model(model, loaded, stance=stance_obj, name=spec.name, chat_template=chat_template,
                          recipe=saved.provenance.get("recipe"))
     return dataclasses.replace(run, run_id=f"adapter-{spec.name}-{local_weights_hash(spec.path)[:8]}",

@@ -469,10 +469,11 @@ def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
         summary = (f"{run.label}: held-out sentence embeddings drifted by {value:.4g} (mean 1 - cos over "
                    f"{found['sentences']} sentences); allowed {max_increase:.4g}")
         rows = [["embedding drift", 0.0, value, value]]
+    published = _forgetting_estimate(found)
     return _conclude([run], CheckResult(
         "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
-    ), {f"{run.label}.forgetting": (value := _forgetting_estimate(found)),
-        f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": value})
+    ), {f"{run.label}.forgetting": published,
+        f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": published})
 
 
 def _forgetting_estimate(found: dict):

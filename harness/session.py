@@ -52,7 +52,7 @@ class HarnessOptions:
     args: list[str]
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
-    seeds: int = 1  # --seeds N: runs per train(...) call without seeds=
+    seeds: int | None = None  # --seeds N: runs per train(...) call without seeds= (over a seeds(N) mark)
     adapters: list[str] = field(default_factory=list)  # --adapter [NAME=]PATH ...
     stance: str | None = None  # --stance: what each --adapter is measured on; None: its provenance's
     save_baseline: str | None = None

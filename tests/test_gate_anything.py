@@ -153,6 +153,35 @@ def test_a_recorded_interval_travels_into_the_baseline_and_back():
     assert not isinstance(back["lora.acc1"], Estimate)
 
 
+class _Seed:
+    """A stand-in run: one seed's per-probe shifts (what the pooled shift check reads), recorded."""
+
+    def __init__(self, seed, shifts):
+        self.label, self.sinks, self.run_id = "lora", [], f"lora-{seed}"
+        self.recipe = type("Recipe", (), {"seed": seed})()
+        self.shifts = list(shifts)
+
+    def unit_values(self, metric):
+        return "probe", self.shifts
+
+    def unit_ids(self, metric):
+        return [f"p{i}" for i in range(len(self.shifts))]
+
+
+def test_a_pooled_shift_over_seeds_publishes_its_crossed_interval():
+    from harness import check_behavior_shift
+
+    rng = np.random.default_rng(5)
+    runs = [_Seed(seed, 0.5 + rng.normal(0, 1.0, 10)) for seed in range(3)]
+    record = TestRecord("t.py::test")
+    for run in runs:
+        record.use_run(run)
+    result = check_behavior_shift(runs, min_effect=0.0)
+    for name in ("lora.loglik_margin", "lora.behavior_shift"):
+        assert record.metrics[name] == pytest.approx(result.metrics["mean"])
+        assert record.intervals[name] == pytest.approx([result.metrics["low"], result.metrics["high"]])
+
+
 def test_a_repeated_mean_has_the_t_interval_of_its_runs():
     spread = Spread(0.5, std=0.1, n=4)
     expected = stats.t.interval(0.95, 3, loc=0.5, scale=0.1 / 2)

@@ -20,7 +20,7 @@ from harness.report.findings import changes_since, claim_of, findings, hypothesi
 from harness.report.html import render_pages
 from harness.report.markdown import render_markdown
 from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from harness.report.sections import clean_message, human, run_labels, short_test_id, terminal_rows
+from harness.report.sections import MESSAGE_ROOM, clean_message, human, run_labels, short_test_id, terminal_rows
 from harness.report.store import write_report
 from harness.registry import HarnessError
 
@@ -213,15 +213,28 @@ def test_human_units_and_whole_messages():
 def test_the_terminal_table_fits_in_120_columns():
     from tabulate import tabulate
 
+    def table(rows):
+        return tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
+
     data = normalized(hybrid())
     data["tests"][0]["nodeid"] = "suites/test_a_very_long_suite_name.py::test_" + "x" * 150 + "[param-" + "y" * 40 + "]"
     rows = terminal_rows(data, 120)
-    text = tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
-    assert max(map(len, text.splitlines())) <= 120
-    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and len(rows[0]["test"]) == 60
+    assert max(map(len, table(rows).splitlines())) <= 120
+    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and 40 <= len(rows[0]["test"]) <= 60
     assert short_test_id("suites/test_file_with_a_long_name.py::test_" + "n" * 50) == "te…::test_" + "n" * 50  # 60 columns: 2 + 1 + 2 + 55
     assert short_test_id("suites/test_a.py::test_b") == "test_a.py::test_b"
-    assert rows[-1]["message"].startswith("recorded refute")  # without pytest's prefix, cut to fit
+    # the recorded verdict's prefix goes (the verdict column and the XFAIL line say it), the rest is cut to fit
+    assert rows[-1]["message"].startswith("hybrid vs hybrid, ece") and rows[-1]["message"].endswith("…")
+    # as in the default suites: a test of several methods widens the runs column, and long messages
+    # take their MESSAGE_ROOM columns from the test id, not beyond the 120
+    for run, method in zip(data["runs"].values(), ["selective", "full", "feature-extraction"]):
+        run["method"] = method
+    data["tests"][1]["runs"] = list(data["runs"])[:3]
+    data["tests"][1]["message"] = "AssertionError: " + "a long reason " * 20
+    rows = terminal_rows(data, 120)
+    assert rows[1]["runs"] == "selective, fu…"
+    assert max(map(len, table(rows).splitlines())) <= 120, table(rows)
+    assert len(rows[1]["message"]) >= MESSAGE_ROOM and rows[1]["message"].endswith("…")
 
 
 def replies_run(n=8, moved=5, long_reply=False) -> dict:
@@ -369,4 +382,4 @@ def test_a_failed_comparisons_terminal_message_starts_with_why():
                        "message": "recorded refuted on tiny-qwen2: " + message}], "runs": {}}
     failed, xfailed = terminal_rows(data, 200)
     assert failed["message"] == message.split("b = base): ", 1)[1]
-    assert xfailed["message"].startswith("recorded refuted on tiny-qwen2: warm vs base")  # the record's reason first
+    assert xfailed["message"].startswith("warm vs base, behavior_shift")  # the record's reason, "recorded refuted on M: " dropped

@@ -269,36 +269,52 @@ def human(value, name: str = ""):
 
 def terminal_rows(payload: dict, width: int = 120) -> list[dict]:
     """The terminal's table, at most `width` columns wide: outcome, test (its directory dropped and,
-    when long, its middle: the report has the full id), runs, checks, verdict and the message's start."""
+    when long, its middle: the report has the full id), runs, checks, verdict and the message's start
+    (at least MESSAGE_ROOM columns of it: the test id gives way first)."""
     tests = payload.get("tests") or []
     runs = payload.get("runs") or {}
     show_verdict = any(t.get("verdict") is not None for t in tests)
-    rows = []
+    rows, messages = [], []
     for test in tests:
-        nodeid = short_test_id(str(test.get("nodeid")))
         methods = list(dict.fromkeys((runs.get(r) or {}).get("method", str(r).rsplit("-", 1)[0])
                                      for r in test.get("runs") or []))
         used = ", ".join(methods) or "-"
         checks = test.get("checks") or []
-        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": nodeid,
+        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": str(test.get("nodeid")),
                "runs": used if len(used) <= 14 else used[:13] + "…",
                "checks": f"{sum(1 for c in checks if c.get('passed'))}/{len(checks)}" if checks else "-"}
         if show_verdict:
             row["verdict"] = test.get("verdict") or "-"
         rows.append(row)
-    if not rows:
-        return rows
-    # tabulate's "simple": a column is as wide as its header + 2 or its widest cell; 2 spaces apart
-    used = sum(2 + max(len(k) + 2, *(len(str(r[k])) for r in rows)) for k in rows[0])
-    room = max(10, width - used - 2)
-    for row, test in zip(rows, tests):
         first = clean_message(test.get("message")).splitlines()[0] if test.get("message") else ""
+        first = _RECORDED.sub("", first, count=1)  # the verdict column and the XFAIL line say so
         if test.get("outcome") == "failed":  # the sides are the runs column: say why first
             first = _SIDES.sub("", first, count=1)
-        row["message"] = first if len(first) <= room else first[: room - 1] + "…"
+        messages.append(first)
+    if not rows:
+        return rows
+
+    # tabulate's "simple": a column is as wide as its widest cell, and at least its header + 2;
+    # columns are 2 spaces apart
+    def column(key, cells):
+        return max(len(key) + 2, *(len(str(c)) for c in cells))
+
+    fixed = sum(column(k, [r[k] for r in rows]) + 2 for k in rows[0] if k != "test")
+    longest = max(len(m) for m in messages)
+    room = width - fixed - 2  # for the test id and the message
+    message_room = max(len("message") + 2, min(longest, MESSAGE_ROOM)) if longest else 0
+    test_width = max(len("test") + 2, min(TERMINAL_TEST_WIDTH, room - message_room - (2 if message_room else 0)))
+    for row in rows:
+        row["test"] = short_test_id(row["test"], test_width)
+    if longest:
+        room = max(len("message") + 2, room - column("test", [r["test"] for r in rows]) - 2)
+        for row, first in zip(rows, messages):
+            row["message"] = first if len(first) <= room else first[: room - 1] + "…"
     return rows
 
 
+MESSAGE_ROOM = 24  # the terminal table's message column keeps at least this many columns
+_RECORDED = re.compile(r"^recorded (?:supported|refuted|inconclusive) on [^:\s]+: ")  # plugin's record check
 TERMINAL_TEST_WIDTH = 60
 _SIDES = re.compile(r"^[^:]*? \(a = [^()]*?, b = [^()]*?\): ")  # a comparison's "A vs B, metric (a = A, b = B): "
 

@@ -226,21 +226,32 @@ def _flat_options(run: dict) -> dict:
     return options
 
 
+def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
+    """Per run (summaries by id), the options (config fields, lr, seed, epochs, stance, examples,
+    task) in which it differs from another run of its method: what tells two `hybrid` runs apart."""
+    flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    out = {}
+    for run_id, options in flat.items():
+        peers = [o for r, o in flat.items() if r != run_id and o.get("method") == options.get("method")]
+        out[run_id] = [(k, options[k]) for k in options
+                       if k != "method" and options[k] is not None and any(p.get(k) != options[k] for p in peers)]
+    return out
+
+
 def run_labels(runs: dict) -> dict[str, str]:
     """A label per run saying what sets it apart from the session's other runs of its method:
     `hybrid, schedule=alternate, period=50` rather than `hybrid`; `lr` and `seed` when they differ."""
-    flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    differing = differing_options(runs)
     labels = {}
-    for run_id, options in flat.items():
-        peers = [o for r, o in flat.items() if r != run_id and o.get("method") == options.get("method")]
-        differing = [k for k in options if k != "method" and any(p.get(k) != options[k] for p in peers)]
-        parts = [f"{k}={_short(options[k])}" for k in differing if options[k] is not None][:4]
-        labels[run_id] = ", ".join([str(options.get("method") or "?")] + parts)
+    for run_id, run in runs.items():
+        method = (run.get("method") if isinstance(run, dict) else None) or "?"
+        labels[run_id] = ", ".join([str(method)] + [f"{k}={short_value(v)}" for k, v in differing[run_id][:4]])
     counts = {label: list(labels.values()).count(label) for label in labels.values()}
     return {run_id: label + (f" ({run_id[-6:]})" if counts[label] > 1 else "") for run_id, label in labels.items()}
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
+    """A run option in a label: floats to 3 digits, long text cut at 24 characters."""
     if isinstance(value, float):
         return f"{value:.3g}"
     text = str(value)

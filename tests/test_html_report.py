@@ -200,13 +200,14 @@ def test_render_html_is_self_contained_with_figures_and_tables():
     assert sorted(pages) == ["index.html", "runs/run-0-full-000000000001.html", "runs/run-1-lora-000000000002.html"]
     for text in pages.values():
         _assert_self_contained(text)
-    # the main page: the forest plot and the runs' per-layer change on one heatmap; each run's page:
-    # its layer figure and curves, and for the LoRA run its adapter view, a reliability diagram,
-    # where the weights changed beside where the behaviour lives, and its dose-response
-    assert [len(_images(text)) for text in pages.values()] == [2, 2, 6]
+    # the main page: the forest plot, and (no suite file has two runs) the session's runs' per-layer
+    # change on one heatmap and their loss curves on one axis; each run's page: its layer figure and
+    # curves, and for the LoRA run its adapter view, a reliability diagram, where the weights changed
+    # beside where the behaviour lives, and its dose-response
+    assert [len(_images(text)) for text in pages.values()] == [3, 2, 6]
     page = "".join(pages.values())
     assert page.count("<table") >= 10
-    for text in ("Tests", "Test details", "Runs", "weight change across layers", "behavioural shift",
+    for text in ("Tests", "Runs", "weight change across layers", "behavioural shift",
                  "calibration", "forgetting", "rank of the update", "0.75 [0.5, 1]", "perplexity",
                  "L1.q_proj.weight", "64x64", "tiny-qwen2", "15d48769a65d", "0123456789abcdef", "(dirty)",
                  "torch", "2.13.0+cpu", "HALTED at step 7", "first non-finite value", "sweep &amp; summary",
@@ -242,7 +243,7 @@ def test_old_payload_without_measurements_renders():
     payload = make_old_payload()
     page = "".join(render_pages(payload).values())
     _assert_self_contained(page)
-    assert len(_images(page)) == 2 + 2 + 3  # forest, heatmap; no reliability diagram; the adapter view differs
+    assert len(_images(page)) == 3 + 2 + 3  # forest, heatmap, loss; no reliability diagram; the adapter view differs
     assert "behavioural shift" not in page and "reliability" not in page
     assert "<th>expected</th>" not in page and "repeats" not in page
     # the plugin's own payload may still hold float NaN/inf (report.json has them as strings)
@@ -250,7 +251,7 @@ def test_old_payload_without_measurements_renders():
     raw["runs"]["full-000000000001"]["trace"]["loss"][5] = float("nan")
     raw["runs"]["full-000000000001"]["layers"]["effective"][2]["rel_change"] = float("inf")
     raw["tests"][0]["metrics"]["full.max_grad_norm"] = float("inf")
-    assert len(_images("".join(render_pages(raw).values()))) == 10
+    assert len(_images("".join(render_pages(raw).values()))) == 11
     # even a bare payload (no runs, no provenance details) renders
     bare = render_html({"run_id": "x", "tests": [], "runs": {}, "provenance": {}})
     assert "No training runs" in bare and "<img" not in bare
@@ -421,13 +422,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
             assert len(rows) == 3 and any(EVIL in r for r in rows)  # shown as text, not run
             images = page.eval_on_selector_all(
                 "img", "els => els.map(i => ({ok: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
-            assert len(images) == 2 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert len(images) == 3 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
             assert page.evaluate("() => document.querySelectorAll('script').length") == 0
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
 
             # a run's page, from its collapsed summary: every figure loads
-            page.click("#runs details summary >> nth=1")
+            page.click("#runs details.runs > summary")  # every run, collapsed: the page stays short
+            page.click("#runs section.run-summary summary >> nth=1")
             page.click("text=every figure and table of this run >> nth=1")
             page.wait_for_load_state("load")
             assert page.url.endswith(".html") and "/runs/" in page.url
@@ -457,9 +459,9 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
     import harness.report.figures as figures_module
 
     first = render_pages(make_payload(), figure_cache=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 2 + 2 + 6  # forest, heatmap; each run's figures
+    assert len(list(tmp_path.glob("*.json"))) == 3 + 2 + 6  # forest, heatmap, loss curves; each run's figures
     for name in ("layer_figure", "curves_figure", "reliability_figure", "where_figure", "dose_figure",
-                 "forest_figure", "layers_comparison_figure"):
+                 "forest_figure", "layers_comparison_figure", "loss_comparison_figure"):
         monkeypatch.setattr(figures_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
     assert render_pages(make_payload(), figure_cache=tmp_path) == first
     changed = make_payload()

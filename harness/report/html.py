@@ -24,7 +24,7 @@ import jinja2
 
 from ..files import atomic_write
 from . import figures as figs
-from .findings import corrected_text, findings, fmt_number, interval_text, units_text
+from .findings import corrected_text, findings, fmt_number, interval_text, suite_of, units_text
 from .model import normalized
 from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, gate_rows, gate_rules, human,
                        measurement_tables, origin_text, reply_order, report_id_of, run_labels, session_status)
@@ -33,6 +33,8 @@ OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not r
 TEMPLATES = Path(__file__).with_name("templates")
 REPLIES_SHOWN = 5  # replies open in a run's summary; the rest are collapsed
 REPLY_CHARS = 240  # a reply longer than this is cut, its length said
+HYPOTHESIS_CHARS = 150  # a finding's hypothesis shown in the table; the whole in its tooltip
+COMPARE_WIDTH = 6.2  # inches: two comparative figures side by side across the page
 
 # the figure functions, here as well for callers (and tests) that know them by this module
 layer_figure, curves_figure, reliability_figure = figs.layer_figure, figs.curves_figure, figs.reliability_figure
@@ -122,9 +124,18 @@ def _gate(gate) -> dict | None:
 
 
 def _finding_rows(rows: list[dict]) -> list[dict]:
-    return [{**row, "estimate_text": fmt_number(row["estimate"]), "interval_text": interval_text(row),
-             "margin_text": fmt_number(row["margin"]), "units_text": units_text(row),
-             "corrected_text": corrected_text(row), "anchor": _anchor("test", row["test"])} for row in rows]
+    out = []
+    for row in rows:
+        hypothesis = row["hypothesis"]
+        label = row.get("label")
+        out.append({**row, "estimate_text": fmt_number(row["estimate"]), "interval_text": interval_text(row),
+                    "margin_text": fmt_number(row["margin"]), "units_text": units_text(row),
+                    "corrected_text": corrected_text(row), "anchor": _anchor("test", row["test"]),
+                    "hypothesis_short": hypothesis if len(hypothesis) <= HYPOTHESIS_CHARS
+                    else hypothesis[: HYPOTHESIS_CHARS - 1].rstrip() + "…",
+                    # "run-level (one seed per arm): a claim about two runs, ..." -> "run-level"; whole in the tooltip
+                    "label_short": str(label).split(" (", 1)[0].split(":", 1)[0] if label else None})
+    return out
 
 
 def _foldable(row: dict) -> bool:
@@ -272,33 +283,72 @@ def _run_entry(run_id: str, run: dict, index: int) -> dict:
             "analysis_error": run.get("analysis_error"), "replies": replies_view(run), "ability": ability_view(run)}
 
 
-def _comparisons(runs: dict, cache: figs.FigureCache) -> list[dict]:
-    """Comparative figures across runs: per-layer change of every run on one heatmap, and the
-    loss curves of each method's runs on one axis (where a method has several)."""
-    views = list(runs.values())
-    out = []
-    layers_data = [{k: r.get(k) for k in ("label", "run_id", "layers", "model")} for r in views]
-    out.append(cache.get("compare-layers", layers_data, lambda: figs.layers_comparison_figure(layers_data)))
-    by_method: dict[str, list[dict]] = {}
-    for run in views:
-        by_method.setdefault(str(run.get("method")), []).append(
-            {"label": run.get("label"), "trace": {"loss": (run.get("trace") or {}).get("loss")}})
-    for method, group in by_method.items():
-        if len(group) > 1:
-            out.append(cache.get("compare-loss", [method, group],
-                                 lambda g=group, m=method: figs.loss_comparison_figure(g, f"{m} runs")))
+SESSION_GROUP = "every run of this session"
+
+
+def _suite_groups(runs: dict, tests: list[dict]) -> list[tuple[str, list[str]]]:
+    """(suite file, its runs in first-use order) for each suite of two runs or more; when no suite
+    has two, every run of the session as one group (runs spread one per file still compare)."""
+    groups: dict[str, list[str]] = {}
+    for test in tests:
+        suite = suite_of(test.get("nodeid", ""))
+        for run_id in test.get("runs") or []:
+            if run_id in runs and run_id not in groups.setdefault(suite, []):
+                groups[suite].append(run_id)
+    several = [(suite, ids) for suite, ids in groups.items() if len(ids) > 1]
+    return several or ([(SESSION_GROUP, list(runs))] if len(runs) > 1 else [])
+
+
+def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict:
+    """Comparative figures across runs, per suite (as the seeds draw them): the suite's runs'
+    per-layer change on one heatmap (seed 001's domains x rates) beside their loss curves on one
+    axis (seed 004's schedules), one axis per task; and the dose-response curves of the session's
+    runs together."""
+    suites = []
+    for suite, ids in _suite_groups(runs, tests):
+        views = [runs[run_id] for run_id in ids]
+        name = suite.rsplit("/", 1)[-1]
+        layers = [{"label": r.get("label"), "run_id": r.get("run_id"), "layers": {"effective": r["layers"].get("effective")},
+                   "model": {"num_layers": (r.get("model") or {}).get("num_layers")}} for r in views]
+        figures = [cache.get("compare-layers", [layers, name, COMPARE_WIDTH],
+                             lambda d=layers, n=name: figs.layers_comparison_figure(d, width=COMPARE_WIDTH, title=n))]
+        by_task: dict[str, list[dict]] = {}
+        for run in views:
+            by_task.setdefault(str(run.get("task") or ""), []).append(
+                {"label": run.get("label"), "trace": {"loss": (run.get("trace") or {}).get("loss")}})
+        for task, group in by_task.items():
+            title = name + (f", task {task}" if len(by_task) > 1 and task else "")
+            figures.append(cache.get("compare-loss", [group, title, COMPARE_WIDTH],
+                                     lambda g=group, t=title: figs.loss_comparison_figure(g, t, width=COMPARE_WIDTH)))
+        figures = [f for f in figures if f]
+        if figures:
+            suites.append({"suite": suite, "runs": len(ids), "figures": figures})
     doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
-             for run in views if (run.get("measurements") or {}).get("dose_response")]
-    if len(doses) > 1:
-        out.append(cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)))
-    return [f for f in out if f]
+             for run in runs.values() if (run.get("measurements") or {}).get("dose_response")]
+    dose = cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)) if len(doses) > 1 else None
+    return {"suites": suites, "dose": dose}
 
 
-def render_pages(payload: dict, figure_cache: Path | None = None) -> dict[str, str]:
+def _suite_sections(entries: list[dict]) -> list[dict]:
+    """The tests by suite file, each a collapsed section (open when one of its tests failed)."""
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault(suite_of(entry["nodeid"]), []).append(entry)
+    sections = []
+    for suite, tests in groups.items():
+        counts = Counter(t["outcome"] for t in tests)
+        sections.append({"suite": suite, "anchor": _anchor("suite", suite), "tests": tests,
+                         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)],
+                         "open": any(t["outcome"] in ("failed", "error") for t in tests)})
+    return sections
+
+
+def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = None) -> dict[str, str]:
     """The session's pages by path relative to its report folder: index.html, and runs/<run>.html
-    per run. Figures already drawn into `figure_cache` (a directory) are reused."""
+    per run. Figures already drawn into `figure_cache` (a directory, or a FigureCache that then
+    counts what was drawn and what reused) are reused."""
     payload = normalized(payload)
-    cache = figs.FigureCache(figure_cache)
+    cache = figure_cache if isinstance(figure_cache, figs.FigureCache) else figs.FigureCache(figure_cache)
     labels = run_labels(payload["runs"])
     runs = {run_id: {**run, "label": labels[run_id]} for run_id, run in payload["runs"].items()}
     entries = [_run_entry(run_id, run, i) for i, (run_id, run) in enumerate(runs.items())]
@@ -321,8 +371,8 @@ def render_pages(payload: dict, figure_cache: Path | None = None) -> dict[str, s
         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)], "n_tests": len(tests),
         "show_expected": any(t.get("expected") is not None or t.get("verdict") is not None for t in tests),
         "show_repeats": any(t.get("repeats") for t in tests),
-        "tests": [_test_entry(t, links) for t in tests], "runs": entries,
-        "comparisons": _comparisons(runs, cache) if runs else [],
+        "suites": _suite_sections([_test_entry(t, links) for t in tests]), "runs": entries,
+        "comparisons": _comparisons(runs, tests, cache) if runs else {"suites": [], "dose": None},
         "multiplicity": table(payload.get("multiplicity")) if payload.get("multiplicity") else None,
     }
     pages = {"index.html": env.get_template("report.html.j2").render(title=f"{status}: stance-harness report "

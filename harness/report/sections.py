@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 
 
 def report_id_of(payload: dict):
@@ -228,13 +229,28 @@ def _flat_options(run: dict) -> dict:
 
 def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
     """Per run (summaries by id), the options (config fields, lr, seed, epochs, stance, examples,
-    task) in which it differs from another run of its method: what tells two `hybrid` runs apart."""
+    task) that tell it from the other runs of its method: what sets two `hybrid` runs apart.
+
+    An option most of the method's runs share (more than half: a default the others depart from)
+    is named only on the runs that depart from it; an option spread with no majority value (four
+    domains, two rates) is named on every run. Two runs that differ in anything still get
+    different labels: of two values, at most one is the majority's."""
     flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    by_method: dict = {}
+    for run_id, options in flat.items():
+        by_method.setdefault(options.get("method"), []).append(options)
     out = {}
     for run_id, options in flat.items():
-        peers = [o for r, o in flat.items() if r != run_id and o.get("method") == options.get("method")]
-        out[run_id] = [(k, options[k]) for k in options
-                       if k != "method" and options[k] is not None and any(p.get(k) != options[k] for p in peers)]
+        group = by_method[options.get("method")]
+        shown = []
+        for key, value in options.items():
+            if key == "method" or value is None or all(o.get(key) == value for o in group):
+                continue
+            values = [json.dumps(o.get(key), sort_keys=True, default=str) for o in group]
+            common, count = Counter(values).most_common(1)[0]
+            if count * 2 <= len(group) or json.dumps(value, sort_keys=True, default=str) != common:
+                shown.append((key, value))
+        out[run_id] = shown
     return out
 
 
@@ -251,10 +267,23 @@ def run_labels(runs: dict) -> dict[str, str]:
 
 
 def short_value(value) -> str:
-    """A run option in a label: floats to 3 digits, long text cut at 24 characters."""
+    """A run option in a label: floats to 3 digits, runs of consecutive layers as a range
+    ([0-7, 12]), long text cut at 24 characters."""
     if isinstance(value, float):
         return f"{value:.3g}"
     text = str(value)
+    try:
+        numbers = json.loads(text) if text.startswith("[") else None
+    except ValueError:
+        numbers = None
+    if isinstance(numbers, list) and numbers and all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+        spans: list[list[int]] = []
+        for n in numbers:
+            if spans and n == spans[-1][1] + 1:
+                spans[-1][1] = n
+            else:
+                spans.append([n, n])
+        text = "[" + ", ".join(f"{a}-{b}" if b > a + 1 else (f"{a}, {b}" if b > a else str(a)) for a, b in spans) + "]"
     return text if len(text) <= 24 else text[:23] + "…"
 
 

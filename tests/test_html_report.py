@@ -464,6 +464,12 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
                  "forest_figure", "layers_comparison_figure", "loss_comparison_figure"):
         monkeypatch.setattr(figures_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
     assert render_pages(make_payload(), figure_cache=tmp_path) == first
+    # a later session that loaded the same runs from the store (their origin and timings differ):
+    # nothing a figure shows changed, so none is drawn again
+    loaded = make_payload()
+    for run in loaded["runs"].values():
+        run.update({"origin": "loaded", "origins": ["loaded"], "train_seconds": 99.0})
+    render_pages(loaded, figure_cache=tmp_path)
     changed = make_payload()
     next(iter(changed["runs"].values()))["trace"]["loss"][0] += 1.0  # another run's curves: drawn anew
     with pytest.raises(pytest.fail.Exception, match="drew a figure"):

@@ -325,6 +325,55 @@ def test_rebuilding_migrates_and_keeps_every_claim(tmp_path, capsys):
     assert len(list((folder / "runs").glob("*.html"))) == 5
 
 
+def test_labels_name_an_option_only_where_a_run_departs_from_its_methods_majority():
+    labels = run_labels(normalized(hybrid())["runs"])
+    # four of five schedules keep freeze_lora_steps=0 and order=lora-first: only the departures say so;
+    # alternate_every (0, 0, 1, 2, 1) has no majority: every run names it
+    assert sorted(labels.values()) == ["hybrid, alternate_every=0", "hybrid, alternate_every=1",
+                                       "hybrid, alternate_every=1, order=norm-first", "hybrid, alternate_every=2",
+                                       "hybrid, freeze_lora_steps=4, alternate_every=0"]
+    # seed 001's grid: four domains at two rates, no majority in either: both on every run
+    grid = {f"qlora-{d}-{lr}": {"method": "qlora", "stance": {"name": f"domain-{d}"}, "recipe": {"learning_rate": lr}}
+            for d in ("cpp", "math", "python", "physics") for lr in (2e-4, 1e-3)}
+    grid["full-1"] = {"method": "full", "config": {"layers": list(range(8))}, "recipe": {"learning_rate": 1e-3}}
+    grid["full-2"] = {"method": "full", "config": {"layers": [13, 15]}, "recipe": {"learning_rate": 1e-3}}
+    labels = run_labels(grid)
+    assert labels["qlora-math-0.001"] == "qlora, lr=0.001, stance=domain-math"
+    assert len(set(labels.values())) == len(grid)
+    assert (labels["full-1"], labels["full-2"]) == ("full, layers=[0-7]", "full, layers=[13, 15]")  # ranges
+
+
+def test_each_suite_compares_its_own_runs():
+    """The locus and hybrid suites' comparative views: per suite file, its runs' per-layer change
+    on one heatmap beside their loss curves on one axis, under the suite's name."""
+    data = hybrid()
+    hybrid_ids = list(data["runs"])
+    rates = {}
+    for i, (domain, lr) in enumerate([(d, lr) for d in ("cpp", "math") for lr in (2e-4, 1e-3)]):
+        run = copy.deepcopy(data["runs"][hybrid_ids[0]])
+        run_id = f"qlora-{i:016d}"
+        run.update({"run_id": run_id, "method": "qlora", "stance": {"name": f"domain-{domain}"},
+                    "recipe": {**run["recipe"], "learning_rate": lr}, "config": {"r": 8}})
+        for row in run["layers"]["effective"]:  # a domain's change 10x the other's at the higher rate
+            row["rel_change"] = (row.get("rel_change") or 0.01) * (100 if lr > 1e-3 / 2 and domain == "math" else 1)
+        data["runs"][run_id] = rates[(domain, lr)] = run
+        data["tests"].append({"nodeid": f"suites/test_locus_of_learning.py::test_domain[{domain}-{lr}]",
+                              "outcome": "passed", "runs": [run_id], "checks": []})
+    page = render_pages(data)["index.html"]
+    runs = page[page.index('<section id="runs">'):]
+    headings = re.findall(r'<h3 class="compare">([^<]+)</h3>', runs)
+    assert headings == ["suites/test_hybrid_schedules.py: 5 runs compared", "suites/test_locus_of_learning.py: 4 runs compared"]
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', runs)
+    assert alts == ["per-layer rel_change of 5 runs on one heatmap test_hybrid_schedules.py",
+                    "loss curves of 5 runs on one axis test_hybrid_schedules.py",
+                    "per-layer rel_change of 4 runs on one heatmap test_locus_of_learning.py",
+                    "loss curves of 4 runs on one axis test_locus_of_learning.py"]
+    # a span over two orders of magnitude is drawn on a log colour scale, and the caption says so
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", runs)
+    assert captions == ["colours on a log scale: the runs&#39; changes span more than two orders of magnitude"]
+    assert "qlora, lr=0.001, stance=domain-math" in runs and "hybrid, freeze_lora_steps=4, alternate_every=0" in runs
+
+
 def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
     from test_html_report import make_payload
 

@@ -463,7 +463,9 @@ def layers_comparison_figure(runs: list[dict], key: str = "rel_change", width: f
     what = "relative change ‖Δ‖/‖W‖" if key == "rel_change" else key
     fig.suptitle(f"per-layer change across runs{' — ' + title if title else ''}\n({what}"
                  f"{', log colour scale' if logarithmic else ''}; blank: not changed)", fontsize=9)
-    return _figure_html(fig, f"per-layer {key} of {len(drawn)} runs on one heatmap {title}".strip())
+    return _figure_html(fig, f"per-layer {key} of {len(drawn)} runs on one heatmap {title}".strip(),
+                        "colours on a log scale: the runs' changes span more than two orders of magnitude"
+                        if logarithmic else None)
 
 
 def loss_comparison_figure(runs: list[dict], title: str = "", width: float = 9.0) -> dict | None:

@@ -235,11 +235,18 @@ def _run_detail(run: dict, cache: figs.FigureCache) -> dict:
     measurements = run.get("measurements") or {}
     layers = run["layers"]
     two_views = bool(layers.get("adapter")) and layers.get("adapter") != layers.get("effective")
-    figures = [cache.get("layers-effective", run, lambda: figs.layer_figure(run, "effective")),
-               cache.get("curves", run, lambda: figs.curves_figure(run))]
-    if two_views:
-        figures.append(cache.get("layers-adapter", run, lambda: figs.layer_figure(run, "adapter")))
+    # each figure keyed by what it draws, not the whole run: a run loaded from the store (another
+    # origin, its timings) reuses what the session that trained it drew
     title = figs._run_title(run)
+    depth = (run.get("model") or {}).get("num_layers")
+    curves = {k: run["trace"].get(k) for k in ("loss", "grad_norm", "nonfinite", "skipped_steps", "halted_at",
+                                                 "halt_reason")}
+    figures = [cache.get("layers-effective", [layers.get("effective"), depth, title],
+                         lambda: figs.layer_figure(run, "effective")),
+               cache.get("curves", [curves, title], lambda: figs.curves_figure(run))]
+    if two_views:
+        figures.append(cache.get("layers-adapter", [layers.get("adapter"), depth, title],
+                                 lambda: figs.layer_figure(run, "adapter")))
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
         figures.append(cache.get("reliability", [calibration, title], lambda: figs.reliability_figure(calibration, title)))

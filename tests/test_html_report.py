@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from harness.report.gate import compare, report_entry
+from harness.report.findings import findings
 from harness.report.html import render_html, render_index, render_pages, write_html, write_index
+from harness.report.model import normalized
 from harness.report.markdown import render_markdown
 from harness.report.sections import report_id_of
 from harness.report.sections import test_rows as table_rows
@@ -479,12 +481,23 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
 HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
 
 
+LONG_REASON = ("recorded refuted on tiny-qwen2: hybrid[freeze_lora_steps=4] vs hybrid[freeze_lora_steps=0], ece "
+               "(a = hybrid[freeze_lora_steps=4], b = hybrid[freeze_lora_steps=0]): run-level (one seed per arm): a "
+               "claim about two runs, not about the methods. refuted: the 95% interval [+0.00626, +0.05] over 32 "
+               "predictions lies at or above 0 (claim a - b < 0); 1 seed per arm x 32 predictions (32 informative), "
+               "paired-swap randomization, 1999 swaps, one-sided p = 0.994")
+
+
 def default_suites_sized(copies: int = 8) -> dict:
-    """The real hybrid-schedules report (tests/data), its runs and tests copied to the size of the
-    default suites' session (about 40 runs and 70 tests), each copy a distinct run and test."""
+    """The real hybrid-schedules report (tests/data) shaped like the default suites' session (8
+    files, about 40 runs and 70 tests), as the real one measured 12,360 px before it was folded:
+    each copy a distinct file, runs and tests; every test with a docstring of a real one's length;
+    two XFAILs a file with whole recorded reasons; five claims with an effect a file (40 in the
+    findings table and the forest plot, the real session had 30)."""
     real = json.loads(HYBRID.read_text())
     payload = copy.deepcopy(real)
     payload["runs"], payload["tests"] = {}, []
+    measured = next(c for t in real["tests"] for c in t["checks"] if c.get("verdict") == "refuted")
     for i in range(copies):
         renamed = {}
         for run_id, run in real["runs"].items():
@@ -492,10 +505,21 @@ def default_suites_sized(copies: int = 8) -> dict:
             run["recipe"]["seed"] = i  # the labels say so
             renamed[run_id] = f"{run_id}-{i}"
             payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
-        for test in real["tests"]:
+        for j, test in enumerate(real["tests"]):
             test = copy.deepcopy(test)
             test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
             test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            test["doc"] = (f"Claim {j} of file {i}: each schedule trains the stance-classification head and its "
+                           "LoRA and norm layers with finite gradients, and the loss falls; the step time, "
+                           "throughput and peak memory are measured side by side, paired step by step.\n\nMore.")
+            if 1 <= j <= 3:  # three more claims with an effect, as the strategy and locus suites have
+                test["checks"].append({**copy.deepcopy(measured), "verdict": "supported", "passed": True,
+                                       "metrics": {**measured["metrics"], "estimate": -0.01 * (i + j)}})
+            if j == 7:  # a second XFAIL, inconclusive, per file
+                test.update({"outcome": "xfailed", "verdict": "inconclusive",
+                             "message": "_pytest.outcomes.XFailed: " + LONG_REASON.replace("refuted", "inconclusive")})
+            if j == 8:
+                test["message"] = "_pytest.outcomes.XFailed: " + LONG_REASON
             payload["tests"].append(test)
     return payload
 
@@ -510,14 +534,21 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
     reports = tmp_path / "reports"
     payload = default_suites_sized()
     assert len(payload["runs"]) == 40 and len(payload["tests"]) == 72
+    assert len([r for r in findings(normalized(payload)) if r["estimate"] is not None]) == 40
     started = time.perf_counter()
     folder = write_reports(reports, copy.deepcopy(payload))
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    write_reports(reports, copy.deepcopy(payload))
+    said: list[str] = []
+    write_reports(reports, copy.deepcopy(payload), progress=said.append)
     warm = time.perf_counter() - started
     print(f"report of 40 runs / 72 tests written in {cold:.2f} s cold, {warm:.2f} s warm")
     assert warm <= 5.0, warm
+    # a line says what is being written before it is; the one after: nothing was drawn again
+    assert said[0] == (f"writing the report to {folder}/: report.json, report.md, index.html and 40 run page(s) "
+                       "for 72 test(s)"), said
+    assert re.fullmatch(r"wrote the report in [0-9.]+s \(0 figure\(s\) drawn, [1-9][0-9]* reused from the figure "
+                        r"cache\)", said[1]), said
     page_bytes = (folder / "index.html").stat().st_size
     assert page_bytes <= 1.5 * 1024 * 1024, page_bytes
     assert len(list((folder / "runs").glob("*.html"))) == 40
@@ -529,9 +560,14 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
             _watch(page, problems)
             page.goto((folder / "index.html").as_uri(), wait_until="load")
             height = page.evaluate("() => document.documentElement.scrollHeight")
+            print(f"page height {height} px ({height / SCREEN['height']:.2f} screens), {page_bytes:,} bytes")
             assert height <= 10 * SCREEN["height"], height
             _on_first_screen(page, "table.findings")
             _on_first_screen(page, "#findings figure img")
+            # each file's runs compared: a heatmap of their per-layer change beside their loss curves
+            compared = page.eval_on_selector_all("h3.compare", "els => els.map(e => e.textContent)")
+            assert compared == [f"suites/test_hybrid_schedules_{i}.py: 5 runs compared" for i in range(8)]
+            assert page.locator(".figrow figure img").count() == 16
             assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
             keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # the docs' screenshots: the first two screens
             if keep:

@@ -434,3 +434,25 @@ def test_a_failed_comparisons_terminal_message_starts_with_why():
     failed, xfailed = terminal_rows(data, 200)
     assert failed["message"] == message.split("b = base): ", 1)[1]
     assert xfailed["message"].startswith("warm vs base, behavior_shift")  # the record's reason, "recorded refuted on M: " dropped
+
+
+def test_the_findings_table_opens_the_claims_that_matter_and_folds_the_rest():
+    """At most FINDINGS_OPEN claims open (so the forest plot is on the first screen): every changed
+    or failed one first, then those not supported, then supported ones with an effect; the rest folded."""
+    from harness.report.html import FINDINGS_OPEN
+
+    def test(i, verdict="supported", estimate=0.3, outcome="passed"):
+        checks = [check(estimate=estimate, verdict=verdict)] if estimate is not None else [
+            {"check": "assert_gradients_stable", "passed": True, "verdict": verdict, "metrics": {"steps": 4}}]
+        return {"nodeid": f"suites/test_s.py::test_claim_{i:02d}", "outcome": outcome, "checks": checks}
+
+    tests = [test(i) for i in range(12)] + [test(12, "refuted", outcome="xfailed"), test(13, estimate=None),
+                                           test(14, "refuted", outcome="failed")]
+    data = {"report_id": "r", "provenance": {}, "tests": tests, "runs": {}}
+    page = render_pages(data)["index.html"]
+    shown, folded = page.split('<details class="more-findings">')
+    shown = re.findall(r"claim (\d+)</a>", shown)
+    # the failed one, the refuted one, then the first eight supported with an effect, in test order
+    assert len(shown) == FINDINGS_OPEN == 10 and shown == [f"{i:02d}" for i in range(8)] + ["12", "14"]
+    assert "5 more claims: 4 with an effect (in the forest plot below), 1 with a verdict only" in folded
+    assert re.findall(r"claim (\d+)</a>", folded.split("</details>")[0]) == ["08", "09", "10", "11", "13"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..files import atomic_write
 
 DPI = 90
-FIGURES_VERSION = 5  # part of every cache key: bump it when a drawing changes
+FIGURES_VERSION = 6  # part of every cache key: bump it when a drawing changes
 PNG_COLOURS = 128  # figures are stored as palette PNGs: a third of the bytes, no visible loss
 VERDICT_COLOURS = {"supported": "#11612a", "refuted": "#b00020", "inconclusive": "#c98a00"}
 
@@ -377,7 +377,7 @@ def forest_figure(rows: list[dict]) -> dict | None:
     for suite in suites:
         lines.append((suite, None))
         lines += [("", r) for r in rows if r["suite"] == suite]
-    height = 0.8 + 0.26 * len(lines)
+    height = 0.8 + 0.21 * len(lines)
     fig = _new_figure(11.0, height, left=0.42, right=0.97, bottom=0.45 / height + 0.02, top=1 - 0.32 / height)
     ax = fig.subplots()
     y = len(lines)

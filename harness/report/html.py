@@ -138,8 +138,23 @@ def _finding_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _foldable(row: dict) -> bool:
-    return row["estimate"] is None and row["verdict"] == "supported" and not row.get("change")
+FINDINGS_OPEN = 10  # claims open in the findings table, so the forest plot below it is on the first screen
+
+
+def _split_findings(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(open, folded) in test order. Open: every claim that changed since the last report or whose
+    test failed, errored or passed unexpectedly; then, up to FINDINGS_OPEN, the claims not
+    supported, then those supported with an effect. Folded: the rest (the forest plot shows every
+    claim with an effect), supported claims with no effect to estimate last of all."""
+    def rank(row):
+        if row.get("change") or row.get("outcome") in ("failed", "error", "xpassed"):
+            return 0
+        if row["verdict"] != "supported":
+            return 1
+        return 2 if row["estimate"] is not None else 3
+    order = sorted(range(len(rows)), key=lambda i: (rank(rows[i]), i))
+    chosen = {i for n, i in enumerate(order) if rank(rows[i]) == 0 or (n < FINDINGS_OPEN and rank(rows[i]) < 3)}
+    return [r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen]
 
 
 def _test_entry(test: dict, run_links: dict) -> dict:
@@ -372,8 +387,9 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
         "gate": _gate(payload.get("gate")), "interrupted": payload.get("interrupted"),
         "header": _header(payload), "findings": _finding_rows(rows), "changes": changes,
         # open: claims with an effect, and any not supported or changed; folded: the rest (verdicts only)
-        "findings_shown": [r for r in _finding_rows(rows) if not _foldable(r)],
-        "findings_folded": [r for r in _finding_rows(rows) if _foldable(r)],
+        "findings_shown": _split_findings(_finding_rows(rows))[0],
+        "findings_folded": _split_findings(_finding_rows(rows))[1],
+        "folded_effects": sum(1 for r in _split_findings(rows)[1] if r["estimate"] is not None),
         "forest": cache.get("forest", rows, lambda: figs.forest_figure(rows)),
         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)], "n_tests": len(tests),
         "show_expected": any(t.get("expected") is not None or t.get("verdict") is not None for t in tests),

@@ -144,13 +144,15 @@ def _check_metric(helper: str, metric, known) -> None:
                            f"({', '.join(f'judge:{n}' for n in JUDGES.names())})")
 
 
-def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):
+def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None, pooled: bool = False):
     """check_X's arguments checked before any measurement: `runs` name its Run parameters (with
     `lists`, a list of runs per seed is allowed too); `metric`, the names its `metric` may take.
-    The message names the helper as called: check_X, or assert_X through `_asserting`."""
+    A single-run check given a RunSet checks each seed, unless `pooled` (it then takes the seeds
+    as one arm itself). The message names the helper as called: check_X, or assert_X."""
     def decorate(check):
         signature = inspect.signature(check)
-        per_seed = runs == ("run",)  # a single-run check takes a RunSet too, and checks each seed
+        per_seed = runs == ("run",) and not pooled  # a single-run check takes a RunSet too, and checks each seed
+        lists_ok = lists or runs == ("run",)
 
         def validate(helper: str, args, kwargs) -> None:
             try:
@@ -160,7 +162,7 @@ def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None):
             bound.apply_defaults()
             if metric is not None:
                 _check_metric(helper, bound.arguments["metric"], metric)
-            _check_run_arguments(helper, bound.arguments, runs, lists or per_seed)
+            _check_run_arguments(helper, bound.arguments, runs, lists_ok)
 
         body = _each_seed(check) if per_seed else check
 
@@ -185,7 +187,7 @@ def _each_seed(check):
         if not run:
             raise HarnessError(f"{check.__name__}: the RunSet holds no run")
         results = [check(r, *args, **kwargs) for r in run]  # each is recorded in the test's report
-        seeds = [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(run)]
+        seeds = _seeds(run)
         verdicts = [x.verdict for x in results]
         verdict = next((v for v in ("refuted", "inconclusive") if v in verdicts), "supported")
         failing = [f"seed {s}: {x.summary}" for s, x in zip(seeds, results) if not x.passed]
@@ -415,17 +417,24 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
-@_takes_runs("run")
+@_takes_runs("run", pooled=True)
 def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
                           max_effect: float | None = None) -> CheckResult:
     """The stance shift on held-out probes, adapted minus base, clears the bounds with confidence.
 
-    `min_effect`: the 95% bootstrap interval's LOWER end must exceed it (so noise cannot pass).
-    `max_effect`: the interval's UPPER end must stay below it ("shifts at most this much").
-    Metrics: loglik_margin, kl, marker_rate (see Run.behavior).
+    `min_effect`: the 95% interval's LOWER end must exceed it (so noise cannot pass).
+    `max_effect`: the interval's UPPER end must stay below it ("shifts at most this much"); both
+    together claim the shift lies between them (with -m and +m: "no shift", an equivalence test).
+    Metrics: loglik_margin, kl, marker_rate (see Run.behavior). One run: the bootstrap interval over
+    its probes, a claim about that run. A RunSet: seeds crossed with the probes, each bound a
+    one-sided test at 2.5% (analysis.replication), a claim about the method.
     """
     if min_effect is None and max_effect is None:
         raise ValueError("give min_effect, max_effect or both")
+    if isinstance(run, (list, tuple)):
+        if len(run) > 1:
+            return _shift_across_seeds(list(run), metric, min_effect, max_effect)
+        (run,) = run
     found = run.behavior(metric)
     effect = found["effect"]
     failures = []
@@ -446,6 +455,97 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
     ), {f"{run.label}.{metric}": effect["mean"],
         # `behavior_shift` names the headline measure only, so a gate on it never mixes in a KL
         **({f"{run.label}.behavior_shift": effect["mean"]} if metric == "loglik_margin" else {})})
+
+
+def _beyond(bound: float, above: bool) -> tuple[str, float, str | None]:
+    """(claim, margin, better) for "the shift is above `bound`" (or below it), margins being >= 0."""
+    if above:
+        return ("greater", bound, None) if bound >= 0 else ("not_worse", -bound, "higher")
+    return ("less", -bound, None) if bound <= 0 else ("not_worse", bound, "lower")
+
+
+RUN_LEVEL_NOTE = "One seed: a claim about this run, not about the method"
+
+
+def _shift_across_seeds(runs: list, metric: str, min_effect, max_effect) -> CheckResult:
+    """check_behavior_shift over seeds: each seed's per-probe shift, seeds crossed with probes."""
+    return _within_bounds("assert_behavior_shift", runs, metric, min_effect, max_effect, "shift")
+
+
+def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
+                   confidence: float = 0.95) -> CheckResult:
+    """The per-unit mean of `metric` above `low` and/or below `high`: each bound one one-sided test
+    against a constant arm (seeds crossed with units for a RunSet, an exact sign-flip over the
+    units for one run); the claim holds when every bound's does."""
+    name = _names(runs)
+    unit, ids, rows = _arm(runs, metric, name)
+    measured = replication.arm(name, rows, ids)
+    bounds = [(b, above) for b, above in ((low, True), (high, False)) if b is not None]
+    found = []
+    for bound, above in bounds:
+        constant = replication.arm(f"{bound:g}", [[float(bound)] * len(ids) for _ in rows], ids)
+        claim, margin, better = _beyond(0.0, above)
+        found.append(replication.compare(measured, constant, claim=claim, margin=margin, better=better, unit=unit,
+                                         confidence=confidence))
+    outcomes = [f.outcome for f in found]
+    verdict = "refuted" if "refuted" in outcomes else "inconclusive" if "inconclusive" in outcomes else "supported"
+    first = found[0]
+    estimate = first.estimate + bounds[0][0]  # the comparison is against the bound: add it back
+    low_end, high_end = first.low + bounds[0][0], first.high + bounds[0][0]
+    required = " and ".join(f"{'>' if above else '<'} {b:+g}" for b, above in bounds)
+    summary = (f"{name} {metric} {what} {estimate:+.4g} [{low_end:+.4g}, {high_end:+.4g}] "
+               f"({first.confidence:.0%} interval, {first.method}); required {required}: {verdict}; "
+               + "; ".join(f"{'lower' if above else 'upper'} bound: {f.outcome}, one-sided p = {f.p_value:.3g}"
+                           for (_, above), f in zip(bounds, found))
+               + f"; rests on {first.rests_on()}" + (f". {RUN_LEVEL_NOTE}" if first.run_level else ""))
+    table = [[f"{unit} {i}", *(row[i] for row in rows)] for i in range(len(ids))][:16]
+    effect = {"mean": estimate, "low": low_end, "high": high_end, "n": first.units}
+    return _conclude(runs, CheckResult(
+        check, verdict == "supported", summary, [unit, *(f"seed {s}" for s in _seeds(runs))],
+        table, {"metric": metric, **effect, "estimate": estimate, "unit": unit, "seeds": len(runs),
+                "scope": first.scope, "method": first.method, "df": first.df, "level": first.level,
+                "p_value": max(f.p_value for f in found), "rests_on": first.rests_on(), "bounds": [low, high]},
+        verdict=verdict),
+        {f"{runs[0].label}.{metric}": estimate,
+         **({f"{runs[0].label}.behavior_shift": estimate} if metric == "loglik_margin" else {})})
+
+
+@_takes_runs("runs", lists=True, metric=PAIRED_METRICS)
+def check_bounded(runs, metric: str = "acc1", above: float | None = None, below: float | None = None,
+                  confidence: float = 0.95) -> CheckResult:
+    """The mean of `metric` over its units (predictions, probes, windows; see Run.unit_values) lies
+    above `above` and/or below `below`, with confidence: for a RunSet, seeds crossed with units (a
+    claim about the method); for one run, an exact sign-flip test over its units (a claim about
+    the run). For example Acc@1 above chance: `check_bounded(runs, "acc1", above=0.5)`."""
+    if above is None and below is None:
+        raise HarnessError("check_bounded: give above=, below= or both")
+    if metric == "ece":
+        raise HarnessError("check_bounded: ECE is a statistic of all predictions, not a mean over them; "
+                           "use check_ece for a bound on one run")
+    return _within_bounds("assert_bounded", list(runs) if isinstance(runs, (list, tuple)) else [runs], metric,
+                          above, below, "mean", confidence)
+
+
+def _seeds(runs) -> list:
+    return [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(runs)]
+
+
+def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.95) -> dict:
+    """The shift of `metric` on held-out probes, adapted minus base, as {mean, low, high, n, seeds,
+    method}: for one run, its bootstrap interval over the probes; for a RunSet, the interval with
+    seeds crossed with probes (the one check_behavior_shift decides on). For tables."""
+    runs = list(runs) if isinstance(runs, (list, tuple)) else [runs]
+    if len(runs) == 1:
+        effect = runs[0].behavior(metric)["effect"]
+        return {"mean": effect["mean"], "low": effect["low"], "high": effect["high"], "n": effect["n"],
+                "seeds": 1, "method": "bootstrap over probes (one run)"}
+    name = _names(runs)
+    unit, ids, rows = _arm(runs, metric, name)
+    found = replication.compare(replication.arm(name, rows, ids),
+                                replication.arm("no shift", [[0.0] * len(ids) for _ in rows], ids),
+                                claim="greater", unit=unit, confidence=confidence)
+    return {"mean": found.estimate, "low": found.low, "high": found.high, "n": found.units, "seeds": len(runs),
+            "method": found.method}
 
 
 @_takes_runs("run")
@@ -681,6 +781,7 @@ assert_behavior_localized = _asserting(check_behavior_localized)
 assert_few_intruders = _asserting(check_few_intruders)
 assert_layer_profiles_agree = _asserting(check_layer_profiles_agree)
 assert_negation_reverses = _asserting(check_negation_reverses)
+assert_bounded = _asserting(check_bounded)
 
 
 # -- comparisons between runs: paired by unit id, seeds as the unit of replication --------------

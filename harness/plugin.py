@@ -22,6 +22,7 @@ OPT_NO_REPORTS = "--no-reports"
 OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
 OPT_REPEAT = "--repeat"
 OPT_SEEDS = "--seeds"
+SEEDS_MARK = "seeds"
 OPT_ADAPTER = "--adapter"
 OPT_SAVE_BASELINE = "--save-baseline"
 OPT_COMPARE_BASELINE = "--compare-baseline"
@@ -71,9 +72,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="time limit per post-training analysis stage; an overrun fails naming the stage. 0: no limit. Default: 600")
     group.addoption(OPT_REPEAT, metavar="N", type=int, default=1,
                     help="run each test that trains N times, with seeds seed, seed+1, ...; the report gives mean and spread")
-    group.addoption(OPT_SEEDS, metavar="N", type=_positive_int, default=1,
+    group.addoption(OPT_SEEDS, metavar="N", type=_positive_int, default=None,
                     help="train(...) without seeds= trains N runs with seeds seed, seed+1, ... and returns them as "
-                         "one RunSet: comparative claims are then about the methods (default 1: one run)")
+                         "one RunSet: comparative claims are then about the methods. Overrides a test's "
+                         f"{SEEDS_MARK}(N) mark. Default: the mark's N, else one run")
     group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
                     help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
                          "tests that train are skipped, tests using `adapter_run` measure each adapter")
@@ -135,6 +137,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
+    config.addinivalue_line("markers", f"{SEEDS_MARK}(n): train(...) without seeds= returns a RunSet of n training "
+                            f"seeds (the suite's unit of replication for claims about methods); {OPT_SEEDS} overrides")
     if config.option.help or config.option.version:
         return
     from .registry import HarnessError
@@ -322,14 +326,17 @@ def _positive_int(text: str) -> int:
 
 
 @pytest.fixture
-def train(harness_session, stance_report, stance_repeat):
+def train(request, harness_session, stance_report, stance_repeat):
     """`train(method, stance=..., examples=..., recipe={...}, task=..., seeds=None, **method_options)`.
 
-    Returns a Run; with `seeds=N` (or `--seeds N` > 1 when seeds is not given) a RunSet of N runs
-    that differ only in the training seed (the recipe's seed, seed+1, ...). Identical requests
-    within a session train once and share the Run. Checks on a run this test was handed are
-    recorded in this test's report section.
+    Returns a Run; with `seeds=N` a RunSet of N runs that differ only in the training seed (the
+    recipe's seed, seed+1, ...). Without seeds=, `--seeds N`, else the test's `seeds(N)` mark,
+    sets N (a RunSet even for N = 1, so a suite's code sees one shape). Identical requests within
+    a session train once and share the Run. Checks on a run this test was handed are recorded in
+    this test's report section.
     """
+    mark = request.node.get_closest_marker(SEEDS_MARK)
+    default_seeds = harness_session.options.seeds or (_mark_seeds(mark) if mark else None)
     if harness_session.options.adapters:
         pytest.skip(f"{OPT_ADAPTER} given: gating saved adapters, so tests that train are skipped")
     handed = []
@@ -345,17 +352,26 @@ def train(harness_session, stance_report, stance_repeat):
         __tracebackhide__ = True
         from .run import RunSet
 
-        count = harness_session.options.seeds if seeds is None else seeds
+        if seeds is None and default_seeds is None:
+            return _one(method, stance_repeat, kwargs)
+        count = default_seeds if seeds is None else seeds
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             pytest.fail(f"stance-harness: train(seeds=...) must be an integer >= 1, got {seeds!r}", pytrace=False)
-        if seeds is None and count == 1:
-            return _one(method, stance_repeat, kwargs)
         # under --repeat R each repetition gets its own block of seeds
         return RunSet(_one(method, stance_repeat * count + i, kwargs) for i in range(count))
 
     yield _train
     for run in handed:
         stance_report.release_run(run)
+
+
+def _mark_seeds(mark) -> int:
+    __tracebackhide__ = True
+    (count,) = mark.args or (mark.kwargs.get("n"),)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        pytest.fail(f"stance-harness: @pytest.mark.{SEEDS_MARK}(n) needs an integer n >= 1, got {count!r}",
+                    pytrace=False)
+    return count
 
 
 class PlannedRun:

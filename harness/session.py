@@ -52,7 +52,7 @@ class HarnessOptions:
     args: list[str]
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
-    seeds: int = 1  # --seeds N: runs per train(...) call without seeds=
+    seeds: int | None = None  # --seeds N: runs per train(...) call without seeds= (over a seeds(N) mark)
     adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
     save_baseline: str | None = None
     compare_baseline: str | None = None

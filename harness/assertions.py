@@ -477,7 +477,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
     """The per-unit mean of `metric` above `low` and/or below `high`: each bound one one-sided test
     against a constant arm (seeds crossed with units for a RunSet, an exact sign-flip over the
     units for one run); the claim holds when every bound's does."""
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     measured = replication.arm(name, rows, ids)
     bounds = [(b, above) for b, above in ((low, True), (high, False)) if b is not None]
@@ -539,7 +539,7 @@ def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.9
         effect = runs[0].behavior(metric)["effect"]
         return {"mean": effect["mean"], "low": effect["low"], "high": effect["high"], "n": effect["n"],
                 "seeds": 1, "method": "bootstrap over probes (one run)"}
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     found = replication.compare(replication.arm(name, rows, ids),
                                 replication.arm("no shift", [[0.0] * len(ids) for _ in rows], ids),
@@ -797,6 +797,12 @@ def _options(run) -> dict:
             "recipe": as_dict(getattr(run, "recipe", None)),
             "stance": {"name": getattr(getattr(run, "stance", None), "name", None)},
             "examples": getattr(run, "examples", None), "task": getattr(getattr(run, "task", None), "name", None)}
+
+
+def _arm_name(runs: list) -> str:
+    """One arm's name on its own: its runs' label, `x5` for five seeds."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    return labels[0] if len(labels) == 1 and len(runs) == 1 else f"{'/'.join(labels)} x{len(runs)}"
 
 
 def _names(runs_a: list, runs_b: list) -> tuple[str, str]:

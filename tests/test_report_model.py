@@ -17,7 +17,7 @@ import pytest
 from harness.cli import main
 from harness.report.figures import forest_figure, png_bytes
 from harness.report.findings import changes_since, claim_of, findings, hypothesis_of, readable_name
-from harness.report.html import render_pages
+from harness.report.html import _configurations, render_pages
 from harness.report.markdown import render_markdown
 from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
 from harness.report.sections import MESSAGE_ROOM, clean_message, human, run_labels, short_test_id, terminal_rows
@@ -456,3 +456,36 @@ def test_the_findings_table_opens_the_claims_that_matter_and_folds_the_rest():
     assert len(shown) == FINDINGS_OPEN == 10 and shown == [f"{i:02d}" for i in range(8)] + ["12", "14"]
     assert "5 more claims: 4 with an effect (in the forest plot below), 1 with a verdict only" in folded
     assert re.findall(r"claim (\d+)</a>", folded.split("</details>")[0]) == ["08", "09", "10", "11", "13"]
+
+
+def test_seeds_of_one_configuration_are_averaged_in_the_comparisons():
+    """A RunSet (runs differing only in their seed) is one row of the heatmap and one loss curve:
+    the mean over its seeds, labelled by what sets the configuration apart and how many seeds."""
+    data = hybrid()
+    first, second = list(data["runs"])[:2]
+    data["tests"] = [t for t in data["tests"] if set(t["runs"]) & {first, second}]
+    for test in data["tests"]:
+        test["runs"] = [first, second]
+    for run_id in (first, second):
+        data["runs"][run_id]["trace"]["loss"] = [1.0, 2.0, 3.0]
+    for seed in (1, 2):  # two more seeds of each: rel_change x2 and x3, loss shifted by the seed
+        for run_id in (first, second):
+            run = copy.deepcopy(data["runs"][run_id])
+            run.update({"run_id": f"{run_id}-s{seed}", "recipe": {**run["recipe"], "seed": seed}})
+            for row in run["layers"]["effective"]:
+                row["rel_change"] = row["rel_change"] * (seed + 1)
+            run["trace"]["loss"] = [v + seed for v in run["trace"]["loss"]] + [9.0] * seed  # longer: cut to the shortest
+            data["runs"][run["run_id"]] = run
+            data["tests"][0]["runs"].append(run["run_id"])
+    complete = normalized(data)
+    labels = run_labels(complete["runs"])
+    views = _configurations([{**complete["runs"][r], "label": labels[r]} for r in data["tests"][0]["runs"]])
+    assert [v["label"] for v in views] == ["hybrid, freeze_lora_steps=0 (mean of 3 seeds)",
+                                          "hybrid, freeze_lora_steps=4 (mean of 3 seeds)"]
+    assert views[0]["trace"]["loss"] == [2.0, 3.0, 4.0]  # (1 + 2 + 3) / 3 at step 0
+    real = data["runs"][first]["layers"]["effective"][0]["rel_change"]
+    assert views[0]["layers"]["effective"][0]["rel_change"] == pytest.approx(real * (1 + 2 + 3) / 3)
+    runs = render_pages(data)["index.html"].split('<section id="runs">')[1]
+    assert "suites/test_hybrid_schedules.py: 6 runs compared (2 configurations, seeds averaged)" in runs
+    assert re.findall(r'alt="([^"]+)"', runs)[:2] == ["per-layer rel_change of 2 runs on one heatmap test_hybrid_schedules.py",
+                                                     "loss curves of 2 runs on one axis test_hybrid_schedules.py"]

@@ -15,6 +15,7 @@ so the page stays a few screens long however many runs a session trained.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from functools import lru_cache
@@ -321,30 +322,72 @@ def _suite_groups(runs: dict, tests: list[dict]) -> list[tuple[str, list[str]]]:
     return several or ([(SESSION_GROUP, list(runs))] if len(runs) > 1 else [])
 
 
+def _mean(values: list) -> float:
+    numbers = [figs._float(v) for v in values]
+    return sum(numbers) / len(numbers) if numbers and all(math.isfinite(v) for v in numbers) else math.nan
+
+
+def _configurations(views: list[dict]) -> list[dict]:
+    """Runs that differ only in their seed (a RunSet) as one configuration: labelled by what sets
+    it apart from the suite's other configurations, its per-layer change and its loss curve the
+    mean over its seeds (a step or layer some seed lacks, or one non-finite, is left blank)."""
+    groups: dict[str, list[dict]] = {}
+    for run in views:
+        recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k != "seed"}
+        key = json.dumps([run.get("method"), run.get("config"), recipe, (run.get("stance") or {}).get("name"),
+                          run.get("examples"), run.get("task")], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+    members = list(groups.values())
+    firsts = {str(i): {**group[0], "recipe": {k: v for k, v in (group[0].get("recipe") or {}).items() if k != "seed"}}
+              for i, group in enumerate(members)}
+    labels = run_labels(firsts)  # within the suite: what sets each configuration apart from the others
+    out = []
+    for i, group in enumerate(members):
+        label = labels[str(i)]
+        if len(group) == 1:
+            out.append({"label": label, "task": group[0].get("task"), "run_id": group[0].get("run_id"),
+                        "layers": {"effective": group[0]["layers"].get("effective")},
+                        "model": {"num_layers": (group[0].get("model") or {}).get("num_layers")},
+                        "trace": {"loss": (group[0].get("trace") or {}).get("loss")}})
+            continue
+        by_layer: dict[str, list] = {}
+        for run in group:
+            for row in run["layers"].get("effective") or []:
+                if isinstance(row, dict):
+                    by_layer.setdefault(str(row.get("layer")), []).append(row.get("rel_change"))
+        losses = [(run.get("trace") or {}).get("loss") or [] for run in group]
+        steps = min(len(loss) for loss in losses)
+        out.append({"label": f"{label} (mean of {len(group)} seeds)", "task": group[0].get("task"),
+                    "run_id": group[0].get("run_id"),
+                    "layers": {"effective": [{"layer": layer, "rel_change": _mean(values) if len(values) == len(group)
+                                              else math.nan} for layer, values in by_layer.items()]},
+                    "model": {"num_layers": (group[0].get("model") or {}).get("num_layers")},
+                    "trace": {"loss": [_mean([loss[j] for loss in losses]) for j in range(steps)]}})
+    return out
+
+
 def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict:
-    """Comparative figures across runs, per suite (as the seeds draw them): the suite's runs'
-    per-layer change on one heatmap (seed 001's domains x rates) beside their loss curves on one
-    axis (seed 004's schedules), one axis per task; and the dose-response curves of the session's
-    runs together."""
+    """Comparative figures across runs, per suite (as the seeds draw them): the suite's
+    configurations' per-layer change on one heatmap (seed 001's domains x rates) beside their loss
+    curves on one axis (seed 004's schedules), one axis per task, seeds of one configuration
+    averaged; and the dose-response curves of the session's runs together."""
     suites = []
     for suite, ids in _suite_groups(runs, tests):
-        views = [runs[run_id] for run_id in ids]
+        views = _configurations([runs[run_id] for run_id in ids])
         name = suite.rsplit("/", 1)[-1]
-        layers = [{"label": r.get("label"), "run_id": r.get("run_id"), "layers": {"effective": r["layers"].get("effective")},
-                   "model": {"num_layers": (r.get("model") or {}).get("num_layers")}} for r in views]
+        layers = [{k: v for k, v in view.items() if k not in ("trace", "task")} for view in views]
         figures = [cache.get("compare-layers", [layers, name, COMPARE_WIDTH],
                              lambda d=layers, n=name: figs.layers_comparison_figure(d, width=COMPARE_WIDTH, title=n))]
         by_task: dict[str, list[dict]] = {}
-        for run in views:
-            by_task.setdefault(str(run.get("task") or ""), []).append(
-                {"label": run.get("label"), "trace": {"loss": (run.get("trace") or {}).get("loss")}})
+        for view in views:
+            by_task.setdefault(str(view.get("task") or ""), []).append({"label": view["label"], "trace": view["trace"]})
         for task, group in by_task.items():
             title = name + (f", task {task}" if len(by_task) > 1 and task else "")
             figures.append(cache.get("compare-loss", [group, title, COMPARE_WIDTH],
                                      lambda g=group, t=title: figs.loss_comparison_figure(g, t, width=COMPARE_WIDTH)))
         figures = [f for f in figures if f]
         if figures:
-            suites.append({"suite": suite, "runs": len(ids), "figures": figures})
+            suites.append({"suite": suite, "runs": len(ids), "configurations": len(views), "figures": figures})
     doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
              for run in runs.values() if (run.get("measurements") or {}).get("dose_response")]
     dose = cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)) if len(doses) > 1 else None

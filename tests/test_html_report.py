@@ -343,6 +343,7 @@ def test_twenty_runs_stay_small():
     for i in range(20):
         run = copy.deepcopy(base)
         run["run_id"] = f"full-{i:012d}"
+        run["recipe"]["learning_rate"] = 1e-4 * (i + 1)  # twenty configurations (seeds of one would average)
         run["model"]["num_layers"] = 24
         run["layers"]["effective"] = _layer_rows(["embed"] + [f"L{j}" for j in range(24)] + ["final_norm"])
         run["layers"]["adapter"] = run["layers"]["effective"]

@@ -237,7 +237,7 @@ def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
     different labels: of two values, at most one is the majority's."""
     flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
     by_method: dict = {}
-    for run_id, options in flat.items():
+    for options in flat.values():
         by_method.setdefault(options.get("method"), []).append(options)
     out = {}
     for run_id, options in flat.items():

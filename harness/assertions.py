@@ -27,6 +27,7 @@ from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError, suggest
 from .report.metrics import HIGHER, LOWER, Estimate, declare_metrics, direction_of
 from .report.records import CheckResult
+from .report.sections import differing_options, short_value
 from .request import TrainingRequest
 from .judges import JUDGES
 from .run import PAIRED_METRICS, Run
@@ -478,7 +479,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
     """The per-unit mean of `metric` above `low` and/or below `high`: each bound one one-sided test
     against a constant arm (seeds crossed with units for a RunSet, an exact sign-flip over the
     units for one run); the claim holds when every bound's does."""
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     measured = replication.arm(name, rows, ids)
     bounds = [(b, above) for b, above in ((low, True), (high, False)) if b is not None]
@@ -541,7 +542,7 @@ def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.9
         effect = runs[0].behavior(metric)["effect"]
         return {"mean": effect["mean"], "low": effect["low"], "high": effect["high"], "n": effect["n"],
                 "seeds": 1, "method": "bootstrap over probes (one run)"}
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     found = replication.compare(replication.arm(name, rows, ids),
                                 replication.arm("no shift", [[0.0] * len(ids) for _ in rows], ids),
@@ -629,8 +630,7 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     found, other = run.calibration(n_bins), than.calibration(n_bins)
     ece, reference = found["adapted"]["ece"], other["adapted"]["ece"]
-    # two runs of one method (e.g. two hybrid schedules) share a label: name them by run id then
-    mine, theirs = (run.label, than.label) if run.label != than.label else (run.run_id, than.run_id)
+    mine, theirs = _names([run], [than])  # two hybrid schedules: by the options that differ
     summary = (f"{mine} ECE {ece:.4f} vs {theirs} ECE {reference:.4f} (difference {ece - reference:+.4f}); "
                f"allowed at most {tol:+.4f}")
     rows = [[name, c["adapted"]["ece"], c["adapted"]["mce"], c["adapted"]["brier"], c["adapted"]["acc1"]]
@@ -744,15 +744,16 @@ def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fr
         raise HarnessError(f"min_rho must be a correlation in [-1, 1), got {min_rho!r}")
     profile_a, profile_b = block_shares(a.deltas(view), measure), block_shares(b.deltas(view), measure)
     aligned = profile_rank_correlation(profile_a, profile_b)
-    headers = ["layer", a.label, b.label]
+    name_a, name_b = _names([a], [b])
+    headers = ["layer", name_a, name_b]
     rows = [[f"L{label}", x, y] for label, x, y in zip(aligned.labels, aligned.a, aligned.b)]
     if aligned.reason:
-        summary = f"{a.label} vs {b.label}: no rank correlation: {aligned.reason}"
+        summary = f"{name_a} vs {name_b}: no rank correlation: {aligned.reason}"
         return _conclude([a, b], CheckResult("assert_layer_profiles_agree", False, summary, headers, rows,
                                              {"rho": aligned.rho}, verdict="inconclusive"))
     found = spearman_with_interval(aligned.a, aligned.b, confidence=confidence)
     outcome = "supported" if found.low > min_rho else "refuted" if found.high <= min_rho else "inconclusive"
-    summary = (f"{a.label} vs {b.label}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
+    summary = (f"{name_a} vs {name_b}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
                f"[{found.low:+.3f}, {found.high:+.3f}] ({confidence:.0%} bootstrap over {found.n} layers); "
                f"required above {min_rho:+g}: {outcome}")
     return _conclude([a, b], CheckResult(
@@ -807,9 +808,36 @@ def _runs(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _names(runs: list) -> str:
+def _options(run) -> dict:
+    """A run's options as its report summary holds them (what report/sections.py compares)."""
+    def as_dict(value):
+        return value.as_dict() if hasattr(value, "as_dict") else {}
+    return {"method": run.label, "config": as_dict(getattr(run, "config", None)),
+            "recipe": as_dict(getattr(run, "recipe", None)),
+            "stance": {"name": getattr(getattr(run, "stance", None), "name", None)},
+            "examples": getattr(run, "examples", None), "task": getattr(getattr(run, "task", None), "name", None)}
+
+
+def _arm_name(runs: list) -> str:
+    """One arm's name on its own: its runs' label, `x5` for five seeds."""
     labels = list(dict.fromkeys(r.label for r in runs))
     return labels[0] if len(labels) == 1 and len(runs) == 1 else f"{'/'.join(labels)} x{len(runs)}"
+
+
+def _names(runs_a: list, runs_b: list) -> tuple[str, str]:
+    """Each arm's name: its runs' label, with the options that tell it from the other arm when
+    both share one (`hybrid[freeze_lora_steps=4] vs hybrid[freeze_lora_steps=0]`, not `hybrid vs
+    hybrid`); `x3` for three seeds. Two arms alike in every option are named by run id."""
+    differing = differing_options({"a": _options(runs_a[0]), "b": _options(runs_b[0])})
+    names = []
+    for side, runs in (("a", runs_a), ("b", runs_b)):
+        labels = list(dict.fromkeys(r.label for r in runs))
+        name = "/".join(labels)
+        if runs_a[0].label == runs_b[0].label:
+            parts = [f"{k}={short_value(v)}" for k, v in differing[side][:3]] or [str(getattr(runs[0], "run_id", side))]
+            name += "[" + ", ".join(parts) + "]"
+        names.append(name if len(runs) == 1 else f"{name} x{len(runs)}")
+    return names[0], names[1]
 
 
 _KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are decided (see replication)
@@ -837,7 +865,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
     runs_a, runs_b = _runs(a), _runs(b)
     if not runs_a or not runs_b:
         raise HarnessError(f"{check}: give a run or a RunSet on each side; got {len(runs_a)} and {len(runs_b)} runs")
-    name_a, name_b = _names(runs_a), _names(runs_b)
+    name_a, name_b = _names(runs_a, runs_b)
     unit, ids, rows_a = _arm(runs_a, metric, name_a)
     _, ids_b, rows_b = _arm(runs_b, metric, name_b)
     where = replication.match_ids(ids, ids_b, name_a, name_b, unit)  # pairing by unit id, not position

@@ -333,7 +333,8 @@ class HarnessSession:
                                         else exit_code)
             self.payload_cache = payload
         if write:
-            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted)
+            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted,
+                                                  progress=self.progress)
         if failure is not None:
             raise failure
         if interrupted:

@@ -22,7 +22,9 @@ OPT_NO_REPORTS = "--no-reports"
 OPT_ANALYSIS_TIMEOUT = "--analysis-timeout"
 OPT_REPEAT = "--repeat"
 OPT_SEEDS = "--seeds"
+SEEDS_MARK = "seeds"
 OPT_ADAPTER = "--adapter"
+OPT_STANCE = "--stance"
 OPT_SAVE_BASELINE = "--save-baseline"
 OPT_COMPARE_BASELINE = "--compare-baseline"
 OPT_FAIL_ON = "--fail-on"
@@ -71,18 +73,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="time limit per post-training analysis stage; an overrun fails naming the stage. 0: no limit. Default: 600")
     group.addoption(OPT_REPEAT, metavar="N", type=int, default=1,
                     help="run each test that trains N times, with seeds seed, seed+1, ...; the report gives mean and spread")
-    group.addoption(OPT_SEEDS, metavar="N", type=_positive_int, default=1,
+    group.addoption(OPT_SEEDS, metavar="N", type=_positive_int, default=None,
                     help="train(...) without seeds= trains N runs with seeds seed, seed+1, ... and returns them as "
-                         "one RunSet: comparative claims are then about the methods (default 1: one run)")
-    group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
-                    help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
-                         "tests that train are skipped, tests using `adapter_run` measure each adapter")
+                         "one RunSet: comparative claims are then about the methods. Overrides a test's "
+                         f"{SEEDS_MARK}(N) mark. Default: the mark's N, else one run")
+    group.addoption(OPT_ADAPTER, metavar="[NAME=]PATH", action="append", default=[],
+                    help="gate a saved peft adapter (any tuner) or a fully fine-tuned checkpoint (safetensors) on "
+                         "--model's base without training (repeatable); NAME (default: the directory's name) names "
+                         "its metrics. Tests that train are skipped, tests using `adapter_run` measure each one")
+    group.addoption(OPT_STANCE, metavar="NAME", default=None,
+                    help=f"the stance each {OPT_ADAPTER} is measured on. Default: the one its stance_harness.json "
+                         f"names (save_adapter writes it); an adapter without either is refused")
     group.addoption(OPT_SAVE_BASELINE, metavar="NAME", default=None,
                     help="store this session's metrics as baseline NAME (reports/baselines/NAME.json)")
     group.addoption(OPT_COMPARE_BASELINE, metavar="NAME", default=None,
                     help="compare this session's metrics with baseline NAME; regressions past --fail-on fail the session")
     group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
-                    help="regression rules METRIC:[+|-]TOL[%%], e.g. 'ece:+0.01' 'behavior_shift:-10%%'")
+                    help="regression rules METRIC:[+|-]TOL[%%][@ci], e.g. 'ece:+0.01' 'behavior_shift:-10%%'; with "
+                         "@ci only a change whose 95%% interval lies wholly past the tolerance fails")
     group.addoption(OPT_RUN_CACHE, metavar="DIR|URL", default=None,
                     help="the run store: finished runs, loaded instead of trained again; a directory or a URL "
                          "(file://, s3://BUCKET/PATH, gs://BUCKET/PATH) that sessions share. Default: "
@@ -136,6 +144,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
+    config.addinivalue_line("markers", f"{SEEDS_MARK}(n): train(...) without seeds= returns a RunSet of n training "
+                            f"seeds (the suite's unit of replication for claims about methods); {OPT_SEEDS} overrides")
     if config.option.help or config.option.version:
         return
     from .registry import HarnessError
@@ -156,7 +166,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
-    from .adapters import read_adapter
+    from .adapters import parse_adapter_spec, read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
@@ -165,6 +175,7 @@ def _options(config: pytest.Config):
     from .report.metrics import is_declared
     from .residency import parse_bytes
     from .session import HarnessOptions
+    from .stances import load_stance
 
     if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
         raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
@@ -178,11 +189,20 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
-    for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
-        read_adapter(adapter)
+    names = {}
+    for adapter in config.getoption(OPT_ADAPTER):
+        spec = parse_adapter_spec(adapter)
+        if spec.name in names:
+            raise HarnessError(f"{OPT_ADAPTER} {names[spec.name]} and {adapter} would both name their metrics "
+                               f"{spec.name!r}; give each its own with NAME=PATH")
+        names[spec.name] = adapter
+    for adapter in names.values():  # a bad path or no stance stops the session before the model loads
+        read_adapter(adapter).stance_name(config.getoption(OPT_STANCE))
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
+    if config.getoption(OPT_STANCE) is not None:
+        load_stance(config.getoption(OPT_STANCE), config.getoption(OPT_STANCE_DIR))
     if not config.getoption(OPT_NO_REPORTS):
         check_writable_directory(reports_dir, OPT_REPORTS_DIR)
     verdict_json = config.getoption(OPT_VERDICT_JSON)
@@ -211,6 +231,7 @@ def _options(config: pytest.Config):
         rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
         analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
         repeat=config.getoption(OPT_REPEAT), seeds=config.getoption(OPT_SEEDS), adapters=config.getoption(OPT_ADAPTER),
+        stance=config.getoption(OPT_STANCE),
         save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
         run_cache=config.getoption(OPT_RUN_CACHE) or None,  # a path or a URL: the run store reads it
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
@@ -324,14 +345,17 @@ def _positive_int(text: str) -> int:
 
 
 @pytest.fixture
-def train(harness_session, stance_report, stance_repeat):
+def train(request, harness_session, stance_report, stance_repeat):
     """`train(method, stance=..., examples=..., recipe={...}, task=..., seeds=None, **method_options)`.
 
-    Returns a Run; with `seeds=N` (or `--seeds N` > 1 when seeds is not given) a RunSet of N runs
-    that differ only in the training seed (the recipe's seed, seed+1, ...). Identical requests
-    within a session train once and share the Run. Checks on a run this test was handed are
-    recorded in this test's report section.
+    Returns a Run; with `seeds=N` a RunSet of N runs that differ only in the training seed (the
+    recipe's seed, seed+1, ...). Without seeds=, `--seeds N`, else the test's `seeds(N)` mark,
+    sets N (a RunSet even for N = 1, so a suite's code sees one shape). Identical requests within
+    a session train once and share the Run. Checks on a run this test was handed are recorded in
+    this test's report section.
     """
+    mark = request.node.get_closest_marker(SEEDS_MARK)
+    default_seeds = harness_session.options.seeds or (_mark_seeds(mark) if mark else None)
     if harness_session.options.adapters:
         pytest.skip(f"{OPT_ADAPTER} given: gating saved adapters, so tests that train are skipped")
     handed = []
@@ -347,17 +371,26 @@ def train(harness_session, stance_report, stance_repeat):
         __tracebackhide__ = True
         from .run import RunSet
 
-        count = harness_session.options.seeds if seeds is None else seeds
+        if seeds is None and default_seeds is None:
+            return _one(method, stance_repeat, kwargs)
+        count = default_seeds if seeds is None else seeds
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             pytest.fail(f"stance-harness: train(seeds=...) must be an integer >= 1, got {seeds!r}", pytrace=False)
-        if seeds is None and count == 1:
-            return _one(method, stance_repeat, kwargs)
         # under --repeat R each repetition gets its own block of seeds
         return RunSet(_one(method, stance_repeat * count + i, kwargs) for i in range(count))
 
     yield _train
     for run in handed:
         stance_report.release_run(run)
+
+
+def _mark_seeds(mark) -> int:
+    __tracebackhide__ = True
+    (count,) = mark.args or (mark.kwargs.get("n"),)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        pytest.fail(f"stance-harness: @pytest.mark.{SEEDS_MARK}(n) needs an integer n >= 1, got {count!r}",
+                    pytrace=False)
+    return count
 
 
 class PlannedRun:
@@ -377,14 +410,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if repeat > 1 and "stance_repeat" in metafunc.fixturenames:
         metafunc.parametrize("stance_repeat", range(repeat), indirect=True, ids=[f"repeat{i}" for i in range(repeat)])
     if "adapter_run" in metafunc.fixturenames:
+        from .adapters import parse_adapter_spec
+
         adapters = metafunc.config.getoption(OPT_ADAPTER)
         metafunc.parametrize("adapter_run", adapters or [None], indirect=True,
-                             ids=[Path(a).name for a in adapters] if adapters else ["no-adapter"])
+                             ids=[parse_adapter_spec(a).name for a in adapters] if adapters else ["no-adapter"])
 
 
 @pytest.fixture
 def adapter_run(request, harness_session, stance_report):
-    """The `--adapter PATH` being gated, as a Run on the `--model` base (one test per adapter)."""
+    """The `--adapter [NAME=]PATH` being gated, as a Run named NAME on the `--model` base (one test per adapter)."""
     if request.param is None:
         pytest.skip(f"no {OPT_ADAPTER} given: this test gates saved adapters")
     run = _or_usage_error(harness_session.adapter_run, request.param)

@@ -485,6 +485,21 @@ class RunSet(tuple):
     def __repr__(self) -> str:
         return f"RunSet({self.label!r}, seeds={self.seeds})"
 
+    def each(self, measure) -> list:
+        """`measure(run)` for each seed's run, in seed order."""
+        return [measure(run) for run in self]
+
+    def mean(self, measure) -> float:
+        """The mean over seeds of `measure(run)` (a number per run): what a table shows for the arm."""
+        values = [float(v) for v in self.each(measure)]
+        return math.fsum(values) / len(values)
+
+
+def runset(value) -> RunSet:
+    """A RunSet from a RunSet, a list of runs (one per seed) or a single Run (one seed), so code that
+    summarises an arm takes either."""
+    return value if isinstance(value, RunSet) else RunSet(value if isinstance(value, (list, tuple)) else [value])
+
 
 def _without_units(value):
     """A measurement as the report keeps it: per-probe and per-window lists stay in the run store."""

@@ -52,8 +52,9 @@ class HarnessOptions:
     args: list[str]
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
-    seeds: int = 1  # --seeds N: runs per train(...) call without seeds=
-    adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
+    seeds: int | None = None  # --seeds N: runs per train(...) call without seeds= (over a seeds(N) mark)
+    adapters: list[str] = field(default_factory=list)  # --adapter [NAME=]PATH ...
+    stance: str | None = None  # --stance: what each --adapter is measured on; None: its provenance's
     save_baseline: str | None = None
     compare_baseline: str | None = None
     fail_on_specs: list[str] = field(default_factory=list)  # --fail-on, as given
@@ -218,14 +219,16 @@ class HarnessSession:
         return run
 
     def adapter_run(self, path: str):
-        """A saved adapter on the --model base, as a Run (loaded once per path)."""
-        from .adapters import load_adapter_run
+        """A saved adapter or fine-tuned checkpoint (`[NAME=]PATH`) on the --model base, as a Run
+        named NAME (loaded once per argument)."""
+        from .adapters import load_adapter_run, parse_adapter_spec
 
-        key = ("adapter", str(Path(path).resolve()))
+        spec = parse_adapter_spec(path)
+        key = ("adapter", spec.name, str(spec.path.resolve()))
         if key not in self._runs:
-            self.progress(f"loading adapter {path} onto {self.options.model}")
-            self._runs[key] = self._attach(load_adapter_run(self.model(), path, self.stance,
-                                                            self.options.chat_template))
+            self.progress(f"loading {spec.name} ({spec.path}) onto {self.options.model}")
+            self._runs[key] = self._attach(load_adapter_run(self.model(), spec, self.stance,
+                                                            self.options.chat_template, self.options.stance))
         return self._runs[key]
 
     def adopt(self, run) -> None:
@@ -330,7 +333,8 @@ class HarnessSession:
                                         else exit_code)
             self.payload_cache = payload
         if write:
-            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted)
+            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted,
+                                                  progress=self.progress)
         if failure is not None:
             raise failure
         if interrupted:

@@ -23,15 +23,25 @@ rate puts its centre of change in the same third of the network. The seed's own 
 the late third holds the most change, is checked per rate; on the tiny models' 6-step runs
 the change is spread almost evenly (each third holds 0.32-0.34), and at lr 2e-4 two domains
 put slightly more in the early third, so that case is marked as an expected refutation.
+
+Every run trains SEEDS times, differing only in the training seed: a property of a run (only the
+targets changed, the change spread) must hold on every seed, and where the change lies (centre,
+shares of the thirds) is the mean over the seeds; per-layer tables show the first seed.
 """
+
+import statistics
 
 import pytest
 
-from harness import assert_change_concentrated, assert_change_spread, assert_only_targets_changed, declare_metric
+from harness import (assert_change_concentrated, assert_change_spread, assert_only_targets_changed, declare_metric,
+                     runset)
 from harness.analysis.concentration import block_shares, centre_of_mass
 from harness.models import locus_of
 
 declare_metric("centre_layer", "higher", "the change's centre of mass over the layers (seed 001: late layers lead)")
+
+SEEDS = 5  # training seeds per run
+pytestmark = pytest.mark.seeds(SEEDS)
 
 DOMAINS = ["domain-cpp", "domain-python", "domain-math", "domain-physics"]
 DOMAIN_LRS = [2e-4, 1e-3]  # seed 001
@@ -57,15 +67,16 @@ def critical_layers(anatomy):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_per_layer_change_is_recorded(train, anatomy, stance_report, method):
-    run = train(method, stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS[method])
-    table = run.layer_table()
-    stance_report.table(f"{method}: per-layer change (effective ΔW)", table)
-    centre = centre_of_mass(block_shares(run.deltas()))
-    stance_report.metric(f"{method}.centre_layer", centre)
-    stance_report.note(f"{method}: centre of change at layer {centre:.1f} of {anatomy.num_layers} "
-                       f"({locus_of(centre, anatomy.num_layers)})")
-    # both methods reach every block, so every layer has a row
-    assert [r["layer"] for r in table if r["layer"].startswith("L")] == [f"L{i}" for i in range(anatomy.num_layers)]
+    runs = train(method, stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS[method])
+    stance_report.table(f"{method}: per-layer change (effective ΔW), seed {runs[0].recipe.seed}", runs[0].layer_table())
+    middle = centre(runs)
+    stance_report.metric(f"{method}.centre_layer", middle)
+    stance_report.note(f"{method}: centre of change at layer {middle:.1f} of {anatomy.num_layers} "
+                       f"({locus_of(middle, anatomy.num_layers)}; mean over {len(runs)} seeds)")
+    # both methods reach every block, so every layer has a row, on every seed
+    for run in runs:
+        layers = [r["layer"] for r in run.layer_table() if r["layer"].startswith("L")]
+        assert layers == [f"L{i}" for i in range(anatomy.num_layers)], f"seed {run.recipe.seed}: {layers}"
 
 
 def test_lora_changes_only_its_adapters(train):
@@ -92,8 +103,8 @@ def test_full_finetuning_spreads_change(train):
 
 
 def test_lora_and_full_compared_layer_by_layer(train, anatomy, stance_report):
-    full = train("full", stance=STANCE, examples=EXAMPLES, recipe=RECIPE)
-    lora = train("lora", stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS["lora"])
+    full = train("full", stance=STANCE, examples=EXAMPLES, recipe=RECIPE)[0]  # the first seed of each
+    lora = train("lora", stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS["lora"])[0]
     full_layers = {r["layer"]: r for r in full.layer_table()}
     lora_layers = {r["layer"]: r for r in lora.layer_table()}
     rows = []
@@ -103,7 +114,7 @@ def test_lora_and_full_compared_layer_by_layer(train, anatomy, stance_report):
         rows.append({"layer": label, "locus": locus_of(i, anatomy.num_layers),
                      "full mean|Δ|": f["mean_abs"] if f else 0.0, "full ‖Δ‖/‖W‖": f["rel_change"] if f else 0.0,
                      "lora mean|Δ|": lo["mean_abs"] if lo else 0.0, "lora ‖Δ‖/‖W‖": lo["rel_change"] if lo else 0.0})
-    stance_report.table("full FT vs LoRA (q, v) per layer", rows)
+    stance_report.table(f"full FT vs LoRA (q, v) per layer, seed {full.recipe.seed}", rows)
     stance_report.metric("full.trainable_params", full.counts["trainable"])
     stance_report.metric("lora.trainable_params", lora.counts["trainable"])
     stance_report.metric("lora.stance_bytes", lora.counts["stance_bytes"])
@@ -111,11 +122,21 @@ def test_lora_and_full_compared_layer_by_layer(train, anatomy, stance_report):
     assert lora.counts["stance_bytes"] < full.counts["stance_bytes"]
 
 
-def _thirds(run, num_layers) -> dict[str, float]:
-    thirds = {"early": 0.0, "middle": 0.0, "late": 0.0}
-    for layer, share in block_shares(run.deltas()).items():
-        thirds[locus_of(layer, num_layers)] += share
-    return thirds
+def _thirds(runs, num_layers) -> dict[str, float]:
+    """The share of the block change in each third of the network, mean over seeds."""
+    def of_run(run):
+        thirds = {"early": 0.0, "middle": 0.0, "late": 0.0}
+        for layer, share in block_shares(run.deltas()).items():
+            thirds[locus_of(layer, num_layers)] += share
+        return thirds
+
+    each = runset(runs).each(of_run)
+    return {third: statistics.fmean(t[third] for t in each) for third in each[0]}
+
+
+def centre(runs) -> float:
+    """The change's centre of mass over the layers, mean over seeds."""
+    return runset(runs).mean(lambda run: centre_of_mass(block_shares(run.deltas())))
 
 
 def _qlora(train, domain, lr):
@@ -125,29 +146,27 @@ def _qlora(train, domain, lr):
 @pytest.mark.parametrize("lr", DOMAIN_LRS, ids=lambda lr: f"lr{lr:g}")
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_qlora_domain_change_per_layer(train, anatomy, stance_report, domain, lr):
-    run = _qlora(train, domain, lr)
+    runs = _qlora(train, domain, lr)
     rows = [{k: r[k] for k in ("layer", "mean", "var", "mean_abs", "var_abs", "rel_change")}
-            for r in run.layer_table() if r["layer"].startswith("L")]
-    stance_report.table(f"QLoRA {domain}, lr {lr:g}: per-layer effective ΔW", rows)
-    centre = centre_of_mass(block_shares(run.deltas()))
-    stance_report.metric(f"{domain}.lr{lr:g}.centre_layer", centre)
-    assert_only_targets_changed(run)
-    assert len(rows) == anatomy.num_layers, "QLoRA on every layer must change every layer"
+            for r in runs[0].layer_table() if r["layer"].startswith("L")]
+    stance_report.table(f"QLoRA {domain}, lr {lr:g}: per-layer effective ΔW, seed {runs[0].recipe.seed}", rows)
+    stance_report.metric(f"{domain}.lr{lr:g}.centre_layer", centre(runs))
+    assert_only_targets_changed(runs)
+    for run in runs:
+        changed = [r for r in run.layer_table() if r["layer"].startswith("L")]
+        assert len(changed) == anatomy.num_layers, f"seed {run.recipe.seed}: QLoRA on every layer must change every layer"
 
 
 @pytest.mark.parametrize("lr", DOMAIN_LRS, ids=lambda lr: f"lr{lr:g}")
 def test_locus_is_the_same_for_every_domain(train, anatomy, stance_report, lr):
     rows = []
     for domain in DOMAINS:
-        run = _qlora(train, domain, lr)
-        shares = block_shares(run.deltas())
-        centre = centre_of_mass(shares)
-        thirds = _thirds(run, anatomy.num_layers)
-        top = max(shares, key=shares.get)
-        rows.append({"domain": domain, "lr": lr, "centre layer": centre, "locus": locus_of(centre, anatomy.num_layers),
-                     "top layer": f"L{top}", "early share": thirds["early"], "middle share": thirds["middle"],
-                     "late share": thirds["late"]})
-    stance_report.table(f"where QLoRA puts its change, lr {lr:g}", rows)
+        runs = _qlora(train, domain, lr)
+        middle, thirds = centre(runs), _thirds(runs, anatomy.num_layers)
+        rows.append({"domain": domain, "lr": lr, "seeds": len(runs), "centre layer": middle,
+                     "locus": locus_of(middle, anatomy.num_layers), "early share": thirds["early"],
+                     "middle share": thirds["middle"], "late share": thirds["late"]})
+    stance_report.table(f"where QLoRA puts its change, lr {lr:g} (means over seeds)", rows)
     loci = {r["locus"] for r in rows}
     stance_report.note(f"lr {lr:g}: locus " + ", ".join(f"{r['domain']} {r['locus']} ({r['centre layer']:.1f})"
                                                           for r in rows))

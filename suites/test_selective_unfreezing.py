@@ -18,10 +18,13 @@ How it is measured, on the `--model` base (default tiny-qwen2, 24 layers):
 - five approaches train the curious-uncertainty stance on 5 examples with one shared recipe:
   full FT, distributed LoRA (q+v, every layer), surgical LoRA (q+v, the critical layers),
   selective unfreezing of the critical layers (kinds "qv", biases), and of one layer;
+- each approach trains SEEDS times, differing only in the training seed: claims about an approach
+  rest on its seeds (a claim "holds for every seed" or, for behaviour, one test with seeds crossed
+  with probes); `--seeds 1` gives a quick run-level look;
 - for each: gradient stability (non-finite values, or a grad norm spike above SPIKE times the
-  running median), the share of the change (Σ ΔW², effective view) in the critical layers, the
-  behaviour shift on held-out probes (loglik_margin, 95% bootstrap interval), and the data-to-
-  parameter ratio (trainable parameters per example);
+  running median, on every seed), the share of the change (Σ ΔW², effective view) in the critical
+  layers, the behaviour shift on held-out probes (loglik_margin, 95% interval, seeds crossed with
+  probes), and the data-to-parameter ratio (trainable parameters per example);
 - a sweep over 5, 20 and 50 examples tests whether more data steadies selective unfreezing.
 
 The recipe keeps the seed's shape (batch 1, gradient accumulation 2, 3 epochs, clip 1.0; 9
@@ -33,8 +36,9 @@ than 1e-4 nats (the slow synthesis at the seed's lr records it).
 On tiny-qwen2 every approach trains stably and shifts behaviour above noise, so the seed's claims
 of instability, of LoRA's null effect, of emergent concentration and of "only full FT works"
 are refuted there; what each model showed is recorded in `suites/verdicts/<model>.json`.
-Behaviour shifts are intervals over the 16 held-out probes (the unit of replication is the
-probe), and the comparison with full FT is paired over them.
+Behaviour shifts are intervals over seeds crossed with the 16 held-out probes, and the
+comparison with full FT is paired over the probes. "No shift" is an equivalence claim: the
+shift lies within ±NO_SHIFT nats of loglik margin, declared here, not read from any model.
 """
 
 import math
@@ -48,9 +52,12 @@ from harness import (
     assert_behavior_shift,
     assert_change_concentrated,
     assert_change_spread,
+    behavior_effect,
+    check_behavior_shift,
     check_gradients_stable,
     check_less,
     declare_metrics,
+    runset,
 )
 from harness.analysis.concentration import change_mass
 from harness.models import relative_depth_analog
@@ -59,6 +66,9 @@ declare_metrics([
     ("shift_vs_full", "higher", "behaviour shift as a share of full fine-tuning's"),
     ("grad_norm_cv", "lower", "coefficient of variation of the grad norm over the run"),
 ])
+
+SEEDS = 5  # training seeds per approach: the unit of replication of every claim about an approach
+pytestmark = pytest.mark.seeds(SEEDS)
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 5
@@ -71,6 +81,7 @@ SEED_LR_RECIPE = {**RECIPE, "learning_rate": 1e-5}  # the seed's iteration 2/3 l
 SPIKE = 10.0  # a grad norm above SPIKE x the median of the previous 5 steps is unstable
 EMERGENT = 2.0  # "concentrated": the critical layers hold at least EMERGENT x their uniform share
 LOW_RANK_FRACTION = 0.1  # "far less": below this fraction of full FT's shift, probe by probe
+NO_SHIFT = 0.1  # "no shift": within ±0.1 nats of loglik margin per probe (declared, the equivalence margin)
 SWEEP_EXAMPLES = [5, 20, 50]
 
 # approach -> (method, options); "critical" stands for the critical layers, "single" for the one layer
@@ -93,7 +104,8 @@ def critical_layers(anatomy):
 
 @pytest.fixture
 def approach(train, anatomy, critical_layers):
-    """approach(name, recipe=RECIPE, examples=EXAMPLES) -> Run; identical requests train once."""
+    """approach(name, recipe=RECIPE, examples=EXAMPLES) -> RunSet (SEEDS runs; `--seeds` overrides);
+    identical requests train once."""
     where = {"critical": critical_layers, "single": anatomy.analog([SINGLE_LAYER], depth=QWEN2_DEPTH)}
 
     def make(name, recipe=RECIPE, examples=EXAMPLES):
@@ -104,29 +116,39 @@ def approach(train, anatomy, critical_layers):
     return make
 
 
-# -- measures ------------------------------------------------------------------------------
-def stability(run) -> tuple[bool, str]:
-    """Stable or not, and the one-line verdict; the check is recorded in the report either way."""
-    result = check_gradients_stable(run, max_spike=SPIKE)
+# -- measures: each takes an approach's RunSet (or one Run) ---------------------------------------
+def stability(runs) -> tuple[bool, str]:
+    """Stable on every seed or not, and the one-line verdict; the check is recorded either way."""
+    result = check_gradients_stable(runs, max_spike=SPIKE)
     return result.passed, result.summary
 
 
-def critical_share(run, layers) -> float:
-    """Share of all change (Σ ΔW², effective view, embeddings and head included) in `layers`."""
-    rows = run.deltas("effective")
-    total = sum(change_mass(r.moments) for r in rows)
-    return sum(change_mass(r.moments) for r in rows if r.layer in set(layers)) / total if total > 0 else 0.0
+def critical_share(runs, layers) -> float:
+    """Share of all change (Σ ΔW², effective view, embeddings and head included) in `layers`, mean over seeds."""
+    def share(run):
+        rows = run.deltas("effective")
+        total = sum(change_mass(r.moments) for r in rows)
+        return sum(change_mass(r.moments) for r in rows if r.layer in set(layers)) / total if total > 0 else 0.0
+
+    return runset(runs).mean(share)
 
 
-def shift(run) -> dict:
-    return run.behavior("loglik_margin")["effect"]
+def shift(runs) -> dict:
+    """The loglik-margin shift: mean and 95% interval, seeds crossed with probes."""
+    return behavior_effect(runs, "loglik_margin")
 
 
 def interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
-def grad_profile(run) -> dict:
+def grad_profile(runs) -> dict:
+    """grad_profile_of_run, each figure the mean over seeds."""
+    profiles = runset(runs).each(grad_profile_of_run)
+    return {key: statistics.fmean(p[key] for p in profiles) for key in profiles[0]}
+
+
+def grad_profile_of_run(run) -> dict:
     """Grad norm max, median and CV (std / mean) over the finite steps; mean loss of the first and last epoch."""
     norms = [g for g in run.trace.grad_norm if math.isfinite(g)]
     losses, epochs = run.trace.loss, run.recipe.num_train_epochs
@@ -202,11 +224,13 @@ def test_selective_unfreezing_shifts_behaviour_above_noise(approach, stance_repo
 
 
 def test_low_rank_adapters_leave_behaviour_unshifted(approach, stance_report):
-    rows = [{"approach": name, "shift (loglik margin)": interval(shift(approach(name))),
-             "interval includes 0": "yes" if shift(approach(name))["low"] <= 0 else "no"} for name in LOW_RANK]
-    stance_report.table("low-rank adapters: behaviour shift on held-out probes", rows)
-    shifted = [r["approach"] for r in rows if r["interval includes 0"] == "no"]
-    assert not shifted, f"the seed saw no shift, but these shift with a 95% interval above zero: {', '.join(shifted)}"
+    """Equivalence, not an interval that happens to include 0: each adapter's shift lies within
+    ±NO_SHIFT (two one-sided tests)."""
+    checks = [check_behavior_shift(approach(name), min_effect=-NO_SHIFT, max_effect=NO_SHIFT) for name in LOW_RANK]
+    stance_report.table(f"low-rank adapters: behaviour shift on held-out probes, 'none' within ±{NO_SHIFT:g}",
+                        [{"approach": name, "shift (loglik margin)": interval(shift(approach(name))),
+                          "no shift": check.verdict} for name, check in zip(LOW_RANK, checks)])
+    assert_all(checks)
 
 
 def test_low_rank_adapters_shift_far_less_than_full_finetuning(approach, stance_report):
@@ -239,7 +263,7 @@ def test_full_finetuning_concentrates_change_in_the_critical_layers(approach, an
 def test_data_to_parameter_ratio_is_recorded(approach, stance_report):
     rows = []
     for name in APPROACHES:
-        counts = approach(name).counts
+        counts = approach(name)[0].counts  # the same for every seed
         rows.append({"approach": name, "trainable": counts["trainable"], "trainable %": counts["trainable_pct"],
                      "examples": counts["examples"], "params per example": round(counts["params_per_example"])})
         assert counts["params_per_example"] == counts["trainable"] / EXAMPLES
@@ -252,7 +276,7 @@ def test_data_to_parameter_ratio_is_recorded(approach, stance_report):
              {"approach": "seed: full FT (Qwen2-0.5B)", "trainable": 494_000_000, "trainable %": 100.0,
               "examples": 5, "params per example": 494_000_000 // 5}]
     stance_report.table("data-to-parameter ratio", rows)
-    ratio = {name: approach(name).counts["params_per_example"] for name in APPROACHES}
+    ratio = {name: approach(name)[0].counts["params_per_example"] for name in APPROACHES}
     # the seed's paradox: selective unfreezing asks far fewer parameters per example than full FT does
     # (how it ranks against the LoRAs depends on the architecture's biases and head sizes)
     assert ratio["full FT"] == max(ratio.values())
@@ -267,19 +291,19 @@ def test_only_full_finetuning_is_stable_and_shifts_behaviour(approach, critical_
     rows, working = [], []
     full_mean = shift(approach("full FT", recipe))["mean"]
     for name in APPROACHES:
-        run = approach(name, recipe)
-        ok, summary = stability(run)
-        effect, share = shift(run), critical_share(run, critical_layers)
+        runs = approach(name, recipe)
+        ok, summary = stability(runs)
+        effect, share, counts = shift(runs), critical_share(runs, critical_layers), runs[0].counts
         rows.append({
-            "approach": name, "trainable params": run.counts["trainable"], "data": run.counts["examples"],
-            "params per example": round(run.counts["params_per_example"]), "behaviour shift": interval(effect),
+            "approach": name, "trainable params": counts["trainable"], "data": counts["examples"],
+            "params per example": round(counts["params_per_example"]), "behaviour shift": interval(effect),
             "shift vs full": effect["mean"] / full_mean if full_mean else float("nan"),
-            "gradients": f"stable (max {grad_profile(run)['max']:.3g})" if ok else summary,
+            "gradients": f"stable (max {grad_profile(runs)['max']:.3g})" if ok else summary,
             "share in critical layers": share, "conclusion": conclusion(ok, summary, effect, share)})
         if ok and effect["low"] > 0:
             working.append(name)
     stance_report.table(f"cross-experiment synthesis (lr {recipe['learning_rate']:g}, {EXAMPLES} examples, "
-                        f"critical layers {critical_layers})", rows)
+                        f"critical layers {critical_layers}; means over {len(runs)} seeds)", rows)
     stance_report.note("seed's synthesis: full FT shifts and is stable; both LoRAs are stable with no shift; "
                        "selective unfreezing (2 layers, 1 layer) goes NaN")
     assert working == ["full FT"], f"stable with a shift above noise: {', '.join(working) or 'none'}"
@@ -296,14 +320,15 @@ def test_selective_unfreezing_is_stable_at_every_dataset_size(sweep, stance_repo
     for n, run in sweep.items():
         ok, summary = stability(run)
         profile = grad_profile(run)
-        rows.append({"examples": n, "params per example": round(run.counts["params_per_example"]),
+        rows.append({"examples": n, "params per example": round(run[0].counts["params_per_example"]),
                      "steps": profile["steps"], "max grad norm": profile["max"], "median grad norm": profile["median"],
                      "grad norm CV": profile["cv"], "loss, first epoch": profile["first_epoch_loss"],
                      "loss, last epoch": profile["last_epoch_loss"], "loss decrease": profile["loss_decrease"],
                      "behaviour shift": interval(shift(run)), "stable": "yes" if ok else "no"})
         if not ok:
             unstable.append(f"{n} examples: {summary}")
-    stance_report.table(f"selective unfreezing (2 layers) by dataset size, lr {RECIPE['learning_rate']:g}", rows)
+    stance_report.table(f"selective unfreezing (2 layers) by dataset size, lr {RECIPE['learning_rate']:g} "
+                        f"(grad norms and losses: means over {len(run)} seeds)", rows)
     assert not unstable, "; ".join(unstable)
 
 

@@ -27,12 +27,13 @@ stance-lm task, 20 examples, one recipe (the locus suite's, so full FT is shared
   only ever grows across a session, so it is reported, never asserted; the gradient + AdamW
   state bytes are computed from the trainable count instead.
 
-Comparisons between strategies are paired: behaviour shift over the 16 held-out probes (the
-unit of replication is the probe), forgetting over the 32 held-out windows of general text (the
-NLL increase per window; the unit is the window), step time over the optimizer steps (the same
-micro-batch at the same step of both runs; the unit is the step). Each is decided by its
-interval (supported, refuted or inconclusive); what each model showed is recorded in
-`suites/verdicts/<model>.json`.
+Every strategy trains SEEDS times, differing only in the training seed (`--seeds 1`: a quick,
+run-level look). Comparisons between strategies are claims about the strategies, with seeds
+crossed with paired units: behaviour shift over the 16 held-out probes, forgetting over the 32
+held-out windows of general text (the NLL increase per window), step time over blocks of
+optimizer steps (the same micro-batch at the same step of both runs). Each is decided by one
+test (supported, refuted or inconclusive) and Holm's correction over the file; tables show means
+over the seeds. What each model showed is recorded in `suites/verdicts/<model>.json`.
 """
 
 import math
@@ -41,9 +42,13 @@ import statistics
 import pytest
 import torch
 
-from harness import assert_all, assert_less, assert_no_forgetting, check_greater, check_less, declare_metric
+from harness import (assert_all, assert_less, assert_no_forgetting, behavior_effect, check_greater, check_less,
+                     declare_metric, runset)
 
 declare_metric("step_time_vs_full", "lower", "median step time over full fine-tuning's")
+
+SEEDS = 5  # training seeds per strategy: the unit of replication of every claim about a strategy
+pytestmark = pytest.mark.seeds(SEEDS)
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 20
@@ -59,7 +64,7 @@ BLOCK_KINDS = ["attention", "mlp", "norm"]  # every module kind of a block
 
 @pytest.fixture
 def strategy(train, anatomy):
-    """strategy(method, **options) -> Run on the shared task and recipe; gradual runs in thirds."""
+    """strategy(method, **options) -> RunSet (SEEDS runs) on the shared task and recipe; gradual runs in thirds."""
     third = math.ceil(anatomy.num_layers / 3)
     defaults = {"gradual": {"every_epochs": 1, "start_layers": third, "layers_per_stage": third},
                 "discriminative": DISCRIMINATIVE, **MITIGATIONS}
@@ -74,20 +79,29 @@ def interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
-def last_epoch_loss(run) -> float:
-    per_epoch = max(1, len(run.trace.loss) // run.recipe.num_train_epochs)
-    return statistics.fmean(run.trace.loss[-per_epoch:])
+def last_epoch_loss(runs) -> float:
+    def last(run):
+        per_epoch = max(1, len(run.trace.loss) // run.recipe.num_train_epochs)
+        return statistics.fmean(run.trace.loss[-per_epoch:])
+
+    return runset(runs).mean(last)
 
 
-def outcome_row(label, run) -> dict:
-    effect, found = run.behavior("loglik_margin")["effect"], run.forgetting()
-    return {"strategy": label, "trainable": run.counts["trainable"], "trainable %": run.counts["trainable_pct"],
-            "behaviour shift": interval(effect), "last-epoch loss": last_epoch_loss(run),
-            "perplexity": f"{found['base']:.4g} -> {found['adapted']:.4g}", "forgetting": found["relative_increase"]}
+def outcome_row(label, runs) -> dict:
+    """One strategy's row: its counts, its behaviour shift (seeds crossed with probes) and the
+    means over its seeds."""
+    runs = runset(runs)
+    counts = runs[0].counts  # the same for every seed
+    adapted = runs.mean(lambda r: r.forgetting()["adapted"])
+    return {"strategy": label, "seeds": len(runs), "trainable": counts["trainable"],
+            "trainable %": counts["trainable_pct"], "behaviour shift": interval(behavior_effect(runs)),
+            "last-epoch loss": last_epoch_loss(runs),
+            "perplexity": f"{runs[0].forgetting()['base']:.4g} -> {adapted:.4g}", "forgetting": forgetting(runs)}
 
 
-def setting(run) -> str:
+def setting(runs) -> str:
     """What a spectrum run trained, in words, from its own config."""
+    run = runset(runs)[0]
     config = run.config.as_dict()
     if run.method.name == "gradual":
         every = f"{config['every_epochs']} epoch(s)" if config["every_epochs"] else f"{config['every_steps']} step(s)"
@@ -101,12 +115,13 @@ def strength(options: dict) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in options.items())
 
 
-def forgetting(run) -> float:
-    return run.forgetting()["relative_increase"]
+def forgetting(runs) -> float:
+    """The relative increase of held-out perplexity, mean over seeds."""
+    return runset(runs).mean(lambda r: r.forgetting()["relative_increase"])
 
 
-def shift(run) -> float:
-    return run.behavior("loglik_margin")["effect"]["mean"]
+def shift(runs) -> float:
+    return behavior_effect(runs)["mean"]
 
 
 # -- adaptation against forgetting -----------------------------------------------------------
@@ -168,31 +183,37 @@ def test_stronger_mitigation_forgets_less(strategy, stance_report):
 # -- what freezing saves -------------------------------------------------------------------------
 def test_training_only_the_head_is_faster_per_step_than_full_finetuning(strategy, anatomy, stance_report):
     n = anatomy.num_layers
-    runs = {}
+    runs = {}  # frozen blocks -> (label, RunSet)
     for fraction in FROZEN_FRACTIONS:
         frozen = round(fraction * n)
         runs[frozen] = (f"selective, top {n - frozen} blocks", strategy(
             "selective", layers=list(range(frozen, n)), kinds=BLOCK_KINDS, biases=True))
     runs[n] = ("feature-extraction (head only)", strategy("feature-extraction"))
     full = strategy("full")
-    reference = statistics.median(runs[0][1].trace.step_time)
+    def median_step(arm) -> float:
+        return runset(arm).mean(lambda r: statistics.median(r.trace.step_time))
+
+    reference = median_step(runs[0][1])
     rows = []
-    for frozen, (label, run) in [*runs.items(), ("-", ("full", full))]:
+    for frozen, (label, arm) in [*runs.items(), ("-", ("full", full))]:
+        run = runset(arm)[0]  # counts and memory: the first seed's (counts are the same for every seed)
         summary, counts = run.trace.summary(), run.counts
         bytes_per_param = counts["full_weights_bytes"] / (counts["trainable"] + counts["frozen"])
-        median = statistics.median(run.trace.step_time)
+        median = median_step(arm)
         rows.append({"frozen blocks": frozen, "run": label, "trainable": counts["trainable"],
-                     "median step (ms)": 1e3 * median, "mean step (ms)": 1e3 * summary["mean_step_time_s"],
+                     "median step (ms)": 1e3 * median,
+                     "mean step (ms)": 1e3 * runset(arm).mean(lambda r: r.trace.summary()["mean_step_time_s"]),
                      "speed-up vs 0 frozen": reference / median,
                      "grad + AdamW state (MiB, computed)": 3 * counts["trainable"] * bytes_per_param / 2**20,
                      f"peak memory (MiB, {summary['peak_memory_kind']})": (summary["peak_memory_bytes"] or 0) / 2**20})
     stance_report.table(f"step time against frozen blocks ({EXAMPLES} examples, batch "
-                        f"{RECIPE['per_device_train_batch_size']}, {torch.get_num_threads()} intra-op threads)", rows)
+                        f"{RECIPE['per_device_train_batch_size']}, {torch.get_num_threads()} intra-op threads; "
+                        f"step times: means over {len(full)} seeds)", rows)
     stance_report.note("per-step times are wall clock on a shared machine: read them as a trend (a run shared with "
                        "another suite keeps the time it trained in). On CPU the peak "
                        "memory is the process's peak RSS, which only grows during a session, so it does not compare "
                        "runs; the gradient + AdamW state (3 x trainable x bytes per parameter) does. Seed 003 quotes "
                        "3.2x faster with 75% of BERT-base frozen.")
-    head, everything = statistics.median(runs[n][1].trace.step_time), statistics.median(full.trace.step_time)
+    head, everything = median_step(runs[n][1]), median_step(full)
     stance_report.metric("feature-extraction.step_time_vs_full", head / everything)
     assert_less(runs[n][1], full, metric="step_time")

@@ -15,15 +15,24 @@ geometry of ΔW (intruder dimensions, DoRA's ΔM/ΔD, CKA of hidden states). Fou
 - LoRA's per-layer change profile predicts full FT's (Spearman's rho above 0, interval over layers);
 - removing the task vector (dose −1) moves the model away from the stance (margin below the base's).
 
-Each is decided by its interval: supported, refuted or inconclusive. The only constants are
-the helpers' documented defaults (top third, half of the change, 80% retained, rho > 0).
+Both runs train SEEDS times, differing only in the training seed. A claim about one run's
+change (concentration, localisation, the dose) must hold on every seed; the intruder comparison
+pairs layers with seeds crossed; the profiles are compared seed by seed (seed i of LoRA with seed
+i of full FT), and must agree on every pair. Each is decided by its interval: supported, refuted
+or inconclusive. The only constants are the helpers' documented defaults (top third, half of the
+change, 80% retained, rho > 0).
 """
 
 import math
 
-from harness import (assert_all, assert_greater, assert_layer_profiles_agree, assert_negation_reverses,
-                     check_behavior_localized, check_change_concentrated)
+import pytest
+
+from harness import (assert_all, assert_greater, assert_negation_reverses, behavior_effect, check_behavior_localized,
+                     check_change_concentrated, check_layer_profiles_agree)
 from harness.analysis.concentration import block_shares
+
+SEEDS = 5  # training seeds per method
+pytestmark = pytest.mark.seeds(SEEDS)
 
 STANCE = "curious-uncertainty"
 EXAMPLES = 20
@@ -40,40 +49,45 @@ def _lora(train):
 
 
 def test_full_finetuning_is_concentrated_and_its_top_layers_keep_the_stance(train, anatomy, stance_report):
-    full = _full(train)
-    shares = block_shares(full.deltas())
-    top = sorted(sorted(shares, key=shares.get, reverse=True)[: math.ceil(anatomy.num_layers / 3)])
-    localization = full.localization()
-    stance_report.table("full FT: shift retained keeping only this part of the change",
-                        [{k: r.get(k) for k in ("by", "set", "shift", "retained")} for r in localization["rows"]])
-    stance_report.note(f"top third of layers by change: {top} ({sum(shares[i] for i in top):.1%} of the change)")
-    assert_all([check_change_concentrated(full, layers=top, min_share=0.5),
-                check_behavior_localized(full, layers=top, min_retained=0.8)])
+    checks = []
+    for full in _full(train):  # each seed's own top third
+        shares = block_shares(full.deltas())
+        top = sorted(sorted(shares, key=shares.get, reverse=True)[: math.ceil(anatomy.num_layers / 3)])
+        stance_report.table(f"full FT, seed {full.recipe.seed}: shift retained keeping only this part of the change",
+                            [{k: r.get(k) for k in ("by", "set", "shift", "retained")}
+                             for r in full.localization()["rows"]])
+        stance_report.note(f"seed {full.recipe.seed}: top third of layers by change: {top} "
+                           f"({sum(shares[i] for i in top):.1%} of the change)")
+        checks += [check_change_concentrated(full, layers=top, min_share=0.5),
+                   check_behavior_localized(full, layers=top, min_retained=0.8)]
+    assert_all(checks)
 
 
 def test_lora_has_more_intruder_dimensions_than_full_finetuning(train, stance_report):
     full, lora = _full(train), _lora(train)
-    rows = []
-    for f, lo in zip(full.geometry()["layers"], lora.geometry()["layers"]):
+    rows = []  # the first seed's layers; the comparison below uses every seed
+    for f, lo in zip(full[0].geometry()["layers"], lora[0].geometry()["layers"]):
         rows.append({"layer": f["layer"], "full intruders": f["intruders"], "full matrices": f["matrices"],
                      "lora intruders": lo["intruders"], "lora matrices": lo["matrices"],
                      "full 1-CKA": 1 - f["cka"], "lora 1-CKA": 1 - lo["cka"]})
-    stance_report.table("intruder dimensions (top 10, cosine < 0.5) and representation change per layer", rows)
-    stance_report.table("shift of each run (loglik margin)", [
-        {"run": r.label, **{k: r.behavior()["effect"][k] for k in ("mean", "low", "high")}} for r in (full, lora)])
+    stance_report.table(f"intruder dimensions (top 10, cosine < 0.5) and representation change per layer, "
+                        f"seed {full[0].recipe.seed}", rows)
+    stance_report.table("shift of each method (loglik margin; seeds crossed with probes)", [
+        {"run": runs.label, "seeds": len(runs), **{k: behavior_effect(runs)[k] for k in ("mean", "low", "high")}}
+        for runs in (full, lora)])
     stance_report.table("ΔM–ΔD correlation across layers per kind (DoRA: full FT negative, LoRA positive)", [
-        {"run": r.label, "kind": kind, "pearson": c["value"]} for r in (full, lora)
-        for kind, c in r.geometry()["correlation"].items()])
+        {"run": r.label, "seed": r.recipe.seed, "kind": kind, "pearson": c["value"]} for runs in (full, lora)
+        for r in runs for kind, c in r.geometry()["correlation"].items()])
     assert_greater(lora, full, metric="intruders")
 
 
 def test_lora_layer_profile_predicts_full_finetuning(train):
-    assert_layer_profiles_agree(_lora(train), _full(train), min_rho=0.0)
+    assert_all([check_layer_profiles_agree(lora, full, min_rho=0.0) for lora, full in zip(_lora(train), _full(train))])
 
 
 def test_removing_the_task_vector_moves_the_model_away_from_the_stance(train, stance_report):
     full = _full(train)
-    stance_report.table("full FT dose-response: the whole change scaled by λ", [
+    stance_report.table(f"full FT dose-response: the whole change scaled by λ (seed {full[0].recipe.seed})", [
         {"λ": r["dose"], "shift": r["shift"], "low": r["low"], "high": r["high"], "forgetting": r["forgetting"]}
-        for r in full.dose_response()["rows"]])
+        for r in full[0].dose_response()["rows"]])
     assert_negation_reverses(full)

@@ -66,14 +66,15 @@ class Plan:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        parts = [f"{len(self.requests)} runs planned", f"{len(self.stored)} stored", f"{len(self.trained)} trained ahead"]
+        parts = [f"runs planned {len(self.requests)}", f"stored {len(self.stored)}", f"trained ahead {len(self.trained)}"]
         if self.failed:
-            parts.append(f"{len(self.failed)} failed ({', '.join(self.failed)})")
+            parts.append(f"failed {len(self.failed)} ({', '.join(self.failed)})")
         if self.elsewhere:
-            parts.append(f"{len(self.elsewhere)} trained by another process")
+            parts.append(f"trained by another process {len(self.elsewhere)}")
         if self.on_demand:
-            parts.append(f"{len(self.on_demand)} left to train on demand")
-        return f"plan: {', '.join(parts)} in {format_seconds(self.seconds)}"
+            parts.append(f"left to train on demand {len(self.on_demand)}")
+        took = f" in {format_seconds(self.seconds)}" if self.trained or self.failed else ""
+        return f"plan: {', '.join(parts)}{took}"
 
 
 def plan_items(harness, items: list, runtest: Callable) -> list[str]:
@@ -160,10 +161,9 @@ def plan_only_line(harness) -> str:
     step_times = measured_step_times(harness.store)
     rest = plan.to_train + plan.on_demand
     eta = estimate_seconds(plan, rest, step_times)
-    basis = ("from the step times the run store measured" if eta is not None
-             else "no stored run of this model and method to measure from" if rest else "nothing to train")
-    return (f"{len(plan.requests)} in the run store: {len(plan.stored)}; to train: {len(rest)}; estimated "
-            f"training time {format_seconds(eta) if rest else '0s'} in one process ({basis})")
+    basis = "from the step times the run store measured" if eta is not None else "no stored run of this model to time"
+    return (f"in the run store: {len(plan.stored)}; to train: {len(rest)}"
+            + (f", estimated {format_seconds(eta)} in one process ({basis})" if rest else ""))
 
 
 # -- progress --------------------------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""Plan at collection, train ahead (harness/planning.py): the plan is what the tests then ask
+for; worker processes train it into the run store, a dead worker loses only its run, -q shows
+the plan's line, and a run trained in a worker has the weights of one trained in the session."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.planning import (EXECUTORS, Plan, PlanProgress, estimate_seconds, format_seconds, last_lines,
+                              worker_slots, xdist_position)
+from harness.registry import UnknownNameError
+from harness.session import PlannedRequest
+
+P = ("-p", "no:cacheprovider", "--no-reports")
+RECIPE = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}'
+
+# Writes what the session planned and what its tests then asked for.
+CONFTEST = '''
+import json
+
+import crash_method  # noqa: F401 - registers the method that dies in a worker
+
+
+def pytest_sessionfinish(session):
+    from harness.plugin import SESSION_KEY
+
+    harness = session.config.stash[SESSION_KEY]
+    plan = harness.plan
+    with open("plan.json", "w") as handle:
+        json.dump({"planned": sorted(plan.requests) if plan else [], "trained": sorted(plan.trained) if plan else [],
+                   "asked": sorted(k for k in harness._runs if isinstance(k, str)),
+                   "failed": plan.failed if plan else {}}, handle)
+'''
+
+CRASH_METHOD = '''
+import multiprocessing
+import os
+
+from harness import register_method
+from harness.methods.full import FullFineTuning
+
+
+@register_method
+class CrashInWorker(FullFineTuning):
+    """Full fine-tuning that kills the training worker process it runs in."""
+
+    name = "crash-in-worker"
+
+    def prepare(self, model, ctx):
+        if multiprocessing.current_process().name == "stance-harness-trainer":
+            os._exit(3)
+        return super().prepare(model, ctx)
+'''
+
+FIRST = f'''
+RECIPE = {RECIPE}
+
+
+def test_lora(train):
+    assert train("lora", examples=5, recipe=RECIPE, r=2).trace.loss
+
+
+def test_full_and_lora(train):
+    full, lora = train("full", examples=5, recipe=RECIPE), train("lora", examples=5, recipe=RECIPE, r=2)
+    assert full.trace.loss and lora.trace.loss
+
+
+def test_a_request_computed_from_a_run(train):
+    first = train("lora", examples=5, recipe=RECIPE, r=2)
+    # known only once `first` is trained: not in the plan, trained when asked
+    assert train("lora", examples=5, recipe=RECIPE, r=len(first.trace.loss) + 3).trace.loss
+
+
+def test_without_training():
+    assert True
+'''
+
+SECOND = f'''
+import pytest
+
+RECIPE = {RECIPE}
+
+
+@pytest.fixture
+def pair(train):  # seed 0 is test_first's run; seed 1 is new
+    return train("lora", examples=5, recipe=RECIPE, r=2, seeds=2)
+
+
+def test_seeds_from_a_fixture(pair):
+    assert len(pair) == 2
+'''
+
+KILLED = f'''
+RECIPE = {RECIPE}
+
+
+def test_survives(train):
+    assert train("lora", examples=5, recipe=RECIPE, r=2).trace.loss
+
+
+def test_dies(train):
+    assert train("crash-in-worker", examples=5, recipe=RECIPE).trace.loss
+'''
+
+
+@pytest.fixture
+def project(pytester, tmp_path):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(crash_method=CRASH_METHOD)
+    pytester.store = tmp_path / "store"
+    return pytester
+
+
+def _plan(pytester) -> dict:
+    return json.loads((pytester.path / "plan.json").read_text())
+
+
+def test_the_plan_is_what_the_tests_of_two_files_then_ask_for(project):
+    project.makepyfile(test_first=FIRST, test_second=SECOND)
+    result = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--train-workers", "1")
+    result.assert_outcomes(passed=5)
+    seen = _plan(project)
+    computed = [run for run in seen["asked"] if run not in seen["planned"]]
+    # every request knowable before training was planned and trained ahead; only the computed one was not
+    assert len(seen["planned"]) == 3 and seen["trained"] == seen["planned"]  # lora r=2 (seeds 0, 1) and full
+    assert len(computed) == 1 and computed[0].startswith("lora-")
+    assert set(seen["asked"]) == set(seen["planned"]) | set(computed)
+    assert "[stance-harness] plan: runs planned 3, stored 0, trained ahead 3 in " in result.stdout.str()
+    # a second session finds every planned run stored and trains nothing ahead
+    again = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--train-workers", "1", "-q")
+    again.assert_outcomes(passed=5)
+    assert "[stance-harness] plan: runs planned 3, stored 3, trained ahead 0" in again.stdout.lines
+
+
+def test_a_killed_worker_fails_only_the_tests_that_needed_its_run(project):
+    project.makepyfile(test_killed=KILLED)
+    result = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--train-workers", "2", "-q")
+    result.assert_outcomes(passed=1, failed=1)
+    seen = _plan(project)
+    (dead,) = [run for run in seen["planned"] if run.startswith("crash-in-worker-")]
+    (alive,) = [run for run in seen["planned"] if run.startswith("lora-")]
+    assert seen["trained"] == [alive] and list(seen["failed"]) == [dead]
+    out = result.stdout.str()
+    assert re.search(rf"\nstance-harness: run {dead} \(crash-in-worker\) failed when "
+                     rf"trained ahead in a worker process: the worker process training it died \(exit code 3\)", out), out
+    # -q: the plan's one line, and nothing else of the harness's progress
+    lines = [line for line in result.stdout.lines if line.startswith("[stance-harness]")]
+    assert lines == [f"[stance-harness] plan: runs planned 2, stored 0, trained ahead 1, failed 1 ({dead}) in "
+                     + lines[0].rsplit(" in ", 1)[-1]], lines
+    # the surviving run was trained in a worker; the same request trained here, serially, has its weights
+    _same_weights_as_serial(project.store / alive, alive)
+
+
+def _same_weights_as_serial(entry, run_id):
+    from harness.models import load_model
+    from harness.request import TrainingRequest
+    from harness.stances import load_stance
+    from harness.training import train_run
+
+    loaded, stance = load_model("tiny-qwen2"), load_stance("curious-uncertainty")
+    request = TrainingRequest.build(loaded, stance, "lora", examples=5, recipe=json.loads(RECIPE), options={"r": 2})
+    assert request.run_id == run_id
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker trained
+    try:
+        run = train_run(request, loaded, stance)
+    finally:
+        torch.set_num_threads(threads)
+    stored = load_file(str(entry / "tensors.safetensors"))
+    model = dict(run.model.named_parameters())
+    after = {name.removeprefix("after/"): tensor for name, tensor in stored.items() if name.startswith("after/")}
+    assert after and set(after) == set(run.before)
+    different = [name for name, tensor in after.items() if not torch.equal(tensor, model[name].detach().cpu())]
+    assert not different, f"weights differ from serial training in {different[:3]}"
+
+
+# -- the pieces, without a model ---------------------------------------------------------------
+class _Request:
+    def __init__(self, method):
+        self.model, self.method = {"id": "tiny"}, method
+
+
+def _plan_of(steps: dict) -> Plan:
+    return Plan({run: PlannedRequest(_Request(run.split("-")[0]), "tiny", "s", n) for run, n in steps.items()},
+                to_train=list(steps))
+
+
+def test_estimates_come_from_measured_step_times_by_model_and_method():
+    plan = _plan_of({"lora-a": 10, "full-b": 20})
+    assert estimate_seconds(plan, ["lora-a", "full-b"], {("tiny", "lora"): 0.5, "tiny": 2.0}) == 10 * 0.5 + 20 * 2.0
+    assert estimate_seconds(plan, ["lora-a", "full-b"], {("tiny", "lora"): 0.5, "tiny": 2.0}, workers=2) == 22.5
+    assert estimate_seconds(plan, ["lora-a"], {("other", "lora"): 0.5}) is None  # nothing of this model
+    assert [format_seconds(s) for s in (None, 4.4, 59.6, 61, 3600)] == ["unknown", "4s", "1m00s", "1m01s", "60m00s"]
+
+
+def test_progress_counts_runs_and_its_eta_follows_the_measured_steps():
+    drawn, now = [], [0.0]
+    plan = _plan_of({"lora-a": 4, "full-b": 4})
+    progress = PlanProgress(plan, 2, lambda text, when: drawn.append((when, text)), {"tiny": 1.0},
+                            clock=lambda: now[0])
+    assert progress.eta() == 4.0  # before any step: 8 steps of 1 s from the store, on 2 workers
+    progress.start("lora-a")
+    now[0] = 1.0  # past the redraw interval: the step draws
+    progress.step("lora-a", 1, 4, 3.0)  # measured: 3 s a step
+    assert progress.eta() == (3 + 4) * 3.0 / 2
+    assert progress.line() == "[stance-harness] plan: 0/2 runs trained; training lora-a 1/4; ETA 10s"
+    progress.finish("lora-a")
+    progress.start("full-b")
+    now[0] = 30.0
+    progress.finish("full-b", "the worker died")
+    progress.close()
+    assert plan.trained == ["lora-a"] and plan.failed == {"full-b": "the worker died"}
+    assert drawn[-1] == ("final", "[stance-harness] plan: runs planned 2, stored 0, trained ahead 1, failed 1 "
+                                  "(full-b) in 30s")
+    assert {when for when, _ in drawn} == {"event", "step", "final"}
+
+
+def test_workers_one_per_gpu_else_per_core_within_memory_and_runs():
+    gib = 2**30
+    assert worker_slots(None, "cuda:0", 5, gib, environ={}, gpus=["0", "1"]) == ["0", "1"]
+    assert worker_slots(None, "cuda:0", 1, gib, environ={}, gpus=["0", "1"]) == ["0"]  # no more than the runs
+    assert worker_slots(3, "cuda:0", 5, gib, environ={}, gpus=["0", "1"]) == ["0", "1", "0"]
+    assert worker_slots(None, "cpu", 9, gib, environ={}, cores=4, available=100 * gib) == [None] * 4
+    assert worker_slots(None, "cpu", 9, gib, environ={}, cores=4, available=15 * gib) == [None] * 2  # 7 GiB each
+    xdist = {"PYTEST_XDIST_WORKER": "gw1", "PYTEST_XDIST_WORKER_COUNT": "2"}
+    assert worker_slots(None, "cpu", 9, gib, environ=xdist, cores=4, available=100 * gib) == [None] * 2
+    assert worker_slots(5, "cpu", 2, gib, environ={}, cores=1, available=gib) == [None] * 2  # asked: as asked
+    assert xdist_position(xdist) == (1, 2) and xdist_position({}) == (0, 1)
+
+
+def test_a_dead_workers_last_output_is_quoted(tmp_path):
+    log = tmp_path / "worker.log"
+    log.write_text("loading\n\nSegmentation fault\n")
+    assert last_lines(log, 1) == f"; its last output ({log}):\nSegmentation fault"
+    assert last_lines(tmp_path / "none.log") == ""
+
+
+def test_options_refuse_bad_worker_counts_and_unknown_executors(pytester, monkeypatch):
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--train-workers", "-1")
+    result.stderr.fnmatch_lines(["*stance-harness: --train-workers must be >= 0 (0: no training ahead), got -1*"])
+    monkeypatch.setenv("STANCE_HARNESS_TRAIN_WORKERS", "two")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(["*stance-harness: $STANCE_HARNESS_TRAIN_WORKERS='two' is not a whole number*"])
+    monkeypatch.delenv("STANCE_HARNESS_TRAIN_WORKERS")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--executor", "locl")
+    result.stderr.fnmatch_lines(["*unknown executor 'locl'. Did you mean: local?*"])
+    with pytest.raises(UnknownNameError, match="Known executors: local"):
+        EXECUTORS.get("ray")

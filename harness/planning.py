@@ -557,8 +557,8 @@ def _train_in_workers(harness, plan: Plan, order: list[str], progress: PlanProgr
     finally:
         for run_id in list(locks):
             release(run_id)
-    harness.trained_ahead.update(plan.trained)
-    harness.ahead_failures.update(plan.failed)
+        harness.trained_ahead.update(plan.trained)
+        harness.ahead_failures.update(plan.failed)
 
 
 def stderr_draw(text: str, when: str) -> None:

@@ -106,7 +106,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "verdict is recorded: fail (default), skip or pass")
     group.addoption(OPT_PLAN, action="store_true", default=False,
                     help="check every run the tests ask for (task, method, layers, schedule lengths) without "
-                         "building a model or training; each test that trains is skipped once its first run is checked")
+                         "building a model or training; each test that trains is skipped once its first run is checked. "
+                         "Prints how many runs the store holds and an estimate of the time to train the rest")
     group.addoption(OPT_VERDICT_JSON, metavar="PATH", default=None,
                     help="at the end, write the session's verdict (passed, test counts, the gate's comparison) as "
                          "one line of JSON to PATH, or with '-' print it as the last line of the stance-harness summary")
@@ -299,8 +300,13 @@ def pytest_runtestloop(session: pytest.Session):
 
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         draw = harness.progress.plan if worker is None else stderr_draw if worker == "gw0" else (lambda *_: None)
-        train_ahead(harness, session.items, lambda item, following: runtestprotocol(item, log=False, nextitem=following),
-                    draw, harness.options.train_workers, harness.options.executor)
+        try:
+            train_ahead(harness, session.items, lambda item, following: runtestprotocol(item, log=False,
+                                                                                        nextitem=following),
+                        draw, harness.options.train_workers, harness.options.executor)
+        except Exception as exc:  # noqa: BLE001 - the tests still run, training what they ask for
+            draw(f"[stance-harness] plan: training ahead stopped ({type(exc).__name__}: {exc}); the runs not "
+                 f"stored train when a test asks for them", "final")
     return (yield)
 
 

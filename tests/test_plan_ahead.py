@@ -240,13 +240,54 @@ def test_a_dead_workers_last_output_is_quoted(tmp_path):
 
 def test_options_refuse_bad_worker_counts_and_unknown_executors(pytester, monkeypatch):
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--train-workers", "-1")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--train-workers", "-1")
     result.stderr.fnmatch_lines(["*stance-harness: --train-workers must be >= 0 (0: no training ahead), got -1*"])
     monkeypatch.setenv("STANCE_HARNESS_TRAIN_WORKERS", "two")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.stderr.fnmatch_lines(["*stance-harness: $STANCE_HARNESS_TRAIN_WORKERS='two' is not a whole number*"])
     monkeypatch.delenv("STANCE_HARNESS_TRAIN_WORKERS")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--executor", "locl")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--executor", "locl")
     result.stderr.fnmatch_lines(["*unknown executor 'locl'. Did you mean: local?*"])
     with pytest.raises(UnknownNameError, match="Known executors: local"):
         EXECUTORS.get("ray")
+
+
+BROKEN_EXECUTOR = '''
+from harness.planning import EXECUTORS
+
+
+class Unreachable:
+    """An executor whose cluster is down: it fails before training anything."""
+
+    def __init__(self, slots, logs):
+        pass
+
+    def run(self, specs, progress, claim, release):
+        raise ConnectionError("no cluster at ray://nowhere:10001")
+
+
+EXECUTORS.register("unreachable", Unreachable)
+'''
+
+
+def test_an_executor_that_fails_leaves_the_runs_to_train_on_demand(pytester, tmp_path):
+    pytester.makeconftest(BROKEN_EXECUTOR)
+    pytester.makepyfile(test_two=f'''
+RECIPE = {RECIPE}
+
+
+def test_lora(train):
+    assert train("lora", examples=5, recipe=RECIPE, r=2).origin == "trained"
+
+
+def test_full(train):
+    assert train("full", examples=5, recipe=RECIPE).origin == "trained"
+''')
+    try:
+        result = pytester.runpytest_inprocess(*P, "--run-cache", str(tmp_path / "store"), "--train-workers", "2",
+                                              "--executor", "unreachable", "-q")
+    finally:
+        EXECUTORS.unregister("unreachable")
+    result.assert_outcomes(passed=2)  # trained when asked, in the session, as without planning
+    assert ("[stance-harness] plan: training ahead stopped (ConnectionError: no cluster at ray://nowhere:10001); "
+            "the runs not stored train when a test asks for them") in result.stdout.lines

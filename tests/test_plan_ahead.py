@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from harness.planning import (EXECUTORS, Plan, PlanProgress, estimate_seconds, format_seconds, last_lines,
-                              worker_slots, xdist_position)
+                              measured_step_times, worker_slots, xdist_position)
+from harness.runstore import RunStore
 from harness.registry import UnknownNameError
 from harness.session import PlannedRequest
 
@@ -133,6 +134,13 @@ def test_the_plan_is_what_the_tests_of_two_files_then_ask_for(project):
     again = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--train-workers", "1", "-q")
     again.assert_outcomes(passed=5)
     assert "[stance-harness] plan: runs planned 3, stored 3, trained ahead 0" in again.stdout.lines
+    # --plan: how many runs the store holds, and the rest's time from the step times it measured
+    project.makepyfile(test_third=f"def test_more_full(train):\n    train('full', examples=10, recipe={RECIPE})\n")
+    planned = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--plan", "-q")
+    full_step = measured_step_times(RunStore(project.store))[("tiny-qwen2", "full")]
+    planned.stdout.fnmatch_lines([f"--plan: 4 distinct training requests checked (each seed of a RunSet is one); in the "
+                                  f"run store: 3; to train: 1, estimated {format_seconds(2 * full_step)} in one process "
+                                  f"(from the step times the run store measured)"])
 
 
 def test_a_killed_worker_fails_only_the_tests_that_needed_its_run(project):
@@ -194,6 +202,20 @@ def test_estimates_come_from_measured_step_times_by_model_and_method():
     assert estimate_seconds(plan, ["lora-a", "full-b"], {("tiny", "lora"): 0.5, "tiny": 2.0}, workers=2) == 22.5
     assert estimate_seconds(plan, ["lora-a"], {("other", "lora"): 0.5}) is None  # nothing of this model
     assert [format_seconds(s) for s in (None, 4.4, 59.6, 61, 3600)] == ["unknown", "4s", "1m00s", "1m01s", "60m00s"]
+
+
+def test_step_times_are_measured_from_the_stored_runs(tmp_path):
+    for name, model, method, times in [("lora-1", "tiny", "lora", [1.0, 3.0]), ("full-2", "tiny", "full", [5.0]),
+                                       ("lora-3", "big", "lora", [10.0, 20.0, 30.0])]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"request": {"model": {"id": model}, "method": method}, "trace": {"step_time": times}}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")
+    (tmp_path / ".locks").mkdir()
+    assert measured_step_times(RunStore(tmp_path)) == {("tiny", "lora"): 2.0, ("tiny", "full"): 5.0, "tiny": 3.0,
+                                                       ("big", "lora"): 20.0, "big": 20.0}
+    assert measured_step_times(RunStore(tmp_path / "absent")) == {}
 
 
 def test_progress_counts_runs_and_its_eta_follows_the_measured_steps():

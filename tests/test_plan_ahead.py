@@ -305,11 +305,8 @@ def test_lora(train):
 def test_full(train):
     assert train("full", examples=5, recipe=RECIPE).origin == "trained"
 ''')
-    try:
-        result = pytester.runpytest_inprocess(*P, "--run-cache", str(tmp_path / "store"), "--train-workers", "2",
-                                              "--executor", "unreachable", "-q")
-    finally:
-        EXECUTORS.unregister("unreachable")
+    result = pytester.runpytest_subprocess(*P, "--run-cache", str(tmp_path / "store"), "--train-workers", "2",
+                                           "--executor", "unreachable", "-q")
     result.assert_outcomes(passed=2)  # trained when asked, in the session, as without planning
     assert ("[stance-harness] plan: training ahead stopped (ConnectionError: no cluster at ray://nowhere:10001); "
             "the runs not stored train when a test asks for them") in result.stdout.lines

@@ -312,6 +312,8 @@ def pytest_runtestloop(session: pytest.Session):
 
 def _trains_ahead(session: pytest.Session, harness) -> bool:
     option = session.config.option
+    if session.testsfailed and not option.continue_on_collection_errors:
+        return False  # pytest stops for the collection errors before any test runs
     return bool(session.items) and harness.options.train_workers != 0 and not (
         harness.options.plan_only or harness.options.adapters or option.collectonly
         or getattr(option, "setuponly", False) or getattr(option, "setupplan", False) or getattr(option, "usepdb", False))

@@ -492,7 +492,7 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
     unplanned = plan_items(harness, items, runtest)
     plan = make_plan(harness)
     plan.unplanned = unplanned
-    harness.plan = plan
+    harness.ahead_plan = plan
     if not plan.to_train:
         if plan.requests:
             draw(f"[stance-harness] {plan.summary()}", "final")

@@ -361,7 +361,6 @@ class ProgressWriter:
 
         self._emit(draw)
 
-
     def plan(self, text: str, when: str) -> None:
         """The plan's one progress line (`when`: step, event or final): redrawn in place on a
         terminal; in a log a line per finished run, and under -q only the last."""

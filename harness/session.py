@@ -109,7 +109,7 @@ class HarnessSession:
     planned: list[str] = field(default_factory=list)  # run ids --plan checked
     plan_requests: dict = field(default_factory=dict)  # run id -> PlannedRequest, as check_request built it
     planning: bool = False  # the tests run once before the session to gather their requests (planning.py)
-    plan: object = None  # planning.Plan: what was trained ahead, what was stored, what failed
+    ahead_plan: object = None  # planning.Plan: what was trained ahead, what was stored, what failed
     trained_ahead: set = field(default_factory=set)  # run ids trained ahead this session (loaded even under --retrain)
     ahead_failures: dict = field(default_factory=dict)  # run id -> why training it ahead in a worker failed
     multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected per family
@@ -233,6 +233,9 @@ class HarnessSession:
                     else:
                         run = train_run(request, loaded, stance_obj, self.progress)
                         self.store.save(run)
+                elif request.run_id in self.trained_ahead:
+                    run.origin = "trained"  # by this session, ahead of its tests, in a worker process
+                    self.progress(f"loaded {request.run_id}, trained ahead, from the run store ({self.store.root})")
                 else:
                     self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
             self._runs[request.run_id] = self._attach(run)

@@ -29,11 +29,12 @@ def pytest_sessionfinish(session):
     from harness.plugin import SESSION_KEY
 
     harness = session.config.stash[SESSION_KEY]
-    plan = harness.plan
+    plan = harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"planned": sorted(plan.requests) if plan else [], "trained": sorted(plan.trained) if plan else [],
                    "asked": sorted(k for k in harness._runs if isinstance(k, str)),
-                   "failed": plan.failed if plan else {}}, handle)
+                   "failed": plan.failed if plan else {},
+                   "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
 CRASH_METHOD = '''
@@ -151,6 +152,7 @@ def test_a_killed_worker_fails_only_the_tests_that_needed_its_run(project):
     (dead,) = [run for run in seen["planned"] if run.startswith("crash-in-worker-")]
     (alive,) = [run for run in seen["planned"] if run.startswith("lora-")]
     assert seen["trained"] == [alive] and list(seen["failed"]) == [dead]
+    assert seen["origins"] == {alive: "trained"}  # loaded from the store, but trained by this session
     out = result.stdout.str()
     assert re.search(rf"\nstance-harness: run {dead} \(crash-in-worker\) failed when "
                      rf"trained ahead in a worker process: the worker process training it died \(exit code 3\)", out), out

@@ -131,11 +131,7 @@ def test_the_plan_is_what_the_tests_of_two_files_then_ask_for(project):
     assert len(computed) == 1 and computed[0].startswith("lora-")
     assert set(seen["asked"]) == set(seen["planned"]) | set(computed)
     assert "[stance-harness] plan: runs planned 3, stored 0, trained ahead 3 in " in result.stdout.str()
-    # a second session finds every planned run stored and trains nothing ahead
-    again = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--train-workers", "1", "-q")
-    again.assert_outcomes(passed=5)
-    assert "[stance-harness] plan: runs planned 3, stored 3, trained ahead 0" in again.stdout.lines
-    # --plan: how many runs the store holds, and the rest's time from the step times it measured
+    # --plan: the store holds every run trained above; the new one's time from the step times it measured
     project.makepyfile(test_third=f"def test_more_full(train):\n    train('full', examples=10, recipe={RECIPE})\n")
     planned = project.runpytest_subprocess(*P, "--run-cache", str(project.store), "--plan", "-q")
     full_step = measured_step_times(RunStore(project.store))[("tiny-qwen2", "full")]

@@ -518,8 +518,13 @@ def _train_here(harness, plan: Plan, order: list[str], progress: PlanProgress) -
         planned = plan.requests[run_id]
         progress.start(run_id)
         try:
-            harness.train_request(planned.request, planned.model, planned.stance)
+            run = harness.train_request(planned.request, planned.model, planned.stance)
         except Exception:  # noqa: BLE001 - the test that asks for the run meets it again
+            progress.current.pop(run_id, None)
+            progress.done += 1
+            continue
+        if run.origin == "loaded":  # another process (an xdist worker) stored it while this one waited
+            plan.stored.append(run_id)
             progress.current.pop(run_id, None)
             progress.done += 1
             continue

@@ -185,13 +185,12 @@ def _same_weights_as_serial(entry, run_id):
 
 # -- the pieces, without a model ---------------------------------------------------------------
 class _Request:
-    def __init__(self, method):
-        self.model, self.method = {"id": "tiny"}, method
+    def __init__(self, run_id):
+        self.model, self.method, self.run_id = {"id": "tiny"}, run_id.split("-")[0], run_id
 
 
 def _plan_of(steps: dict) -> Plan:
-    return Plan({run: PlannedRequest(_Request(run.split("-")[0]), "tiny", "s", n) for run, n in steps.items()},
-                to_train=list(steps))
+    return Plan({run: PlannedRequest(_Request(run), "tiny", "s", n) for run, n in steps.items()}, to_train=list(steps))
 
 
 def test_estimates_come_from_measured_step_times_by_model_and_method():
@@ -308,3 +307,42 @@ def test_full(train):
     result.assert_outcomes(passed=2)  # trained when asked, in the session, as without planning
     assert ("[stance-harness] plan: training ahead stopped (ConnectionError: no cluster at ray://nowhere:10001); "
             "the runs not stored train when a test asks for them") in result.stdout.lines
+
+
+def test_workers_take_only_the_runs_whose_lock_they_get_and_that_are_not_stored(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from harness import planning
+    from harness.files import file_digest
+
+    store = RunStore(tmp_path)
+    entry = tmp_path / "full-b"  # stored meanwhile: a complete entry, its manifest checking out
+    entry.mkdir()
+    files = {}
+    for name in ("tensors.safetensors", "run.json"):
+        (entry / name).write_text(name)
+        files[name] = {"sha256": file_digest(entry / name), "bytes": len(name)}
+    (entry / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
+    assert store.problem("full-b") is None
+    plan = _plan_of({"lora-a": 2, "full-b": 2, "lora-c": 2})
+    harness = SimpleNamespace(store=store, options=SimpleNamespace(retrain=False), trained_ahead=set(),
+                              ahead_failures={})
+    handed = []
+
+    class Recorder:
+        def run(self, specs, progress, claim, release):
+            for spec in specs:
+                if claim(spec["run_id"]):
+                    handed.append(spec["run_id"])
+                    progress.start(spec["run_id"])
+                    progress.finish(spec["run_id"])
+                    release(spec["run_id"])
+
+    monkeypatch.setattr(planning, "spec_of", lambda planned, options, root: {"run_id": planned.request.run_id})
+    progress = PlanProgress(plan, 2, lambda *_: None)
+    with store.lock("lora-a"):  # another process trains lora-a
+        planning._train_in_workers(harness, plan, ["lora-a", "full-b", "lora-c"], progress, Recorder())
+    assert handed == ["lora-c"] and plan.elsewhere == ["lora-a"] and plan.stored == ["full-b"]
+    assert harness.trained_ahead == {"lora-c"} and progress.done == 3
+    with store.lock("lora-c", timeout=0):  # released once its run was done
+        pass

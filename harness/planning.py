@@ -17,10 +17,12 @@ that run fail with its name and the error; the executor starts a fresh worker fo
 With one worker the runs are trained in the session's own process (no second copy of the base).
 
 Under pytest-xdist each worker collects every test, so each plans them all; each trains ahead
-the missing runs, starting at its own place in the list, and takes a run only when it gets the
-run store's lock for it without waiting (a run another process holds is left to it, and a test
-that needs it waits on the lock and loads it). Only the first worker (gw0) draws the progress.
-The controller collects nothing and trains nothing.
+the missing runs, starting at its own place in the list, with its share of the cores (or its one
+GPU). Worker processes take a run only when they get the run store's lock for it without
+waiting (a run another process holds is left to it; a test that needs it waits on the lock and
+loads it); training in the xdist worker's own process waits on that lock, then loads. This was
+chosen over training in the controller because the controller collects nothing (and should not
+hold a copy of the base); only the first worker (gw0) draws the progress, on its stderr.
 """
 
 from __future__ import annotations

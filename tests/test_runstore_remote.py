@@ -3,6 +3,7 @@ this machine, reached over HTTP by s3fs exactly as S3 would be. Write, read, two
 key, a writer killed midway, a corrupted object, the cache command, and two pytest sessions
 sharing the store."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -289,10 +290,28 @@ def test_a_second_session_on_the_remote_store_trains_nothing(pytester, url):
     pytester.makepyfile(test_two=TWO_RUNS)
     first = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--run-cache", url)
     first.assert_outcomes(passed=2)
+    first.stdout.fnmatch_lines(["*plan: runs planned 2, stored 0, trained ahead 2*"])
     assert origins(pytester) == ["trained", "trained"]
     second = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--run-cache", url)
     second.assert_outcomes(passed=2)
-    assert origins(pytester) == ["loaded", "loaded"]  # counted: none trained
+    second.stdout.fnmatch_lines(["*plan: runs planned 2, stored 2, trained ahead 0*"])  # counted: none trained
+    assert origins(pytester) == ["loaded", "loaded"]
+
+
+def test_a_training_worker_stores_its_run_at_the_url(s3, url, trained, tiny_qwen2, stance):
+    """What a plan-ahead worker process does with its spec (planning.train_spec), here in-process:
+    the spec carries the store's URL as given, and the run lands in S3, loadable."""
+    from harness import planning
+    from harness.session import PlannedRequest
+
+    store = RunStore(url)
+    planned = PlannedRequest(trained.request, "tiny-qwen2", "curious-uncertainty", steps=len(trained.trace.loss))
+    options = HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], run_cache=url)
+    spec = planning.spec_of(planned, options, store.root)
+    assert spec["store"] == url
+    planning.train_spec(spec, {("tiny-qwen2", json.dumps(dataclasses.asdict(ModelArgs()), sort_keys=True)): tiny_qwen2},
+                        lambda _message: None)
+    assert RunStore(url).load(trained.request, tiny_qwen2, stance).trace.loss == trained.trace.loss
 
 
 # -- the URL itself ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import statistics
 
 from .analysis.behavior import effect_of
 from .analysis.calibration import ece_interval, ece_of_items
@@ -841,6 +842,9 @@ def _names(runs_a: list, runs_b: list) -> tuple[str, str]:
 
 
 _KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are decided (see replication)
+# With seeds, these compare one statistic per seed: ECE is a statistic of all predictions, and a
+# seed's steps are not crossed with another seed's (other batches, another moment of a shared machine)
+_PER_SEED_STATISTIC = {"ece": ece_of_items, "step_time": statistics.median}
 
 
 def _arm(runs: list, metric: str, name: str) -> tuple[str, tuple, list]:
@@ -870,15 +874,15 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
     _, ids_b, rows_b = _arm(runs_b, metric, name_b)
     where = replication.match_ids(ids, ids_b, name_a, name_b, unit)  # pairing by unit id, not position
     rows_b = [[row[j] for j in where] for row in rows_b]
-    if metric == "ece":  # a statistic of all predictions, not a mean of per-prediction values
-        if len(runs_a) == 1 and len(runs_b) == 1:
-            found = replication.compare_paired_statistic(name_a, rows_a[0], name_b, rows_b[0], ece_of_items,
-                                                         claim=claim, margin=margin, better=better, unit=unit,
-                                                         confidence=confidence)
-        else:
-            found = replication.compare_statistics(name_a, [ece_of_items(r) for r in rows_a], name_b,
-                                                   [ece_of_items(r) for r in rows_b], claim=claim, margin=margin,
-                                                   better=better, factor=factor, confidence=confidence)
+    per_seed = _PER_SEED_STATISTIC.get(metric)
+    if per_seed is not None and (len(runs_a) > 1 or len(runs_b) > 1):  # each seed's statistic is one unit
+        found = replication.compare_statistics(name_a, [per_seed(r) for r in rows_a], name_b,
+                                               [per_seed(r) for r in rows_b], claim=claim, margin=margin,
+                                               better=better, factor=factor, confidence=confidence)
+    elif metric == "ece":  # a statistic of all predictions, not a mean of per-prediction values
+        found = replication.compare_paired_statistic(name_a, rows_a[0], name_b, rows_b[0], ece_of_items,
+                                                     claim=claim, margin=margin, better=better, unit=unit,
+                                                     confidence=confidence)
     else:
         found = replication.compare(replication.arm(name_a, rows_a, ids), replication.arm(name_b, rows_b, ids),
                                     claim=claim, margin=margin, better=better, factor=factor, unit=unit,

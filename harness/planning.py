@@ -371,7 +371,7 @@ class LocalExecutor:
                         progress.finish(spec["run_id"], f"the worker process training it died (exit code "
                                                         f"{process.exitcode}){last_lines(self.log_of[slot])}")
         finally:
-            for process, connection in workers.values():
+            for _process, connection in workers.values():
                 try:
                     connection.send(None)
                 except (OSError, ValueError):

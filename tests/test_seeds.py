@@ -179,3 +179,32 @@ def test_runset_summarises_an_arm_and_wraps_a_single_run():
     assert arm.mean(lambda r: r.shifts[0]) == pytest.approx(1.0)
     one = runset(runs[0])
     assert len(one) == 1 and one[0] is runs[0]
+
+
+class _Steps(_Seed):
+    """A stand-in run: one seed's seconds per optimizer step."""
+
+    def unit_values(self, metric):
+        return "step", self.shifts
+
+    def unit_ids(self, metric):
+        return [f"step {i}" for i in range(len(self.shifts))]
+
+
+def test_step_times_over_seeds_compare_each_seeds_median_by_welch():
+    import numpy as np
+    from scipy import stats
+
+    from harness import check_less
+
+    rng = np.random.default_rng(5)
+    fast = [_Steps(s, 0.10 + rng.exponential(0.01, 15)) for s in range(4)]
+    slow = [_Steps(s + 10, 0.13 + rng.exponential(0.01, 15)) for s in range(4)]
+    for r in slow:
+        r.label = "full"
+    result = check_less(fast, slow, metric="step_time")
+    medians = [[float(np.median(r.shifts)) for r in arm] for arm in (fast, slow)]
+    welch = stats.ttest_ind(*medians, equal_var=False, alternative="less")
+    assert result.metrics["p_value"] == pytest.approx(welch.pvalue)
+    assert result.metrics["estimate"] == pytest.approx(np.mean(medians[0]) - np.mean(medians[1]))
+    assert result.verdict == "supported" and "Welch" in result.summary

@@ -227,6 +227,33 @@ def _flat_options(run: dict) -> dict:
     return options
 
 
+def configuration_of(run: dict) -> str:
+    """What a run's training request was, but for the recipe's seed (a RunSet's runs share it): the
+    model, stance, method and its config, the rest of the recipe, precision, examples, task and framing."""
+    run = run if isinstance(run, dict) else {}
+    recipe = run.get("recipe") if isinstance(run.get("recipe"), dict) else {}
+    model = run.get("model") if isinstance(run.get("model"), dict) else {}
+    stance = run.get("stance") if isinstance(run.get("stance"), dict) else {}
+    request = {"model": [model.get("id") or model.get("name"), model.get("revision")],
+               "stance": [stance.get("name"), stance.get("version")],
+               "recipe": {k: v for k, v in recipe.items() if k != "seed"},
+               **{k: run.get(k) for k in ("method", "config", "precision", "examples", "task", "framing")}}
+    return json.dumps(request, sort_keys=True, default=str)
+
+
+def configurations(runs: dict) -> list[list[str]]:
+    """The runs (summaries by id) grouped by configuration (configuration_of), each group's run ids
+    in seed order, the groups in the order their first run comes."""
+    groups: dict[str, list[str]] = {}
+    for run_id, run in runs.items():
+        groups.setdefault(configuration_of(run), []).append(run_id)
+
+    def seed(run_id):
+        value = ((runs[run_id] or {}).get("recipe") or {}).get("seed") if isinstance(runs[run_id], dict) else None
+        return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+    return [sorted(ids, key=seed) for ids in groups.values()]
+
+
 def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
     """Per run (summaries by id), the options (config fields, lr, seed, epochs, stance, examples,
     task) that tell it from the other runs of its method: what sets two `hybrid` runs apart.

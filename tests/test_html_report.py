@@ -489,27 +489,37 @@ LONG_REASON = ("recorded refuted on tiny-qwen2: hybrid[freeze_lora_steps=4] vs h
                "paired-swap randomization, 1999 swaps, one-sided p = 0.994")
 
 
-def default_suites_sized(copies: int = 8) -> dict:
+def default_suites_sized(copies: int = 8, seeds: int = 1) -> dict:
     """The real hybrid-schedules report (tests/data) shaped like the default suites' session (8
-    files, about 40 runs and 70 tests), as the real one measured 12,360 px before it was folded:
-    each copy a distinct file, runs and tests; every test with a docstring of a real one's length;
-    two XFAILs a file with whole recorded reasons; five claims with an effect a file (40 in the
-    findings table and the forest plot, the real session had 30)."""
+    files, about 40 configurations and 70 tests), as the real one measured 12,360 px before it was
+    folded: each copy a distinct file, configurations (its own learning rate) and tests; every test
+    with a docstring of a real one's length; two XFAILs a file with whole recorded reasons; five
+    claims with an effect a file (40 in the findings table and the forest plot, the real session had
+    30). `seeds`: runs per configuration, differing only in the recipe's seed (the shipped suites
+    train five), each seed's loss and per-layer change moved a little so the seeds' figures differ."""
     real = json.loads(HYBRID.read_text())
     payload = copy.deepcopy(real)
     payload["runs"], payload["tests"] = {}, []
     measured = next(c for t in real["tests"] for c in t["checks"] if c.get("verdict") == "refuted")
     for i in range(copies):
-        renamed = {}
+        renamed: dict[str, list[str]] = {}
         for run_id, run in real["runs"].items():
-            run = copy.deepcopy(run)
-            run["recipe"]["seed"] = i  # the labels say so
-            renamed[run_id] = f"{run_id}-{i}"
-            payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
+            for seed in range(seeds):
+                seeded = copy.deepcopy(run)
+                seeded["recipe"]["learning_rate"] = run["recipe"]["learning_rate"] * (1 + i / 10)  # the labels say so
+                seeded["recipe"]["seed"] = seed
+                seeded["trace"]["loss"] = [v * (1 + 0.03 * seed) if isinstance(v, float) else v
+                                           for v in run["trace"]["loss"]]
+                for row in seeded["layers"]["effective"]:
+                    if isinstance(row.get("rel_change"), float):
+                        row["rel_change"] *= 1 + 0.1 * seed
+                new_id = f"{run_id}-{i}" + (f"-s{seed}" if seeds > 1 else "")
+                renamed.setdefault(run_id, []).append(new_id)
+                payload["runs"][new_id] = {**seeded, "run_id": new_id}
         for j, test in enumerate(real["tests"]):
             test = copy.deepcopy(test)
             test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
-            test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            test["runs"] = [new for r in test["runs"] for new in renamed.get(r, [r])]
             test["doc"] = (f"Claim {j} of file {i}: each schedule trains the stance-classification head and its "
                            "LoRA and norm layers with finite gradients, and the loss falls; the step time, "
                            "throughput and peak memory are measured side by side, paired step by step.\n\nMore.")

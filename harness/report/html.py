@@ -27,9 +27,9 @@ from ..files import atomic_write
 from . import figures as figs
 from .findings import corrected_text, findings, fmt_number, interval_text, suite_of, units_text
 from .model import normalized
-from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, configurations, gate_rows,
-                       gate_rules, human, measurement_tables, origin_text, reply_order, report_id_of, run_labels,
-                       session_status)
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, configuration_labels,
+                       configurations, gate_rows, gate_rules, human, measurement_tables, origin_text, reply_order,
+                       report_id_of, run_labels, seedless, session_status)
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -159,6 +159,30 @@ def _split_findings(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen]
 
 
+def _test_runs(run_ids: list, run_links: dict) -> list[dict]:
+    """A test's runs as links: a run to its page; the seeds of a configuration as one link to the
+    configuration's page, saying which seeds when the test used only some."""
+    out: list[dict] = []
+    configs: dict[str, dict] = {}
+    for run_id in run_ids:
+        link = run_links.get(run_id, {"id": run_id, "label": run_id, "href": None})
+        config = link.get("config")
+        if config is None:
+            out.append(link)
+        elif config["href"] in configs:
+            configs[config["href"]]["seeds"].append(link["seed"])
+        else:
+            configs[config["href"]] = {"id": config["id"], "href": config["href"], "config": config,
+                                       "seeds": [link["seed"]]}
+            out.append(configs[config["href"]])
+    for item in configs.values():
+        config, seeds = item.pop("config"), item["seeds"]
+        item["label"] = config["label"] if len(seeds) == len(config["seeds"]) else (
+            f"{config['apart']} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(figs.plain_text, seeds))} "
+            f"of {len(config['seeds'])})")
+    return out
+
+
 def _test_entry(test: dict, run_links: dict) -> dict:
     checks = []
     for check in test.get("checks") or []:
@@ -171,7 +195,7 @@ def _test_entry(test: dict, run_links: dict) -> dict:
     expected = test.get("expected") if isinstance(test.get("expected"), dict) else {}
     return {
         "nodeid": test["nodeid"], "anchor": _anchor("test", test["nodeid"]), "outcome": test.get("outcome") or "not run",
-        "runs": [run_links.get(r, {"id": r, "label": r, "href": None}) for r in test.get("runs") or []],
+        "runs": _test_runs(test.get("runs") or [], run_links), "n_runs": len(test.get("runs") or []),
         "checks_text": (f"{sum(c['passed'] for c in checks)}/{len(checks)}" if checks else "–"),
         "expected": expected.get("outcome"), "reason": expected.get("reason"), "verdict": test.get("verdict"),
         "duration": human(test.get("duration"), "duration") if isinstance(test.get("duration"), (int, float)) else None,
@@ -333,16 +357,13 @@ def _run_entry(run_id: str, run: dict, index: int) -> dict:
             "analysis_error": run.get("analysis_error"), "replies": replies_view(run), "ability": ability_view(run)}
 
 
-def _seedless(run: dict) -> dict:
-    return {**run, "recipe": {k: v for k, v in (run.get("recipe") or {}).items() if k != "seed"}}
-
-
 def _config_entries(runs: dict) -> list[dict]:
     """One entry per configuration (runs differing only in their seed, sections.configurations):
     a configuration of one seed is the run's entry as before seeds (its page runs/run-<i>-<id>.html);
     one of several seeds has its page runs/config-<i>-<first id>.html, its seeds as entries in it."""
     groups = configurations(runs)
-    labels = run_labels({str(i): _seedless(runs[ids[0]]) for i, ids in enumerate(groups)})
+    labels = configuration_labels(runs, groups)
+    apart = run_labels({str(i): seedless(runs[ids[0]]) for i, ids in enumerate(groups)})
     out = []
     for i, ids in enumerate(groups):
         if len(ids) == 1:
@@ -365,10 +386,10 @@ def _config_entries(runs: dict) -> list[dict]:
                           "trained_in": figs.plain_text(human(run.get("train_seconds"), "seconds")),
                           "replies_changed": f"{replies['changed']} of {replies['n']}" if replies else "–",
                           "accuracy": f"{ability['base']} → {ability['adapted']}" if ability else "–"})
-        facts = _run_facts(_seedless(first))[:-1]  # steps and loss are each seed's: the seeds' table
+        facts = _run_facts(seedless(first))[:-1]  # steps and loss are each seed's: the seeds' table
         facts[2] += f"; seeds {', '.join(figs.plain_text(s['seed']) for s in seeds)}"
         facts[3] = "origin: " + ", ".join(f"{text} ({n})" for text, n in Counter(s["origin"] for s in seeds).items())
-        out.append({"id": ids[0], "ids": ids, "label": f"{labels[str(i)]} ({len(ids)} seeds)", "anchor": anchor,
+        out.append({"id": ids[0], "ids": ids, "label": labels[i], "apart": apart[str(i)], "anchor": anchor,
                     "href": href, "facts": facts, "seeds": seeds,
                     "halted": sum(1 for s in seeds if s["halted"] is not None) or None,
                     "analysis_error": "; ".join(f"seed {figs.plain_text(s['seed'])}: {s['analysis_error']}"
@@ -402,7 +423,7 @@ def _configurations(views: list[dict]) -> list[dict]:
     it apart from the suite's other configurations, its per-layer change and its loss curve the
     mean over its seeds (a step or layer some seed lacks, or one non-finite, is left blank)."""
     members = [[views[int(i)] for i in ids] for ids in configurations({str(i): v for i, v in enumerate(views)})]
-    firsts = {str(i): _seedless(group[0]) for i, group in enumerate(members)}
+    firsts = {str(i): seedless(group[0]) for i, group in enumerate(members)}
     labels = run_labels(firsts)  # within the suite: what sets each configuration apart from the others
     out = []
     for i, group in enumerate(members):
@@ -481,7 +502,7 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
     runs = {run_id: {**run, "label": labels[run_id]} for run_id, run in payload["runs"].items()}
     entries = _config_entries(runs)
     links = {e["id"]: e for e in entries if not e["seeds"]}  # each run links to its configuration's page
-    links.update({s["id"]: {**s, "label": runs[s["id"]]["label"]} for e in entries for s in e["seeds"]})
+    links.update({s["id"]: {**s, "label": runs[s["id"]]["label"], "config": e} for e in entries for s in e["seeds"]})
     tests = payload["tests"]
     rows = findings(payload)
     status, reasons = session_status(payload)

@@ -193,6 +193,12 @@ def _seeds_note(seeds: list[dict]) -> str:
     return f" (mean of {len(seeds)} seeds, whiskers: min–max)" if len(seeds) > 1 else ""
 
 
+def _seeds_count(seeds: list, run: dict) -> str:
+    """", N seeds" for several seeds, unless the configuration's label already says so."""
+    count = f"{len(seeds)} seeds"
+    return f", {count}" if len(seeds) > 1 and count not in _run_title(run) else ""
+
+
 
 # -- figures ---------------------------------------------------------------------------------
 
@@ -264,8 +270,8 @@ def layer_figure(run, view: str = "effective") -> dict | None:
                      else "grey labels: layers no seed changed")
     if nonfinite_layers:
         notes.append("red ×: non-finite values in " + ", ".join(lab for lab in labels if lab in nonfinite_layers))
-    return _figure_html(fig, f"weight change across layers, {view} view, {_run_title(run)}"
-                        + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""), "; ".join(notes) or None)
+    return _figure_html(fig, f"weight change across layers, {view} view, {_run_title(run)}{_seeds_count(seeds, run)}",
+                        "; ".join(notes) or None)
 
 
 def curves_figure(run) -> dict | None:
@@ -324,8 +330,8 @@ def curves_figure(run) -> dict | None:
         if longest <= 1:
             ax.set_xlim(-1, max(1, longest))
         ax.legend(fontsize=6 if several else 7, loc="best")
-    fig.suptitle(f"loss and grad norm{f', {len(seeds)} seeds' if several else ''} — {_run_title(run)}", fontsize=10)
-    return _figure_html(fig, f"loss and grad norm curves, {_run_title(run)}" + (f", {len(seeds)} seeds" if several else ""),
+    fig.suptitle(f"loss and grad norm{_seeds_count(seeds, run)} — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"loss and grad norm curves, {_run_title(run)}{_seeds_count(seeds, run)}",
                         "; ".join(parts) or None)
 
 
@@ -365,8 +371,9 @@ def reliability_figure(calibration, title: str = "", seeds: list[str] | None = N
         ece = (f"{sum(eces) / len(eces):.3f} (seeds {min(eces):.3f}–{max(eces):.3f})" if eces else "n/a")
         ax.set_title(f"{name}: ECE {ece}", fontsize=8)
     axes[-1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
-    fig.suptitle(f"reliability, {len(cals)} seeds" + (f" — {title}" if title else ""), fontsize=10)
-    return _figure_html(fig, f"reliability diagram, {title}, {len(cals)} seeds")
+    count = _seeds_count(cals, {"label": title})
+    fig.suptitle(f"reliability{count}" + (f" — {title}" if title else ""), fontsize=10)
+    return _figure_html(fig, f"reliability diagram, {title}{count}")
 
 
 def _reliability_one(calibration: dict, title: str = "") -> dict | None:
@@ -460,10 +467,10 @@ def where_figure(run) -> dict | None:
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xlim(-0.7, len(labels) - 0.3)
-    fig.suptitle(f"where the weights changed, where the behaviour lives{_seeds_note(seeds)} — {_run_title(run)}",
-                 fontsize=10)
+    fig.suptitle(f"where the weights changed, where the behaviour lives — {_run_title(run)}"
+                 + (f"\n{_seeds_note(seeds).strip()}" if len(seeds) > 1 else ""), fontsize=10)
     return _figure_html(fig, f"where the weights changed beside where the behaviour lives, {_run_title(run)}"
-                        + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""))
+                        f"{_seeds_count(seeds, run)}")
 
 
 def _dose_rows(run: dict) -> list[dict]:
@@ -502,9 +509,9 @@ def dose_figure(run) -> dict | None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6 if several else 7, loc="best")
-    fig.suptitle(f"dose-response{f', {len(seeds)} seeds' if several else ''} — {_run_title(run)}", fontsize=10)
+    fig.suptitle(f"dose-response{_seeds_count(seeds, run)} — {_run_title(run)}", fontsize=10)
     return _figure_html(fig, f"dose-response: shift and forgetting against λ, {_run_title(run)}"
-                        + (f", {len(seeds)} seeds" if several else ""))
+                        f"{_seeds_count(seeds, run)}")
 
 
 

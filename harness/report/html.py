@@ -401,16 +401,17 @@ SESSION_GROUP = "every run of this session"
 
 
 def _suite_groups(runs: dict, tests: list[dict]) -> list[tuple[str, list[str]]]:
-    """(suite file, its runs in first-use order) for each suite of two runs or more; when no suite
-    has two, every run of the session as one group (runs spread one per file still compare)."""
+    """(suite file, its runs in first-use order) for each suite of two configurations or more (seeds
+    of one configuration are averaged, sections.configurations); when no suite has two, every run
+    of the session as one group (runs spread one per file still compare)."""
     groups: dict[str, list[str]] = {}
     for test in tests:
         suite = suite_of(test.get("nodeid", ""))
         for run_id in test.get("runs") or []:
             if run_id in runs and run_id not in groups.setdefault(suite, []):
                 groups[suite].append(run_id)
-    several = [(suite, ids) for suite, ids in groups.items() if len(ids) > 1]
-    return several or ([(SESSION_GROUP, list(runs))] if len(runs) > 1 else [])
+    several = [(suite, ids) for suite, ids in groups.items() if len(configurations({i: runs[i] for i in ids})) > 1]
+    return several or ([(SESSION_GROUP, list(runs))] if len(configurations(runs)) > 1 else [])
 
 
 def _mean(values: list) -> float:
@@ -450,6 +451,25 @@ def _configurations(views: list[dict]) -> list[dict]:
     return out
 
 
+def _dose_curves(runs: dict) -> list[dict]:
+    """A dose-response curve per configuration: a run's own, or its seeds' mean shift and
+    forgetting at each dose (without a band: their intervals are each seed's, not the mean's)."""
+    groups = configurations(runs)
+    curves = []
+    for ids, label in zip(groups, configuration_labels(runs, groups)):
+        doses = [(runs[i].get("measurements") or {}).get("dose_response") for i in ids]
+        doses = [d for d in doses if d]
+        if len(doses) == 1:
+            curves.append({"label": runs[ids[0]].get("label") if len(ids) == 1 else label,
+                           "measurements": {"dose_response": doses[0]}})
+        elif doses:
+            rows = [[r for r in (d.get("rows") or []) if isinstance(r, dict)] if isinstance(d, dict) else [] for d in doses]
+            mean = [{"dose": seeds[0].get("dose"), **{k: _mean([r.get(k) for r in seeds]) for k in ("shift", "forgetting")}}
+                    for seeds in zip(*rows)]
+            curves.append({"label": f"{label}, mean", "measurements": {"dose_response": {"rows": mean}}})
+    return curves
+
+
 def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict:
     """Comparative figures across runs, per suite (as the seeds draw them): the suite's
     configurations' per-layer change on one heatmap (seed 001's domains x rates) beside their loss
@@ -472,8 +492,7 @@ def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict
         figures = [f for f in figures if f]
         if figures:
             suites.append({"suite": suite, "runs": len(ids), "configurations": len(views), "figures": figures})
-    doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
-             for run in runs.values() if (run.get("measurements") or {}).get("dose_response")]
+    doses = _dose_curves(runs)
     dose = cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)) if len(doses) > 1 else None
     return {"suites": suites, "dose": dose}
 

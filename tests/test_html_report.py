@@ -424,6 +424,25 @@ def test_a_configuration_of_several_seeds_is_one_page_with_its_seeds_overlaid():
     assert row == '<a href="runs/config-1-lora-000000000002.html">lora (seeds 0, 2 of 3)</a>'
 
 
+def test_the_dose_comparison_draws_a_curve_per_configuration():
+    """Seeds of one configuration are one dose-response curve in the session's comparison, their
+    mean shift at each dose (no band: their intervals are each seed's); a one-seed run its own."""
+    from harness.report.html import _dose_curves
+
+    payload = normalized(with_seeds(make_payload(), "lora-000000000002", 3))
+    other = copy.deepcopy(payload["runs"]["full-000000000001"])
+    other["measurements"] = {"dose_response": payload["runs"]["lora-000000000002"]["measurements"]["dose_response"]}
+    payload["runs"]["full-000000000001"] = {**other, "label": "full"}
+    curves = _dose_curves(payload["runs"])
+    assert [c["label"] for c in curves] == ["full", "lora (3 seeds), mean"]
+    assert curves[0]["measurements"]["dose_response"] is other["measurements"]["dose_response"]
+    rows = curves[1]["measurements"]["dose_response"]["rows"]
+    shifts = [[r["shift"] for r in payload["runs"][run_id]["measurements"]["dose_response"]["rows"]]
+              for run_id in ("lora-000000000002", "lora-000000000102", "lora-000000000202")]
+    assert [r["shift"] for r in rows] == pytest.approx([sum(column) / 3 for column in zip(*shifts)])
+    assert rows[0]["shift"] == pytest.approx((-0.75 - 0.65 - 0.55) / 3) and "low" not in rows[0]
+
+
 def test_a_seeds_figure_draws_their_mean_and_spread():
     """The bars of a configuration's per-layer figures are the seeds' mean, the whiskers their
     lowest and highest: checked against numpy, a seed lacking a layer or non-finite there left out."""

@@ -376,10 +376,9 @@ def _config_entries(runs: dict) -> list[dict]:
         for run_id in ids:
             run = runs[run_id]
             loss = run["trace"].get("loss") or []
-            seed = (run.get("recipe") or {}).get("seed")
-            ability = ability_view(run)
-            replies = replies_view(run)
-            seeds.append({**_run_entry(run_id, run, i), "seed": seed, "anchor": _anchor("seed", run_id),
+            entry = _run_entry(run_id, run, i)
+            ability, replies = entry["ability"], entry["replies"]
+            seeds.append({**entry, "seed": (run.get("recipe") or {}).get("seed"), "anchor": _anchor("seed", run_id),
                           "href": f"{href}#{_anchor('seed', run_id)}", "origin": origin_text(run),
                           "steps": len(loss), "loss": (f"{figs.plain_text(loss[0])} → {figs.plain_text(loss[-1])}"
                                                        if loss else "n/a"),
@@ -554,7 +553,8 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
         pages[entry["href"]] = page.render(
             title=f"{'configuration' if entry['seeds'] else 'run'} {entry['label']} — report {report_id_of(payload)}",
             css=css, report_id=report_id_of(payload), run=entry, figures=_figures(labelled, cache),
-            detail=_run_tables(seeds[0]), details=[_run_tables(run) for run in seeds] if entry["seeds"] else [])
+            detail=None if entry["seeds"] else _run_tables(seeds[0]),
+            details=[_run_tables(run) for run in seeds] if entry["seeds"] else [])
     return pages
 
 

@@ -353,6 +353,122 @@ def test_twenty_runs_stay_small():
     assert len(pages["index.html"].encode()) < 300 * 1024  # every run's figures are on its own page
 
 
+def with_seeds(payload: dict, run_id: str, seeds: int) -> dict:
+    """`payload` with seeds 1 .. seeds-1 of run `run_id` beside it (seed 0), as `train(..., seeds=N)`
+    makes: the same request but the recipe's seed; each seed's loss, per-layer change, ECE and dose
+    moved, and every test that used the run using them all."""
+    base = payload["runs"][run_id]
+    ids = [run_id]
+    for seed in range(1, seeds):
+        run = copy.deepcopy(base)
+        run["run_id"] = f"{run_id[:-3]}{int(run_id[-3:]) + 100 * seed:03d}"
+        run["recipe"]["seed"] = seed
+        run["trace"]["loss"] = [v * (1 + 0.1 * seed) if isinstance(v, float) else v for v in run["trace"]["loss"]]
+        for row in run["layers"]["effective"]:
+            row["rel_change"] = row["rel_change"] * (1 + seed) if isinstance(row["rel_change"], float) else row["rel_change"]
+        measurements = run.get("measurements") or {}
+        if "calibration" in measurements:
+            measurements["calibration"]["adapted"]["ece"] += 0.01 * seed
+        for row in (measurements.get("dose_response") or {}).get("rows", []):
+            row["shift"] += 0.1 * seed
+        payload["runs"][run["run_id"]] = run
+        ids.append(run["run_id"])
+    for test in payload["tests"]:
+        if run_id in test["runs"]:
+            test["runs"] = [r for r in test["runs"] if r != run_id] + ids
+    return payload
+
+
+def test_a_configuration_of_several_seeds_is_one_page_with_its_seeds_overlaid():
+    """Runs that differ only in their seed are one configuration: one page, each figure drawn once
+    with the seeds overlaid (as many figures as one seed's), a section of tables per seed; the
+    runs list and the tests link each seed to it; a one-seed configuration keeps its run page."""
+    from harness.report.figures import FigureCache
+
+    one, three = FigureCache(None), FigureCache(None)
+    single = render_pages(make_payload(), figure_cache=one)
+    pages = render_pages(with_seeds(make_payload(), "lora-000000000002", 3), figure_cache=three)
+    assert list(pages) == ["index.html", "runs/run-0-full-000000000001.html", "runs/config-1-lora-000000000002.html"]
+    assert three.drawn == one.drawn == 11  # per configuration, not per run: the forest, 2 comparisons, 2 + 6
+    assert [len(_images(text)) for text in pages.values()] == [3, 2, 6]
+    # the one-seed configuration's page is the run page it was without seeds beside it
+    assert pages["runs/run-0-full-000000000001.html"] == single["runs/run-0-full-000000000001.html"]
+    page = pages["runs/config-1-lora-000000000002.html"]
+    _assert_self_contained(page)
+    assert "<h1>lora (3 seeds)</h1>" in page
+    assert "3 seeds, runs lora-000000000002, lora-000000000102, lora-000000000202" in page
+    assert "seeds 0, 1, 2" in page and '"seed"' not in page.split("</ul>")[0]  # the recipe without its seed
+    alts = re.findall(r'alt="([^"]+)"', page)
+    assert alts == ["weight change across layers, effective view, lora (3 seeds)", "loss and grad norm curves, lora (3 seeds)",
+                    "weight change across layers, adapter view, lora (3 seeds)", "reliability diagram, lora (3 seeds)",
+                    "where the weights changed beside where the behaviour lives, lora (3 seeds)",
+                    "dose-response: shift and forgetting against λ, lora (3 seeds)"]
+    sections = re.findall(r'<section class="seed" id="(seed-[^"]+)"><h2>seed (\d)', page)
+    assert sections == [("seed-lora-000000000002", "0"), ("seed-lora-000000000102", "1"), ("seed-lora-000000000202", "2")]
+    assert re.findall(r'<a href="#(seed-[^"]+)">', page) == [s for s, _ in sections]  # the seeds' table
+    for seed_section in page.split('<section class="seed"')[1:]:  # each seed's own tables
+        assert "calibration (" in seed_section and "rank of the update" in seed_section
+    assert "0.135" in page.split('id="seed-lora-000000000102"')[1].split('<section class="seed"')[0]  # its ECE
+    # the session's page: the configuration once in the runs list, each seed linked to its section
+    index = pages["index.html"]
+    assert "every run (4 in 2 configurations)" in index
+    assert "every figure and table of these 3 seeds" in index
+    assert re.findall(r'<td class="mono"><a href="([^"]+)">', index.split('<section id="runs">')[1]) == [
+        f"runs/config-1-lora-000000000002.html#{s}" for s, _ in sections]
+    # a test's runs: one link to the configuration, saying which seeds when not all
+    row = re.search(r"test_lora_shifts_stance</a></td>\s*<td>(.*?)</td>", index).group(1)
+    assert row == '<a href="runs/config-1-lora-000000000002.html">lora (3 seeds)</a>'
+    subset = with_seeds(make_payload(), "lora-000000000002", 3)
+    subset["tests"][1]["runs"] = ["lora-000000000002", "lora-000000000202"]
+    row = re.search(r"test_lora_shifts_stance</a></td>\s*<td>(.*?)</td>", render_html(subset)).group(1)
+    assert row == '<a href="runs/config-1-lora-000000000002.html">lora (seeds 0, 2 of 3)</a>'
+
+
+def test_the_dose_comparison_draws_a_curve_per_configuration():
+    """Seeds of one configuration are one dose-response curve in the session's comparison, their
+    mean shift at each dose (no band: their intervals are each seed's); a one-seed run its own."""
+    from harness.report.html import _dose_curves
+
+    payload = normalized(with_seeds(make_payload(), "lora-000000000002", 3))
+    other = copy.deepcopy(payload["runs"]["full-000000000001"])
+    other["measurements"] = {"dose_response": payload["runs"]["lora-000000000002"]["measurements"]["dose_response"]}
+    payload["runs"]["full-000000000001"] = {**other, "label": "full"}
+    curves = _dose_curves(payload["runs"])
+    assert [c["label"] for c in curves] == ["full", "lora (3 seeds), mean"]
+    assert curves[0]["measurements"]["dose_response"] is other["measurements"]["dose_response"]
+    rows = curves[1]["measurements"]["dose_response"]["rows"]
+    shifts = [[r["shift"] for r in payload["runs"][run_id]["measurements"]["dose_response"]["rows"]]
+              for run_id in ("lora-000000000002", "lora-000000000102", "lora-000000000202")]
+    assert [r["shift"] for r in rows] == pytest.approx([sum(column) / 3 for column in zip(*shifts)])
+    assert rows[0]["shift"] == pytest.approx((-0.75 - 0.65 - 0.55) / 3) and "low" not in rows[0]
+
+
+def test_a_seeds_figure_draws_their_mean_and_spread():
+    """The bars of a configuration's per-layer figures are the seeds' mean, the whiskers their
+    lowest and highest: checked against numpy, a seed lacking a layer or non-finite there left out."""
+    import numpy as np
+
+    from harness.report.figures import _spread
+
+    values = [[1.0, 2.0, float("nan"), 4.0], [3.0, float("nan"), float("nan"), 5.0], [8.0, 2.5, float("nan"), 6.0]]
+    means, lows, highs = _spread(values)
+    grid = np.array(values)
+    assert means[:2] + means[3:] == pytest.approx(list(np.nanmean(grid[:, [0, 1, 3]], axis=0)))
+    assert lows[:2] + lows[3:] == list(np.nanmin(grid[:, [0, 1, 3]], axis=0))
+    assert highs[:2] + highs[3:] == list(np.nanmax(grid[:, [0, 1, 3]], axis=0))
+    assert all(np.isnan(v[2]) for v in (means, lows, highs))  # no seed has it: nothing drawn
+    from harness.report.figures import layer_figure
+
+    payload = with_seeds(make_payload(), "lora-000000000002", 3)
+    seeds = [payload["runs"][r] for r in ("lora-000000000002", "lora-000000000102", "lora-000000000202")]
+    # one value in every seed: its float mean (0.1 + 0.1 + 0.1) / 3 lies above the max; no negative whisker
+    assert _spread([[0.1]] * 3)[0][0] > 0.1
+    assert layer_figure([{**r, "layers": {"effective": [{"layer": "L0", "rel_change": 0.1, "mean_abs": 0.1}]}}
+                         for r in seeds])
+    drawn = layer_figure(seeds)
+    assert drawn["alt"] == "weight change across layers, effective view, lora · stance terse-<b>bold</b> v1.0.0 · lr 0.0002, 3 seeds"
+
+
 # -- in a real browser --------------------------------------------------------------------------
 
 def _browser_or_skip():
@@ -489,27 +605,37 @@ LONG_REASON = ("recorded refuted on tiny-qwen2: hybrid[freeze_lora_steps=4] vs h
                "paired-swap randomization, 1999 swaps, one-sided p = 0.994")
 
 
-def default_suites_sized(copies: int = 8) -> dict:
+def default_suites_sized(copies: int = 8, seeds: int = 1) -> dict:
     """The real hybrid-schedules report (tests/data) shaped like the default suites' session (8
-    files, about 40 runs and 70 tests), as the real one measured 12,360 px before it was folded:
-    each copy a distinct file, runs and tests; every test with a docstring of a real one's length;
-    two XFAILs a file with whole recorded reasons; five claims with an effect a file (40 in the
-    findings table and the forest plot, the real session had 30)."""
+    files, about 40 configurations and 70 tests), as the real one measured 12,360 px before it was
+    folded: each copy a distinct file, configurations (its own learning rate) and tests; every test
+    with a docstring of a real one's length; two XFAILs a file with whole recorded reasons; five
+    claims with an effect a file (40 in the findings table and the forest plot, the real session had
+    30). `seeds`: runs per configuration, differing only in the recipe's seed (the shipped suites
+    train five), each seed's loss and per-layer change moved a little so the seeds' figures differ."""
     real = json.loads(HYBRID.read_text())
     payload = copy.deepcopy(real)
     payload["runs"], payload["tests"] = {}, []
     measured = next(c for t in real["tests"] for c in t["checks"] if c.get("verdict") == "refuted")
     for i in range(copies):
-        renamed = {}
+        renamed: dict[str, list[str]] = {}
         for run_id, run in real["runs"].items():
-            run = copy.deepcopy(run)
-            run["recipe"]["seed"] = i  # the labels say so
-            renamed[run_id] = f"{run_id}-{i}"
-            payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
+            for seed in range(seeds):
+                seeded = copy.deepcopy(run)
+                seeded["recipe"]["learning_rate"] = run["recipe"]["learning_rate"] * (1 + i / 10)  # the labels say so
+                seeded["recipe"]["seed"] = seed
+                seeded["trace"]["loss"] = [v * (1 + 0.03 * seed) if isinstance(v, float) else v
+                                           for v in run["trace"]["loss"]]
+                for row in seeded["layers"]["effective"]:
+                    if isinstance(row.get("rel_change"), float):
+                        row["rel_change"] *= 1 + 0.1 * seed
+                new_id = f"{run_id}-{i}" + (f"-s{seed}" if seeds > 1 else "")
+                renamed.setdefault(run_id, []).append(new_id)
+                payload["runs"][new_id] = {**seeded, "run_id": new_id}
         for j, test in enumerate(real["tests"]):
             test = copy.deepcopy(test)
             test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
-            test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            test["runs"] = [new for r in test["runs"] for new in renamed.get(r, [r])]
             test["doc"] = (f"Claim {j} of file {i}: each schedule trains the stance-classification head and its "
                            "LoRA and norm layers with finite gradients, and the loss falls; the step time, "
                            "throughput and peak memory are measured side by side, paired step by step.\n\nMore.")
@@ -526,33 +652,39 @@ def default_suites_sized(copies: int = 8) -> dict:
 
 
 def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
-    """At the default suites' size the page is at most 10 screens tall before any click and at most
-    1.5 MB; the findings table and the forest plot are on the first screen; a warm rewrite (every
-    figure cached) takes at most 5 s."""
+    """At the default suites' size, five seeds a configuration (200 runs in 40 configurations), the
+    page is at most 10 screens tall before any click and at most 1.5 MB; the findings table and the
+    forest plot are on the first screen; figures are drawn per configuration, not per run (as many
+    as for one seed); a warm rewrite (every figure cached) takes at most 5 s."""
     import time
 
     executable, sync_playwright = _browser_or_skip()
     reports = tmp_path / "reports"
-    payload = default_suites_sized()
-    assert len(payload["runs"]) == 40 and len(payload["tests"]) == 72
+    payload = default_suites_sized(seeds=5)
+    assert len(payload["runs"]) == 200 and len(payload["tests"]) == 72
     assert len([r for r in findings(normalized(payload)) if r["estimate"] is not None]) == 40
-    started = time.perf_counter()
-    folder = write_reports(reports, copy.deepcopy(payload))
-    cold = time.perf_counter() - started
-    started = time.perf_counter()
     said: list[str] = []
+    started = time.perf_counter()
+    folder = write_reports(reports, copy.deepcopy(payload), progress=said.append)
+    cold = time.perf_counter() - started
+    # the forest plot; per file its configurations' heatmap and loss curves; per configuration
+    # (a hybrid run's figures) both per-layer views, the curves and the reliability diagram
+    drawn = int(re.search(r"\((\d+) figure\(s\) drawn", said[1]).group(1))
+    assert drawn == 1 + 8 * 2 + 40 * 4, said
+    said.clear()
+    started = time.perf_counter()
     write_reports(reports, copy.deepcopy(payload), progress=said.append)
     warm = time.perf_counter() - started
-    print(f"report of 40 runs / 72 tests written in {cold:.2f} s cold, {warm:.2f} s warm")
+    print(f"report of 200 runs (40 configurations) / 72 tests written in {cold:.2f} s cold ({drawn} figures), "
+          f"{warm:.2f} s warm")
     assert warm <= 5.0, warm
     # a line says what is being written before it is; the one after: nothing was drawn again
-    assert said[0] == (f"writing the report to {folder}/: report.json, report.md, index.html and 40 run page(s) "
+    assert said[0] == (f"writing the report to {folder}/: report.json, report.md, index.html and 200 run page(s) "
                        "for 72 test(s)"), said
-    assert re.fullmatch(r"wrote the report in [0-9.]+s \(0 figure\(s\) drawn, [1-9][0-9]* reused from the figure "
-                        r"cache\)", said[1]), said
+    assert said[1].endswith(f"(0 figure(s) drawn, {drawn + 1} reused from the figure cache)"), said  # + report.md's forest
     page_bytes = (folder / "index.html").stat().st_size
     assert page_bytes <= 1.5 * 1024 * 1024, page_bytes
-    assert len(list((folder / "runs").glob("*.html"))) == 40
+    assert len(list((folder / "runs").glob("config-*.html"))) == 40 and len(list((folder / "runs").glob("*.html"))) == 40
     with sync_playwright() as playwright:
         browser = _launch(playwright, executable)
         try:
@@ -567,7 +699,8 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
             _on_first_screen(page, "#findings figure img")
             # each file's runs compared: a heatmap of their per-layer change beside their loss curves
             compared = page.eval_on_selector_all("h3.compare", "els => els.map(e => e.textContent)")
-            assert compared == [f"suites/test_hybrid_schedules_{i}.py: 5 runs compared" for i in range(8)]
+            assert compared == [f"suites/test_hybrid_schedules_{i}.py: 25 runs compared (5 configurations, seeds averaged)"
+                                for i in range(8)]
             assert page.locator(".figrow figure img").count() == 16
             assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
             keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # the docs' screenshots: the first two screens
@@ -576,6 +709,16 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
                 page.screenshot(path=str(Path(keep) / "report-screen-1.png"))
                 page.evaluate(f"() => window.scrollTo(0, {SCREEN['height']})")
                 page.screenshot(path=str(Path(keep) / "report-screen-2.png"))
+            # a configuration's page, from the runs list: its figures once, its five seeds' sections
+            page.click("#runs details.runs > summary")
+            page.click("#runs section.run-summary summary >> nth=0")
+            page.click("text=every figure and table of these 5 seeds >> nth=0")
+            page.wait_for_load_state("load")
+            assert "/runs/config-0-" in page.url
+            assert page.evaluate("() => [...document.images].map(i => i.complete && i.naturalWidth > 0)") == [True] * 4
+            assert page.locator("section.seed h2").all_inner_texts()[:2] == [
+                "seed 0 hybrid-a50103d7f8632330-0-s0", "seed 1 hybrid-a50103d7f8632330-0-s1"]
+            assert page.locator("section.seed").count() == 5
             assert problems == []
         finally:
             browser.close()

@@ -20,7 +20,8 @@ from harness.report.findings import changes_since, claim_of, findings, hypothesi
 from harness.report.html import _configurations, render_pages
 from harness.report.markdown import render_markdown
 from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from harness.report.sections import MESSAGE_ROOM, clean_message, human, run_labels, short_test_id, terminal_rows
+from harness.report.sections import (MESSAGE_ROOM, clean_message, configuration_labels, configuration_of,
+                                     configurations, human, run_labels, short_test_id, terminal_rows)
 from harness.report.store import write_report
 from harness.registry import HarnessError
 
@@ -489,3 +490,63 @@ def test_seeds_of_one_configuration_are_averaged_in_the_comparisons():
     assert "suites/test_hybrid_schedules.py: 6 runs compared (2 configurations, seeds averaged)" in runs
     assert re.findall(r'alt="([^"]+)"', runs)[:2] == ["per-layer rel_change of 2 runs on one heatmap test_hybrid_schedules.py",
                                                      "loss curves of 2 runs on one axis test_hybrid_schedules.py"]
+
+
+def _seeded(run: dict, seed: int, **changes) -> dict:
+    run = copy.deepcopy(run)
+    run.update({"run_id": f"{run['run_id']}-s{seed}", "recipe": {**run["recipe"], "seed": seed}, **changes})
+    return run
+
+
+def test_runs_differing_only_in_their_seed_are_one_configuration():
+    """A configuration is a run's request but for the recipe's seed: seeds group (in seed order,
+    whatever order they came in); another rate, model revision or number of examples does not."""
+    data = normalized(hybrid())
+    first_id, second_id = list(data["runs"])[:2]
+    first = data["runs"][first_id]
+    runs = {first_id: first, f"{first_id}-s2": _seeded(first, 2), second_id: data["runs"][second_id],
+            f"{first_id}-s1": _seeded(first, 1),
+            "other-lr": _seeded(first, 1, recipe={**first["recipe"], "seed": 1, "learning_rate": 0.01}),
+            "other-model": _seeded(first, 1, model={**first["model"], "revision": "0000"}),
+            "other-examples": _seeded(first, 1, examples=(first["examples"] or 0) + 1)}
+    assert configuration_of(runs[first_id]) == configuration_of(runs[f"{first_id}-s2"]) != configuration_of(runs["other-lr"])
+    groups = configurations(runs)
+    assert groups == [[first_id, f"{first_id}-s1", f"{first_id}-s2"], [second_id], ["other-lr"], ["other-model"],
+                      ["other-examples"]]
+    labels = configuration_labels(runs, groups)
+    assert labels[0].endswith(" (3 seeds)") and "seed=" not in labels[0]
+    assert labels[1:] == [run_labels(runs)[ids[0]] for ids in groups[1:]]  # one seed: the run's own label
+    assert "lr=0.01" in labels[2]
+
+
+def test_report_md_has_a_section_per_configuration_with_its_seeds():
+    """report.md: a configuration of several seeds is one section (its seeds' table, the per-layer
+    change as the seeds' mean, min and max, each measurement table with a seed column); a
+    one-seed configuration keeps its run's section."""
+    data = hybrid()
+    first_id = list(data["runs"])[0]
+    first = data["runs"][first_id]
+    for seed in (1, 2):
+        run = _seeded(first, seed)
+        for row in run["layers"]["effective"]:
+            row["rel_change"] *= 1 + seed
+        data["runs"][run["run_id"]] = run
+    text = render_markdown(data)
+    label = configuration_labels(normalized(data)["runs"], configurations(normalized(data)["runs"]))[0]
+    assert text.count(f"### {label}\n") == 1 and label.endswith("(3 seeds)")
+    section = text.split(f"### {label}\n")[1].split("\n### ")[0]
+    assert "seeds 0, 1, 2" in section and f"{first_id}-s2" in section
+    layer = first["layers"]["effective"][0]
+    row = re.search(rf"^\| {re.escape(str(layer['layer']))} +\|(.*)$", section.split("relative change over the 3 seeds")[1],
+                    re.M).group(1)
+    seeds, mean, low, high = (float(cell) for cell in row.strip(" |").split("|"))
+    real = layer["rel_change"]
+    assert (seeds, mean, low, high) == (3, pytest.approx(2 * real, rel=1e-3), pytest.approx(real, rel=1e-3),
+                                        pytest.approx(3 * real, rel=1e-3))
+    calibration = section.split("**calibration (")[1]
+    assert re.search(r"^\| +seed +\| +model +\| +ece", calibration, re.M)
+    models = [m for m in ("base", "adapted") if isinstance(first["measurements"]["calibration"].get(m), dict)]
+    assert len(re.findall(r"^\| +[012] +\| (base|adapted) ", calibration.split("\n\n**")[0], re.M)) == 3 * len(models)
+    other = list(data["runs"])[1]  # one seed: its own section, as before seeds
+    assert f"({other})\n" in text
+    assert text.count("\n### ") - text.count("\n### suites/") == len(data["runs"]) - 3 + 1  # a section per configuration

@@ -159,6 +159,47 @@ def _steps_of(entries) -> list[int]:
 
 
 
+def _seeds_of(runs) -> list[dict]:
+    """A configuration's seeds (runs differing only in the recipe's seed) from one run or a list."""
+    return [r for r in (runs if isinstance(runs, (list, tuple)) else [runs]) if isinstance(r, dict)]
+
+
+def _seed_name(run: dict, i: int) -> str:
+    seed = (run.get("recipe") or {}).get("seed")
+    return f"seed {seed if seed is not None else i}"
+
+
+def _spread(per_seed: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per position (layer): the mean, min and max over the seeds' finite values (NaN: none)."""
+    means, lows, highs = [], [], []
+    for values in zip(*per_seed):
+        finite = [v for v in values if math.isfinite(v)]
+        means.append(sum(finite) / len(finite) if finite else math.nan)
+        lows.append(min(finite) if finite else math.nan)
+        highs.append(max(finite) if finite else math.nan)
+    return means, lows, highs
+
+
+def _whiskers(ax, positions, means, lows, highs) -> None:
+    """The seeds' spread (min to max) around a bar of their mean."""
+    shown = [(x, m, lo, hi) for x, m, lo, hi in zip(positions, means, lows, highs) if math.isfinite(m)]
+    if shown:
+        ax.errorbar([x for x, *_ in shown], [m for _, m, _, _ in shown],
+                    yerr=[[max(0.0, m - lo) for _, m, lo, _ in shown], [max(0.0, hi - m) for _, m, _, hi in shown]],
+                    fmt="none", ecolor="#1d232a", elinewidth=0.8, capsize=1.5)
+
+
+def _seeds_note(seeds: list[dict]) -> str:
+    return f" (mean of {len(seeds)} seeds, whiskers: min–max)" if len(seeds) > 1 else ""
+
+
+def _seeds_count(seeds: list, run: dict) -> str:
+    """", N seeds" for several seeds, unless the configuration's label already says so."""
+    count = f"{len(seeds)} seeds"
+    return f", {count}" if len(seeds) > 1 and count not in _run_title(run) else ""
+
+
+
 # -- figures ---------------------------------------------------------------------------------
 
 def _layer_order(rows: list[dict], num_layers) -> list[str]:
@@ -175,10 +216,16 @@ def _layer_order(rows: list[dict], num_layers) -> list[str]:
     return before + [f"L{i}" for i in range(num_layers)] + after
 
 
-def layer_figure(run: dict, view: str = "effective") -> dict | None:
-    rows = [r for r in ((run.get("layers") or {}).get(view) or []) if isinstance(r, dict)]
+def layer_figure(run, view: str = "effective") -> dict | None:
+    """Per-layer change (mean |Δ|, relative change) as bars; for a configuration's seeds (a list of
+    runs) the bars are their mean, with whiskers from the lowest seed to the highest."""
+    seeds = _seeds_of(run)
+    per_seed = [{str(r.get("layer")): r for r in ((s.get("layers") or {}).get(view) or []) if isinstance(r, dict)}
+                for s in seeds]
+    rows = list({label: row for rows in per_seed for label, row in rows.items()}.values())
     if not rows:
         return None
+    run = seeds[0]
     labels = _layer_order(rows, (run.get("model") or {}).get("num_layers"))
     by_label = {str(r.get("layer")): r for r in rows}
     positions = range(len(labels))
@@ -189,11 +236,15 @@ def layer_figure(run: dict, view: str = "effective") -> dict | None:
     panels = (("mean_abs", "mean |Δ|", "#3b6fb6"), ("rel_change", "relative change ‖Δ‖/‖W‖", "#d07a1f"))
     nonfinite_layers: set[str] = set()
     for ax, (key, label, colour) in zip(axes, panels):
-        values = [_float(by_label[lab].get(key)) if lab in by_label else math.nan for lab in labels]
-        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        values = [[_float(s[lab].get(key)) if lab in s else math.nan for lab in labels] for s in per_seed]
+        means, lows, highs = _spread(values)
+        heights = [v if math.isfinite(v) else 0.0 for v in means]
         ax.bar(positions, heights, color=colour, width=0.8)
+        if len(seeds) > 1:
+            _whiskers(ax, positions, means, lows, highs)
         bad = [i for i, lab in enumerate(labels)
-               if lab in by_label and (not math.isfinite(values[i]) or _float(by_label[lab].get("nonfinite")) > 0)]
+               if any(lab in s and (not math.isfinite(v[i]) or _float(s[lab].get("nonfinite")) > 0)
+                      for s, v in zip(per_seed, values))]
         if bad:
             ax.plot(bad, [0.0] * len(bad), "x", color="#b00020", markersize=8, mew=2,
                     transform=ax.get_xaxis_transform(), clip_on=False)
@@ -212,60 +263,120 @@ def layer_figure(run: dict, view: str = "effective") -> dict | None:
         ax.grid(axis="y", alpha=0.3)
         ax.set_xlim(-0.7, len(labels) - 0.3)
     fig.suptitle("weight change across layers" + (" (adapter A/B tensors)" if view == "adapter" else "")
-                 + f"\n{_run_title(run)}", fontsize=10)
+                 + _seeds_note(seeds) + f"\n{_run_title(run)}", fontsize=10)
     notes = []
     if len(labels) > len(rows):
-        notes.append("grey labels: layers this run did not change")
+        notes.append("grey labels: layers this run did not change" if len(seeds) == 1
+                     else "grey labels: layers no seed changed")
     if nonfinite_layers:
         notes.append("red ×: non-finite values in " + ", ".join(lab for lab in labels if lab in nonfinite_layers))
-    return _figure_html(fig, f"weight change across layers, {view} view, {_run_title(run)}", "; ".join(notes) or None)
+    return _figure_html(fig, f"weight change across layers, {view} view, {_run_title(run)}{_seeds_count(seeds, run)}",
+                        "; ".join(notes) or None)
 
 
-def curves_figure(run: dict) -> dict | None:
-    trace = run.get("trace") or {}
-    loss = [_float(v) for v in trace.get("loss") or []]
-    grad = [_float(v) for v in trace.get("grad_norm") or []]
-    if not loss and not grad:
+def curves_figure(run) -> dict | None:
+    """Loss and grad norm against the step; a configuration's seeds one line each."""
+    seeds = _seeds_of(run)
+    traces = [s.get("trace") or {} for s in seeds]
+    if not any(t.get("loss") or t.get("grad_norm") for t in traces):
         return None
-    nonfinite = sorted(set(_steps_of(trace.get("nonfinite"))))
-    skipped = sorted(set(_steps_of(trace.get("skipped_steps"))))
-    halted = trace.get("halted_at")
-    halted = int(halted) if isinstance(halted, (int, float)) and not isinstance(halted, bool) else None
+    run = seeds[0]
+    several = len(seeds) > 1
     fig = _new_figure(9.0, 2.9, bottom=0.17, left=0.07)
     axes = fig.subplots(1, 2)
-    for ax, (values, label, colour) in zip(axes, ((loss, "loss", "#3b6fb6"), (grad, "grad norm (before clipping)", "#2e8b57"))):
-        steps = list(range(len(values)))
-        ax.plot(steps, values, "-o", color=colour, markersize=2.5, linewidth=1.2, label=label)
-        bad = sorted(set(nonfinite) | {i for i, v in enumerate(values) if not math.isfinite(v)})
-        if bad:
-            ax.plot(bad, [0.04] * len(bad), "x", color="#b00020", markersize=8, mew=2,
-                    transform=ax.get_xaxis_transform(), clip_on=False, label="non-finite")
-        for j, step in enumerate(skipped):
-            ax.axvline(step, color="#8a8f95", linestyle=":", linewidth=1.2, label="skipped step" if j == 0 else None)
+    parts = []
+    for j, (seed_run, trace) in enumerate(zip(seeds, traces)):
+        name = _seed_name(seed_run, j)
+        loss = [_float(v) for v in trace.get("loss") or []]
+        grad = [_float(v) for v in trace.get("grad_norm") or []]
+        nonfinite = sorted(set(_steps_of(trace.get("nonfinite"))))
+        skipped = sorted(set(_steps_of(trace.get("skipped_steps"))))
+        halted = trace.get("halted_at")
+        halted = int(halted) if isinstance(halted, (int, float)) and not isinstance(halted, bool) else None
+        for ax, (values, label, colour) in zip(axes, ((loss, "loss", "#3b6fb6"),
+                                                      (grad, "grad norm (before clipping)", "#2e8b57"))):
+            colour = f"C{j % 10}" if several else colour
+            steps = list(range(len(values)))
+            ax.plot(steps, values, "-o", color=colour, markersize=1.5 if several else 2.5,
+                    linewidth=1.0 if several else 1.2, label=name if several else label)
+            bad = sorted(set(nonfinite) | {i for i, v in enumerate(values) if not math.isfinite(v)})
+            if bad:
+                ax.plot(bad, [0.04] * len(bad), "x", color="#b00020", markersize=8, mew=2,
+                        transform=ax.get_xaxis_transform(), clip_on=False,
+                        label=f"non-finite ({name})" if several else "non-finite")
+            for k, step in enumerate(skipped):
+                ax.axvline(step, color="#8a8f95", linestyle=":", linewidth=1.2,
+                           label=("skipped step" + (f" ({name})" if several else "")) if k == 0 else None)
+            if halted is not None:
+                ax.axvline(halted, color="#b00020", linestyle="--", linewidth=1.4,
+                           label=f"halted at {halted}" + (f" ({name})" if several else ""))
+        prefix = f"{name}: " if several else ""
+        if nonfinite:
+            parts.append(f"{prefix}non-finite at step(s) {', '.join(map(str, nonfinite[:20]))}"
+                         f"{' …' if len(nonfinite) > 20 else ''}")
+        if skipped:
+            parts.append(f"{prefix}{len(skipped)} skipped step(s)")
         if halted is not None:
-            ax.axvline(halted, color="#b00020", linestyle="--", linewidth=1.4, label=f"halted at {halted}")
-        finite = [v for v in values if math.isfinite(v)]
-        if label.startswith("grad") and finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+            parts.append(f"{prefix}halted at step {halted}: {trace.get('halt_reason') or ''}")
+    for ax, key, label in zip(axes, ("loss", "grad_norm"), ("loss", "grad norm (before clipping)")):
+        finite = [v for t in traces for v in map(_float, t.get(key) or []) if math.isfinite(v)]
+        if key == "grad_norm" and finite and min(finite) > 0 and max(finite) / min(finite) > 100:
             ax.set_yscale("log")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(steps) <= 1:
-            ax.set_xlim(-1, max(1, len(steps)))
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"loss and grad norm — {_run_title(run)}", fontsize=10)
-    parts = []
-    if nonfinite:
-        parts.append(f"non-finite at step(s) {', '.join(map(str, nonfinite[:20]))}{' …' if len(nonfinite) > 20 else ''}")
-    if skipped:
-        parts.append(f"{len(skipped)} skipped step(s)")
-    if halted is not None:
-        parts.append(f"halted at step {halted}: {trace.get('halt_reason') or ''}")
-    return _figure_html(fig, f"loss and grad norm curves, {_run_title(run)}", "; ".join(parts) or None)
+        longest = max(len(t.get(key) or []) for t in traces)
+        if longest <= 1:
+            ax.set_xlim(-1, max(1, longest))
+        ax.legend(fontsize=6 if several else 7, loc="best")
+    fig.suptitle(f"loss and grad norm{_seeds_count(seeds, run)} — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"loss and grad norm curves, {_run_title(run)}{_seeds_count(seeds, run)}",
+                        "; ".join(parts) or None)
 
 
-def reliability_figure(calibration: dict, title: str = "") -> dict | None:
+def reliability_figure(calibration, title: str = "", seeds: list[str] | None = None) -> dict | None:
+    """Accuracy against confidence per bin, base and adapted. For a configuration's seeds
+    (`calibration` a list, `seeds` their names) each seed is a line, the titles the mean ECE."""
+    several = isinstance(calibration, (list, tuple)) and len(calibration) > 1
+    cals = [c for c in (calibration if isinstance(calibration, (list, tuple)) else [calibration]) if isinstance(c, dict)]
+    if not several and cals:
+        return _reliability_one(cals[0], title)
+    names = [n for n in ("base", "adapted") if any(isinstance(c.get(n), dict) for c in cals)]
+    if not names:
+        return None
+    seeds = list(seeds or [f"seed {i}" for i in range(len(cals))])
+    fig = _new_figure(3.6 * len(names) + 1.4, 3.6, left=0.1 if len(names) > 1 else 0.16, right=0.8, bottom=0.13,
+                      top=0.84, wspace=0.3)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        ax.plot([0, 1], [0, 1], "--", color="#777", linewidth=1, label="perfect calibration")
+        eces = []
+        for j, (seed, cal) in enumerate(zip(seeds, cals)):
+            cal = cal.get(name) if isinstance(cal.get(name), dict) else {}
+            points = [((_float(b.get("lower")) + _float(b.get("upper"))) / 2, _float(b.get("accuracy")))
+                      for b in cal.get("bins") or [] if isinstance(b, dict)]
+            points = [(x, y) for x, y in points if math.isfinite(x) and math.isfinite(y)]
+            if points:
+                ax.plot([x for x, _ in points], [y for _, y in points], "-o", color=f"C{j % 10}", markersize=2.5,
+                        linewidth=1.0, label=seed)
+            if math.isfinite(_float(cal.get("ece"))):
+                eces.append(_float(cal.get("ece")))
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_xlabel("confidence (bin centre)", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ece = (f"{sum(eces) / len(eces):.3f} (seeds {min(eces):.3f}–{max(eces):.3f})" if eces else "n/a")
+        ax.set_title(f"{name}: ECE {ece}", fontsize=8)
+    axes[-1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
+    count = _seeds_count(cals, {"label": title})
+    fig.suptitle(f"reliability{count}" + (f" — {title}" if title else ""), fontsize=10)
+    return _figure_html(fig, f"reliability diagram, {title}{count}")
+
+
+def _reliability_one(calibration: dict, title: str = "") -> dict | None:
     panels = [(name, calibration.get(name)) for name in ("base", "adapted") if isinstance(calibration.get(name), dict)]
     if not panels:
         return None
@@ -300,9 +411,8 @@ def reliability_figure(calibration: dict, title: str = "") -> dict | None:
     return _figure_html(fig, f"reliability diagram, {title}")
 
 
-def where_figure(run: dict) -> dict | None:
-    """Where the weights changed (each layer's share of the change, 1 − CKA of its hidden
-    states, intruders) beside where the behaviour lives (the shift retained keeping that layer alone)."""
+def _where_panels(run: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """A run's layers and, per panel of the where figure, its value per layer."""
     measurements = run.get("measurements") or {}
     geometry = measurements.get("geometry") if isinstance(measurements.get("geometry"), dict) else {}
     localization = measurements.get("localization") if isinstance(measurements.get("localization"), dict) else {}
@@ -310,59 +420,98 @@ def where_figure(run: dict) -> dict | None:
     retained = {r.get("set"): _float(r.get("retained")) for r in localization.get("rows") or []
                 if isinstance(r, dict) and r.get("by") == "layer"}
     labels = [str(r.get("layer")) for r in layers] or list(retained)
+    by_label = {str(r.get("layer")): r for r in layers}
+    panels: dict[str, dict[str, float]] = {}
+    if layers:
+        panels["where the weights changed: share of ΔW"] = {lab: _float(by_label[lab].get("change_share")) for lab in labels}
+        panels["where the representation moved: 1 − CKA"] = {lab: 1 - _float(by_label[lab].get("cka")) for lab in labels}
+        panels["intruder dimensions"] = {lab: _float(by_label[lab].get("intruders")) for lab in labels}
+    if retained:
+        panels["where the behaviour lives: shift retained, this layer alone"] = {lab: retained.get(lab, math.nan)
+                                                                                for lab in labels}
+    return labels, panels
+
+
+WHERE_COLOURS = {"where the weights changed: share of ΔW": "#3b6fb6",
+                 "where the representation moved: 1 − CKA": "#2e8b57", "intruder dimensions": "#8a4fb0",
+                 "where the behaviour lives: shift retained, this layer alone": "#d07a1f"}
+
+
+def where_figure(run) -> dict | None:
+    """Where the weights changed (each layer's share of the change, 1 − CKA of its hidden
+    states, intruders) beside where the behaviour lives (the shift retained keeping that layer alone).
+    For a configuration's seeds: the mean per layer, whiskers from the lowest seed to the highest."""
+    seeds = _seeds_of(run)
+    per_seed = [_where_panels(s) for s in seeds]
+    labels = list(dict.fromkeys(lab for lab_list, _ in per_seed for lab in lab_list))
     if not labels:
         return None
-    by_label = {str(r.get("layer")): r for r in layers}
-    panels = []
-    if layers:
-        panels.append(("where the weights changed: share of ΔW", [_float(by_label[lab].get("change_share")) for lab in labels], "#3b6fb6"))
-        panels.append(("where the representation moved: 1 − CKA", [1 - _float(by_label[lab].get("cka")) for lab in labels], "#2e8b57"))
-        panels.append(("intruder dimensions", [_float(by_label[lab].get("intruders")) for lab in labels], "#8a4fb0"))
-    if retained:
-        panels.append(("where the behaviour lives: shift retained, this layer alone", [retained.get(lab, math.nan) for lab in labels], "#d07a1f"))
-    fig = _new_figure(max(7.0, min(12.0, 2.5 + 0.3 * len(labels))), 1.9 * len(panels) + 0.8, bottom=0.1, top=0.9,
+    run = seeds[0]
+    titles = [t for t in WHERE_COLOURS if any(t in panels for _, panels in per_seed)]
+    fig = _new_figure(max(7.0, min(12.0, 2.5 + 0.3 * len(labels))), 1.9 * len(titles) + 0.8, bottom=0.1, top=0.9,
                       hspace=0.55)
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (title, values, colour) in zip(axes, panels):
-        heights = [v if math.isfinite(v) else 0.0 for v in values]
-        ax.bar(range(len(labels)), heights, color=colour, width=0.8)
-        if min(heights) >= 0:
-            ax.set_ylim(0, max(heights) * 1.08 if max(heights) > 0 else 1.0)  # all zero: say 0, not ±0.04
+    axes = fig.subplots(len(titles), 1, squeeze=False)[:, 0]
+    for ax, title in zip(axes, titles):
+        values = [[panels.get(title, {}).get(lab, math.nan) for lab in labels] for _, panels in per_seed]
+        means, lows, highs = _spread(values)
+        heights = [v if math.isfinite(v) else 0.0 for v in means]
+        ax.bar(range(len(labels)), heights, color=WHERE_COLOURS[title], width=0.8)
+        if len(seeds) > 1:
+            _whiskers(ax, range(len(labels)), means, lows, highs)
+        top = max([h for h in highs if math.isfinite(h)] + heights)
+        if min(heights) >= 0 and not any(lo < 0 for lo in lows if math.isfinite(lo)):
+            ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)  # all zero: say 0, not ±0.04
         ax.set_title(title + (" (none)" if max(map(abs, heights)) == 0 else ""), fontsize=9)
         ax.set_xticks(list(range(len(labels))))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(axis="y", alpha=0.3)
         ax.set_xlim(-0.7, len(labels) - 0.3)
-    fig.suptitle(f"where the weights changed, where the behaviour lives — {_run_title(run)}", fontsize=10)
-    return _figure_html(fig, f"where the weights changed beside where the behaviour lives, {_run_title(run)}")
+    fig.suptitle(f"where the weights changed, where the behaviour lives — {_run_title(run)}"
+                 + (f"\n{_seeds_note(seeds).strip()}" if len(seeds) > 1 else ""), fontsize=10)
+    return _figure_html(fig, f"where the weights changed beside where the behaviour lives, {_run_title(run)}"
+                        f"{_seeds_count(seeds, run)}")
 
 
-def dose_figure(run: dict) -> dict | None:
-    """Shift (with its interval) and forgetting against the dose λ that scales the whole change."""
+def _dose_rows(run: dict) -> list[dict]:
     dose = (run.get("measurements") or {}).get("dose_response")
-    rows = [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
-    if not rows:
+    return [r for r in (dose or {}).get("rows") or [] if isinstance(r, dict)] if isinstance(dose, dict) else []
+
+
+def dose_figure(run) -> dict | None:
+    """Shift (with its interval) and forgetting against the dose λ that scales the whole change;
+    a configuration's seeds one line (and band) each."""
+    seeds = [(s, _dose_rows(s)) for s in _seeds_of(run)]
+    seeds = [(s, rows) for s, rows in seeds if rows]
+    if not seeds:
         return None
-    x = [_float(r.get("dose")) for r in rows]
+    several = len(seeds) > 1
+    run = seeds[0][0]
     fig = _new_figure(9.0, 3.0, bottom=0.17, left=0.08, wspace=0.28)
     shift_ax, forget_ax = fig.subplots(1, 2)
-    shift = [_float(r.get("shift")) for r in rows]
-    shift_ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
-                          color="#3b6fb6", alpha=0.2, label="95% interval")
-    shift_ax.plot(x, shift, "-o", color="#3b6fb6", markersize=3, label="shift (loglik margin)")
+    for j, (seed_run, rows) in enumerate(seeds):
+        x = [_float(r.get("dose")) for r in rows]
+        name = _seed_name(seed_run, j)
+        shift_colour, forget_colour = (f"C{j % 10}", f"C{j % 10}") if several else ("#3b6fb6", "#b0413e")
+        shift_ax.fill_between(x, [_float(r.get("low")) for r in rows], [_float(r.get("high")) for r in rows],
+                              color=shift_colour, alpha=0.08 if several else 0.2,
+                              label=None if several else "95% interval")
+        shift_ax.plot(x, [_float(r.get("shift")) for r in rows], "-o", color=shift_colour, markersize=3,
+                      label=name if several else "shift (loglik margin)")
+        forget_ax.plot(x, [_float(r.get("forgetting")) for r in rows], "-o", color=forget_colour, markersize=3,
+                       label=name if several else "forgetting (perplexity increase)")
     shift_ax.axhline(0, color="#777", linewidth=0.8)
-    forget_ax.plot(x, [_float(r.get("forgetting")) for r in rows], "-o", color="#b0413e", markersize=3,
-                   label="forgetting (perplexity increase)")
-    for ax, title in ((shift_ax, "behaviour shift"), (forget_ax, "forgetting")):
+    for ax, title in ((shift_ax, "behaviour shift" + (" (bands: 95% intervals)" if several else "")),
+                      (forget_ax, "forgetting (perplexity increase)" if several else "forgetting")):
         ax.axvline(1, color="#999", linestyle=":", linewidth=1)
         ax.set_xlabel("dose λ (ΔW scaled; −1: subtracted)", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"dose-response — {_run_title(run)}", fontsize=10)
-    return _figure_html(fig, f"dose-response: shift and forgetting against λ, {_run_title(run)}")
+        ax.legend(fontsize=6 if several else 7, loc="best")
+    fig.suptitle(f"dose-response{_seeds_count(seeds, run)} — {_run_title(run)}", fontsize=10)
+    return _figure_html(fig, f"dose-response: shift and forgetting against λ, {_run_title(run)}"
+                        f"{_seeds_count(seeds, run)}")
 
 
 

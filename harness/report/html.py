@@ -27,8 +27,9 @@ from ..files import atomic_write
 from . import figures as figs
 from .findings import corrected_text, findings, fmt_number, interval_text, suite_of, units_text
 from .model import normalized
-from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, gate_rows, gate_rules, human,
-                       measurement_tables, origin_text, reply_order, report_id_of, run_labels, session_status)
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, configuration_labels,
+                       configurations, gate_rows, gate_rules, human, measurement_tables, origin_text, reply_order,
+                       report_id_of, run_labels, seedless, session_status)
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not run")
 TEMPLATES = Path(__file__).with_name("templates")
@@ -158,6 +159,30 @@ def _split_findings(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen]
 
 
+def _test_runs(run_ids: list, run_links: dict) -> list[dict]:
+    """A test's runs as links: a run to its page; the seeds of a configuration as one link to the
+    configuration's page, saying which seeds when the test used only some."""
+    out: list[dict] = []
+    configs: dict[str, dict] = {}
+    for run_id in run_ids:
+        link = run_links.get(run_id, {"id": run_id, "label": run_id, "href": None})
+        config = link.get("config")
+        if config is None:
+            out.append(link)
+        elif config["href"] in configs:
+            configs[config["href"]]["seeds"].append(link["seed"])
+        else:
+            configs[config["href"]] = {"id": config["id"], "href": config["href"], "config": config,
+                                       "seeds": [link["seed"]]}
+            out.append(configs[config["href"]])
+    for item in configs.values():
+        config, seeds = item.pop("config"), item["seeds"]
+        item["label"] = config["label"] if len(seeds) == len(config["seeds"]) else (
+            f"{config['apart']} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(figs.plain_text, seeds))} "
+            f"of {len(config['seeds'])})")
+    return out
+
+
 def _test_entry(test: dict, run_links: dict) -> dict:
     checks = []
     for check in test.get("checks") or []:
@@ -170,7 +195,7 @@ def _test_entry(test: dict, run_links: dict) -> dict:
     expected = test.get("expected") if isinstance(test.get("expected"), dict) else {}
     return {
         "nodeid": test["nodeid"], "anchor": _anchor("test", test["nodeid"]), "outcome": test.get("outcome") or "not run",
-        "runs": [run_links.get(r, {"id": r, "label": r, "href": None}) for r in test.get("runs") or []],
+        "runs": _test_runs(test.get("runs") or [], run_links), "n_runs": len(test.get("runs") or []),
         "checks_text": (f"{sum(c['passed'] for c in checks)}/{len(checks)}" if checks else "–"),
         "expected": expected.get("outcome"), "reason": expected.get("reason"), "verdict": test.get("verdict"),
         "duration": human(test.get("duration"), "duration") if isinstance(test.get("duration"), (int, float)) else None,
@@ -246,31 +271,57 @@ def _run_facts(run: dict) -> list[str]:
     return facts
 
 
-def _run_detail(run: dict, cache: figs.FigureCache) -> dict:
-    """Everything about one run: its page (figures, measurements, tables)."""
+def _figures(seeds: list[dict], cache: figs.FigureCache) -> list[dict]:
+    """A configuration's figures: each run figure once, its seeds overlaid (one seed: the run's own
+    figures, as before seeds). Each is keyed by what it draws, not the whole runs: runs loaded from
+    the store (another origin, their timings) reuse what the session that trained them drew."""
+    run = seeds[0]
+    several = len(seeds) > 1
+    suffix = "-seeds" if several else ""
+
+    def of(value):  # the cache's data: one seed's as before seeds, else every seed's in seed order
+        return [value(s) for s in seeds] if several else value(run)
+
+    def layers_of(view):
+        return lambda s: s["layers"].get(view)
+
+    measures = [s.get("measurements") or {} for s in seeds]
+    two_views = any(bool(s["layers"].get("adapter")) and s["layers"].get("adapter") != s["layers"].get("effective")
+                    for s in seeds)
+    title = figs._run_title(run)
+    depth = (run.get("model") or {}).get("num_layers")
+    target = seeds if several else run
+    figures = [cache.get("layers-effective" + suffix, [of(layers_of("effective")), depth, title],
+                         lambda: figs.layer_figure(target, "effective")),
+               cache.get("curves" + suffix, [of(lambda s: {k: s["trace"].get(k) for k in (
+                   "loss", "grad_norm", "nonfinite", "skipped_steps", "halted_at", "halt_reason")}), title]
+                   + ([[s.get("recipe", {}).get("seed") for s in seeds]] if several else []),
+                   lambda: figs.curves_figure(target))]
+    if two_views:
+        figures.append(cache.get("layers-adapter" + suffix, [of(layers_of("adapter")), depth, title],
+                                 lambda: figs.layer_figure(target, "adapter")))
+    calibrations = [m.get("calibration") if isinstance(m.get("calibration"), dict) else {} for m in measures]
+    if any(calibrations):
+        names = [figs._seed_name(s, i) for i, s in enumerate(seeds)]
+        figures.append(cache.get("reliability" + suffix, [calibrations if several else calibrations[0], title]
+                                 + ([names] if several else []),
+                                 lambda: figs.reliability_figure(calibrations if several else calibrations[0], title,
+                                                                 names)))
+    if any(m.get(k) for m in measures for k in ("geometry", "localization")):
+        figures.append(cache.get("where" + suffix, [of(lambda s: {k: (s.get("measurements") or {}).get(k)
+                                                                  for k in ("geometry", "localization")}), title],
+                                 lambda: figs.where_figure(target)))
+    if any(m.get("dose_response") for m in measures):
+        figures.append(cache.get("dose" + suffix, [of(lambda s: (s.get("measurements") or {}).get("dose_response")),
+                                                   title], lambda: figs.dose_figure(target)))
+    return [f for f in figures if f]
+
+
+def _run_tables(run: dict) -> dict:
+    """Everything about one run but its figures: measurement tables, collapsed tables, instruments."""
     measurements = run.get("measurements") or {}
     layers = run["layers"]
     two_views = bool(layers.get("adapter")) and layers.get("adapter") != layers.get("effective")
-    # each figure keyed by what it draws, not the whole run: a run loaded from the store (another
-    # origin, its timings) reuses what the session that trained it drew
-    title = figs._run_title(run)
-    depth = (run.get("model") or {}).get("num_layers")
-    curves = {k: run["trace"].get(k) for k in ("loss", "grad_norm", "nonfinite", "skipped_steps", "halted_at",
-                                                 "halt_reason")}
-    figures = [cache.get("layers-effective", [layers.get("effective"), depth, title],
-                         lambda: figs.layer_figure(run, "effective")),
-               cache.get("curves", [curves, title], lambda: figs.curves_figure(run))]
-    if two_views:
-        figures.append(cache.get("layers-adapter", [layers.get("adapter"), depth, title],
-                                 lambda: figs.layer_figure(run, "adapter")))
-    calibration = measurements.get("calibration")
-    if isinstance(calibration, dict) and calibration:
-        figures.append(cache.get("reliability", [calibration, title], lambda: figs.reliability_figure(calibration, title)))
-    where = {k: measurements.get(k) for k in ("geometry", "localization")}
-    if any(where.values()):
-        figures.append(cache.get("where", [where, title], lambda: figs.where_figure(run)))
-    if measurements.get("dose_response"):
-        figures.append(cache.get("dose", [measurements["dose_response"], title], lambda: figs.dose_figure(run)))
     tables = [{"title": t, "table": table(rows)} for t, rows in measurement_tables(measurements)]
     collapsed = []
     behavior = measurements.get("behavior")
@@ -292,7 +343,7 @@ def _run_detail(run: dict, cache: figs.FigureCache) -> dict:
              "general_ability"}
     other = [{"title": k, "text": json.dumps(v, indent=1, default=str)[:4000]} for k, v in measurements.items()
              if k not in known and v not in (None, {}, [])]
-    return {"figures": [f for f in figures if f], "tables": tables, "collapsed": collapsed, "other": other,
+    return {"tables": tables, "collapsed": collapsed, "other": other,
             "instruments": [{"name": k.replace("_", " "), "text": figs.plain_text(human(v, k)), "bad": figs.is_nonfinite(v)}
                             for k, v in instruments.items() if not isinstance(v, (dict, list))],
             "first_nonfinite": instruments.get("first_nonfinite")}
@@ -306,20 +357,60 @@ def _run_entry(run_id: str, run: dict, index: int) -> dict:
             "analysis_error": run.get("analysis_error"), "replies": replies_view(run), "ability": ability_view(run)}
 
 
+def _config_entries(runs: dict) -> list[dict]:
+    """One entry per configuration (runs differing only in their seed, sections.configurations):
+    a configuration of one seed is the run's entry as before seeds (its page runs/run-<i>-<id>.html);
+    one of several seeds has its page runs/config-<i>-<first id>.html, its seeds as entries in it."""
+    groups = configurations(runs)
+    labels = configuration_labels(runs, groups)
+    apart = run_labels({str(i): seedless(runs[ids[0]]) for i, ids in enumerate(groups)})
+    out = []
+    for i, ids in enumerate(groups):
+        if len(ids) == 1:
+            out.append({**_run_entry(ids[0], runs[ids[0]], i), "seeds": []})
+            continue
+        first = runs[ids[0]]
+        anchor = _anchor("config", f"{i}-{ids[0]}")
+        href = f"runs/{anchor}.html"
+        seeds = []
+        for run_id in ids:
+            run = runs[run_id]
+            loss = run["trace"].get("loss") or []
+            entry = _run_entry(run_id, run, i)
+            ability, replies = entry["ability"], entry["replies"]
+            seeds.append({**entry, "seed": (run.get("recipe") or {}).get("seed"), "anchor": _anchor("seed", run_id),
+                          "href": f"{href}#{_anchor('seed', run_id)}", "origin": origin_text(run),
+                          "steps": len(loss), "loss": (f"{figs.plain_text(loss[0])} → {figs.plain_text(loss[-1])}"
+                                                       if loss else "n/a"),
+                          "trained_in": figs.plain_text(human(run.get("train_seconds"), "seconds")),
+                          "replies_changed": f"{replies['changed']} of {replies['n']}" if replies else "–",
+                          "accuracy": f"{ability['base']} → {ability['adapted']}" if ability else "–"})
+        facts = _run_facts(seedless(first))[:-1]  # steps and loss are each seed's: the seeds' table
+        facts[2] += f"; seeds {', '.join(figs.plain_text(s['seed']) for s in seeds)}"
+        facts[3] = "origin: " + ", ".join(f"{text} ({n})" for text, n in Counter(s["origin"] for s in seeds).items())
+        out.append({"id": ids[0], "ids": ids, "label": labels[i], "apart": apart[str(i)], "anchor": anchor,
+                    "href": href, "facts": facts, "seeds": seeds,
+                    "halted": sum(1 for s in seeds if s["halted"] is not None) or None,
+                    "analysis_error": "; ".join(f"seed {figs.plain_text(s['seed'])}: {s['analysis_error']}"
+                                                for s in seeds if s["analysis_error"]) or None})
+    return out
+
+
 SESSION_GROUP = "every run of this session"
 
 
 def _suite_groups(runs: dict, tests: list[dict]) -> list[tuple[str, list[str]]]:
-    """(suite file, its runs in first-use order) for each suite of two runs or more; when no suite
-    has two, every run of the session as one group (runs spread one per file still compare)."""
+    """(suite file, its runs in first-use order) for each suite of two configurations or more (seeds
+    of one configuration are averaged, sections.configurations); when no suite has two, every run
+    of the session as one group (runs spread one per file still compare)."""
     groups: dict[str, list[str]] = {}
     for test in tests:
         suite = suite_of(test.get("nodeid", ""))
         for run_id in test.get("runs") or []:
             if run_id in runs and run_id not in groups.setdefault(suite, []):
                 groups[suite].append(run_id)
-    several = [(suite, ids) for suite, ids in groups.items() if len(ids) > 1]
-    return several or ([(SESSION_GROUP, list(runs))] if len(runs) > 1 else [])
+    several = [(suite, ids) for suite, ids in groups.items() if len(configurations({i: runs[i] for i in ids})) > 1]
+    return several or ([(SESSION_GROUP, list(runs))] if len(configurations(runs)) > 1 else [])
 
 
 def _mean(values: list) -> float:
@@ -331,15 +422,8 @@ def _configurations(views: list[dict]) -> list[dict]:
     """Runs that differ only in their seed (a RunSet) as one configuration: labelled by what sets
     it apart from the suite's other configurations, its per-layer change and its loss curve the
     mean over its seeds (a step or layer some seed lacks, or one non-finite, is left blank)."""
-    groups: dict[str, list[dict]] = {}
-    for run in views:
-        recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k != "seed"}
-        key = json.dumps([run.get("method"), run.get("config"), recipe, (run.get("stance") or {}).get("name"),
-                          run.get("examples"), run.get("task")], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(run)
-    members = list(groups.values())
-    firsts = {str(i): {**group[0], "recipe": {k: v for k, v in (group[0].get("recipe") or {}).items() if k != "seed"}}
-              for i, group in enumerate(members)}
+    members = [[views[int(i)] for i in ids] for ids in configurations({str(i): v for i, v in enumerate(views)})]
+    firsts = {str(i): seedless(group[0]) for i, group in enumerate(members)}
     labels = run_labels(firsts)  # within the suite: what sets each configuration apart from the others
     out = []
     for i, group in enumerate(members):
@@ -366,6 +450,25 @@ def _configurations(views: list[dict]) -> list[dict]:
     return out
 
 
+def _dose_curves(runs: dict) -> list[dict]:
+    """A dose-response curve per configuration: a run's own, or its seeds' mean shift and
+    forgetting at each dose (without a band: their intervals are each seed's, not the mean's)."""
+    groups = configurations(runs)
+    curves = []
+    for ids, label in zip(groups, configuration_labels(runs, groups)):
+        doses = [(runs[i].get("measurements") or {}).get("dose_response") for i in ids]
+        doses = [d for d in doses if d]
+        if len(doses) == 1:
+            curves.append({"label": runs[ids[0]].get("label") if len(ids) == 1 else label,
+                           "measurements": {"dose_response": doses[0]}})
+        elif doses:
+            rows = [[r for r in (d.get("rows") or []) if isinstance(r, dict)] if isinstance(d, dict) else [] for d in doses]
+            mean = [{"dose": seeds[0].get("dose"), **{k: _mean([r.get(k) for r in seeds]) for k in ("shift", "forgetting")}}
+                    for seeds in zip(*rows)]
+            curves.append({"label": f"{label}, mean", "measurements": {"dose_response": {"rows": mean}}})
+    return curves
+
+
 def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict:
     """Comparative figures across runs, per suite (as the seeds draw them): the suite's
     configurations' per-layer change on one heatmap (seed 001's domains x rates) beside their loss
@@ -388,8 +491,7 @@ def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict
         figures = [f for f in figures if f]
         if figures:
             suites.append({"suite": suite, "runs": len(ids), "configurations": len(views), "figures": figures})
-    doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
-             for run in runs.values() if (run.get("measurements") or {}).get("dose_response")]
+    doses = _dose_curves(runs)
     dose = cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)) if len(doses) > 1 else None
     return {"suites": suites, "dose": dose}
 
@@ -416,8 +518,9 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
     cache = figure_cache if isinstance(figure_cache, figs.FigureCache) else figs.FigureCache(figure_cache)
     labels = run_labels(payload["runs"])
     runs = {run_id: {**run, "label": labels[run_id]} for run_id, run in payload["runs"].items()}
-    entries = [_run_entry(run_id, run, i) for i, (run_id, run) in enumerate(runs.items())]
-    links = {e["id"]: e for e in entries}
+    entries = _config_entries(runs)
+    links = {e["id"]: e for e in entries if not e["seeds"]}  # each run links to its configuration's page
+    links.update({s["id"]: {**s, "label": runs[s["id"]]["label"], "config": e} for e in entries for s in e["seeds"]})
     tests = payload["tests"]
     rows = findings(payload)
     status, reasons = session_status(payload)
@@ -437,7 +540,7 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)], "n_tests": len(tests),
         "show_expected": any(t.get("expected") is not None or t.get("verdict") is not None for t in tests),
         "show_repeats": any(t.get("repeats") for t in tests),
-        "suites": _suite_sections([_test_entry(t, links) for t in tests]), "runs": entries,
+        "suites": _suite_sections([_test_entry(t, links) for t in tests]), "runs": entries, "n_runs": len(runs),
         "comparisons": _comparisons(runs, tests, cache) if runs else {"suites": [], "dose": None},
         "multiplicity": table(payload.get("multiplicity")) if payload.get("multiplicity") else None,
     }
@@ -445,10 +548,13 @@ def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = N
                                                                             f"{report_id_of(payload) or ''}", **context)}
     page = env.get_template("run.html.j2")
     for entry in entries:
-        run = runs[entry["id"]]
-        pages[entry["href"]] = page.render(title=f"run {entry['label']} — report {report_id_of(payload)}", css=css,
-                                           report_id=report_id_of(payload), run=entry,
-                                           detail=_run_detail(run, cache))
+        seeds = [runs[s["id"]] for s in entry["seeds"]] or [runs[entry["id"]]]
+        labelled = [{**run, "label": entry["label"]} for run in seeds] if entry["seeds"] else seeds
+        pages[entry["href"]] = page.render(
+            title=f"{'configuration' if entry['seeds'] else 'run'} {entry['label']} — report {report_id_of(payload)}",
+            css=css, report_id=report_id_of(payload), run=entry, figures=_figures(labelled, cache),
+            detail=None if entry["seeds"] else _run_tables(seeds[0]),
+            details=[_run_tables(run) for run in seeds] if entry["seeds"] else [])
     return pages
 
 

@@ -7,9 +7,9 @@ import json
 
 from .findings import findings, table_rows as finding_rows
 from .model import normalized
-from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, gate_rows, gate_rules, human,
-                       measurement_tables, origin_text, reply_order, report_id_of, run_labels, session_status,
-                       test_rows)
+from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, configuration_labels,
+                       configurations, gate_rows, gate_rules, human, measurement_tables, origin_text, reply_order,
+                       report_id_of, session_status, test_rows)
 
 REPLIES_SHOWN = 5  # as the HTML page: the probes that moved most; report.json has every reply
 REPLY_CHARS = 200
@@ -29,7 +29,6 @@ def render_markdown(payload: dict, forest_image: str | None = None) -> str:
     given), provenance, tests, then each run. Old payloads are migrated first (report/model.py)."""
     payload = normalized(payload)
     prov = payload["provenance"]
-    labels = run_labels(payload["runs"])
     lines = [
         f"# stance-harness report {report_id_of(payload)}", "",
         *status_lines(payload),
@@ -62,45 +61,103 @@ def render_markdown(payload: dict, forest_image: str | None = None) -> str:
         for table in test["tables"]:
             lines += [f"**{table['title']}**", "", _table(table["rows"]), ""]
     lines += ["## Runs", ""]
-    for run_id, run in payload["runs"].items():
-        counts = run["counts"]
-        trace = run["trace"]
-        loss = trace["loss"]
-        if counts.get("trainable") is None:  # an old or partial run summary: what it has
-            lines += [f"### {labels[run_id]} ({run_id})", "", f"- origin: {origin_text(run)}", ""]
-            lines += _measurement_lines(run.get("measurements")) + replies_lines(run) + ability_lines(run)
-            continue
-        lines += [
-            f"### {labels[run_id]} ({run_id})", "",
-            f"- method `{run['method']}` {json.dumps(run['config'])}; stance `{run['stance']['name']}` "
-            f"v{run['stance']['version']}, {run['examples']} examples",
-            f"- recipe: {json.dumps(run['recipe'])}",
-            f"- origin: {origin_text(run)}",
-            f"- trainable {counts['trainable']:,} / frozen {counts['frozen']:,} ({counts['trainable_pct']:.3g}% trainable); "
-            + (f"{counts['params_per_example']:,.0f} trainable params per example; " if counts['params_per_example'] is not None
-               else "no training examples (a saved adapter); ")
-            + "stance storage "
-            f"{human(counts['stance_bytes'], 'bytes')} vs full weights {human(counts['full_weights_bytes'], 'bytes')}",
-            f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
-            + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
-            "",
-        ]
-        if run.get("analysis_error"):
-            lines += [f"**analysis failed:** {run['analysis_error']}", ""]
-        instruments = run.get("instruments") or {}
-        if instruments:
-            lines += ["**instruments**", "", _table([{k: v for k, v in instruments.items() if k != "first_nonfinite"}]), ""]
-            if instruments.get("first_nonfinite"):
-                lines += [f"first non-finite value: {json.dumps(instruments['first_nonfinite'])}", ""]
-        for view in ("effective", "adapter"):
-            rows = run["layers"][view]
-            if not rows or (view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]):
-                continue
-            title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
-            lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
-        lines += _measurement_lines(run.get("measurements"))
-        lines += replies_lines(run) + ability_lines(run)
+    groups = configurations(payload["runs"])
+    for ids, label in zip(groups, configuration_labels(payload["runs"], groups)):
+        if len(ids) == 1:
+            lines += run_lines(payload["runs"][ids[0]], f"{label} ({ids[0]})")
+        else:
+            lines += configuration_lines([payload["runs"][run_id] for run_id in ids], label)
     return "\n".join(lines) + "\n"
+
+
+def run_lines(run: dict, title: str) -> list[str]:
+    """One run's section: what it trained, its instruments, per-layer change and measurements."""
+    counts = run["counts"]
+    trace = run["trace"]
+    loss = trace["loss"]
+    if counts.get("trainable") is None:  # an old or partial run summary: what it has
+        return [f"### {title}", "", f"- origin: {origin_text(run)}", "", *_measurement_lines(run.get("measurements")),
+                *replies_lines(run), *ability_lines(run)]
+    lines = [
+        f"### {title}", "",
+        f"- method `{run['method']}` {json.dumps(run['config'])}; stance `{run['stance']['name']}` "
+        f"v{run['stance']['version']}, {run['examples']} examples",
+        f"- recipe: {json.dumps(run['recipe'])}",
+        f"- origin: {origin_text(run)}",
+        f"- trainable {counts['trainable']:,} / frozen {counts['frozen']:,} ({counts['trainable_pct']:.3g}% trainable); "
+        + (f"{counts['params_per_example']:,.0f} trainable params per example; " if counts['params_per_example'] is not None
+           else "no training examples (a saved adapter); ")
+        + "stance storage "
+        f"{human(counts['stance_bytes'], 'bytes')} vs full weights {human(counts['full_weights_bytes'], 'bytes')}",
+        f"- {len(loss)} steps, loss {loss[0] if loss else 'n/a'} -> {loss[-1] if loss else 'n/a'}"
+        + (f"; HALTED at step {trace['halted_at']}: {trace['halt_reason']}" if trace["halted_at"] is not None else ""),
+        "",
+    ]
+    if run.get("analysis_error"):
+        lines += [f"**analysis failed:** {run['analysis_error']}", ""]
+    instruments = run.get("instruments") or {}
+    if instruments:
+        lines += ["**instruments**", "", _table([{k: v for k, v in instruments.items() if k != "first_nonfinite"}]), ""]
+        if instruments.get("first_nonfinite"):
+            lines += [f"first non-finite value: {json.dumps(instruments['first_nonfinite'])}", ""]
+    for view in ("effective", "adapter"):
+        rows = run["layers"][view]
+        if not rows or (view == "adapter" and run["layers"]["adapter"] == run["layers"]["effective"]):
+            continue
+        title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
+        lines += [f"**{title}**", "", _table([{k: r[k] for k in LAYER_COLUMNS} for r in rows]), ""]
+    lines += _measurement_lines(run.get("measurements"))
+    lines += replies_lines(run) + ability_lines(run)
+    return lines
+
+
+def configuration_lines(seeds: list[dict], label: str) -> list[str]:
+    """A configuration's seeds (runs differing only in the recipe's seed): what they share, one
+    table of their instruments, the per-layer change as the seeds' mean, min and max, each
+    measurement table with a seed column, and each seed's replies. report.json has every run."""
+    first = seeds[0]
+    names = [f"seed {(run.get('recipe') or {}).get('seed')}" for run in seeds]
+    recipe = {k: v for k, v in (first.get("recipe") or {}).items() if k != "seed"}
+    lines = [f"### {label}", "",
+             f"- method `{first['method']}` {json.dumps(first['config'])}; stance `{first['stance']['name']}` "
+             f"v{first['stance']['version']}, {first['examples']} examples",
+             f"- recipe: {json.dumps(recipe)}; seeds {', '.join(n.split(' ', 1)[1] for n in names)}", ""]
+    table = []
+    for name, run in zip(names, seeds):
+        loss, trace = run["trace"]["loss"], run["trace"]
+        instruments = {k: v for k, v in (run.get("instruments") or {}).items()
+                       if not isinstance(v, (dict, list)) and k not in ("first_nonfinite", "halted_at")}
+        table.append({"seed": name.split(" ", 1)[1], "run": run["run_id"], "origin": origin_text(run),
+                      "steps": len(loss), "loss": f"{loss[0]} -> {loss[-1]}" if loss else "n/a",
+                      "halted": f"at step {trace['halted_at']}: {trace['halt_reason']}"
+                      if trace.get("halted_at") is not None else "no", **instruments})
+    lines += ["**seeds**", "", _table(table, numparse=False), ""]
+    lines += [f"**analysis failed ({name}):** {run['analysis_error']}" for name, run in zip(names, seeds)
+              if run.get("analysis_error")]
+    for view in ("effective", "adapter"):
+        if view == "adapter" and all(run["layers"]["adapter"] == run["layers"]["effective"] for run in seeds):
+            continue
+        values: dict[str, list] = {}
+        for run in seeds:
+            for row in run["layers"][view]:
+                if isinstance(row, dict) and isinstance(row.get("rel_change"), (int, float)):
+                    values.setdefault(str(row.get("layer")), []).append(float(row["rel_change"]))
+        if values:
+            title = "per-layer change" + (" (adapter A/B tensors)" if view == "adapter" else "")
+            lines += [f"**{title}: relative change over the {len(seeds)} seeds**", "",
+                      _table([{"layer": layer, "seeds": len(v), "mean": sum(v) / len(v), "min": min(v), "max": max(v)}
+                              for layer, v in values.items()]), ""]
+    merged: dict[str, list[dict]] = {}
+    for name, run in zip(names, seeds):
+        for title, rows in measurement_tables(run.get("measurements")):
+            merged.setdefault(title, []).extend({"seed": name.split(" ", 1)[1], **row} for row in rows)
+    for title, rows in merged.items():
+        lines += [f"**{title}**", "", _table(rows), ""]
+    for name, run in zip(names, seeds):
+        more = replies_lines(run) + ability_lines(run)
+        if more:
+            lines += [f"**{name}** ({run['run_id']})", "", *more]
+    return lines
 
 
 def findings_lines(payload: dict, forest_image: str | None = None) -> list[str]:

@@ -227,6 +227,33 @@ def _flat_options(run: dict) -> dict:
     return options
 
 
+def configuration_of(run: dict) -> str:
+    """What a run's training request was, but for the recipe's seed (a RunSet's runs share it): the
+    model, stance, method and its config, the rest of the recipe, precision, examples, task and framing."""
+    run = run if isinstance(run, dict) else {}
+    recipe = run.get("recipe") if isinstance(run.get("recipe"), dict) else {}
+    model = run.get("model") if isinstance(run.get("model"), dict) else {}
+    stance = run.get("stance") if isinstance(run.get("stance"), dict) else {}
+    request = {"model": [model.get("id") or model.get("name"), model.get("revision")],
+               "stance": [stance.get("name"), stance.get("version")],
+               "recipe": {k: v for k, v in recipe.items() if k != "seed"},
+               **{k: run.get(k) for k in ("method", "config", "precision", "examples", "task", "framing")}}
+    return json.dumps(request, sort_keys=True, default=str)
+
+
+def configurations(runs: dict) -> list[list[str]]:
+    """The runs (summaries by id) grouped by configuration (configuration_of), each group's run ids
+    in seed order, the groups in the order their first run comes."""
+    groups: dict[str, list[str]] = {}
+    for run_id, run in runs.items():
+        groups.setdefault(configuration_of(run), []).append(run_id)
+
+    def seed(run_id):
+        value = ((runs[run_id] or {}).get("recipe") or {}).get("seed") if isinstance(runs[run_id], dict) else None
+        return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+    return [sorted(ids, key=seed) for ids in groups.values()]
+
+
 def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
     """Per run (summaries by id), the options (config fields, lr, seed, epochs, stance, examples,
     task) that tell it from the other runs of its method: what sets two `hybrid` runs apart.
@@ -239,15 +266,24 @@ def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
     by_method: dict = {}
     for options in flat.values():
         by_method.setdefault(options.get("method"), []).append(options)
+    summary: dict = {}  # (method, option): (whether every run has one value, the majority's JSON, its count)
+    for method, group in by_method.items():
+        for key in dict.fromkeys(k for o in group for k in o):
+            values = [o.get(key) for o in group]
+            texts = Counter(json.dumps(v, sort_keys=True, default=str) for v in values)
+            try:
+                same = len(set(values)) == 1  # Python's equality, as 1 == 1.0
+            except TypeError:  # an unhashable value
+                same = all(v == values[0] for v in values)
+            summary[method, key] = (same, *texts.most_common(1)[0])
     out = {}
     for run_id, options in flat.items():
         group = by_method[options.get("method")]
         shown = []
         for key, value in options.items():
-            if key == "method" or value is None or all(o.get(key) == value for o in group):
+            same, common, count = summary[options.get("method"), key]
+            if key == "method" or value is None or same:
                 continue
-            values = [json.dumps(o.get(key), sort_keys=True, default=str) for o in group]
-            common, count = Counter(values).most_common(1)[0]
             if count * 2 <= len(group) or json.dumps(value, sort_keys=True, default=str) != common:
                 shown.append((key, value))
         out[run_id] = shown
@@ -264,6 +300,19 @@ def run_labels(runs: dict) -> dict[str, str]:
         labels[run_id] = ", ".join([str(method)] + [f"{k}={short_value(v)}" for k, v in differing[run_id][:4]])
     counts = {label: list(labels.values()).count(label) for label in labels.values()}
     return {run_id: label + (f" ({run_id[-6:]})" if counts[label] > 1 else "") for run_id, label in labels.items()}
+
+
+def seedless(run: dict) -> dict:
+    """The run's summary without the recipe's seed: what its configuration's label is made of."""
+    return {**run, "recipe": {k: v for k, v in (run.get("recipe") or {}).items() if k != "seed"}}
+
+
+def configuration_labels(runs: dict, groups: list[list[str]]) -> list[str]:
+    """A label per configuration (`groups`, from configurations): a run's own label when it is the
+    only seed, else what sets the configuration apart from the others, and its number of seeds."""
+    by_run = run_labels(runs)
+    apart = run_labels({str(i): seedless(runs[ids[0]]) for i, ids in enumerate(groups)})
+    return [by_run[ids[0]] if len(ids) == 1 else f"{apart[str(i)]} ({len(ids)} seeds)" for i, ids in enumerate(groups)]
 
 
 def short_value(value) -> str:

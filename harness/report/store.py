@@ -87,9 +87,10 @@ def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None
     report.json first, then report.md (with forest.png), then the HTML pages; figures are cached
     in `reports_dir` when given. Returns the figure cache, which counts what it drew and reused."""
     report_dir = Path(report_dir)
-    atomic_write(report_dir / "report.json", json.dumps(json_safe({**payload, "format": REPORT_FORMAT}), indent=2,
-                                                        default=str))
-    complete = normalized(json.loads(json.dumps(json_safe(payload), default=str)))  # what report.json holds
+    # no indent: json's C encoder writes a 5-seed session's 7 MB in a tenth of the time its Python one takes
+    text = json.dumps(json_safe({**payload, "format": REPORT_FORMAT}), default=str)
+    atomic_write(report_dir / "report.json", text)
+    complete = normalized(json.loads(text))  # what report.json holds
     cache = figures.FigureCache(None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
     forest = None
     try:

@@ -441,6 +441,7 @@ def train(request, harness_session, stance_report, stance_repeat):
     handed = []
 
     def _one(method, offset, kwargs):
+        stance_report.seeds = stance_report.seeds or 1
         if harness_session.options.plan_only or harness_session.planning:  # checked now; the test skips when it first reads the run
             return PlannedRun(_or_usage_error(harness_session.check_request, method, repeat=offset, **kwargs))
         run = _or_usage_error(harness_session.train, method, repeat=offset, **kwargs)
@@ -457,6 +458,7 @@ def train(request, harness_session, stance_report, stance_repeat):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             pytest.fail(f"stance-harness: train(seeds=...) must be an integer >= 1, got {seeds!r}", pytrace=False)
         # under --repeat R each repetition gets its own block of seeds
+        stance_report.seeds = max(stance_report.seeds or 0, count)
         return RunSet(_one(method, stance_repeat * count + i, kwargs) for i in range(count))
 
     yield _train

@@ -32,9 +32,10 @@ def test_seeds(train):
     assert behavior_effect(lora)["seeds"] == 2 and behavior_effect(lora[0])["seeds"] == 1
 
 
-def test_the_mark_sets_the_default(train):
+def test_the_mark_sets_the_default(train, stance_report):
     runs = train("lora", examples=10, recipe=QUICK)
     assert isinstance(runs, RunSet) and len(runs) == {marked}
+    assert stance_report.seeds == len(runs)  # what the recorded verdict says the claim rests on
 
 
 def test_default_from_the_option(train):
@@ -208,3 +209,12 @@ def test_step_times_over_seeds_compare_each_seeds_median_by_welch():
     assert result.metrics["p_value"] == pytest.approx(welch.pvalue)
     assert result.metrics["estimate"] == pytest.approx(np.mean(medians[0]) - np.mean(medians[1]))
     assert result.verdict == "supported" and "Welch" in result.summary
+
+
+def test_a_recorded_verdict_says_how_many_seeds_it_rests_on():
+    from harness.report.verdicts import verdict_entries
+
+    records = [{"nodeid": "suites/test_a.py::test_x", "verdict": "refuted", "message": "why", "checks": [], "seeds": 5},
+               {"nodeid": "suites/test_a.py::test_y", "verdict": "supported", "message": None, "checks": []}]
+    entries = verdict_entries(records)
+    assert entries["suites/test_a.py::test_x"]["seeds"] == 5 and entries["suites/test_a.py::test_y"]["seeds"] is None

@@ -66,6 +66,7 @@ class TestRecord:
     verdict: str | None = None  # "supported" or "refuted": what the run showed, whatever was expected
     repeats: dict | None = None  # under --repeat N: {"n", "metrics": {name: {mean, std, min, max, n}}}
     held_for_family: bool = False  # supported alone against a recorded inconclusive: the family's Holm decides
+    seeds: int | None = None  # training seeds per configuration of the runs it was handed (1: run-level)
 
     # -- the API a suite uses through the `stance_report` fixture --------------------------
     def table(self, title: str, rows: list[dict]) -> None:

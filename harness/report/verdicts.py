@@ -102,7 +102,8 @@ def verdict_entries(records: list[dict]) -> dict[str, dict]:
         reason = first.get("message") or "; ".join(c["summary"] for c in first.get("checks", []))[:400]
         if len(group) > 1:
             reason = (f"{len(group)} repetitions: " + ", ".join(r["verdict"] for r in group) + "; " + (reason or ""))
-        out[key] = {"verdict": verdict, "reason": reason or "-", "interval": interval_of(first.get("checks", []))}
+        out[key] = {"verdict": verdict, "reason": reason or "-", "interval": interval_of(first.get("checks", [])),
+                    "seeds": first.get("seeds")}
     return out
 
 

@@ -137,6 +137,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
+    config.addinivalue_line("markers", "quick: one cheap hypothesis per suite file; `-m quick --seeds 1` is a first look")
     config.addinivalue_line("markers", f"{SEEDS_MARK}(n): train(...) without seeds= returns a RunSet of n training "
                             f"seeds (the suite's unit of replication for claims about methods); {OPT_SEEDS} overrides")
     if config.option.help or config.option.version:

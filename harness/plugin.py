@@ -159,11 +159,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
-    from .adapters import read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
-    from . import assertions  # noqa: F401 - declares the helpers' metrics, so their rules are checked now
     from .files import check_writable_directory
     from .report.metrics import is_declared
     from .residency import parse_bytes
@@ -181,8 +179,11 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
-    for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
-        read_adapter(adapter)
+    if config.getoption(OPT_ADAPTER):  # (adapters import torch: only when there is one to read)
+        from .adapters import read_adapter
+
+        for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
+            read_adapter(adapter)
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
@@ -195,6 +196,8 @@ def _options(config: pytest.Config):
         check_writable_directory(Path(verdict_json).parent, OPT_VERDICT_JSON)
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
+    if rules:  # the helpers declare their metrics, so rules on them are checked now (it imports torch: only then)
+        from . import assertions  # noqa: F401
     if rules and not compare_to:
         raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
     for rule in rules:

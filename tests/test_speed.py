@@ -3,6 +3,7 @@ one walk over the parameters, and the plugin's torch-free start-up."""
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,33 @@ def test_base_digest_walks_the_base_parameters_once(tiny_qwen2, monkeypatch):
     digests = [tiny_qwen2.base_digest(p) for _, p in tensors]
     assert len(walks) == 1, f"{len(walks)} walks over the base's parameters for {len(tensors)} digests"
     assert digests == [tensor_digest(p) for _, p in tensors]
+
+
+# -- the plugin's start-up -----------------------------------------------------------------------
+START_UP = """
+import sys
+import pytest
+code = pytest.main(["--co", "-q", "-p", "no:cacheprovider", sys.argv[1]])
+heavy = sorted(m for m in ("torch", "scipy", "numpy", "transformers", "peft") if m in sys.modules)
+print("heavy:", ",".join(heavy) or "none", "exit:", int(code))
+"""
+
+
+def test_the_plugin_starts_without_torch_scipy_or_numpy(tmp_path):
+    """`pytest --co` on an empty folder loads the plugin and builds its session without the heavy
+    libraries (DESIGN: imported lazily, so the plugin loads fast); the first run or test imports them."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", START_UP, str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    line = [x for x in done.stdout.splitlines() if x.startswith("heavy:")]
+    assert line, done.stdout[-2000:] + done.stderr[-2000:]
+    assert line[-1] == "heavy: none exit: 5", line[-1]  # 5: no tests collected
+
+
+def test_the_start_up_check_sees_a_heavy_import(tmp_path):
+    """The check above can fail: a conftest that imports numpy is seen."""
+    (tmp_path / "conftest.py").write_text("import numpy\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", START_UP, str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert "heavy: numpy exit: 5" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -12,6 +12,8 @@ store), and prints, from that one run:
 
     python benchmarks/main_job.py [--suites-args "-k locus"] [--no-setup [--venv .venv]] [--keep DIR]
 
+--keep DIR keeps the clone and its caches; run again with the same DIR for the warm figures.
+
 --no-setup reuses an existing virtual environment (default: this checkout's .venv) instead of
 letting dev.sh build one; then pytest is started the way dev.sh starts it (same environment,
 `python -m pytest suites/ ARGS`), without dev.sh, which would install into the reused .venv.
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites-args", default="", help='pytest arguments after suites/, one string: "-k locus -x"')
     parser.add_argument("--no-setup", action="store_true", help="reuse --venv instead of letting dev.sh build .venv")
     parser.add_argument("--venv", type=Path, default=REPO / ".venv", help="the environment --no-setup reuses")
-    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one, removed)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one, "
+                        "removed); a second call with the same folder reuses its clone and caches: a warm run")
     args = parser.parse_args(argv)
     if args.no_setup and not (args.venv / "bin" / "python").exists():
         raise MainJobError(f"--no-setup: {args.venv / 'bin' / 'python'} does not exist; name an environment "
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="main-job-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        clone_dir = clone(args.repo.resolve(), work)
+        clone_dir = work / "clone" if (work / "clone" / ".git").exists() else clone(args.repo.resolve(), work)
         log = work / "main_job.log"
         env = {**os.environ, **DEV_ENV,
                "STANCE_HARNESS_CACHE": str(work / "cache"), "STANCE_HARNESS_RUN_CACHE": str(work / "runs"),

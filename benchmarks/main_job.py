@@ -43,14 +43,18 @@ class MainJobError(Exception):
     """A step of the benchmark could not run; the message says which and why."""
 
 
-def summarise(report: dict, models_dir: Path, timings: dict, pytest_seconds: float) -> dict:
-    """The figures of one run: report.json's runs, the built models' records, the timer's phases."""
+def summarise(report: dict, models_dir: Path, timings: dict, pytest_seconds: float,
+              present_before: frozenset = frozenset()) -> dict:
+    """The figures of one run: report.json's runs, the records of the models built in it (those not
+    in `present_before`, the cache's entries before pytest started), the timer's phases."""
     trained = [run for run in report.get("runs", {}).values() if run.get("origin") == "trained"]
     train_seconds = sum(run.get("train_seconds") or 0.0 for run in trained)
     steps = sum((run.get("instruments") or {}).get("steps") or 0 for run in trained)
     build_seconds = 0.0
     built = []
     for record in sorted(models_dir.glob("*/stance_harness.json")):
+        if record.parent.name in present_before:
+            continue
         seconds = json.loads(record.read_text()).get("build_seconds")
         if seconds is not None:
             build_seconds += seconds
@@ -131,10 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise MainJobError(f"set-up failed (exit {code}); see {log}")
             command = ["./dev.sh", "suites", *suites_args]
         print(f"main_job: {shlex.join(command)} in {clone_dir}", flush=True)
+        models = work / "cache" / "models"
+        present = frozenset(p.name for p in models.iterdir()) if models.is_dir() else frozenset()
+        (work / "timings.json").unlink(missing_ok=True)
         pytest_s, code = timed(command, clone_dir, env, log)
-        figures = summarise(latest_report(clone_dir), work / "cache" / "models",
+        figures = summarise(latest_report(clone_dir), models,
                             json.loads((work / "timings.json").read_text()) if (work / "timings.json").exists() else {},
-                            pytest_s)
+                            pytest_s, present)
         figures["setup_s"] = setup_s
         figures["pytest_exit_code"] = code
         figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

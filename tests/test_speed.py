@@ -84,6 +84,14 @@ def test_main_job_counts_only_trained_runs_and_takes_shares_of_pytest(tmp_path):
     assert figures["models_built"] == ["tiny-qwen2-x"] and figures["tests"] == 2
 
 
+def test_main_job_counts_only_the_models_built_in_its_run(tmp_path):
+    for name, seconds in (("old", 30.0), ("new", 7.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stance_harness.json").write_text(json.dumps({"build_seconds": seconds}))
+    figures = main_job.summarise(_report({}), tmp_path, {}, 10.0, present_before=frozenset({"old"}))
+    assert figures["models_built"] == ["new"] and figures["phases_s"]["model building"] == 7.0
+
+
 def test_main_job_with_nothing_trained_has_no_rate(tmp_path):
     figures = main_job.summarise(_report({"r": {"origin": "loaded", "train_seconds": 5.0}}), tmp_path, {}, 3.0)
     assert figures["runs_trained"] == 0 and figures["steps_per_s"] is None

@@ -15,7 +15,8 @@ import functools
 import inspect
 import math
 
-from .analysis.calibration import ece_of_items
+from .analysis.behavior import effect_of
+from .analysis.calibration import ece_interval, ece_of_items
 from .analysis.concentration import block_shares, change_mass, gini, shares, top_k_share
 from .analysis.deltas import aggregate, layer_label
 from .analysis.geometry import profile_rank_correlation
@@ -24,8 +25,9 @@ from .analysis.paired import decide, paired_difference, spearman_with_interval
 from .where import check_min_retained
 from .instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 from .registry import HarnessError, suggest
-from .report.metrics import HIGHER, LOWER, declare_metrics, direction_of
+from .report.metrics import HIGHER, LOWER, Estimate, declare_metrics, direction_of
 from .report.records import CheckResult
+from .report.sections import differing_options, short_value
 from .request import TrainingRequest
 from .judges import JUDGES
 from .run import PAIRED_METRICS, Run
@@ -448,12 +450,13 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
     if failures:
         summary += ": " + "; ".join(failures)
     rows = [[p["probe"][:48], p["base"], p["adapted"], p["delta"]] for p in found["per_probe"]]
+    shift = Estimate(effect["mean"], effect["low"], effect["high"])  # with its interval, for --fail-on ...@ci
     return _conclude([run], CheckResult(
         "assert_behavior_shift", not failures, summary, ["probe", "base", "adapted", "delta"], rows,
         {"metric": metric, **effect, "base": found["base"], "adapted": found["adapted"]},
-    ), {f"{run.label}.{metric}": effect["mean"],
+    ), {f"{run.label}.{metric}": shift,
         # `behavior_shift` names the headline measure only, so a gate on it never mixes in a KL
-        **({f"{run.label}.behavior_shift": effect["mean"]} if metric == "loglik_margin" else {})})
+        **({f"{run.label}.behavior_shift": shift} if metric == "loglik_margin" else {})})
 
 
 def _beyond(bound: float, above: bool) -> tuple[str, float, str | None]:
@@ -476,7 +479,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
     """The per-unit mean of `metric` above `low` and/or below `high`: each bound one one-sided test
     against a constant arm (seeds crossed with units for a RunSet, an exact sign-flip over the
     units for one run); the claim holds when every bound's does."""
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     measured = replication.arm(name, rows, ids)
     bounds = [(b, above) for b, above in ((low, True), (high, False)) if b is not None]
@@ -499,14 +502,15 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
                + f"; rests on {first.rests_on()}" + (f". {RUN_LEVEL_NOTE}" if first.run_level else ""))
     table = [[f"{unit} {i}", *(row[i] for row in rows)] for i in range(len(ids))][:16]
     effect = {"mean": estimate, "low": low_end, "high": high_end, "n": first.units}
+    published = Estimate(estimate, low_end, high_end)  # with its interval, for --fail-on ...@ci
     return _conclude(runs, CheckResult(
         check, verdict == "supported", summary, [unit, *(f"seed {s}" for s in _seeds(runs))],
         table, {"metric": metric, **effect, "estimate": estimate, "unit": unit, "seeds": len(runs),
                 "scope": first.scope, "method": first.method, "df": first.df, "level": first.level,
                 "p_value": max(f.p_value for f in found), "rests_on": first.rests_on(), "bounds": [low, high]},
         verdict=verdict),
-        {f"{runs[0].label}.{metric}": estimate,
-         **({f"{runs[0].label}.behavior_shift": estimate} if metric == "loglik_margin" else {})})
+        {f"{runs[0].label}.{metric}": published,
+         **({f"{runs[0].label}.behavior_shift": published} if metric == "loglik_margin" else {})})
 
 
 @_takes_runs("runs", lists=True, metric=PAIRED_METRICS)
@@ -538,7 +542,7 @@ def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.9
         effect = runs[0].behavior(metric)["effect"]
         return {"mean": effect["mean"], "low": effect["low"], "high": effect["high"], "n": effect["n"],
                 "seeds": 1, "method": "bootstrap over probes (one run)"}
-    name = _names(runs)
+    name = _arm_name(runs)
     unit, ids, rows = _arm(runs, metric, name)
     found = replication.compare(replication.arm(name, rows, ids),
                                 replication.arm("no shift", [[0.0] * len(ids) for _ in rows], ids),
@@ -567,10 +571,21 @@ def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
         summary = (f"{run.label}: held-out sentence embeddings drifted by {value:.4g} (mean 1 - cos over "
                    f"{found['sentences']} sentences); allowed {max_increase:.4g}")
         rows = [["embedding drift", 0.0, value, value]]
+    published = _forgetting_estimate(found)
     return _conclude([run], CheckResult(
         "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
-    ), {f"{run.label}.forgetting": value,
-        f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": value})
+    ), {f"{run.label}.forgetting": published,
+        f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": published})
+
+
+def _forgetting_estimate(found: dict):
+    """The relative perplexity increase with its interval: it is exp(mean window NLL increase) − 1,
+    so the bootstrap interval of that mean, through expm1 (BCa intervals follow monotone maps)."""
+    value, per_unit = found["relative_increase"], found.get("per_unit")
+    if found["kind"] != "perplexity" or not per_unit or not math.isfinite(value):
+        return value
+    effect = effect_of(per_unit)
+    return Estimate(value, min(value, math.expm1(effect.low)), max(value, math.expm1(effect.high)))
 
 
 def _calibration_rows(found: dict) -> list[list]:
@@ -585,9 +600,14 @@ def _calibration_rows(found: dict) -> list[list]:
 _CALIBRATION_HEADERS = ["bin", "count", "confidence", "accuracy", "gap"]
 
 
-def _calibration_metrics(run, found: dict) -> dict:
+def _calibration_metrics(run, found: dict, n_bins: int) -> dict:
     adapted = found["adapted"]
-    return {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
+    metrics = {f"{run.label}.{k}": adapted[k] for k in ("ece", "mce", "brier", "acc1")}
+    items = found.get("items")
+    if items and items.get("confidence"):  # ECE's bootstrap interval over the predictions, for --fail-on ...@ci
+        metrics[f"{run.label}.ece"] = Estimate(adapted["ece"], *ece_interval(items["confidence"], items["correct"],
+                                                                             n_bins))
+    return metrics
 
 
 @_takes_runs("run")
@@ -600,7 +620,7 @@ def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: 
                f"Acc@1 {adapted['acc1']:.3f}, MCE {adapted['mce']:.4f}, Brier {adapted['brier']:.4f}); "
                f"allowed {bound:.4f}")
     return _conclude([run], CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
-                                 _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found))
+                                 _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found, n_bins))
 
 
 @_takes_runs("run", "than")
@@ -610,8 +630,7 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
         raise ValueError(f"tol must be >= 0, got {tol!r}")
     found, other = run.calibration(n_bins), than.calibration(n_bins)
     ece, reference = found["adapted"]["ece"], other["adapted"]["ece"]
-    # two runs of one method (e.g. two hybrid schedules) share a label: name them by run id then
-    mine, theirs = (run.label, than.label) if run.label != than.label else (run.run_id, than.run_id)
+    mine, theirs = _names([run], [than])  # two hybrid schedules: by the options that differ
     summary = (f"{mine} ECE {ece:.4f} vs {theirs} ECE {reference:.4f} (difference {ece - reference:+.4f}); "
                f"allowed at most {tol:+.4f}")
     rows = [[name, c["adapted"]["ece"], c["adapted"]["mce"], c["adapted"]["brier"], c["adapted"]["acc1"]]
@@ -619,7 +638,7 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
     return _conclude([run, than], CheckResult(
         "assert_ece_not_worse", ece <= reference + tol, summary, ["run", "ECE", "MCE", "Brier", "Acc@1"], rows,
         {"ece": ece, "reference_ece": reference, "difference": ece - reference},
-    ), _calibration_metrics(run, found))
+    ), _calibration_metrics(run, found, n_bins))
 
 
 @_takes_runs("run")
@@ -725,15 +744,16 @@ def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fr
         raise HarnessError(f"min_rho must be a correlation in [-1, 1), got {min_rho!r}")
     profile_a, profile_b = block_shares(a.deltas(view), measure), block_shares(b.deltas(view), measure)
     aligned = profile_rank_correlation(profile_a, profile_b)
-    headers = ["layer", a.label, b.label]
+    name_a, name_b = _names([a], [b])
+    headers = ["layer", name_a, name_b]
     rows = [[f"L{label}", x, y] for label, x, y in zip(aligned.labels, aligned.a, aligned.b)]
     if aligned.reason:
-        summary = f"{a.label} vs {b.label}: no rank correlation: {aligned.reason}"
+        summary = f"{name_a} vs {name_b}: no rank correlation: {aligned.reason}"
         return _conclude([a, b], CheckResult("assert_layer_profiles_agree", False, summary, headers, rows,
                                              {"rho": aligned.rho}, verdict="inconclusive"))
     found = spearman_with_interval(aligned.a, aligned.b, confidence=confidence)
     outcome = "supported" if found.low > min_rho else "refuted" if found.high <= min_rho else "inconclusive"
-    summary = (f"{a.label} vs {b.label}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
+    summary = (f"{name_a} vs {name_b}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
                f"[{found.low:+.3f}, {found.high:+.3f}] ({confidence:.0%} bootstrap over {found.n} layers); "
                f"required above {min_rho:+g}: {outcome}")
     return _conclude([a, b], CheckResult(
@@ -788,9 +808,36 @@ def _runs(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _names(runs: list) -> str:
+def _options(run) -> dict:
+    """A run's options as its report summary holds them (what report/sections.py compares)."""
+    def as_dict(value):
+        return value.as_dict() if hasattr(value, "as_dict") else {}
+    return {"method": run.label, "config": as_dict(getattr(run, "config", None)),
+            "recipe": as_dict(getattr(run, "recipe", None)),
+            "stance": {"name": getattr(getattr(run, "stance", None), "name", None)},
+            "examples": getattr(run, "examples", None), "task": getattr(getattr(run, "task", None), "name", None)}
+
+
+def _arm_name(runs: list) -> str:
+    """One arm's name on its own: its runs' label, `x5` for five seeds."""
     labels = list(dict.fromkeys(r.label for r in runs))
     return labels[0] if len(labels) == 1 and len(runs) == 1 else f"{'/'.join(labels)} x{len(runs)}"
+
+
+def _names(runs_a: list, runs_b: list) -> tuple[str, str]:
+    """Each arm's name: its runs' label, with the options that tell it from the other arm when
+    both share one (`hybrid[freeze_lora_steps=4] vs hybrid[freeze_lora_steps=0]`, not `hybrid vs
+    hybrid`); `x3` for three seeds. Two arms alike in every option are named by run id."""
+    differing = differing_options({"a": _options(runs_a[0]), "b": _options(runs_b[0])})
+    names = []
+    for side, runs in (("a", runs_a), ("b", runs_b)):
+        labels = list(dict.fromkeys(r.label for r in runs))
+        name = "/".join(labels)
+        if runs_a[0].label == runs_b[0].label:
+            parts = [f"{k}={short_value(v)}" for k, v in differing[side][:3]] or [str(getattr(runs[0], "run_id", side))]
+            name += "[" + ", ".join(parts) + "]"
+        names.append(name if len(runs) == 1 else f"{name} x{len(runs)}")
+    return names[0], names[1]
 
 
 _KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are decided (see replication)
@@ -818,7 +865,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
     runs_a, runs_b = _runs(a), _runs(b)
     if not runs_a or not runs_b:
         raise HarnessError(f"{check}: give a run or a RunSet on each side; got {len(runs_a)} and {len(runs_b)} runs")
-    name_a, name_b = _names(runs_a), _names(runs_b)
+    name_a, name_b = _names(runs_a, runs_b)
     unit, ids, rows_a = _arm(runs_a, metric, name_a)
     _, ids_b, rows_b = _arm(runs_b, metric, name_b)
     where = replication.match_ids(ids, ids_b, name_a, name_b, unit)  # pairing by unit id, not position

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from .report.findings import findings, table_rows as findings_table
 from .report.metrics import declare_from_report
 from .report.model import load_report
 from .report.sections import reply_order
-from .report.store import (check_baseline_name, latest_report, list_baselines, list_reports, load_baseline,
-                           load_source, report_id_of, save_baseline, write_index, write_report_files)
+from .report.store import (check_baseline_name, figure_counts, latest_report, list_baselines, list_reports,
+                           load_baseline, load_source, report_id_of, save_baseline, write_index, write_report_files)
 
 PROG = "stance-harness"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -100,7 +101,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("baseline", metavar="A", help="the baseline side: a baseline name, report id, `latest` or a path")
     p.add_argument("current", metavar="B", help="the current side, the same kinds as A")
     p.add_argument("--fail-on", metavar="RULE", nargs="+", action="extend", default=[],
-                   help="METRIC:[+|-]TOLERANCE[%%], e.g. ece:+0.01, behavior_shift:-10%%, acc1:0.02; "
+                   help="METRIC:[+|-]TOLERANCE[%%][@ci], e.g. ece:+0.01, behavior_shift:-10%%, ece:+0.01@ci; "
                         "without rules every shared metric is listed and nothing fails")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the comparison as JSON")
     p.add_argument("--write-report", action="store_true",
@@ -244,8 +245,11 @@ def cmd_report(args) -> int:
         return print_replies(report, args.replies)
     report_dir = source.path.parent
     in_root = report_dir.parent.resolve() == root.resolve()
-    write_report_files(report_dir, report.to_dict(), root if in_root else None)
-    print(f"wrote {report_dir / 'report.md'}, {report_dir / 'index.html'} and {len(report.runs)} run page(s)"
+    print(f"writing {report_dir / 'report.md'}, {report_dir / 'index.html'} and {len(report.runs)} run page(s)",
+          flush=True)  # drawing a cold report's figures takes a while: say what is happening first
+    started = time.perf_counter()
+    cache = write_report_files(report_dir, report.to_dict(), root if in_root else None)
+    print(f"wrote them in {time.perf_counter() - started:.1f}s ({figure_counts(cache)})"
           + (f" (migrated from report format {report.migrated_from})" if report.migrated_from else ""))
     if in_root:
         write_index(root)

@@ -124,19 +124,20 @@ def peft_base(model, base, tokenizer) -> LoadedModel:
     return loaded_from_object(inner, tokenizer)
 
 
-def check_same_architecture(model, loaded: LoadedModel) -> None:
-    """Refuse a model whose weights are not the base's: a fine-tune of another model."""
+def check_same_architecture(model, loaded: LoadedModel, what: str = "run_from_model: the model") -> None:
+    """Refuse a model whose weights are not the base's: a fine-tune of another model. `what`
+    names the model in the message."""
     base = {n: tuple(p.shape) for n, p in loaded.base.named_parameters()}
     ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
     for name, shape in ours.items():
         if base.get(name) != shape:
             where = "has no counterpart in the base" if name not in base else f"is {list(base[name])} in the base"
-            raise HarnessError(f"run_from_model: the model is not a fine-tune of {loaded.name} "
+            raise HarnessError(f"{what} is not a fine-tune of {loaded.name} "
                                f"({loaded.anatomy.model_type}, {loaded.anatomy.num_layers} layers): its parameter "
                                f"{name} {list(shape)} {where}")
     missing = [n for n in base if n not in ours]
     if missing:
-        raise HarnessError(f"run_from_model: the model is not a fine-tune of {loaded.name}: it lacks the base's "
+        raise HarnessError(f"{what} is not a fine-tune of {loaded.name}: it lacks the base's "
                            f"{missing[0]} (and {len(missing) - 1} more)")
 
 

@@ -24,6 +24,7 @@ OPT_REPEAT = "--repeat"
 OPT_SEEDS = "--seeds"
 SEEDS_MARK = "seeds"
 OPT_ADAPTER = "--adapter"
+OPT_STANCE = "--stance"
 OPT_SAVE_BASELINE = "--save-baseline"
 OPT_COMPARE_BASELINE = "--compare-baseline"
 OPT_FAIL_ON = "--fail-on"
@@ -39,6 +40,8 @@ CHAT_TEMPLATE_CHOICES = ("auto", "none")  # batches.CHAT_TEMPLATE_CHOICES; not i
 OPT_LAUNCHER = "--launcher"
 OPT_NUM_PROCESSES = "--num-processes"
 OPT_JUDGE_MODEL = "--judge-model"
+OPT_TRAIN_WORKERS = "--train-workers"
+OPT_EXECUTOR = "--executor"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -76,15 +79,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="train(...) without seeds= trains N runs with seeds seed, seed+1, ... and returns them as "
                          "one RunSet: comparative claims are then about the methods. Overrides a test's "
                          f"{SEEDS_MARK}(N) mark. Default: the mark's N, else one run")
-    group.addoption(OPT_ADAPTER, metavar="PATH", action="append", default=[],
-                    help="gate a saved PEFT adapter (safetensors) on --model's base without training (repeatable); "
-                         "tests that train are skipped, tests using `adapter_run` measure each adapter")
+    group.addoption(OPT_ADAPTER, metavar="[NAME=]PATH", action="append", default=[],
+                    help="gate a saved peft adapter (any tuner) or a fully fine-tuned checkpoint (safetensors) on "
+                         "--model's base without training (repeatable); NAME (default: the directory's name) names "
+                         "its metrics. Tests that train are skipped, tests using `adapter_run` measure each one")
+    group.addoption(OPT_STANCE, metavar="NAME", default=None,
+                    help=f"the stance each {OPT_ADAPTER} is measured on. Default: the one its stance_harness.json "
+                         f"names (save_adapter writes it); an adapter without either is refused")
     group.addoption(OPT_SAVE_BASELINE, metavar="NAME", default=None,
                     help="store this session's metrics as baseline NAME (reports/baselines/NAME.json)")
     group.addoption(OPT_COMPARE_BASELINE, metavar="NAME", default=None,
                     help="compare this session's metrics with baseline NAME; regressions past --fail-on fail the session")
     group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
-                    help="regression rules METRIC:[+|-]TOL[%%], e.g. 'ece:+0.01' 'behavior_shift:-10%%'")
+                    help="regression rules METRIC:[+|-]TOL[%%][@ci], e.g. 'ece:+0.01' 'behavior_shift:-10%%'; with "
+                         "@ci only a change whose 95%% interval lies wholly past the tolerance fails")
     group.addoption(OPT_RUN_CACHE, metavar="DIR", default=None,
                     help="the run store: finished runs, loaded instead of trained again. Default: "
                          "$STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache (~/.cache/stance-harness)")
@@ -98,7 +106,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "verdict is recorded: fail (default), skip or pass")
     group.addoption(OPT_PLAN, action="store_true", default=False,
                     help="check every run the tests ask for (task, method, layers, schedule lengths) without "
-                         "building a model or training; each test that trains is skipped once its first run is checked")
+                         "building a model or training; each test that trains is skipped once its first run is checked. "
+                         "Prints how many runs the store holds and an estimate of the time to train the rest")
     group.addoption(OPT_VERDICT_JSON, metavar="PATH", default=None,
                     help="at the end, write the session's verdict (passed, test counts, the gate's comparison) as "
                          "one line of JSON to PATH, or with '-' print it as the last line of the stance-harness summary")
@@ -108,6 +117,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_NUM_PROCESSES, metavar="N", type=int, default=1,
                     help=f"processes per run under {OPT_LAUNCHER}; each trains per_device_train_batch_size "
                          f"examples per micro-batch. Default: 1")
+    group.addoption(OPT_TRAIN_WORKERS, metavar="N", type=int, default=None,
+                    help="after collection, every run the tests ask for is planned and the ones the run store lacks "
+                         "are trained first, in N worker processes. Default: $STANCE_HARNESS_TRAIN_WORKERS, else one "
+                         "per GPU, or one per core on the CPU; 1: in this process; 0: no training ahead (each run "
+                         "trains when a test asks for it)")
+    group.addoption(OPT_EXECUTOR, metavar="NAME", default="local",
+                    help="what trains the planned runs: local (worker processes on this machine). Default: local")
     group.addoption(OPT_JUDGE_MODEL, metavar="NAME", default=None,
                     help="the model of the model judge (run.judged('model')) where a test names none: an alias, "
                          "a directory or a hub id in the local cache. Default: smollm2-135m")
@@ -166,6 +182,7 @@ def _options(config: pytest.Config):
     from .report.metrics import is_declared
     from .residency import parse_bytes
     from .session import HarnessOptions
+    from .stances import load_stance
 
     if config.getoption(OPT_ANALYSIS_TIMEOUT) < 0:
         raise HarnessError(f"{OPT_ANALYSIS_TIMEOUT} must be >= 0 (0 turns the limit off)")
@@ -173,6 +190,10 @@ def _options(config: pytest.Config):
         raise HarnessError(f"{OPT_REPEAT} must be >= 1")
     if config.getoption(OPT_NUM_PROCESSES) < 1:
         raise HarnessError(f"{OPT_NUM_PROCESSES} must be >= 1")
+    train_workers = _train_workers(config)
+    from .planning import EXECUTORS
+
+    EXECUTORS.get(config.getoption(OPT_EXECUTOR))  # an unknown name is refused now, listing the known
     if config.getoption(OPT_NUM_PROCESSES) > 1 and config.getoption(OPT_LAUNCHER) is None:
         raise HarnessError(f"{OPT_NUM_PROCESSES} {config.getoption(OPT_NUM_PROCESSES)} needs {OPT_LAUNCHER} accelerate")
     model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
@@ -180,13 +201,22 @@ def _options(config: pytest.Config):
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
     if config.getoption(OPT_ADAPTER):  # (adapters import torch: only when there is one to read)
-        from .adapters import read_adapter
+        from .adapters import parse_adapter_spec, read_adapter
 
-        for adapter in config.getoption(OPT_ADAPTER):  # a bad path stops the session before the model loads
-            read_adapter(adapter)
+        names = {}
+        for adapter in config.getoption(OPT_ADAPTER):
+            spec = parse_adapter_spec(adapter)
+            if spec.name in names:
+                raise HarnessError(f"{OPT_ADAPTER} {names[spec.name]} and {adapter} would both name their metrics "
+                                   f"{spec.name!r}; give each its own with NAME=PATH")
+            names[spec.name] = adapter
+        for adapter in names.values():  # a bad path or no stance stops the session before the model loads
+            read_adapter(adapter).stance_name(config.getoption(OPT_STANCE))
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
+    if config.getoption(OPT_STANCE) is not None:
+        load_stance(config.getoption(OPT_STANCE), config.getoption(OPT_STANCE_DIR))
     if not config.getoption(OPT_NO_REPORTS):
         check_writable_directory(reports_dir, OPT_REPORTS_DIR)
     verdict_json = config.getoption(OPT_VERDICT_JSON)
@@ -217,6 +247,7 @@ def _options(config: pytest.Config):
         rootdir=Path(config.rootpath), args=list(config.invocation_params.args),
         analysis_timeout=config.getoption(OPT_ANALYSIS_TIMEOUT),
         repeat=config.getoption(OPT_REPEAT), seeds=config.getoption(OPT_SEEDS), adapters=config.getoption(OPT_ADAPTER),
+        stance=config.getoption(OPT_STANCE),
         save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
         run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
@@ -225,7 +256,26 @@ def _options(config: pytest.Config):
         verdict_json=config.getoption(OPT_VERDICT_JSON),
         chat_template=config.getoption(OPT_CHAT_TEMPLATE),
         launcher=config.getoption(OPT_LAUNCHER), num_processes=config.getoption(OPT_NUM_PROCESSES),
+        train_workers=train_workers, executor=config.getoption(OPT_EXECUTOR),
     )
+
+
+def _train_workers(config: pytest.Config) -> int | None:
+    """--train-workers, else $STANCE_HARNESS_TRAIN_WORKERS; None: as many as the machine allows."""
+    import os
+
+    from .registry import HarnessError
+
+    value, where = config.getoption(OPT_TRAIN_WORKERS), OPT_TRAIN_WORKERS
+    if value is None and os.environ.get("STANCE_HARNESS_TRAIN_WORKERS", "").strip():
+        value, where = os.environ["STANCE_HARNESS_TRAIN_WORKERS"].strip(), "$STANCE_HARNESS_TRAIN_WORKERS"
+        try:
+            value = int(value)
+        except ValueError:
+            raise HarnessError(f"{where}={value!r} is not a whole number (0: no training ahead)") from None
+    if value is not None and value < 0:
+        raise HarnessError(f"{where} must be >= 0 (0: no training ahead), got {value}")
+    return value
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -243,6 +293,38 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtestloop(session: pytest.Session):
+    """Before the tests run: plan their runs and train the missing ones (harness/planning.py)."""
+    harness = session.config.stash.get(SESSION_KEY, None)
+    if harness is not None and _trains_ahead(session, harness):
+        import os
+
+        from _pytest.runner import runtestprotocol
+
+        from .planning import stderr_draw, train_ahead
+
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        draw = harness.progress.plan if worker is None else stderr_draw if worker == "gw0" else (lambda *_: None)
+        try:
+            train_ahead(harness, session.items, lambda item, following: runtestprotocol(item, log=False,
+                                                                                        nextitem=following),
+                        draw, harness.options.train_workers, harness.options.executor)
+        except Exception as exc:  # noqa: BLE001 - the tests still run, training what they ask for
+            draw(f"[stance-harness] plan: training ahead stopped ({type(exc).__name__}: {exc}); the runs not "
+                 f"stored train when a test asks for them", "final")
+    return (yield)
+
+
+def _trains_ahead(session: pytest.Session, harness) -> bool:
+    option = session.config.option
+    if session.testsfailed and not option.continue_on_collection_errors:
+        return False  # pytest stops for the collection errors before any test runs
+    return bool(session.items) and harness.options.train_workers != 0 and not (
+        harness.options.plan_only or harness.options.adapters or option.collectonly
+        or getattr(option, "setuponly", False) or getattr(option, "setupplan", False) or getattr(option, "usepdb", False))
+
+
 class ProgressWriter:
     """Progress on the terminal through capture: lines, and a training bar (steps, loss).
 
@@ -255,8 +337,8 @@ class ProgressWriter:
     def __init__(self, config: pytest.Config):
         self.config = config
 
-    def _emit(self, draw) -> None:
-        if self.config.get_verbosity() < 0:
+    def _emit(self, draw, quiet_too: bool = False) -> None:
+        if self.config.get_verbosity() < 0 and not quiet_too:
             return
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None:
@@ -284,6 +366,21 @@ class ProgressWriter:
                 reporter.write_line(text)
 
         self._emit(draw)
+
+    def plan(self, text: str, when: str) -> None:
+        """The plan's one progress line (`when`: step, event or final): redrawn in place on a
+        terminal; in a log a line per finished run, and under -q only the last."""
+        quiet = self.config.get_verbosity() < 0
+
+        def draw(reporter):
+            if reporter.isatty:
+                reporter.rewrite(text, erase=True)
+                if when == "final":
+                    reporter.write("\n")
+            elif when == "final" or (when == "event" and not quiet):
+                reporter.write_line(text)
+
+        self._emit(draw, quiet_too=True)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -348,7 +445,7 @@ def train(request, harness_session, stance_report, stance_repeat):
     handed = []
 
     def _one(method, offset, kwargs):
-        if harness_session.options.plan_only:  # checked now; the test skips when it first reads the run
+        if harness_session.options.plan_only or harness_session.planning:  # checked now; the test skips when it first reads the run
             return PlannedRun(_or_usage_error(harness_session.check_request, method, repeat=offset, **kwargs))
         run = _or_usage_error(harness_session.train, method, repeat=offset, **kwargs)
         handed.append(stance_report.use_run(run))
@@ -397,14 +494,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if repeat > 1 and "stance_repeat" in metafunc.fixturenames:
         metafunc.parametrize("stance_repeat", range(repeat), indirect=True, ids=[f"repeat{i}" for i in range(repeat)])
     if "adapter_run" in metafunc.fixturenames:
+        from .adapters import parse_adapter_spec
+
         adapters = metafunc.config.getoption(OPT_ADAPTER)
         metafunc.parametrize("adapter_run", adapters or [None], indirect=True,
-                             ids=[Path(a).name for a in adapters] if adapters else ["no-adapter"])
+                             ids=[parse_adapter_spec(a).name for a in adapters] if adapters else ["no-adapter"])
 
 
 @pytest.fixture
 def adapter_run(request, harness_session, stance_report):
-    """The `--adapter PATH` being gated, as a Run on the `--model` base (one test per adapter)."""
+    """The `--adapter [NAME=]PATH` being gated, as a Run named NAME on the `--model` base (one test per adapter)."""
     if request.param is None:
         pytest.skip(f"no {OPT_ADAPTER} given: this test gates saved adapters")
     run = _or_usage_error(harness_session.adapter_run, request.param)
@@ -435,6 +534,8 @@ def pytest_runtest_call(item: pytest.Item):
     from .report.records import repeat_base
 
     session = item.config.stash[SESSION_KEY]
+    if session.planning:  # the run before the run (planning.py): nothing is judged or recorded
+        return (yield)
     try:
         try:
             result = yield
@@ -546,7 +647,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """An expected refutation runs as a non-strict xfail that only a failed check satisfies
     (an AssertionError, as HypothesisFailed is); any other exception is still an error."""
     mark = item.get_closest_marker(EXPECTED_MARK)
-    if mark is None:
+    if mark is None or item.config.stash[SESSION_KEY].planning:
         return
     session = item.config.stash[SESSION_KEY]
     expected = _expectation(mark, session)
@@ -570,6 +671,8 @@ def _expectation(mark, session) -> dict:
 def pytest_runtest_makereport(item: pytest.Item, call):
     report = yield
     session = item.config.stash[SESSION_KEY]
+    if session.planning:
+        return report
     record = session.records.get(item.nodeid)
     if record is None and "train" in getattr(item, "fixturenames", ()):
         record = session.record(item.nodeid)  # setup failed before the test could use the harness

@@ -79,7 +79,8 @@ class HarnessOptions:
     analysis_timeout: float | None = None
     repeat: int = 1  # --repeat N
     seeds: int | None = None  # --seeds N: runs per train(...) call without seeds= (over a seeds(N) mark)
-    adapters: list[str] = field(default_factory=list)  # --adapter PATH ...
+    adapters: list[str] = field(default_factory=list)  # --adapter [NAME=]PATH ...
+    stance: str | None = None  # --stance: what each --adapter is measured on; None: its provenance's
     save_baseline: str | None = None
     compare_baseline: str | None = None
     fail_on_specs: list[str] = field(default_factory=list)  # --fail-on, as given
@@ -97,6 +98,19 @@ class HarnessOptions:
     chat_template: str = "auto"  # --chat-template: auto (the tokenizer's, where it has one) or none
     launcher: str | None = None  # --launcher accelerate: runs train data-parallel in --num-processes processes
     num_processes: int = 1
+    train_workers: int | None = None  # --train-workers: processes that train the planned runs; 0: none ahead
+    executor: str = "local"  # --executor: planning.EXECUTORS' entry that trains them
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """A request as a test asked for it: the model and stance named as the session loads them,
+    and its number of optimizer steps (what an estimate of its training time multiplies)."""
+
+    request: TrainingRequest
+    model: str
+    stance: str
+    steps: int
 
 
 @dataclass
@@ -117,6 +131,11 @@ class HarnessSession:
     _stances: dict[str, Stance] = field(default_factory=dict)
     verdicts: VerdictBook = field(init=False)
     planned: list[str] = field(default_factory=list)  # run ids --plan checked
+    plan_requests: dict = field(default_factory=dict)  # run id -> PlannedRequest, as check_request built it
+    planning: bool = False  # the tests run once before the session to gather their requests (planning.py)
+    ahead_plan: object = None  # planning.Plan: what was trained ahead, what was stored, what failed
+    trained_ahead: set = field(default_factory=set)  # run ids trained ahead this session (loaded even under --retrain)
+    ahead_failures: dict = field(default_factory=dict)  # run id -> why training it ahead in a worker failed
     multiplicity: list[dict] = field(default_factory=list)  # the session's claims, Holm-corrected per family
     corrected_failures: list[str] = field(default_factory=list)  # passed alone, failed after the family's Holm
     recorded: list[Path] = field(default_factory=list)  # verdict files written by --record-verdicts
@@ -209,9 +228,11 @@ class HarnessSession:
         without building a model: what --plan does instead of training."""
         request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
                                **arguments)
-        plan(request, self.model(model), self.stance(stance))
+        ctx, _ = plan(request, self.model(model), self.stance(stance))
         if request.run_id not in self.planned:
             self.planned.append(request.run_id)  # what --plan would train: one request per seed
+            self.plan_requests[request.run_id] = PlannedRequest(request, model or self.options.model, stance,
+                                                                ctx.total_steps)
         return request
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
@@ -221,11 +242,22 @@ class HarnessSession:
         store it; it is loaded from the store."""
         processes = self.processes(launcher, num_processes)
         request = self.request(method, stance=stance, model=model, processes=processes, **arguments)
+        return self.train_request(request, model, stance)
+
+    def train_request(self, request: TrainingRequest, model: str | None, stance: str):
+        """`train`'s work for a built request: the run already handed out, else the stored one,
+        else trained here (or by the launcher) and stored. A run that failed when trained ahead
+        in a worker process fails here, naming it and the worker's error."""
+        method = request.method
         if request.run_id not in self._runs:
+            if request.run_id in self.ahead_failures:
+                raise HarnessError(f"run {request.run_id} ({method}) failed when trained ahead in a worker "
+                                   f"process: {self.ahead_failures[request.run_id]}")
             loaded, stance_obj = self.model(model), self.stance(stance)
             # one process trains a request; others asking for it meanwhile wait here, then load it
             with self.store.lock(request.run_id):
-                run = None if self.options.retrain else self.store.load(request, loaded, stance_obj)
+                retrain = self.options.retrain and request.run_id not in self.trained_ahead
+                run = None if retrain else self.store.load(request, loaded, stance_obj)
                 if run is None:
                     self.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
                     self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
@@ -241,6 +273,9 @@ class HarnessSession:
                     else:
                         run = train_run(request, loaded, stance_obj, self.progress)
                         self.store.save(run)
+                elif request.run_id in self.trained_ahead:
+                    run.origin = "trained"  # by this session, ahead of its tests, in a worker process
+                    self.progress(f"loaded {request.run_id}, trained ahead, from the run store ({self.store.root})")
                 else:
                     self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
             self._runs[request.run_id] = self._attach(run)
@@ -258,14 +293,16 @@ class HarnessSession:
         return run
 
     def adapter_run(self, path: str):
-        """A saved adapter on the --model base, as a Run (loaded once per path)."""
-        from .adapters import load_adapter_run
+        """A saved adapter or fine-tuned checkpoint (`[NAME=]PATH`) on the --model base, as a Run
+        named NAME (loaded once per argument)."""
+        from .adapters import load_adapter_run, parse_adapter_spec
 
-        key = ("adapter", str(Path(path).resolve()))
+        spec = parse_adapter_spec(path)
+        key = ("adapter", spec.name, str(spec.path.resolve()))
         if key not in self._runs:
-            self.progress(f"loading adapter {path} onto {self.options.model}")
-            self._runs[key] = self._attach(load_adapter_run(self.model(), path, self.stance,
-                                                            self.options.chat_template))
+            self.progress(f"loading {spec.name} ({spec.path}) onto {self.options.model}")
+            self._runs[key] = self._attach(load_adapter_run(self.model(), spec, self.stance,
+                                                            self.options.chat_template, self.options.stance))
         return self._runs[key]
 
     def adopt(self, run) -> None:
@@ -370,7 +407,8 @@ class HarnessSession:
                                         else exit_code)
             self.payload_cache = payload
         if write:
-            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted)
+            self.report_path = store.write_report(options.reports_dir, payload, move_latest=not interrupted,
+                                                  progress=self.progress)
         if failure is not None:
             raise failure
         if interrupted:
@@ -490,7 +528,10 @@ class HarnessSession:
         for path in self.recorded:
             write_line(f"verdicts recorded: {path}")
         if self.options.plan_only:
-            write_line(f"--plan: {len(self.planned)} distinct training requests checked (each seed of a RunSet is one)")
+            from .planning import plan_only_line
+
+            write_line(f"--plan: {len(self.planned)} distinct training requests checked (each seed of a RunSet is one); "
+                       + plan_only_line(self))
         self._display_verdict(write_line)
 
     def _display_verdict(self, write_line: Callable[[str], None]) -> None:

@@ -24,6 +24,9 @@ if "PYTEST_XDIST_WORKER" not in os.environ or "STANCE_HARNESS_TEST_RUN_STORE" no
     os.environ["STANCE_HARNESS_TEST_RUN_STORE"] = tempfile.mkdtemp(prefix="stance-harness-runs-")
     atexit.register(shutil.rmtree, os.environ["STANCE_HARNESS_TEST_RUN_STORE"], ignore_errors=True)
 os.environ["STANCE_HARNESS_RUN_CACHE"] = os.environ["STANCE_HARNESS_TEST_RUN_STORE"]
+# The runs planned ahead train in the session's own process, as they did before planning, so
+# the pytester sessions do not each start worker processes; test_plan_ahead.py asks for workers.
+os.environ.setdefault("STANCE_HARNESS_TRAIN_WORKERS", "1")
 
 pytest_plugins = ["pytester"]
 

@@ -69,6 +69,8 @@ def test_pickled_and_missing_adapters_are_refused(harness, saved, tmp_path):
         load_adapter_run(harness.model(), pickled, harness.stance)
 
 
-def test_only_pure_lora_runs_can_be_saved(harness, tmp_path):
-    with pytest.raises(HarnessError, match="has no peft adapter on a causal LM"):
-        save_adapter(harness.train("full", examples=10, recipe=QUICK), tmp_path / "x")
+def test_a_run_with_a_task_head_is_not_saved(harness, tmp_path):
+    head = harness.train("feature-extraction", examples=10, recipe=QUICK, task="stance-classification")
+    with pytest.raises(HarnessError, match=r"trained task stance-classification, a head on the body; only a causal LM"):
+        save_adapter(head, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -282,15 +282,18 @@ def test_report_rebuilds_the_pages_from_report_json_alone(reports, capsys):
     page = (run_dir / "index.html").read_text()
     assert "20260101-000000-aaaa" in page and NODE in page and 'id="findings"' in page
     out = capsys.readouterr().out
-    assert f"wrote {run_dir / 'report.md'}, {run_dir / 'index.html'}" in out
+    assert f"writing {run_dir / 'report.md'}, {run_dir / 'index.html'}" in out  # said before it is done
+    assert re.search(r"wrote them in [0-9.]+s \([1-9][0-9]* figure\(s\) drawn, [0-9]+ reused from the figure cache\)", out), out
     assert "migrated from report format 1" in out  # written without `format`: an old report
+    assert cli(reports, "report", "20260101-000000-aaaa") == 0  # again: every figure is in the cache
+    assert re.search(r"\(0 figure\(s\) drawn, [1-9][0-9]* reused from the figure cache\)", capsys.readouterr().out)
     index = (reports / "index.html").read_text()
     assert "20260101-000000-aaaa" in index and "20260102-000000-bbbb" in index
 
 
 def test_report_latest(reports, capsys):
     assert cli(reports, "report", "latest") == 0
-    assert f"wrote {reports / '20260102-000000-bbbb' / 'report.md'}" in capsys.readouterr().out
+    assert f"writing {reports / '20260102-000000-bbbb' / 'report.md'}" in capsys.readouterr().out
 
 
 def test_report_errors_exit_2(reports, capsys):

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from harness.report.gate import compare, report_entry
+from harness.report.findings import findings
 from harness.report.html import render_html, render_index, render_pages, write_html, write_index
+from harness.report.model import normalized
 from harness.report.markdown import render_markdown
 from harness.report.sections import report_id_of
 from harness.report.sections import test_rows as table_rows
@@ -200,13 +202,14 @@ def test_render_html_is_self_contained_with_figures_and_tables():
     assert sorted(pages) == ["index.html", "runs/run-0-full-000000000001.html", "runs/run-1-lora-000000000002.html"]
     for text in pages.values():
         _assert_self_contained(text)
-    # the main page: the forest plot and the runs' per-layer change on one heatmap; each run's page:
-    # its layer figure and curves, and for the LoRA run its adapter view, a reliability diagram,
-    # where the weights changed beside where the behaviour lives, and its dose-response
-    assert [len(_images(text)) for text in pages.values()] == [2, 2, 6]
+    # the main page: the forest plot, and (no suite file has two runs) the session's runs' per-layer
+    # change on one heatmap and their loss curves on one axis; each run's page: its layer figure and
+    # curves, and for the LoRA run its adapter view, a reliability diagram, where the weights changed
+    # beside where the behaviour lives, and its dose-response
+    assert [len(_images(text)) for text in pages.values()] == [3, 2, 6]
     page = "".join(pages.values())
     assert page.count("<table") >= 10
-    for text in ("Tests", "Test details", "Runs", "weight change across layers", "behavioural shift",
+    for text in ("Tests", "Runs", "weight change across layers", "behavioural shift",
                  "calibration", "forgetting", "rank of the update", "0.75 [0.5, 1]", "perplexity",
                  "L1.q_proj.weight", "64x64", "tiny-qwen2", "15d48769a65d", "0123456789abcdef", "(dirty)",
                  "torch", "2.13.0+cpu", "HALTED at step 7", "first non-finite value", "sweep &amp; summary",
@@ -242,7 +245,7 @@ def test_old_payload_without_measurements_renders():
     payload = make_old_payload()
     page = "".join(render_pages(payload).values())
     _assert_self_contained(page)
-    assert len(_images(page)) == 2 + 2 + 3  # forest, heatmap; no reliability diagram; the adapter view differs
+    assert len(_images(page)) == 3 + 2 + 3  # forest, heatmap, loss; no reliability diagram; the adapter view differs
     assert "behavioural shift" not in page and "reliability" not in page
     assert "<th>expected</th>" not in page and "repeats" not in page
     # the plugin's own payload may still hold float NaN/inf (report.json has them as strings)
@@ -250,7 +253,7 @@ def test_old_payload_without_measurements_renders():
     raw["runs"]["full-000000000001"]["trace"]["loss"][5] = float("nan")
     raw["runs"]["full-000000000001"]["layers"]["effective"][2]["rel_change"] = float("inf")
     raw["tests"][0]["metrics"]["full.max_grad_norm"] = float("inf")
-    assert len(_images("".join(render_pages(raw).values()))) == 10
+    assert len(_images("".join(render_pages(raw).values()))) == 11
     # even a bare payload (no runs, no provenance details) renders
     bare = render_html({"run_id": "x", "tests": [], "runs": {}, "provenance": {}})
     assert "No training runs" in bare and "<img" not in bare
@@ -340,6 +343,7 @@ def test_twenty_runs_stay_small():
     for i in range(20):
         run = copy.deepcopy(base)
         run["run_id"] = f"full-{i:012d}"
+        run["recipe"]["learning_rate"] = 1e-4 * (i + 1)  # twenty configurations (seeds of one would average)
         run["model"]["num_layers"] = 24
         run["layers"]["effective"] = _layer_rows(["embed"] + [f"L{j}" for j in range(24)] + ["final_norm"])
         run["layers"]["adapter"] = run["layers"]["effective"]
@@ -421,13 +425,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
             assert len(rows) == 3 and any(EVIL in r for r in rows)  # shown as text, not run
             images = page.eval_on_selector_all(
                 "img", "els => els.map(i => ({ok: i.complete, w: i.naturalWidth, h: i.naturalHeight}))")
-            assert len(images) == 2 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
+            assert len(images) == 3 and all(i["ok"] and i["w"] > 0 and i["h"] > 0 for i in images), images
             assert page.evaluate("() => document.querySelectorAll('script').length") == 0
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
 
             # a run's page, from its collapsed summary: every figure loads
-            page.click("#runs details summary >> nth=1")
+            page.click("#runs details.runs > summary")  # every run, collapsed: the page stays short
+            page.click("#runs section.run-summary summary >> nth=1")
             page.click("text=every figure and table of this run >> nth=1")
             page.wait_for_load_state("load")
             assert page.url.endswith(".html") and "/runs/" in page.url
@@ -457,11 +462,17 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
     import harness.report.figures as figures_module
 
     first = render_pages(make_payload(), figure_cache=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 2 + 2 + 6  # forest, heatmap; each run's figures
+    assert len(list(tmp_path.glob("*.json"))) == 3 + 2 + 6  # forest, heatmap, loss curves; each run's figures
     for name in ("layer_figure", "curves_figure", "reliability_figure", "where_figure", "dose_figure",
-                 "forest_figure", "layers_comparison_figure"):
+                 "forest_figure", "layers_comparison_figure", "loss_comparison_figure"):
         monkeypatch.setattr(figures_module, name, lambda *a, **k: pytest.fail("drew a figure it had"))
     assert render_pages(make_payload(), figure_cache=tmp_path) == first
+    # a later session that loaded the same runs from the store (their origin and timings differ):
+    # nothing a figure shows changed, so none is drawn again
+    loaded = make_payload()
+    for run in loaded["runs"].values():
+        run.update({"origin": "loaded", "origins": ["loaded"], "train_seconds": 99.0})
+    render_pages(loaded, figure_cache=tmp_path)
     changed = make_payload()
     next(iter(changed["runs"].values()))["trace"]["loss"][0] += 1.0  # another run's curves: drawn anew
     with pytest.raises(pytest.fail.Exception, match="drew a figure"):
@@ -471,12 +482,23 @@ def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, m
 HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
 
 
+LONG_REASON = ("recorded refuted on tiny-qwen2: hybrid[freeze_lora_steps=4] vs hybrid[freeze_lora_steps=0], ece "
+               "(a = hybrid[freeze_lora_steps=4], b = hybrid[freeze_lora_steps=0]): run-level (one seed per arm): a "
+               "claim about two runs, not about the methods. refuted: the 95% interval [+0.00626, +0.05] over 32 "
+               "predictions lies at or above 0 (claim a - b < 0); 1 seed per arm x 32 predictions (32 informative), "
+               "paired-swap randomization, 1999 swaps, one-sided p = 0.994")
+
+
 def default_suites_sized(copies: int = 8) -> dict:
-    """The real hybrid-schedules report (tests/data), its runs and tests copied to the size of the
-    default suites' session (about 40 runs and 70 tests), each copy a distinct run and test."""
+    """The real hybrid-schedules report (tests/data) shaped like the default suites' session (8
+    files, about 40 runs and 70 tests), as the real one measured 12,360 px before it was folded:
+    each copy a distinct file, runs and tests; every test with a docstring of a real one's length;
+    two XFAILs a file with whole recorded reasons; five claims with an effect a file (40 in the
+    findings table and the forest plot, the real session had 30)."""
     real = json.loads(HYBRID.read_text())
     payload = copy.deepcopy(real)
     payload["runs"], payload["tests"] = {}, []
+    measured = next(c for t in real["tests"] for c in t["checks"] if c.get("verdict") == "refuted")
     for i in range(copies):
         renamed = {}
         for run_id, run in real["runs"].items():
@@ -484,10 +506,21 @@ def default_suites_sized(copies: int = 8) -> dict:
             run["recipe"]["seed"] = i  # the labels say so
             renamed[run_id] = f"{run_id}-{i}"
             payload["runs"][f"{run_id}-{i}"] = {**run, "run_id": f"{run_id}-{i}"}
-        for test in real["tests"]:
+        for j, test in enumerate(real["tests"]):
             test = copy.deepcopy(test)
             test["nodeid"] = test["nodeid"].replace(".py::", f"_{i}.py::")
             test["runs"] = [renamed.get(r, r) for r in test["runs"]]
+            test["doc"] = (f"Claim {j} of file {i}: each schedule trains the stance-classification head and its "
+                           "LoRA and norm layers with finite gradients, and the loss falls; the step time, "
+                           "throughput and peak memory are measured side by side, paired step by step.\n\nMore.")
+            if 1 <= j <= 3:  # three more claims with an effect, as the strategy and locus suites have
+                test["checks"].append({**copy.deepcopy(measured), "verdict": "supported", "passed": True,
+                                       "metrics": {**measured["metrics"], "estimate": -0.01 * (i + j)}})
+            if j == 7:  # a second XFAIL, inconclusive, per file
+                test.update({"outcome": "xfailed", "verdict": "inconclusive",
+                             "message": "_pytest.outcomes.XFailed: " + LONG_REASON.replace("refuted", "inconclusive")})
+            if j == 8:
+                test["message"] = "_pytest.outcomes.XFailed: " + LONG_REASON
             payload["tests"].append(test)
     return payload
 
@@ -502,14 +535,21 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
     reports = tmp_path / "reports"
     payload = default_suites_sized()
     assert len(payload["runs"]) == 40 and len(payload["tests"]) == 72
+    assert len([r for r in findings(normalized(payload)) if r["estimate"] is not None]) == 40
     started = time.perf_counter()
     folder = write_reports(reports, copy.deepcopy(payload))
     cold = time.perf_counter() - started
     started = time.perf_counter()
-    write_reports(reports, copy.deepcopy(payload))
+    said: list[str] = []
+    write_reports(reports, copy.deepcopy(payload), progress=said.append)
     warm = time.perf_counter() - started
     print(f"report of 40 runs / 72 tests written in {cold:.2f} s cold, {warm:.2f} s warm")
     assert warm <= 5.0, warm
+    # a line says what is being written before it is; the one after: nothing was drawn again
+    assert said[0] == (f"writing the report to {folder}/: report.json, report.md, index.html and 40 run page(s) "
+                       "for 72 test(s)"), said
+    assert re.fullmatch(r"wrote the report in [0-9.]+s \(0 figure\(s\) drawn, [1-9][0-9]* reused from the figure "
+                        r"cache\)", said[1]), said
     page_bytes = (folder / "index.html").stat().st_size
     assert page_bytes <= 1.5 * 1024 * 1024, page_bytes
     assert len(list((folder / "runs").glob("*.html"))) == 40
@@ -521,9 +561,14 @@ def test_a_default_sized_report_fits_and_is_written_quickly(tmp_path):
             _watch(page, problems)
             page.goto((folder / "index.html").as_uri(), wait_until="load")
             height = page.evaluate("() => document.documentElement.scrollHeight")
+            print(f"page height {height} px ({height / SCREEN['height']:.2f} screens), {page_bytes:,} bytes")
             assert height <= 10 * SCREEN["height"], height
             _on_first_screen(page, "table.findings")
             _on_first_screen(page, "#findings figure img")
+            # each file's runs compared: a heatmap of their per-layer change beside their loss curves
+            compared = page.eval_on_selector_all("h3.compare", "els => els.map(e => e.textContent)")
+            assert compared == [f"suites/test_hybrid_schedules_{i}.py: 5 runs compared" for i in range(8)]
+            assert page.locator(".figrow figure img").count() == 16
             assert page.evaluate("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
             keep = os.environ.get("STANCE_HARNESS_SCREENSHOTS")  # the docs' screenshots: the first two screens
             if keep:

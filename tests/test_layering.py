@@ -118,7 +118,7 @@ LAYERS = [
      "harness.report.verdicts", "harness.report.model", "harness.report.findings", "harness.report.figures"],
     ["harness.report.markdown", "harness.report.html"],
     ["harness.report.store"],
-    ["harness.session", "harness.scaffold", "harness.distributed"],
+    ["harness.session", "harness.scaffold", "harness.distributed", "harness.planning"],
     ["harness.callback"],
     ["harness.plugin", "harness.cli"],
 ]

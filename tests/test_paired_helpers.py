@@ -170,3 +170,41 @@ def test_real_runs_lora_shifts_less_than_full_finetuning(quick_run):
     assert RUN_LEVEL in result.summary
     steps = check_less(quick_run("feature-extraction"), full, metric="step_time")
     assert steps.metrics["unit"].endswith("-step block") and "autocorrelated" in steps.metrics["note"]
+
+
+class Options:
+    """A config or recipe stand-in: what Run.config / Run.recipe give the report (as_dict)."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def as_dict(self):
+        return dict(self.values)
+
+
+def _hybrid(forgetting, run_id, lr=1e-3, seed=0, **config):
+    run = Measured("hybrid", forgetting=forgetting)
+    run.run_id = run_id
+    run.config = Options(r=8, freeze_lora_steps=0, alternate_every=0, order="lora-first", **config)
+    run.recipe = Options(learning_rate=lr, seed=seed)
+    return run
+
+
+def test_two_arms_of_one_method_are_named_by_the_options_that_differ():
+    """Not "hybrid vs hybrid": the config or recipe fields that tell the arms apart name them."""
+    warm = _hybrid(BASE, "hybrid-aaaa")
+    warm.config.values["freeze_lora_steps"] = 4
+    base = _hybrid(BASE + 1.0, "hybrid-bbbb")
+    result = check_less(warm, base, metric="forgetting")
+    assert result.summary.startswith("hybrid[freeze_lora_steps=4] vs hybrid[freeze_lora_steps=0], forgetting "
+                                     "(a = hybrid[freeze_lora_steps=4], b = hybrid[freeze_lora_steps=0])")
+    assert "hybrid vs hybrid" not in result.summary and result.headers[1:3] == ["hybrid[freeze_lora_steps=4]",
+                                                                               "hybrid[freeze_lora_steps=0]"]
+    # several seeds per arm: the arms' first runs are compared (the seed differs within an arm, not between)
+    fast = [_hybrid(BASE + 0.01 * s, f"hybrid-f{s}", lr=1e-3, seed=s) for s in range(3)]
+    slow = [_hybrid(BASE + 1.0 + 0.01 * s, f"hybrid-s{s}", lr=2e-4, seed=s) for s in range(3)]
+    assert check_less(fast, slow, metric="forgetting").summary.startswith("hybrid[lr=0.001] x3 vs hybrid[lr=0.0002] x3")
+    # alike in every option: their run ids; two methods: their names alone
+    twin = _hybrid(BASE + 1.0, "hybrid-cccc")
+    assert check_less(base, twin, metric="forgetting").summary.startswith("hybrid[hybrid-bbbb] vs hybrid[hybrid-cccc]")
+    assert check_less(Measured("lora", forgetting=BASE), base, metric="forgetting").summary.startswith("lora vs hybrid,")

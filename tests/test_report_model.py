@@ -17,10 +17,10 @@ import pytest
 from harness.cli import main
 from harness.report.figures import forest_figure, png_bytes
 from harness.report.findings import changes_since, claim_of, findings, hypothesis_of, readable_name
-from harness.report.html import render_pages
+from harness.report.html import _configurations, render_pages
 from harness.report.markdown import render_markdown
 from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from harness.report.sections import clean_message, human, run_labels, short_test_id, terminal_rows
+from harness.report.sections import MESSAGE_ROOM, clean_message, human, run_labels, short_test_id, terminal_rows
 from harness.report.store import write_report
 from harness.registry import HarnessError
 
@@ -213,15 +213,28 @@ def test_human_units_and_whole_messages():
 def test_the_terminal_table_fits_in_120_columns():
     from tabulate import tabulate
 
+    def table(rows):
+        return tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
+
     data = normalized(hybrid())
     data["tests"][0]["nodeid"] = "suites/test_a_very_long_suite_name.py::test_" + "x" * 150 + "[param-" + "y" * 40 + "]"
     rows = terminal_rows(data, 120)
-    text = tabulate([list(r.values()) for r in rows], headers=list(rows[0]), tablefmt="simple", disable_numparse=True)
-    assert max(map(len, text.splitlines())) <= 120
-    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and len(rows[0]["test"]) == 60
+    assert max(map(len, table(rows).splitlines())) <= 120
+    assert rows[0]["test"].endswith("y]") and "…" in rows[0]["test"] and 40 <= len(rows[0]["test"]) <= 60
     assert short_test_id("suites/test_file_with_a_long_name.py::test_" + "n" * 50) == "te…::test_" + "n" * 50  # 60 columns: 2 + 1 + 2 + 55
     assert short_test_id("suites/test_a.py::test_b") == "test_a.py::test_b"
-    assert rows[-1]["message"].startswith("recorded refute")  # without pytest's prefix, cut to fit
+    # the recorded verdict's prefix goes (the verdict column and the XFAIL line say it), the rest is cut to fit
+    assert rows[-1]["message"].startswith("hybrid vs hybrid, ece") and rows[-1]["message"].endswith("…")
+    # as in the default suites: a test of several methods widens the runs column, and long messages
+    # take their MESSAGE_ROOM columns from the test id, not beyond the 120
+    for run, method in zip(data["runs"].values(), ["selective", "full", "feature-extraction"]):
+        run["method"] = method
+    data["tests"][1]["runs"] = list(data["runs"])[:3]
+    data["tests"][1]["message"] = "AssertionError: " + "a long reason " * 20
+    rows = terminal_rows(data, 120)
+    assert rows[1]["runs"] == "selective, fu…"
+    assert max(map(len, table(rows).splitlines())) <= 120, table(rows)
+    assert len(rows[1]["message"]) >= MESSAGE_ROOM and rows[1]["message"].endswith("…")
 
 
 def replies_run(n=8, moved=5, long_reply=False) -> dict:
@@ -312,6 +325,55 @@ def test_rebuilding_migrates_and_keeps_every_claim(tmp_path, capsys):
     assert len(list((folder / "runs").glob("*.html"))) == 5
 
 
+def test_labels_name_an_option_only_where_a_run_departs_from_its_methods_majority():
+    labels = run_labels(normalized(hybrid())["runs"])
+    # four of five schedules keep freeze_lora_steps=0 and order=lora-first: only the departures say so;
+    # alternate_every (0, 0, 1, 2, 1) has no majority: every run names it
+    assert sorted(labels.values()) == ["hybrid, alternate_every=0", "hybrid, alternate_every=1",
+                                       "hybrid, alternate_every=1, order=norm-first", "hybrid, alternate_every=2",
+                                       "hybrid, freeze_lora_steps=4, alternate_every=0"]
+    # seed 001's grid: four domains at two rates, no majority in either: both on every run
+    grid = {f"qlora-{d}-{lr}": {"method": "qlora", "stance": {"name": f"domain-{d}"}, "recipe": {"learning_rate": lr}}
+            for d in ("cpp", "math", "python", "physics") for lr in (2e-4, 1e-3)}
+    grid["full-1"] = {"method": "full", "config": {"layers": list(range(8))}, "recipe": {"learning_rate": 1e-3}}
+    grid["full-2"] = {"method": "full", "config": {"layers": [13, 15]}, "recipe": {"learning_rate": 1e-3}}
+    labels = run_labels(grid)
+    assert labels["qlora-math-0.001"] == "qlora, lr=0.001, stance=domain-math"
+    assert len(set(labels.values())) == len(grid)
+    assert (labels["full-1"], labels["full-2"]) == ("full, layers=[0-7]", "full, layers=[13, 15]")  # ranges
+
+
+def test_each_suite_compares_its_own_runs():
+    """The locus and hybrid suites' comparative views: per suite file, its runs' per-layer change
+    on one heatmap beside their loss curves on one axis, under the suite's name."""
+    data = hybrid()
+    hybrid_ids = list(data["runs"])
+    rates = {}
+    for i, (domain, lr) in enumerate([(d, lr) for d in ("cpp", "math") for lr in (2e-4, 1e-3)]):
+        run = copy.deepcopy(data["runs"][hybrid_ids[0]])
+        run_id = f"qlora-{i:016d}"
+        run.update({"run_id": run_id, "method": "qlora", "stance": {"name": f"domain-{domain}"},
+                    "recipe": {**run["recipe"], "learning_rate": lr}, "config": {"r": 8}})
+        for row in run["layers"]["effective"]:  # a domain's change 10x the other's at the higher rate
+            row["rel_change"] = (row.get("rel_change") or 0.01) * (100 if lr > 1e-3 / 2 and domain == "math" else 1)
+        data["runs"][run_id] = rates[(domain, lr)] = run
+        data["tests"].append({"nodeid": f"suites/test_locus_of_learning.py::test_domain[{domain}-{lr}]",
+                              "outcome": "passed", "runs": [run_id], "checks": []})
+    page = render_pages(data)["index.html"]
+    runs = page[page.index('<section id="runs">'):]
+    headings = re.findall(r'<h3 class="compare">([^<]+)</h3>', runs)
+    assert headings == ["suites/test_hybrid_schedules.py: 5 runs compared", "suites/test_locus_of_learning.py: 4 runs compared"]
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', runs)
+    assert alts == ["per-layer rel_change of 5 runs on one heatmap test_hybrid_schedules.py",
+                    "loss curves of 5 runs on one axis test_hybrid_schedules.py",
+                    "per-layer rel_change of 4 runs on one heatmap test_locus_of_learning.py",
+                    "loss curves of 4 runs on one axis test_locus_of_learning.py"]
+    # a span over two orders of magnitude is drawn on a log colour scale, and the caption says so
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", runs)
+    assert captions == ["colours on a log scale: the runs&#39; changes span more than two orders of magnitude"]
+    assert "qlora, lr=0.001, stance=domain-math" in runs and "hybrid, freeze_lora_steps=4, alternate_every=0" in runs
+
+
 def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
     from test_html_report import make_payload
 
@@ -325,7 +387,9 @@ def test_runs_are_compared_on_one_figure_each_where_several_have_the_data():
     page = render_pages(data)["index.html"]
     runs = page[page.index('<section id="runs">'):]
     alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', runs)
-    assert alts == ["per-layer rel_change of 3 runs on one heatmap", "loss curves of 2 runs on one axis lora runs",
+    # no suite file has two runs: the session's runs are compared together
+    assert alts == ["per-layer rel_change of 3 runs on one heatmap every run of this session",
+                    "loss curves of 3 runs on one axis every run of this session",
                     "dose-response curves of 2 runs on one axis"]
     assert "lora, lr=0.0002" in runs and "lora, lr=0.001" in runs  # the labels say what differs
     single = make_payload()
@@ -369,4 +433,59 @@ def test_a_failed_comparisons_terminal_message_starts_with_why():
                        "message": "recorded refuted on tiny-qwen2: " + message}], "runs": {}}
     failed, xfailed = terminal_rows(data, 200)
     assert failed["message"] == message.split("b = base): ", 1)[1]
-    assert xfailed["message"].startswith("recorded refuted on tiny-qwen2: warm vs base")  # the record's reason first
+    assert xfailed["message"].startswith("warm vs base, behavior_shift")  # the record's reason, "recorded refuted on M: " dropped
+
+
+def test_the_findings_table_opens_the_claims_that_matter_and_folds_the_rest():
+    """At most FINDINGS_OPEN claims open (so the forest plot is on the first screen): every changed
+    or failed one first, then those not supported, then supported ones with an effect; the rest folded."""
+    from harness.report.html import FINDINGS_OPEN
+
+    def test(i, verdict="supported", estimate=0.3, outcome="passed"):
+        checks = [check(estimate=estimate, verdict=verdict)] if estimate is not None else [
+            {"check": "assert_gradients_stable", "passed": True, "verdict": verdict, "metrics": {"steps": 4}}]
+        return {"nodeid": f"suites/test_s.py::test_claim_{i:02d}", "outcome": outcome, "checks": checks}
+
+    tests = [test(i) for i in range(12)] + [test(12, "refuted", outcome="xfailed"), test(13, estimate=None),
+                                           test(14, "refuted", outcome="failed")]
+    data = {"report_id": "r", "provenance": {}, "tests": tests, "runs": {}}
+    page = render_pages(data)["index.html"]
+    shown, folded = page.split('<details class="more-findings">')
+    shown = re.findall(r"claim (\d+)</a>", shown)
+    # the failed one, the refuted one, then the first eight supported with an effect, in test order
+    assert len(shown) == FINDINGS_OPEN == 10 and shown == [f"{i:02d}" for i in range(8)] + ["12", "14"]
+    assert "5 more claims: 4 with an effect (in the forest plot below), 1 with a verdict only" in folded
+    assert re.findall(r"claim (\d+)</a>", folded.split("</details>")[0]) == ["08", "09", "10", "11", "13"]
+
+
+def test_seeds_of_one_configuration_are_averaged_in_the_comparisons():
+    """A RunSet (runs differing only in their seed) is one row of the heatmap and one loss curve:
+    the mean over its seeds, labelled by what sets the configuration apart and how many seeds."""
+    data = hybrid()
+    first, second = list(data["runs"])[:2]
+    data["tests"] = [t for t in data["tests"] if set(t["runs"]) & {first, second}]
+    for test in data["tests"]:
+        test["runs"] = [first, second]
+    for run_id in (first, second):
+        data["runs"][run_id]["trace"]["loss"] = [1.0, 2.0, 3.0]
+    for seed in (1, 2):  # two more seeds of each: rel_change x2 and x3, loss shifted by the seed
+        for run_id in (first, second):
+            run = copy.deepcopy(data["runs"][run_id])
+            run.update({"run_id": f"{run_id}-s{seed}", "recipe": {**run["recipe"], "seed": seed}})
+            for row in run["layers"]["effective"]:
+                row["rel_change"] = row["rel_change"] * (seed + 1)
+            run["trace"]["loss"] = [v + seed for v in run["trace"]["loss"]] + [9.0] * seed  # longer: cut to the shortest
+            data["runs"][run["run_id"]] = run
+            data["tests"][0]["runs"].append(run["run_id"])
+    complete = normalized(data)
+    labels = run_labels(complete["runs"])
+    views = _configurations([{**complete["runs"][r], "label": labels[r]} for r in data["tests"][0]["runs"]])
+    assert [v["label"] for v in views] == ["hybrid, freeze_lora_steps=0 (mean of 3 seeds)",
+                                          "hybrid, freeze_lora_steps=4 (mean of 3 seeds)"]
+    assert views[0]["trace"]["loss"] == [2.0, 3.0, 4.0]  # (1 + 2 + 3) / 3 at step 0
+    real = data["runs"][first]["layers"]["effective"][0]["rel_change"]
+    assert views[0]["layers"]["effective"][0]["rel_change"] == pytest.approx(real * (1 + 2 + 3) / 3)
+    runs = render_pages(data)["index.html"].split('<section id="runs">')[1]
+    assert "suites/test_hybrid_schedules.py: 6 runs compared (2 configurations, seeds averaged)" in runs
+    assert re.findall(r'alt="([^"]+)"', runs)[:2] == ["per-layer rel_change of 2 runs on one heatmap test_hybrid_schedules.py",
+                                                     "loss curves of 2 runs on one axis test_hybrid_schedules.py"]

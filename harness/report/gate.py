@@ -10,10 +10,20 @@ Habits taken from pytest-benchmark (`--benchmark-compare-fail=mean:5%`), with th
 
 Rule grammar (one `--fail-on` argument):
 
-    RULE      := METRIC ":" [SIGN] NUMBER ["%"]
+    RULE      := METRIC ":" [SIGN] NUMBER ["%"] ["@ci"]
     METRIC    := NAME ("." NAME)*        e.g. ece, lora.ece, full.behavior_shift, judge:embedding
     SIGN      := "+" | "-"               the change that counts as a regression
     NUMBER    := 0.01 | 5 | 1e-3 ...     the tolerance: absolute, or with "%" a share of |baseline|
+    "@ci"                                 a regression only when the whole 95% interval of the change
+                                          is worse than the tolerance (see below)
+
+Intervals: a metric measured with one (behaviour shifts and forgetting: bootstrap over probes and
+windows; ECE: BCa bootstrap over predictions; a --repeat mean: the t interval over its runs) keeps
+it (`Estimate`), and the table shows it. The change's interval combines both sides' intervals by
+MOVER (Zou & Donner 2008; the two measurements taken as independent): for d = now − baseline,
+[d − √((now − now_low)² + (base_high − base)²), d + √((now_high − now)² + (base − base_low)²)].
+Under `@ci` a change past the tolerance whose interval still reaches inside it is `within noise`
+and passes; where neither side has an interval the rule compares the values, and says so.
 
 The direction comes from the metric's last dotted component. Without a sign the rule takes
 the declared bad side. A bare METRIC (`ece`) covers that metric in every namespace
@@ -30,14 +40,15 @@ import re
 from dataclasses import dataclass, field
 
 from ..registry import HarnessError, UnknownNameError
-from .metrics import LOWER, Spread, as_number, base_name, direction_of, metric_info
+from .metrics import LOWER, Estimate, Spread, as_number, base_name, direction_of, interval_of, metric_info
 from .records import json_safe
 
 
-RULE_FORMAT = ("METRIC:[+|-]TOLERANCE[%], e.g. ece:+0.01 (absolute), behavior_shift:-10% (relative to the "
-               "baseline) or acc1:0.02 (no sign: the metric's bad side)")
+RULE_FORMAT = ("METRIC:[+|-]TOLERANCE[%][@ci], e.g. ece:+0.01 (absolute), behavior_shift:-10% (relative to the "
+               "baseline), acc1:0.02 (no sign: the metric's bad side) or ece:+0.01@ci (only a change whose 95% "
+               "interval lies wholly past the tolerance)")
 _RULE_RE = re.compile(r"^(?P<name>\S+):(?P<sign>[+-])?(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
-                      r"(?P<percent>%)?$")
+                      r"(?P<percent>%)?(?P<ci>@ci)?$")
 # a judge's metric holds a colon (judge:embedding); the rule's own colon is the last one
 _METRIC_NAME_RE = re.compile(r"^[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*$")
 
@@ -51,6 +62,7 @@ class Rule:
     relative: bool
     direction: str
     spec: str
+    ci: bool = False  # @ci: the change's whole interval must lie past the tolerance
 
     def matches(self, name: str) -> bool:
         return name == self.metric or name.endswith("." + self.metric)
@@ -71,7 +83,8 @@ class Rule:
     def describe(self) -> str:
         amount = f"{self.tolerance * 100:g}% of the baseline" if self.relative else f"{self.tolerance:g}"
         change = "an increase" if self.direction == LOWER else "a decrease"
-        return f"{self.metric}: fail on {change} of more than {amount}"
+        beyond = ", beyond the 95% interval of the change" if self.ci else ""
+        return f"{self.metric}: fail on {change} of more than {amount}{beyond}"
 
     def __str__(self) -> str:
         return self.spec
@@ -79,7 +92,7 @@ class Rule:
     def as_dict(self) -> dict:
         """The rule as written and as parsed, for a report's gate entry."""
         return {"spec": self.spec, "metric": self.metric, "tolerance": self.tolerance, "relative": self.relative,
-                "direction": self.direction, "description": self.describe()}
+                "direction": self.direction, "ci": self.ci, "description": self.describe()}
 
 
 def check_rule_syntax(spec: str):
@@ -100,14 +113,14 @@ def parse_rule(spec: str) -> Rule:
     except UnknownNameError as err:
         raise HarnessError(f"rule {spec!r}: {err}") from None
     if sign is not None and sign != info.bad_sign:
-        fixed = f"{name}:{info.bad_sign}{number}{match['percent'] or ''}"
+        fixed = f"{name}:{info.bad_sign}{number}{match['percent'] or ''}{match['ci'] or ''}"
         raise HarnessError(f"rule {spec!r}: {base_name(name)} is better when {info.direction}; "
                            f"a regression is {info.bad_change}: write {fixed}")
     tolerance = float(number) / (100.0 if match["percent"] else 1.0)
     if not math.isfinite(tolerance):
         raise HarnessError(f"bad rule {spec!r}: the tolerance must be a finite number")
     return Rule(metric=name, tolerance=tolerance, relative=bool(match["percent"]), direction=info.direction,
-                spec=text)
+                spec=text, ci=bool(match["ci"]))
 
 
 def parse_rules(specs) -> list[Rule]:
@@ -123,7 +136,7 @@ def rule_for(rules: list[Rule], name: str) -> Rule | None:
     return best
 
 
-OK, IMPROVED, REGRESSION = "ok", "improved", "REGRESSION"
+OK, IMPROVED, REGRESSION, NOISE = "ok", "improved", "REGRESSION", "within noise"
 MISSING_BASELINE, MISSING_NOW = "missing in baseline", "missing now"
 NOT_FINITE, NOT_FINITE_BASELINE = "not finite", "not finite in baseline"
 SAME, CHANGED = "same", "changed"
@@ -143,6 +156,8 @@ class Row:
     rule: str | None = None
     delta: float | None = None
     limit: float | None = None
+    delta_low: float | None = None  # the change's 95% interval (MOVER), where a side has an interval
+    delta_high: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -157,7 +172,8 @@ class Row:
         return json_safe({"test": self.test, "metric": self.metric, "baseline": raw(self.baseline),
                           "now": raw(self.now), "change": self.change, "allowed": self.allowed,
                           "verdict": self.verdict, "failed": self.failed, "rule": self.rule,
-                          "delta": self.delta, "limit": self.limit})
+                          "delta": self.delta, "delta_low": self.delta_low, "delta_high": self.delta_high,
+                          "limit": self.limit})
 
 
 @dataclass
@@ -187,7 +203,9 @@ class Comparison:
         if not self.rows:
             return "FAILED: the rules matched no metric of any test, so nothing was compared"
         if not failed:
-            return f"passed: {len(self.rows)} comparisons, no regression"
+            noise = sum(1 for row in self.rows if row.verdict == NOISE)
+            within = f" ({noise} past the tolerance within noise)" if noise else ""
+            return f"passed: {len(self.rows)} comparisons, no regression{within}"
         counts = {verdict: sum(1 for row in failed if row.verdict == verdict)
                   for verdict in (REGRESSION, NOT_FINITE, MISSING_NOW)}
         kinds = ", ".join(f"{n} {verdict}" for verdict, n in counts.items() if n)
@@ -259,6 +277,8 @@ def _format_pair(a, b) -> tuple[str, str]:
             text = _g(number, digits)
         if isinstance(value, Spread) and value.std is not None:
             text += f" ±{_g(value.std, 2)}" + (f" n={value.n}" if value.n else "")
+        if isinstance(value, Estimate):
+            text += f" [{_g(value.low, 3)}, {_g(value.high, 3)}]"
         return text
 
     x, y = as_number(a), as_number(b)
@@ -320,14 +340,42 @@ def _judge(test: str, name: str, baseline, now, rule: Rule) -> Row:
     limit = rule.limit(b)
     row.limit, row.delta = limit, n - b
     row.change = _change(b, n, digits)
+    interval = change_interval(baseline, now)
+    if interval is not None:
+        row.delta_low, row.delta_high = interval
+        row.change += f" [{_signed(interval[0])}, {_signed(interval[1])}]"
     row.allowed = f"{'≤' if rule.direction == LOWER else '≥'} {_g(limit, max(digits, 4))}"
     worse_by = (n - b) if rule.direction == LOWER else (b - n)
     eps = 1e-12 * max(1.0, abs(b), abs(n))  # a value exactly at the limit passes, whatever the rounding
     if worse_by > slack + eps:
         row.verdict = REGRESSION
+        if rule.ci and interval is not None:
+            # the least worsening the interval allows: its low end when higher is worse, else its high end
+            least = interval[0] if rule.direction == LOWER else -interval[1]
+            if not least > slack + eps:
+                row.verdict = NOISE
     elif worse_by < -(slack + eps):
         row.verdict = IMPROVED
     return row
+
+
+def change_interval(baseline, now) -> tuple[float, float] | None:
+    """The 95% interval of now − baseline from each side's own interval (MOVER, the two taken as
+    independent; a side without one counts as exact), or None when neither side has one."""
+    b, n = as_number(baseline), as_number(now)
+    b_iv, n_iv = interval_of(baseline), interval_of(now)
+    if b is None or n is None or (b_iv is None and n_iv is None):
+        return None
+    b_low, b_high = b_iv or (b, b)
+    n_low, n_high = n_iv or (n, n)
+    d = n - b
+    below = math.hypot(max(0.0, n - n_low), max(0.0, b_high - b))
+    above = math.hypot(max(0.0, n_high - n), max(0.0, b - b_low))
+    return d - below, d + above
+
+
+def _signed(value: float) -> str:
+    return ("+" if value >= 0 else "-") + _g(abs(value), 3)
 
 
 def _info(test: str, name: str, baseline, now) -> Row:
@@ -368,6 +416,7 @@ def compare(baseline_metrics: dict, current_metrics: dict, rules=()) -> Comparis
             result.notes.append(f"the {side} metrics are a {type(value).__name__}, not a mapping of tests")
     used: set[str] = set()
     zero_relative: set[str] = set()
+    pointwise: set[tuple[str, str]] = set()  # (@ci rule, metric) compared without an interval
     for test in list(now) + [t for t in base if t not in now]:
         if test not in base:
             result.only_now.append(test)
@@ -397,12 +446,16 @@ def compare(baseline_metrics: dict, current_metrics: dict, rules=()) -> Comparis
             used.add(rule.spec)
             row = _judge(test, name, b.get(name, _MISSING), n.get(name, _MISSING), rule)
             result.rows.append(row)
+            if rule.ci and row.delta is not None and row.delta_low is None:
+                pointwise.add((rule.spec, name))
             if rule.relative and row.delta is not None and as_number(row.baseline) == 0:
                 zero_relative.add(name)
     for name in sorted(zero_relative):
         result.notes.append(f"{name}: the baseline is 0, so its relative tolerance allows no worsening at all; "
                             f"use an absolute rule ({base_name(name)}:{metric_info(name).bad_sign}0.01) "
                             "for metrics that can be 0")
+    for spec, name in sorted(pointwise):
+        result.notes.append(f"{name}: neither side has an interval, so rule {spec} compared the values alone")
     for rule in rules:
         if rule.spec not in used:
             result.notes.append(f"rule {rule.spec} matched no metric of a test on both sides")

@@ -15,6 +15,7 @@ so the page stays a few screens long however many runs a session trained.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from functools import lru_cache
@@ -24,7 +25,7 @@ import jinja2
 
 from ..files import atomic_write
 from . import figures as figs
-from .findings import corrected_text, findings, fmt_number, interval_text, units_text
+from .findings import corrected_text, findings, fmt_number, interval_text, suite_of, units_text
 from .model import normalized
 from .sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, gate_rows, gate_rules, human,
                        measurement_tables, origin_text, reply_order, report_id_of, run_labels, session_status)
@@ -33,6 +34,8 @@ OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "not r
 TEMPLATES = Path(__file__).with_name("templates")
 REPLIES_SHOWN = 5  # replies open in a run's summary; the rest are collapsed
 REPLY_CHARS = 240  # a reply longer than this is cut, its length said
+HYPOTHESIS_CHARS = 150  # a finding's hypothesis shown in the table; the whole in its tooltip
+COMPARE_WIDTH = 6.2  # inches: two comparative figures side by side across the page
 
 # the figure functions, here as well for callers (and tests) that know them by this module
 layer_figure, curves_figure, reliability_figure = figs.layer_figure, figs.curves_figure, figs.reliability_figure
@@ -122,13 +125,37 @@ def _gate(gate) -> dict | None:
 
 
 def _finding_rows(rows: list[dict]) -> list[dict]:
-    return [{**row, "estimate_text": fmt_number(row["estimate"]), "interval_text": interval_text(row),
-             "margin_text": fmt_number(row["margin"]), "units_text": units_text(row),
-             "corrected_text": corrected_text(row), "anchor": _anchor("test", row["test"])} for row in rows]
+    out = []
+    for row in rows:
+        hypothesis = row["hypothesis"]
+        label = row.get("label")
+        out.append({**row, "estimate_text": fmt_number(row["estimate"]), "interval_text": interval_text(row),
+                    "margin_text": fmt_number(row["margin"]), "units_text": units_text(row),
+                    "corrected_text": corrected_text(row), "anchor": _anchor("test", row["test"]),
+                    "hypothesis_short": hypothesis if len(hypothesis) <= HYPOTHESIS_CHARS
+                    else hypothesis[: HYPOTHESIS_CHARS - 1].rstrip() + "…",
+                    # "run-level (one seed per arm): a claim about two runs, ..." -> "run-level"; whole in the tooltip
+                    "label_short": str(label).split(" (", 1)[0].split(":", 1)[0] if label else None})
+    return out
 
 
-def _foldable(row: dict) -> bool:
-    return row["estimate"] is None and row["verdict"] == "supported" and not row.get("change")
+FINDINGS_OPEN = 10  # claims open in the findings table, so the forest plot below it is on the first screen
+
+
+def _split_findings(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(open, folded) in test order. Open: every claim that changed since the last report or whose
+    test failed, errored or passed unexpectedly; then, up to FINDINGS_OPEN, the claims not
+    supported, then those supported with an effect. Folded: the rest (the forest plot shows every
+    claim with an effect), supported claims with no effect to estimate last of all."""
+    def rank(row):
+        if row.get("change") or row.get("outcome") in ("failed", "error", "xpassed"):
+            return 0
+        if row["verdict"] != "supported":
+            return 1
+        return 2 if row["estimate"] is not None else 3
+    order = sorted(range(len(rows)), key=lambda i: (rank(rows[i]), i))
+    chosen = {i for n, i in enumerate(order) if rank(rows[i]) == 0 or (n < FINDINGS_OPEN and rank(rows[i]) < 3)}
+    return [r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen]
 
 
 def _test_entry(test: dict, run_links: dict) -> dict:
@@ -224,11 +251,18 @@ def _run_detail(run: dict, cache: figs.FigureCache) -> dict:
     measurements = run.get("measurements") or {}
     layers = run["layers"]
     two_views = bool(layers.get("adapter")) and layers.get("adapter") != layers.get("effective")
-    figures = [cache.get("layers-effective", run, lambda: figs.layer_figure(run, "effective")),
-               cache.get("curves", run, lambda: figs.curves_figure(run))]
-    if two_views:
-        figures.append(cache.get("layers-adapter", run, lambda: figs.layer_figure(run, "adapter")))
+    # each figure keyed by what it draws, not the whole run: a run loaded from the store (another
+    # origin, its timings) reuses what the session that trained it drew
     title = figs._run_title(run)
+    depth = (run.get("model") or {}).get("num_layers")
+    curves = {k: run["trace"].get(k) for k in ("loss", "grad_norm", "nonfinite", "skipped_steps", "halted_at",
+                                                 "halt_reason")}
+    figures = [cache.get("layers-effective", [layers.get("effective"), depth, title],
+                         lambda: figs.layer_figure(run, "effective")),
+               cache.get("curves", [curves, title], lambda: figs.curves_figure(run))]
+    if two_views:
+        figures.append(cache.get("layers-adapter", [layers.get("adapter"), depth, title],
+                                 lambda: figs.layer_figure(run, "adapter")))
     calibration = measurements.get("calibration")
     if isinstance(calibration, dict) and calibration:
         figures.append(cache.get("reliability", [calibration, title], lambda: figs.reliability_figure(calibration, title)))
@@ -272,33 +306,114 @@ def _run_entry(run_id: str, run: dict, index: int) -> dict:
             "analysis_error": run.get("analysis_error"), "replies": replies_view(run), "ability": ability_view(run)}
 
 
-def _comparisons(runs: dict, cache: figs.FigureCache) -> list[dict]:
-    """Comparative figures across runs: per-layer change of every run on one heatmap, and the
-    loss curves of each method's runs on one axis (where a method has several)."""
-    views = list(runs.values())
-    out = []
-    layers_data = [{k: r.get(k) for k in ("label", "run_id", "layers", "model")} for r in views]
-    out.append(cache.get("compare-layers", layers_data, lambda: figs.layers_comparison_figure(layers_data)))
-    by_method: dict[str, list[dict]] = {}
+SESSION_GROUP = "every run of this session"
+
+
+def _suite_groups(runs: dict, tests: list[dict]) -> list[tuple[str, list[str]]]:
+    """(suite file, its runs in first-use order) for each suite of two runs or more; when no suite
+    has two, every run of the session as one group (runs spread one per file still compare)."""
+    groups: dict[str, list[str]] = {}
+    for test in tests:
+        suite = suite_of(test.get("nodeid", ""))
+        for run_id in test.get("runs") or []:
+            if run_id in runs and run_id not in groups.setdefault(suite, []):
+                groups[suite].append(run_id)
+    several = [(suite, ids) for suite, ids in groups.items() if len(ids) > 1]
+    return several or ([(SESSION_GROUP, list(runs))] if len(runs) > 1 else [])
+
+
+def _mean(values: list) -> float:
+    numbers = [figs._float(v) for v in values]
+    return sum(numbers) / len(numbers) if numbers and all(math.isfinite(v) for v in numbers) else math.nan
+
+
+def _configurations(views: list[dict]) -> list[dict]:
+    """Runs that differ only in their seed (a RunSet) as one configuration: labelled by what sets
+    it apart from the suite's other configurations, its per-layer change and its loss curve the
+    mean over its seeds (a step or layer some seed lacks, or one non-finite, is left blank)."""
+    groups: dict[str, list[dict]] = {}
     for run in views:
-        by_method.setdefault(str(run.get("method")), []).append(
-            {"label": run.get("label"), "trace": {"loss": (run.get("trace") or {}).get("loss")}})
-    for method, group in by_method.items():
-        if len(group) > 1:
-            out.append(cache.get("compare-loss", [method, group],
-                                 lambda g=group, m=method: figs.loss_comparison_figure(g, f"{m} runs")))
+        recipe = {k: v for k, v in (run.get("recipe") or {}).items() if k != "seed"}
+        key = json.dumps([run.get("method"), run.get("config"), recipe, (run.get("stance") or {}).get("name"),
+                          run.get("examples"), run.get("task")], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(run)
+    members = list(groups.values())
+    firsts = {str(i): {**group[0], "recipe": {k: v for k, v in (group[0].get("recipe") or {}).items() if k != "seed"}}
+              for i, group in enumerate(members)}
+    labels = run_labels(firsts)  # within the suite: what sets each configuration apart from the others
+    out = []
+    for i, group in enumerate(members):
+        label = labels[str(i)]
+        if len(group) == 1:
+            out.append({"label": label, "task": group[0].get("task"), "run_id": group[0].get("run_id"),
+                        "layers": {"effective": group[0]["layers"].get("effective")},
+                        "model": {"num_layers": (group[0].get("model") or {}).get("num_layers")},
+                        "trace": {"loss": (group[0].get("trace") or {}).get("loss")}})
+            continue
+        by_layer: dict[str, list] = {}
+        for run in group:
+            for row in run["layers"].get("effective") or []:
+                if isinstance(row, dict):
+                    by_layer.setdefault(str(row.get("layer")), []).append(row.get("rel_change"))
+        losses = [(run.get("trace") or {}).get("loss") or [] for run in group]
+        steps = min(len(loss) for loss in losses)
+        out.append({"label": f"{label} (mean of {len(group)} seeds)", "task": group[0].get("task"),
+                    "run_id": group[0].get("run_id"),
+                    "layers": {"effective": [{"layer": layer, "rel_change": _mean(values) if len(values) == len(group)
+                                              else math.nan} for layer, values in by_layer.items()]},
+                    "model": {"num_layers": (group[0].get("model") or {}).get("num_layers")},
+                    "trace": {"loss": [_mean([loss[j] for loss in losses]) for j in range(steps)]}})
+    return out
+
+
+def _comparisons(runs: dict, tests: list[dict], cache: figs.FigureCache) -> dict:
+    """Comparative figures across runs, per suite (as the seeds draw them): the suite's
+    configurations' per-layer change on one heatmap (seed 001's domains x rates) beside their loss
+    curves on one axis (seed 004's schedules), one axis per task, seeds of one configuration
+    averaged; and the dose-response curves of the session's runs together."""
+    suites = []
+    for suite, ids in _suite_groups(runs, tests):
+        views = _configurations([runs[run_id] for run_id in ids])
+        name = suite.rsplit("/", 1)[-1]
+        layers = [{k: v for k, v in view.items() if k not in ("trace", "task")} for view in views]
+        figures = [cache.get("compare-layers", [layers, name, COMPARE_WIDTH],
+                             lambda d=layers, n=name: figs.layers_comparison_figure(d, width=COMPARE_WIDTH, title=n))]
+        by_task: dict[str, list[dict]] = {}
+        for view in views:
+            by_task.setdefault(str(view.get("task") or ""), []).append({"label": view["label"], "trace": view["trace"]})
+        for task, group in by_task.items():
+            title = name + (f", task {task}" if len(by_task) > 1 and task else "")
+            figures.append(cache.get("compare-loss", [group, title, COMPARE_WIDTH],
+                                     lambda g=group, t=title: figs.loss_comparison_figure(g, t, width=COMPARE_WIDTH)))
+        figures = [f for f in figures if f]
+        if figures:
+            suites.append({"suite": suite, "runs": len(ids), "configurations": len(views), "figures": figures})
     doses = [{"label": run.get("label"), "measurements": {"dose_response": run["measurements"]["dose_response"]}}
-             for run in views if (run.get("measurements") or {}).get("dose_response")]
-    if len(doses) > 1:
-        out.append(cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)))
-    return [f for f in out if f]
+             for run in runs.values() if (run.get("measurements") or {}).get("dose_response")]
+    dose = cache.get("compare-dose", doses, lambda: figs.dose_comparison_figure(doses)) if len(doses) > 1 else None
+    return {"suites": suites, "dose": dose}
 
 
-def render_pages(payload: dict, figure_cache: Path | None = None) -> dict[str, str]:
+def _suite_sections(entries: list[dict]) -> list[dict]:
+    """The tests by suite file, each a collapsed section (open when one of its tests failed)."""
+    groups: dict[str, list[dict]] = {}
+    for entry in entries:
+        groups.setdefault(suite_of(entry["nodeid"]), []).append(entry)
+    sections = []
+    for suite, tests in groups.items():
+        counts = Counter(t["outcome"] for t in tests)
+        sections.append({"suite": suite, "anchor": _anchor("suite", suite), "tests": tests,
+                         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)],
+                         "open": any(t["outcome"] in ("failed", "error") for t in tests)})
+    return sections
+
+
+def render_pages(payload: dict, figure_cache: Path | figs.FigureCache | None = None) -> dict[str, str]:
     """The session's pages by path relative to its report folder: index.html, and runs/<run>.html
-    per run. Figures already drawn into `figure_cache` (a directory) are reused."""
+    per run. Figures already drawn into `figure_cache` (a directory, or a FigureCache that then
+    counts what was drawn and what reused) are reused."""
     payload = normalized(payload)
-    cache = figs.FigureCache(figure_cache)
+    cache = figure_cache if isinstance(figure_cache, figs.FigureCache) else figs.FigureCache(figure_cache)
     labels = run_labels(payload["runs"])
     runs = {run_id: {**run, "label": labels[run_id]} for run_id, run in payload["runs"].items()}
     entries = [_run_entry(run_id, run, i) for i, (run_id, run) in enumerate(runs.items())]
@@ -315,14 +430,15 @@ def render_pages(payload: dict, figure_cache: Path | None = None) -> dict[str, s
         "gate": _gate(payload.get("gate")), "interrupted": payload.get("interrupted"),
         "header": _header(payload), "findings": _finding_rows(rows), "changes": changes,
         # open: claims with an effect, and any not supported or changed; folded: the rest (verdicts only)
-        "findings_shown": [r for r in _finding_rows(rows) if not _foldable(r)],
-        "findings_folded": [r for r in _finding_rows(rows) if _foldable(r)],
+        "findings_shown": _split_findings(_finding_rows(rows))[0],
+        "findings_folded": _split_findings(_finding_rows(rows))[1],
+        "folded_effects": sum(1 for r in _split_findings(rows)[1] if r["estimate"] is not None),
         "forest": cache.get("forest", rows, lambda: figs.forest_figure(rows)),
         "counts": [(o, counts[o]) for o in OUTCOMES if counts.get(o)], "n_tests": len(tests),
         "show_expected": any(t.get("expected") is not None or t.get("verdict") is not None for t in tests),
         "show_repeats": any(t.get("repeats") for t in tests),
-        "tests": [_test_entry(t, links) for t in tests], "runs": entries,
-        "comparisons": _comparisons(runs, cache) if runs else [],
+        "suites": _suite_sections([_test_entry(t, links) for t in tests]), "runs": entries,
+        "comparisons": _comparisons(runs, tests, cache) if runs else {"suites": [], "dose": None},
         "multiplicity": table(payload.get("multiplicity")) if payload.get("multiplicity") else None,
     }
     pages = {"index.html": env.get_template("report.html.j2").render(title=f"{status}: stance-harness report "

@@ -121,6 +121,38 @@ class Spread(float):
         return (Spread, (float(self), self.std, self.min, self.max, self.n))
 
 
+class Estimate(float):
+    """A measured value with its interval (95% unless said otherwise): `low`, `high`. It
+    computes and compares as the value; a gate rule with @ci reads the interval."""
+
+    low: float
+    high: float
+
+    def __new__(cls, value, low, high):
+        self = super().__new__(cls, value)
+        self.low, self.high = float(low), float(high)
+        return self
+
+    def __repr__(self) -> str:
+        return f"Estimate({float(self)!r}, low={self.low!r}, high={self.high!r})"
+
+    def __reduce__(self):
+        return (Estimate, (float(self), self.low, self.high))
+
+
+def interval_of(value) -> tuple[float, float] | None:
+    """The value's interval: an Estimate's own; for a Spread of n >= 2 repeated runs, the t
+    interval of their mean (95%); otherwise None."""
+    if isinstance(value, Estimate):
+        return value.low, value.high
+    if isinstance(value, Spread) and value.n and value.n >= 2 and value.std is not None:
+        from scipy import stats  # here: the plugin imports this module at start-up, scipy only a gate needs
+
+        half = float(stats.t.ppf(0.975, value.n - 1)) * value.std / value.n ** 0.5
+        return float(value) - half, float(value) + half
+    return None
+
+
 def as_number(value) -> float | None:
     """The float a metric value stands for (JSON's "nan"/"inf" strings included), or None."""
     if isinstance(value, bool) or value is None:
@@ -151,10 +183,18 @@ def _spread_from(stats) -> Spread | None:
 
 
 def test_metrics(entry) -> dict:
-    """One test's metrics: its recorded values, with repeated tests' means (as Spread) on top."""
+    """One test's metrics: its recorded values (as Estimate where the entry holds their interval,
+    `intervals`: {name: [low, high]}), with repeated tests' means (as Spread) on top."""
     if not isinstance(entry, dict):
         return {}
     metrics = dict(entry.get("metrics") or {}) if isinstance(entry.get("metrics"), dict) else {}
+    intervals = entry.get("intervals") if isinstance(entry.get("intervals"), dict) else {}
+    for name, bounds in intervals.items():
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+            continue
+        value, low, high = as_number(metrics.get(name)), as_number(bounds[0]), as_number(bounds[1])
+        if value is not None and low is not None and high is not None:
+            metrics[name] = Estimate(value, low, high)
     repeats = entry.get("repeats")
     if isinstance(repeats, dict) and isinstance(repeats.get("metrics"), dict):
         for name, stats in repeats["metrics"].items():

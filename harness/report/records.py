@@ -7,7 +7,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 
-from .metrics import declare_metric, is_declared
+from .metrics import Estimate, declare_metric, is_declared
 
 
 VERDICTS = ("supported", "refuted", "inconclusive")
@@ -60,6 +60,7 @@ class TestRecord:
     checks: list[dict] = field(default_factory=list)
     tables: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    intervals: dict = field(default_factory=dict)  # {metric: [low, high]}: a metric's 95% interval, where it has one
     notes: list[str] = field(default_factory=list)
     expected: dict | None = None  # {"outcome": "refuted", "reason": ...} from @pytest.mark.expected_outcome
     verdict: str | None = None  # "supported" or "refuted": what the run showed, whatever was expected
@@ -71,9 +72,11 @@ class TestRecord:
         """Add a titled table (a list of dicts with the same keys) to this test's report."""
         self.tables.append({"title": title, "rows": json_safe(rows)})
 
-    def metric(self, name: str, value: float, direction: str | None = None, description: str = "") -> None:
+    def metric(self, name: str, value: float, direction: str | None = None, description: str = "",
+               interval: tuple[float, float] | None = None) -> None:
         """Publish a metric (baselines compare it, JUnit shows it). Its direction must be known:
-        declared by whoever produces it, or given here ("lower" or "higher" is better)."""
+        declared by whoever produces it, or given here ("lower" or "higher" is better). `interval`
+        (low, high), or an Estimate's own, is kept for gate rules with @ci."""
         if direction is not None:
             declare_metric(name.rsplit(".", 1)[-1], direction, description)
         elif not is_declared(name):
@@ -81,7 +84,15 @@ class TestRecord:
                 f"metric {name!r} has no declared direction, so a --fail-on rule cannot gate it: declare it with "
                 f"harness.declare_metric({name.rsplit('.', 1)[-1]!r}, 'lower' or 'higher', '...') or pass "
                 f"direction= to stance_report.metric"), stacklevel=2)
-        self.metrics[name] = json_safe(value)
+        if interval is None and isinstance(value, Estimate):
+            interval = (value.low, value.high)
+        if interval is not None:
+            low, high = (float(v) for v in interval)
+            if low > high:
+                raise ValueError(f"metric {name!r}: interval ({low}, {high}) has its low end above its high end")
+            if math.isfinite(low) and math.isfinite(high):  # a collapsed run's infinite one gates nothing
+                self.intervals[name] = [low, high]
+        self.metrics[name] = json_safe(float(value) if isinstance(value, Estimate) else value)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 
 
 def report_id_of(payload: dict):
@@ -226,24 +227,63 @@ def _flat_options(run: dict) -> dict:
     return options
 
 
+def differing_options(runs: dict) -> dict[str, list[tuple[str, object]]]:
+    """Per run (summaries by id), the options (config fields, lr, seed, epochs, stance, examples,
+    task) that tell it from the other runs of its method: what sets two `hybrid` runs apart.
+
+    An option most of the method's runs share (more than half: a default the others depart from)
+    is named only on the runs that depart from it; an option spread with no majority value (four
+    domains, two rates) is named on every run. Two runs that differ in anything still get
+    different labels: of two values, at most one is the majority's."""
+    flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    by_method: dict = {}
+    for options in flat.values():
+        by_method.setdefault(options.get("method"), []).append(options)
+    out = {}
+    for run_id, options in flat.items():
+        group = by_method[options.get("method")]
+        shown = []
+        for key, value in options.items():
+            if key == "method" or value is None or all(o.get(key) == value for o in group):
+                continue
+            values = [json.dumps(o.get(key), sort_keys=True, default=str) for o in group]
+            common, count = Counter(values).most_common(1)[0]
+            if count * 2 <= len(group) or json.dumps(value, sort_keys=True, default=str) != common:
+                shown.append((key, value))
+        out[run_id] = shown
+    return out
+
+
 def run_labels(runs: dict) -> dict[str, str]:
     """A label per run saying what sets it apart from the session's other runs of its method:
     `hybrid, schedule=alternate, period=50` rather than `hybrid`; `lr` and `seed` when they differ."""
-    flat = {run_id: _flat_options(run if isinstance(run, dict) else {}) for run_id, run in runs.items()}
+    differing = differing_options(runs)
     labels = {}
-    for run_id, options in flat.items():
-        peers = [o for r, o in flat.items() if r != run_id and o.get("method") == options.get("method")]
-        differing = [k for k in options if k != "method" and any(p.get(k) != options[k] for p in peers)]
-        parts = [f"{k}={_short(options[k])}" for k in differing if options[k] is not None][:4]
-        labels[run_id] = ", ".join([str(options.get("method") or "?")] + parts)
+    for run_id, run in runs.items():
+        method = (run.get("method") if isinstance(run, dict) else None) or "?"
+        labels[run_id] = ", ".join([str(method)] + [f"{k}={short_value(v)}" for k, v in differing[run_id][:4]])
     counts = {label: list(labels.values()).count(label) for label in labels.values()}
     return {run_id: label + (f" ({run_id[-6:]})" if counts[label] > 1 else "") for run_id, label in labels.items()}
 
 
-def _short(value) -> str:
+def short_value(value) -> str:
+    """A run option in a label: floats to 3 digits, runs of consecutive layers as a range
+    ([0-7, 12]), long text cut at 24 characters."""
     if isinstance(value, float):
         return f"{value:.3g}"
     text = str(value)
+    try:
+        numbers = json.loads(text) if text.startswith("[") else None
+    except ValueError:
+        numbers = None
+    if isinstance(numbers, list) and numbers and all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+        spans: list[list[int]] = []
+        for n in numbers:
+            if spans and n == spans[-1][1] + 1:
+                spans[-1][1] = n
+            else:
+                spans.append([n, n])
+        text = "[" + ", ".join(f"{a}-{b}" if b > a + 1 else (f"{a}, {b}" if b > a else str(a)) for a, b in spans) + "]"
     return text if len(text) <= 24 else text[:23] + "…"
 
 
@@ -269,36 +309,52 @@ def human(value, name: str = ""):
 
 def terminal_rows(payload: dict, width: int = 120) -> list[dict]:
     """The terminal's table, at most `width` columns wide: outcome, test (its directory dropped and,
-    when long, its middle: the report has the full id), runs, checks, verdict and the message's start."""
+    when long, its middle: the report has the full id), runs, checks, verdict and the message's start
+    (at least MESSAGE_ROOM columns of it: the test id gives way first)."""
     tests = payload.get("tests") or []
     runs = payload.get("runs") or {}
     show_verdict = any(t.get("verdict") is not None for t in tests)
-    rows = []
+    rows, messages = [], []
     for test in tests:
-        nodeid = short_test_id(str(test.get("nodeid")))
         methods = list(dict.fromkeys((runs.get(r) or {}).get("method", str(r).rsplit("-", 1)[0])
                                      for r in test.get("runs") or []))
         used = ", ".join(methods) or "-"
         checks = test.get("checks") or []
-        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": nodeid,
+        row = {"outcome": OUTCOME_MARK.get(test.get("outcome"), test.get("outcome")), "test": str(test.get("nodeid")),
                "runs": used if len(used) <= 14 else used[:13] + "…",
                "checks": f"{sum(1 for c in checks if c.get('passed'))}/{len(checks)}" if checks else "-"}
         if show_verdict:
             row["verdict"] = test.get("verdict") or "-"
         rows.append(row)
-    if not rows:
-        return rows
-    # tabulate's "simple": a column is as wide as its header + 2 or its widest cell; 2 spaces apart
-    used = sum(2 + max(len(k) + 2, *(len(str(r[k])) for r in rows)) for k in rows[0])
-    room = max(10, width - used - 2)
-    for row, test in zip(rows, tests):
         first = clean_message(test.get("message")).splitlines()[0] if test.get("message") else ""
+        first = _RECORDED.sub("", first, count=1)  # the verdict column and the XFAIL line say so
         if test.get("outcome") == "failed":  # the sides are the runs column: say why first
             first = _SIDES.sub("", first, count=1)
-        row["message"] = first if len(first) <= room else first[: room - 1] + "…"
+        messages.append(first)
+    if not rows:
+        return rows
+
+    # tabulate's "simple": a column is as wide as its widest cell, and at least its header + 2;
+    # columns are 2 spaces apart
+    def column(key, cells):
+        return max(len(key) + 2, *(len(str(c)) for c in cells))
+
+    fixed = sum(column(k, [r[k] for r in rows]) + 2 for k in rows[0] if k != "test")
+    longest = max(len(m) for m in messages)
+    room = width - fixed - 2  # for the test id and the message
+    message_room = max(len("message") + 2, min(longest, MESSAGE_ROOM)) if longest else 0
+    test_width = max(len("test") + 2, min(TERMINAL_TEST_WIDTH, room - message_room - (2 if message_room else 0)))
+    for row in rows:
+        row["test"] = short_test_id(row["test"], test_width)
+    if longest:
+        room = max(len("message") + 2, room - column("test", [r["test"] for r in rows]) - 2)
+        for row, first in zip(rows, messages):
+            row["message"] = first if len(first) <= room else first[: room - 1] + "…"
     return rows
 
 
+MESSAGE_ROOM = 24  # the terminal table's message column keeps at least this many columns
+_RECORDED = re.compile(r"^recorded (?:supported|refuted|inconclusive) on [^:\s]+: ")  # plugin's record check
 TERMINAL_TEST_WIDTH = 60
 _SIDES = re.compile(r"^[^:]*? \(a = [^()]*?, b = [^()]*?\): ")  # a comparison's "A vs B, metric (a = A, b = B): "
 

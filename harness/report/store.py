@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +20,7 @@ from . import figures
 from . import html as pages
 from .findings import changes_since, findings
 from .markdown import render_markdown
-from .metrics import Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
+from .metrics import Estimate, Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
 from .model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
 from .records import json_safe
 from .sections import report_id_of
@@ -33,21 +35,33 @@ def new_report_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()
 
 
-def write_report(reports_dir: Path, payload: dict, move_latest: bool = True) -> Path:
+def write_report(reports_dir: Path, payload: dict, move_latest: bool = True,
+                 progress: Callable[[str], None] | None = None) -> Path:
     """report.json, report.md and index.html (with runs/*.html) in reports/<report-id>/, then
     `latest` (unless told not to move it) and reports/index.html. Each file is written atomically.
-    The payload gains `format` and `changes` (since the previous report on the same model)."""
+    The payload gains `format` and `changes` (since the previous report on the same model).
+    `progress` hears a line before (what is being written) and one after (how long it took, and
+    how many figures were drawn: a figure is drawn once, then reused from the figure cache)."""
     report_id = report_id_of(payload)
     report_dir = Path(reports_dir) / report_id
+    say = progress or (lambda _line: None)
+    say(f"writing the report to {report_dir}/: report.json, report.md, index.html and "
+        f"{len(payload.get('runs') or {})} run page(s) for {len(payload.get('tests') or [])} test(s)")
+    started = time.perf_counter()
     payload["format"] = REPORT_FORMAT
     previous = previous_report(reports_dir, payload)
     if previous is not None:
         payload["changes"] = changes_since(normalized(payload), previous)
-    write_report_files(report_dir, payload, reports_dir)
+    cache = write_report_files(report_dir, payload, reports_dir)
     if move_latest:
         atomic_write(Path(reports_dir) / "latest", report_id + "\n")
     write_index(reports_dir)
+    say(f"wrote the report in {time.perf_counter() - started:.1f}s ({figure_counts(cache)})")
     return report_dir
+
+
+def figure_counts(cache: figures.FigureCache) -> str:
+    return f"{cache.drawn} figure(s) drawn, {cache.reused} reused from the figure cache"
 
 
 def previous_report(reports_dir, payload: dict) -> dict | None:
@@ -68,10 +82,10 @@ def previous_report(reports_dir, payload: dict) -> dict | None:
 FOREST_FILE = "forest.png"
 
 
-def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None = None) -> None:
+def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None = None) -> figures.FigureCache:
     """A report's files in report_dir, each written atomically (an existing report is rewritten):
     report.json first, then report.md (with forest.png), then the HTML pages; figures are cached
-    in `reports_dir` when given."""
+    in `reports_dir` when given. Returns the figure cache, which counts what it drew and reused."""
     report_dir = Path(report_dir)
     atomic_write(report_dir / "report.json", json.dumps(json_safe({**payload, "format": REPORT_FORMAT}), indent=2,
                                                         default=str))
@@ -86,7 +100,8 @@ def write_report_files(report_dir: Path, payload: dict, reports_dir: Path | None
     if forest:
         atomic_write(report_dir / FOREST_FILE, forest)
     atomic_write(report_dir / "report.md", render_markdown(complete, forest_image=FOREST_FILE if forest else None))
-    _write_html(reports_dir, report_dir, complete)
+    _write_html(cache, report_dir, complete)
+    return cache
 
 
 def write_index(reports_dir) -> None:
@@ -96,7 +111,7 @@ def write_index(reports_dir) -> None:
         warnings.warn(f"stance-harness: the index of reports failed: {exc!r}", stacklevel=2)
 
 
-def _write_html(reports_dir: Path | None, report_dir: Path, payload: dict) -> None:
+def _write_html(cache: figures.FigureCache, report_dir: Path, payload: dict) -> None:
     """The HTML pages. A bug in drawing them must not cost the session its JSON and Markdown
     reports (already written), so a failure becomes a page that says so."""
     import html
@@ -104,7 +119,7 @@ def _write_html(reports_dir: Path | None, report_dir: Path, payload: dict) -> No
 
     try:
         # figures drawn for an earlier report of the same runs are reused
-        written = pages.render_pages(payload, figure_cache=None if reports_dir is None else Path(reports_dir) / FIGURE_CACHE)
+        written = pages.render_pages(payload, figure_cache=cache)
     except Exception as exc:  # noqa: BLE001 - reported on the page and as a warning
         warnings.warn(f"stance-harness: the HTML report failed: {exc!r}; report.json and report.md are complete",
                       stacklevel=2)
@@ -132,7 +147,7 @@ def baseline_path(reports_dir, name: str) -> Path:
 
 
 def _numbers_only(metrics: dict) -> dict:
-    return {str(k): json_safe(float(v)) if isinstance(v, Spread) else json_safe(v)
+    return {str(k): json_safe(float(v)) if isinstance(v, (Spread, Estimate)) else json_safe(v)
             for k, v in metrics.items() if is_number(v)}
 
 
@@ -144,6 +159,9 @@ def baseline_from_payload(name: str, payload: dict) -> dict:
     for nodeid, entry in tests_by_id(payload).items():
         metrics = test_metrics(entry)
         saved: dict = {"metrics": _numbers_only(metrics)}
+        intervals = {str(k): json_safe([v.low, v.high]) for k, v in metrics.items() if isinstance(v, Estimate)}
+        if intervals:
+            saved["intervals"] = intervals
         if isinstance(entry, dict) and entry.get("outcome") is not None:
             saved["outcome"] = entry["outcome"]
         repeats = entry.get("repeats") if isinstance(entry, dict) else None

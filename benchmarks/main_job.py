@@ -160,7 +160,7 @@ def render(figures: dict, args) -> str:
              f"{figures['tests']} tests, peak RSS {figures['peak_rss_bytes'] / 2**30:.2f} GiB"]
     for name, seconds in figures["phases_s"].items():
         share = figures["shares"][name]
-        lines.append(f"  {name}: {seconds:.1f} s ({share:.1%} of pytest)" if share is not None else f"  {name}: {seconds:.1f} s")
+        lines.append(f"  {name}: {seconds:.1f} s" + (f" ({share:.1%} of pytest)" if share is not None else ""))
     rate = figures["steps_per_s"]
     lines.append(f"runs trained: {figures['runs_trained']}, {figures['steps']} optimizer steps, "
                  + (f"{rate:.2f} steps/s" if rate is not None else "no steps"))

@@ -13,8 +13,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -195,8 +195,8 @@ class HarnessSession:
         from .tasks import DEFAULT_TASK
 
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
-                                     recipe=recipe, instruments=instruments, task=DEFAULT_TASK if task is None else task,
-                                     seed_offset=repeat,
+                                     recipe=recipe, instruments=instruments,
+                                     task=DEFAULT_TASK if task is None else task, seed_offset=repeat,
                                      options=options, chat_template=chat_template or self.options.chat_template,
                                      processes=processes)
 

@@ -149,7 +149,7 @@ def correct_families(records, inconclusive: str = "fail", recorded=None) -> list
     whose outcome changed from passed to failed."""
     failed = []
     for family, claims in _claims(records).items():
-        from ..analysis.paired import holm  # numpy and scipy, at the first family: a session without claims never needs them
+        from ..analysis.paired import holm  # numpy and scipy: at the first family, never in a session without claims
 
         adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
         for (record, check), p_holm in zip(claims, adjusted):

@@ -173,3 +173,13 @@ def test_the_start_up_check_sees_a_heavy_import(tmp_path):
     done = subprocess.run([sys.executable, "-c", START_UP, str(tmp_path)], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300)
     assert "heavy: numpy exit: 5" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_main_job_prints_each_phase_with_its_share_and_the_rate(tmp_path):
+    figures = main_job.summarise(_report({"r": {"origin": "trained", "train_seconds": 5.0,
+                                               "instruments": {"steps": 20}}}), tmp_path, {"reporting": 1.0}, 50.0)
+    figures.update(setup_s=12.5, pytest_exit_code=0, peak_rss_bytes=2**30)
+    text = main_job.render(figures, main_job.argparse.Namespace(venv=tmp_path))
+    assert text.splitlines()[:3] == ["set-up: 12.5 s", "pytest: 50.0 s wall, exit code 0, 2 tests, peak RSS 1.00 GiB",
+                                     "  training: 5.0 s (10.0% of pytest)"]
+    assert "  reporting: 1.0 s (2.0% of pytest)" in text and "runs trained: 1, 20 optimizer steps, 4.00 steps/s" in text

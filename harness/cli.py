@@ -351,8 +351,9 @@ def cmd_list(args) -> int:
 def _cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "show", "prune"], help="list entries, show one, or remove entries")
     p.add_argument("key", nargs="?", metavar="KEY", help="the run id to show (show only)")
-    p.add_argument("--run-cache", metavar="DIR", type=Path, default=None,
-                   help="the run store (default: $STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache)")
+    p.add_argument("--run-cache", metavar="DIR|URL", default=None,
+                   help="the run store, a directory or a URL such as s3://BUCKET/PATH "
+                        "(default: $STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache)")
     p.add_argument("--older-than", metavar="DAYS", type=float, default=None,
                    help="prune only entries last used more than DAYS ago (default: prune everything)")
 

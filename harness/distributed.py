@@ -47,8 +47,7 @@ def launch_command(spec_path: Path, processes: int) -> list[str]:
 
 def launch(spec: dict, progress=None) -> None:
     """Train the spec's run in `spec["processes"]` processes; returns when rank 0 has stored it."""
-    root = Path(spec["store"])
-    spec_path = root / SPECS / f"{spec['run_id']}.json"
+    spec_path = RunStore(spec["store"]).local_dir / SPECS / f"{spec['run_id']}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(spec_path, json.dumps(spec, indent=1))
     command = launch_command(spec_path, spec["processes"])
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     request = worker_request(spec, loaded, stance)
     run = train_run(request, loaded, stance, accelerator=accelerator)
     if accelerator.is_main_process:
-        RunStore(Path(spec["store"])).save(run)
+        RunStore(spec["store"]).save(run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

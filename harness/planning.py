@@ -47,7 +47,7 @@ from .residency import TRAINING_FOOTPRINT, free_memory
 
 EXECUTORS: Registry = Registry("executor")
 DEFAULT_EXECUTOR = "local"
-LOGS = ".train-logs"  # the run store's folder of worker outputs
+LOGS = ".train-logs"  # the run store's folder of worker outputs (on this machine: RunStore.local_dir)
 REDRAW_SECONDS = 0.5  # the progress line is redrawn at most this often on a terminal
 
 
@@ -119,8 +119,8 @@ def make_plan(harness) -> Plan:
 def measured_step_times(store) -> dict:
     """Mean seconds per optimizer step of the stored runs, by (model id, method) and by model id."""
     sums: dict = {}
-    if not store.root.is_dir():
-        return {}
+    if store.remote is not None or not store.root.is_dir():
+        return {}  # a remote store's records cost a request each: the estimates start from this session's runs
     for entry in store.root.iterdir():
         try:
             record = json.loads((entry / "run.json").read_text())
@@ -281,7 +281,7 @@ def worker_slots(requested: int | None, device: str, runs: int, base_bytes: int,
     return [None] * min(requested, runs)
 
 
-def spec_of(planned, options, store_root: Path) -> dict:
+def spec_of(planned, options, store_root: Path | str) -> dict:
     """Everything a worker process needs to rebuild the request exactly, and where to store the run."""
     from .methods import METHODS  # torch: not at the plugin's start-up, which reads EXECUTORS
 
@@ -458,7 +458,7 @@ def train_spec(spec: dict, models: dict, progress) -> float:
         models[key] = load_model(spec["model"], args)
     loaded, stance = models[key], load_stance(spec["stance"], spec["stance_dirs"])
     run = train_run(worker_request(spec, loaded, stance), loaded, stance, progress)
-    RunStore(Path(spec["store"])).save(run)
+    RunStore(spec["store"]).save(run)  # a path or a URL
     return run.train_seconds
 
 
@@ -510,7 +510,7 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
     if len(slots) <= 1 or loaded.sharded:
         _train_here(harness, plan, order, progress)
     else:
-        _train_in_workers(harness, plan, order, progress, EXECUTORS.get(executor)(slots, harness.store.root / LOGS))
+        _train_in_workers(harness, plan, order, progress, EXECUTORS.get(executor)(slots, harness.store.local_dir / LOGS))
     progress.close()
     return plan
 

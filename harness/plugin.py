@@ -93,8 +93,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(OPT_FAIL_ON, metavar="RULE", nargs="+", action="extend", default=[],
                     help="regression rules METRIC:[+|-]TOL[%%][@ci], e.g. 'ece:+0.01' 'behavior_shift:-10%%'; with "
                          "@ci only a change whose 95%% interval lies wholly past the tolerance fails")
-    group.addoption(OPT_RUN_CACHE, metavar="DIR", default=None,
-                    help="the run store: finished runs, loaded instead of trained again. Default: "
+    group.addoption(OPT_RUN_CACHE, metavar="DIR|URL", default=None,
+                    help="the run store: finished runs, loaded instead of trained again; a directory or a URL "
+                         "(file://, s3://BUCKET/PATH, gs://BUCKET/PATH) that sessions share. Default: "
                          "$STANCE_HARNESS_RUN_CACHE, else runs/ in the harness cache (~/.cache/stance-harness)")
     group.addoption(OPT_RUN_MEMORY, metavar="SIZE", default=None,
                     help="memory for adapted models (e.g. 8GiB); past it the least recently used is released and "
@@ -168,9 +169,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         options = _options(config)
+        session = HarnessSession(options, progress=ProgressWriter(config))  # opens the run store: a bad URL is named
     except HarnessError as exc:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
-    config.stash[SESSION_KEY] = HarnessSession(options, progress=ProgressWriter(config))
+    config.stash[SESSION_KEY] = session
 
 
 def _options(config: pytest.Config):
@@ -249,7 +251,7 @@ def _options(config: pytest.Config):
         repeat=config.getoption(OPT_REPEAT), seeds=config.getoption(OPT_SEEDS), adapters=config.getoption(OPT_ADAPTER),
         stance=config.getoption(OPT_STANCE),
         save_baseline=save, compare_baseline=compare_to, fail_on_specs=list(rules), baselines_dir=reports_dir,
-        run_cache=Path(config.getoption(OPT_RUN_CACHE)).expanduser() if config.getoption(OPT_RUN_CACHE) else None,
+        run_cache=config.getoption(OPT_RUN_CACHE) or None,  # a path or a URL: the run store reads it
         run_memory=parse_bytes(config.getoption(OPT_RUN_MEMORY)) if config.getoption(OPT_RUN_MEMORY) else None,
         retrain=config.getoption(OPT_RETRAIN), inconclusive=config.getoption(OPT_INCONCLUSIVE),
         record_verdicts=config.getoption(OPT_RECORD_VERDICTS), plan_only=config.getoption(OPT_PLAN),

@@ -88,7 +88,7 @@ class HarnessOptions:
     fail_on: list[gate.Rule] = field(default_factory=list)  # parsed by HarnessSession.parse_rules
     inconclusive: str = "fail"  # what pytest makes of an inconclusive claim: fail, skip or pass
     record_verdicts: bool = False  # write what each hypothesis found into verdicts/<model>.json
-    run_cache: Path | None = None  # the run store; None: $STANCE_HARNESS_RUN_CACHE or the harness cache's runs/
+    run_cache: Path | str | None = None  # the run store, a path or URL; None: $STANCE_HARNESS_RUN_CACHE or the harness cache's runs/
     run_memory: int | None = None  # bytes of adapted models kept in memory; None: half of what is free
     retrain: bool = False  # train every run, even one the store holds
     plan_only: bool = False  # --plan: check every request, train nothing

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Callable
 
 from .devices import count_gpus, resolve_device
-from .methods import METHODS
 from .registry import HarnessError, Registry
 from .residency import TRAINING_FOOTPRINT, free_memory
 
@@ -284,6 +283,8 @@ def worker_slots(requested: int | None, device: str, runs: int, base_bytes: int,
 
 def spec_of(planned, options, store_root: Path | str) -> dict:
     """Everything a worker process needs to rebuild the request exactly, and where to store the run."""
+    from .methods import METHODS  # torch: not at the plugin's start-up, which reads EXECUTORS
+
     request = planned.request
     method = type(METHODS.get(request.method))
     return {"key": request.key, "run_id": request.run_id, "model": planned.model,
@@ -441,6 +442,7 @@ def worker_request(spec: dict, loaded, stance):
 
 def train_spec(spec: dict, models: dict, progress) -> float:
     """Train one spec in this process and store the run; returns its training seconds."""
+    from .methods import METHODS
     from .models import ModelArgs, load_model
     from .runstore import RunStore
     from .stances import load_stance

@@ -154,6 +154,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", f"{EXPECTED_MARK}(outcome, reason, on='embedded'): the hypothesis is expected "
                             "to be 'refuted' (or 'supported') on the embedded tiny models ('embedded') or on any model ('any')")
     config.addinivalue_line("markers", "slow: heavier sweeps, deselected unless -m selects them")
+    config.addinivalue_line("markers", "quick: one cheap hypothesis per suite file; `-m quick --seeds 1` is a first look")
     config.addinivalue_line("markers", f"{SEEDS_MARK}(n): train(...) without seeds= returns a RunSet of n training "
                             f"seeds (the suite's unit of replication for claims about methods); {OPT_SEEDS} overrides")
     if config.option.help or config.option.version:
@@ -176,11 +177,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _options(config: pytest.Config):
     """Every option parsed and checked once; what can be checked before any model loads is."""
-    from .adapters import parse_adapter_spec, read_adapter
     from .models.loading import ModelArgs, check_model_available
     from .registry import HarnessError
     from .report import gate, store
-    from . import assertions  # noqa: F401 - declares the helpers' metrics, so their rules are checked now
     from .files import check_writable_directory
     from .report.metrics import is_declared
     from .residency import parse_bytes
@@ -203,15 +202,18 @@ def _options(config: pytest.Config):
     # Unknown names and missing weights stop the run now, not once per test.
     check_model_available(config.getoption(OPT_MODEL), model_args)
     reports_dir = Path(config.rootpath) / config.getoption(OPT_REPORTS_DIR)
-    names = {}
-    for adapter in config.getoption(OPT_ADAPTER):
-        spec = parse_adapter_spec(adapter)
-        if spec.name in names:
-            raise HarnessError(f"{OPT_ADAPTER} {names[spec.name]} and {adapter} would both name their metrics "
-                               f"{spec.name!r}; give each its own with NAME=PATH")
-        names[spec.name] = adapter
-    for adapter in names.values():  # a bad path or no stance stops the session before the model loads
-        read_adapter(adapter).stance_name(config.getoption(OPT_STANCE))
+    if config.getoption(OPT_ADAPTER):  # (adapters import torch: only when there is one to read)
+        from .adapters import parse_adapter_spec, read_adapter
+
+        names = {}
+        for adapter in config.getoption(OPT_ADAPTER):
+            spec = parse_adapter_spec(adapter)
+            if spec.name in names:
+                raise HarnessError(f"{OPT_ADAPTER} {names[spec.name]} and {adapter} would both name their metrics "
+                                   f"{spec.name!r}; give each its own with NAME=PATH")
+            names[spec.name] = adapter
+        for adapter in names.values():  # a bad path or no stance stops the session before the model loads
+            read_adapter(adapter).stance_name(config.getoption(OPT_STANCE))
     for directory in config.getoption(OPT_STANCE_DIR):
         if not Path(directory).is_dir():
             raise HarnessError(f"{OPT_STANCE_DIR} {directory}: no such directory")
@@ -226,6 +228,8 @@ def _options(config: pytest.Config):
         check_writable_directory(Path(verdict_json).parent, OPT_VERDICT_JSON)
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
+    if rules:  # the helpers declare their metrics, so rules on them are checked now (it imports torch: only then)
+        from . import assertions  # noqa: F401
     if rules and not compare_to:
         raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
     for rule in rules:
@@ -283,6 +287,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     from .registry import HarnessError
 
+    if session.items:  # the helpers' metrics are declared before any test records one (not at start-up: torch)
+        from . import assertions  # noqa: F401
     try:
         harness.parse_rules()
     except HarnessError as exc:

@@ -14,12 +14,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .methods import METHODS, method_code
 from .devices import resolve_device
-from .distributed import LAUNCHERS, launch, launch_spec
 from .models import LoadedModel, ModelArgs, load_model, resolve_model
 from .provenance import environment_info, git_info
 from .report import gate, store
@@ -29,12 +28,39 @@ from .report.records import TestRecord, repeat_base
 from .report.sections import report_id_of
 from .report.verdicts import VerdictBook, correct_families, correct_for_multiplicity, save_records
 from .registry import HarnessError
-from .request import TrainingRequest
 from .residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
-from .runstore import RunStore
 from .stances import Stance, load_stance
-from .tasks import DEFAULT_TASK
-from .training import plan, train_run
+
+if TYPE_CHECKING:
+    from .request import TrainingRequest
+    from .runstore import RunStore
+
+# Training, the run store and the methods import torch: they are imported where first used, so the
+# plugin starts (and `pytest --help` or --co answers) without torch.
+
+
+def plan(*args, **kwargs):
+    from .training import plan
+
+    return plan(*args, **kwargs)
+
+
+def train_run(*args, **kwargs):
+    from .training import train_run
+
+    return train_run(*args, **kwargs)
+
+
+def launch(*args, **kwargs):
+    from .distributed import launch
+
+    return launch(*args, **kwargs)
+
+
+def launch_spec(*args, **kwargs):
+    from .distributed import launch_spec
+
+    return launch_spec(*args, **kwargs)
 
 
 TERMINAL_WIDTH = 120  # the stance-harness table's width at most
@@ -103,8 +129,6 @@ class HarnessSession:
     _models: dict[str, LoadedModel] = field(default_factory=dict)
     _runs: dict = field(default_factory=dict)
     _stances: dict[str, Stance] = field(default_factory=dict)
-    store: RunStore = field(init=False)
-    resident: ResidentModels = field(init=False)
     verdicts: VerdictBook = field(init=False)
     planned: list[str] = field(default_factory=list)  # run ids --plan checked
     plan_requests: dict = field(default_factory=dict)  # run id -> PlannedRequest, as check_request built it
@@ -119,11 +143,20 @@ class HarnessSession:
 
     def __post_init__(self):
         self.verdicts = VerdictBook(self.options.model)
-        self.store = RunStore(self.options.run_cache)
+
+    @cached_property
+    def store(self) -> RunStore:
+        from .runstore import RunStore
+
+        return RunStore(self.options.run_cache)
+
+    @cached_property
+    def resident(self) -> ResidentModels:
+        """The memory budget for adapted models; "auto" asks torch whether there is a GPU, so on first use."""
         budget = self.options.run_memory
         if budget is None:
             budget = int(DEFAULT_SHARE * free_memory(resolve_device(self.options.model_args.device)))
-        self.resident = ResidentModels(budget)
+        return ResidentModels(budget)
 
     def parse_rules(self) -> None:
         """Parse --fail-on, once every metric that may be gated is declared (the suites are imported)."""
@@ -152,19 +185,26 @@ class HarnessSession:
 
     # -- runs ---------------------------------------------------------------------------------
     def request(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
-                examples: int | None = None, recipe=None, instruments=None, task: str = DEFAULT_TASK,
+                examples: int | None = None, recipe=None, instruments=None, task: str | None = None,
                 repeat: int = 0, chat_template: str | None = None, processes: int = 1,
                 **options) -> TrainingRequest:
-        """The validated request for these arguments; `repeat` (from --repeat) offsets the seed;
-        `chat_template` (auto or none) overrides --chat-template for this run."""
+        """The validated request for these arguments; `task` None is tasks.DEFAULT_TASK;
+        `repeat` (from --repeat) offsets the seed; `chat_template` (auto or none) overrides
+        --chat-template for this run."""
+        from .request import TrainingRequest
+        from .tasks import DEFAULT_TASK
+
         return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
-                                     recipe=recipe, instruments=instruments, task=task, seed_offset=repeat,
+                                     recipe=recipe, instruments=instruments,
+                                     task=DEFAULT_TASK if task is None else task, seed_offset=repeat,
                                      options=options, chat_template=chat_template or self.options.chat_template,
                                      processes=processes)
 
     def processes(self, launcher: str | None, num_processes: int | None) -> int:
         """How many data-parallel processes train a run: a call's launcher= / num_processes=, else
         --launcher / --num-processes; without a launcher, 1."""
+        from .distributed import LAUNCHERS
+
         launcher = launcher if launcher is not None else self.options.launcher
         if launcher is None:
             if num_processes not in (None, 1):
@@ -501,6 +541,8 @@ class HarnessSession:
 
 def outside_methods(names) -> list[dict]:
     """The code identity (module, package, version, source hash) of each named method from outside the harness."""
+    from .methods import METHODS, method_code
+
     found = []
     for name in dict.fromkeys(n for n in names if isinstance(n, str)):
         code = method_code(METHODS.get(name)) if name in METHODS else None

@@ -85,6 +85,7 @@ def test_concentrated_training_is_unstable_where_full_finetuning_is_not(runs, st
         f"{len(full)}: the hypothesis needs selective unstable and full stable on every seed")
 
 
+@pytest.mark.quick
 def test_full_finetuning_with_the_seed_recipe_is_stable(runs):
     _, full = runs(SEED_RECIPE["learning_rate"])
     assert_gradients_stable(full, max_spike=SPIKE)

@@ -141,5 +141,6 @@ def test_alternation_steps_are_cheaper_than_the_baseline(runs):
     assert_less(alternating, base, metric="step_time", factor=0.95)
 
 
+@pytest.mark.quick
 def test_warmup_lora_improves_ece(runs):
     assert_less(runs[f"warm-up LoRA ({REAL_WARMUP})"], runs["baseline"], metric="ece")

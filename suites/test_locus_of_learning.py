@@ -79,6 +79,7 @@ def test_per_layer_change_is_recorded(train, anatomy, stance_report, method):
         assert layers == [f"L{i}" for i in range(anatomy.num_layers)], f"seed {run.recipe.seed}: {layers}"
 
 
+@pytest.mark.quick
 def test_lora_changes_only_its_adapters(train):
     run = train("lora", stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **METHODS["lora"])
     assert_only_targets_changed(run)

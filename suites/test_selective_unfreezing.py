@@ -211,6 +211,7 @@ def test_selective_unfreezing_goes_unstable_with_five_examples(approach, stance_
     assert not stable, f"the seed saw non-finite gradients, but these stayed stable: {', '.join(stable)}"
 
 
+@pytest.mark.quick
 def test_full_finetuning_shifts_behaviour(approach):
     assert_behavior_shift(approach("full FT"), min_effect=0.0)
 

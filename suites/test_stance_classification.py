@@ -73,6 +73,7 @@ def test_methods_are_compared_on_one_table(runs, stance_report):
     assert counts == sorted(counts), f"trainable parameters should grow feature-extraction < lora < full: {counts}"
 
 
+@pytest.mark.quick
 def test_feature_extraction_forgets_nothing(runs):
     assert_no_forgetting(runs["feature-extraction"], max_increase=0.0)
 

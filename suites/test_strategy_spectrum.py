@@ -138,6 +138,7 @@ def test_adaptation_and_forgetting_rise_together_along_the_spectrum(strategy, st
                + [check_greater(runs[after], runs[before], metric="forgetting") for before, after in steps])
 
 
+@pytest.mark.quick
 def test_feature_extraction_does_not_forget(strategy):
     assert_no_forgetting(strategy("feature-extraction"), max_increase=NO_FORGETTING)
 

@@ -48,6 +48,7 @@ def _lora(train):
     return train("lora", stance=STANCE, examples=EXAMPLES, recipe=RECIPE, **LORA)
 
 
+@pytest.mark.quick
 def test_full_finetuning_is_concentrated_and_its_top_layers_keep_the_stance(train, anatomy, stance_report):
     checks = []
     for full in _full(train):  # each seed's own top third

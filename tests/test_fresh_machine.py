@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.models.loading import local_weights_hash
 from harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, embedded_entry
 
 pytestmark = pytest.mark.fresh_machine
@@ -62,6 +63,15 @@ def _cache_lacking(name: str, empty_cache: Path) -> Path:
     return empty_cache
 
 
+def _same_as_cached(name: str, entry: Path) -> None:
+    """A build in the empty cache gives the model the session's cache holds (where it holds one),
+    bit for bit: the build may get faster, never different."""
+    cached = cache_root() / "models" / embedded_entry(name)
+    if (cached / "model.safetensors").exists() and cached != entry:
+        assert local_weights_hash(entry) == local_weights_hash(cached), (
+            f"{name} built again is not the model in {cached}: the same recipe must give the same weights")
+
+
 def _no_half_built_entry(cache: Path, entry: str) -> None:
     leftovers = [p.name for p in (cache / "models").glob(f".{entry}-*")]
     assert leftovers == [], f"half-built temporary directories left behind: {leftovers}"
@@ -78,6 +88,7 @@ def test_two_processes_racing_for_the_default_model_build_it_once(empty_cache):
     assert len(builds) == 1, "exactly one process builds; the other waits on the lock and loads its result"
     assert Path(a["dir"]) == cache / "models" / embedded_entry("tiny-qwen2")
     _no_half_built_entry(cache, embedded_entry("tiny-qwen2"))
+    _same_as_cached("tiny-qwen2", Path(a["dir"]))
 
 
 @pytest.mark.parametrize("name", [n for n in [*TINY_CHAT_VARIANTS, *TINY_RECIPES] if n != "tiny-qwen2"])
@@ -90,4 +101,6 @@ def test_every_embedded_model_builds_from_a_cache_that_lacks_it(empty_cache, nam
     if name in TINY_RECIPES:
         assert f"building embedded model {name}" in out
         assert result["layers"] == TINY_RECIPES[name].num_layers
+        if cache == empty_cache:  # the session's cache has its own build
+            _same_as_cached(name, entry)
     _no_half_built_entry(cache, embedded_entry(name))

@@ -2,6 +2,7 @@
 
 import pytest
 
+import harness.assertions  # noqa: F401 - declares the helpers' metrics (ece), as a session does
 from harness.report.gate import compare
 from harness.report.metrics import metrics_from_payload
 from harness.session import repeat_base, with_repeats

@@ -361,7 +361,9 @@ class LoadedModel:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
         from ..analysis.digest import tensor_digest
 
-        owners = self._digests.setdefault("owners", {p.data_ptr(): p for p in self.base.parameters()})
+        if "owners" not in self._digests:  # once: a setdefault would walk every parameter on every call
+            self._digests["owners"] = {p.data_ptr(): p for p in self.base.parameters()}
+        owners = self._digests["owners"]
         owner = owners.get(tensor.data_ptr())
         if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
             return None

@@ -195,7 +195,10 @@ def _build(name: str, recipe: TinyRecipe, out: Path, progress: Callable[[str], N
     )
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # foreach: one call per step for all 290 tensors instead of one per tensor (on the CPU the default
+    # is per tensor); the same elementwise arithmetic, so the same weights, bit for bit
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                  foreach=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: min(1.0, (s + 1) / recipe.warmup) * 0.5 * (1 + math.cos(math.pi * s / recipe.steps)),
@@ -205,7 +208,8 @@ def _build(name: str, recipe: TinyRecipe, out: Path, progress: Callable[[str], N
     for step in range(recipe.steps):
         starts = torch.randint(0, len(ids) - recipe.seq_len - 1, (recipe.batch_size,), generator=sampler)
         batch = torch.stack([ids[s : s + recipe.seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+        # no KV cache: training never reads it back, and building it cost a concatenation per layer
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -19,7 +19,6 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..analysis.paired import holm
 from ..files import atomic_write
 from ..registry import HarnessError
 from .records import VERDICTS, repeat_base
@@ -151,6 +150,8 @@ def correct_families(records, inconclusive: str = "fail", recorded=None) -> list
     whose outcome changed from passed to failed."""
     failed = []
     for family, claims in _claims(records).items():
+        from ..analysis.paired import holm  # numpy and scipy: at the first family, never in a session without claims
+
         adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
         for (record, check), p_holm in zip(claims, adjusted):
             level = check["metrics"].get("level", 0.025)
@@ -182,6 +183,8 @@ def correct_for_multiplicity(records: list[dict]) -> list[dict]:
     the correction (taken from `correct_families` where it ran; computed here otherwise)."""
     rows = []
     for family, claims in _claims(records).items():
+        from ..analysis.paired import holm  # as in correct_families
+
         adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
         for (record, check), p_holm in zip(claims, adjusted):
             level = check["metrics"].get("level", 0.025)

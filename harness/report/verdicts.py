@@ -82,7 +82,8 @@ def interval_of(checks: list[dict]) -> str:
             scope = f"; {m['scope']}" if m.get("scope") not in (None, "method-level") else ""
             low, high, estimate = (f"{v:+.4g}" if isinstance(v, (int, float)) else str(v)  # json_safe: "-inf"
                                    for v in (m["low"], m["high"], m["estimate"]))
-            return f"{estimate} [{low}, {high}] ({m.get('metric')}, {m.get('n')} {m.get('unit')}s{rests}{scope})"
+            units = f"{m.get('n')} {m.get('unit')}" + ("" if m.get("n") == 1 else "s")
+            return f"{estimate} [{low}, {high}] ({m.get('metric')}, {units}{rests}{scope})"
     return "-"
 
 

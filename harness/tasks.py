@@ -16,7 +16,9 @@ where Acc@1 and ECE are measured. Forgetting is the drift of held-out sentence e
 
 from __future__ import annotations
 
+import inspect
 import math
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -25,7 +27,7 @@ from . import measure
 from .analysis.ability import summarize as summarize_ability
 from .analysis.behavior import contains_marker, kl_divergence, mean_token_logprob
 from .analysis.calibration import calibration, calibration_from_predictions
-from .batches import collate, encode_examples, pad_batch, to_device
+from .batches import IGNORE_INDEX, collate, encode_examples, pad_batch, to_device
 from .models.anatomy import Anatomy, unwrap
 from .registry import HarnessError, Registry, suggest
 
@@ -62,6 +64,10 @@ class Task:
 
     def collate(self, items, pad_id: int, device) -> dict:
         raise NotImplementedError
+
+    def loss(self, forward, batch: dict, loaded):
+        """The training loss of one collated micro-batch; `forward` is the model (or its DDP wrapper)."""
+        return forward(**batch).loss
 
     def head_parameters(self, model) -> list:
         """Parameters the task adds, which train under every method (a fresh head must learn)."""
@@ -122,6 +128,12 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+@lru_cache(maxsize=None)
+def keeps_logits(model_class) -> bool:
+    """Whether a transformers causal LM's forward takes `logits_to_keep` (positions to project)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 @register_task
 class StanceLM(Task):
     """Causal LM on prompt + stance response; loss on the response tokens."""
@@ -144,6 +156,19 @@ class StanceLM(Task):
 
     def collate(self, items, pad_id: int, device) -> dict:
         return collate(items, pad_id, device)
+
+    def loss(self, forward, batch: dict, loaded):
+        """The model's own mean next-token loss over the labelled tokens, with logits only at the
+        positions that predict a label (logits_to_keep): over a 150k vocabulary, the float32 logits of
+        prompt and padding positions, their softmax and its gradient were most of a step's memory."""
+        if not keeps_logits(type(loaded.base)):
+            return forward(**batch).loss
+        targets = batch["labels"][:, 1:]
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = forward(**inputs, logits_to_keep=positions).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
+                                                 ignore_index=IGNORE_INDEX)
 
     def behavior_values(self, run, metric):
         n = len(run.stance.probes)

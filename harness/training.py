@@ -81,6 +81,8 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
     method, task, recipe, config = METHODS.get(request.method), ctx.task, request.recipe, request.config
     torch.manual_seed(recipe.seed)
     model = method.prepare(task.wrap(method.load(ctx), loaded), ctx)
+    if recipe.gradient_checkpointing:
+        enable_gradient_checkpointing(model, loaded)
     for head in task.head_parameters(model):
         head.requires_grad_(True)
     ctx.model = model
@@ -89,6 +91,29 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
         raise HarnessError(f"method {request.method!r} with {config.as_dict()} left no parameter trainable")
     ctx.before = _starting_values(trainable, loaded, unshare)
     return ctx, data
+
+
+def enable_gradient_checkpointing(model, loaded) -> None:
+    """Turn on transformers' gradient checkpointing in the Hugging Face model inside `model` (a peft
+    or task wrapper around it). Non-reentrant, so a frozen embedding needs no input gradients."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        raise HarnessError(
+            f"recipe: gradient_checkpointing=True, but {loaded.name} ({type(loaded.base).__name__}) does not "
+            f"support transformers' gradient checkpointing; set gradient_checkpointing=False")
+    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_optimizer(param_groups: list[dict], recipe):
+    """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
+    if recipe.optim == "adamw_8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
+                             fused=recipe.optim == "adamw_torch_fused" or None)
 
 
 def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
@@ -139,7 +164,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     if head:  # a method that names its own groups (hybrid) does not know the task's head
         param_groups.append({"name": "head", "params": head})
     interference_groups = _interference_groups(param_groups, instruments)
-    optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    optimizer = build_optimizer(param_groups, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     pad_id = loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device  # a sharded model's first layers: the inputs go there
@@ -174,7 +199,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             loss_sum = torch.zeros((), device=device)
             for micro, weight in rank_share(group, ranks, rank) if ranks > 1 else [(m, 1.0) for m in group]:
                 with torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to is not None):
-                    loss = forward(**task_obj.collate(micro, pad_id, device)).loss
+                    loss = task_obj.loss(forward, task_obj.collate(micro, pad_id, device), loaded)
                     extra = method.extra_loss(ctx, step)
                     if extra is not None:
                         loss = loss + extra
@@ -186,6 +211,9 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                 torch.distributed.all_reduce(loss_sum)  # the step's loss over every process's share
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the probe and the clip see the true gradients
+            penalty = method.penalty_gradient(ctx, step)  # after DDP's sum: counted once, as extra_loss is
+            if penalty is not None:
+                loss_sum += penalty.detach().float().to(device)
             if interference_groups:
                 _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()

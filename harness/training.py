@@ -103,7 +103,11 @@ def enable_gradient_checkpointing(model, loaded) -> None:
         raise HarnessError(
             f"recipe: gradient_checkpointing=True, but {loaded.name} ({type(loaded.base).__name__}) does not "
             f"support transformers' gradient checkpointing; set gradient_checkpointing=False")
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_optimizer(param_groups: list[dict], recipe):

@@ -1,0 +1,164 @@
+"""Memory at real size (issue 30): the recipe's gradient_checkpointing and optim, the stance-lm loss
+that projects logits only where a label is, and what a run's models hold."""
+
+import pytest
+import torch
+
+from harness.methods import method_config
+from harness.recipe import OPTIMIZERS, Recipe
+from harness.registry import HarnessError
+from harness.request import TrainingRequest
+from harness.tasks import TASKS
+from harness.training import build_optimizer
+
+from direct_training import train_direct
+
+QUICK = dict(learning_rate=1e-3, num_train_epochs=1, per_device_train_batch_size=5, seed=0)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"gradient_checkpointing": "yes"}, "recipe: gradient_checkpointing must be True or False, got 'yes'"),
+    ({"optim": "sgd"}, "recipe: optim must be one of adamw_torch_fused, adamw_torch, adamw_8bit, got 'sgd'"),
+    ({"optim": None}, "recipe: optim must be a string, got None"),
+])
+def test_recipe_memory_options_are_validated(options, message):
+    with pytest.raises(HarnessError, match=message):
+        Recipe.of(options)
+
+
+def test_recipe_memory_options_default_to_transformers_defaults():
+    from transformers import TrainingArguments
+
+    recipe, hf = Recipe.of(), TrainingArguments(output_dir="unused", report_to="none")
+    assert recipe.gradient_checkpointing is hf.gradient_checkpointing is False
+    assert recipe.optim == str(getattr(hf.optim, "value", hf.optim)) == "adamw_torch_fused"
+
+
+def test_run_key_changes_with_the_memory_options(tiny_qwen2, stance):
+    keys = {TrainingRequest.build(tiny_qwen2, stance, "full", recipe=Recipe.of(QUICK, **options), examples=5).key
+            for options in ({}, {"gradient_checkpointing": True}, {"optim": "adamw_torch"}, {"optim": "adamw_8bit"})}
+    assert len(keys) == 4
+
+
+@pytest.fixture
+def mlp_forwards(tiny_qwen2):
+    """Calls of any decoder layer's MLP (a checkpointed layer runs it again in the backward pass).
+    A global pre-hook: patching the layer class's forward would switch transformers' checkpointing off, and
+    a recompute stops early, inside the MLP, so a hook after the forward would not see it."""
+    mlp_class = type(tiny_qwen2.base.model.layers[0].mlp)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(1) if type(module) is mlp_class else None)
+    yield calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("method,options", [("full", {}), ("lora", {"r": 4}), ("qlora", {"r": 4})])
+def test_gradient_checkpointing_recomputes_every_layer_and_changes_no_number(tiny_qwen2, stance, mlp_forwards,
+                                                                             method, options):
+    calls = mlp_forwards
+    config = method_config(method, options)
+    plain = train_direct(tiny_qwen2, stance, method, config, Recipe.of(QUICK), examples=5)
+    plain_calls = len(calls)
+    checkpointed = train_direct(tiny_qwen2, stance, method, config, Recipe.of(QUICK, gradient_checkpointing=True),
+                                examples=5)
+    layers = tiny_qwen2.anatomy.num_layers
+    assert plain_calls == layers and len(calls) - plain_calls == 2 * layers  # one micro-batch: forward, recompute
+    assert checkpointed.trace.loss == pytest.approx(plain.trace.loss, rel=1e-5)
+    assert checkpointed.trace.grad_norm == pytest.approx(plain.trace.grad_norm, rel=1e-4)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny_qwen2.base.modules())  # base untouched
+
+
+def test_gradient_checkpointing_is_refused_where_the_model_has_none(tiny_qwen2, stance, monkeypatch):
+    monkeypatch.setattr(type(tiny_qwen2.base), "supports_gradient_checkpointing", False)
+    with pytest.raises(HarnessError, match=r"recipe: gradient_checkpointing=True, but tiny-qwen2 \(Qwen2ForCausalLM\) "
+                                           r"does not support transformers' gradient checkpointing"):
+        train_direct(tiny_qwen2, stance, "full", method_config("full"), Recipe.of(QUICK, gradient_checkpointing=True),
+                     examples=5)
+
+
+def _adam_steps(optim: str, steps: int = 3):
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(96, 96))
+    optimizer = build_optimizer([{"name": "all", "params": [param]}], Recipe.of(learning_rate=1e-2, optim=optim))
+    for step in range(steps):
+        param.grad = torch.sin(torch.arange(param.numel(), dtype=torch.float32) * (step + 1)).view_as(param)
+        optimizer.step()
+    return param.detach(), optimizer
+
+
+def test_optimizers_are_adamw_and_the_8bit_one_keeps_8bit_moments():
+    reference, _ = _adam_steps("adamw_torch")
+    fused, optimizer = _adam_steps("adamw_torch_fused")
+    assert optimizer.defaults["fused"] is True
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)  # the same update, one kernel
+    eight, optimizer = _adam_steps("adamw_8bit")
+    state = next(iter(optimizer.state.values()))
+    assert {state["state1"].dtype, state["state2"].dtype} == {torch.uint8}  # moments quantized to 8 bits
+    moved = (reference - _adam_steps("adamw_torch", steps=0)[0]).abs().mean()
+    assert (eight - reference).abs().mean() < 0.1 * moved  # close to AdamW's update, not equal to it
+    assert not torch.equal(eight, reference)
+    assert set(OPTIMIZERS) == {"adamw_torch_fused", "adamw_torch", "adamw_8bit"}
+
+
+def test_a_run_trains_with_the_8bit_optimizer(tiny_qwen2, stance):
+    plain = train_direct(tiny_qwen2, stance, "full", method_config("full"), Recipe.of(QUICK), examples=10)
+    eight = train_direct(tiny_qwen2, stance, "full", method_config("full"), Recipe.of(QUICK, optim="adamw_8bit"),
+                         examples=10)
+    assert eight.trace.loss[0] == pytest.approx(plain.trace.loss[0], rel=1e-6)  # the same start
+    assert eight.trace.loss[1] < eight.trace.loss[0]
+    name = "model.layers.3.mlp.up_proj.weight"
+    moved = {run: (dict(run.model.named_parameters())[name] - run.before[name]).detach() for run in (plain, eight)}
+    assert not torch.equal(moved[plain], moved[eight])  # the 8-bit moments round differently ...
+    assert (moved[eight] - moved[plain]).abs().mean() < 0.02 * moved[plain].abs().mean()  # ... to nearly AdamW's
+
+
+def _batch(loaded, stance, n=3):
+    from harness.batches import Framing, encode_examples
+
+    items = encode_examples(Framing(loaded.tokenizer, chat=False), stance.training_examples(n), 128)
+    return TASKS.get("stance-lm").collate(items, loaded.tokenizer.pad_token_id, "cpu")
+
+
+def test_stance_lm_loss_is_the_models_own_with_logits_only_where_a_label_is(tiny_qwen2, stance):
+    model = tiny_qwen2.fresh()
+    batch = _batch(tiny_qwen2, stance)
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    mine = TASKS.get("stance-lm").loss(model, batch, tiny_qwen2)
+    mine.backward()
+    mine_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    theirs = model(**batch).loss
+    theirs.backward()
+    labelled = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert widths == [labelled, batch["input_ids"].shape[1]] and labelled < batch["input_ids"].shape[1]
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-6)
+    for a, p in zip(mine_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_stance_lm_loss_falls_back_to_the_models_loss_without_logits_to_keep(tiny_qwen2, stance, monkeypatch):
+    from harness import tasks
+
+    monkeypatch.setattr(tasks, "keeps_logits", lambda cls: False)
+    model = tiny_qwen2.fresh()
+    batch = _batch(tiny_qwen2, stance)
+    widths = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
+    loss = TASKS.get("stance-lm").loss(model, batch, tiny_qwen2)
+    assert widths == [batch["input_ids"].shape[1]] and loss.item() == pytest.approx(model(**batch).loss.item())
+
+
+def test_keeps_logits_reads_the_forward_signature():
+    from harness.tasks import keeps_logits
+
+    class Old:
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return None
+
+    class New:
+        def forward(self, input_ids, logits_to_keep=0):
+            return None
+
+    assert keeps_logits(New) and not keeps_logits(Old)

@@ -128,6 +128,59 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+LOSS_CHUNK = 256  # tokens whose logits exist at once in ChunkedHeadLoss (256 × 151,936 floats: 148 MiB)
+# Causal LMs whose logits are exactly lm_head(hidden): no soft-capping, scaling or bias after the head.
+PLAIN_HEAD_MODELS = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                               "GPT2LMHeadModel", "Phi3ForCausalLM", "GPTNeoXForCausalLM"})
+
+
+def _plain_head(model):
+    """The output head of a PLAIN_HEAD_MODELS model inside `model` (peft, DDP or none around it), if
+    it is a bias-free torch.nn.Linear (not an adapter-wrapped one); else None."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or type(inner).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = inner.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` (float32 logits, as transformers' loss takes them)
+    against `targets`, `rows` tokens at a time: no tokens × vocabulary tensor outlives one chunk,
+    in the forward or the backward (which computes each chunk's logits again)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[start : start + rows], weight).float()
+            total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows = rows
+        return total / hidden.shape[0]  # no labelled token: 0 / 0 = nan, as transformers' mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets = ctx.saved_tensors
+        scale = grad.float() / hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.rows):
+                chunk = hidden[start : start + ctx.rows]
+                logits = torch.nn.functional.linear(chunk.to(weight.dtype), weight).float()
+                dlogits = torch.softmax(logits, dim=-1)  # d(lse - logit[target]) / d logits
+                dlogits[torch.arange(len(chunk), device=chunk.device), targets[start : start + ctx.rows]] -= 1
+                dlogits = (dlogits * scale).to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.rows] = (dlogits @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(dlogits.T, chunk.to(weight.dtype))
+        return grad_hidden, grad_weight, None, None
+
+
 @lru_cache(maxsize=None)
 def keeps_logits(model_class) -> bool:
     """Whether a transformers causal LM's forward takes `logits_to_keep` (positions to project)."""
@@ -160,15 +213,33 @@ class StanceLM(Task):
     def loss(self, forward, batch: dict, loaded):
         """The model's own mean next-token loss over the labelled tokens, with logits only at the
         positions that predict a label (logits_to_keep): over a 150k vocabulary, the float32 logits of
-        prompt and padding positions, their softmax and its gradient were most of a step's memory."""
+        prompt and padding positions, their softmax and its gradient were most of a step's memory.
+        Where the head is a plain linear layer whose output is the logits, they are not kept even
+        there: the loss takes the head's input and computes them a chunk of tokens at a time."""
         if not keeps_logits(type(loaded.base)):
             return forward(**batch).loss
         targets = batch["labels"][:, 1:]
         positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = forward(**inputs, logits_to_keep=positions).logits
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
-                                                 ignore_index=IGNORE_INDEX)
+        targets = targets[:, positions]
+        head = _plain_head(forward)
+        if head is None:
+            logits = forward(**inputs, logits_to_keep=positions).logits
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                     ignore_index=IGNORE_INDEX)
+        taken = []
+
+        def take(module, args):  # the head's input, kept; the head itself then projects no token
+            taken.append(args[0])
+            return (args[0][..., :0, :],)
+
+        handle = head.register_forward_pre_hook(take)
+        try:
+            forward(**inputs, logits_to_keep=positions)
+        finally:
+            handle.remove()
+        labelled = targets != IGNORE_INDEX
+        return ChunkedHeadLoss.apply(taken[0][labelled], head.weight, targets[labelled], LOSS_CHUNK)
 
     def behavior_values(self, run, metric):
         n = len(run.stance.probes)

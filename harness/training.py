@@ -13,6 +13,7 @@ released model through the same `prepare`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -21,8 +22,8 @@ import torch
 
 from .analysis.deltas import layer_label
 from .devices import autocast_dtype
-from .instruments import (StepProbe, Trace, health_events, output_change_cosine, peak_memory,
-                          release_freed_memory, reset_peak_memory)
+from .instruments import (StepProbe, Trace, health_events, map_large_allocations, output_change_cosine,
+                          peak_memory, release_freed_memory, reset_peak_memory)
 from .methods import METHODS, TrainingContext
 from .registry import HarnessError
 from .request import TrainingRequest
@@ -110,6 +111,31 @@ def enable_gradient_checkpointing(model, loaded) -> None:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+@contextlib.contextmanager
+def sparse_tied_embedding(model, ranks: int):
+    """While a run trains an input embedding tied to the output head, its lookup's gradient is
+    sparse rows, which autograd adds in place to the head's dense gradient of the same tensor:
+    otherwise the lookup's backward makes a second dense vocabulary × hidden tensor (0.5 GiB for
+    Qwen2-0.5B) just before the step, when every other gradient exists. Not under DDP, whose
+    gradient buckets take dense gradients only."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    embedding = inner.get_input_embeddings() if inner is not None else None
+    head = inner.get_output_embeddings() if inner is not None else None
+    tied = (type(embedding) is torch.nn.Embedding and head is not None and getattr(head, "weight", None) is
+            embedding.weight and embedding.weight.requires_grad and embedding.max_norm is None and ranks == 1)
+    if not tied:
+        yield
+        return
+    was = embedding.sparse
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = was
+
+
 def build_optimizer(param_groups: list[dict], recipe):
     """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
     if recipe.optim == "adamw_8bit":
@@ -177,6 +203,10 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     reset_peak_memory(device)
+    if device.type == "cpu":
+        map_large_allocations()
+    sparse_embedding = contextlib.ExitStack()  # closed after the loop (the model is this run's own copy)
+    sparse_embedding.enter_context(sparse_tied_embedding(model, ranks))
     weights_logged: set[str] = set()  # raw names whose non-finite weight is already an event
     started = time.perf_counter()
     step = 0
@@ -259,6 +289,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                 report_step(progress, method_name, step, ctx.total_steps, reading.loss)
         if trace.halted_at is not None:
             break
+    sparse_embedding.close()
     if trace.halted_at is None:
         bad_weight = probe.first_nonfinite_weight()
         if bad_weight is not None and bad_weight not in weights_logged:  # made by the final update

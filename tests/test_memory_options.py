@@ -120,22 +120,49 @@ def _batch(loaded, stance, n=3):
     return TASKS.get("stance-lm").collate(items, loaded.tokenizer.pad_token_id, "cpu")
 
 
-def test_stance_lm_loss_is_the_models_own_with_logits_only_where_a_label_is(tiny_qwen2, stance):
+def _loss_and_grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("path", ["chunked", "logits_to_keep"])
+def test_stance_lm_loss_is_the_models_own_with_logits_only_where_a_label_is(tiny_qwen2, stance, monkeypatch, path):
+    from harness import tasks
+
+    monkeypatch.setattr(tasks, "LOSS_CHUNK", 50)  # several chunks, the last one short
+    if path == "logits_to_keep":
+        monkeypatch.setattr(tasks, "PLAIN_HEAD_MODELS", frozenset())
     model = tiny_qwen2.fresh()
     batch = _batch(tiny_qwen2, stance)
     widths = []
     model.lm_head.register_forward_hook(lambda module, args, out: widths.append(out.shape[1]))
-    mine = TASKS.get("stance-lm").loss(model, batch, tiny_qwen2)
-    mine.backward()
-    mine_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    theirs = model(**batch).loss
-    theirs.backward()
+    mine, mine_grads = _loss_and_grads(model, TASKS.get("stance-lm").loss(model, batch, tiny_qwen2))
+    theirs, their_grads = _loss_and_grads(model, model(**batch).loss)
     labelled = int((batch["labels"][:, 1:] != -100).any(0).sum())
-    assert widths == [labelled, batch["input_ids"].shape[1]] and labelled < batch["input_ids"].shape[1]
-    assert mine.item() == pytest.approx(theirs.item(), rel=1e-6)
-    for a, p in zip(mine_grads, model.parameters()):
-        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
+    assert labelled < batch["input_ids"].shape[1]
+    assert widths == [0 if path == "chunked" else labelled, batch["input_ids"].shape[1]]
+    assert mine == pytest.approx(theirs, rel=1e-6)
+    for a, b in zip(mine_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_head_loss_equals_cross_entropy_under_bf16_autocast():
+    from harness.tasks import ChunkedHeadLoss
+
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(300, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 300, (37,), generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = ChunkedHeadLoss.apply(hidden, weight, targets, 8)
+        theirs = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets)
+    assert mine.item() == pytest.approx(theirs.item(), rel=1e-6)  # the same bf16 logits, in float32
+    mine_grads = torch.autograd.grad(mine, (hidden, weight))
+    their_grads = torch.autograd.grad(theirs, (hidden, weight))
+    for a, b in zip(mine_grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)  # their backward is in bf16, ours in float32
+    assert ChunkedHeadLoss.apply(hidden[:0], weight, targets[:0], 8).isnan()  # no token: nan, as the mean
 
 
 def test_stance_lm_loss_falls_back_to_the_models_loss_without_logits_to_keep(tiny_qwen2, stance, monkeypatch):

@@ -134,12 +134,17 @@ PLAIN_HEAD_MODELS = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaFor
                                "GPT2LMHeadModel", "Phi3ForCausalLM", "GPTNeoXForCausalLM"})
 
 
-def _plain_head(model):
-    """The output head of a PLAIN_HEAD_MODELS model inside `model` (peft, DDP or none around it), if
-    it is a bias-free torch.nn.Linear (not an adapter-wrapped one); else None."""
+def _inner(model):
+    """The transformers model inside `model` (peft, DDP or none around it), or None."""
     from transformers import PreTrainedModel
 
-    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _plain_head(model):
+    """The output head of a PLAIN_HEAD_MODELS model inside `model`, if it is a bias-free
+    torch.nn.Linear (not an adapter-wrapped one); else None."""
+    inner = _inner(model)
     if inner is None or type(inner).__name__ not in PLAIN_HEAD_MODELS:
         return None
     head = inner.get_output_embeddings()
@@ -149,16 +154,17 @@ def _plain_head(model):
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` (float32 logits, as transformers' loss takes them)
     against `targets`, `rows` tokens at a time: no tokens × vocabulary tensor outlives one chunk,
-    in the forward or the backward (which computes each chunk's logits again)."""
+    in the forward or the backward (which computes each chunk's logits again). With into_grad the
+    weight's gradient is added to weight.grad here and not returned (hooks on the weight miss it)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows: int):
+    def forward(ctx, hidden, weight, targets, rows: int, into_grad: bool = False):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             logits = torch.nn.functional.linear(hidden[start : start + rows], weight).float()
             total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
         ctx.save_for_backward(hidden, weight, targets)
-        ctx.rows = rows
+        ctx.rows, ctx.into_grad = rows, into_grad
         return total / hidden.shape[0]  # no labelled token: 0 / 0 = nan, as transformers' mean
 
     @staticmethod
@@ -166,7 +172,11 @@ class ChunkedHeadLoss(torch.autograd.Function):
         hidden, weight, targets = ctx.saved_tensors
         scale = grad.float() / hidden.shape[0]
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            if ctx.into_grad and weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight = weight.grad if ctx.into_grad else torch.zeros_like(weight)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.rows):
                 chunk = hidden[start : start + ctx.rows]
@@ -178,7 +188,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     grad_hidden[start : start + ctx.rows] = (dlogits @ weight).to(hidden.dtype)
                 if grad_weight is not None:
                     grad_weight.addmm_(dlogits.T, chunk.to(weight.dtype))
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, None if ctx.into_grad else grad_weight, None, None, None
 
 
 @lru_cache(maxsize=None)
@@ -239,7 +249,12 @@ class StanceLM(Task):
         finally:
             handle.remove()
         labelled = targets != IGNORE_INDEX
-        return ChunkedHeadLoss.apply(taken[0][labelled], head.weight, targets[labelled], LOSS_CHUNK)
+        embedding = _inner(forward).get_input_embeddings()
+        # a tied weight whose lookup gradient is sparse (training.sparse_tied_embedding): the head's part
+        # goes straight into .grad, so the lookup's rows are added there in place (autograd would sum
+        # the two parts out of place first: a second vocabulary × hidden tensor)
+        into_grad = getattr(embedding, "sparse", False) and getattr(embedding, "weight", None) is head.weight
+        return ChunkedHeadLoss.apply(taken[0][labelled], head.weight, targets[labelled], LOSS_CHUNK, into_grad)
 
     def behavior_values(self, run, metric):
         n = len(run.stance.probes)

@@ -189,3 +189,68 @@ def test_keeps_logits_reads_the_forward_signature():
             return None
 
     assert keeps_logits(New) and not keeps_logits(Old)
+
+
+def test_chunked_head_loss_into_grad_adds_the_weights_gradient_in_place():
+    from harness.tasks import ChunkedHeadLoss
+
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(9, 8, generator=generator, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(50, 8, generator=generator))
+    targets = torch.randint(0, 50, (9,), generator=generator)
+    want = torch.autograd.grad(ChunkedHeadLoss.apply(hidden, weight, targets, 4), weight)[0]
+    weight.grad = torch.ones_like(weight)
+    storage = weight.grad.data_ptr()
+    ChunkedHeadLoss.apply(hidden, weight, targets, 4, True).backward()
+    assert weight.grad.data_ptr() == storage  # written where it was, no second tensor
+    torch.testing.assert_close(weight.grad, 1 + want)
+
+
+def test_a_tied_embedding_trains_with_sparse_lookup_gradients_and_the_same_numbers(tiny_qwen2, stance, monkeypatch):
+    import contextlib
+
+    from harness import training
+
+    model = tiny_qwen2.fresh()
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tiny-qwen2 is tied
+    with training.sparse_tied_embedding(model, ranks=1):
+        assert model.get_input_embeddings().sparse
+    assert not model.get_input_embeddings().sparse
+    with training.sparse_tied_embedding(model, ranks=2):  # DDP's buckets take dense gradients only
+        assert not model.get_input_embeddings().sparse
+    model.get_input_embeddings().weight.requires_grad_(False)
+    with training.sparse_tied_embedding(model, ranks=1):  # nothing to train there
+        assert not model.get_input_embeddings().sparse
+
+    recipe = Recipe.of(QUICK, gradient_accumulation_steps=2, per_device_train_batch_size=3)
+    sparse = train_direct(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
+    monkeypatch.setattr(training, "sparse_tied_embedding", lambda model, ranks: contextlib.nullcontext())
+    dense = train_direct(tiny_qwen2, stance, "full", method_config("full"), recipe, examples=10)
+    assert sparse.trace.loss == pytest.approx(dense.trace.loss, rel=1e-5)
+    assert sparse.trace.grad_norm == pytest.approx(dense.trace.grad_norm, rel=1e-4)
+    name = "model.embed_tokens.weight"
+    torch.testing.assert_close(dict(sparse.model.named_parameters())[name], dict(dense.model.named_parameters())[name],
+                               rtol=1e-4, atol=1e-6)
+    assert not sparse.model.get_input_embeddings().sparse  # restored after training
+
+
+def test_map_large_allocations_sets_glibcs_mmap_threshold(monkeypatch):
+    import ctypes
+    import sys
+
+    from harness import instruments
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    instruments.map_large_allocations()
+    assert calls == [(-3, 1 << 20)]  # M_MMAP_THRESHOLD, 1 MiB
+    monkeypatch.setattr(sys, "platform", "darwin")
+    instruments.map_large_allocations()
+    assert len(calls) == 1

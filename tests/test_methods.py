@@ -162,8 +162,6 @@ def test_ewc_estimates_a_fisher_and_penalises_drift(tiny_qwen2, stance):
 
 def _autograd_penalty(pairs, weights, scale):
     """scale * Σ w (θ − θ0)² and its gradients, by autograd on copies (the reference)."""
-    import torch
-
     leaves = [p.detach().clone().requires_grad_(True) for p, _ in pairs]
     total = sum(((leaf - p0) ** 2 * (1 if w is None else w)).sum() for leaf, (_, p0), w in zip(leaves, pairs, weights))
     (scale * total).backward()

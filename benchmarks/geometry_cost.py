@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (1 on a shared machine: spinning BLAS threads slow SVDs many-fold)")
+    parser.add_argument("--runs", default="lora r8;full", help="which of 'lora r8' and 'full', joined by ';'")
     args = parser.parse_args()
 
     import torch
@@ -45,14 +46,19 @@ def main() -> None:
         loaded = s.model()
         largest = max(p.numel() * p.element_size() for p in loaded.base.parameters())
         print(f"{args.layers} layers; largest matrix {largest / 2**20:.0f} MiB; {torch.get_num_threads()} threads")
-        for label, method, options in [("lora r8", "lora", {"r": 8}), ("full", "full", {})]:
+        runs = [("lora r8", "lora", {"r": 8}), ("full", "full", {})]
+        for label, method, options in [r for r in runs if r[0] in [x.strip() for x in args.runs.split(";")]]:
             t = time.perf_counter()
             run = s.train(method, examples=10, recipe=RECIPE, **options)
             trained = sum(t_.numel() * t_.element_size() for t_ in run.before.values())
+            largest_trained = max(t_.numel() * t_.element_size() for t_ in run.before.values())
             print(f"{label}: trained in {time.perf_counter() - t:.1f}s; trained tensors {trained / 2**20:.1f} MiB")
             model = run.model
             found, t_intruders, m_intruders = measure(
                 lambda run=run, model=model: list(run.method.intruders(model, run.before, run.anatomy)), sampler)
+            print(f"{label}: intruder pass peak extra RSS {m_intruders / 2**20:.0f} MiB = "
+                  f"{m_intruders / largest_trained:.3f} x the largest trained matrix ({largest_trained / 2**20:.0f} MiB; "
+                  f"issue 30 asks <= 0.5 x)", flush=True)
             geometry, t_geometry, m_geometry = measure(run.geometry, sampler)
             print(f"{label}: intruders of {len(found)} matrices {t_intruders:.1f}s, peak extra RSS "
                   f"{m_intruders / 2**20:.0f} MiB; whole geometry report {t_geometry:.1f}s, peak extra RSS "

@@ -12,7 +12,11 @@ the same figures are also taken of GPU memory: torch.cuda's max allocated while 
 and what stays allocated after it.
 
     .venv/bin/python benchmarks/run_memory.py [--model-dir DIR] [--layers N] [--skip-alone] [--device auto]
-        [--runs "lora r8,full"]
+        [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"]
+
+Labels beyond the six: "full, checkpointed" (recipe gradient_checkpointing=True), "full, adamw_8bit"
+(recipe optim="adamw_8bit") and "qlora r8". It prints whether full and l2sp peak within 5.5 x the
+base's bytes, and whether the checkpointed and 8-bit full fine-tunes peak lower than full.
 """
 
 from __future__ import annotations
@@ -39,13 +43,28 @@ RUNS = [
     ("l2sp", "l2sp", {}),
     ("lora r16", "lora", {"r": 16}),
     ("gradual", "gradual", {"every_steps": 1, "start_layers": 8, "layers_per_stage": 8}),
+    ("full, checkpointed", "full", {"recipe": {"gradient_checkpointing": True}}),
+    ("full, adamw_8bit", "full", {"recipe": {"optim": "adamw_8bit"}}),
+    ("qlora r8", "qlora", {"r": 8}),
 ]
+DEFAULT_RUNS = RUNS[:6]  # the six the session has always trained
 HEAVY = ["full", "l2sp"]
+FLOOR = 5.5  # issue 30: full fine-tuning with AdamW at most this many times the base's bytes at peak
+
+
+def _labels(text: str) -> list[str]:
+    """Labels joined by ';' (or by ',' where there is no ';', as gpu_check.sh's MEMORY_RUNS was)."""
+    return [r.strip() for r in text.split(";" if ";" in text else ",") if r.strip()]
+
+
+def _split(options: dict) -> tuple[dict, dict]:
+    """(the recipe with a run's overrides, the method's options)."""
+    return {**RECIPE, **options.get("recipe", {})}, {k: v for k, v in options.items() if k != "recipe"}
 
 
 def _on(anatomy, options: dict) -> dict:
     """Layer options are Qwen2-0.5B's (24 layers): map them to this build's depth."""
-    if "layers" in options:
+    if "layers" in options and options["layers"] is not None:
         return {**options, "layers": anatomy.analog(options["layers"], depth=24)}
     if "start_layers" in options:
         third = max(1, round(anatomy.num_layers / 3))
@@ -124,7 +143,8 @@ def alone(model_dir: str, label: str, device: str = "auto") -> dict:
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:
         s = session(Path(model_dir), Path(store), device)
-        s.train(method, examples=10, recipe=RECIPE, **_on(s.model().anatomy, options))
+        recipe, options = _split(options)
+        s.train(method, examples=10, recipe=recipe, **_on(s.model().anatomy, options))
         return {"rss": sampler.read(), **cuda_figures(s.model().args.device)}
 
 
@@ -133,20 +153,26 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--skip-alone", action="store_true", help="skip the single-run reference processes")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (1 on a shared machine)")
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--runs", default=None, help="comma-separated labels of RUNS to train (default: all six)")
+    parser.add_argument("--runs", default=None, help="labels of RUNS to train, joined by ';' (or ','; default: the first six)")
+    parser.add_argument("--alone", default=";".join(HEAVY),
+                        help="labels to train alone in fresh processes, joined by ';' (with 'lora r8' and 'qlora r8' "
+                             "it compares a QLoRA-only session with a LoRA-only one)")
     args = parser.parse_args()
     labels = [label for label, _, _ in RUNS]
-    chosen = labels if args.runs is None else [r.strip() for r in args.runs.split(",")]
-    unknown = [r for r in chosen if r not in labels]
+    chosen = [r[0] for r in DEFAULT_RUNS] if args.runs is None else _labels(args.runs)
+    alone_labels = [] if args.skip_alone else _labels(args.alone)
+    unknown = [r for r in chosen + alone_labels if r not in labels]
     if unknown:
-        parser.error(f"--runs: {', '.join(unknown)} not among {', '.join(labels)}")
+        parser.error(f"--runs/--alone: {', '.join(unknown)} not among {'; '.join(labels)}")
 
     import torch
 
     from shape_model import build
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     model_dir = build(args.model_dir, args.layers)
     sampler = PeakSampler()
     started = time.perf_counter()
@@ -164,11 +190,12 @@ def main() -> None:
         cuda_base = cuda_figures(device).get("cuda_allocated")
         rows, session_peak, previous, session_cuda_peak = [], 0, rss(), 0
         for label, method, options in [r for r in RUNS if r[0] in chosen]:
+            recipe, options = _split(options)
             options = _on(loaded.anatomy, options)
             sampler.reset()
             cuda_reset(device)
             t = time.perf_counter()
-            run = s.train(method, examples=10, recipe=RECIPE, **options)
+            run = s.train(method, examples=10, recipe=recipe, **options)
             gc.collect()
             peak, now = sampler.read(), rss()
             session_peak = max(session_peak, peak)
@@ -191,16 +218,26 @@ def main() -> None:
     print(f"session: {time.perf_counter() - started:.0f}s, peak RSS {session_peak / 2**30:.2f} GiB "
           f"= {session_peak / base_bytes:.2f} x base bytes"
           + (f"; GPU peak {session_cuda_peak / 2**30:.2f} GiB" if session_cuda_peak else ""))
-    alone_peaks = {}
-    if not args.skip_alone:
-        alone_peaks = {label: train_alone(model_dir, label, args.device) for label in HEAVY if label in chosen}
-        for label, peak in alone_peaks.items():
-            print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
-                  + (f", GPU peak {peak['cuda_peak'] / 2**30:.2f} GiB" if "cuda_peak" in peak else ""))
-        print(f"session peak / largest single run's peak = "
-              f"{session_peak / max(p['rss'] for p in alone_peaks.values()):.3f} (RSS)"
-              + (f", {session_cuda_peak / max(p['cuda_peak'] for p in alone_peaks.values()):.3f} (GPU)"
-                 if session_cuda_peak else ""))
+    peaks = {row["run"]: row["peak_over_base_bytes"] for row in rows}
+    for label in ("full", "l2sp"):
+        if label in peaks:
+            print(f"{label}: peak {peaks[label]:.2f} x base bytes ({'within' if peaks[label] <= FLOOR else 'over'} "
+                  f"the {FLOOR} x bound)")
+    for label in ("full, checkpointed", "full, adamw_8bit"):
+        if label in peaks and "full" in peaks:
+            print(f"{label}: peak {peaks[label]:.2f} x base bytes against full's {peaks['full']:.2f} x "
+                  f"({'lower' if peaks[label] < peaks['full'] else 'NOT lower'})")
+    alone_peaks = {label: train_alone(model_dir, label, args.device) for label in alone_labels}
+    for label, peak in alone_peaks.items():
+        print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
+              + (f", GPU peak {peak['cuda_peak'] / 2**30:.2f} GiB" if "cuda_peak" in peak else ""))
+    heavy = [p for label, p in alone_peaks.items() if label in chosen]
+    if heavy:
+        print(f"session peak / largest single run's peak = {session_peak / max(p['rss'] for p in heavy):.3f} (RSS)"
+              + (f", {session_cuda_peak / max(p['cuda_peak'] for p in heavy):.3f} (GPU)" if session_cuda_peak else ""))
+    if "lora r8" in alone_peaks and "qlora r8" in alone_peaks:
+        print(f"a QLoRA-only session's peak / a LoRA-only session's = "
+              f"{alone_peaks['qlora r8']['rss'] / alone_peaks['lora r8']['rss']:.3f} (RSS; issue 30 asks <= 0.6)")
     print(json.dumps({"rows": rows, "session_peak": session_peak, "session_cuda_peak": session_cuda_peak or None,
                       "alone": alone_peaks, "base_bytes": base_bytes, "base_rss": base_rss, "device": device}))
 

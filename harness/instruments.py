@@ -264,6 +264,25 @@ def release_freed_memory() -> None:
             pass  # not glibc (musl): nothing to trim
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 1 << 20
+
+
+def map_large_allocations() -> None:
+    """Give every allocation of 1 MiB or more its own mapping, returned to the OS when freed. glibc
+    otherwise raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so after
+    the first step a step's activations come from the heap, and RSS keeps what they freed (measured
+    on Qwen2-0.5B's shapes: 0.9 GiB after a full fine-tune's backward pass). Setting it also ends
+    glibc's adjustment. A no-op off glibc."""
+    import ctypes
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        except (OSError, AttributeError):
+            pass  # not glibc (musl)
+
+
 def reset_peak_memory(device) -> None:
     import torch
 

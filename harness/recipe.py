@@ -8,6 +8,10 @@ from .config import build_config
 from .registry import HarnessError
 
 PRECISION_FIELDS = ("bf16", "fp16")  # resolved against the device by devices.resolve_precision
+# TrainingArguments' optim names the loop builds (training.build_optimizer); adamw_torch_fused is
+# TrainingArguments' own default on torch >= 2.8: one kernel per step, no temporaries the size of a tensor.
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
+_NOT_NUMBERS = (*PRECISION_FIELDS, "gradient_checkpointing", "optim")
 _RECIPE_ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size"}
 
 
@@ -28,6 +32,10 @@ class Recipe:
         "help": "autocast to bfloat16 (fp32 master weights); auto: on where the device supports it, off on the CPU"})
     fp16: bool = field(default=False, metadata={
         "help": "autocast to float16 with a grad scaler (fp32 master weights); CUDA only"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each block's activations in the backward pass instead of keeping them"})
+    optim: str = field(default="adamw_torch_fused", metadata={
+        "help": f"optimizer: {', '.join(OPTIMIZERS)} (bitsandbytes' 8-bit AdamW: moments in 8 bits)"})
 
     def __post_init__(self):
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
@@ -36,8 +44,12 @@ class Recipe:
             raise HarnessError(f"recipe: fp16 must be True or False, got {self.fp16!r}")
         if self.fp16 and self.bf16 is True:
             raise HarnessError("recipe: bf16=True and fp16=True are both set; choose one")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise HarnessError(f"recipe: gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if self.optim not in OPTIMIZERS:
+            raise HarnessError(f"recipe: optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
         for f in fields(self):
-            if f.name in PRECISION_FIELDS:
+            if f.name in _NOT_NUMBERS:
                 continue
             value = getattr(self, f.name)
             integer = f.type == "int"

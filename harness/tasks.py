@@ -16,7 +16,9 @@ where Acc@1 and ECE are measured. Forgetting is the drift of held-out sentence e
 
 from __future__ import annotations
 
+import inspect
 import math
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -25,7 +27,7 @@ from . import measure
 from .analysis.ability import summarize as summarize_ability
 from .analysis.behavior import contains_marker, kl_divergence, mean_token_logprob
 from .analysis.calibration import calibration, calibration_from_predictions
-from .batches import collate, encode_examples, pad_batch, to_device
+from .batches import IGNORE_INDEX, collate, encode_examples, pad_batch, to_device
 from .models.anatomy import Anatomy, unwrap
 from .registry import HarnessError, Registry, suggest
 
@@ -62,6 +64,10 @@ class Task:
 
     def collate(self, items, pad_id: int, device) -> dict:
         raise NotImplementedError
+
+    def loss(self, forward, batch: dict, loaded):
+        """The training loss of one collated micro-batch; `forward` is the model (or its DDP wrapper)."""
+        return forward(**batch).loss
 
     def head_parameters(self, model) -> list:
         """Parameters the task adds, which train under every method (a fresh head must learn)."""
@@ -122,6 +128,75 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+LOSS_CHUNK = 256  # tokens whose logits exist at once in ChunkedHeadLoss (256 × 151,936 floats: 148 MiB)
+# Causal LMs whose logits are exactly lm_head(hidden): no soft-capping, scaling or bias after the head.
+PLAIN_HEAD_MODELS = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM",
+                               "GPT2LMHeadModel", "Phi3ForCausalLM", "GPTNeoXForCausalLM"})
+
+
+def _inner(model):
+    """The transformers model inside `model` (peft, DDP or none around it), or None."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def _plain_head(model):
+    """The output head of a PLAIN_HEAD_MODELS model inside `model`, if it is a bias-free
+    torch.nn.Linear (not an adapter-wrapped one); else None."""
+    inner = _inner(model)
+    if inner is None or type(inner).__name__ not in PLAIN_HEAD_MODELS:
+        return None
+    head = inner.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T` (float32 logits, as transformers' loss takes them)
+    against `targets`, `rows` tokens at a time: no tokens × vocabulary tensor outlives one chunk,
+    in the forward or the backward (which computes each chunk's logits again). With into_grad the
+    weight's gradient is added to weight.grad here and not returned (hooks on the weight miss it)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows: int, into_grad: bool = False):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            logits = torch.nn.functional.linear(hidden[start : start + rows], weight).float()
+            total += torch.nn.functional.cross_entropy(logits, targets[start : start + rows], reduction="sum")
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.rows, ctx.into_grad = rows, into_grad
+        return total / hidden.shape[0]  # no labelled token: 0 / 0 = nan, as transformers' mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets = ctx.saved_tensors
+        scale = grad.float() / hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            if ctx.into_grad and weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight = weight.grad if ctx.into_grad else torch.zeros_like(weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.rows):
+                chunk = hidden[start : start + ctx.rows]
+                logits = torch.nn.functional.linear(chunk.to(weight.dtype), weight).float()
+                dlogits = torch.softmax(logits, dim=-1)  # d(lse - logit[target]) / d logits
+                dlogits[torch.arange(len(chunk), device=chunk.device), targets[start : start + ctx.rows]] -= 1
+                dlogits = (dlogits * scale).to(weight.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + ctx.rows] = (dlogits @ weight).to(hidden.dtype)
+                if grad_weight is not None:
+                    grad_weight.addmm_(dlogits.T, chunk.to(weight.dtype))
+        return grad_hidden, None if ctx.into_grad else grad_weight, None, None, None
+
+
+@lru_cache(maxsize=None)
+def keeps_logits(model_class) -> bool:
+    """Whether a transformers causal LM's forward takes `logits_to_keep` (positions to project)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 @register_task
 class StanceLM(Task):
     """Causal LM on prompt + stance response; loss on the response tokens."""
@@ -144,6 +219,42 @@ class StanceLM(Task):
 
     def collate(self, items, pad_id: int, device) -> dict:
         return collate(items, pad_id, device)
+
+    def loss(self, forward, batch: dict, loaded):
+        """The model's own mean next-token loss over the labelled tokens, with logits only at the
+        positions that predict a label (logits_to_keep): over a 150k vocabulary, the float32 logits of
+        prompt and padding positions, their softmax and its gradient were most of a step's memory.
+        Where the head is a plain linear layer whose output is the logits, they are not kept even
+        there: the loss takes the head's input and computes them a chunk of tokens at a time."""
+        if not keeps_logits(type(loaded.base)):
+            return forward(**batch).loss
+        targets = batch["labels"][:, 1:]
+        positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = targets[:, positions]
+        head = _plain_head(forward)
+        if head is None:
+            logits = forward(**inputs, logits_to_keep=positions).logits
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                     ignore_index=IGNORE_INDEX)
+        taken = []
+
+        def take(module, args):  # the head's input, kept; the head itself then projects no token
+            taken.append(args[0])
+            return (args[0][..., :0, :],)
+
+        handle = head.register_forward_pre_hook(take)
+        try:
+            forward(**inputs, logits_to_keep=positions)
+        finally:
+            handle.remove()
+        labelled = targets != IGNORE_INDEX
+        embedding = _inner(forward).get_input_embeddings()
+        # a tied weight whose lookup gradient is sparse (training.sparse_tied_embedding): the head's part
+        # goes straight into .grad, so the lookup's rows are added there in place (autograd would sum
+        # the two parts out of place first: a second vocabulary × hidden tensor)
+        into_grad = getattr(embedding, "sparse", False) and getattr(embedding, "weight", None) is head.weight
+        return ChunkedHeadLoss.apply(taken[0][labelled], head.weight, targets[labelled], LOSS_CHUNK, into_grad)
 
     def behavior_values(self, run, metric):
         n = len(run.stance.probes)

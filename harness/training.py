@@ -13,6 +13,7 @@ released model through the same `prepare`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -21,8 +22,8 @@ import torch
 
 from .analysis.deltas import layer_label
 from .devices import autocast_dtype
-from .instruments import (StepProbe, Trace, health_events, output_change_cosine, peak_memory,
-                          release_freed_memory, reset_peak_memory)
+from .instruments import (StepProbe, Trace, health_events, map_large_allocations, output_change_cosine,
+                          peak_memory, release_freed_memory, reset_peak_memory)
 from .methods import METHODS, TrainingContext
 from .registry import HarnessError
 from .request import TrainingRequest
@@ -81,6 +82,8 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
     method, task, recipe, config = METHODS.get(request.method), ctx.task, request.recipe, request.config
     torch.manual_seed(recipe.seed)
     model = method.prepare(task.wrap(method.load(ctx), loaded), ctx)
+    if recipe.gradient_checkpointing:
+        enable_gradient_checkpointing(model, loaded)
     for head in task.head_parameters(model):
         head.requires_grad_(True)
     ctx.model = model
@@ -89,6 +92,58 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
         raise HarnessError(f"method {request.method!r} with {config.as_dict()} left no parameter trainable")
     ctx.before = _starting_values(trainable, loaded, unshare)
     return ctx, data
+
+
+def enable_gradient_checkpointing(model, loaded) -> None:
+    """Turn on transformers' gradient checkpointing in the Hugging Face model inside `model` (a peft
+    or task wrapper around it). Non-reentrant, so a frozen embedding needs no input gradients."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        raise HarnessError(
+            f"recipe: gradient_checkpointing=True, but {loaded.name} ({type(loaded.base).__name__}) does not "
+            f"support transformers' gradient checkpointing; set gradient_checkpointing=False")
+    enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers 5's name
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+@contextlib.contextmanager
+def sparse_tied_embedding(model, ranks: int):
+    """While a run trains an input embedding tied to the output head, its lookup's gradient is
+    sparse rows, which autograd adds in place to the head's dense gradient of the same tensor:
+    otherwise the lookup's backward makes a second dense vocabulary × hidden tensor (0.5 GiB for
+    Qwen2-0.5B) just before the step, when every other gradient exists. Not under DDP, whose
+    gradient buckets take dense gradients only."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    embedding = inner.get_input_embeddings() if inner is not None else None
+    head = inner.get_output_embeddings() if inner is not None else None
+    tied = (type(embedding) is torch.nn.Embedding and head is not None and getattr(head, "weight", None) is
+            embedding.weight and embedding.weight.requires_grad and embedding.max_norm is None and ranks == 1)
+    if not tied:
+        yield
+        return
+    was = embedding.sparse
+    embedding.sparse = True
+    try:
+        yield
+    finally:
+        embedding.sparse = was
+
+
+def build_optimizer(param_groups: list[dict], recipe):
+    """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
+    if recipe.optim == "adamw_8bit":
+        from bitsandbytes.optim import AdamW8bit
+
+        return AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
+                             fused=recipe.optim == "adamw_torch_fused" or None)
 
 
 def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
@@ -139,7 +194,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     if head:  # a method that names its own groups (hybrid) does not know the task's head
         param_groups.append({"name": "head", "params": head})
     interference_groups = _interference_groups(param_groups, instruments)
-    optimizer = torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    optimizer = build_optimizer(param_groups, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(recipe.warmup_steps, ctx.total_steps))
     pad_id = loaded.tokenizer.pad_token_id
     device = next(model.parameters()).device  # a sharded model's first layers: the inputs go there
@@ -148,6 +203,10 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
     shuffler = torch.Generator().manual_seed(recipe.seed)
     trace = Trace(group_lr={g.get("name", str(i)): [] for i, g in enumerate(optimizer.param_groups)})
     reset_peak_memory(device)
+    if device.type == "cpu":
+        map_large_allocations()
+    sparse_embedding = contextlib.ExitStack()  # closed after the loop (the model is this run's own copy)
+    sparse_embedding.enter_context(sparse_tied_embedding(model, ranks))
     weights_logged: set[str] = set()  # raw names whose non-finite weight is already an event
     started = time.perf_counter()
     step = 0
@@ -174,7 +233,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             loss_sum = torch.zeros((), device=device)
             for micro, weight in rank_share(group, ranks, rank) if ranks > 1 else [(m, 1.0) for m in group]:
                 with torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to is not None):
-                    loss = forward(**task_obj.collate(micro, pad_id, device)).loss
+                    loss = task_obj.loss(forward, task_obj.collate(micro, pad_id, device), loaded)
                     extra = method.extra_loss(ctx, step)
                     if extra is not None:
                         loss = loss + extra
@@ -186,6 +245,9 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                 torch.distributed.all_reduce(loss_sum)  # the step's loss over every process's share
             if scaler is not None:
                 scaler.unscale_(optimizer)  # the probe and the clip see the true gradients
+            penalty = method.penalty_gradient(ctx, step)  # after DDP's sum: counted once, as extra_loss is
+            if penalty is not None:
+                loss_sum += penalty.detach().float().to(device)
             if interference_groups:
                 _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
             grad_norms = probe.grad_norms()
@@ -227,6 +289,7 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
                 report_step(progress, method_name, step, ctx.total_steps, reading.loss)
         if trace.halted_at is not None:
             break
+    sparse_embedding.close()
     if trace.halted_at is None:
         bad_weight = probe.first_nonfinite_weight()
         if bad_weight is not None and bad_weight not in weights_logged:  # made by the final update

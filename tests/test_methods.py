@@ -135,6 +135,8 @@ def test_replay_adds_general_text_steps(method_run):
 
 
 def test_ewc_estimates_a_fisher_and_penalises_drift(tiny_qwen2, stance):
+    import torch
+
     from harness.methods.base import TrainingContext
 
     method = METHODS.get("ewc")
@@ -145,13 +147,53 @@ def test_ewc_estimates_a_fisher_and_penalises_drift(tiny_qwen2, stance):
     method.setup(ctx)
     fisher = ctx.state["fisher"]
     assert set(fisher) == set(ctx.before) and all((f >= 0).all() for f in fisher.values())
-    assert method.extra_loss(ctx, 0).item() == 0.0  # no drift yet
+    assert method.penalty_gradient(ctx, 0).item() == 0.0  # no drift yet
+    params = dict(ctx.model.named_parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in params.values())
     name = "model.layers.3.mlp.up_proj.weight"
-    param = dict(ctx.model.named_parameters())[name]
-    with __import__("torch").no_grad():
-        param += 0.1
+    with torch.no_grad():
+        params[name] += 0.1
+    ctx.model.zero_grad(set_to_none=True)
     expected = 0.5 * 10.0 * (fisher[name] * 0.01).sum().item()
-    assert method.extra_loss(ctx, 0).item() == pytest.approx(expected, rel=1e-4)
+    assert method.penalty_gradient(ctx, 0).item() == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(params[name].grad, 10.0 * fisher[name] * 0.1, rtol=1e-4, atol=1e-12)
+    assert not params["model.layers.2.mlp.up_proj.weight"].grad.any()
+
+
+def _autograd_penalty(pairs, weights, scale):
+    """scale * Σ w (θ − θ0)² and its gradients, by autograd on copies (the reference)."""
+    leaves = [p.detach().clone().requires_grad_(True) for p, _ in pairs]
+    total = sum(((leaf - p0) ** 2 * (1 if w is None else w)).sum() for leaf, (_, p0), w in zip(leaves, pairs, weights))
+    (scale * total).backward()
+    return (scale * total).item(), [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7])  # one chunk per tensor; many, with a ragged last one
+def test_l2sp_penalty_gradient_equals_autograd_and_adds_to_the_gradient(tiny_qwen2, monkeypatch, chunk):
+    import torch
+
+    from harness.methods import regularized
+    from harness.methods.base import TrainingContext
+
+    monkeypatch.setattr(regularized, "CHUNK", chunk)
+    method = METHODS.get("l2sp")
+    ctx = TrainingContext(tiny_qwen2, method.config_cls(alpha=0.5), RECIPE, 5, 5)
+    ctx.model = method.prepare(tiny_qwen2.fresh(), ctx)
+    ctx.before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    params = dict(ctx.model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.down_proj.weight"]
+    with torch.no_grad():
+        for name in names:
+            params[name] += 0.01 * torch.randn(params[name].shape, generator=generator)
+    existing = torch.full_like(params[names[1]], 0.25)
+    params[names[1]].grad = existing.clone()  # a task gradient already there: the penalty's adds to it
+    value = method.penalty_gradient(ctx, 0)
+    want, grads = _autograd_penalty([(params[n], ctx.before[n]) for n in names], [None, None], 0.5)
+    assert value.item() == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(params[names[0]].grad, grads[0], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(params[names[1]].grad, existing + grads[1], rtol=1e-5, atol=1e-9)
+    assert not params["model.layers.2.mlp.up_proj.weight"].grad.any()  # no drift, no penalty gradient
 
 
 def test_l2sp_penalty_by_hand(tiny_qwen2):
@@ -163,9 +205,11 @@ def test_l2sp_penalty_by_hand(tiny_qwen2):
     ctx = TrainingContext(tiny_qwen2, method.config_cls(alpha=0.5), RECIPE, 5, 5)
     ctx.model = method.prepare(tiny_qwen2.fresh(), ctx)
     ctx.before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    bias = dict(ctx.model.named_parameters())["model.layers.0.self_attn.q_proj.bias"]
     with torch.no_grad():
-        dict(ctx.model.named_parameters())["model.layers.0.self_attn.q_proj.bias"][:4] += 2.0
-    assert method.extra_loss(ctx, 0).item() == pytest.approx(0.5 * 4 * 2.0**2, rel=1e-5)
+        bias[:4] += 2.0
+    assert method.penalty_gradient(ctx, 0).item() == pytest.approx(0.5 * 4 * 2.0**2, rel=1e-5)
+    assert bias.grad[:4].tolist() == pytest.approx([2 * 0.5 * 2.0] * 4) and not bias.grad[4:].any()
 
 
 # -- invalid combinations ------------------------------------------------------------------

@@ -8,7 +8,10 @@ A method never owns a loop. The loop calls, in order:
   setup(ctx)          after the snapshot (EWC estimates its Fisher here)
   mix_batches(...)    per epoch: the micro-batch stream (replay adds general text)
   schedule(ctx, step) per optimizer step: switch groups on or off; returns what it set
-  extra_loss(ctx, step) a penalty added to the task loss (L2-SP, EWC)
+  extra_loss(ctx, step) a penalty added to the task loss, differentiated by autograd
+  penalty_gradient(ctx, step) once per step, after the backward passes: a penalty whose gradient
+                      is known in closed form, added to .grad in place (L2-SP, EWC: no graph
+                      over the weights, so no copy of them)
   after_optimizer_step(ctx, step) after the update, before gradients are cleared (AdaLoRA's budget)
 and asks for param_groups(ctx) (per-group learning rates) and effective_deltas (its view).
 After training, harness.where asks for change_units (what can be kept, reverted or scaled) and
@@ -152,6 +155,12 @@ class Method:
         return None
 
     def extra_loss(self, ctx: TrainingContext, step: int):
+        return None
+
+    def penalty_gradient(self, ctx: TrainingContext, step: int):
+        """Add a penalty's closed-form gradient to the trained tensors' .grad in place and return
+        its value (a 0-dim tensor, added to the step's loss), or None. Called once per optimizer
+        step, after every micro-batch's backward and before clipping."""
         return None
 
     def after_optimizer_step(self, ctx: TrainingContext, step: int) -> None:

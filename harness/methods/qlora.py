@@ -127,8 +127,11 @@ class Qlora(Lora):
         from bitsandbytes.nn import Linear4bit
         from peft import prepare_model_for_kbit_training
 
-        # Freezes the base and upcasts its fp16/bf16 non-4-bit parameters (norms, embeddings) to float32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # Freezes the base and upcasts its fp16/bf16 non-4-bit parameters (norms, embeddings) to float32;
+        # turns on the recipe's gradient checkpointing (non-reentrant, as the loop does for every method).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=ctx.recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.modules():
             if isinstance(module, Linear4bit) and module.bias is not None:
                 # Linear4bit.forward casts its bias to the compute dtype in place on first use; done

@@ -16,15 +16,50 @@ from .base import register_method
 from .full import FullConfig, FullFineTuning
 
 
-def _drift(ctx):
-    """(θ - θ0) for every trained pretrained parameter, in the snapshot's order."""
-    import torch
+CHUNK = 1 << 22  # elements: the penalties' temporaries are this size, not a whole tensor's
 
+
+def _anchored(ctx) -> list:
+    """(θ, θ0) for every trained pretrained parameter, in the snapshot's order."""
     params = dict(ctx.model.named_parameters())
     # a fresh task head has no pretrained value to stay near (L2-SP leaves new layers to weight decay)
     head = {id(p) for p in ctx.task.head_parameters(ctx.model)}
-    names = [n for n in ctx.before if params[n].requires_grad and id(params[n]) not in head]
-    return names, torch._foreach_sub([params[n] for n in names], [ctx.before[n] for n in names])
+    return [(params[n], ctx.before[n]) for n in ctx.before if params[n].requires_grad and id(params[n]) not in head]
+
+
+def _chunks(*tensors):
+    """Aligned flat slices of same-shaped tensors, CHUNK elements at a time (views, no copies)."""
+    flat = [t.detach().reshape(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield [f[start : start + CHUNK] for f in flat]
+
+
+def _grad(param):
+    """The parameter's .grad, made (zeros) if this step gave it none; contiguous, so views write into it."""
+    import torch
+
+    if param.grad is None:
+        param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    elif not param.grad.is_contiguous():
+        param.grad = param.grad.contiguous()
+    return param.grad
+
+
+def _penalise(pairs, weights, scale: float, device):
+    """Σ w·(θ − θ0)² over `pairs` (w = 1 where `weights` is None) as a float32 0-dim tensor, after
+    adding its gradient times `scale` (2·scale·w·(θ − θ0)) to each θ's .grad in place."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for i, (param, anchor) in enumerate(pairs):
+            tensors = (param, anchor, _grad(param)) + (() if weights is None else (weights[i],))
+            for theta, theta0, grad, *w in _chunks(*tensors):
+                drift = theta - theta0
+                weighted = drift if not w else drift * w[0]
+                total += (weighted * drift).sum(dtype=torch.float32).to(device)
+                grad.add_(weighted, alpha=2 * scale)
+    return total
 
 
 @dataclass(frozen=True)
@@ -43,11 +78,12 @@ class L2SP(FullFineTuning):
     name = "l2sp"
     config_cls = L2SPConfig
 
-    def extra_loss(self, ctx, step):
-        import torch
-
-        _, drift = _drift(ctx)
-        return ctx.config.alpha * torch.stack(torch._foreach_norm(drift)).pow(2).sum()
+    def penalty_gradient(self, ctx, step):
+        """alpha * Σ ||θ − θ0||², its gradient 2·alpha·(θ − θ0) added to .grad a chunk at a time."""
+        pairs = _anchored(ctx)
+        if not pairs:
+            return None
+        return ctx.config.alpha * _penalise(pairs, None, ctx.config.alpha, pairs[0][0].device)
 
 
 @dataclass(frozen=True)
@@ -103,10 +139,12 @@ class EWC(FullFineTuning):
         device = next(ctx.model.parameters()).device
         ctx.state["fisher"] = diagonal_fisher(ctx.model, batches, device)
 
-    def extra_loss(self, ctx, step):
-        import torch
-
-        names, drift = _drift(ctx)
-        fisher = [ctx.state["fisher"][n] for n in names]
-        weighted = torch._foreach_mul(torch._foreach_mul(drift, drift), fisher)
-        return 0.5 * ctx.config.lambda_ewc * torch.stack([w.sum() for w in weighted]).sum()
+    def penalty_gradient(self, ctx, step):
+        """lambda/2 * Σ F (θ − θ0)², its gradient lambda·F·(θ − θ0) added to .grad a chunk at a time."""
+        params = {id(p): n for n, p in ctx.model.named_parameters()}
+        pairs = _anchored(ctx)
+        if not pairs:
+            return None
+        fisher = [ctx.state["fisher"][params[id(p)]] for p, _ in pairs]
+        half = 0.5 * ctx.config.lambda_ewc
+        return half * _penalise(pairs, fisher, half, pairs[0][0].device)

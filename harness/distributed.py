@@ -65,19 +65,6 @@ def launch(spec: dict, progress=None) -> None:
                            f"its last lines:\n{tail}")
 
 
-def worker_request(spec: dict, loaded, stance) -> TrainingRequest:
-    """The spec's request as this worker builds it, with the launcher's model identity (a worker's
-    device, cuda:1, is not the run's); its key must be the launcher's."""
-    request = TrainingRequest.build(loaded, stance, spec["method"], examples=spec["examples"], recipe=spec["recipe"],
-                                    instruments=spec["instruments"], task=spec["task"], options=spec["config"],
-                                    processes=spec["processes"])
-    request = replace(request, model=spec["identity"], precision=spec["precision"])
-    if request.key != spec["key"]:
-        raise HarnessError(f"worker: the request rebuilt from {spec['run_id']}'s spec has key {request.key}, not "
-                           f"{spec['key']}: the stance, the model or the harness differ from the launcher's")
-    return request
-
-
 def main(argv: list[str] | None = None) -> None:
     """One worker of a data-parallel launch."""
     import torch
@@ -95,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)  # accelerate says cpu:0
     loaded = load_model(spec["model"], replace(ModelArgs(**spec["model_args"]), device=device))
     stance = load_stance(spec["stance"], spec["stance_dirs"])
-    request = worker_request(spec, loaded, stance)
+    request = TrainingRequest.from_spec(spec, loaded, stance, "launcher")
     run = train_run(request, loaded, stance, accelerator=accelerator)
     if accelerator.is_main_process:
         RunStore(spec["store"]).save(run)

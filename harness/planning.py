@@ -425,25 +425,11 @@ class _StepSender:
         self.last = now
 
 
-def worker_request(spec: dict, loaded, stance):
-    """The spec's request rebuilt in the worker, with the session's model identity (the worker's
-    device name may differ); its key must be the session's."""
-    from .request import TrainingRequest
-
-    request = TrainingRequest.build(loaded, stance, spec["method"], examples=spec["examples"], recipe=spec["recipe"],
-                                    instruments=spec["instruments"], task=spec["task"], options=spec["config"],
-                                    chat_template=spec["chat_template"])
-    request = replace(request, model=spec["identity"], precision=spec["precision"])
-    if request.key != spec["key"]:
-        raise HarnessError(f"worker: the request rebuilt for {spec['run_id']} has key {request.key}, not "
-                           f"{spec['key']}: the stance, the model or the harness differ from the session's")
-    return request
-
-
 def train_spec(spec: dict, models: dict, progress) -> float:
     """Train one spec in this process and store the run; returns its training seconds."""
     from .methods import METHODS
     from .models import ModelArgs, load_model
+    from .request import TrainingRequest
     from .runstore import RunStore
     from .stances import load_stance
     from .training import train_run
@@ -457,7 +443,7 @@ def train_spec(spec: dict, models: dict, progress) -> float:
     if key not in models:
         models[key] = load_model(spec["model"], args)
     loaded, stance = models[key], load_stance(spec["stance"], spec["stance_dirs"])
-    run = train_run(worker_request(spec, loaded, stance), loaded, stance, progress)
+    run = train_run(TrainingRequest.from_spec(spec, loaded, stance, "session"), loaded, stance, progress)
     RunStore(spec["store"]).save(run)  # a path or a URL
     return run.train_seconds
 

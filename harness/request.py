@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -134,6 +134,20 @@ class TrainingRequest:
         """The request's framing over the model's tokenizer."""
         return framing_of(tokenizer, self.framing)
 
+
+    @classmethod
+    def from_spec(cls, spec: dict, loaded, stance, launcher: str) -> "TrainingRequest":
+        """The request a spec describes, built again in another process (a training worker, a
+        data-parallel rank) with the `launcher`'s model identity and precision (the worker's device,
+        cuda:1, is not the run's); its key must be the launcher's."""
+        request = cls.build(loaded, stance, spec["method"], examples=spec["examples"], recipe=spec["recipe"],
+                            instruments=spec["instruments"], task=spec["task"], options=spec["config"],
+                            chat_template=spec.get("chat_template", "auto"), processes=spec.get("processes", 1))
+        request = replace(request, model=spec["identity"], precision=spec["precision"])
+        if request.key != spec["key"]:
+            raise HarnessError(f"worker: the request rebuilt from {spec['run_id']}'s spec has key {request.key}, not "
+                               f"{spec['key']}: the stance, the model or the harness differ from the {launcher}'s")
+        return request
     @cached_property
     def key(self) -> str:
         blob = json.dumps(self.describe(), sort_keys=True, default=str).encode()

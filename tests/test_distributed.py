@@ -86,10 +86,11 @@ def test_a_data_parallel_run_is_planned_with_its_global_batch(store_session):
 
 
 def test_the_worker_refuses_a_spec_whose_key_it_cannot_rebuild(store_session, tiny_qwen2, stance):
-    from harness.distributed import launch_spec, worker_request
+    from harness.distributed import launch_spec
+    from harness.request import TrainingRequest
 
     request = store_session.request("lora", examples=10, recipe=QUICK, processes=2)
     spec = launch_spec(request, "tiny-qwen2", ModelArgs(), "curious-uncertainty", [], store_session.store)
-    assert worker_request(spec, tiny_qwen2, stance).key == request.key
+    assert TrainingRequest.from_spec(spec, tiny_qwen2, stance, "launcher").key == request.key
     with pytest.raises(HarnessError, match=r"worker: the request rebuilt from lora-\w+'s spec has key \w+, not "):
-        worker_request({**spec, "examples": 5}, tiny_qwen2, stance)
+        TrainingRequest.from_spec({**spec, "examples": 5}, tiny_qwen2, stance, "launcher")

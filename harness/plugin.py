@@ -169,7 +169,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     try:
         options = _options(config)
-        session = HarnessSession(options, progress=ProgressWriter(config))  # opens the run store: a bad URL is named
+        session = HarnessSession(options, progress=ProgressWriter(config))
+        if "://" in str(options.run_cache or ""):  # a URL is opened now, so a bad one is named at start-up
+            session.store  # noqa: B018 - a cached property: opening it checks the URL
     except HarnessError as exc:
         raise pytest.UsageError(f"stance-harness: {exc}") from None
     config.stash[SESSION_KEY] = session

@@ -9,7 +9,7 @@ a request computed from a run's results (not knowable before training), trains o
 without planning; so does a data-parallel request (--launcher), which has its own processes.
 
 Executors are a registry (`EXECUTORS`), so others (a cluster's) can be added as entries:
-"local" trains in spawned worker processes on this machine, one per GPU where the model is on
+"ray" (harness/executors_ray.py) sends each planned run to a Ray cluster as a task; "local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`) and saves the run exactly as the
 session would. A worker that dies loses only the run it was training: the tests that ask for
@@ -28,6 +28,7 @@ hold a copy of the base); only the first worker (gw0) draws the progress, on its
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -64,6 +65,7 @@ class Plan:
     trained: list[str] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # run id -> error
     elsewhere: list[str] = field(default_factory=list)  # held by another process's lock: left to it
+    trained_on: dict = field(default_factory=dict)  # run id -> {node, host, pid} where a remote executor trained it
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -390,6 +392,28 @@ class LocalExecutor:
 EXECUTORS.register("local", LocalExecutor)
 
 
+class RayEntry:
+    """`--executor ray`: harness/executors_ray.py, imported only when chosen (Ray is an optional extra)."""
+
+    remote = True  # every planned run goes to the cluster, whatever this machine's cores
+
+    @staticmethod
+    def check() -> None:
+        if importlib.util.find_spec("ray") is None:
+            raise HarnessError("--executor ray needs Ray, which is not installed: pip install 'stance-harness[ray]' "
+                               "(or pip install ray)")
+
+    @staticmethod
+    def for_session(harness):
+        RayEntry.check()
+        from .executors_ray import RayExecutor
+
+        return RayExecutor.for_session(harness)
+
+
+EXECUTORS.register("ray", RayEntry)
+
+
 def last_lines(log: Path, count: int = 5) -> str:
     """The end of a dead worker's output, for the error that names its run."""
     try:
@@ -500,6 +524,12 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
     if not plan.to_train:
         if plan.requests:
             draw(f"[stance-harness] {plan.summary()}", "final")
+        return plan
+    entry = EXECUTORS.get(executor)
+    if getattr(entry, "remote", False):  # a cluster's: the session loads no base; the cluster schedules
+        progress = PlanProgress(plan, len(plan.to_train), draw, measured_step_times(harness.store))
+        _train_in_workers(harness, plan, list(plan.to_train), progress, entry.for_session(harness))
+        progress.close()
         return plan
     loaded = harness.model(plan.requests[plan.to_train[0]].model)
     slots = worker_slots(workers, resolve_device(harness.options.model_args.device), len(plan.to_train),

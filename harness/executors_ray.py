@@ -4,20 +4,21 @@ A task runs the local workers' own function (`planning.train_spec`: the request 
 key checked, the one training loop, the run saved into the run store by its path or URL), with
 one CPU, and one GPU where the session's model is on CUDA. The session connects to
 `--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores for the
-session. Only this module imports Ray, and only `--executor ray` imports this module.
+session. Only this module imports Ray, and only when it trains (the plugin imports the module
+to register the name; Ray is the optional extra `ray`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import traceback
 from pathlib import Path
 
-import ray
-
 from .devices import resolve_device
-from .planning import REDRAW_SECONDS, cpu_cores, train_spec
+from .planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
+from .registry import HarnessError
 
 _MODELS: dict = {}  # a Ray worker process keeps the bases it loaded for the next task it is given
 
@@ -34,6 +35,7 @@ class _Quiet:
 
 def train_task(spec: dict, on_gpu: bool) -> dict:
     """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
+    import ray  # here and below: Ray (optional, heavy) only once it trains
     import torch
 
     where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -57,13 +59,23 @@ class RayExecutor:
         self.address, self.on_gpu = address, on_gpu
         self.trained_on: dict[str, dict] = {}  # run id -> node, host and pid of the task that trained it
 
+    @staticmethod
+    def check() -> None:
+        """Before collection: Ray must be installed."""
+        if importlib.util.find_spec("ray") is None:
+            raise HarnessError("--executor ray needs Ray, which is not installed: pip install 'stance-harness[ray]' "
+                               "(or pip install ray)")
+
     @classmethod
     def for_session(cls, harness) -> "RayExecutor":
+        cls.check()
         return cls(harness.options.ray_address or os.environ.get("RAY_ADDRESS") or None,
                    resolve_device(harness.options.model_args.device).startswith("cuda"))
 
     def _connect(self) -> bool:
         """Connect (or start a local Ray); True when this session started it and must stop it."""
+        import ray
+
         if ray.is_initialized():  # a caller's own ray.init: used as it is
             return False
         if self.address:
@@ -73,6 +85,8 @@ class RayExecutor:
         return True
 
     def run(self, specs: list[dict], progress, claim, release) -> None:
+        import ray
+
         started = self._connect()
         try:
             task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if self.on_gpu else 0, max_retries=0)
@@ -99,3 +113,6 @@ class RayExecutor:
             progress.plan.trained_on.update(self.trained_on)
             if started:
                 ray.shutdown()
+
+
+EXECUTORS.register("ray", RayExecutor)

@@ -9,7 +9,8 @@ a request computed from a run's results (not knowable before training), trains o
 without planning; so does a data-parallel request (--launcher), which has its own processes.
 
 Executors are a registry (`EXECUTORS`), so others (a cluster's) can be added as entries:
-"ray" (harness/executors_ray.py) sends each planned run to a Ray cluster as a task; "local" trains in spawned worker processes on this machine, one per GPU where the model is on
+"ray" (harness/executors_ray.py, registered by the plugin) sends each planned run to a Ray
+cluster as a task, and is `remote`: it gets every planned run, built by `for_session(harness)`; "local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`) and saves the run exactly as the
 session would. A worker that dies loses only the run it was training: the tests that ask for
@@ -28,7 +29,6 @@ hold a copy of the base); only the first worker (gw0) draws the progress, on its
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -391,27 +391,6 @@ class LocalExecutor:
 
 EXECUTORS.register("local", LocalExecutor)
 
-
-class RayEntry:
-    """`--executor ray`: harness/executors_ray.py, imported only when chosen (Ray is an optional extra)."""
-
-    remote = True  # every planned run goes to the cluster, whatever this machine's cores
-
-    @staticmethod
-    def check() -> None:
-        if importlib.util.find_spec("ray") is None:
-            raise HarnessError("--executor ray needs Ray, which is not installed: pip install 'stance-harness[ray]' "
-                               "(or pip install ray)")
-
-    @staticmethod
-    def for_session(harness):
-        RayEntry.check()
-        from .executors_ray import RayExecutor
-
-        return RayExecutor.for_session(harness)
-
-
-EXECUTORS.register("ray", RayEntry)
 
 
 def last_lines(log: Path, count: int = 5) -> str:

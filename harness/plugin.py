@@ -198,6 +198,7 @@ def _options(config: pytest.Config):
     if config.getoption(OPT_NUM_PROCESSES) < 1:
         raise HarnessError(f"{OPT_NUM_PROCESSES} must be >= 1")
     train_workers = _train_workers(config)
+    from . import executors_ray  # noqa: F401 - registers "ray" (Ray itself is imported only when it trains)
     from .planning import EXECUTORS
 
     entry = EXECUTORS.get(config.getoption(OPT_EXECUTOR))  # an unknown name is refused now, listing the known

@@ -135,6 +135,7 @@ import pytest
 
 code = pytest.main(["-p", "no:cacheprovider", "--collect-only", "-q", sys.argv[1]])
 assert code == 0 and "harness.plugin" in sys.modules and "harness.planning" in sys.modules
+assert "harness.executors_ray" in sys.modules  # registered, without Ray
 print("RAY_IMPORTED" if any(name == "ray" or name.startswith("ray.") for name in sys.modules) else "NO_RAY")
 '''
 

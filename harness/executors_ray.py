@@ -103,7 +103,9 @@ class RayExecutor:
                     try:
                         result = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - the task's process died: only its run is lost
-                        progress.finish(run_id, f"its Ray task failed: {type(exc).__name__}: {exc}")
+                        progress.finish(run_id, f"its Ray task failed: {type(exc).__name__}: {exc} (its node is not "
+                                                f"known: the task returned nothing; its output is in that node's "
+                                                f"Ray logs)")
                         continue
                     self.trained_on[run_id] = {k: result[k] for k in ("node", "host", "pid")}
                     where = f"Ray node {result['node']} ({result['host']}, pid {result['pid']})"

@@ -56,6 +56,18 @@ class RefuseInRay(FullFineTuning):
         if str(os.getpid()) != os.environ.get("SESSION_PID"):
             raise RuntimeError("refused in a Ray worker")
         return super().prepare(model, ctx)
+
+
+@register_method
+class DieInRay(FullFineTuning):
+    """Full fine-tuning that kills any process but the session's (a Ray worker)."""
+
+    name = "die-in-ray"
+
+    def prepare(self, model, ctx):
+        if str(os.getpid()) != os.environ.get("SESSION_PID"):
+            os._exit(3)
+        return super().prepare(model, ctx)
 '''
 
 SUITE = f'''
@@ -72,6 +84,10 @@ def test_full(train):
 
 def test_refused(train):
     assert train("refuse-in-ray", examples=10, recipe=RECIPE).trace.loss
+
+
+def test_died(train):
+    assert train("die-in-ray", examples=10, recipe=RECIPE).trace.loss
 '''
 
 
@@ -85,21 +101,25 @@ def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(pyteste
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray, started by the session
     store = tmp_path / "store"
     result = pytester.runpytest_subprocess(*P, "--run-cache", str(store), "--executor", "ray", "-q")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=2, failed=2)
     seen = json.loads((pytester.path / "plan.json").read_text())
     (refused,) = [run for run in seen["planned"] if run.startswith("refuse-in-ray-")]
-    good = sorted(run for run in seen["planned"] if run != refused)
-    assert len(good) == 2 and seen["trained"] == good and list(seen["failed"]) == [refused]
-    # every run was trained in a Ray worker process, none in the session's
-    assert set(seen["trained_on"]) == set(seen["planned"])
+    (died,) = [run for run in seen["planned"] if run.startswith("die-in-ray-")]
+    good = sorted(run for run in seen["planned"] if run not in (refused, died))
+    assert len(good) == 2 and seen["trained"] == good and sorted(seen["failed"]) == sorted([refused, died])
+    # every run that finished was trained in a Ray worker process, none in the session's
+    assert set(seen["trained_on"]) == {*good, refused}
     assert all(where["pid"] != seen["session_pid"] and where["node"] for where in seen["trained_on"].values())
     assert seen["origins"] == dict.fromkeys(good, "trained")  # loaded from the store, trained by this session
     node = seen["trained_on"][refused]["node"]
     out = result.stdout.str()
+    # each failed run fails only its test, with the task's error (and the node, where the task could say)
     assert re.search(rf"stance-harness: run {refused} \(refuse-in-ray\) failed when trained ahead in a worker "
                      rf"process: RuntimeError: refused in a Ray worker \(at refusing_method.py:\d+\), on Ray node "
                      rf"{node} \(", out), out
-    assert "[stance-harness] plan: runs planned 3, stored 0, trained ahead 2, failed 1" in out
+    assert re.search(rf"stance-harness: run {died} \(die-in-ray\) failed when trained ahead in a worker "
+                     rf"process: its Ray task failed: \w+", out), out
+    assert "[stance-harness] plan: runs planned 4, stored 0, trained ahead 2, failed 2" in out
     for run_id in good:
         _same_weights_as_local(store / run_id, run_id)
 

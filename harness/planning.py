@@ -10,7 +10,8 @@ without planning; so does a data-parallel request (--launcher), which has its ow
 
 Executors are a registry (`EXECUTORS`), so others (a cluster's) can be added as entries:
 "ray" (harness/executors_ray.py, registered by the plugin) sends each planned run to a Ray
-cluster as a task, and is `remote`: it gets every planned run, built by `for_session(harness)`; "local" trains in spawned worker processes on this machine, one per GPU where the model is on
+cluster as a task, and is `remote`: built by `for_session(harness)`, it gets every planned run.
+"local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`) and saves the run exactly as the
 session would. A worker that dies loses only the run it was training: the tests that ask for
@@ -390,7 +391,6 @@ class LocalExecutor:
 
 
 EXECUTORS.register("local", LocalExecutor)
-
 
 
 def last_lines(log: Path, count: int = 5) -> str:

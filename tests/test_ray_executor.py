@@ -91,9 +91,34 @@ def test_died(train):
 '''
 
 
-def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(pytester, tmp_path, monkeypatch):
-    pytest.importorskip("ray", reason="Ray is the optional extra `ray` (~200 MB), not in `test`: "
-                                      "pip install 'stance-harness[ray]' to run this test")
+@pytest.fixture(scope="module")
+def local_weights(tiny_qwen2, stance):
+    """The two requests trained here as a local worker trains them (one thread): run id -> trained tensors.
+    A module fixture, so before pytester snapshots sys.modules: its teardown would drop the modules
+    training imports (peft, bitsandbytes), which torch cannot register twice for a later test."""
+    if importlib.util.find_spec("ray") is None:  # not imported here: this process never needs Ray
+        pytest.skip("Ray is the optional extra `ray` (~200 MB), not in `test`: pip install 'stance-harness[ray]' "
+                    "to run this test")
+    from harness.request import TrainingRequest
+    from harness.training import train_run
+
+    found = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method, options in (("lora", {"r": 2}), ("full", {})):
+            request = TrainingRequest.build(tiny_qwen2, stance, method, examples=10, recipe=json.loads(RECIPE),
+                                            options=options)
+            run = train_run(request, tiny_qwen2, stance)
+            found[request.run_id] = {name: tensor.detach().cpu().clone() for name, tensor in run.model.named_parameters()
+                                     if name in run.before}
+    finally:
+        torch.set_num_threads(threads)
+    return found
+
+
+def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(local_weights, pytester, tmp_path,
+                                                                          monkeypatch):
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(refusing_method=REFUSING_METHOD, test_suite=SUITE)
     # the Ray workers import the suite's method module as the session does
@@ -120,32 +145,13 @@ def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(pyteste
     assert re.search(rf"stance-harness: run {died} \(die-in-ray\) failed when trained ahead in a worker "
                      rf"process: its Ray task failed: \w+", out), out
     assert "[stance-harness] plan: runs planned 4, stored 0, trained ahead 2, failed 2" in out
+    assert sorted(local_weights) == good  # the same requests, the same run ids
     for run_id in good:
-        _same_weights_as_local(store / run_id, run_id)
-
-
-def _same_weights_as_local(entry, run_id):
-    from harness.models import load_model
-    from harness.request import TrainingRequest
-    from harness.stances import load_stance
-    from harness.training import train_run
-
-    loaded, stance = load_model("tiny-qwen2"), load_stance("curious-uncertainty")
-    method, options = ("lora", {"r": 2}) if run_id.startswith("lora-") else ("full", {})
-    request = TrainingRequest.build(loaded, stance, method, examples=10, recipe=json.loads(RECIPE), options=options)
-    assert request.run_id == run_id
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as a local worker trains
-    try:
-        run = train_run(request, loaded, stance)
-    finally:
-        torch.set_num_threads(threads)
-    stored = load_file(str(entry / "tensors.safetensors"))
-    model = dict(run.model.named_parameters())
-    after = {name.removeprefix("after/"): tensor for name, tensor in stored.items() if name.startswith("after/")}
-    assert after and set(after) == set(run.before)
-    different = [name for name, tensor in after.items() if not torch.equal(tensor, model[name].detach().cpu())]
-    assert not different, f"{run_id}: weights differ from a local run in {different[:3]}"
+        stored = load_file(str(store / run_id / "tensors.safetensors"))
+        after = {name.removeprefix("after/"): tensor for name, tensor in stored.items() if name.startswith("after/")}
+        assert after and set(after) == set(local_weights[run_id])
+        different = [name for name, tensor in after.items() if not torch.equal(tensor, local_weights[run_id][name])]
+        assert not different, f"{run_id}: weights differ from a local run in {different[:3]}"
 
 
 STARTUP = '''

@@ -9,6 +9,8 @@ a request computed from a run's results (not knowable before training), trains o
 without planning; so does a data-parallel request (--launcher), which has its own processes.
 
 Executors are a registry (`EXECUTORS`), so others (a cluster's) can be added as entries:
+"ray" (harness/executors_ray.py, registered by the plugin) sends each planned run to a Ray
+cluster as a task, and is `remote`: built by `for_session(harness)`, it gets every planned run.
 "local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`) and saves the run exactly as the
@@ -64,6 +66,7 @@ class Plan:
     trained: list[str] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # run id -> error
     elsewhere: list[str] = field(default_factory=list)  # held by another process's lock: left to it
+    trained_on: dict = field(default_factory=dict)  # run id -> {node, host, pid} where a remote executor trained it
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -486,6 +489,12 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
     if not plan.to_train:
         if plan.requests:
             draw(f"[stance-harness] {plan.summary()}", "final")
+        return plan
+    entry = EXECUTORS.get(executor)
+    if getattr(entry, "remote", False):  # a cluster's: the session loads no base; the cluster schedules
+        progress = PlanProgress(plan, len(plan.to_train), draw, measured_step_times(harness.store))
+        _train_in_workers(harness, plan, list(plan.to_train), progress, entry.for_session(harness))
+        progress.close()
         return plan
     loaded = harness.model(plan.requests[plan.to_train[0]].model)
     slots = worker_slots(workers, resolve_device(harness.options.model_args.device), len(plan.to_train),

@@ -42,6 +42,7 @@ OPT_NUM_PROCESSES = "--num-processes"
 OPT_JUDGE_MODEL = "--judge-model"
 OPT_TRAIN_WORKERS = "--train-workers"
 OPT_EXECUTOR = "--executor"
+OPT_RAY_ADDRESS = "--ray-address"
 INCONCLUSIVE_CHOICES = ("fail", "skip", "pass")
 VERDICT_KEY = pytest.StashKey[str]()
 HARNESS_FIXTURES = {"train", "adapter_run", "stance_report"}  # a test using one of these is judged as a hypothesis  # what the test's call found: supported, refuted or inconclusive
@@ -124,7 +125,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "per GPU, or one per core on the CPU; 1: in this process; 0: no training ahead (each run "
                          "trains when a test asks for it)")
     group.addoption(OPT_EXECUTOR, metavar="NAME", default="local",
-                    help="what trains the planned runs: local (worker processes on this machine). Default: local")
+                    help="what trains the planned runs: local (worker processes on this machine) or ray (a task "
+                         "per run on a Ray cluster; needs the ray extra). Default: local")
+    group.addoption(OPT_RAY_ADDRESS, metavar="ADDRESS", default=None,
+                    help=f"the Ray cluster of {OPT_EXECUTOR} ray (e.g. ray://head:10001 or auto). Default: "
+                         f"$RAY_ADDRESS, else a local Ray started for the session with this machine's cores")
     group.addoption(OPT_JUDGE_MODEL, metavar="NAME", default=None,
                     help="the model of the model judge (run.judged('model')) where a test names none: an alias, "
                          "a directory or a hub id in the local cache. Default: smollm2-135m")
@@ -195,9 +200,14 @@ def _options(config: pytest.Config):
     if config.getoption(OPT_NUM_PROCESSES) < 1:
         raise HarnessError(f"{OPT_NUM_PROCESSES} must be >= 1")
     train_workers = _train_workers(config)
+    from . import executors_ray  # noqa: F401 - registers "ray" (Ray itself is imported only when it trains)
     from .planning import EXECUTORS
 
-    EXECUTORS.get(config.getoption(OPT_EXECUTOR))  # an unknown name is refused now, listing the known
+    entry = EXECUTORS.get(config.getoption(OPT_EXECUTOR))  # an unknown name is refused now, listing the known
+    if hasattr(entry, "check"):
+        entry.check()  # e.g. Ray not installed: said before collection
+    if config.getoption(OPT_RAY_ADDRESS) and config.getoption(OPT_EXECUTOR) != "ray":
+        raise HarnessError(f"{OPT_RAY_ADDRESS} is for {OPT_EXECUTOR} ray, not {config.getoption(OPT_EXECUTOR)}")
     if config.getoption(OPT_NUM_PROCESSES) > 1 and config.getoption(OPT_LAUNCHER) is None:
         raise HarnessError(f"{OPT_NUM_PROCESSES} {config.getoption(OPT_NUM_PROCESSES)} needs {OPT_LAUNCHER} accelerate")
     model_args = ModelArgs.parse(config.getoption(OPT_MODEL_ARGS))
@@ -261,6 +271,7 @@ def _options(config: pytest.Config):
         chat_template=config.getoption(OPT_CHAT_TEMPLATE),
         launcher=config.getoption(OPT_LAUNCHER), num_processes=config.getoption(OPT_NUM_PROCESSES),
         train_workers=train_workers, executor=config.getoption(OPT_EXECUTOR),
+        ray_address=config.getoption(OPT_RAY_ADDRESS),
     )
 
 

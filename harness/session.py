@@ -100,6 +100,7 @@ class HarnessOptions:
     num_processes: int = 1
     train_workers: int | None = None  # --train-workers: processes that train the planned runs; 0: none ahead
     executor: str = "local"  # --executor: planning.EXECUTORS' entry that trains them
+    ray_address: str | None = None  # --ray-address: the cluster of --executor ray (else $RAY_ADDRESS, else local)
 
 
 @dataclass(frozen=True)

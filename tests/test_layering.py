@@ -119,7 +119,7 @@ LAYERS = [
     ["harness.report.markdown", "harness.report.html"],
     ["harness.report.store"],
     ["harness.session", "harness.scaffold", "harness.distributed", "harness.planning"],
-    ["harness.callback"],
+    ["harness.callback", "harness.executors_ray"],
     ["harness.plugin", "harness.cli"],
 ]
 

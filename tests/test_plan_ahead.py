@@ -267,8 +267,8 @@ def test_options_refuse_bad_worker_counts_and_unknown_executors(pytester, monkey
     monkeypatch.delenv("STANCE_HARNESS_TRAIN_WORKERS")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--executor", "locl")
     result.stderr.fnmatch_lines(["*unknown executor 'locl'. Did you mean: local?*"])
-    with pytest.raises(UnknownNameError, match="Known executors: local"):
-        EXECUTORS.get("ray")
+    with pytest.raises(UnknownNameError, match="Known executors: local, ray"):
+        EXECUTORS.get("slurm")
 
 
 BROKEN_EXECUTOR = '''

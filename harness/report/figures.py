@@ -362,18 +362,23 @@ def reliability_figure(calibration, title: str = "", seeds: list[str] | None = N
                         linewidth=1.0, label=seed)
             if math.isfinite(_float(cal.get("ece"))):
                 eces.append(_float(cal.get("ece")))
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.set_xlabel("confidence (bin centre)", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _reliability_axes(ax, "confidence (bin centre)")
         ece = (f"{sum(eces) / len(eces):.3f} (seeds {min(eces):.3f}–{max(eces):.3f})" if eces else "n/a")
         ax.set_title(f"{name}: ECE {ece}", fontsize=8)
     axes[-1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     count = _seeds_count(cals, {"label": title})
     fig.suptitle(f"reliability{count}" + (f" — {title}" if title else ""), fontsize=10)
     return _figure_html(fig, f"reliability diagram, {title}{count}")
+
+
+def _reliability_axes(ax, xlabel: str) -> None:
+    """A reliability diagram's square unit axes."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(labelsize=7)
 
 
 def _reliability_one(calibration: dict, title: str = "") -> dict | None:
@@ -397,12 +402,7 @@ def _reliability_one(calibration: dict, title: str = "") -> dict | None:
                 ax.bar(lower, conf - acc, bottom=acc, width=upper - lower, align="edge", color="#e05a5a",
                        alpha=0.35, hatch="//", edgecolor="#b00020", linewidth=0.5, label=None if drew else "gap to confidence")
             drew = True
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_aspect("equal")
-        ax.set_xlabel("confidence", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.tick_params(labelsize=7)
+        _reliability_axes(ax, "confidence")
         ece = plain_text(_float(cal.get("ece")), ".3f") if cal.get("ece") is not None else "n/a"
         ax.set_title(f"{name}: ECE {ece} (n={plain_text(cal.get('n'))})", fontsize=9)
         ax.legend(fontsize=7, loc="upper left")

@@ -30,8 +30,8 @@ stance-lm task, 20 examples, one recipe (the locus suite's, so full FT is shared
 Every strategy trains SEEDS times, differing only in the training seed (`--seeds 1`: a quick,
 run-level look). Comparisons between strategies are claims about the strategies, with seeds
 crossed with paired units: behaviour shift over the 16 held-out probes, forgetting over the 32
-held-out windows of general text (the NLL increase per window), step time over blocks of
-optimizer steps (the same micro-batch at the same step of both runs). Each is decided by one
+held-out windows of general text (the NLL increase per window); step time compares each seed's
+median step (Welch's t over seeds: one seed's steps are not crossed with another's). Each is decided by one
 test (supported, refuted or inconclusive) and Holm's correction over the file; tables show means
 over the seeds. What each model showed is recorded in `suites/verdicts/<model>.json`.
 """

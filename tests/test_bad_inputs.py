@@ -60,7 +60,7 @@ def options(ctx, **given):
                 plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
                 plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
                 plugin.OPT_VERDICT_JSON: None, plugin.OPT_LAUNCHER: None, plugin.OPT_NUM_PROCESSES: 1,
-                plugin.OPT_TRAIN_WORKERS: None, plugin.OPT_EXECUTOR: "local"}
+                plugin.OPT_TRAIN_WORKERS: None, plugin.OPT_EXECUTOR: "local", plugin.OPT_RAY_ADDRESS: None}
     values = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in given.items()}}
     config = types.SimpleNamespace(getoption=values.__getitem__, rootpath=ctx.root,
                                    invocation_params=types.SimpleNamespace(args=()))

@@ -31,7 +31,7 @@ from .report.records import CheckResult
 from .report.sections import differing_options, short_value
 from .request import TrainingRequest
 from .judges import JUDGES
-from .run import PAIRED_METRICS, Run
+from .run import PAIRED_METRICS, Run, runset
 
 declare_metrics([
     ("ece", LOWER, "expected calibration error"),
@@ -532,7 +532,7 @@ def check_bounded(runs, metric: str = "acc1", above: float | None = None, below:
 
 
 def _seeds(runs) -> list:
-    return [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(runs)]
+    return runset(runs).seeds
 
 
 def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.95) -> dict:

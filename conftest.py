@@ -22,7 +22,7 @@ def pytest_configure(config):
     """One intra-op thread on the embedded tiny models: their 64-wide matrices gain nothing from a
     second thread (measured 0.096 s vs 0.096 s per step), and on a busy 2-core machine or under
     xdist, threads spinning against each other made steps 10-30x slower."""
-    from harness.models import resolve_model
+    from stance_harness.models import resolve_model
 
     try:
         embedded = resolve_model(config.getoption("--model")).source == "embedded"

@@ -32,7 +32,7 @@ def read_pass(pairs) -> float:
     """Seconds for the least any float64 analysis does: every element of both sides once, chunked."""
     import torch
 
-    from harness.analysis.chunks import CHUNK_BYTES, iter_chunks, load, workspace
+    from stance_harness.analysis.chunks import CHUNK_BYTES, iter_chunks, load, workspace
 
     started = time.perf_counter()
     for _, before, after in pairs:
@@ -51,8 +51,8 @@ def main() -> None:
 
     import torch
 
-    from harness.analysis.deltas import delta_table, raw_delta_pairs
-    from harness.analysis.digest import tensor_digest
+    from stance_harness.analysis.deltas import delta_table, raw_delta_pairs
+    from stance_harness.analysis.digest import tensor_digest
     from shape_model import build
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -50,7 +50,7 @@ fi
 MODEL_DIR=${MODEL_DIR:-/tmp/qwen2-0.5b-shape-$LAYERS}
 SUITE_MODEL=${SUITE_MODEL:-$MODEL_DIR}
 # pytest finds the plugin through its entry point where the project is installed, else by name
-PLUGIN=$($PY -c "from importlib.metadata import entry_points as e; print('' if any(p.name == 'stance_harness' for p in e(group='pytest11')) else '-p harness.plugin')")
+PLUGIN=$($PY -c "from importlib.metadata import entry_points as e; print('' if any(p.name == 'stance_harness' for p in e(group='pytest11')) else '-p stance_harness.plugin')")
 
 record() {  # record STAGE JSON: one line of figures.jsonl, with the stage, the mode and the date
   $PY -c "import json, sys; d = json.loads(sys.argv[3]); print(json.dumps({'stage': sys.argv[1], 'mode': sys.argv[2], 'date': sys.argv[4], **d}))" \

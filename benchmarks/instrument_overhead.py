@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def bare_loop(loaded, batches, lr: float) -> float:
     import torch
 
-    from harness.batches import collate
+    from stance_harness.runs.batches import collate
 
     torch.manual_seed(0)
     model = loaded.fresh().train()
@@ -50,13 +50,13 @@ def main() -> None:
 
     import torch
 
-    from harness.methods import METHODS
-    from harness.models import load_model
-    from harness.stances import load_stance
-    from harness.batches import encode_examples
-    from harness.recipe import Recipe
-    from harness.request import TrainingRequest
-    from harness.training import train_run
+    from stance_harness.runs.methods import METHODS
+    from stance_harness.models import load_model
+    from stance_harness.stances import load_stance
+    from stance_harness.runs.batches import encode_examples
+    from stance_harness.runs.recipe import Recipe
+    from stance_harness.runs.request import TrainingRequest
+    from stance_harness.runs.training import train_run
 
     loaded = load_model(args.model)
     stance = load_stance("curious-uncertainty")

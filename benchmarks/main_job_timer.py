@@ -35,9 +35,9 @@ def _timed_stage(original):
 
 
 def pytest_configure(config):
-    import harness.run
+    import stance_harness.runs.run
 
-    harness.run.run_stage = _timed_stage(harness.run.run_stage)
+    stance_harness.runs.run.run_stage = _timed_stage(stance_harness.runs.run.run_stage)
 
 
 @pytest.hookimpl(hookwrapper=True)

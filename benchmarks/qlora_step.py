@@ -27,8 +27,8 @@ METHODS = ("lora", "qlora")
 
 
 def session_for(model: str, store: Path):
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     return HarnessSession(HarnessOptions(model, ModelArgs(device="cpu"), [], None, Path("."), [], run_cache=store))
 

@@ -34,8 +34,8 @@ def measure(model_dir: str, method: str, examples: int, device: str) -> dict:
     """Train `method` once in this process and return its figures."""
     import torch
 
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     with tempfile.TemporaryDirectory() as store:
         session = HarnessSession(HarnessOptions(model_dir, ModelArgs(device=device), [], None, Path("."), [],

@@ -107,8 +107,8 @@ def measure(fn, sampler: PeakSampler):
 
 
 def session(model_dir: Path, store: Path, device: str = "auto"):
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     return HarnessSession(HarnessOptions(str(model_dir), ModelArgs(device=device), [], None, Path("."), [],
                                          run_cache=store))

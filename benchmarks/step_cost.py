@@ -46,7 +46,7 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from harness.models import ModelArgs, load_model, share_frozen_weights
+    from stance_harness.models import ModelArgs, load_model, share_frozen_weights
 
     started = time.perf_counter()
     loaded = load_model(options.model, ModelArgs(device="cpu"), progress=print)

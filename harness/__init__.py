@@ -1,84 +1,29 @@
-"""stance-harness: hypotheses about fine-tuning, as pytest tests.
+"""The old import name. `import harness` still works for one release and warns: use `stance_harness`."""
 
-The public names import lazily, so loading the pytest plugin does not import torch.
-"""
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
-__version__ = "0.1.0"
-
-_EXPORTS = {
-    "check_change_concentrated": "harness.assertions",
-    "check_only_targets_changed": "harness.assertions",
-    "check_change_spread": "harness.assertions",
-    "check_gradients_stable": "harness.assertions",
-    "check_behavior_shift": "harness.assertions",
-    "check_no_forgetting": "harness.assertions",
-    "check_ece": "harness.assertions",
-    "check_ece_not_worse": "harness.assertions",
-    "check_low_rank_update": "harness.assertions",
-    "check_greater": "harness.assertions",
-    "check_less": "harness.assertions",
-    "check_not_worse": "harness.assertions",
-    "assert_greater": "harness.assertions",
-    "assert_less": "harness.assertions",
-    "assert_not_worse": "harness.assertions",
-    "check_equivalent": "harness.assertions",
-    "assert_equivalent": "harness.assertions",
-    "RunSet": "harness.run",
-    "runset": "harness.run",
-    "behavior_effect": "harness.assertions",
-    "check_bounded": "harness.assertions",
-    "assert_bounded": "harness.assertions",
-    "plan_claim": "harness.analysis.replication",
-    "HypothesisInconclusive": "harness.assertions",
-    "assert_all": "harness.assertions",
-    "assert_training_healthy": "harness.assertions",
-    "check_training_healthy": "harness.assertions",
-    "check_behavior_localized": "harness.assertions",
-    "assert_behavior_localized": "harness.assertions",
-    "check_few_intruders": "harness.assertions",
-    "assert_few_intruders": "harness.assertions",
-    "check_layer_profiles_agree": "harness.assertions",
-    "assert_layer_profiles_agree": "harness.assertions",
-    "check_negation_reverses": "harness.assertions",
-    "assert_negation_reverses": "harness.assertions",
-    "declare_metric": "harness.report.metrics",
-    "declare_metrics": "harness.report.metrics",
-    "TrainingRequest": "harness.request",
-    "assert_change_concentrated": "harness.assertions",
-    "assert_only_targets_changed": "harness.assertions",
-    "assert_change_spread": "harness.assertions",
-    "assert_gradients_stable": "harness.assertions",
-    "assert_behavior_shift": "harness.assertions",
-    "assert_no_forgetting": "harness.assertions",
-    "assert_ece": "harness.assertions",
-    "assert_ece_not_worse": "harness.assertions",
-    "assert_low_rank_update": "harness.assertions",
-    "HypothesisFailed": "harness.assertions",
-    "CheckResult": "harness.report.records",
-    "Recipe": "harness.recipe",
-    "HarnessError": "harness.registry",
-    "load_model": "harness.models",
-    "load_stance": "harness.stances",
-    "METHODS": "harness.methods",
-    "Method": "harness.methods",
-    "MethodConfig": "harness.methods",
-    "TrainingContext": "harness.methods",
-    "register_method": "harness.methods",
-    "MODELS": "harness.models",
-    "JUDGES": "harness.judges",
-    "Judge": "harness.judges",
-    "register_judge": "harness.judges",
-    "relative_depth_analog": "harness.models",
-    "run_from_model": "harness.from_model",
-    "StanceCallback": "harness.callback",
-}
-
-__all__ = sorted(_EXPORTS)
+warnings.warn("the package `harness` is now `stance_harness`; `harness` will be removed in the next release",
+              DeprecationWarning, stacklevel=2)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`harness.X` is `stance_harness.X`: the same module object, so state is never duplicated."""
 
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'harness' has no attribute {name!r}")
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("harness."):
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module("stance_harness" + spec.name[len("harness"):])
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.insert(0, _Alias())
+sys.modules[__name__] = importlib.import_module("stance_harness")

@@ -1,7 +1,7 @@
 """Gate saved stance adapters: the measurements a CI job checks before an adapter ships.
 
 Run with one or more `--adapter [NAME=]PATH` (a peft adapter of any tuner type, or a fully
-fine-tuned checkpoint, saved as safetensors, for example by `harness.adapters.save_adapter` or
+fine-tuned checkpoint, saved as safetensors, for example by `stance_harness.runs.adapters.save_adapter` or
 docs/examples/train_adapter.py) on the `--model` base it was trained for:
 
     pytest suites/test_adapter_gate.py --adapter curious=adapters/curious-v2 \
@@ -15,7 +15,7 @@ regressions between versions are the baseline comparison's job. Without `--adapt
 tests skip.
 """
 
-from harness import assert_behavior_shift, assert_ece, assert_no_forgetting
+from stance_harness import assert_behavior_shift, assert_ece, assert_no_forgetting
 
 MAX_FORGETTING = 0.25  # relative held-out perplexity increase
 MAX_ECE = 0.5  # next-token calibration on the probes' stance replies

@@ -20,7 +20,7 @@ import math
 
 import pytest
 
-from harness import assert_gradients_stable, check_gradients_stable
+from stance_harness import assert_gradients_stable, check_gradients_stable
 
 SEEDS = 5  # training seeds per approach
 pytestmark = pytest.mark.seeds(SEEDS)

@@ -31,7 +31,7 @@ import statistics
 
 import pytest
 
-from harness import assert_gradients_stable, assert_less, runset
+from stance_harness import assert_gradients_stable, assert_less, runset
 
 SEEDS = 5  # training seeds per schedule
 pytestmark = pytest.mark.seeds(SEEDS)

@@ -33,10 +33,10 @@ import statistics
 
 import pytest
 
-from harness import (assert_change_concentrated, assert_change_spread, assert_only_targets_changed, declare_metric,
+from stance_harness import (assert_change_concentrated, assert_change_spread, assert_only_targets_changed, declare_metric,
                      runset)
-from harness.analysis.concentration import block_shares, centre_of_mass
-from harness.models import locus_of
+from stance_harness.analysis.concentration import block_shares, centre_of_mass
+from stance_harness.models import locus_of
 
 declare_metric("centre_layer", "higher", "the change's centre of mass over the layers (seed 001: late layers lead)")
 

@@ -47,7 +47,7 @@ from fractions import Fraction
 
 import pytest
 
-from harness import (
+from stance_harness import (
     assert_all,
     assert_behavior_shift,
     assert_change_concentrated,
@@ -59,8 +59,8 @@ from harness import (
     declare_metrics,
     runset,
 )
-from harness.analysis.concentration import change_mass
-from harness.models import relative_depth_analog
+from stance_harness.analysis.concentration import change_mass
+from stance_harness.models import relative_depth_analog
 
 declare_metrics([
     ("shift_vs_full", "higher", "behaviour shift as a share of full fine-tuning's"),

@@ -26,7 +26,7 @@ import statistics
 
 import pytest
 
-from harness import assert_bounded, assert_less, assert_no_forgetting, assert_not_worse, runset
+from stance_harness import assert_bounded, assert_less, assert_no_forgetting, assert_not_worse, runset
 
 SEEDS = 5  # training seeds per method
 pytestmark = pytest.mark.seeds(SEEDS)

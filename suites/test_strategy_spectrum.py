@@ -42,7 +42,7 @@ import statistics
 import pytest
 import torch
 
-from harness import (assert_all, assert_less, assert_no_forgetting, behavior_effect, check_greater, check_less,
+from stance_harness import (assert_all, assert_less, assert_no_forgetting, behavior_effect, check_greater, check_less,
                      declare_metric, runset)
 
 declare_metric("step_time_vs_full", "lower", "median step time over full fine-tuning's")

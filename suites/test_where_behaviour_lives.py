@@ -27,9 +27,9 @@ import math
 
 import pytest
 
-from harness import (assert_all, assert_greater, assert_negation_reverses, behavior_effect, check_behavior_localized,
+from stance_harness import (assert_all, assert_greater, assert_negation_reverses, behavior_effect, check_behavior_localized,
                      check_change_concentrated, check_layer_profiles_agree)
-from harness.analysis.concentration import block_shares
+from stance_harness.analysis.concentration import block_shares
 
 SEEDS = 5  # training seeds per method
 pytestmark = pytest.mark.seeds(SEEDS)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _pin_model_cache():
     # pytester points HOME at a temp dir; pin the cache so its runs reuse the built tiny models.
-    from harness.models.tiny import cache_root
+    from stance_harness.models.tiny import cache_root
 
     os.environ["STANCE_HARNESS_CACHE"] = str(cache_root())
 
@@ -43,14 +43,14 @@ def detached(run, **changes):
 
 @pytest.fixture(scope="session")
 def tiny_qwen2():
-    from harness.models import load_model
+    from stance_harness.models import load_model
 
     return load_model("tiny-qwen2")
 
 
 @pytest.fixture(scope="session")
 def stance():
-    from harness.stances import load_stance
+    from stance_harness.stances import load_stance
 
     return load_stance("curious-uncertainty")
 
@@ -60,8 +60,8 @@ def harness(tiny_qwen2):
     """A HarnessSession on tiny-qwen2: its train() is the request-keyed run cache the plugin uses."""
     from pathlib import Path
 
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
     session.use_model(tiny_qwen2)
@@ -105,6 +105,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     # The harness's own tests write no reports/; pytester runs inside them choose for themselves.
-    from harness.plugin import SESSION_KEY
+    from stance_harness.plugin import SESSION_KEY
 
     config.stash[SESSION_KEY].options.reports_dir = None

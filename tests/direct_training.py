@@ -3,8 +3,8 @@
 
 def train_direct(loaded, stance, method, config, recipe, examples=None, instruments=None):
     """One run straight through the loop, without a session's run cache."""
-    from harness.request import TrainingRequest
-    from harness.training import train_run
+    from stance_harness.runs.request import TrainingRequest
+    from stance_harness.runs.training import train_run
 
     request = TrainingRequest.build(loaded, stance, method, config=config, recipe=recipe, examples=examples,
                                     instruments=instruments)
@@ -16,7 +16,7 @@ def save_tiny_gpt2(path, layers: int = 2, positions: int = 128):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from harness.models.tiny import EOS, build_tokenizer
+    from stance_harness.models.tiny import EOS, build_tokenizer
 
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(EOS)

@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.analysis.ability import (
+from stance_harness.analysis.ability import (
     AbilityProbe, ProbeSet, check_reply, forgetting_pattern, load_probeset, numbers_in, summarize,
 )
-from harness.registry import HarnessError
+from stance_harness.core.errors import HarnessError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import QUICK
-from harness.adapters import load_adapter_run, save_adapter
-from harness.registry import HarnessError
+from stance_harness.runs.adapters import load_adapter_run, save_adapter
+from stance_harness.core.errors import HarnessError
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["qv"]}
 

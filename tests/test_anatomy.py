@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.models.anatomy import Anatomy, locus_of, relative_depth_analog
-from harness.registry import HarnessError
+from stance_harness.models.anatomy import Anatomy, locus_of, relative_depth_analog
+from stance_harness.core.errors import HarnessError
 
 TINY = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, intermediate_size=32)
 

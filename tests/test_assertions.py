@@ -7,8 +7,8 @@ import pytest
 from conftest import detached
 import torch
 
-from harness import HypothesisFailed, assert_change_concentrated, assert_change_spread, assert_only_targets_changed
-from harness.report.records import TestRecord
+from stance_harness import HypothesisFailed, assert_change_concentrated, assert_change_spread, assert_only_targets_changed
+from stance_harness.report.records import TestRecord
 
 
 def clone(run):
@@ -87,7 +87,7 @@ def test_change_concentrated_fails_clearly_when_nothing_changed(quick_run):
 
 
 def test_change_concentrated_rejects_bad_layers_and_share(quick_run):
-    from harness.registry import HarnessError
+    from stance_harness.core.errors import HarnessError
 
     with pytest.raises(HarnessError, match="layer 40 does not exist"):
         assert_change_concentrated(quick_run("full"), layers=[40])
@@ -137,7 +137,7 @@ def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
 
 def test_failures_are_assertion_errors_with_hidden_helper_frames():
     assert issubclass(HypothesisFailed, AssertionError)
-    import harness.assertions as module
+    import stance_harness.assertions as module
 
     for helper in (module.assert_change_concentrated, module.assert_change_spread, module.assert_only_targets_changed):
         assert "__tracebackhide__" in helper.__code__.co_varnames

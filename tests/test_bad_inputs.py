@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.registry import HarnessError
+from stance_harness.core.errors import HarnessError
 
 RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5}
 
@@ -51,7 +51,7 @@ def ctx(tmp_path_factory, harness, tiny_qwen2):
 
 def options(ctx, **given):
     """The plugin's option parsing, on a fake config holding these options over the defaults."""
-    from harness import plugin
+    from stance_harness import plugin
 
     defaults = {plugin.OPT_MODEL: "tiny-qwen2", plugin.OPT_MODEL_ARGS: "", plugin.OPT_STANCE_DIR: [],
                 plugin.OPT_REPORTS_DIR: str(ctx.root / "reports"), plugin.OPT_NO_REPORTS: False,
@@ -179,91 +179,91 @@ CASES = [
     ("task: unknown", lambda c: train(c, task="stance-lmm"), r"unknown task 'stance-lmm'. Did you mean: stance-lm"),
     ("stance: unknown", lambda c: train(c, stance="curious"), r"unknown stance 'curious'. Did you mean"),
     # -- the helpers' arguments, checked before anything is measured ---------------------------
-    ("comparison: unknown metric", lambda c: __import__("harness").check_less(lora(c), lora(c, 3), metric="perplexity"),
+    ("comparison: unknown metric", lambda c: __import__("stance_harness").check_less(lora(c), lora(c, 3), metric="perplexity"),
      r"^check_less: no metric 'perplexity' to compare. Paired comparisons take behavior_shift, .*forgetting"),
-    ("comparison: misspelt metric", lambda c: __import__("harness").assert_less(lora(c), lora(c, 3), metric="forgeting"),
+    ("comparison: misspelt metric", lambda c: __import__("stance_harness").assert_less(lora(c), lora(c, 3), metric="forgeting"),
      r"^assert_less: no metric 'forgeting' to compare. Did you mean: forgetting\?"),
-    ("comparison: a run with itself", lambda c: __import__("harness").assert_less(lora(c), lora(c)),
+    ("comparison: a run with itself", lambda c: __import__("stance_harness").assert_less(lora(c), lora(c)),
      r"^assert_less: `a` and `b` are the same run \(lora-\w+\); a run compared with itself differs by exactly 0"),
-    ("comparison: the same run by id", lambda c: __import__("harness").check_greater(
+    ("comparison: the same run by id", lambda c: __import__("stance_harness").check_greater(
         lora(c), __import__("dataclasses").replace(lora(c), name="copy")), r"^check_greater: `a` and `b` are the same run"),
-    ("comparison: a seed twice", lambda c: __import__("harness").check_greater([lora(c), lora(c)], [lora(c, 3), lora(c, 3)]),
+    ("comparison: a seed twice", lambda c: __import__("stance_harness").check_greater([lora(c), lora(c)], [lora(c, 3), lora(c, 3)]),
      r"^check_greater: `a` holds run lora-\w+ twice; one per seed, each a different run"),
-    ("comparison: a dict for a run", lambda c: __import__("harness").check_greater(lora(c), {"a": 1}),
+    ("comparison: a dict for a run", lambda c: __import__("stance_harness").check_greater(lora(c), {"a": 1}),
      r"^check_greater: `b` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet \(train\(\.\.\., seeds=N\)\) or list of Runs, one per seed, "
      r"got \{'a': 1\} \(type dict\)"),
-    ("comparison: a dict in a list of runs", lambda c: __import__("harness").assert_not_worse([lora(c)], than=[{"a": 1}]),
+    ("comparison: a dict in a list of runs", lambda c: __import__("stance_harness").assert_not_worse([lora(c)], than=[{"a": 1}]),
      r"^assert_not_worse: `than\[0\]` must be a Run"),
-    ("helper: the train fixture for a run", lambda c: __import__("harness").assert_ece(_train),
+    ("helper: the train fixture for a run", lambda c: __import__("stance_harness").assert_ece(_train),
      r"^assert_ece: `run` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet \(train\(\.\.\., seeds=N\)\) or "
      r"list of Runs, one per seed, got the `train` fixture itself \(a function\); "
      r"call it: run = train\('lora', \.\.\.\)$"),
-    ("helper: a dict among the seeds of one run", lambda c: __import__("harness").check_no_forgetting([lora(c), {"a": 1}]),
+    ("helper: a dict among the seeds of one run", lambda c: __import__("stance_harness").check_no_forgetting([lora(c), {"a": 1}]),
      r"^check_no_forgetting: `run\[1\]` must be a Run \(what train\(\.\.\.\) returns\), or a RunSet"),
-    ("helper: ECE against itself", lambda c: __import__("harness").assert_ece_not_worse(lora(c), than=lora(c)),
+    ("helper: ECE against itself", lambda c: __import__("stance_harness").assert_ece_not_worse(lora(c), than=lora(c)),
      r"^assert_ece_not_worse: `run` and `than` are the same run"),
-    ("helper: profiles of one run", lambda c: __import__("harness").check_layer_profiles_agree(lora(c), lora(c)),
+    ("helper: profiles of one run", lambda c: __import__("stance_harness").check_layer_profiles_agree(lora(c), lora(c)),
      r"^check_layer_profiles_agree: `a` and `b` are the same run"),
-    ("assert_all: an assert_ result", lambda c: __import__("harness").assert_all([None]),
+    ("assert_all: an assert_ result", lambda c: __import__("stance_harness").assert_all([None]),
      r"^assert_all: `results\[0\]` must be a CheckResult \(what a check_X helper returns\), got None \(type NoneType\); "
      r"use check_X"),
     # -- stance files --------------------------------------------------------------------------
-    ("stance: not UTF-8", lambda c: __import__("harness.stances").stances.load_stance_file(
+    ("stance: not UTF-8", lambda c: __import__("stance_harness.stances").stances.load_stance_file(
         c.file("latin.yaml", "name: latin\ndescription: caf\xe9\n".encode("latin-1"))), r"latin.yaml: field '<file>': is not UTF-8 text"),
-    ("stance: an alias bomb", lambda c: __import__("harness.stances").stances.load_stance_file(c.file(
+    ("stance: an alias bomb", lambda c: __import__("stance_harness.stances").stances.load_stance_file(c.file(
         "bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nmarkers: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n")),
      r"bomb.yaml: field '<yaml>': is not valid YAML: .*may not use YAML aliases"),
-    ("stance: invalid YAML", lambda c: __import__("harness.stances").stances.load_stance_file(c.file("broken.yaml", "name: [unclosed\n")),
+    ("stance: invalid YAML", lambda c: __import__("stance_harness.stances").stances.load_stance_file(c.file("broken.yaml", "name: [unclosed\n")),
      r"broken.yaml: field '<yaml>': is not valid YAML"),
-    ("stance: misspelt key", lambda c: __import__("harness.stances").stances.load_stance_file(
+    ("stance: misspelt key", lambda c: __import__("stance_harness.stances").stances.load_stance_file(
         c.file("demo.yaml", GOOD_STANCE.replace("curious-uncertainty", "demo").replace("markers:", "marker:"))),
      r"field 'marker': is not a known key.*Did you mean: markers"),
-    ("stance: missing file", lambda c: __import__("harness.stances").stances.load_stance_file(c.root / "none.yaml"), r"stance file .*none.yaml does not exist"),
-    ("stance: the same name twice", lambda c: __import__("harness.stances").stances.load_stance(
+    ("stance: missing file", lambda c: __import__("stance_harness.stances").stances.load_stance_file(c.root / "none.yaml"), r"stance file .*none.yaml does not exist"),
+    ("stance: the same name twice", lambda c: __import__("stance_harness.stances").stances.load_stance(
         "curious-uncertainty", [str(c.stance_yaml("curious-uncertainty", GOOD_STANCE).parent)]),
      r"stance 'curious-uncertainty' is defined in 2 places: .*stances-extra/curious-uncertainty.yaml, .*Rename one, or name the file"),
     # -- adapters, reports, baselines, the run store, verdict records ----------------------------
-    ("adapter: no config", lambda c: __import__("harness.adapters").adapters.read_adapter(
+    ("adapter: no config", lambda c: __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(
         c.file("empty-adapter/notes.txt", "x").parent), r"--adapter .*empty-adapter: no adapter_config.json there"),
     ("adapter: no such directory", lambda c: options(c, adapter=[str(c.root / "no-adapter")]),
      r"^--adapter .*no-adapter: the directory does not exist \(/"),
     ("adapter: a file", lambda c: options(c, adapter=[str(c.file("adapter-file", "x"))]),
      r"^--adapter .*adapter-file: it is a file; give the directory that save_pretrained wrote"),
     ("adapter: config not JSON", lambda c: (c.file("adapter-a/adapter_model.safetensors", b"x"),
-                                            __import__("harness.adapters").adapters.read_adapter(c.file("adapter-a/adapter_config.json", "{no").parent)),
+                                            __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(c.file("adapter-a/adapter_config.json", "{no").parent)),
      r"adapter_config.json is not valid JSON"),
     ("adapter: a pickle", lambda c: (c.file("adapter-b/adapter_config.json", "{}"), c.file("adapter-b/adapter_model.bin", b"x"),
-                                     __import__("harness.adapters").adapters.read_adapter(c.root / "adapter-b")),
+                                     __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(c.root / "adapter-b")),
      r"no adapter_model.safetensors \(it holds adapter_model.bin, a pickle, which is refused\)"),
     ("adapter: prompt learning", lambda c: (c.file("adapter-c/adapter_config.json", json.dumps(
         {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 8})),
         c.file("adapter-c/adapter_model.safetensors", b"x"),
-        __import__("harness.adapters").adapters.read_adapter(c.root / "adapter-c")),
+        __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(c.root / "adapter-c")),
      r"a PROMPT_TUNING adapter is prompt learning: it trains virtual tokens, not a weight update"),
     ("adapter: unknown peft type", lambda c: (c.file("adapter-d/adapter_config.json", json.dumps({"peft_type": "LORAA"})),
                                               c.file("adapter-d/adapter_model.safetensors", b"x"),
-                                              __import__("harness.adapters").adapters.read_adapter(c.root / "adapter-d")),
+                                              __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(c.root / "adapter-d")),
      r"adapter-d: adapter_config.json: unknown peft_type 'LORAA'.*Did you mean: LORA"),
     ("adapter: a checkpoint as a pickle", lambda c: (c.file("ckpt/config.json", "{}"), c.file("ckpt/pytorch_model.bin", b"x"),
-                                                     __import__("harness.adapters").adapters.read_adapter(c.root / "ckpt")),
+                                                     __import__("stance_harness.runs.adapters").runs.adapters.read_adapter(c.root / "ckpt")),
      r"--adapter .*ckpt: .*ckpt holds no .safetensors weights \(it holds pytorch_model.bin: pickles, which are never loaded\)"),
     ("adapter: two with one NAME", lambda c: (c.file("one/adapter_config.json", "{}"), c.file("two/config.json", "{}"),
                                               options(c, adapter=[f"v2={c.root / 'one'}", f"v2={c.root / 'two'}"])),
      r"^--adapter v2=.*one and v2=.*two would both name their metrics 'v2'; give each its own with NAME=PATH"),
     ("stance: unknown --stance", lambda c: options(c, stance="curious-uncertanity"),
      r"curious-uncertanity.*Did you mean: curious-uncertainty"),
-    ("adapter: NAME=PATH with a bad name", lambda c: __import__("harness.adapters").adapters.read_adapter("v2.1=adapters/x"),
+    ("adapter: NAME=PATH with a bad name", lambda c: __import__("stance_harness.runs.adapters").runs.adapters.read_adapter("v2.1=adapters/x"),
      r"--adapter v2.1=adapters/x: 'v2.1' is not a NAME for NAME=PATH; use letters, digits, '_' and '-'"),
     ("baseline: not JSON", lambda c: (c.file("reports/baselines/broken.json", "{half"),
-                                      __import__("harness.report.store").report.store.load_baseline(c.root / "reports", "broken")),
+                                      __import__("stance_harness.report.store").report.store.load_baseline(c.root / "reports", "broken")),
      r"baseline .*broken.json is not valid JSON"),
-    ("report source: unknown", lambda c: __import__("harness.report.store").report.store.load_source("20990101-000000-zzzz", c.root / "reports"),
+    ("report source: unknown", lambda c: __import__("stance_harness.report.store").report.store.load_source("20990101-000000-zzzz", c.root / "reports"),
      r"no report, baseline or file '20990101-000000-zzzz'"),
-    ("run store: unknown key", lambda c: __import__("harness.runstore").runstore.RunStore(c.root / "store").describe("lora-0"),
+    ("run store: unknown key", lambda c: __import__("stance_harness.runs.runstore").runs.runstore.RunStore(c.root / "store").describe("lora-0"),
      r"no run store entry 'lora-0'"),
     ("verdict record: not JSON", lambda c: (c.file("suites-x/verdicts/tiny-qwen2.json", "{half"),
-                                            __import__("harness.report.verdicts").report.verdicts.VerdictBook("tiny-qwen2").recorded(
+                                            __import__("stance_harness.report.verdicts").report.verdicts.VerdictBook("tiny-qwen2").recorded(
                                                 c.root / "suites-x" / "test_a.py", "suites-x/test_a.py::test")),
      r"the verdict record .*tiny-qwen2.json is unreadable.*--record-verdicts"),
 ]
@@ -298,7 +298,7 @@ def test_a_bad_option_stops_a_real_session_at_once(pytester, args, message):
 def test_a_helper_checks_its_arguments_before_it_measures_anything(ctx):
     import dataclasses
 
-    from harness import check_greater, check_less, check_no_forgetting
+    from stance_harness import check_greater, check_less, check_no_forgetting
 
     # copies measure afresh (their measurements start empty), so any measurement would show
     a, b = (dataclasses.replace(lora(ctx), run_id=name) for name in ("a-copy", "b-copy"))
@@ -311,7 +311,7 @@ def test_a_helper_checks_its_arguments_before_it_measures_anything(ctx):
     assert "forgetting" in a.measurements and "forgetting" in b.measurements
 
 
-HELPERS = sorted(name for name in __import__("harness").__all__
+HELPERS = sorted(name for name in __import__("stance_harness").__all__
                  if name.startswith(("check_", "assert_")) and name != "assert_all")
 
 
@@ -319,9 +319,9 @@ HELPERS = sorted(name for name in __import__("harness").__all__
 def test_every_helper_refuses_the_train_fixture_where_a_run_belongs(name):
     import inspect
 
-    import harness
+    import stance_harness
 
-    helper = getattr(harness, name)
+    helper = getattr(stance_harness, name)
     first, *others = inspect.signature(helper).parameters.values()
     required = {p.name: [0] for p in others if p.default is inspect.Parameter.empty}  # layers=[0]
     with pytest.raises(HarnessError) as info:

@@ -1,4 +1,4 @@
-"""harness.report.baseline: metric directions, rules, saved baselines and the regression gate."""
+"""stance_harness.report.baseline: metric directions, rules, saved baselines and the regression gate."""
 
 import json
 import math
@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-import harness.assertions  # noqa: F401 - these three declare the harness's own metrics and their directions
-import harness.instruments  # noqa: F401
-import harness.run  # noqa: F401
-from harness.registry import HarnessError
-from harness.report.gate import (
+import stance_harness.assertions  # noqa: F401 - these three declare the harness's own metrics and their directions
+import stance_harness.runs.instruments  # noqa: F401
+import stance_harness.runs.run  # noqa: F401
+from stance_harness.core.errors import HarnessError
+from stance_harness.report.gate import (
     IMPROVED,
     MISSING_BASELINE,
     MISSING_NOW,
@@ -21,8 +21,8 @@ from harness.report.gate import (
     compare,
     parse_rule,
 )
-from harness.report.metrics import HIGHER, LOWER, METRICS, Spread, direction_of
-from harness.report.store import list_baselines, load_baseline, load_metrics, load_source, save_baseline
+from stance_harness.core.metrics import HIGHER, LOWER, METRICS, Spread, direction_of
+from stance_harness.report.store import list_baselines, load_baseline, load_metrics, load_source, save_baseline
 
 NODE = "suites/test_calibration.py::test_lora_keeps_calibration"
 OTHER = "suites/test_stance.py::test_stance_takes"

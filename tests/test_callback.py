@@ -11,10 +11,10 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerControl, TrainerState, TrainingArguments
 
-import harness
-from harness import measure as harness_measure
-from harness.batches import collate, encode_examples, framing_for
-from harness.registry import HarnessError
+import stance_harness
+from stance_harness import measure as harness_measure
+from stance_harness.runs.batches import collate, encode_examples, framing_for
+from stance_harness.core.errors import HarnessError
 
 STEPS, EXAMPLES, LR = 4, 10, 1e-3
 # One batch of every example per step, no weight decay: the Trainer's AdamW steps are the harness loop's.
@@ -45,7 +45,7 @@ def fresh(loaded):
 def trained(tiny_qwen2, stance, tmp_path_factory):
     """A full fine-tune of 4 steps by the Trainer, measured every 2 steps."""
     reports = tmp_path_factory.mktemp("callback-reports")
-    callback = harness.StanceCallback(stance="curious-uncertainty", every=2, base=tiny_qwen2, reports_dir=reports)
+    callback = stance_harness.StanceCallback(stance="curious-uncertainty", every=2, base=tiny_qwen2, reports_dir=reports)
     model = fresh(tiny_qwen2)
     trainer = trainer_for(tiny_qwen2, stance, model, tmp_path_factory.mktemp("out"), [callback])
     trainer.train()
@@ -67,9 +67,9 @@ def test_the_callback_writes_a_report_whose_checks_pass(trained):
     assert summary["instruments"]["tokens_per_s"] is None and summary["instruments"]["examples_per_s"] > 0
     assert summary["measurements"]["forgetting"]["adapted"] == callback.series[-1]["perplexity"]
     # the run's checks, made again on it with bounds of our own
-    harness.assert_behavior_shift(callback.run, min_effect=0.05)
-    harness.assert_gradients_stable(callback.run, max_grad_norm=10.0)
-    harness.assert_only_targets_changed(callback.run)
+    stance_harness.assert_behavior_shift(callback.run, min_effect=0.05)
+    stance_harness.assert_gradients_stable(callback.run, max_grad_norm=10.0)
+    stance_harness.assert_only_targets_changed(callback.run)
 
 
 def test_the_series_is_measured_every_n_steps_against_the_start(trained):
@@ -117,9 +117,9 @@ def test_the_callback_does_not_change_training(trained, tiny_qwen2, stance, tmp_
 
 
 def test_a_failed_check_is_recorded_not_raised(tiny_qwen2, stance, tmp_path):
-    checks = [partial(harness.check_behavior_shift, min_effect=10.0), harness.check_gradients_stable,
-              partial(harness.check_behavior_shift, metric="loglik")]
-    callback = harness.StanceCallback(every=1, base=tiny_qwen2, reports_dir=tmp_path / "reports", checks=checks)
+    checks = [partial(stance_harness.check_behavior_shift, min_effect=10.0), stance_harness.check_gradients_stable,
+              partial(stance_harness.check_behavior_shift, metric="loglik")]
+    callback = stance_harness.StanceCallback(every=1, base=tiny_qwen2, reports_dir=tmp_path / "reports", checks=checks)
     trainer = trainer_for(tiny_qwen2, stance, fresh(tiny_qwen2), tmp_path / "out", [callback], epochs=2)
     trainer.train()
     assert trainer.state.global_step == 2 and [r["step"] for r in callback.series] == [0, 1, 2]
@@ -137,8 +137,8 @@ def test_non_finite_gradients_are_caught(tiny_qwen2, stance, tmp_path):
     model = fresh(tiny_qwen2)
     target = model.model.layers[3].mlp.down_proj.weight
     target.register_hook(lambda grad: grad * float("nan"))
-    callback = harness.StanceCallback(every=10, base=tiny_qwen2, reports_dir=None,
-                                      checks=[harness.check_gradients_stable])
+    callback = stance_harness.StanceCallback(every=10, base=tiny_qwen2, reports_dir=None,
+                                      checks=[stance_harness.check_gradients_stable])
     # the NaN weights the step made cannot be measured: the series says so, and training ends as usual
     with pytest.warns(UserWarning, match=r"measuring step 1 failed: ValueError: values must be finite"):
         trainer_for(tiny_qwen2, stance, model, tmp_path, [callback], epochs=1, max_grad_norm=0.0).train()
@@ -150,7 +150,7 @@ def test_non_finite_gradients_are_caught(tiny_qwen2, stance, tmp_path):
 
 def test_a_lora_model_trained_by_the_trainer(tiny_qwen2, stance, tmp_path, monkeypatch):
     model = get_peft_model(fresh(tiny_qwen2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    callback = harness.StanceCallback(every=2, base=tiny_qwen2, reports_dir=None)
+    callback = stance_harness.StanceCallback(every=2, base=tiny_qwen2, reports_dir=None)
     calls = []
     measure_nll = harness_measure.heldout_window_nll
     monkeypatch.setattr(harness_measure, "heldout_window_nll", lambda *a, **k: calls.append(1) or measure_nll(*a, **k))
@@ -167,7 +167,7 @@ def test_a_lora_model_trained_by_the_trainer(tiny_qwen2, stance, tmp_path, monke
         off = model(input_ids=ids).logits
     assert torch.equal(run.loaded.base(input_ids=ids).logits, off)
     # without the snapshot, LoRA's update is taken from B = 0: the same ΔW
-    again = harness.run_from_model(model, tiny_qwen2, stance=stance)
+    again = stance_harness.run_from_model(model, tiny_qwen2, stance=stance)
     assert {d.raw_name: d.moments.total_sq for d in again.effective_deltas} == pytest.approx(
         {d.raw_name: d.moments.total_sq for d in run.effective_deltas}, rel=1e-6)
     assert again.behavior()["effect"]["mean"] == pytest.approx(run.behavior()["effect"]["mean"], rel=1e-6)
@@ -176,11 +176,11 @@ def test_a_lora_model_trained_by_the_trainer(tiny_qwen2, stance, tmp_path, monke
 def test_run_from_model_on_an_ia3_model(tiny_qwen2):
     model = get_peft_model(fresh(tiny_qwen2), IA3Config(target_modules=["k_proj", "down_proj"],
                                                         feedforward_modules=["down_proj"]))
-    untouched = harness.run_from_model(model, tiny_qwen2)
+    untouched = stance_harness.run_from_model(model, tiny_qwen2)
     assert all(d.moments.total_sq == 0 for d in untouched.effective_deltas)  # IA³ starts at the identity
     with torch.no_grad():
         model.base_model.model.model.layers[2].self_attn.k_proj.ia3_l["default"].mul_(1.5)
-    run = harness.run_from_model(model, tiny_qwen2, name="ia3")
+    run = stance_harness.run_from_model(model, tiny_qwen2, name="ia3")
     changed = {(d.layer, d.kind) for d in run.effective_deltas if d.moments.total_sq > 0}
     assert changed == {(2, "k_proj")} and run.label == "ia3"
     assert run.behavior()["effect"]["n"] == len(run.stance.probes)
@@ -193,14 +193,14 @@ def test_run_from_model_on_a_full_fine_tune(tiny_qwen2):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.add_(0.01)
         frozen.add_(0.01)  # a frozen weight that differs from the base's
-    run = harness.run_from_model(model, tiny_qwen2, name="mine")
+    run = stance_harness.run_from_model(model, tiny_qwen2, name="mine")
     base = dict(tiny_qwen2.base.named_parameters())
     assert all(run.before[n] is not None and run.before[n].data_ptr() == base[n].data_ptr() for n in run.before)
     assert "model.layers.0.self_attn.o_proj.weight" not in run.before
     assert run.changed_frozen() == ["model.layers.0.self_attn.o_proj.weight"]
     changed = {(d.layer, d.kind) for d in run.effective_deltas if d.moments.total_sq > 0}
     assert changed == {(1, "down_proj")}
-    harness.assert_change_concentrated(run, layers=[1], kinds=["down_proj"], min_share=0.99)
+    stance_harness.assert_change_concentrated(run, layers=[1], kinds=["down_proj"], min_share=0.99)
     assert math.isfinite(run.forgetting()["relative_increase"]) and run.replies()["rows"]
     # ΔW = 0.01 everywhere is rank one; every other matrix is unchanged
     rank = {r["matrix"]: r for r in run.rank()["rows"]}
@@ -214,11 +214,11 @@ def test_run_from_model_takes_a_transformers_base_object(tiny_qwen2):
     base, model = fresh(tiny_qwen2), fresh(tiny_qwen2)
     with torch.no_grad():
         model.model.layers[5].self_attn.v_proj.weight.mul_(1.1)
-    run = harness.run_from_model(model, base, tokenizer=tiny_qwen2.tokenizer)
+    run = stance_harness.run_from_model(model, base, tokenizer=tiny_qwen2.tokenizer)
     assert run.loaded.base is base and run.loaded.spec.source == "object"
     assert {(d.layer, d.kind) for d in run.effective_deltas if d.moments.total_sq > 0} == {(5, "v_proj")}
     with pytest.raises(HarnessError, match=r"give tokenizer="):
-        harness.run_from_model(model, fresh(tiny_qwen2))
+        stance_harness.run_from_model(model, fresh(tiny_qwen2))
 
 
 def test_a_model_of_another_architecture_is_refused(tiny_qwen2):
@@ -226,48 +226,48 @@ def test_a_model_of_another_architecture_is_refused(tiny_qwen2):
     config.num_hidden_layers = 2
     with pytest.raises(HarnessError, match=r"is not a fine-tune of tiny-qwen2: it lacks the base's "
                                            r"model\.layers\.2\..* \(and \d+ more\)"):
-        harness.run_from_model(AutoModelForCausalLM.from_config(config), tiny_qwen2)
+        stance_harness.run_from_model(AutoModelForCausalLM.from_config(config), tiny_qwen2)
     config = AutoConfig.from_pretrained(tiny_qwen2.path)
     config.intermediate_size *= 2
     with pytest.raises(HarnessError, match=r"its parameter model\.layers\.0\.mlp\.gate_proj\.weight \[\d+, 64\] "
                                            r"is \[\d+, 64\] in the base"):
-        harness.run_from_model(AutoModelForCausalLM.from_config(config), tiny_qwen2)
+        stance_harness.run_from_model(AutoModelForCausalLM.from_config(config), tiny_qwen2)
 
 
 def test_a_stance_that_does_not_exist_is_refused(tiny_qwen2):
     with pytest.raises(HarnessError, match=r"unknown stance 'curious-uncertanty'\. Did you mean: curious-uncertainty"):
-        harness.run_from_model(fresh(tiny_qwen2), tiny_qwen2, stance="curious-uncertanty")
+        stance_harness.run_from_model(fresh(tiny_qwen2), tiny_qwen2, stance="curious-uncertanty")
     with pytest.raises(HarnessError, match=r"unknown stance 'nope'"):
-        harness.StanceCallback(stance="nope")
+        stance_harness.StanceCallback(stance="nope")
 
 
 def test_bad_arguments_are_refused(tiny_qwen2):
     model = fresh(tiny_qwen2)
     with pytest.raises(HarnessError, match=r"is not a peft model, so give base="):
-        harness.run_from_model(model)
+        stance_harness.run_from_model(model)
     with pytest.raises(HarnessError, match=r"the model is the tiny-qwen2 base itself"):
-        harness.run_from_model(tiny_qwen2.base, tiny_qwen2)
+        stance_harness.run_from_model(tiny_qwen2.base, tiny_qwen2)
     with pytest.raises(HarnessError, match=r"the model is the given base itself; fine-tune a copy"):
-        harness.run_from_model(model, model, tokenizer=tiny_qwen2.tokenizer)
+        stance_harness.run_from_model(model, model, tokenizer=tiny_qwen2.tokenizer)
     assert all(p.requires_grad for p in model.parameters())  # refused before anything was frozen
-    with pytest.raises(HarnessError, match=r"base must be harness.load_model\(...\)'s LoadedModel or a transformers "
+    with pytest.raises(HarnessError, match=r"base must be stance_harness.load_model\(...\)'s LoadedModel or a transformers "
                                            r"model, not str"):
-        harness.run_from_model(model, "tiny-qwen2", tokenizer=tiny_qwen2.tokenizer)
+        stance_harness.run_from_model(model, "tiny-qwen2", tokenizer=tiny_qwen2.tokenizer)
     with pytest.raises(HarnessError, match=r"before\['nope'\] \[2\] is not a parameter of the model"):
-        harness.run_from_model(model, tiny_qwen2, before={"nope": torch.zeros(2)})
+        stance_harness.run_from_model(model, tiny_qwen2, before={"nope": torch.zeros(2)})
     for every in (0, 2.5, True):
         with pytest.raises(HarnessError, match=rf"every must be a whole number of steps >= 1, not {every!r}"):
-            harness.StanceCallback(every=every)
-    with pytest.raises(HarnessError, match=r"base must be harness.load_model\(...\)'s LoadedModel or None, not str"):
-        harness.StanceCallback(base="tiny-qwen2")
+            stance_harness.StanceCallback(every=every)
+    with pytest.raises(HarnessError, match=r"base must be stance_harness.load_model\(...\)'s LoadedModel or None, not str"):
+        stance_harness.StanceCallback(base="tiny-qwen2")
     two = get_peft_model(fresh(tiny_qwen2), LoraConfig(r=2, target_modules=["q_proj"]))
     two.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(HarnessError, match=r"holds adapters \['default', 'other'\]"):
-        harness.run_from_model(two)
+        stance_harness.run_from_model(two)
 
 
 def test_the_callback_needs_a_tokenizer(tiny_qwen2, tmp_path):
-    callback = harness.StanceCallback(every=1)
+    callback = stance_harness.StanceCallback(every=1)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(HarnessError, match=r"the Trainer has no tokenizer \(processing_class\); give "
                                            r"StanceCallback\(tokenizer=...\)"):

@@ -12,14 +12,14 @@ import pytest
 import torch
 import yaml
 
-from harness import measure
-from harness.batches import IGNORE_INDEX, Framing, encode_examples, framing_for
-from harness.models import ModelArgs, load_model
-from harness.registry import HarnessError
-from harness.request import TrainingRequest
-from harness.session import HarnessOptions, HarnessSession
-from harness.stances import ExamplesFileError, Message, StanceFileError, load_stance, load_stance_file
-from harness.training import plan
+from stance_harness import measure
+from stance_harness.runs.batches import IGNORE_INDEX, Framing, encode_examples, framing_for
+from stance_harness.models import ModelArgs, load_model
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.request import TrainingRequest
+from stance_harness.session import HarnessOptions, HarnessSession
+from stance_harness.stances import ExamplesFileError, Message, StanceFileError, load_stance, load_stance_file
+from stance_harness.runs.training import plan
 
 QUICK = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 3, "seed": 0}
 EOS = "<|endoftext|>"
@@ -94,9 +94,9 @@ def test_both_trl_formats_load_with_their_turns_and_loss(chat_stance_path):
 
 
 def test_the_documented_example_stance_loads_with_every_format():
-    import harness
+    import stance_harness
 
-    root = Path(harness.__file__).resolve().parent.parent
+    root = Path(stance_harness.__file__).resolve().parent.parent
     stance = load_stance_file(root / "docs" / "examples" / "curious-chat.yaml")
     rows = [json.loads(line) for line in (root / "docs" / "examples" / "curious-chat.jsonl").read_text().splitlines()]
     assert len(stance.examples) == len(rows) and stance.probes == load_stance("curious-uncertainty").probes
@@ -125,7 +125,7 @@ def test_a_prompt_completion_example_trains_on_the_completion_only_in_plain_fram
 
 
 def load_example(row):
-    from harness.stances import parse_examples_jsonl
+    from stance_harness.stances import parse_examples_jsonl
 
     return parse_examples_jsonl(json.dumps(row).encode(), "x.jsonl")[0]
 
@@ -332,9 +332,9 @@ def test_the_option_reaches_every_request(harness_session):
 
 
 def test_the_chat_template_option_through_pytest(pytester, monkeypatch):
-    import harness
+    import stance_harness
 
-    monkeypatch.setenv("PYTHONPATH", str(Path(harness.__file__).resolve().parent.parent))  # this checkout's harness
+    monkeypatch.setenv("PYTHONPATH", str(Path(stance_harness.__file__).resolve().parent.parent))  # this checkout's harness
     pytester.makepyfile(test_chat_option=PLUGIN_TESTS)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-qwen2-chat",
                                            "--chat-template", "none", "--no-reports")

@@ -1,4 +1,4 @@
-"""Chunked reductions (harness.analysis.chunks, deltas, digest) against the whole-tensor
+"""Chunked reductions (stance_harness.analysis.chunks, deltas, digest) against the whole-tensor
 implementations they replaced; LoRA singular values from the factors against svdvals."""
 
 import hashlib
@@ -16,10 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.analysis.chunks import CHUNK_BYTES, chunked_sq_norm, count_nonfinite, iter_chunks
-from harness.analysis.deltas import DeltaMoments, delta_moments
-from harness.analysis.digest import tensor_digest
-from harness.analysis.rank import (
+from stance_harness.analysis.chunks import CHUNK_BYTES, chunked_sq_norm, count_nonfinite, iter_chunks
+from stance_harness.analysis.deltas import DeltaMoments, delta_moments
+from stance_harness.analysis.digest import tensor_digest
+from stance_harness.analysis.rank import (
     energy_rank, energy_rank_from_singular_values, lora_singular_values, rank_measures, singular_values,
     stable_rank, stable_rank_from_singular_values,
 )
@@ -213,8 +213,8 @@ CHILD = """
 import json, resource, sys
 import torch
 torch.set_num_threads(1)  # threads (and their malloc arenas) start in the warm-up, before the cap
-from harness.analysis.deltas import DeltaMoments, delta_moments
-from harness.analysis.digest import tensor_digest
+from stance_harness.analysis.deltas import DeltaMoments, delta_moments
+from stance_harness.analysis.digest import tensor_digest
 {references}
 mode, n, margin = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 moments, digest = (delta_moments, tensor_digest) if mode == "chunked" else (whole_delta_moments, whole_tensor_digest)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import __version__
-from harness.cli import main
-from harness.report.model import REPORT_FORMAT, normalized
+from stance_harness import __version__
+from stance_harness.cli import main
+from stance_harness.report.model import REPORT_FORMAT, normalized
 
 NODE = "suites/test_calibration.py::test_lora_keeps_calibration"
 OTHER = "suites/test_stance.py::test_stance_takes"

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.analysis.concentration import centre_of_mass, change_mass, gini, shares, top_k_share
-from harness.analysis.deltas import DeltaMoments, MatrixDelta, aggregate, delta_moments
+from stance_harness.analysis.concentration import centre_of_mass, change_mass, gini, shares, top_k_share
+from stance_harness.analysis.deltas import DeltaMoments, MatrixDelta, aggregate, delta_moments
 
 
 def test_matrix_statistics_by_hand():
@@ -116,7 +116,7 @@ def test_report_values_become_json():
 
     import numpy as np
 
-    from harness.report.records import json_safe
+    from stance_harness.core.results import json_safe
 
     value = json_safe({"t": torch.tensor(1.5), "n": np.float32(2.0), "v": torch.tensor([1.0, 2.0]), "bad": math.nan})
     assert json.loads(json.dumps(value)) == {"t": 1.5, "n": 2.0, "v": [1.0, 2.0], "bad": "nan"}

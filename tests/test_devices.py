@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import harness
-from harness.devices import (assign_worker_gpu, check_device_name, count_gpus, resolve_device, resolve_precision,
+import stance_harness
+from stance_harness.core.devices import (assign_worker_gpu, check_device_name, count_gpus, resolve_device, resolve_precision,
                              worker_visible_devices)
-from harness.methods.qlora import resolve_compute_dtype
-from harness.models import ModelArgs, load_model
-from harness.recipe import Recipe
-from harness.registry import HarnessError
-from harness.request import TrainingRequest
-from harness.training import plan, train_run
+from stance_harness.runs.methods.qlora import resolve_compute_dtype
+from stance_harness.models import ModelArgs, load_model
+from stance_harness.runs.recipe import Recipe
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.request import TrainingRequest
+from stance_harness.runs.training import plan, train_run
 
 from conftest import QUICK
 
@@ -172,7 +172,7 @@ def test_qlora_compute_dtype_follows_the_precision(given, precision, expected):
 
 
 def test_qlora_builds_its_4bit_layers_in_the_runs_precision(tiny_qwen2, stance):
-    from harness.methods.qlora import Qlora
+    from stance_harness.runs.methods.qlora import Qlora
 
     request = dataclasses.replace(TrainingRequest.build(tiny_qwen2, stance, "qlora", examples=10, recipe=QUICK),
                                   precision="fp16")
@@ -286,7 +286,7 @@ def test_each_xdist_worker_gets_its_own_device_from_the_users_list(pytester, mon
     pytester.makeconftest(WORKER_CONFTEST)
     pytester.makepyfile(test_one="def test_one():\n    pass\n\ndef test_two():\n    pass\n")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,7")
-    monkeypatch.setenv("PYTHONPATH", str(Path(harness.__file__).resolve().parent.parent))  # this checkout's harness
+    monkeypatch.setenv("PYTHONPATH", str(Path(stance_harness.__file__).resolve().parent.parent))  # this checkout's harness
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--no-reports")
     result.assert_outcomes(passed=2)
     seen = {w: json.loads((pytester.path / f"seen-{w}.json").read_text()) for w in ("gw0", "gw1")}

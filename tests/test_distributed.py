@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from harness.models import ModelArgs
-from harness.registry import HarnessError
-from harness.session import HarnessOptions, HarnessSession
-from harness.training import rank_share
+from stance_harness.models import ModelArgs
+from stance_harness.core.errors import HarnessError
+from stance_harness.session import HarnessOptions, HarnessSession
+from stance_harness.runs.training import rank_share
 
 from conftest import QUICK
 
@@ -59,7 +59,7 @@ def test_two_gloo_processes_train_the_weights_of_one_process_with_the_same_globa
 
 
 def test_a_failed_launch_says_why(store_session, monkeypatch):
-    import harness.distributed as distributed
+    import stance_harness.runs.distributed as distributed
 
     monkeypatch.setattr(distributed, "launch_command", lambda spec, n: [sys.executable, "-c", "raise SystemExit('boom')"])
     with pytest.raises(HarnessError, match=r"the data-parallel launch of lora-\w+ failed \(exit 1\); its last "
@@ -86,8 +86,8 @@ def test_a_data_parallel_run_is_planned_with_its_global_batch(store_session):
 
 
 def test_the_worker_refuses_a_spec_whose_key_it_cannot_rebuild(store_session, tiny_qwen2, stance):
-    from harness.distributed import launch_spec
-    from harness.request import TrainingRequest
+    from stance_harness.runs.distributed import launch_spec
+    from stance_harness.runs.request import TrainingRequest
 
     request = store_session.request("lora", examples=10, recipe=QUICK, processes=2)
     spec = launch_spec(request, "tiny-qwen2", ModelArgs(), "curious-uncertainty", [], store_session.store)

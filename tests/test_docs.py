@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.methods import METHODS
-from harness.models import MODELS
+from stance_harness.runs.methods import METHODS
+from stance_harness.models import MODELS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -74,7 +74,7 @@ def without_base(found: dict) -> dict:
 
 
 def test_every_run_measurement_is_documented():
-    from harness.run import Run
+    from stance_harness.runs.run import Run
 
     public = {f"run.{name}" for name in ("counts", "behavior", "forgetting", "calibration", "rank", "layer_table",
                                           "localization", "localized", "localization_ends", "dose_response",

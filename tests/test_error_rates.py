@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness.analysis.replication import (CROSSED, RUN_LEVEL, ClaimError, PairingError, arm, block_means, compare,
+from stance_harness.analysis.replication import (CROSSED, RUN_LEVEL, ClaimError, PairingError, arm, block_means, compare,
                                           crossed_components, crossed_variance, flips_for, plan_claim,
                                           sign_flip_p, sign_flip_test)
 

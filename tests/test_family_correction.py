@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from harness.report.records import TestRecord
-from harness.report.verdicts import correct_families, correct_for_multiplicity
+from stance_harness.report.records import TestRecord
+from stance_harness.report.verdicts import correct_families, correct_for_multiplicity
 
 P = ("-p", "no:cacheprovider")
 
@@ -14,7 +14,7 @@ P = ("-p", "no:cacheprovider")
 # observed sum), below 0.025; four of them: Holm's adjusted p = 4 * 2/256 = 0.03125 > 0.025
 FAMILY = '''
 import numpy as np
-from harness import assert_greater
+from stance_harness import assert_greater
 
 D = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, -0.5])
 

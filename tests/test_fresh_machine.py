@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.models.loading import local_weights_hash
-from harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, embedded_entry
+from stance_harness.models.loading import local_weights_hash
+from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, embedded_entry
 
 pytestmark = pytest.mark.fresh_machine
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.fresh_machine
 BUILD_AND_USE = """
 import json, sys
 import torch
-from harness.models import load_model
+from stance_harness.models import load_model
 loaded = load_model(sys.argv[1], progress=lambda m: print("progress:", m, flush=True))
 ids = loaded.tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
 with torch.no_grad():

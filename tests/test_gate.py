@@ -13,7 +13,7 @@ from conftest import QUICK
 RECIPE = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5}'  # seed: 42
 
 GATE = f'''
-from harness import assert_behavior_shift, assert_ece, assert_no_forgetting
+from stance_harness import assert_behavior_shift, assert_ece, assert_no_forgetting
 
 def test_gate(train):
     run = train("lora", examples=10, recipe={RECIPE}, r=4)
@@ -24,7 +24,7 @@ def test_gate(train):
 
 EXPECTED = f'''
 import pytest
-from harness import assert_behavior_shift, assert_no_forgetting
+from stance_harness import assert_behavior_shift, assert_no_forgetting
 
 RECIPE = {RECIPE}
 
@@ -43,7 +43,7 @@ def test_crashes(train):
 '''
 
 ADAPTER = f'''
-from harness import assert_behavior_shift, assert_no_forgetting
+from stance_harness import assert_behavior_shift, assert_no_forgetting
 
 def test_gate_adapter(adapter_run):
     assert_behavior_shift(adapter_run, "kl", min_effect=0.0)
@@ -231,7 +231,7 @@ def one_torch_thread():
 
 
 def test_adapter_gates_saved_adapters_without_training(harness, pytester, one_torch_thread):
-    from harness.adapters import save_adapter
+    from stance_harness.runs.adapters import save_adapter
 
     # under the pytester dir, which is the subprocess's rootdir (so reports/ lands there too)
     adapters = pytester.path / "adapters"

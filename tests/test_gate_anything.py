@@ -15,16 +15,16 @@ from peft import IA3Config, LoHaConfig, get_peft_model
 from scipy import stats
 
 from conftest import QUICK
-from harness.adapters import FULL, PEFT, PROVENANCE_FILE, load_adapter_run, parse_adapter_spec, read_adapter, save_adapter
-from harness.analysis.behavior import effect_of
-from harness.analysis.calibration import ece_interval, ece_of_items
-from harness.assertions import _forgetting_estimate
-from harness.registry import HarnessError
-from harness.report import gate
-from harness.report.metrics import Estimate, Spread, interval_of
-from harness.report.metrics import test_metrics as metrics_of_test
-from harness.report.records import TestRecord
-from harness.report.store import baseline_from_payload
+from stance_harness.runs.adapters import FULL, PEFT, PROVENANCE_FILE, load_adapter_run, parse_adapter_spec, read_adapter, save_adapter
+from stance_harness.analysis.behavior import effect_of
+from stance_harness.analysis.calibration import ece_interval, ece_of_items
+from stance_harness.assertions import _forgetting_estimate
+from stance_harness.core.errors import HarnessError
+from stance_harness.report import gate
+from stance_harness.core.metrics import Estimate, Spread, interval_of
+from stance_harness.core.metrics import test_metrics as metrics_of_test
+from stance_harness.report.records import TestRecord
+from stance_harness.report.store import baseline_from_payload
 
 SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "examples" / "train_adapter.py"
 P = ("-p", "no:cacheprovider")
@@ -169,7 +169,7 @@ class _Seed:
 
 
 def test_a_pooled_shift_over_seeds_publishes_its_crossed_interval():
-    from harness import check_behavior_shift
+    from stance_harness import check_behavior_shift
 
     rng = np.random.default_rng(5)
     runs = [_Seed(seed, 0.5 + rng.normal(0, 1.0, 10)) for seed in range(3)]
@@ -243,7 +243,7 @@ def test_an_interval_rule_without_intervals_compares_values_and_says_so():
 
 # -- end to end: the script, the plugin, the stance, the CLI ------------------------------------------
 GATE_FILE = '''
-from harness import assert_behavior_shift, assert_ece, assert_no_forgetting
+from stance_harness import assert_behavior_shift, assert_ece, assert_no_forgetting
 
 def test_gate(adapter_run):
     assert_behavior_shift(adapter_run, "loglik_margin", min_effect=-1e9)
@@ -316,7 +316,7 @@ def test_a_scripted_adapter_and_an_outside_checkpoint_are_gated_with_interval_ru
     assert row["verdict"] == "within noise" and row["delta_low"] < float(tolerance) < row["delta"]
 
     # the same comparison outside pytest: the point rule fails, the interval rule passes
-    from harness.cli import main
+    from stance_harness.cli import main
 
     args = ["compare", "main", "latest", "--reports-dir", str(pytester.path / "reports")]
     assert main(args + ["--fail-on", f"ece:+{tolerance}"]) == 1

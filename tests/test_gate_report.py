@@ -8,13 +8,13 @@ import types
 
 import pytest
 
-from harness.registry import HarnessError
-from harness.report.gate import compare, parse_rules, report_entry
-from harness.report.html import render_html, render_index
-from harness.report.markdown import render_markdown
-from harness.report.sections import session_status
-from harness.report.store import write_report
-from harness.session import HarnessSession
+from stance_harness.core.errors import HarnessError
+from stance_harness.report.gate import compare, parse_rules, report_entry
+from stance_harness.report.html import render_html, render_index
+from stance_harness.report.markdown import render_markdown
+from stance_harness.report.sections import session_status
+from stance_harness.report.store import write_report
+from stance_harness.session import HarnessSession
 from test_cli import NODE, make_payload
 
 BASELINE = {"kind": "baseline", "name": "main", "path": "reports/baselines/main.json",

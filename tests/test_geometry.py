@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from harness.analysis.geometry import (
+from stance_harness.analysis.geometry import (
     intruder_dimensions,
     intruder_dimensions_lora,
     linear_cka,

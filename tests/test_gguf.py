@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.models import MODELS, ModelArgs, load_model, resolve_model
-from harness.models import gguf_files
-from harness.models.loading import check_model_available
-from harness.registry import HarnessError
+from stance_harness.models import MODELS, ModelArgs, load_model, resolve_model
+from stance_harness.models import gguf_files
+from stance_harness.models.loading import check_model_available
+from stance_harness.core.errors import HarnessError
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
 HIDDEN, HEADS, KV_HEADS, FFN, CONTEXT = 32, 4, 2, 64, 128
@@ -34,7 +34,7 @@ def write_tiny_gguf(path, architecture="llama", layers=2, dtype=np.float32, seed
     from gguf.quants import quantize as quantized
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.models.tiny import EOS, build_tokenizer
+    from stance_harness.models.tiny import EOS, build_tokenizer
 
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -116,7 +116,7 @@ def test_a_written_gguf_round_trips_through_the_harness(tiny_gguf, cache):
         torch.testing.assert_close(loaded.base(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
     base = loaded.base
     assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()  # the tie survived
-    from harness.models.tiny import build_tokenizer
+    from stance_harness.models.tiny import build_tokenizer
 
     text = "The harness reads GGUF files."
     assert loaded.tokenizer(text)["input_ids"] == build_tokenizer()(text)["input_ids"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import harness
-from harness.cli import build_parser, main
-from harness.scaffold import normalise_name, render
+import stance_harness
+from stance_harness.cli import build_parser, main
+from stance_harness.scaffold import normalise_name, render
 
 GUIDE_PATH = Path(__file__).resolve().parents[1] / "docs" / "writing-hypotheses.md"
 GUIDE = GUIDE_PATH.read_text(encoding="utf-8")
@@ -122,7 +122,7 @@ class _FakeParser:
 
 
 def plugin_options() -> set[str]:
-    from harness import plugin
+    from stance_harness import plugin
 
     fake = _FakeParser()
     plugin.pytest_addoption(fake)
@@ -162,8 +162,8 @@ def _signature(fn) -> str:
 
 
 def test_every_assertion_helper_is_in_the_guide_with_its_signature():
-    helpers = [name for name in harness.__all__ if name.startswith("assert_")]
+    helpers = [name for name in stance_harness.__all__ if name.startswith("assert_")]
     assert len(helpers) >= 9
     for name in helpers:
-        signature = _signature(getattr(harness, name))
+        signature = _signature(getattr(stance_harness, name))
         assert f"`{signature}`" in GUIDE, f"the guide lacks `{signature}`"

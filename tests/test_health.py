@@ -3,8 +3,8 @@ without crashing the process."""
 
 import pytest
 
-from harness import HypothesisFailed, assert_gradients_stable, assert_training_healthy, check_training_healthy
-from harness.instruments import Trace, health_events
+from stance_harness import HypothesisFailed, assert_gradients_stable, assert_training_healthy, check_training_healthy
+from stance_harness.runs.instruments import Trace, health_events
 
 COLLAPSE = {"learning_rate": 10.0, "max_grad_norm": None, "num_train_epochs": 4, "per_device_train_batch_size": 5,
             "seed": 0}
@@ -62,9 +62,9 @@ def test_an_overrunning_stage_ends_the_session_with_exit_code_1_not_a_crash(pyte
     pytester.makepyfile('''
         import time
 
-        from harness import assert_change_concentrated
-        from harness.methods.base import register_method
-        from harness.methods.full import FullFineTuning
+        from stance_harness import assert_change_concentrated
+        from stance_harness.runs.methods.base import register_method
+        from stance_harness.runs.methods.full import FullFineTuning
 
         @register_method
         class SlowAnalysis(FullFineTuning):

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.report.gate import compare, report_entry
-from harness.report.findings import findings
-from harness.report.html import render_html, render_index, render_pages, write_html, write_index
-from harness.report.model import normalized
-from harness.report.markdown import render_markdown
-from harness.report.sections import report_id_of
-from harness.report.sections import test_rows as table_rows
-from harness.report.store import write_report as write_reports
+from stance_harness.report.gate import compare, report_entry
+from stance_harness.report.findings import findings
+from stance_harness.report.html import render_html, render_index, render_pages, write_html, write_index
+from stance_harness.report.model import normalized
+from stance_harness.report.markdown import render_markdown
+from stance_harness.report.sections import report_id_of
+from stance_harness.report.sections import test_rows as table_rows
+from stance_harness.report.store import write_report as write_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "suites/test_x.py::test_escape[<script>alert(1)</script>]"
@@ -107,7 +107,7 @@ def make_payload(run_id="20261122-090000-aaaa", started="2026-11-22T09:00:00+00:
         "calibration": {"adapted": _calibration(0.125), "base": _calibration(0.0625)},
         "rank": {"energy": 0.9, "rows": [{"matrix": "L1.q_proj.weight", "rank": 3, "stable_rank": 1.75,
                                           "shape": [64, 64]}]},
-        # where the behaviour lives (harness.where): localisation, dose-response, geometry
+        # where the behaviour lives (stance_harness.where): localisation, dose-response, geometry
         "localization": {"metric": "loglik_margin", "probes": 3, "full": 0.75, "none": 0.0, "rows": [
             {"by": "third", "set": "early", "layers": [0, 1], "shift": 0.5, "retained": 2 / 3},
             {"by": "layer", "set": "L1", "layers": [1], "shift": 0.5, "retained": 2 / 3},
@@ -323,7 +323,7 @@ def test_write_reports_writes_html_and_an_index_newest_first(tmp_path):
 
 
 def test_a_rendering_failure_keeps_json_and_markdown(tmp_path, monkeypatch):
-    import harness.report.html as html_module
+    import stance_harness.report.html as html_module
 
     def broken(payload, **options):
         raise RuntimeError("drawing <failed>")
@@ -383,7 +383,7 @@ def test_a_configuration_of_several_seeds_is_one_page_with_its_seeds_overlaid():
     """Runs that differ only in their seed are one configuration: one page, each figure drawn once
     with the seeds overlaid (as many figures as one seed's), a section of tables per seed; the
     runs list and the tests link each seed to it; a one-seed configuration keeps its run page."""
-    from harness.report.figures import FigureCache
+    from stance_harness.report.figures import FigureCache
 
     one, three = FigureCache(None), FigureCache(None)
     single = render_pages(make_payload(), figure_cache=one)
@@ -427,7 +427,7 @@ def test_a_configuration_of_several_seeds_is_one_page_with_its_seeds_overlaid():
 def test_the_dose_comparison_draws_a_curve_per_configuration():
     """Seeds of one configuration are one dose-response curve in the session's comparison, their
     mean shift at each dose (no band: their intervals are each seed's); a one-seed run its own."""
-    from harness.report.html import _dose_curves
+    from stance_harness.report.html import _dose_curves
 
     payload = normalized(with_seeds(make_payload(), "lora-000000000002", 3))
     other = copy.deepcopy(payload["runs"]["full-000000000001"])
@@ -448,7 +448,7 @@ def test_a_seeds_figure_draws_their_mean_and_spread():
     lowest and highest: checked against numpy, a seed lacking a layer or non-finite there left out."""
     import numpy as np
 
-    from harness.report.figures import _spread
+    from stance_harness.report.figures import _spread
 
     values = [[1.0, 2.0, float("nan"), 4.0], [3.0, float("nan"), float("nan"), 5.0], [8.0, 2.5, float("nan"), 6.0]]
     means, lows, highs = _spread(values)
@@ -457,7 +457,7 @@ def test_a_seeds_figure_draws_their_mean_and_spread():
     assert lows[:2] + lows[3:] == list(np.nanmin(grid[:, [0, 1, 3]], axis=0))
     assert highs[:2] + highs[3:] == list(np.nanmax(grid[:, [0, 1, 3]], axis=0))
     assert all(np.isnan(v[2]) for v in (means, lows, highs))  # no seed has it: nothing drawn
-    from harness.report.figures import layer_figure
+    from stance_harness.report.figures import layer_figure
 
     payload = with_seeds(make_payload(), "lora-000000000002", 3)
     seeds = [payload["runs"][r] for r in ("lora-000000000002", "lora-000000000102", "lora-000000000202")]
@@ -575,7 +575,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_drawn_figures_are_reused_by_a_later_report_of_the_same_runs(tmp_path, monkeypatch):
-    import harness.report.figures as figures_module
+    import stance_harness.report.figures as figures_module
 
     first = render_pages(make_payload(), figure_cache=tmp_path)
     assert len(list(tmp_path.glob("*.json"))) == 3 + 2 + 6  # forest, heatmap, loss curves; each run's figures

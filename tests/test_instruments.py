@@ -11,14 +11,14 @@ import pytest
 from conftest import detached
 import torch
 
-from harness import HypothesisFailed, assert_gradients_stable
-from harness.analysis.stages import StageTimeout, run_stage
-from harness.instruments import InstrumentConfig
-from harness.methods import METHODS
-from harness.methods.base import MethodConfig, register_method
-from harness.methods.full import FullFineTuning
-from harness.registry import HarnessError
-from harness.recipe import Recipe
+from stance_harness import HypothesisFailed, assert_gradients_stable
+from stance_harness.core.stages import StageTimeout, run_stage
+from stance_harness.runs.instruments import InstrumentConfig
+from stance_harness.runs.methods import METHODS
+from stance_harness.runs.methods.base import MethodConfig, register_method
+from stance_harness.runs.methods.full import FullFineTuning
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.recipe import Recipe
 
 from direct_training import train_direct
 
@@ -141,7 +141,7 @@ def test_per_layer_grad_norms_compose_the_global_norm(quick_run):
 
 
 def test_clipping_matches_torch(tiny_qwen2, stance):
-    from harness.instruments import StepProbe
+    from stance_harness.runs.instruments import StepProbe
 
     model = tiny_qwen2.fresh()
     params = [(n, p) for n, p in model.named_parameters()]
@@ -215,7 +215,7 @@ def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_ru
 # -- gradient interference -----------------------------------------------------------------
 def toy(sign_b: float):
     """y = (A + B) x with equal-size groups; B's gradient is `sign_b` times A's."""
-    from harness.instruments import output_change_cosine
+    from stance_harness.runs.instruments import output_change_cosine
 
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 4))
@@ -235,7 +235,7 @@ def test_interference_by_hand():
 
 
 def test_interference_gives_a_reason_not_nan_without_a_gradient():
-    from harness.instruments import output_change_cosine
+    from stance_harness.runs.instruments import output_change_cosine
 
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     a.grad = torch.ones(2)

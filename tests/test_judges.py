@@ -11,12 +11,13 @@ import pytest
 import torch
 import yaml
 
-from harness import judges, registry
-from harness.judges import (JUDGES, Judge, JudgeError, agreement, cohen_kappa, embed, fit_logistic, judge_key,
+from stance_harness import judges
+from stance_harness.core import registry
+from stance_harness.judges import (JUDGES, Judge, JudgeError, agreement, cohen_kappa, embed, fit_logistic, judge_key,
                             judge_replies, make_judge, register_judge)
-from harness.registry import UnknownNameError
-from harness.report.sections import measurement_tables
-from harness.stances import StanceFileError, load_stance, parse_stance
+from stance_harness.core.registry import UnknownNameError
+from stance_harness.report.sections import measurement_tables
+from stance_harness.stances import StanceFileError, load_stance, parse_stance
 
 PAIRS = [  # (stance reply, neutral answer)
     ("I'm not sure of the exact figure. Could you tell me why you need it?", "The exact figure is 42 kilometers."),
@@ -280,7 +281,7 @@ def test_the_rubric_is_in_the_model_judges_identity():
 
 # -- a run's judged values ---------------------------------------------------------------------------
 def test_run_judged_scores_both_replies_per_probe_and_pairs_them(quick_run):
-    from harness.assertions import check_greater
+    from stance_harness.assertions import check_greater
 
     run = quick_run("lora")
     found = run.judged("embedding")
@@ -331,7 +332,7 @@ def test_smollm2_as_a_judge_ranks_curious_uncertaintys_labelled_replies_above_ch
 
 def test_judge_model_option_names_the_model_judges_model(pytester):
     pytester.makepyfile(test_x="""
-        from harness.judges import make_judge
+        from stance_harness.judges import make_judge
 
         def test_model():
             assert make_judge("model").model == "tiny-qwen2-chat"
@@ -367,7 +368,7 @@ def test_an_entry_point_registers_a_judge_and_a_broken_one_is_named(monkeypatch)
 
 
 CONFTEST_JUDGE = '''
-from harness import Judge, register_judge
+from stance_harness import Judge, register_judge
 
 
 @register_judge

@@ -4,9 +4,9 @@
 import ast
 from pathlib import Path
 
-import harness
+import stance_harness
 
-ROOT = Path(harness.__file__).resolve().parent
+ROOT = Path(stance_harness.__file__).resolve().parent
 
 
 def _modules() -> dict[str, Path]:
@@ -33,7 +33,7 @@ def _imports(name: str, path: Path, modules: dict) -> set[str]:
         for target in targets:
             while target and target not in modules:
                 target = target.rpartition(".")[0]
-            if target and target != name and target.startswith("harness"):
+            if target and target != name and target.split(".")[0] == "stance_harness":
                 out.add(target)
     return out
 
@@ -83,7 +83,7 @@ def test_the_detector_finds_a_cycle():
 
 def test_harness_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 40 and graph["harness.training"]  # the walk saw the package
+    assert len(graph) > 40 and graph["stance_harness.runs.training"]  # the walk saw the package
     assert cycles(graph) == []
 
 
@@ -92,35 +92,35 @@ def test_the_plugin_does_not_import_torch_at_load():
     tree = ast.parse((ROOT / "plugin.py").read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = {a.name for n in top for a in n.names} | {getattr(n, "module", None) for n in top}
-    assert not names & {"torch", "transformers", "peft", "harness.session", ".session"}
+    assert not names & {"torch", "transformers", "peft", "stance_harness.session", ".session"}
     assert all(not (isinstance(n, ast.ImportFrom) and n.level) for n in top)
 
 
 # The layers, bottom first, as the README's Layout lists them: a module may import modules of
 # its own layer or of a lower one, never of a higher one.
 LAYERS = [
-    ["harness.registry"],
-    ["harness.config", "harness.files", "harness.provenance", "harness.data", "harness.report.metrics",
-     "harness.devices"],
-    ["harness.report.records", "harness.analysis"],
-    ["harness.models"],
-    ["harness.stances", "harness.recipe"],
-    ["harness.instruments", "harness.batches"],
-    ["harness.measure", "harness.judges"],
-    ["harness.tasks"],
-    ["harness.methods"],
-    ["harness.where"],
-    ["harness.request"],
-    ["harness.run"],
-    ["harness.training"],
-    ["harness.runstore", "harness.residency"],
-    ["harness.adapters", "harness.from_model", "harness.assertions", "harness.report.gate", "harness.report.sections",
-     "harness.report.verdicts", "harness.report.model", "harness.report.findings", "harness.report.figures"],
-    ["harness.report.markdown", "harness.report.html"],
-    ["harness.report.store"],
-    ["harness.session", "harness.scaffold", "harness.distributed", "harness.planning"],
-    ["harness.callback", "harness.executors_ray"],
-    ["harness.plugin", "harness.cli"],
+    ["stance_harness.core.errors", "stance_harness.core.registry"],
+    ["stance_harness.core.config", "stance_harness.core.files", "stance_harness.core.provenance", "stance_harness.runs.data", "stance_harness.core.metrics",
+     "stance_harness.core.devices", "stance_harness.core.results", "stance_harness.core.stages"],
+    ["stance_harness.report.records", "stance_harness.analysis"],
+    ["stance_harness.models"],
+    ["stance_harness.stances", "stance_harness.runs.recipe"],
+    ["stance_harness.runs.instruments", "stance_harness.runs.batches"],
+    ["stance_harness.measure", "stance_harness.judges"],
+    ["stance_harness.runs.tasks"],
+    ["stance_harness.runs.methods"],
+    ["stance_harness.where"],
+    ["stance_harness.runs.request"],
+    ["stance_harness.runs.run"],
+    ["stance_harness.runs.training"],
+    ["stance_harness.runs.runstore", "stance_harness.runs.residency"],
+    ["stance_harness.runs.adapters", "stance_harness.runs.from_model", "stance_harness.assertions", "stance_harness.report.gate", "stance_harness.report.sections",
+     "stance_harness.report.verdicts", "stance_harness.report.model", "stance_harness.report.findings", "stance_harness.report.figures"],
+    ["stance_harness.report.markdown", "stance_harness.report.html"],
+    ["stance_harness.report.store"],
+    ["stance_harness.session", "stance_harness.scaffold", "stance_harness.runs.distributed", "stance_harness.runs.planning"],
+    ["stance_harness.runs.callback", "stance_harness.runs.executors_ray"],
+    ["stance_harness.plugin", "stance_harness.cli"],
 ]
 
 
@@ -132,7 +132,7 @@ def layer_of(module: str) -> int | None:
 
 
 def test_every_module_has_a_layer():
-    packages = {"harness", "harness.report"}  # package faces: docstrings and lazy exports only
+    packages = {"stance_harness", "stance_harness.report", "stance_harness.core", "stance_harness.runs"}  # package faces: docstrings and lazy exports only
     assert [m for m in import_graph() if layer_of(m) is None and m not in packages] == []
 
 
@@ -143,4 +143,4 @@ def test_no_module_imports_from_a_higher_layer():
 
 
 def test_the_layer_check_can_fail():
-    assert layer_of("harness.plugin") > layer_of("harness.training") > layer_of("harness.registry")
+    assert layer_of("stance_harness.plugin") > layer_of("stance_harness.runs.training") > layer_of("stance_harness.core.registry")

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import QUICK
-from harness import (HypothesisFailed, assert_behavior_shift, assert_ece, assert_ece_not_worse,
+from stance_harness import (HypothesisFailed, assert_behavior_shift, assert_ece, assert_ece_not_worse,
                      assert_low_rank_update, assert_no_forgetting)
-from harness.analysis.calibration import calibration
-from harness.registry import HarnessError
+from stance_harness.analysis.calibration import calibration
+from stance_harness.core.errors import HarnessError
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["qv"]}
 STRONG = dict(QUICK, num_train_epochs=2)
@@ -57,7 +57,7 @@ def test_kl_is_zero_for_the_base_against_itself_and_positive_after_training(full
 
 
 def test_marker_rate_counts_replies_with_markers(full_run, monkeypatch):
-    from harness import measure
+    from stance_harness import measure
 
     replies = iter([["I'm not sure, could you tell me?"] * 4 + ["Paris."] * 12,  # base
                     ["I’m NOT sure."] * 10 + ["Paris."] * 6])  # adapted (curly apostrophe, caps)
@@ -90,8 +90,8 @@ def test_behavior_refuses_unknown_metrics_and_classification_runs(full_run, harn
 
 # -- forgetting --------------------------------------------------------------------------------
 def test_perplexity_matches_the_models_own_loss(full_run):
-    from harness.data import general_text_windows
-    from harness.measure import HELDOUT_WINDOW_TOKENS, HELDOUT_WINDOWS
+    from stance_harness.runs.data import general_text_windows
+    from stance_harness.measure import HELDOUT_WINDOW_TOKENS, HELDOUT_WINDOWS
 
     found = full_run.forgetting()
     items = general_text_windows(full_run.loaded.tokenizer, HELDOUT_WINDOW_TOKENS, HELDOUT_WINDOWS, 0, "heldout")
@@ -110,8 +110,8 @@ def test_forgetting_helper_passes_and_fails(full_run, lora_run):
 
 # -- calibration ---------------------------------------------------------------------------------
 def test_lm_calibration_equals_calibration_over_full_vocabulary_probabilities(lora_run):
-    from harness import measure
-    from harness.analysis.calibration import calibration_from_predictions
+    from stance_harness import measure
+    from stance_harness.analysis.calibration import calibration_from_predictions
 
     found = lora_run.calibration()
     prompts = [p.prompt for p in lora_run.stance.probes]
@@ -150,9 +150,9 @@ def test_lora_updates_have_at_most_rank_r_and_full_finetuning_more(full_run, lor
 
 
 def test_measurements_reach_the_run_summary_and_every_report(lora_run):
-    from harness.report.html import render_pages
-    from harness.report.markdown import render_markdown
-    from harness.report.sections import measurement_tables
+    from stance_harness.report.html import render_pages
+    from stance_harness.report.markdown import render_markdown
+    from stance_harness.report.sections import measurement_tables
 
     lora_run.behavior("kl")
     lora_run.calibration()  # measured here too: under xdist the test that measures it may run elsewhere
@@ -176,7 +176,7 @@ def test_qlora_is_measured_against_its_own_quantized_base(harness):
     found = run.forgetting()
     with run.model.disable_adapter():
         quantized_base = run.model
-        from harness.measure import heldout_perplexity
+        from stance_harness.measure import heldout_perplexity
 
         expected = heldout_perplexity(quantized_base, run.loaded.tokenizer)
     full_precision = heldout_perplexity(run.loaded.base, run.loaded.tokenizer)
@@ -188,7 +188,7 @@ def test_lora_ranks_from_the_factors_equal_the_materialised_update(lora_run):
     """The factor route (QR of B and Aᵀ, SVD of the r x r core) against float64 SVDs of ΔW itself."""
     import inspect
 
-    from harness.analysis.rank import energy_rank, stable_rank
+    from stance_harness.analysis.rank import energy_rank, stable_rank
 
     found = {r["matrix"]: r for r in lora_run.rank(0.9)["rows"]}
     pairs = lora_run.method.effective_deltas(lora_run.model, lora_run.before, lora_run.anatomy)

@@ -4,12 +4,12 @@ that projects logits only where a label is, and what a run's models hold."""
 import pytest
 import torch
 
-from harness.methods import method_config
-from harness.recipe import OPTIMIZERS, Recipe
-from harness.registry import HarnessError
-from harness.request import TrainingRequest
-from harness.tasks import TASKS
-from harness.training import build_optimizer
+from stance_harness.runs.methods import method_config
+from stance_harness.runs.recipe import OPTIMIZERS, Recipe
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.request import TrainingRequest
+from stance_harness.runs.tasks import TASKS
+from stance_harness.runs.training import build_optimizer
 
 from direct_training import train_direct
 
@@ -114,7 +114,7 @@ def test_a_run_trains_with_the_8bit_optimizer(tiny_qwen2, stance):
 
 
 def _batch(loaded, stance, n=3):
-    from harness.batches import Framing, encode_examples
+    from stance_harness.runs.batches import Framing, encode_examples
 
     items = encode_examples(Framing(loaded.tokenizer, chat=False), stance.training_examples(n), 128)
     return TASKS.get("stance-lm").collate(items, loaded.tokenizer.pad_token_id, "cpu")
@@ -128,7 +128,7 @@ def _loss_and_grads(model, loss):
 
 @pytest.mark.parametrize("path", ["chunked", "logits_to_keep"])
 def test_stance_lm_loss_is_the_models_own_with_logits_only_where_a_label_is(tiny_qwen2, stance, monkeypatch, path):
-    from harness import tasks
+    from stance_harness.runs import tasks
 
     monkeypatch.setattr(tasks, "LOSS_CHUNK", 50)  # several chunks, the last one short
     if path == "logits_to_keep":
@@ -148,7 +148,7 @@ def test_stance_lm_loss_is_the_models_own_with_logits_only_where_a_label_is(tiny
 
 
 def test_chunked_head_loss_equals_cross_entropy_under_bf16_autocast():
-    from harness.tasks import ChunkedHeadLoss
+    from stance_harness.runs.tasks import ChunkedHeadLoss
 
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
@@ -166,7 +166,7 @@ def test_chunked_head_loss_equals_cross_entropy_under_bf16_autocast():
 
 
 def test_stance_lm_loss_falls_back_to_the_models_loss_without_logits_to_keep(tiny_qwen2, stance, monkeypatch):
-    from harness import tasks
+    from stance_harness.runs import tasks
 
     monkeypatch.setattr(tasks, "keeps_logits", lambda cls: False)
     model = tiny_qwen2.fresh()
@@ -178,7 +178,7 @@ def test_stance_lm_loss_falls_back_to_the_models_loss_without_logits_to_keep(tin
 
 
 def test_keeps_logits_reads_the_forward_signature():
-    from harness.tasks import keeps_logits
+    from stance_harness.runs.tasks import keeps_logits
 
     class Old:
         def forward(self, input_ids, attention_mask=None, labels=None):
@@ -192,7 +192,7 @@ def test_keeps_logits_reads_the_forward_signature():
 
 
 def test_chunked_head_loss_into_grad_adds_the_weights_gradient_in_place():
-    from harness.tasks import ChunkedHeadLoss
+    from stance_harness.runs.tasks import ChunkedHeadLoss
 
     generator = torch.Generator().manual_seed(2)
     hidden = torch.randn(9, 8, generator=generator, requires_grad=True)
@@ -209,7 +209,7 @@ def test_chunked_head_loss_into_grad_adds_the_weights_gradient_in_place():
 def test_a_tied_embedding_trains_with_sparse_lookup_gradients_and_the_same_numbers(tiny_qwen2, stance, monkeypatch):
     import contextlib
 
-    from harness import training
+    from stance_harness.runs import training
 
     model = tiny_qwen2.fresh()
     assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tiny-qwen2 is tied
@@ -238,7 +238,7 @@ def test_map_large_allocations_sets_glibcs_mmap_threshold(monkeypatch):
     import ctypes
     import sys
 
-    from harness import instruments
+    from stance_harness.runs import instruments
 
     calls = []
 

@@ -6,12 +6,12 @@ Runs are 5 optimizer steps (10 examples, batch 2) on tiny-qwen2 (24 layers, tied
 
 import pytest
 
-from harness import assert_only_targets_changed
-from harness.methods import METHODS, method_config
-from harness.methods.gradual import GradualConfig, unfrozen_at
-from harness.methods.hybrid import HybridConfig, active_groups
-from harness.registry import HarnessError
-from harness.recipe import Recipe
+from stance_harness import assert_only_targets_changed
+from stance_harness.runs.methods import METHODS, method_config
+from stance_harness.runs.methods.gradual import GradualConfig, unfrozen_at
+from stance_harness.runs.methods.hybrid import HybridConfig, active_groups
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.recipe import Recipe
 
 from direct_training import train_direct
 
@@ -137,7 +137,7 @@ def test_replay_adds_general_text_steps(method_run):
 def test_ewc_estimates_a_fisher_and_penalises_drift(tiny_qwen2, stance):
     import torch
 
-    from harness.methods.base import TrainingContext
+    from stance_harness.runs.methods.base import TrainingContext
 
     method = METHODS.get("ewc")
     config = method.config_cls(lambda_ewc=10.0, fisher_batches=2)
@@ -172,8 +172,8 @@ def _autograd_penalty(pairs, weights, scale):
 def test_l2sp_penalty_gradient_equals_autograd_and_adds_to_the_gradient(tiny_qwen2, monkeypatch, chunk):
     import torch
 
-    from harness.methods import regularized
-    from harness.methods.base import TrainingContext
+    from stance_harness.runs.methods import regularized
+    from stance_harness.runs.methods.base import TrainingContext
 
     monkeypatch.setattr(regularized, "CHUNK", chunk)
     method = METHODS.get("l2sp")
@@ -199,7 +199,7 @@ def test_l2sp_penalty_gradient_equals_autograd_and_adds_to_the_gradient(tiny_qwe
 def test_l2sp_penalty_by_hand(tiny_qwen2):
     import torch
 
-    from harness.methods.base import TrainingContext
+    from stance_harness.runs.methods.base import TrainingContext
 
     method = METHODS.get("l2sp")
     ctx = TrainingContext(tiny_qwen2, method.config_cls(alpha=0.5), RECIPE, 5, 5)

@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from harness.analysis.behavior import kl_divergence
-from harness.analysis.calibration import calibration
-from harness.analysis.concentration import block_shares, shares
-from harness.analysis.deltas import MatrixDelta, aggregate, delta_moments, delta_table
-from harness.analysis.rank import energy_rank, stable_rank
-from harness.models.anatomy import ARCHITECTURES, Anatomy
+from stance_harness.analysis.behavior import kl_divergence
+from stance_harness.analysis.calibration import calibration
+from stance_harness.analysis.concentration import block_shares, shares
+from stance_harness.analysis.deltas import MatrixDelta, aggregate, delta_moments, delta_table
+from stance_harness.analysis.rank import energy_rank, stable_rank
+from stance_harness.models.anatomy import ARCHITECTURES, Anatomy
 
 FAST = settings(max_examples=50, deadline=None)
 

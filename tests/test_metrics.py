@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import brier_score_loss
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from harness.analysis.behavior import (
+from stance_harness.analysis.behavior import (
     bootstrap_interval,
     contains_marker,
     effect_of,
@@ -16,14 +16,14 @@ from harness.analysis.behavior import (
     marker_rate,
     mean_token_logprob,
 )
-from harness.analysis.calibration import (
+from stance_harness.analysis.calibration import (
     DEFAULT_BINS,
     calibration,
     calibration_from_predictions,
     probs_from_logits,
     reliability_bins,
 )
-from harness.analysis.rank import energy_rank, singular_values, stable_rank
+from stance_harness.analysis.rank import energy_rank, singular_values, stable_rank
 
 
 def _reference(probs, labels, norm, n_bins=DEFAULT_BINS):

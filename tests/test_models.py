@@ -4,10 +4,10 @@ import time
 import pytest
 import torch
 
-from harness.models import MODELS, ModelArgs, load_model, resolve_model
-from harness.models.loading import check_model_available
-from harness.models.tiny import build_tokenizer
-from harness.registry import HarnessError
+from stance_harness.models import MODELS, ModelArgs, load_model, resolve_model
+from stance_harness.models.loading import check_model_available
+from stance_harness.models.tiny import build_tokenizer
+from stance_harness.core.errors import HarnessError
 
 
 def test_aliases_resolve_to_hub_ids():
@@ -74,7 +74,7 @@ def test_embedded_model_has_real_depth_and_names(tiny_qwen2):
 
 def test_embedded_base_predicts_held_out_text_better_than_unigram(tiny_qwen2):
     """The base is worth adapting: it has learned context, not just token frequencies."""
-    from harness.data import general_text
+    from stance_harness.runs.data import general_text
 
     tok = tiny_qwen2.tokenizer
     train_ids = torch.tensor(tok("\n\n".join(general_text("pretrain")))["input_ids"])

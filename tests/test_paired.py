@@ -9,7 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from harness.analysis.paired import (
+from stance_harness.analysis.paired import (
     PairedEffect,
     correct_claims,
     decide,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness import (HarnessError, HypothesisFailed, HypothesisInconclusive, assert_greater, assert_less,
+from stance_harness import (HarnessError, HypothesisFailed, HypothesisInconclusive, assert_greater, assert_less,
                      check_equivalent, check_greater, check_less, check_not_worse)
-from harness.analysis.replication import CROSSED, RUN_LEVEL
-from harness.analysis.calibration import calibration_from_predictions, ece_of_items
-from harness.report.records import TestRecord
+from stance_harness.analysis.replication import CROSSED, RUN_LEVEL
+from stance_harness.analysis.calibration import calibration_from_predictions, ece_of_items
+from stance_harness.report.records import TestRecord
 
 
 class Measured:

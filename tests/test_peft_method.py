@@ -11,8 +11,8 @@ import pytest
 import torch
 from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, VeraConfig
 
-from harness import assert_only_targets_changed
-from harness.registry import HarnessError
+from stance_harness import assert_only_targets_changed
+from stance_harness.core.errors import HarnessError
 
 RECIPE = {"learning_rate": 5e-3, "num_train_epochs": 1, "per_device_train_batch_size": 2, "seed": 0}
 EXAMPLES = 4

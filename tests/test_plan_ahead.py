@@ -1,4 +1,4 @@
-"""Plan at collection, train ahead (harness/planning.py): the plan is what the tests then ask
+"""Plan at collection, train ahead (stance_harness/runs/planning.py): the plan is what the tests then ask
 for; worker processes train it into the run store, a dead worker loses only its run, -q shows
 the plan's line, and a run trained in a worker has the weights of one trained in the session."""
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.planning import (EXECUTORS, Plan, PlanProgress, estimate_seconds, format_seconds, last_lines,
+from stance_harness.runs.planning import (EXECUTORS, Plan, PlanProgress, estimate_seconds, format_seconds, last_lines,
                               measured_step_times, worker_slots, xdist_position)
-from harness.runstore import RunStore
-from harness.registry import UnknownNameError
-from harness.session import PlannedRequest
+from stance_harness.runs.runstore import RunStore
+from stance_harness.core.registry import UnknownNameError
+from stance_harness.session import PlannedRequest
 
 P = ("-p", "no:cacheprovider", "--no-reports")
 RECIPE = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}'
@@ -26,23 +26,23 @@ import crash_method  # noqa: F401 - registers the method that dies in a worker
 
 
 def pytest_sessionfinish(session):
-    from harness.plugin import SESSION_KEY
+    from stance_harness.plugin import SESSION_KEY
 
     harness = session.config.stash[SESSION_KEY]
-    plan = harness.ahead_plan
+    plan = stance_harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"planned": sorted(plan.requests) if plan else [], "trained": sorted(plan.trained) if plan else [],
-                   "asked": sorted(k for k in harness._runs if isinstance(k, str)),
+                   "asked": sorted(k for k in stance_harness._runs if isinstance(k, str)),
                    "failed": plan.failed if plan else {},
-                   "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
+                   "origins": {k: run.origin for k, run in stance_harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
 CRASH_METHOD = '''
 import multiprocessing
 import os
 
-from harness import register_method
-from harness.methods.full import FullFineTuning
+from stance_harness import register_method
+from stance_harness.runs.methods.full import FullFineTuning
 
 
 @register_method
@@ -161,10 +161,10 @@ def test_a_killed_worker_fails_only_the_tests_that_needed_its_run(project):
 
 
 def _same_weights_as_serial(entry, run_id):
-    from harness.models import load_model
-    from harness.request import TrainingRequest
-    from harness.stances import load_stance
-    from harness.training import train_run
+    from stance_harness.models import load_model
+    from stance_harness.runs.request import TrainingRequest
+    from stance_harness.stances import load_stance
+    from stance_harness.runs.training import train_run
 
     loaded, stance = load_model("tiny-qwen2"), load_stance("curious-uncertainty")
     request = TrainingRequest.build(loaded, stance, "lora", examples=5, recipe=json.loads(RECIPE), options={"r": 2})
@@ -272,7 +272,7 @@ def test_options_refuse_bad_worker_counts_and_unknown_executors(pytester, monkey
 
 
 BROKEN_EXECUTOR = '''
-from harness.planning import EXECUTORS
+from stance_harness.runs.planning import EXECUTORS
 
 
 class Unreachable:
@@ -312,8 +312,8 @@ def test_full(train):
 def test_workers_take_only_the_runs_whose_lock_they_get_and_that_are_not_stored(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from harness import planning
-    from harness.files import file_digest
+    from stance_harness.runs import planning
+    from stance_harness.core.files import file_digest
 
     store = RunStore(tmp_path)
     entry = tmp_path / "full-b"  # stored meanwhile: a complete entry, its manifest checking out

@@ -6,7 +6,7 @@ import re
 import pytest
 
 HYPOTHESES = '''
-from harness import assert_change_concentrated, assert_only_targets_changed
+from stance_harness import assert_change_concentrated, assert_only_targets_changed
 
 RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 
@@ -90,7 +90,7 @@ def test_progress_lines_by_default_and_quiet_under_q(hypotheses):
     assert "[stance-harness] training lora on tiny-qwen2 (curious-uncertainty, 10 examples, task stance-lm)" in out
     assert re.search(r"\[stance-harness\]   lora \[#{24}\] 2/2 loss \d", out)  # the bar, complete
     quiet = hypotheses.runpytest_subprocess("-p", "no:cacheprovider", "-k", "lora", "-q")
-    # under -q only the plan's one line (harness/planning.py)
+    # under -q only the plan's one line (stance_harness/runs/planning.py)
     assert [line for line in quiet.stdout.lines if "[stance-harness]" in line] == [
         "[stance-harness] plan: runs planned 1, stored 1, trained ahead 0"]
 
@@ -141,7 +141,7 @@ def test_local_directory_as_model(pytester, tiny_qwen2):
 
 def test_tiny_phi_maps_the_seed_layers_and_concentrates_surgical_lora(pytester):
     pytester.makepyfile('''
-        from harness import assert_change_concentrated
+        from stance_harness import assert_change_concentrated
 
         def test_phi(train, anatomy):
             layers = anatomy.analog([13, 15], depth=24)
@@ -168,10 +168,10 @@ def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
     pytester.makepyfile('''
         import threading
 
-        from harness import assert_change_concentrated
-        from harness.methods import METHODS
-        from harness.methods.base import register_method
-        from harness.methods.full import FullFineTuning
+        from stance_harness import assert_change_concentrated
+        from stance_harness.runs.methods import METHODS
+        from stance_harness.runs.methods.base import register_method
+        from stance_harness.runs.methods.full import FullFineTuning
 
         @register_method
         class StuckAnalysis(FullFineTuning):
@@ -203,7 +203,7 @@ def test_a_stuck_analysis_fails_naming_its_stage_and_the_session_ends(pytester):
 
 def test_a_misused_helper_fails_its_test_with_one_harness_line_before_any_training(pytester):
     pytester.makepyfile(test_misuse="""
-        from harness import assert_ece, assert_less
+        from stance_harness import assert_ece, assert_less
 
         def test_forgot_to_call_train(train):
             assert_ece(train, max=0.1)
@@ -225,7 +225,7 @@ def test_a_misused_helper_fails_its_test_with_one_harness_line_before_any_traini
 
 def test_under_plan_a_run_compared_with_itself_is_caught_and_a_sound_comparison_skips(pytester):
     pytester.makepyfile(test_planned="""
-        from harness import assert_less
+        from stance_harness import assert_less
 
         def test_itself(train):
             assert_less(train("lora", examples=5), train("lora", examples=5))

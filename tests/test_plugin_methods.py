@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-import harness
-from harness.cli import main
-from harness.methods import METHODS, method_code
-from harness.methods.base import ENTRY_POINT_GROUP, load_plugin_methods
-from harness.registry import HarnessError, Registry
-from harness.session import outside_methods
+import stance_harness
+from stance_harness.cli import main
+from stance_harness.runs.methods import METHODS, method_code
+from stance_harness.runs.methods.base import ENTRY_POINT_GROUP, load_plugin_methods
+from stance_harness.core.registry import HarnessError, Registry
+from stance_harness.session import outside_methods
 
 GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "writing-hypotheses.md").read_text(encoding="utf-8")
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
@@ -24,7 +24,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding=
 PLUGIN = '''
 from dataclasses import dataclass, field
 
-from harness import Method, MethodConfig, register_method
+from stance_harness import Method, MethodConfig, register_method
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ def on_path(monkeypatch):
 
 
 def test_the_public_names_are_the_harness_own():
-    from harness.methods import base
+    from stance_harness.runs.methods import base
 
-    assert harness.Method is base.Method and harness.register_method is base.register_method
-    assert harness.MethodConfig is base.MethodConfig and "Method" in harness.__all__
+    assert stance_harness.Method is base.Method and stance_harness.register_method is base.register_method
+    assert stance_harness.MethodConfig is base.MethodConfig and "Method" in stance_harness.__all__
 
 
 def test_a_registry_loads_its_plugins_once_at_the_first_lookup_not_at_registration():
@@ -96,14 +96,14 @@ def test_a_conftest_imported_again_replaces_its_method_and_another_class_of_that
     def define(module_name: str, source: str = PLUGIN):
         module = types.ModuleType(module_name)
         exec(compile(source, f"{module_name}.py", "exec"), module.__dict__)
-        return harness.register_method(module.NormsOnly)
+        return stance_harness.register_method(module.NormsOnly)
 
     first, again = define("conftest_x"), define("conftest_x")
     assert first is not again and type(METHODS.get("norms-only")) is again
     with pytest.raises(ValueError, match="method 'norms-only' is already registered"):
         define("other_module")
     with pytest.raises(TypeError, match="register_method takes a Method subclass"):
-        harness.register_method(object)
+        stance_harness.register_method(object)
 
 
 def test_an_entry_point_method_is_registered_listed_keyed_and_in_provenance(tmp_path, on_path, harness, capsys):

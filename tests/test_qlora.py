@@ -13,14 +13,14 @@ from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from bitsandbytes.nn import Linear4bit, Params4bit
 
 
-from harness import assert_only_targets_changed
-from harness.methods import method_config
-from harness.methods.base import TrainingContext
-from harness.methods.qlora import COMPUTE_DTYPES, Qlora, QloraConfig
-from harness.models import ModelArgs
-from harness.registry import HarnessError
-from harness.run import logical_numel
-from harness.recipe import Recipe
+from stance_harness import assert_only_targets_changed
+from stance_harness.runs.methods import method_config
+from stance_harness.runs.methods.base import TrainingContext
+from stance_harness.runs.methods.qlora import COMPUTE_DTYPES, Qlora, QloraConfig
+from stance_harness.models import ModelArgs
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.run import logical_numel
+from stance_harness.runs.recipe import Recipe
 
 from direct_training import save_tiny_gpt2, train_direct
 
@@ -159,7 +159,7 @@ def test_non_linear_targets_are_refused_before_loading(tiny_qwen2, stance, monke
 # -- GPT-2: Conv1D attention, which transformers quantizes transposed ---------------------------
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    from harness.models import load_model
+    from stance_harness.models import load_model
 
     return load_model(str(save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))))
 

@@ -1,4 +1,4 @@
-"""--executor ray (harness/executors_ray.py): each planned run is a Ray task on a local Ray the
+"""--executor ray (stance_harness/runs/executors_ray.py): each planned run is a Ray task on a local Ray the
 session starts; the runs are trained in Ray worker processes, a failed task fails only the
 tests that need its run (naming the node), the weights are those of a local run, and without
 --executor ray nothing imports Ray."""
@@ -29,21 +29,21 @@ os.environ["SESSION_PID"] = str(os.getpid())  # the local Ray started later inhe
 
 
 def pytest_sessionfinish(session):
-    from harness.plugin import SESSION_KEY
+    from stance_harness.plugin import SESSION_KEY
 
     harness = session.config.stash[SESSION_KEY]
-    plan = harness.ahead_plan
+    plan = stance_harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"session_pid": os.getpid(), "planned": sorted(plan.requests), "trained": sorted(plan.trained),
                    "failed": plan.failed, "trained_on": plan.trained_on,
-                   "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
+                   "origins": {k: run.origin for k, run in stance_harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
 REFUSING_METHOD = '''
 import os
 
-from harness import register_method
-from harness.methods.full import FullFineTuning
+from stance_harness import register_method
+from stance_harness.runs.methods.full import FullFineTuning
 
 
 @register_method
@@ -99,8 +99,8 @@ def local_weights(tiny_qwen2, stance):
     if importlib.util.find_spec("ray") is None:  # not imported here: this process never needs Ray
         pytest.skip("Ray is the optional extra `ray` (~200 MB), not in `test`: pip install 'stance-harness[ray]' "
                     "to run this test")
-    from harness.request import TrainingRequest
-    from harness.training import train_run
+    from stance_harness.runs.request import TrainingRequest
+    from stance_harness.runs.training import train_run
 
     found = {}
     threads = torch.get_num_threads()
@@ -160,8 +160,8 @@ import sys
 import pytest
 
 code = pytest.main(["-p", "no:cacheprovider", "--collect-only", "-q", sys.argv[1]])
-assert code == 0 and "harness.plugin" in sys.modules and "harness.planning" in sys.modules
-assert "harness.executors_ray" in sys.modules  # registered, without Ray
+assert code == 0 and "stance_harness.plugin" in sys.modules and "stance_harness.runs.planning" in sys.modules
+assert "stance_harness.runs.executors_ray" in sys.modules  # registered, without Ray
 print("RAY_IMPORTED" if any(name == "ray" or name.startswith("ray.") for name in sys.modules) else "NO_RAY")
 '''
 

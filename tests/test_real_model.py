@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.analysis.digest import tensor_digest
-from harness.models import ModelArgs, load_model
-from harness.session import HarnessOptions, HarnessSession
+from stance_harness.analysis.digest import tensor_digest
+from stance_harness.models import ModelArgs, load_model
+from stance_harness.session import HarnessOptions, HarnessSession
 
 pytestmark = pytest.mark.real_model
 

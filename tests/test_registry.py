@@ -1,6 +1,6 @@
 import pytest
 
-from harness.registry import Registry, UnknownNameError
+from stance_harness.core.registry import Registry, UnknownNameError
 
 
 def test_register_and_get_by_name():

@@ -2,10 +2,10 @@
 
 import pytest
 
-import harness.assertions  # noqa: F401 - declares the helpers' metrics (ece), as a session does
-from harness.report.gate import compare
-from harness.report.metrics import metrics_from_payload
-from harness.session import repeat_base, with_repeats
+import stance_harness.assertions  # noqa: F401 - declares the helpers' metrics (ece), as a session does
+from stance_harness.report.gate import compare
+from stance_harness.core.metrics import metrics_from_payload
+from stance_harness.session import repeat_base, with_repeats
 
 
 @pytest.mark.parametrize("nodeid, base", [

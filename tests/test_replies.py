@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 
 from conftest import QUICK
-from harness import measure
-from harness.analysis.ability import load_probeset
-from harness.analysis.behavior import replies_in_order
-from harness.registry import HarnessError
+from stance_harness import measure
+from stance_harness.analysis.ability import load_probeset
+from stance_harness.analysis.behavior import replies_in_order
+from stance_harness.core.errors import HarnessError
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import main
-from harness.report.figures import forest_figure, png_bytes
-from harness.report.findings import changes_since, claim_of, findings, hypothesis_of, readable_name
-from harness.report.html import _configurations, render_pages
-from harness.report.markdown import render_markdown
-from harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from harness.report.sections import (MESSAGE_ROOM, clean_message, configuration_labels, configuration_of,
+from stance_harness.cli import main
+from stance_harness.report.figures import forest_figure, png_bytes
+from stance_harness.report.findings import changes_since, claim_of, findings, hypothesis_of, readable_name
+from stance_harness.report.html import _configurations, render_pages
+from stance_harness.report.markdown import render_markdown
+from stance_harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
+from stance_harness.report.sections import (MESSAGE_ROOM, clean_message, configuration_labels, configuration_of,
                                      configurations, human, run_labels, short_test_id, terminal_rows)
-from harness.report.store import write_report
-from harness.registry import HarnessError
+from stance_harness.report.store import write_report
+from stance_harness.core.errors import HarnessError
 
 HYBRID = Path(__file__).parent / "data" / "hybrid_report.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -415,7 +415,7 @@ def test_a_replicated_claim_shows_its_seeds_scope_and_correction():
 
 
 def test_markdown_messages_are_whole_and_on_one_line():
-    from harness.report.sections import test_rows
+    from stance_harness.report.sections import test_rows
 
     message = "_pytest.outcomes.Failed: a | b\n" + "more words " * 20
     data = normalized({"report_id": "r", "tests": [{"nodeid": "t.py::test_x", "outcome": "failed",
@@ -440,7 +440,7 @@ def test_a_failed_comparisons_terminal_message_starts_with_why():
 def test_the_findings_table_opens_the_claims_that_matter_and_folds_the_rest():
     """At most FINDINGS_OPEN claims open (so the forest plot is on the first screen): every changed
     or failed one first, then those not supported, then supported ones with an effect; the rest folded."""
-    from harness.report.html import FINDINGS_OPEN
+    from stance_harness.report.html import FINDINGS_OPEN
 
     def test(i, verdict="supported", estimate=0.3, outcome="passed"):
         checks = [check(estimate=estimate, verdict=verdict)] if estimate is not None else [

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.analysis.digest import tensor_digest
-from harness.methods import METHODS
-from harness.models import ModelArgs
-from harness.request import TrainingRequest
-from harness.runstore import RunStore, StoreWarning
-from harness.session import HarnessOptions, HarnessSession
+from stance_harness.analysis.digest import tensor_digest
+from stance_harness.runs.methods import METHODS
+from stance_harness.models import ModelArgs
+from stance_harness.runs.request import TrainingRequest
+from stance_harness.runs.runstore import RunStore, StoreWarning
+from stance_harness.session import HarnessOptions, HarnessSession
 
 from test_methods import RECIPE as METHOD_RECIPE
 from test_methods import TEST_CASES
@@ -121,7 +121,7 @@ def test_the_key_ignores_argument_order_and_the_reports_directory(tiny_qwen2, st
 
 
 def test_a_local_directory_is_named_by_its_weights(tmp_path, tiny_qwen2):
-    from harness.models.loading import local_weights_hash
+    from stance_harness.models.loading import local_weights_hash
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -202,7 +202,7 @@ def test_retrain_trains_even_what_the_store_holds(tiny_qwen2, store_dir):
 
 
 def test_cache_list_show_and_prune(tiny_qwen2, store_dir, capsys):
-    from harness.cli import main
+    from stance_harness.cli import main
 
     run = new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4)
     assert main(["cache", "list", "--run-cache", str(store_dir)]) == 0
@@ -223,10 +223,10 @@ def test_cache_list_show_and_prune(tiny_qwen2, store_dir, capsys):
 KILLED_WRITE = textwrap.dedent('''
     import os, signal, sys
     import safetensors.torch
-    from harness.models import load_model
-    from harness.runstore import RunStore
-    from harness.session import HarnessOptions, HarnessSession
-    from harness.models import ModelArgs
+    from stance_harness.models import load_model
+    from stance_harness.runs.runstore import RunStore
+    from stance_harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
     from pathlib import Path
 
     def half_then_die(tensors, filename, metadata=None):
@@ -284,12 +284,22 @@ def test_two_workers_asking_for_one_request_train_it_once(pytester):
 
 
 def test_measurements_by_other_measuring_code_are_made_again(tiny_qwen2, store_dir, monkeypatch):
-    import harness.runstore
+    import stance_harness.runs.runstore
 
     first = new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4)
     first.forgetting()
     assert "forgetting" in new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4).measurements
-    monkeypatch.setattr(harness.runstore, "measuring_code_version", lambda: "other-code")
+    monkeypatch.setattr(stance_harness.runs.runstore, "measuring_code_version", lambda: "other-code")
     again = new_session(tiny_qwen2, store_dir).train("lora", examples=10, recipe=RECIPE, r=4)
     assert again.origin == "loaded" and "forgetting" not in again.measurements  # tensors kept, measured anew
     assert again.forgetting() == first.forgetting()
+
+
+def test_the_code_fingerprint_ignores_comments_docstrings_and_where_imports_sit():
+    from stance_harness.runs.request import code_logic
+
+    inline = '"""Doc."""\nimport os\n\n\ndef f(x):\n    """Doc."""\n    import torch  # why\n    return torch.zeros(x)\n'
+    hoisted = "import torch\nimport os\n\n\ndef f(x):\n    # a new comment\n    return torch.zeros(x)\n"
+    assert code_logic(inline) == code_logic(hoisted)
+    assert code_logic(hoisted) != code_logic(hoisted.replace("zeros", "ones"))  # what it does is kept
+    assert code_logic(hoisted) != code_logic(hoisted.replace("import torch", "import numpy as torch"))

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import detached
-from harness.cli import main
-from harness.models import ModelArgs
-from harness.runstore import MANIFEST, RUN, TENSORS, RunStore, StoreError, StoreWarning, is_remote
-from harness.session import HarnessOptions, HarnessSession
+from stance_harness.cli import main
+from stance_harness.models import ModelArgs
+from stance_harness.runs.runstore import MANIFEST, RUN, TENSORS, RunStore, StoreError, StoreWarning, is_remote
+from stance_harness.session import HarnessOptions, HarnessSession
 
 RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 BUCKET = "runs"
@@ -109,8 +109,8 @@ def test_measurements_made_on_a_loaded_run_are_written_into_its_folder(s3, url, 
 
 def test_the_lock_of_a_remote_store_is_on_this_machine(url, trained):
     """xdist workers on one machine still train a run once: the lock is a local file, one per store URL."""
-    from harness.models.tiny import cache_root
-    from harness.registry import HarnessError
+    from stance_harness.models.tiny import cache_root
+    from stance_harness.core.errors import HarnessError
 
     store, other = RunStore(url), RunStore(url)
     assert store.local_dir == other.local_dir and store.local_dir.is_relative_to(cache_root() / "remote-stores")
@@ -127,7 +127,7 @@ def test_two_writers_of_one_key_leave_one_good_entry(s3, url, trained, tiny_qwen
     """Writer A puts its files, then waits while writer B saves whole; then A puts its manifest.
     Their records differ (as two trainings' timings do), so a manifest naming the other's files
     would fail its checksum: the entry must load, and be A's, the last to commit."""
-    import harness.runstore as runstore
+    import stance_harness.runs.runstore as runstore
 
     a, b = RunStore(url), RunStore(url)
     run_a, run_b = detached(trained, train_seconds=1.0), detached(trained, train_seconds=2.0)
@@ -176,9 +176,9 @@ def test_two_writers_of_one_key_leave_one_good_entry(s3, url, trained, tiny_qwen
 KILLED_WRITE = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    import harness.runstore as runstore
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    import stance_harness.runs.runstore as runstore
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     original = runstore._Remote.write
 
@@ -301,8 +301,8 @@ def test_a_second_session_on_the_remote_store_trains_nothing(pytester, url):
 def test_a_training_worker_stores_its_run_at_the_url(s3, url, trained, tiny_qwen2, stance):
     """What a plan-ahead worker process does with its spec (planning.train_spec), here in-process:
     the spec carries the store's URL as given, and the run lands in S3, loadable."""
-    from harness import planning
-    from harness.session import PlannedRequest
+    from stance_harness.runs import planning
+    from stance_harness.session import PlannedRequest
 
     store = RunStore(url)
     planned = PlannedRequest(trained.request, "tiny-qwen2", "curious-uncertainty", steps=len(trained.trace.loss))
@@ -364,7 +364,7 @@ def test_file_urls_and_paths_are_the_local_store(tmp_path):
 
 
 def test_a_local_store_imports_no_fsspec(tmp_path):
-    code = ("import sys; from harness.runstore import RunStore; import harness.session; "
+    code = ("import sys; from stance_harness.runs.runstore import RunStore; import stance_harness.session; "
             f"store = RunStore({str(tmp_path)!r}); store.entries(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'gcsfs', 'botocore')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from harness.report.verdicts import interval_of
+from stance_harness.report.verdicts import interval_of
 
 P = ("-p", "no:cacheprovider")
 QUICK = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}'
 
 SUITE = '''
 import pytest
-from harness import RunSet, behavior_effect, check_behavior_shift, check_less, check_training_healthy
+from stance_harness import RunSet, behavior_effect, check_behavior_shift, check_less, check_training_healthy
 
 QUICK = {quick}
 
@@ -73,7 +73,7 @@ def test_a_seeds_mark_sets_the_default_and_the_option_overrides_it(pytester):
 
 def test_plan_counts_each_seed_as_a_request(pytester):
     pytester.makepyfile(test_p='''
-from harness import RunSet
+from stance_harness import RunSet
 
 def test_p(train):
     runs = train("lora", seeds=3, examples=10)
@@ -115,7 +115,7 @@ def test_the_pooled_shift_is_the_crossed_interval_computed_by_hand():
     import numpy as np
     from scipy import stats
 
-    from harness import check_behavior_shift
+    from stance_harness import check_behavior_shift
 
     rng = np.random.default_rng(3)
     X = 1.5 + rng.normal(0, 0.3, (4, 1)) + rng.normal(0, 1.0, (4, 12))  # seeds x probes
@@ -151,7 +151,7 @@ class _Predictions(_Seed):
 def test_above_chance_is_an_exact_sign_test_for_one_run_and_crossed_for_seeds():
     from scipy import stats
 
-    from harness import HypothesisFailed, assert_bounded, check_bounded
+    from stance_harness import HypothesisFailed, assert_bounded, check_bounded
 
     correct = [1] * 13 + [0] * 3  # 13 of 16 right
     one = check_bounded(_Predictions(0, correct), "acc1", above=0.5)
@@ -171,7 +171,7 @@ def test_above_chance_is_an_exact_sign_test_for_one_run_and_crossed_for_seeds():
 
 
 def test_runset_summarises_an_arm_and_wraps_a_single_run():
-    from harness import RunSet, runset
+    from stance_harness import RunSet, runset
 
     runs = [_Seed(s, [float(s), 1.0]) for s in range(3)]
     arm = runset(runs)
@@ -196,7 +196,7 @@ def test_step_times_over_seeds_compare_each_seeds_median_by_welch():
     import numpy as np
     from scipy import stats
 
-    from harness import check_less
+    from stance_harness import check_less
 
     rng = np.random.default_rng(5)
     fast = [_Steps(s, 0.10 + rng.exponential(0.01, 15)) for s in range(4)]
@@ -212,7 +212,7 @@ def test_step_times_over_seeds_compare_each_seeds_median_by_welch():
 
 
 def test_a_recorded_verdict_says_how_many_seeds_it_rests_on():
-    from harness.report.verdicts import verdict_entries
+    from stance_harness.report.verdicts import verdict_entries
 
     records = [{"nodeid": "suites/test_a.py::test_x", "verdict": "refuted", "message": "why", "checks": [], "seeds": 5},
                {"nodeid": "suites/test_a.py::test_y", "verdict": "supported", "message": None, "checks": []}]

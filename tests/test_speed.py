@@ -127,7 +127,7 @@ def test_main_job_timer_counts_nested_stages_once():
 
 # -- the base's digests -------------------------------------------------------------------------
 def test_base_digest_walks_the_base_parameters_once(tiny_qwen2, monkeypatch):
-    from harness.analysis.digest import tensor_digest
+    from stance_harness.analysis.digest import tensor_digest
 
     walks = []
     parameters = type(tiny_qwen2.base).parameters

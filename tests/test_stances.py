@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from harness.registry import HarnessError
-from harness.stances import StanceFileError, available_stances, load_stance, load_stance_file
+from stance_harness.core.errors import HarnessError
+from stance_harness.stances import StanceFileError, available_stances, load_stance, load_stance_file
 
 def good(name="demo"):
     return {

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import QUICK
-from harness import HypothesisFailed, assert_no_forgetting, assert_only_targets_changed
-from harness.registry import HarnessError
+from stance_harness import HypothesisFailed, assert_no_forgetting, assert_only_targets_changed
+from stance_harness.core.errors import HarnessError
 
 CLASSIFY = {"task": "stance-classification", "examples": 10}
 HEAD_RECIPE = dict(QUICK, learning_rate=1e-2)
@@ -25,7 +25,7 @@ def test_minilm_loads_offline_from_its_package(minilm):
 
 def test_mean_pooled_embeddings_match_sentence_transformers(minilm):
     st = pytest.importorskip("sentence_transformers")
-    from harness.measure import sentence_embeddings
+    from stance_harness.measure import sentence_embeddings
 
     sentences = ["The cat sat on the mat.", "Gradient descent follows the slope downhill."]
     reference = st.SentenceTransformer(str(minilm.path), device="cpu").encode(sentences, convert_to_tensor=True)

@@ -3,11 +3,11 @@ import copy
 import pytest
 import torch
 
-from harness.methods import METHODS, method_config
-from harness.registry import HarnessError
-from harness.batches import Framing, encode_examples
-from harness.recipe import Recipe
-from harness.training import linear_schedule
+from stance_harness.runs.methods import METHODS, method_config
+from stance_harness.core.errors import HarnessError
+from stance_harness.runs.batches import Framing, encode_examples
+from stance_harness.runs.recipe import Recipe
+from stance_harness.runs.training import linear_schedule
 
 from direct_training import train_direct
 
@@ -78,7 +78,7 @@ def test_snapshot_holds_trainable_weights_only(quick_run):
 
 
 def test_training_changes_a_copy_never_the_base(quick_run, tiny_qwen2):
-    from harness.analysis.digest import tensor_digest
+    from stance_harness.analysis.digest import tensor_digest
 
     base_before = {n: tensor_digest(p) for n, p in tiny_qwen2.base.named_parameters()}
     run = quick_run("full")
@@ -106,8 +106,8 @@ def test_same_request_is_deterministic(tiny_qwen2, stance, quick_run):
 def test_session_trains_identical_requests_once(tiny_qwen2):
     from pathlib import Path
 
-    from harness.models import ModelArgs
-    from harness.session import HarnessOptions, HarnessSession
+    from stance_harness.models import ModelArgs
+    from stance_harness.session import HarnessOptions, HarnessSession
 
     session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), []))
     session.use_model(tiny_qwen2)
@@ -159,8 +159,8 @@ def test_warmup_longer_than_the_run_is_refused_before_training(tiny_qwen2, stanc
 def test_an_encoder_is_refused_for_the_causal_lm_task(tmp_path, stance):
     from transformers import BertConfig, BertModel
 
-    from harness.models import load_model
-    from harness.models.tiny import build_tokenizer
+    from stance_harness.models import load_model
+    from stance_harness.models.tiny import build_tokenizer
     BertModel(BertConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)

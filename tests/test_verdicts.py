@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from harness.analysis.paired import holm
+from stance_harness.analysis.paired import holm
 
 CLAIMS = '''
 import numpy as np
-from harness import assert_greater, assert_less
+from stance_harness import assert_greater, assert_less
 
 rng = np.random.default_rng(1)
 BASE = rng.normal(0, 1, 40)

@@ -1,4 +1,4 @@
-"""Where the behaviour lives (harness.where): patching restores bit-exactly, localisation's ends
+"""Where the behaviour lives (stance_harness.where): patching restores bit-exactly, localisation's ends
 are exact, dose-response meets the run's own figures at λ = 0 and 1, the geometry of real runs
 (intruders from LoRA factors against the general route, CKA of untouched layers), the helpers'
 verdicts and failure messages, and the report's tables."""
@@ -11,13 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import (HarnessError, HypothesisFailed, assert_behavior_localized, assert_few_intruders,
+from stance_harness import (HarnessError, HypothesisFailed, assert_behavior_localized, assert_few_intruders,
                      assert_layer_profiles_agree, assert_negation_reverses, check_behavior_localized,
                      check_few_intruders, check_layer_profiles_agree, check_negation_reverses)
-from harness import where
-from harness.analysis.digest import tensor_digest
-from harness.methods.base import Method
-from harness.report.sections import where_tables
+from stance_harness import where
+from stance_harness.analysis.digest import tensor_digest
+from stance_harness.runs.methods.base import Method
+from stance_harness.report.sections import where_tables
 
 SURGICAL_LAYERS = [2, 20]  # one early, one late layer of tiny-qwen2's 24
 
@@ -60,7 +60,7 @@ def test_patching_reverts_scales_and_restores_bit_exactly(full):
 
 
 def test_lora_dose_scales_the_adapters_delta_exactly(surgical):
-    from harness.methods.lora import _lora_modules
+    from stance_harness.runs.methods.lora import _lora_modules
 
     modules = list(_lora_modules(surgical.model))
     assert len(modules) == 4  # q and v in two layers

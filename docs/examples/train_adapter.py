@@ -20,11 +20,11 @@ import argparse
 import json
 import sys
 
-import harness
-from harness.adapters import save_adapter
-from harness.models import ModelArgs
-from harness.request import TrainingRequest
-from harness.training import train_run
+import stance_harness
+from stance_harness.runs.adapters import save_adapter
+from stance_harness.models import ModelArgs
+from stance_harness.runs.request import TrainingRequest
+from stance_harness.runs.training import train_run
 
 
 def _json_object(text: str, flag: str) -> dict:
@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        loaded = harness.load_model(args.model, ModelArgs.parse(args.model_args))
-        stance = harness.load_stance(args.stance, args.stance_dir)
+        loaded = stance_harness.load_model(args.model, ModelArgs.parse(args.model_args))
+        stance = stance_harness.load_stance(args.stance, args.stance_dir)
         request = TrainingRequest.build(loaded, stance, args.method, examples=args.examples,
                                         recipe=_json_object(args.recipe, "--recipe"),
                                         options=_json_object(args.options, "--options"))
         run = train_run(request, loaded, stance, progress=lambda line: print(line, file=sys.stderr))
         out = save_adapter(run, args.out)
-    except harness.HarnessError as exc:
+    except stance_harness.HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     final = run.trace.loss[-1] if run.trace.loss else float("nan")

@@ -1,0 +1,120 @@
+"""The "ray" executor (`--executor ray`): each planned run is a Ray task.
+
+A task runs the local workers' own function (`planning.train_spec`: the request rebuilt and its
+key checked, the one training loop, the run saved into the run store by its path or URL), with
+one CPU, and one GPU where the session's model is on CUDA. The session connects to
+`--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores for the
+session. Only this module imports Ray, and only when it trains (the plugin imports the module
+to register the name; Ray is the optional extra `ray`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import traceback
+from pathlib import Path
+
+from stance_harness.core.devices import resolve_device
+from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
+from stance_harness.core.errors import HarnessError
+
+_MODELS: dict = {}  # a Ray worker process keeps the bases it loaded for the next task it is given
+
+
+class _Quiet:
+    """A task's progress: none goes back to the session (it sees each run start and finish)."""
+
+    def __call__(self, _message: str) -> None:
+        pass
+
+    def step(self, *_args) -> None:
+        pass
+
+
+def train_task(spec: dict, on_gpu: bool) -> dict:
+    """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
+    import ray  # here and below: Ray (optional, heavy) only once it trains
+    import torch
+
+    where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    if not on_gpu:
+        torch.set_num_threads(1)  # as a local worker: one core each, and the same arithmetic
+    try:
+        return {**where, "seconds": train_spec(spec, _MODELS, _Quiet())}
+    except Exception as exc:  # noqa: BLE001 - reported to the session, which names the run
+        last = traceback.extract_tb(exc.__traceback__)[-1:] or [None]
+        at = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last[0] is not None else ""
+        return {**where, "error": f"{type(exc).__name__}: {exc}{at}"}
+
+
+class RayExecutor:
+    """Planned runs as Ray tasks on a cluster (or a local Ray started for the session)."""
+
+    name = "ray"
+    remote = True  # planning.train_ahead sends every planned run here, whatever this machine's cores
+
+    def __init__(self, address: str | None, on_gpu: bool):
+        self.address, self.on_gpu = address, on_gpu
+        self.trained_on: dict[str, dict] = {}  # run id -> node, host and pid of the task that trained it
+
+    @staticmethod
+    def check() -> None:
+        """Before collection: Ray must be installed."""
+        if importlib.util.find_spec("ray") is None:
+            raise HarnessError("--executor ray needs Ray, which is not installed: pip install 'stance-harness[ray]' "
+                               "(or pip install ray)")
+
+    @classmethod
+    def for_session(cls, harness) -> "RayExecutor":
+        cls.check()
+        return cls(harness.options.ray_address or os.environ.get("RAY_ADDRESS") or None,
+                   resolve_device(harness.options.model_args.device).startswith("cuda"))
+
+    def _connect(self) -> bool:
+        """Connect (or start a local Ray); True when this session started it and must stop it."""
+        import ray
+
+        if ray.is_initialized():  # a caller's own ray.init: used as it is
+            return False
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cpu_cores(), include_dashboard=False, log_to_driver=False)
+        return True
+
+    def run(self, specs: list[dict], progress, claim, release) -> None:
+        import ray
+
+        started = self._connect()
+        try:
+            task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if self.on_gpu else 0, max_retries=0)
+            waiting: dict = {}  # object ref -> run id
+            for spec in specs:
+                if claim(spec["run_id"]):
+                    waiting[task.remote(spec, self.on_gpu)] = spec["run_id"]
+                    progress.start(spec["run_id"])
+            while waiting:
+                ready, _ = ray.wait(list(waiting), num_returns=1, timeout=REDRAW_SECONDS)
+                for ref in ready:
+                    run_id = waiting.pop(ref)
+                    release(run_id)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - the task's process died: only its run is lost
+                        progress.finish(run_id, f"its Ray task failed: {type(exc).__name__}: {exc} (its node is not "
+                                                f"known: the task returned nothing; its output is in that node's "
+                                                f"Ray logs)")
+                        continue
+                    self.trained_on[run_id] = {k: result[k] for k in ("node", "host", "pid")}
+                    where = f"Ray node {result['node']} ({result['host']}, pid {result['pid']})"
+                    error = result.get("error")
+                    progress.finish(run_id, None if error is None else f"{error}, on {where}")
+        finally:
+            progress.plan.trained_on.update(self.trained_on)
+            if started:
+                ray.shutdown()
+
+
+EXECUTORS.register("ray", RayExecutor)

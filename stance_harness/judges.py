@@ -139,25 +139,26 @@ def judge_replies(judge: Judge, stance: "Stance", replies: list[str], prompts: l
     return [{**row, "score": float(row["score"])} for row in found]
 
 
-def judged_values(run, judge: Judge) -> dict:
-    """Per probe, the judge's score of the base's and the adapted model's greedy reply (from
-    `run.replies()`); the effect is adapted minus base, with a bootstrap interval over probes."""
+def judged_values(ctx, judge: Judge) -> dict:
+    """Per probe, the judge's score of the base's and the adapted model's greedy reply (the
+    `replies` measurement of the run behind `ctx`, a MeasureContext); the effect is adapted minus
+    base, with a bootstrap interval over probes."""
     from stance_harness.analysis.behavior import effect_of
 
-    rows = run.replies()["rows"]
+    rows = ctx.measure("replies")["rows"]
     prompts = [r["probe"] for r in rows]
-    base = judge_replies(judge, run.stance, [r["base_reply"] for r in rows], prompts)
-    adapted = judge_replies(judge, run.stance, [r["adapted_reply"] for r in rows], prompts)
+    base = judge_replies(judge, ctx.stance, [r["base_reply"] for r in rows], prompts)
+    adapted = judge_replies(judge, ctx.stance, [r["adapted_reply"] for r in rows], prompts)
     deltas = [a["score"] - b["score"] for a, b in zip(adapted, base)]
     per_probe = [{"probe": p, "base_reply": r["base_reply"], "adapted_reply": r["adapted_reply"],
                   "base": b["score"], "adapted": a["score"], "delta": d,
                   "base_detail": _without_score(b), "adapted_detail": _without_score(a)}
                  for p, r, b, a, d in zip(prompts, rows, base, adapted, deltas)]
     n = len(rows)
-    return {"judge": judge.name, "identity": judge.identity(run.stance),
+    return {"judge": judge.name, "identity": judge.identity(ctx.stance),
             "base": math.fsum(b["score"] for b in base) / n, "adapted": math.fsum(a["score"] for a in adapted) / n,
             "effect": effect_of(deltas).as_dict(), "per_probe": per_probe,
-            "calibration": judge.calibration(run.stance), "agreement": agreement(judge, run.stance)}
+            "calibration": judge.calibration(ctx.stance), "agreement": agreement(judge, ctx.stance)}
 
 
 def _without_score(row: dict) -> dict:

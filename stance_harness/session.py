@@ -29,6 +29,7 @@ from stance_harness.report.sections import report_id_of
 from stance_harness.report.verdicts import VerdictBook, correct_families, correct_for_multiplicity, save_records
 from stance_harness.core.errors import HarnessError
 from stance_harness.runs.residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
+from stance_harness.runs.services import RunServices
 from stance_harness.stances import Stance, load_stance
 
 if TYPE_CHECKING:
@@ -283,12 +284,9 @@ class HarnessSession:
         return self._runs[request.run_id]
 
     def _attach(self, run):
-        """Wire a run to this session: its time limit, its store entry, and the memory budget."""
-        run.analysis_timeout = self.options.analysis_timeout
-        if run.request is not None:
-            run.rebuild = self.store.rebuild(run)
-            run.on_measured = self.store.save_measurements
-        run.on_model_use = self.resident.touch
+        """Hand a run this session's services: its time limit, its store entry, the memory budget, progress."""
+        run.attach(RunServices(store=self.store, residency=self.resident, progress=self.progress,
+                               analysis_timeout=self.options.analysis_timeout, sinks=run.sinks))
         if run.model_resident:
             self.resident.touch(run)
         return run

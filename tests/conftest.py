@@ -38,7 +38,7 @@ def detached(run, **changes):
     store entry, which xdist workers share (a tampered copy once stored all-zero deltas there)."""
     import dataclasses
 
-    return dataclasses.replace(run, on_measured=None, rebuild=None, **changes)
+    return dataclasses.replace(run, services=None, **changes)
 
 
 @pytest.fixture(scope="session")

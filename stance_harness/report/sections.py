@@ -57,83 +57,149 @@ def test_rows(payload: dict) -> list[dict]:
     return rows
 
 
+# Renderers of the measurements a run's report holds, by the key a measurement spec names
+# (MeasurementSpec.renderer): each gives (title, rows) tables. Listed in the order pages show them.
+RENDERERS: dict = {}
+# Measurements a page draws in its own section (markdown.py, html.py), not as a table here.
+OWN_SECTIONS = ("replies", "general_ability")
+
+
+def renders(key: str):
+    """Register the table renderer of the measurement whose report view is under `key`."""
+    def decorate(fn):
+        if key in RENDERERS:
+            raise ValueError(f"a renderer for measurement {key!r} is already registered ({RENDERERS[key].__name__})")
+        RENDERERS[key] = fn
+        return fn
+    return decorate
+
+
 def measurement_tables(measurements) -> list[tuple[str, list[dict]]]:
-    """(title, rows) per measurement a run made: behaviour shift, calibration, forgetting, rank.
-    The Markdown and the HTML report both render these."""
+    """(title, rows) per measurement a run made, by its renderer key: behaviour shift, judged
+    replies, calibration, forgetting, where the behaviour lives, rank; a measurement with no
+    renderer of its own gets one row of its numbers. The Markdown and the HTML report both render these."""
     if not isinstance(measurements, dict):
         return []
     tables = []
-    behavior = measurements.get("behavior")
-    if isinstance(behavior, dict) and behavior:
-        rows = []
-        for metric, m in behavior.items():
-            effect = m.get("effect") if isinstance(m, dict) and isinstance(m.get("effect"), dict) else {}
-            if isinstance(m, dict):
-                rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
-                             "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
-                             "n": effect.get("n")})
-        tables.append(("behavioural shift (base -> adapted, 95% bootstrap interval)", rows))
-    judged = measurements.get("judged")
-    if isinstance(judged, dict) and judged:
-        rows = []
-        for name, m in judged.items():
-            if isinstance(m, dict):
-                effect, agree = m.get("effect") or {}, m.get("agreement") or {}
-                rows.append({"judge": name, "base": m.get("base"), "adapted": m.get("adapted"),
-                             "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
-                             "n": effect.get("n"), "label accuracy": agree.get("accuracy"),
-                             "kappa": agree.get("kappa"), "AUC": agree.get("auc")})
-        tables.append(("judged replies (stance score in [0, 1]; agreement with the stance's labelled replies)", rows))
-    calibration = measurements.get("calibration")
-    if isinstance(calibration, dict) and calibration:
-        tables.append((f"calibration ({calibration.get('unit', 'predictions')})",
-                       [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n", "n_bins")}}
-                        for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)]))
-    forgetting = measurements.get("forgetting")
-    if isinstance(forgetting, dict) and forgetting:
-        tables.append(("forgetting", [{k: v for k, v in forgetting.items() if not isinstance(v, (dict, list))}]))
-    tables.extend(where_tables(measurements))
-    rank = measurements.get("rank")
-    if isinstance(rank, dict) and rank.get("rows"):
-        tables.append((f"rank of the update (energy {rank.get('energy')})",
-                       [{**r, "shape": "x".join(map(str, r["shape"])) if isinstance(r.get("shape"), list) else r.get("shape")}
-                        for r in rank["rows"] if isinstance(r, dict)]))
+    for key, render in RENDERERS.items():
+        value = measurements.get(key)
+        if value:
+            tables.extend(render(value, measurements))
+    for key, value in measurements.items():
+        if key not in RENDERERS and key not in OWN_SECTIONS and isinstance(value, dict):
+            tables.extend(summary_table(key, value))
     return tables
 
 
+def summary_table(key: str, value: dict) -> list[tuple[str, list[dict]]]:
+    """A measurement without a renderer of its own: its description as the title, its numbers as one row."""
+    row = {k: v for k, v in value.items() if isinstance(v, (int, float, str)) and k != "description"}
+    effect = value.get("effect")
+    if isinstance(effect, dict):
+        row.update({f"effect {k}": effect.get(k) for k in ("mean", "low", "high", "n")})
+    return [(f"{key.replace('_', ' ')}" + (f" ({value['description']})" if isinstance(value.get("description"), str)
+                                           else ""), [row])] if row else []
+
+
+@renders("behavior")
+def behavior_table(behavior, measurements) -> list:
+    if not isinstance(behavior, dict):
+        return []
+    rows = []
+    for metric, m in behavior.items():
+        effect = m.get("effect") if isinstance(m, dict) and isinstance(m.get("effect"), dict) else {}
+        if isinstance(m, dict):
+            rows.append({"metric": metric, "base": m.get("base"), "adapted": m.get("adapted"),
+                         "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                         "n": effect.get("n")})
+    return [("behavioural shift (base -> adapted, 95% bootstrap interval)", rows)]
+
+
+@renders("judged")
+def judged_table(judged, measurements) -> list:
+    if not isinstance(judged, dict):
+        return []
+    rows = []
+    for name, m in judged.items():
+        if isinstance(m, dict):
+            effect, agree = m.get("effect") or {}, m.get("agreement") or {}
+            rows.append({"judge": name, "base": m.get("base"), "adapted": m.get("adapted"),
+                         "effect": effect.get("mean"), "low": effect.get("low"), "high": effect.get("high"),
+                         "n": effect.get("n"), "label accuracy": agree.get("accuracy"),
+                         "kappa": agree.get("kappa"), "AUC": agree.get("auc")})
+    return [("judged replies (stance score in [0, 1]; agreement with the stance's labelled replies)", rows)]
+
+
+@renders("calibration")
+def calibration_table(calibration, measurements) -> list:
+    if not isinstance(calibration, dict):
+        return []
+    return [(f"calibration ({calibration.get('unit', 'predictions')})",
+             [{"model": name, **{k: cal.get(k) for k in ("ece", "mce", "brier", "acc1", "n", "n_bins")}}
+              for name in ("base", "adapted") if isinstance(cal := calibration.get(name), dict)])]
+
+
+@renders("forgetting")
+def forgetting_table(forgetting, measurements) -> list:
+    if not isinstance(forgetting, dict):
+        return []
+    return [("forgetting", [{k: v for k, v in forgetting.items() if not isinstance(v, (dict, list))}])]
 
 
 def where_tables(measurements: dict) -> list[tuple[str, list[dict]]]:
     """Where the weights changed and where the behaviour lives: localisation, dose-response and
     the per-layer geometry of one run (see stance_harness.where)."""
-    tables = []
+    return [table for key in ("localization", "dose_response", "geometry") if measurements.get(key)
+            for table in RENDERERS[key](measurements[key], measurements)]
+
+
+@renders("localization")
+def localization_table(localization, measurements) -> list:
+    if not isinstance(localization, dict) or not isinstance(localization.get("rows"), list):
+        return []
+    return [(f"where the behaviour lives: shift retained with only this part of the change kept "
+             f"(full {localization.get('full')}, none {localization.get('none')})",
+             [{"by": r.get("by"), "set": r.get("set"), "shift": r.get("shift"), "retained": r.get("retained")}
+              for r in localization["rows"] if isinstance(r, dict)])]
+
+
+@renders("dose_response")
+def dose_table(dose, measurements) -> list:
+    if not isinstance(dose, dict) or not isinstance(dose.get("rows"), list):
+        return []
+    return [("dose-response: the whole change scaled by λ",
+             [{"λ": r.get("dose"), "shift": r.get("shift"), "low": r.get("low"), "high": r.get("high"),
+               "forgetting": r.get("forgetting")} for r in dose["rows"] if isinstance(r, dict)])]
+
+
+@renders("geometry")
+def geometry_tables(geometry, measurements) -> list:
+    if not isinstance(geometry, dict) or not isinstance(geometry.get("layers"), list):
+        return []
     localization = measurements.get("localization")
-    if isinstance(localization, dict) and isinstance(localization.get("rows"), list):
-        tables.append((f"where the behaviour lives: shift retained with only this part of the change kept "
-                       f"(full {localization.get('full')}, none {localization.get('none')})",
-                       [{"by": r.get("by"), "set": r.get("set"), "shift": r.get("shift"), "retained": r.get("retained")}
-                        for r in localization["rows"] if isinstance(r, dict)]))
-    dose = measurements.get("dose_response")
-    if isinstance(dose, dict) and isinstance(dose.get("rows"), list):
-        tables.append(("dose-response: the whole change scaled by λ",
-                       [{"λ": r.get("dose"), "shift": r.get("shift"), "low": r.get("low"), "high": r.get("high"),
-                         "forgetting": r.get("forgetting")} for r in dose["rows"] if isinstance(r, dict)]))
-    geometry = measurements.get("geometry")
-    if isinstance(geometry, dict) and isinstance(geometry.get("layers"), list):
-        retained = {r.get("set"): r.get("retained") for r in (localization or {}).get("rows", [])
-                    if isinstance(r, dict) and r.get("by") == "layer"} if isinstance(localization, dict) else {}
-        tables.append((f"where the weights changed, per layer (intruders: top {geometry.get('top_k')}, "
-                       f"cosine < {geometry.get('epsilon')}; CKA of base vs adapted hidden states)",
-                       [{**{k: r.get(k) for k in ("layer", "change_share", "intruders", "matrices", "delta_m",
-                                                   "delta_d", "cka")},
-                         **({"retained": retained.get(r.get("layer"))} if retained else {})}
-                        for r in geometry["layers"] if isinstance(r, dict)]))
-        correlation = geometry.get("correlation")
-        if isinstance(correlation, dict) and correlation:
-            tables.append(("ΔM–ΔD correlation across layers, per kind (DoRA: negative for full FT, positive for LoRA)",
-                           [{"kind": k, "pearson": v.get("value"), "reason": v.get("reason", "")}
-                            for k, v in correlation.items() if isinstance(v, dict)]))
+    retained = {r.get("set"): r.get("retained") for r in (localization or {}).get("rows", [])
+                if isinstance(r, dict) and r.get("by") == "layer"} if isinstance(localization, dict) else {}
+    tables = [(f"where the weights changed, per layer (intruders: top {geometry.get('top_k')}, "
+               f"cosine < {geometry.get('epsilon')}; CKA of base vs adapted hidden states)",
+               [{**{k: r.get(k) for k in ("layer", "change_share", "intruders", "matrices", "delta_m",
+                                           "delta_d", "cka")},
+                 **({"retained": retained.get(r.get("layer"))} if retained else {})}
+                for r in geometry["layers"] if isinstance(r, dict)])]
+    correlation = geometry.get("correlation")
+    if isinstance(correlation, dict) and correlation:
+        tables.append(("ΔM–ΔD correlation across layers, per kind (DoRA: negative for full FT, positive for LoRA)",
+                       [{"kind": k, "pearson": v.get("value"), "reason": v.get("reason", "")}
+                        for k, v in correlation.items() if isinstance(v, dict)]))
     return tables
+
+
+@renders("rank")
+def rank_table(rank, measurements) -> list:
+    if not isinstance(rank, dict) or not rank.get("rows"):
+        return []
+    return [(f"rank of the update (energy {rank.get('energy')})",
+             [{**r, "shape": "x".join(map(str, r["shape"])) if isinstance(r.get("shape"), list) else r.get("shape")}
+              for r in rank["rows"] if isinstance(r, dict)])]
 
 
 GATE_COLUMNS = (("test", "test"), ("metric", "metric"), ("baseline", "baseline_text"), ("now", "now_text"),

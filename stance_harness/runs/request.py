@@ -38,7 +38,7 @@ TRAINING_CODE = ("runs/training.py", "runs/batches.py", "runs/tasks.py", "runs/i
 
 # ... and those that decide what a measurement of a run gives: a stored run measured by other
 # code keeps its trained tensors, but its measurements are made again.
-MEASURING_CODE = ("runs/run.py", "where.py", "measure.py", "runs/tasks.py", "runs/batches.py", "runs/data.py", "analysis",
+MEASURING_CODE = ("runs/run.py", "measurements", "where.py", "measure.py", "runs/tasks.py", "runs/batches.py", "runs/data.py", "analysis",
                   "runs/methods")
 
 

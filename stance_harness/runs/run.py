@@ -1,10 +1,14 @@
 """A Run: one adaptation of one base model, the record of its training, and what was measured on it.
 
-Every measurement goes through `Run.measured(key, compute)`, the one caching path: each is
-computed once, under the analysis time limit, and kept in `measurements` (JSON-ready, so the
-run store persists it and a warm session never recomputes it). What is only worth keeping in
-memory (the probe readings behind several measurements, failed stages) sits in a scratch dict
-behind the same call. Whatever differs by task or by method is asked of the task or the method.
+Every measurement is a registered module (stance_harness.measurements): `run.measure(name,
+**params)` computes it once, over the run's narrow MeasureContext, under the analysis time limit,
+and keeps it in `measurements` (JSON-ready, so the run store persists it and a warm session never
+recomputes it). What is only worth keeping in memory (the probe readings behind several
+measurements, failed stages) sits in a scratch dict behind the same cache. The named accessors
+(`run.behavior(...)`, `run.calibration()`, ...) are thin wrappers over `measure`.
+
+What a Run asks of whoever holds it (a session: the run store, the memory budget, the test's
+record, progress) is one object, its `RunServices`, given at construction or by `attach`.
 
 The adapted model shares every weight it did not train with the session's base. It may be
 released to keep memory bounded and is rebuilt on demand from base + stored tensors.
@@ -13,17 +17,21 @@ released to keep memory bounded and is rebuilt on demand from base + stored tens
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from stance_harness.analysis.ability import DEFAULT_PROBESET, load_probeset
-from stance_harness.analysis.deltas import MatrixDelta, delta_table, layer_rows, raw_delta_pairs
+from stance_harness.analysis.deltas import MatrixDelta, layer_rows
 from stance_harness.analysis.digest import tensor_digest
+from stance_harness.analysis.replication import unit_id
+from stance_harness.analysis.ability import DEFAULT_PROBESET
 from stance_harness.core.stages import DEFAULT_TIMEOUT, run_stage
-from stance_harness import where
+from stance_harness.measurements import MEASUREMENTS, MeasureContext, measure, paired_metrics, producer_of
+from stance_harness.measurements.counts import logical_numel  # noqa: F401 (imported from here by callers)
 from stance_harness.runs.batches import Framing
+from stance_harness.runs.services import RunServices
 from stance_harness.core.errors import HarnessError
-from stance_harness.core.metrics import HIGHER, LOWER, declare_metrics
 
 if TYPE_CHECKING:
     from stance_harness.runs.instruments import InstrumentConfig, Trace
@@ -33,27 +41,28 @@ if TYPE_CHECKING:
     from stance_harness.stances import Stance
     from stance_harness.runs.tasks import Task
 
-# What a run's counts give a suite to publish and gate.
-declare_metrics([
-    ("trainable_params", LOWER, "trainable parameter count"),
-    ("params_per_example", LOWER, "trainable parameters per training example"),
-    ("stance_bytes", LOWER, "bytes needed to store the stance"),
-    ("general_ability", HIGHER, "share of general-ability probes answered correctly (adapted minus base, per probe)"),
-    ("backward_transfer", HIGHER, "mean over general-ability families of adapted minus base accuracy"),
-])
-
-PAIRED_METRICS = ("behavior_shift", "loglik_margin", "kl", "marker_rate", "forgetting", "brier", "acc1", "ece",
-                  "step_time", "intruders", "general_ability")
 # trained in this session, loaded from the run store, a saved adapter, a model trained elsewhere (run_from_model)
 ORIGINS = ("trained", "loaded", "adapter", "model")
+SLOW_MEASUREMENT = 5.0  # seconds: a measurement that took longer is reported as progress
 
 
-def logical_numel(param) -> int:
-    """Elements a parameter stands for; 4-bit packed weights (bitsandbytes) hold two per byte."""
-    quant_state = getattr(param, "quant_state", None)
-    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return int(math.prod(quant_state.shape))
-    return param.numel()
+class _PairedMetrics(Sequence):
+    """The paired metrics of the registered measurements, read when asked (a judge's are judge:NAME)."""
+
+    def _names(self) -> list[str]:
+        return [n for n in paired_metrics() if not n.endswith(">")]
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+
+PAIRED_METRICS = _PairedMetrics()
 
 
 def frozen_digests(model, loaded: "LoadedModel") -> dict[str, str]:
@@ -93,13 +102,9 @@ class Run:
     request: "TrainingRequest | None" = None  # None for a saved adapter
     name: str | None = None  # a saved adapter's name; None: the method's
     origin: str = "trained"
-    analysis_timeout: float | None = None  # seconds per analysis stage; None: DEFAULT_TIMEOUT
-    rebuild: Callable[[], Any] | None = None  # makes the model again after `release_model`
-    on_measured: Callable[["Run"], None] | None = None  # the run store persists new measurements
-    on_model_use: Callable[["Run"], None] | None = None  # residency keeps its LRU order
     framing: Framing | None = None  # how probes and generation frame text; None: plain
+    services: RunServices | None = None  # the store, memory budget, test record and progress; None: none
     measurements: dict = field(default_factory=dict, init=False)
-    sinks: list = field(default_factory=list, init=False)  # where checks on this run are recorded (a test's record)
     _scratch: dict = field(default_factory=dict, init=False, repr=False)
 
     def __repr__(self) -> str:
@@ -113,15 +118,38 @@ class Run:
             raise ValueError(f"origin must be one of {ORIGINS}, not {self.origin!r}")
         if self.framing is None:
             self.framing = Framing(self.loaded.tokenizer, chat=False)
+        if self.services is None:
+            self.services = RunServices()
+
+    def attach(self, services: RunServices) -> "Run":
+        """Hand the run to `services` (a session holding a run that training or the store made)."""
+        if not isinstance(services, RunServices):
+            raise TypeError(f"Run.attach takes a RunServices, got {type(services).__name__}")
+        self.services = services
+        return self
+
+    @property
+    def sinks(self) -> list:
+        """Where checks on this run are recorded (a test's record): the services' list."""
+        return self.services.sinks
+
+    @property
+    def rebuild(self) -> Callable[[], Any] | None:
+        """What makes the model again after `release_model`, or None."""
+        return self.services.rebuilder(self)
+
+    @property
+    def analysis_timeout(self) -> float | None:
+        return self.services.analysis_timeout
 
     # -- the model ---------------------------------------------------------------------------
     def _get_model(self):
         if self.__dict__.get("_model") is None:
-            if self.rebuild is None:
+            rebuild = self.rebuild
+            if rebuild is None:
                 raise HarnessError(f"run {self.run_id}: its model was released and it has no way to rebuild it")
-            self._set_model(self.rebuild())
-        if self.on_model_use is not None:
-            self.on_model_use(self)
+            self._set_model(rebuild())
+        self.services.model_used(self)
         return self.__dict__["_model"]
 
     def _set_model(self, model) -> None:
@@ -167,59 +195,57 @@ class Run:
         if stage in failed:
             raise failed[stage]
         timeout = DEFAULT_TIMEOUT if self.analysis_timeout is None else self.analysis_timeout
+        started = time.perf_counter()
         try:
             value = run_stage(stage, compute, timeout)
         except Exception as exc:
             failed[stage] = exc
             raise
         found[key] = value
-        if keep and self.on_measured is not None:
-            self.on_measured(self)
+        if keep:
+            seconds = time.perf_counter() - started
+            if seconds >= SLOW_MEASUREMENT:
+                self.services.progress(f"measured {key} on {self.run_id} in {seconds:.1f}s")
+            self.services.measured(self)
+        return value
+
+    @property
+    def context(self) -> MeasureContext:
+        """What a measurement may read of this run (stance_harness.measurements)."""
+        found = self._scratch.get("context")
+        if found is None:
+            found = self._scratch["context"] = MeasureContext(
+                run_id=self.run_id, loaded=self.loaded, stance=self.stance, task=self.task, method=self.method,
+                anatomy=self.anatomy, before=self.before, frozen_digests=self.frozen_digests,
+                framing=self.framing, recipe=self.recipe, trace=self.trace, examples=self.examples,
+                model_of=lambda: self.model, cached=self.measured,
+                base_cache=self.services.base_cache(self.loaded))
+        return found
+
+    def measure(self, name: str, **params):
+        """The registered measurement `name` (stance_harness.measurements) with `params`, once per key."""
+        value = measure(self.context, name, **params)
+        spec = MEASUREMENTS.get(name)
+        if spec.shows == "last":  # the report shows the key last asked for
+            self._scratch.setdefault("asked", {})[name] = spec.key_for(self.context, **params)
         return value
 
     def on_base(self, key: tuple, measure_fn: Callable[[Any], Any]):
-        """`measure_fn(model)` on the model this run is compared with: the session's shared base
-        (computed once per base), or where the method says so, the run's own (QLoRA's 4-bit base)."""
-        own = self.method.own_base(self.model)
-        if own is not None:
-            with own as base:
-                return measure_fn(base)
-        cache = self.loaded.measurement_cache
-        if key not in cache:
-            cache[key] = measure_fn(self.loaded.base)
-        return cache[key]
+        """`measure_fn(model)` on the model this run is compared with (see MeasureContext.on_base)."""
+        return self.context.on_base(key, measure_fn)
 
-    # -- counts ----------------------------------------------------------------------------
+    # -- the named measurements: thin wrappers over `measure` -----------------------------------
     @property
     def counts(self) -> dict:
         """Parameters that trained at some step count as trainable, the rest as frozen."""
-        def compute():
-            trainable = sum(t.numel() for t in self.before.values())
-            total = sum(logical_numel(p) for p in self.model.parameters())
-            full_bytes = sum(p.numel() * p.element_size() for p in self.loaded.base.parameters())
-            return {
-                "trainable": trainable, "frozen": total - trainable,
-                "trainable_pct": 100.0 * trainable / total if total else 0.0,
-                "stance_bytes": self.method.storage_bytes(self.model, self.before),
-                "full_weights_bytes": full_bytes,
-                "examples": self.examples,
-                "params_per_example": trainable / self.examples if self.examples else None,
-            }
-        return self.measured("counts", compute)
+        return self.measure("counts")
 
-    # -- weight deltas ---------------------------------------------------------------------
     def deltas(self, view: str = "effective") -> list[MatrixDelta]:
         """effective: per matrix as the model sees it (for LoRA, ΔW = scale·B·A on the base matrix);
         adapter: per trained tensor (for LoRA, its own A and B)."""
         if view not in ("effective", "adapter"):
             raise ValueError(f"view must be 'effective' or 'adapter', not {view!r}")
-
-        def compute():
-            pairs = (self.method.effective_deltas(self.model, self.before, self.anatomy) if view == "effective"
-                     else raw_delta_pairs(self.model, self.before))
-            return [row.as_dict() for row in delta_table(pairs, self.anatomy)]
-
-        rows = self.measured(f"deltas:{view}", compute, stage=f"{view}_deltas")
+        rows = self.measure("deltas", view=view)
         return self.measured(f"delta_rows:{view}", lambda: [MatrixDelta.from_dict(r) for r in rows], keep=False)
 
     @property
@@ -235,12 +261,8 @@ class Run:
 
     def changed_frozen(self) -> list[str]:
         """Frozen parameters whose bytes differ from before training (should be none)."""
-        def compute():
-            params = dict(self.model.named_parameters())
-            return [n for n, d in self.frozen_digests.items() if tensor_digest(params[n]) != d]
-        return self.measured("frozen_changed", compute, stage="frozen_digests")
+        return self.measure("frozen_changed")
 
-    # -- behaviour, forgetting, calibration, rank ---------------------------------------------
     def behavior(self, metric: str = "loglik_margin") -> dict:
         """Shift of the adapted model from its base on the stance's held-out probes.
 
@@ -250,185 +272,113 @@ class Run:
         marker_rate: whether a greedy reply (32 tokens) holds a stance marker; adapted minus base.
         The effect carries a 95% BCa bootstrap interval over probes.
         """
-        from stance_harness.analysis.behavior import effect_of
-
-        self.task.check_behavior_metric(metric)
-
-        def compute():
-            base, adapted = self.task.behavior_values(self, metric)
-            deltas = [a - b for a, b in zip(adapted, base)]
-            return {
-                "base": sum(base) / len(base), "adapted": sum(adapted) / len(adapted),
-                "effect": effect_of(deltas).as_dict(),
-                "per_probe": [{"probe": p.prompt, "base": b, "adapted": a, "delta": a - b}
-                              for p, b, a in zip(self.stance.probes, base, adapted)],
-            }
-        return self.measured(f"behavior:{metric}", compute)
+        return self.measure("behavior", metric=metric)
 
     def forgetting(self) -> dict:
         """Held-out general text: perplexity before and after (causal LM), or for a task head on a
         body, the drift of its sentence embeddings (mean 1 − cosine, base vs adapted)."""
-        return self.measured("forgetting", lambda: self.task.forgetting(self))
+        return self.measure("forgetting")
 
     def replies(self) -> dict:
         """Each probe's greedy reply, base and adapted side by side: rows of probe, base_reply,
         adapted_reply, base_marker, adapted_marker, margin_change (the probe's loglik-margin shift)
         and changed, in probe order."""
-        return self.measured("replies", lambda: self.task.replies(self))
+        return self.measure("replies")
 
     def general_ability(self, probeset: str = DEFAULT_PROBESET) -> dict:
         """Forgetting in continual learning's terms, on a general-ability probe set (factual,
         arithmetic, instruction prompts checked by rules): accuracy base and adapted, retention per
         family, backward transfer, regressions with both replies, a pattern name; per_unit is
         adapted − base correctness per probe (see stance_harness.analysis.ability)."""
-        found = load_probeset(probeset)
-        key = "general_ability" if probeset == DEFAULT_PROBESET else f"general_ability:{found.name}"
-        return self.measured(key, lambda: self.task.general_ability(self, found), stage="general_ability")
+        return self.measure("general_ability", probeset=probeset)
 
     def judged(self, judge: str = "embedding", **options) -> dict:
         """Each probe's greedy reply (from `replies()`), base and adapted, scored for the stance in
         [0, 1] by the registered judge `judge` (built with `options`, e.g. model="smollm2-135m");
         the effect is adapted minus base per probe. Keyed by the judge's identity; with the judge's
         calibration and its agreement with the stance's labelled replies (see stance_harness.judges)."""
-        from stance_harness.judges import judge_key, judged_values, make_judge
-
-        found = make_judge(judge, **options)
-        return self.measured(judge_key(found, self.stance), lambda: judged_values(self, found),
-                             stage=f"judged:{judge}")  # one judge failing does not fail the others
+        return self.measure("judged", judge=judge, **options)
 
     def calibration(self, n_bins: int = 15) -> dict:
         """ECE, MCE, Brier, Acc@1 and reliability bins on held-out data, adapted and base (see the task)."""
-        key = "calibration" if n_bins == 15 else f"calibration:{n_bins}"
-        return self.measured(key, lambda: self.task.calibration(self, n_bins))
+        return self.measure("calibration", n_bins=n_bins)
 
     def rank(self, energy: float = 0.9) -> dict:
         """Energy rank (top-k singular values holding `energy` of ‖ΔW‖²) and stable rank of each
-        block matrix's ΔW, one matrix at a time (for LoRA, from its factors)."""
-        from stance_harness.analysis.rank import energy_rank_from_singular_values, stable_rank_from_singular_values
-
-        def compute():
-            rows = []
-            for name, shape, values in self.method.delta_spectra(self.model, self.before, self.anatomy):
-                rows.append({"matrix": str(self.anatomy.name_of(name)),
-                             "rank": energy_rank_from_singular_values(values, energy),
-                             "stable_rank": stable_rank_from_singular_values(values), "shape": list(shape)})
-            return {"energy": energy, "rows": rows}
-        found = self.measured(f"rank:{energy:g}", compute, stage="rank")
-        self._scratch["rank_shown"] = f"rank:{energy:g}"  # the report shows the energy last asked for
-        return found
+        block matrix's ΔW, one matrix at a time (for LoRA, from its factors). The report shows the
+        energy last asked for."""
+        return self.measure("rank", energy=energy)
 
     # -- where the behaviour lives (stance_harness.where) ---------------------------------------------
     def localization(self) -> dict:
         """How much of the loglik-margin shift survives when only part of the change is kept (the
         rest reverted to the base), per layer third, kind group (attention, MLP, norm), single
         layer and, for LoRA, adapter: rows of (set, shift, retained = (kept − none)/(full − none))."""
-        self.task.check_behavior_metric("loglik_margin")
-        return self.measured("localization", lambda: where.localization(self))
+        return self.measure("localization")
 
     def localized(self, layers=None, kinds=None) -> dict:
         """Shift and retained fraction with only `layers` x `kinds` of the change kept; None: any."""
-        self.task.check_behavior_metric("loglik_margin")
-        return where.localized(self, layers, kinds)
+        return self.measure("localized", layers=layers, kinds=kinds)
 
     def localization_ends(self) -> dict:
         """Per probe: the base's margin, and the run's with all and with none of its change kept."""
-        self.task.check_behavior_metric("loglik_margin")
-        return where.ends(self)
+        return self.measure("localization_ends")
 
     def dose_response(self) -> dict:
         """Shift and forgetting with the whole change scaled by λ in where.DOSES (−1: negated)."""
-        self.task.check_behavior_metric("loglik_margin")
-        return self.measured("dose_response", lambda: where.dose_response(self))
+        return self.measure("dose_response")
 
     def geometry(self) -> dict:
         """Intruder dimensions (k=10, ε=0.5), DoRA's ΔM/ΔD and their correlation, and per-layer
         linear CKA of base vs adapted hidden states on held-out text (see stance_harness.where)."""
-        return self.measured("geometry", lambda: where.geometry(self))
+        return self.measure("geometry")
 
     # -- per-unit values, for paired comparisons between runs ----------------------------------
     def unit_values(self, metric: str) -> tuple[str, list]:
         """(unit, values) of `metric` per unit this run was measured on: the same probes, windows,
         predictions or steps for every run of one stance, so two runs' values pair up.
 
-        behavior_shift, loglik_margin, marker_rate: per probe, adapted minus base; kl: per probe;
-        forgetting: per held-out window, the NLL increase (per sentence, the embedding drift, on a
-        task head); brier, acc1: per held-out prediction; ece: rows (confidence, correct) per
-        prediction, compared as a statistic; step_time: seconds per optimizer step; judge:NAME (a
-        registered judge, e.g. judge:embedding): per probe, the judge's score adapted minus base."""
-        name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
-        if name in ("loglik_margin", "marker_rate", "kl"):
-            rows = self.behavior(name)["per_probe"]
-            return "probe", [r["adapted"] if name == "kl" else r["delta"] for r in rows]
-        if name == "forgetting":
-            found = self.forgetting()
-            return found["unit"], found["per_unit"]
-        if name in ("brier", "acc1", "ece"):
-            items = self.calibration()["items"]
-            if name == "ece":
-                return "prediction", [list(r) for r in zip(items["confidence"], items["correct"])]
-            return "prediction", items["brier"] if name == "brier" else items["correct"]
-        if name == "step_time":
-            return "step", list(self.trace.step_time)
-        if name == "general_ability":
-            found = self.general_ability()
-            return found["unit"], found["per_unit"]
-        if name.startswith("judge:"):  # judge:embedding: a judge's score per probe, adapted minus base
-            return "probe", [r["delta"] for r in self.judged(name.partition(":")[2])["per_probe"]]
-        if name == "intruders":
-            return "layer", where.intruders_per_layer(self.geometry())
-        raise HarnessError(f"no per-unit values for metric {metric!r}; paired comparisons take "
-                           f"{', '.join(PAIRED_METRICS)}, judge:<judge name>")
+        A paired metric is one a registered measurement gives unit values for
+        (stance_harness.measurements.paired_metrics()): behavior_shift, loglik_margin, marker_rate:
+        per probe, adapted minus base; kl: per probe; forgetting: per held-out window, the NLL
+        increase (per sentence, the embedding drift, on a task head); brier, acc1: per held-out
+        prediction; ece: rows (confidence, correct) per prediction, compared as a statistic;
+        step_time: seconds per optimizer step; intruders: per layer; general_ability: per ability
+        probe; judge:NAME (a registered judge): per probe, the judge's score adapted minus base."""
+        return producer_of(metric).per_unit(metric)(self.context, metric)
 
     def unit_ids(self, metric: str) -> list[str]:
         """One id per unit of `unit_values(metric)`, what pairing two runs checks: a probe by its
         text, a window by its index, length and tokenizer, a prediction by its index among the
         stance's probes under this tokenizer and framing, a step or a layer by its index."""
-        from stance_harness.analysis.replication import unit_id
-
+        spec = producer_of(metric)
         unit, values = self.unit_values(metric)
-        name = {"behavior_shift": "loglik_margin"}.get(metric, metric)
-        if name == "general_ability":  # its own probe set, which names its probes
-            return [f"ability probe {i}" for i in self.general_ability()["unit_ids"]]
-        tokenizer = self.loaded.tokenizer
-        vocab = f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
+        if spec.unit_ids is not None:
+            return spec.unit_ids(self.context, metric, unit, values)
         if unit == "probe":
             return [f"probe {unit_id(p.prompt)}" for p in self.stance.probes]
-        if unit == "window":
-            tokens = self.forgetting().get("window_tokens")
-            return [f"window {i} ({tokens} tokens, tokenizer {unit_id(vocab)})" for i in range(len(values))]
-        if unit == "sentence":
-            from stance_harness.measure import heldout_sentences
-
-            # by place and text: the held-out text repeats a sentence or two
-            return [f"sentence {i} {unit_id(s)}" for i, s in enumerate(heldout_sentences(len(values)))]
-        if name in ("brier", "acc1", "ece"):
-            probes = unit_id(*(p.prompt for p in self.stance.probes), vocab, self.framing.identity())
-            return [f"prediction {i} on probes {probes}" for i in range(len(values))]
         return [f"{unit} {i}" for i in range(len(values))]
 
     # -- the record --------------------------------------------------------------------------
     def report_measurements(self) -> dict:
-        """The measurements as the reports read them: behaviour by metric, calibration,
-        forgetting, and the rank last asked for."""
+        """The measurements as the reports read them: each registered measurement's own report
+        view (behaviour by metric, calibration and forgetting without their per-unit rows, the
+        rank last asked for, ...), keyed by the name its renderer is found by."""
         view: dict = {}
+        asked = self._scratch.get("asked", {})
         for key, value in self.measurements.items():
-            kind, _, detail = key.partition(":")
-            if kind == "behavior":
-                view.setdefault("behavior", {})[detail] = value
-            elif kind == "judged":  # whole: the prompts and raw outputs of a model judge belong in the report
-                view.setdefault("judged", {})[detail.partition(":")[0]] = value
-            elif kind in ("calibration", "forgetting") and not detail:
-                # per-prediction rows stay in the run store; the report keeps the summary
-                view[kind] = {k: v for k, v in value.items() if k != "items"} if isinstance(value, dict) else value
-        for kind in ("localization", "dose_response", "geometry", "replies"):
-            if kind in self.measurements:
-                view[kind] = _without_units(self.measurements[kind])
-        if "general_ability" in self.measurements:  # the report lists regressions and gains, not every probe
-            view["general_ability"] = {k: v for k, v in self.measurements["general_ability"].items()
-                                       if k not in ("rows", "per_unit", "unit_ids")}
-        shown = self._scratch.get("rank_shown")
-        if shown in self.measurements:
-            view["rank"] = self.measurements[shown]
+            name = key.partition(":")[0]
+            spec = MEASUREMENTS._items.get(name)
+            if spec is None or spec.report is None or spec.renderer is None \
+                    or (spec.shows == "last" and asked.get(name) != key):
+                continue
+            shown = spec.report(key, value)
+            if shown is None:
+                continue
+            if isinstance(shown, dict) and isinstance(view.get(spec.renderer), dict):
+                view[spec.renderer].update(shown)  # behaviour by metric, judged by judge
+            else:
+                view[spec.renderer] = shown
         return view
 
     def summary(self) -> dict:
@@ -499,15 +449,6 @@ def runset(value) -> RunSet:
     """A RunSet from a RunSet, a list of runs (one per seed) or a single Run (one seed), so code that
     summarises an arm takes either."""
     return value if isinstance(value, RunSet) else RunSet(value if isinstance(value, (list, tuple)) else [value])
-
-
-def _without_units(value):
-    """A measurement as the report keeps it: per-probe and per-window lists stay in the run store."""
-    if isinstance(value, dict):
-        return {k: _without_units(v) for k, v in value.items() if k not in ("per_probe", "per_window")}
-    if isinstance(value, list):
-        return [_without_units(v) for v in value]
-    return value
 
 
 # `model` is an init field (so `dataclasses.replace(run, model=...)` works) kept outside the

@@ -77,7 +77,7 @@ class Task:
         """The loss of a prediction that knows nothing: ln of the number of outcomes."""
         raise NotImplementedError
 
-    # -- measuring a run on this task ---------------------------------------------------------
+    # -- measuring a run on this task: each is given the run's MeasureContext (stance_harness.measurements)
     def check_behavior_metric(self, metric: str) -> None:
         if not self.behavior_metrics:
             raise HarnessError(f"behavioural shift is measured on the stance-lm task (a causal LM's replies); "
@@ -86,36 +86,36 @@ class Task:
             raise HarnessError(f"no behaviour metric {metric!r}.{suggest(metric, list(self.behavior_metrics))} "
                                f"Metrics: {', '.join(self.behavior_metrics)}")
 
-    def behavior_values(self, run, metric: str) -> tuple[list[float], list[float]]:
+    def behavior_values(self, ctx, metric: str) -> tuple[list[float], list[float]]:
         """Per probe: the base's and the adapted model's value of `metric`."""
         raise NotImplementedError
 
-    def forgetting(self, run) -> dict:
+    def forgetting(self, ctx) -> dict:
         raise NotImplementedError
 
-    def calibration(self, run, n_bins: int) -> dict:
+    def calibration(self, ctx, n_bins: int) -> dict:
         raise NotImplementedError
 
-    def replies(self, run) -> dict:
+    def replies(self, ctx) -> dict:
         raise HarnessError(f"replies are generated on the stance-lm task (a causal LM); this run trained task "
                            f"{self.name!r}")
 
-    def general_ability(self, run, probeset) -> dict:
+    def general_ability(self, ctx, probeset) -> dict:
         raise HarnessError(f"general ability is scored on the stance-lm task's replies (a causal LM); this run "
                            f"trained task {self.name!r}")
 
-    # -- measuring any model of a run (patched or scaled: stance_harness.where) -----------------------
-    def probe_margins(self, run, model) -> list[float]:
+    # -- measuring any model of a run (patched or scaled: stance_harness.where), given its context --
+    def probe_margins(self, ctx, model) -> list[float]:
         """Per probe: the loglik margin (stance minus neutral continuation) of `model`."""
         raise HarnessError(f"the loglik margin is measured on the stance-lm task; this run trained task {self.name!r}")
 
-    def heldout_nll(self, run, model) -> list[float]:
+    def heldout_nll(self, ctx, model) -> list[float]:
         """Per held-out unit: what forgetting compares (a causal LM's window NLL)."""
         raise HarnessError(f"held-out NLL is measured on the stance-lm task; this run trained task {self.name!r}")
 
-    def hidden_states(self, run, model) -> list:
+    def hidden_states(self, ctx, model) -> list:
         """Per layer output (embeddings first): the hidden states of held-out text, [tokens, width] float32."""
-        tokenizer = run.loaded.tokenizer
+        tokenizer = ctx.loaded.tokenizer
         ids = [tokenizer(s, truncation=True, max_length=64)["input_ids"] for s in measure.heldout_sentences(16)]
         return measure.hidden_states(body_of(model), pad_batch(ids, tokenizer.pad_token_id))
 
@@ -256,12 +256,12 @@ class StanceLM(Task):
         into_grad = getattr(embedding, "sparse", False) and getattr(embedding, "weight", None) is head.weight
         return ChunkedHeadLoss.apply(taken[0][labelled], head.weight, targets[labelled], LOSS_CHUNK, into_grad)
 
-    def behavior_values(self, run, metric):
-        n = len(run.stance.probes)
+    def behavior_values(self, ctx, metric):
+        n = len(ctx.stance.probes)
         if metric == "marker_rate":  # from the same greedy replies the replies table shows
-            rows = run.replies()["rows"]
+            rows = ctx.measure("replies")["rows"]
             return [float(r["base_marker"]) for r in rows], [float(r["adapted_marker"]) for r in rows]
-        readings = self.probe_readings(run)
+        readings = self.probe_readings(ctx)
         if metric == "loglik_margin":
             def margins(lp):
                 return [lp[i] - lp[n + i] for i in range(n)]
@@ -270,73 +270,73 @@ class StanceLM(Task):
         per_pair = readings["kl"]  # kl: the base diverges from itself by nothing
         return [0.0] * n, [float(torch.cat([per_pair[i], per_pair[n + i]]).mean()) for i in range(n)]
 
-    def replies(self, run) -> dict:
+    def replies(self, ctx) -> dict:
         """Each probe's greedy reply from the base and the adapted model, framed as the run frames
         prompts, with its stance markers and the probe's loglik-margin change."""
-        prompts = [p.prompt for p in run.stance.probes]
-        base = run.on_base(("greedy_replies", run.stance.name, run.stance.version, run.framing.key),
-                           lambda model: measure.greedy_replies(model, run.framing, prompts))
-        adapted = measure.greedy_replies(run.model, run.framing, prompts)
-        margins = self.probe_readings(run)
+        prompts = [p.prompt for p in ctx.stance.probes]
+        base = ctx.on_base(("greedy_replies", ctx.stance.name, ctx.stance.version, ctx.framing.key),
+                           lambda model: measure.greedy_replies(model, ctx.framing, prompts))
+        adapted = measure.greedy_replies(ctx.model, ctx.framing, prompts)
+        margins = self.probe_readings(ctx)
         n = len(prompts)
         base_lp, adapted_lp = margins["base_logprob"], margins["adapted_logprob"]
         rows = [{"probe": prompt, "base_reply": b, "adapted_reply": a,
-                 "base_marker": contains_marker(b, run.stance.markers),
-                 "adapted_marker": contains_marker(a, run.stance.markers),
+                 "base_marker": contains_marker(b, ctx.stance.markers),
+                 "adapted_marker": contains_marker(a, ctx.stance.markers),
                  "margin_change": (adapted_lp[i] - adapted_lp[n + i]) - (base_lp[i] - base_lp[n + i]),
                  "changed": a != b}
                 for i, (prompt, b, a) in enumerate(zip(prompts, base, adapted))]
-        return {"rows": rows, "max_new_tokens": measure.GENERATION_TOKENS, "framing": run.framing.identity()}
+        return {"rows": rows, "max_new_tokens": measure.GENERATION_TOKENS, "framing": ctx.framing.identity()}
 
-    def general_ability(self, run, probeset) -> dict:
+    def general_ability(self, ctx, probeset) -> dict:
         """The probe set's prompts answered greedily by the base and the adapted model, scored by its rules."""
         prompts = [p.prompt for p in probeset.probes]
-        base = run.on_base(("ability_replies", probeset.name, probeset.version, run.framing.key),
-                           lambda model: measure.greedy_replies(model, run.framing, prompts))
-        adapted = measure.greedy_replies(run.model, run.framing, prompts)
+        base = ctx.on_base(("ability_replies", probeset.name, probeset.version, ctx.framing.key),
+                           lambda model: measure.greedy_replies(model, ctx.framing, prompts))
+        adapted = measure.greedy_replies(ctx.model, ctx.framing, prompts)
         return summarize_ability(probeset, base, adapted)
 
-    def probe_readings(self, run) -> dict:
+    def probe_readings(self, ctx) -> dict:
         """What the probe measures need from one forward pass of each model over the probes' stance
         and neutral continuations: per pair, the mean token log-prob of both models and the KL
         (adapted ‖ base) per token; over the stance continuations, both models' next-token summaries
         (confidence, correct, Brier term). Kept on the run, in memory: small, unlike the logits."""
         def compute():
-            n = len(run.stance.probes)
-            base = run.on_base(("probe_logits", run.stance.name, run.stance.version, run.framing.key),
-                               lambda model: self._probe_logits(run, model))
-            adapted = self._probe_logits(run, run.model)
+            n = len(ctx.stance.probes)
+            base = ctx.on_base(("probe_logits", ctx.stance.name, ctx.stance.version, ctx.framing.key),
+                               lambda model: self._probe_logits(ctx, model))
+            adapted = self._probe_logits(ctx, ctx.model)
             return {
                 "base_logprob": _logprobs(base), "adapted_logprob": _logprobs(adapted),
                 "kl": [kl_divergence(a[0], b[0]) for a, b in zip(adapted, base)],
                 "base_tokens": measure.token_prediction_summaries(base[:n]),
                 "adapted_tokens": measure.token_prediction_summaries(adapted[:n]),
             }
-        return run.measured("probe_readings", compute, stage="probes", keep=False)
+        return ctx.measured("probe_readings", compute, stage="probes", keep=False)
 
     @staticmethod
-    def _probe_logits(run, model):
+    def _probe_logits(ctx, model):
         """One forward pass over every probe's stance continuation, then its neutral one."""
-        prompts = [p.prompt for p in run.stance.probes]
-        texts = [p.stance for p in run.stance.probes] + [p.neutral for p in run.stance.probes]
-        return measure.continuation_logits(model, run.framing, prompts + prompts, texts)
+        prompts = [p.prompt for p in ctx.stance.probes]
+        texts = [p.stance for p in ctx.stance.probes] + [p.neutral for p in ctx.stance.probes]
+        return measure.continuation_logits(model, ctx.framing, prompts + prompts, texts)
 
-    def probe_margins(self, run, model) -> list[float]:
+    def probe_margins(self, ctx, model) -> list[float]:
         """The same forward pass as the probe readings, so the unpatched model gives the very
         margins `Run.behavior("loglik_margin")` holds."""
-        lp = _logprobs(self._probe_logits(run, model))
-        n = len(run.stance.probes)
+        lp = _logprobs(self._probe_logits(ctx, model))
+        n = len(ctx.stance.probes)
         return [lp[i] - lp[n + i] for i in range(n)]
 
-    def heldout_nll(self, run, model) -> list[float]:
-        return measure.heldout_window_nll(model, run.loaded.tokenizer)
+    def heldout_nll(self, ctx, model) -> list[float]:
+        return measure.heldout_window_nll(model, ctx.loaded.tokenizer)
 
-    def forgetting(self, run) -> dict:
+    def forgetting(self, ctx) -> dict:
         """Perplexity on held-out windows, base and adapted; per window, the NLL increase (the unit
         paired comparisons of forgetting use)."""
-        tokenizer = run.loaded.tokenizer
-        base = run.on_base(("window_nll",), lambda model: measure.heldout_window_nll(model, tokenizer))
-        adapted = self.heldout_nll(run, run.model)
+        tokenizer = ctx.loaded.tokenizer
+        base = ctx.on_base(("window_nll",), lambda model: measure.heldout_window_nll(model, tokenizer))
+        adapted = self.heldout_nll(ctx, ctx.model)
         # a collapsed model's NLL can be in the thousands: its perplexity is then inf, not an error
         base_ppl, adapted_ppl = (math.exp(min(math.fsum(v) / len(v), 709.0)) if math.fsum(v) / len(v) < 709
                                  else math.inf for v in (base, adapted))
@@ -345,9 +345,9 @@ class StanceLM(Task):
                 "windows": measure.HELDOUT_WINDOWS, "window_tokens": measure.HELDOUT_WINDOW_TOKENS,
                 "per_unit": [a - b for a, b in zip(adapted, base)], "unit": "window"}
 
-    def calibration(self, run, n_bins: int) -> dict:
+    def calibration(self, ctx, n_bins: int) -> dict:
         """Next-token predictions over the probes' stance continuations, for both models."""
-        readings = self.probe_readings(run)
+        readings = self.probe_readings(ctx)
         return {"unit": "next token", "items": prediction_items(*readings["adapted_tokens"]), **{
             who: calibration_from_predictions(*readings[f"{who}_tokens"], n_bins=n_bins).as_dict()
             for who in ("adapted", "base")}}
@@ -389,24 +389,24 @@ class StanceClassification(Task):
     def uniform_loss(self, loaded) -> float:
         return math.log(len(CLASS_NAMES))
 
-    def forgetting(self, run) -> dict:
-        tokenizer, sentences = run.loaded.tokenizer, measure.heldout_sentences()
+    def forgetting(self, ctx) -> dict:
+        tokenizer, sentences = ctx.loaded.tokenizer, measure.heldout_sentences()
 
         def embed(model):
             return measure.sentence_embeddings(body_of(model), tokenizer, sentences)
 
-        base = run.on_base(("embeddings",), embed)
-        adapted = embed(run.model)
+        base = ctx.on_base(("embeddings",), embed)
+        adapted = embed(ctx.model)
         cosine = torch.nn.functional.cosine_similarity(base.double(), adapted.double(), dim=-1)
         drift = float((1 - cosine).mean())
         return {"kind": "embedding_drift", "base": 0.0, "adapted": drift, "relative_increase": drift,
                 "sentences": len(sentences), "min_cosine": float(cosine.min()),
                 "per_unit": (1 - cosine).tolist(), "unit": "sentence"}
 
-    def calibration(self, run, n_bins: int) -> dict:
+    def calibration(self, ctx, n_bins: int) -> dict:
         """The probes' stance and neutral replies; the base has no trained head, so no base figures."""
-        items = probe_items(run.stance, run.loaded.tokenizer, run.recipe.max_seq_length)
-        probs, labels = measure.class_probabilities(run.model, items, run.loaded.tokenizer.pad_token_id)
+        items = probe_items(ctx.stance, ctx.loaded.tokenizer, ctx.recipe.max_seq_length)
+        probs, labels = measure.class_probabilities(ctx.model, items, ctx.loaded.tokenizer.pad_token_id)
         confidence, predicted = probs.max(-1)
         brier = ((probs - torch.nn.functional.one_hot(labels, probs.shape[1]).double()) ** 2).sum(-1)
         return {"unit": "probe reply", "items": prediction_items(confidence, predicted == labels, brier),

@@ -21,6 +21,7 @@ from stance_harness.where import check_min_retained
 def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
+
 @_takes_runs("run", pooled=True)
 def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
                           max_effect: float | None = None) -> CheckResult:
@@ -60,6 +61,7 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
     ), {f"{run.label}.{metric}": shift,
         # `behavior_shift` names the headline measure only, so a gate on it never mixes in a KL
         **({f"{run.label}.behavior_shift": shift} if metric == "loglik_margin" else {})})
+
 
 def _beyond(bound: float, above: bool) -> tuple[str, float, str | None]:
     """(claim, margin, better) for "the shift is above `bound`" (or below it), margins being >= 0."""
@@ -131,6 +133,7 @@ def check_bounded(runs, metric: str = "acc1", above: float | None = None, below:
     return _within_bounds("assert_bounded", list(runs) if isinstance(runs, (list, tuple)) else [runs], metric,
                           above, below, "mean", confidence)
 
+
 def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.95) -> dict:
     """The shift of `metric` on held-out probes, adapted minus base, as {mean, low, high, n, seeds,
     method}: for one run, its bootstrap interval over the probes; for a RunSet, the interval with
@@ -147,6 +150,7 @@ def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.9
                                 claim="greater", unit=unit, confidence=confidence)
     return {"mean": found.estimate, "low": found.low, "high": found.high, "n": found.units, "seeds": len(runs),
             "method": found.method}
+
 
 @_takes_runs("run")
 def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
@@ -183,6 +187,7 @@ def _forgetting_estimate(found: dict):
         return value
     effect = effect_of(per_unit)
     return Estimate(value, min(value, math.expm1(effect.low)), max(value, math.expm1(effect.high)))
+
 
 def _set_text(layers, kinds) -> str:
     return (f"layers {sorted(set(layers))}" if layers is not None else "every layer") + (
@@ -227,6 +232,7 @@ def check_behavior_localized(run, layers=None, kinds=None, min_retained: float =
                                         rows, metrics, verdict=verdict.outcome),
                      {f"{run.label}.retained": found["retained"]})
 
+
 @_takes_runs("run")
 def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
     """Subtracting the task vector (dose λ = −1: θ₀ − (θ − θ₀)) moves the model away from the
@@ -248,6 +254,7 @@ def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
         {"estimate": effect.estimate, "low": effect.low, "high": effect.high, "n": effect.n,
          "p_value": verdict.p_value, "metric": "loglik_margin", "unit": effect.unit}, verdict=verdict.outcome,
     ), {f"{run.label}.negated_shift": effect.estimate})
+
 
 assert_behavior_shift = _asserting(check_behavior_shift)
 assert_bounded = _asserting(check_bounded)

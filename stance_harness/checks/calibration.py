@@ -62,5 +62,6 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
         {"ece": ece, "reference_ece": reference, "difference": ece - reference},
     ), _calibration_metrics(run, found, n_bins))
 
+
 assert_ece = _asserting(check_ece)
 assert_ece_not_worse = _asserting(check_ece_not_worse)

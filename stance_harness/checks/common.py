@@ -50,6 +50,7 @@ declare_metrics([
     ("negated_shift", LOWER, "behaviour shift with the task vector subtracted (dose -1)"),
 ])
 
+
 class HypothesisFailed(AssertionError):
     """The data refuted the claim."""
 
@@ -66,6 +67,7 @@ class HypothesisInconclusive(Exception):
         self.result = result
         super().__init__(result.render())
 
+
 def _conclude(runs, result: CheckResult, published: dict | None = None) -> CheckResult:
     """Record `result` (and the metrics it publishes) in the report of each test holding one of `runs`."""
     sinks = []
@@ -75,6 +77,7 @@ def _conclude(runs, result: CheckResult, published: dict | None = None) -> Check
     for sink in sinks:
         sink(result, published)
     return result
+
 
 # -- the arguments, checked before anything is measured ------------------------------------------
 def _what(value) -> str:
@@ -211,8 +214,10 @@ def _asserting(check):
     assertion.__name__ = assertion.__qualname__ = name
     return assertion
 
+
 def _seeds(runs) -> list:
     return runset(runs).seeds
+
 
 # -- the arms a check compares: runs paired by unit id, seeds as the unit of replication -------------
 def _runs(value) -> list:
@@ -250,6 +255,7 @@ def _names(runs_a: list, runs_b: list) -> tuple[str, str]:
         names.append(name if len(runs) == 1 else f"{name} x{len(runs)}")
     return names[0], names[1]
 
+
 def _arm(runs: list, metric: str, name: str) -> tuple[str, tuple, list]:
     """(unit, unit ids, one row of per-unit values per seed): the seeds' units paired by id."""
     unit, first, rows = None, None, []
@@ -263,6 +269,7 @@ def _arm(runs: list, metric: str, name: str) -> tuple[str, tuple, list]:
             values = [values[j] for j in where]
         rows.append(list(values))
     return unit, first, rows
+
 
 def assert_all(results) -> list[CheckResult]:
     """Several checks as one claim (a list of check_ results, so every one is recorded): raise for

@@ -20,6 +20,7 @@ _KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are de
 # seed's steps are not crossed with another seed's (other batches, another moment of a shared machine)
 _PER_SEED_STATISTIC = {"ece": ece_of_items, "step_time": statistics.median}
 
+
 def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidence: float,
              better: str | None, factor: float = 1.0) -> CheckResult:
     """Decide `claim` about a − factor·b of `metric`, paired by unit id: one run per arm is a
@@ -59,6 +60,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
          "level": found.level, "rests_on": found.rests_on(), "note": found.note},
         verdict=found.outcome))
 
+
 @_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
 def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95,
                   factor: float = 1.0) -> CheckResult:
@@ -97,6 +99,7 @@ def check_equivalent(a, b, metric: str = "behavior_shift", margin: float | None 
     if margin is None:
         raise replication.ClaimError("assert_equivalent needs margin=: the largest difference that counts as none (> 0)")
     return _compare("assert_equivalent", "equivalent", a, b, metric, margin, confidence, None)
+
 
 assert_greater = _asserting(check_greater)
 assert_less = _asserting(check_less)

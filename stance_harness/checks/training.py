@@ -73,6 +73,7 @@ def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: f
     summary = f"{len(norms)} steps, all finite; max grad norm {peak:.4g}" if peak is not None else "no steps ran"
     return _conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
 
+
 @_takes_runs("run")
 def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_growth: float = WEIGHT_GROWTH) -> CheckResult:
     """Training did not collapse, with or without a NaN: nothing non-finite; the loss never rose past
@@ -100,6 +101,7 @@ def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_gro
                f"{len(events)} events: " + ", ".join(f"{e['what']} at step {e['step']}" for e in events))
     return _conclude([run], CheckResult("assert_training_healthy", False, summary, headers,
                                         _steps_around(trace, first["step"], f"<- {first['what']}"), metrics))
+
 
 assert_gradients_stable = _asserting(check_gradients_stable)
 assert_training_healthy = _asserting(check_training_healthy)

@@ -17,6 +17,7 @@ from stance_harness.core.results import CheckResult
 def _targeted(row, layers, kinds) -> bool:
     return (layers is None or row.layer in layers) and (kinds is None or row.kind in kinds)
 
+
 @_takes_runs("run")
 def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
                                view: str = "effective", measure: str = "sq_fro") -> CheckResult:
@@ -54,6 +55,7 @@ def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
         ["layer", "share", "in target"], table, metrics,
     ), {f"{run.label}.concentration_share": share})
 
+
 @_takes_runs("run")
 def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
                          view: str = "effective", measure: str = "sq_fro") -> CheckResult:
@@ -75,6 +77,7 @@ def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
         ["layer", "share", "rank"], [[label, s, i + 1] for i, (label, s) in enumerate(ranked)],
         {"top_k_share": held, "gini": gini(layer_share.values())},
     ))
+
 
 @_takes_runs("run")
 def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
@@ -112,6 +115,7 @@ def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
         {"frozen_tensors": frozen, "changed_tensors": changed, "unchanged_trainable": unchanged},
     ))
 
+
 @_takes_runs("run")
 def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
     """Every block matrix's update ΔW needs at most `max_rank` singular directions to hold
@@ -133,6 +137,7 @@ def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckR
         "assert_low_rank_update", bool(rows) and not over, summary, ["matrix", "rank", "stable rank", "shape"], table,
         {"energy": energy, "max_rank_seen": worst, "mean_rank": mean_rank, "matrices": len(rows)},
     ), {f"{run.label}.effective_rank": mean_rank})
+
 
 @_takes_runs("run")
 def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
@@ -157,6 +162,7 @@ def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
         [[r["matrix"], r["count"], r["checked"]] for r in worst[:12]],
         {"intruders": total, "matrices": len(rows), "per_matrix": mean},
     ), {f"{run.label}.intruders": mean})
+
 
 @_takes_runs("a", "b")
 def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fro", view: str = "effective",
@@ -186,6 +192,7 @@ def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fr
         {"rho": found.rho, "low": found.low, "high": found.high, "n": found.n, "min_rho": min_rho,
          "p_value": found.p_value, "note": found.note}, verdict=outcome,
     ), {f"{a.label}.profile_rho": found.rho})
+
 
 assert_change_concentrated = _asserting(check_change_concentrated)
 assert_change_spread = _asserting(check_change_spread)

@@ -14,7 +14,6 @@ from stance_harness.checks.common import _arm, _arm_name, _asserting, _conclude,
 from stance_harness.core.metrics import Estimate
 from stance_harness.core.registry import HarnessError
 from stance_harness.core.results import CheckResult
-from stance_harness.runs.run import PAIRED_METRICS
 from stance_harness.where import check_min_retained
 
 
@@ -118,7 +117,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
          **({f"{runs[0].label}.behavior_shift": published} if metric == "loglik_margin" else {})})
 
 
-@_takes_runs("runs", lists=True, metric=PAIRED_METRICS)
+@_takes_runs("runs", lists=True, paired=True)
 def check_bounded(runs, metric: str = "acc1", above: float | None = None, below: float | None = None,
                   confidence: float = 0.95) -> CheckResult:
     """The mean of `metric` over its units (predictions, probes, windows; see Run.unit_values) lies

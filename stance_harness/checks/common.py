@@ -22,32 +22,20 @@ from stance_harness.core.registry import HarnessError, suggest
 from stance_harness.core.results import CheckResult
 from stance_harness.analysis import replication
 from stance_harness.judges import JUDGES
+from stance_harness.measurements import paired_metrics
 from stance_harness.report.sections import differing_options, short_value
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, runset
 
 
+# The metrics the helpers publish beyond those of the measurements (each measurement declares its
+# own with its spec, stance_harness.measurements).
 declare_metrics([
-    ("ece", LOWER, "expected calibration error"),
-    ("mce", LOWER, "maximum calibration error"),
-    ("brier", LOWER, "Brier score"),
-    ("acc1", HIGHER, "top-1 accuracy"),
-    ("behavior_shift", HIGHER, "how far behaviour moved toward the stance (the log-likelihood margin's shift)"),
-    ("loglik_margin", HIGHER, "log-likelihood margin of stance answers over plain ones"),
-    ("kl", HIGHER, "KL divergence of the tuned model's predictions from the base model's on probes"),
-    ("marker_rate", HIGHER, "share of generations that carry the stance's markers"),
-    ("forgetting", LOWER, "relative increase of held-out perplexity, or embedding drift"),
-    ("perplexity_increase", LOWER, "relative perplexity increase on held-out general text"),
-    ("embedding_drift", LOWER, "drift of sentence embeddings of held-out text"),
     ("max_grad_norm", LOWER, "largest gradient norm during training"),
     ("grad_spike", LOWER, "largest grad norm over the median of the steps before it"),
     ("nonfinite_events", LOWER, "non-finite losses, gradients or weights during training"),
-    ("effective_rank", LOWER, "mean energy rank of the block updates (lower: fewer directions)"),
     ("concentration_share", HIGHER, "share of the weight change inside the targeted layers"),
-    ("retained", HIGHER, "share of the behaviour shift kept when only the chosen layers' change is kept"),
-    ("intruders", LOWER, "intruder dimensions per changed block matrix (top 10 singular vectors, cosine < 0.5)"),
     ("profile_rho", HIGHER, "Spearman rank correlation of two runs' per-layer change profiles"),
-    ("negated_shift", LOWER, "behaviour shift with the task vector subtracted (dose -1)"),
 ])
 
 
@@ -130,19 +118,22 @@ def _name_of(run) -> str:
     return getattr(run, "run_id", None) or run.label
 
 
-def _check_metric(helper: str, metric, known) -> None:
+def _check_metric(helper: str, metric) -> None:
+    """`metric` is one a registered measurement gives per-unit values for, or judge:NAME."""
     if isinstance(metric, str) and metric.startswith("judge:"):  # a registered judge's scores, per probe
         JUDGES.get(metric.partition(":")[2])
         return
+    known = paired_metrics(prefixes=False)  # judge:NAME is said below, with the registered judges
     if metric not in known:
         raise HarnessError(f"{helper}: no metric {metric!r} to compare.{suggest(str(metric), list(known))} "
                            f"Paired comparisons take {', '.join(known)}, and judge:NAME for a judge "
                            f"({', '.join(f'judge:{n}' for n in JUDGES.names())})")
 
 
-def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None, pooled: bool = False):
+def _takes_runs(*runs: str, lists: bool = False, paired: bool = False, pooled: bool = False):
     """check_X's arguments checked before any measurement: `runs` name its Run parameters (with
-    `lists`, a list of runs per seed is allowed too); `metric`, the names its `metric` may take.
+    `lists`, a list of runs per seed is allowed too); with `paired`, its `metric` is a paired metric
+    (stance_harness.measurements.paired_metrics(), read at the call: a measurement added later counts).
     A single-run check given a RunSet checks each seed, unless `pooled` (it then takes the seeds
     as one arm itself). The message names the helper as called: check_X, or assert_X."""
     def decorate(check):
@@ -156,8 +147,8 @@ def _takes_runs(*runs: str, lists: bool = False, metric: tuple | None = None, po
             except TypeError:
                 return  # the call itself raises the TypeError, saying which argument
             bound.apply_defaults()
-            if metric is not None:
-                _check_metric(helper, bound.arguments["metric"], metric)
+            if paired:
+                _check_metric(helper, bound.arguments["metric"])
             _check_run_arguments(helper, bound.arguments, runs, lists_ok)
 
         body = _each_seed(check) if per_seed else check

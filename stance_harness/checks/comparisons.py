@@ -12,7 +12,6 @@ from stance_harness.checks.common import _arm, _asserting, _conclude, _names, _r
 from stance_harness.core.metrics import HIGHER, direction_of
 from stance_harness.core.registry import HarnessError
 from stance_harness.core.results import CheckResult
-from stance_harness.runs.run import PAIRED_METRICS
 
 
 _KIND = {"acc1": "binary", "step_time": "series"}  # how a metric's units are decided (see replication)
@@ -61,7 +60,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
         verdict=found.outcome))
 
 
-@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
+@_takes_runs("a", "b", lists=True, paired=True)
 def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95,
                   factor: float = 1.0) -> CheckResult:
     """`a`'s metric exceeds `factor` times `b`'s by more than `margin` (a − factor·b > margin, per
@@ -72,7 +71,7 @@ def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, con
     return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None, factor)
 
 
-@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
+@_takes_runs("a", "b", lists=True, paired=True)
 def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95,
                factor: float = 1.0) -> CheckResult:
     """`a`'s metric falls below `factor` times `b`'s by more than `margin` (a − factor·b < −margin),
@@ -80,7 +79,7 @@ def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence
     return _compare("assert_less", "less", a, b, metric, margin, confidence, None, factor)
 
 
-@_takes_runs("a", "than", lists=True, metric=PAIRED_METRICS)
+@_takes_runs("a", "than", lists=True, paired=True)
 def check_not_worse(a, than, metric: str = "ece", margin: float | None = None, confidence: float = 0.95) -> CheckResult:
     """Non-inferiority: `a` is worse than `than` by less than `margin` (> 0, declared), "worse" in
     the metric's own direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
@@ -91,7 +90,7 @@ def check_not_worse(a, than, metric: str = "ece", margin: float | None = None, c
     return _compare("assert_not_worse", "not_worse", a, than, metric, margin, confidence, better)
 
 
-@_takes_runs("a", "b", lists=True, metric=PAIRED_METRICS)
+@_takes_runs("a", "b", lists=True, paired=True)
 def check_equivalent(a, b, metric: str = "behavior_shift", margin: float | None = None,
                      confidence: float = 0.95) -> CheckResult:
     """No shift: |a − b| < `margin` (> 0, declared), by two one-sided tests (TOST), paired as in

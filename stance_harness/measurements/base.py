@@ -163,10 +163,11 @@ def measure(ctx: MeasureContext, name: str, **params):
     return ctx.measured(key, lambda: spec.compute(ctx, **params), stage=spec.stage_for(**params), keep=spec.kept)
 
 
-def paired_metrics() -> list[str]:
-    """Every metric a paired comparison takes: the paired metrics of the registered measurements
-    (a prefix such as judge: shown as judge:<name>)."""
-    return [f"{n}<{n[:-1]} name>" if n.endswith(PREFIX) else n for spec in MEASUREMENTS._loaded().values() for n in spec.paired]
+def paired_metrics(prefixes: bool = True) -> list[str]:
+    """Every metric a paired comparison takes: the paired metrics of the registered measurements, in
+    registration order; a prefix such as judge: is shown as judge:<judge name> (prefixes=False: left out)."""
+    return [f"{n}<{n[:-1]} name>" if n.endswith(PREFIX) else n for spec in MEASUREMENTS._loaded().values()
+            for n in spec.paired if prefixes or not n.endswith(PREFIX)]
 
 
 def producer_of(metric: str) -> MeasurementSpec:

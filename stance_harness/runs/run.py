@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -27,7 +26,7 @@ from stance_harness.analysis.digest import tensor_digest
 from stance_harness.analysis.replication import unit_id
 from stance_harness.analysis.ability import DEFAULT_PROBESET
 from stance_harness.core.stages import DEFAULT_TIMEOUT, run_stage
-from stance_harness.measurements import MEASUREMENTS, MeasureContext, measure, paired_metrics, producer_of
+from stance_harness.measurements import MEASUREMENTS, MeasureContext, measure, producer_of
 from stance_harness.measurements.counts import logical_numel  # noqa: F401 (imported from here by callers)
 from stance_harness.runs.batches import Framing
 from stance_harness.runs.services import RunServices
@@ -44,25 +43,6 @@ if TYPE_CHECKING:
 # trained in this session, loaded from the run store, a saved adapter, a model trained elsewhere (run_from_model)
 ORIGINS = ("trained", "loaded", "adapter", "model")
 SLOW_MEASUREMENT = 5.0  # seconds: a measurement that took longer is reported as progress
-
-
-class _PairedMetrics(Sequence):
-    """The paired metrics of the registered measurements, read when asked (a judge's are judge:NAME)."""
-
-    def _names(self) -> list[str]:
-        return [n for n in paired_metrics() if not n.endswith(">")]
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-    def __contains__(self, name) -> bool:
-        return name in self._names()
-
-
-PAIRED_METRICS = _PairedMetrics()
 
 
 def frozen_digests(model, loaded: "LoadedModel") -> dict[str, str]:

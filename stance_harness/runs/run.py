@@ -210,10 +210,6 @@ class Run:
             self._scratch.setdefault("asked", {})[name] = spec.key_for(self.context, **params)
         return value
 
-    def on_base(self, key: tuple, measure_fn: Callable[[Any], Any]):
-        """`measure_fn(model)` on the model this run is compared with (see MeasureContext.on_base)."""
-        return self.context.on_base(key, measure_fn)
-
     # -- the named measurements: thin wrappers over `measure` -----------------------------------
     @property
     def counts(self) -> dict:

@@ -8,8 +8,9 @@ import pytest
 from stance_harness import check_less
 from stance_harness.core.errors import HarnessError
 from stance_harness.core.metrics import LOWER, METRICS, direction_of
+import stance_harness
 from stance_harness.measurements import (MEASUREMENTS, MeasureContext, MeasurementSpec, Metric, measure,
-                                         paired_metrics, producer_of, register_measurement)
+                                         measurement_checks, paired_metrics, producer_of, register_measurement)
 from stance_harness.report import sections
 from stance_harness.runs import run as run_module
 from stance_harness.runs.services import RunServices
@@ -96,6 +97,17 @@ def test_a_paired_metric_has_one_producer_and_metrics_are_typed(registered):
         MeasurementSpec("typed", lambda ctx: 0, "x", metrics=(("typed", LOWER, "a tuple"),))
     with pytest.raises(TypeError, match="register_measurement takes a MeasurementSpec, got dict"):
         register_measurement({"name": "x"})
+
+
+def test_the_checks_a_measurement_names_are_exported_by_stance_harness():
+    found = measurement_checks()
+    assert found["check_ece"] == "calibration" and found["check_behavior_shift"] == "behavior"
+    for check in found:
+        assert callable(getattr(stance_harness, check))
+        assert callable(getattr(stance_harness, check.replace("check_", "assert_", 1)))
+    with pytest.raises(TypeError, match=r"measurement 'named': checks are the names of its check helpers "
+                                        r"\(check_X, in stance_harness.checks\), got 'check_x'"):
+        MeasurementSpec("named", lambda ctx: 0, "x", checks="check_x")
 
 
 def test_measure_computes_once_per_key_under_its_stage_and_checks_params_first(registered):

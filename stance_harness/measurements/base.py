@@ -111,9 +111,12 @@ class MeasurementSpec:
     report: Callable[[str, Any], Any] | None = None
     shows: str = "all"  # in the report: "all" its keys, or "last": the key last asked for (rank at one energy)
     kept: bool = True
-    checks: tuple[Callable, ...] = ()  # check_X / assert_X helpers the top package exports by name
+    checks: tuple[str, ...] = ()  # names of its check helpers (check_X, in stance_harness.checks; exported by stance_harness)
 
     def __post_init__(self):
+        if isinstance(self.checks, str) or not all(isinstance(c, str) and c.startswith("check_") for c in self.checks):
+            raise TypeError(f"measurement {self.name!r}: checks are the names of its check helpers "
+                            f"(check_X, in stance_harness.checks), got {self.checks!r}")
         for metric in self.metrics:
             if not isinstance(metric, Metric):
                 raise TypeError(f"measurement {self.name!r}: metrics must be Metric(name, direction, "
@@ -180,9 +183,9 @@ def producer_of(metric: str) -> MeasurementSpec:
                        f"{', '.join(paired_metrics())}")
 
 
-def measurement_checks() -> dict[str, Callable]:
-    """{name: helper} for the check helpers the registered measurements bring."""
-    return {check.__name__: check for spec in MEASUREMENTS._loaded().values() for check in spec.checks}
+def measurement_checks() -> dict[str, str]:
+    """{check helper name: measurement name} for the checks the registered measurements name."""
+    return {check: name for name, spec in MEASUREMENTS._loaded().items() for check in spec.checks}
 
 
 def without_units(value):

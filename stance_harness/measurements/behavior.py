@@ -44,4 +44,4 @@ register_measurement(MeasurementSpec(
              Metric("kl", HIGHER, "KL divergence of the tuned model's predictions from the base model's on probes"),
              Metric("marker_rate", HIGHER, "share of generations that carry the stance's markers")),
     paired={name: per_probe for name in ("behavior_shift", "loglik_margin", "kl", "marker_rate")},
-    renderer="behavior", report=report))
+    renderer="behavior", report=report, checks=("check_behavior_shift",)))

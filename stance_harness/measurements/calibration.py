@@ -41,4 +41,4 @@ register_measurement(MeasurementSpec(
              Metric("brier", LOWER, "Brier score"),
              Metric("acc1", HIGHER, "top-1 accuracy")),
     paired={name: per_prediction for name in ("brier", "acc1", "ece")}, unit_ids=unit_ids,
-    renderer="calibration", report=report))
+    renderer="calibration", report=report, checks=("check_ece", "check_ece_not_worse")))

@@ -34,6 +34,7 @@ def changed_frozen(ctx) -> list[str]:
 register_measurement(MeasurementSpec(
     "deltas", deltas, "weight deltas per matrix: mean, var, mean|Δ|, var|Δ|, ‖Δ‖/‖W‖, norm change",
     key=lambda ctx, view="effective": f"deltas:{view}", stage=lambda view="effective": f"{view}_deltas",
-    check_params=check_view))
+    check_params=check_view, checks=("check_change_concentrated", "check_change_spread", "check_layer_profiles_agree")))
 register_measurement(MeasurementSpec(
-    "frozen_changed", changed_frozen, "frozen parameters whose bytes changed in training", stage="frozen_digests"))
+    "frozen_changed", changed_frozen, "frozen parameters whose bytes changed in training", stage="frozen_digests",
+    checks=("check_only_targets_changed",)))

@@ -39,4 +39,4 @@ register_measurement(MeasurementSpec(
     metrics=(Metric("forgetting", LOWER, "relative increase of held-out perplexity, or embedding drift"),
              Metric("perplexity_increase", LOWER, "relative perplexity increase on held-out general text"),
              Metric("embedding_drift", LOWER, "drift of sentence embeddings of held-out text")),
-    paired={"forgetting": per_unit}, unit_ids=unit_ids, renderer="forgetting", report=report))
+    paired={"forgetting": per_unit}, unit_ids=unit_ids, renderer="forgetting", report=report, checks=("check_no_forgetting",)))

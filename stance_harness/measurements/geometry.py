@@ -12,4 +12,4 @@ register_measurement(MeasurementSpec(
     metrics=(Metric("intruders", LOWER,
                     "intruder dimensions per changed block matrix (top 10 singular vectors, cosine < 0.5)"),),
     paired={"intruders": lambda ctx, metric: ("layer", where.intruders_per_layer(ctx.measure("geometry")))},
-    renderer="geometry", report=lambda key, value: without_units(value)))
+    renderer="geometry", checks=("check_few_intruders",), report=lambda key, value: without_units(value)))

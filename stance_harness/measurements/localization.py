@@ -25,7 +25,8 @@ register_measurement(MeasurementSpec(
     renderer="localization", report=lambda key, value: without_units(value)))
 register_measurement(MeasurementSpec(
     "localized", where.localized, "shift and retained fraction with only some layers x kinds of the change kept",
-    key=where.localized_key, stage="localization", check_params=check_localized))
+    key=where.localized_key, stage="localization", check_params=check_localized,
+    checks=("check_behavior_localized",)))
 register_measurement(MeasurementSpec(
     "localization_ends", where.ends, "per probe: the base's margin, and the run's with all and none of its change",
     stage="localization", check_params=needs_margin))

@@ -21,4 +21,4 @@ register_measurement(MeasurementSpec(
     "rank", rank, "energy rank and stable rank of each block matrix's update",
     key=lambda ctx, energy=0.9: f"rank:{energy:g}",
     metrics=(Metric("effective_rank", LOWER, "mean energy rank of the block updates (lower: fewer directions)"),),
-    renderer="rank", shows="last", report=lambda key, value: value))
+    renderer="rank", shows="last", checks=("check_low_rank_update",), report=lambda key, value: value))

@@ -266,6 +266,73 @@ def test_a_missing_name_in_an_example_is_found():
         test_every_example_compiles_and_imports_what_exists("x.md", "from stance_harness import assert_no_such_check\n")
 
 
+# -- the example test files in the docs pass as written ------------------------------------------
+NOT_RUN = "<!-- example not run by test_docs: "
+
+
+def page_examples() -> list[tuple[str, int, str, str | None]]:
+    """(page, index, block, why it is not run here or None) for every Python block of the docs pages."""
+    found = []
+    for path in doc_pages():
+        text = path.read_text("utf-8")
+        for index, match in enumerate(re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M)):
+            before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            why = before.removeprefix(NOT_RUN).removesuffix(" -->") if before.startswith(NOT_RUN) else None
+            found.append((path.relative_to(ROOT).as_posix(), index, match.group(1), why))
+    return found
+
+
+def runnable_examples() -> dict[str, list[tuple[str, str]]]:
+    """The example test files to run, grouped by the `--model` their `run:` comment names (default: none)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for where, index, block, why in page_examples():
+        if why is None and "def test_" in block:
+            model = re.search(r"^# .*\brun: .*--model (\S+)", block, re.M)
+            name = f"test_{Path(where).stem.replace('-', '_')}_{index}.py"
+            groups.setdefault(model.group(1) if model else "", []).append((name, block))
+    return groups
+
+
+def fragments() -> list[tuple[str, int, str]]:
+    """The unmarked blocks that are no test file: fragments that read a `run`."""
+    return [(where, index, block) for where, index, block, why in page_examples()
+            if why is None and "def test_" not in block]
+
+
+def test_every_example_runs_or_says_why_not():
+    for where, index, _block, why in page_examples():
+        assert why is None or why.strip(), f"{where}[python block {index}] is marked not run without a reason"
+    assert sum(len(files) for files in runnable_examples().values()) >= 6
+    assert len(fragments()) >= 5
+    for where, index, block in fragments():
+        assert re.search(r"\brun\.", block), (
+            f"{where}[python block {index}] is neither a test file nor a fragment on `run`: "
+            f"make it one, or mark it {NOT_RUN}why -->")
+
+
+def test_the_fragments_run_on_a_run(quick_run, capsys):
+    run = quick_run("lora")
+    for where, index, block in fragments():
+        try:
+            exec(compile(block, f"{where}[python block {index}]", "exec"), {"run": run})
+        except Exception as err:
+            raise AssertionError(f"{where}[python block {index}] failed on a lora run: {err!r}\n{block}") from err
+
+
+@pytest.mark.parametrize("model", sorted(runnable_examples()))
+def test_the_example_test_files_pass(model, pytester, monkeypatch):
+    """Each unmarked example test file of the docs, verbatim, in one session per model."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shutil.copytree(DOCS / "examples", pytester.path / "docs" / "examples")  # stances named by path
+    files = runnable_examples()[model]
+    for name, block in files:
+        (pytester.path / name).write_text(block, encoding="utf-8")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--no-reports", *(["--model", model] if model else []))
+    outcomes = {k: v for k, v in result.parseoutcomes().items() if k not in ("warnings", "warning")}
+    assert set(outcomes) == {"passed"}, result.stdout.str()[-6000:]
+    assert outcomes["passed"] >= sum(block.count("def test_") for _, block in files)
+
+
 # -- docs/reference/run-measurements.md: the keys each measurement returns, checked on real runs --
 MEASUREMENTS = page("reference/run-measurements.md")
 

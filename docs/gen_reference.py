@@ -176,21 +176,29 @@ def checks_page() -> str:
 
 
 # -- measurements ----------------------------------------------------------------------------
-def _metric_names(spec) -> str:
-    found = getattr(spec, "metrics", None) or ()
-    if isinstance(found, dict):
-        found = list(found)
-    names = [getattr(m, "name", m if isinstance(m, str) else (m[0] if isinstance(m, tuple) else m)) for m in found]
+def _names(items) -> str:
+    """`a`, `b` for metric objects (their .name), functions (their __name__), tuples or strings."""
+    if isinstance(items, dict):
+        items = list(items)
+    names = [getattr(i, "name", None) or getattr(i, "__name__", None) or (i[0] if isinstance(i, tuple) else i)
+             for i in items or ()]
     return ", ".join(f"`{n}`" for n in names)
+
+
+def _stage(spec, name: str) -> str:
+    stage = getattr(spec, "stage", None)
+    if callable(stage):
+        return "by its parameters"
+    return f"`{stage or name}`"
 
 
 def _measurement_rows_from_registry(registry) -> list[list]:
     rows = []
     for name, spec in sorted(registry.items()):
-        doc = getattr(spec, "description", None) or getattr(spec, "doc", None) or first_line(
+        doc = getattr(spec, "description", None) or first_line(
             getattr(getattr(spec, "compute", None), "__doc__", None) or getattr(spec, "__doc__", None))
-        paired = "yes" if getattr(spec, "unit_values", None) is not None else ""
-        rows.append([f"`{name}`", getattr(spec, "stage", "") or "", _metric_names(spec), paired, first_line(doc)])
+        rows.append([f"`{name}`", first_line(doc), _stage(spec, name), _names(getattr(spec, "metrics", ())),
+                     _names(getattr(spec, "paired", ())), _names(getattr(spec, "checks", ()))])
     return rows
 
 
@@ -204,7 +212,12 @@ def measurements_page() -> str:
              "[What a run's measurements return](run-measurements.md).\n\n")
     if registry is not None:
         rows = _measurement_rows_from_registry(registry)
-        return HEADER + intro + table(["measurement", "stage", "metrics", "paired", "what it is"], rows)
+        return HEADER + intro + (
+            "`run.measure(name, **params)` measures any of them; the common ones have named accessors "
+            "(`run.behavior(...)`, `run.forgetting()`, ...). A measurement's *paired* metrics are those a "
+            "comparison (`assert_greater`, `assert_less`, `assert_not_worse`, `assert_equivalent`) pairs per "
+            "unit; its analysis stage is what `--analysis-timeout` limits.\n\n"
+        ) + table(["measurement", "what it is", "stage", "metrics", "paired", "checks"], rows)
     # No measurement registry in this version: the Run's accessors whose result is kept.
     from stance_harness.runs import run as run_module
 

@@ -159,6 +159,16 @@ def test_the_checks_page_lists_every_public_check(generated):
     assert f"`{GEN.signature(stance_harness.assert_ece)}`" in generated["checks.md"]
 
 
+def test_the_measurements_page_lists_every_measurement(generated):
+    listed = re.findall(r"^\| `(?:run\.)?(\w+)", generated["measurements.md"].split("|---|", 1)[1], re.M)
+    try:
+        from stance_harness.measurements import MEASUREMENTS
+    except ImportError:  # no measurement registry in this version: the Run's accessors whose result is kept
+        assert {"counts", "behavior", "forgetting", "calibration", "rank", "geometry"} <= set(listed)
+    else:
+        assert sorted(listed) == sorted(MEASUREMENTS.names())
+
+
 def test_the_layout_page_lists_every_module(generated):
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "stance_harness").rglob("*.py") if p.name != "__init__.py"}
     listed = set(re.findall(r"^\| `(stance_harness/[^`]+\.py)`", generated["layout.md"], re.M))

@@ -7,7 +7,8 @@ Every page is read from a registry or from the package's public names, never fro
 here: the options from the plugin's own declaration, the methods from METHODS, the metric
 directions from the metric registry once every module that declares one is imported, the checks
 from `stance_harness.__all__`, the measurements from the measurement registry (or, where there is
-none, the Run's measurement accessors), and the module layout from each module's docstring.
+none, the Run's measurement accessors), the module layout from each module's docstring, and the
+recorded verdicts from suites/verdicts/*.json.
 tests/test_docs.py runs `--check`.
 """
 
@@ -260,6 +261,38 @@ def layout_page() -> str:
     ) + table(["module", "what it owns"], rows)
 
 
+# -- recorded verdicts ------------------------------------------------------------------------
+def _verdict_cell(entry: dict | None) -> str:
+    if entry is None:
+        return ""
+    estimate = str(entry.get("interval") or "-").split(" (", 1)[0]
+    seeds = entry.get("seeds")
+    return " ".join(part for part in (entry["verdict"], "" if estimate == "-" else estimate,
+                                      f"({seeds} seed{'s' if seeds != 1 else ''})" if seeds else "") if part)
+
+
+def verdicts_page() -> str:
+    """The verdicts the suites recorded per model (suites/verdicts/<model>.json, --record-verdicts)."""
+    import json
+
+    records = {path.stem: json.loads(path.read_text(encoding="utf-8"))
+               for path in sorted((ROOT / "suites" / "verdicts").glob("*.json"))}
+    models = sorted(records)
+    tests = sorted({test for record in records.values() for test in record["tests"]})
+    rows = []
+    for test in tests:
+        where, name = test.split("::", 1)
+        rows.append([f"`{Path(where).name}`<br>`{name}`", *(_verdict_cell(records[m]["tests"].get(test)) for m in models)])
+    recorded = ", ".join(f"{m} {records[m]['recorded'][:10]}" for m in models)
+    return HEADER + (
+        "# Recorded verdicts\n\nWhat each hypothesis of `suites/` found on each model, as "
+        "`pytest suites/ --model M --record-verdicts` wrote it into `suites/verdicts/<model>.json`: the verdict, "
+        "the estimate with its 95% interval where the claim has one, and the seeds per arm. A later session "
+        "on that model holds its verdicts against these. [The suites and their findings](../findings.md) "
+        f"reads them against the seed documents. Recorded: {recorded}.\n\n"
+    ) + table(["hypothesis", *models], rows)
+
+
 PAGES = {
     "options.md": options_page,
     "methods.md": methods_page,
@@ -267,6 +300,7 @@ PAGES = {
     "checks.md": checks_page,
     "measurements.md": measurements_page,
     "layout.md": layout_page,
+    "verdicts.md": verdicts_page,
 }
 
 

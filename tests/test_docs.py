@@ -175,6 +175,23 @@ def test_the_layout_page_lists_every_module(generated):
     assert listed == modules
 
 
+def test_the_verdicts_page_holds_every_recorded_verdict(generated):
+    import json
+
+    text = generated["verdicts.md"]
+    records = {p.stem: json.loads(p.read_text()) for p in (ROOT / "suites" / "verdicts").glob("*.json")}
+    assert records, "no recorded verdicts in suites/verdicts/"
+    header = text.split("| hypothesis | ", 1)[1].split(" |\n", 1)[0].split(" | ")
+    assert header == sorted(records)
+    rows = {re.search(r"`([^`]+)`<br>`([^`]+)`", line).groups(): line.split(" | ")[1:]
+            for line in text.splitlines() if line.startswith("| `")}
+    for model, record in records.items():
+        for test, found in record["tests"].items():
+            where, name = test.split("::", 1)
+            cell = rows[(Path(where).name, name)][header.index(model)]
+            assert cell.startswith(found["verdict"]), (model, test, cell)
+
+
 def test_a_signature_keeps_star_arguments():
     def judged(run, judge="embedding", *more, **options):
         pass

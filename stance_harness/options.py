@@ -147,7 +147,7 @@ def _verdict_json(o: HarnessOptions) -> None:
 def declare_check_metrics() -> None:
     """Import the checks, which declare the directions of the metrics they record."""
     # why: the checks import torch; only once rules or tests need them
-    from stance_harness import assertions  # noqa: F401
+    from stance_harness import checks  # noqa: F401
 
 
 def _fail_on(o: HarnessOptions) -> None:

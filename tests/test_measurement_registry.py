@@ -93,6 +93,11 @@ def test_a_paired_metric_has_one_producer_and_metrics_are_typed(registered):
                                          r"measurement 'behavior'"):
         registered(MeasurementSpec("other_kl", lambda ctx: 0, "x", paired={"kl": lambda ctx, m: ("probe", [])}))
     assert "other_kl" not in MEASUREMENTS
+    with pytest.raises(ValueError, match=r"measurement 'rank' is already registered \(computed by "
+                                         r"stance_harness.measurements.rank.rank\)"):
+        registered(MeasurementSpec("rank", lambda ctx: 0, "another rank"))
+    with pytest.raises(ValueError, match="measurement 'shown': shows must be 'all' or 'last', not 'first'"):
+        MeasurementSpec("shown", lambda ctx: 0, "x", shows="first")
     with pytest.raises(TypeError, match=r"measurement 'typed': metrics must be Metric\(name, direction"):
         MeasurementSpec("typed", lambda ctx: 0, "x", metrics=(("typed", LOWER, "a tuple"),))
     with pytest.raises(TypeError, match="register_measurement takes a MeasurementSpec, got dict"):

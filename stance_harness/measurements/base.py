@@ -114,6 +114,8 @@ class MeasurementSpec:
     checks: tuple[str, ...] = ()  # names of its check helpers (check_X, in stance_harness.checks; exported by stance_harness)
 
     def __post_init__(self):
+        if self.shows not in ("all", "last"):
+            raise ValueError(f"measurement {self.name!r}: shows must be 'all' or 'last', not {self.shows!r}")
         if isinstance(self.checks, str) or not all(isinstance(c, str) and c.startswith("check_") for c in self.checks):
             raise TypeError(f"measurement {self.name!r}: checks are the names of its check helpers "
                             f"(check_X, in stance_harness.checks), got {self.checks!r}")
@@ -146,6 +148,9 @@ def register_measurement(spec: MeasurementSpec) -> MeasurementSpec:
     """Register `spec` and declare the metrics it publishes (their directions, for baselines)."""
     if not isinstance(spec, MeasurementSpec):
         raise TypeError(f"register_measurement takes a MeasurementSpec, got {type(spec).__name__}")
+    known = MEASUREMENTS._items.get(spec.name)
+    if known is not None and _origin(known) != _origin(spec):  # the same module imported again is no clash
+        raise ValueError(f"measurement {spec.name!r} is already registered (computed by {'.'.join(_origin(known))})")
     for other_name, other in MEASUREMENTS._items.items():  # a paired metric has one producer
         clash = set(spec.paired) & set(other.paired) if other_name != spec.name else set()
         if clash:
@@ -155,6 +160,10 @@ def register_measurement(spec: MeasurementSpec) -> MeasurementSpec:
         declare_metric(metric.name, metric.direction, metric.description)
     MEASUREMENTS.register(spec.name, spec)
     return spec
+
+
+def _origin(spec: MeasurementSpec) -> tuple[str, str]:
+    return getattr(spec.compute, "__module__", ""), getattr(spec.compute, "__qualname__", "")
 
 
 def measure(ctx: MeasureContext, name: str, **params):

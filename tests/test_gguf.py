@@ -34,7 +34,8 @@ def write_tiny_gguf(path, architecture="llama", layers=2, dtype=np.float32, seed
     from gguf.quants import quantize as quantized
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stance_harness.models.tiny import EOS, build_tokenizer
+    from stance_harness.models.building import build_tokenizer
+    from stance_harness.models.tiny import EOS
 
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -116,7 +117,7 @@ def test_a_written_gguf_round_trips_through_the_harness(tiny_gguf, cache):
         torch.testing.assert_close(loaded.base(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
     base = loaded.base
     assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()  # the tie survived
-    from stance_harness.models.tiny import build_tokenizer
+    from stance_harness.models.building import build_tokenizer
 
     text = "The harness reads GGUF files."
     assert loaded.tokenizer(text)["input_ids"] == build_tokenizer()(text)["input_ids"]

@@ -22,8 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.core.errors import HarnessError
+from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.models.tiny import cache_root, cached_build
 
 CONVERTER_VERSION = 1  # any change to what convert() writes: a new cache entry
@@ -36,6 +36,7 @@ _RENAMED = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_os
 
 
 def supported_architectures() -> list[str]:
+    # why: transformers and torch; pytest's start-up imports this module, and checks a GGUF file here only
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     return sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in _NOT_ARCHITECTURES)
@@ -43,10 +44,10 @@ def supported_architectures() -> list[str]:
 
 def supported_tensor_types() -> list[str]:
     """The GGML tensor types the gguf package can dequantize (what transformers calls on each tensor)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
+    import gguf.quants  # why: gguf imports numpy; pytest's start-up imports this module
 
-    return sorted({GGMLQuantizationType.F32.name, GGMLQuantizationType.F16.name} | {t.name for t in _type_traits})
+    kinds = gguf.GGMLQuantizationType
+    return sorted({kinds.F32.name, kinds.F16.name} | {t.name for t in gguf.quants._type_traits})
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ def _field(reader, key: str):
 
 def inspect_gguf(path: Path) -> GGUFInfo:
     """The file's architecture and tensor types; HarnessError unless transformers can dequantize it."""
-    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+    import gguf  # why: as in supported_tensor_types
 
     path = Path(path)
     try:
-        reader = GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as exc:
         raise HarnessError(f"--model {path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     architecture = _field(reader, "general.architecture")
@@ -92,7 +93,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     types = Counter()
     for tensor in reader.tensors:
         try:
-            types[GGMLQuantizationType(int(tensor.tensor_type)).name] += 1
+            types[gguf.GGMLQuantizationType(int(tensor.tensor_type)).name] += 1
         except ValueError:
             types[f"type {int(tensor.tensor_type)}"] += 1
     allowed = supported_tensor_types()
@@ -102,7 +103,7 @@ def inspect_gguf(path: Path) -> GGUFInfo:
                            f"(gguf {metadata.version('gguf')}). Supported tensor types: {', '.join(allowed)}")
     file_type = _field(reader, "general.file_type")
     try:
-        file_type = LlamaFileType(file_type).name if file_type is not None else None
+        file_type = gguf.LlamaFileType(file_type).name if file_type is not None else None
     except ValueError:
         file_type = f"file type {file_type}"
     return GGUFInfo(architecture, _field(reader, "general.name"), file_type, dict(sorted(types.items())))
@@ -113,10 +114,10 @@ def convert(path: Path, out: Path, progress: Callable[[str], None] | None = None
     transformers' GGUF quantization flag), model.safetensors (each tied tensor once, under the
     name the model declares first, as save_pretrained does), the tokenizer with its chat
     template, and ORIGIN_FILE saying where it came from."""
+    # why: torch and transformers only to convert; pytest's start-up imports this module
     import safetensors.torch
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress = progress or (lambda _msg: None)
     path = Path(path)
@@ -125,8 +126,8 @@ def convert(path: Path, out: Path, progress: Callable[[str], None] | None = None
     progress(f"converting {path.name} ({info.architecture}, {info.quantization}) to float32 (first use; cached after)")
     where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name, local_files_only=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(**where)
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(**where)
+        model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise HarnessError(f"--model {path}: transformers {transformers.__version__} could not load this GGUF "
                            f"({info.architecture}) as a causal LM: {exc}") from None

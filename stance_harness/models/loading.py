@@ -8,8 +8,12 @@ can hang on it.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,9 +21,10 @@ from stance_harness.core.config import build_config
 from stance_harness.core.devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
 from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.core.registry import HarnessError, Registry, suggest
-from stance_harness.models.gguf_files import cached_entry, converted_dir, inspect_gguf, origin as gguf_origin, package_file
 from stance_harness.models.anatomy import Anatomy
-from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
+from stance_harness.models.gguf_files import cached_entry, converted_dir, inspect_gguf, package_file
+from stance_harness.models.gguf_files import origin as gguf_origin
+from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,9 @@ class ModelArgs:
 def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], None] | None = None) -> tuple[Path, str | None]:
     """The directory holding the weights, and the revision it is; never downloads."""
     if spec.source == "embedded":
+        # why: building imports torch and transformers; pytest's start-up reads this module
+        from stance_harness.models.building import tiny_model_dir
+
         path = tiny_model_dir(spec.name, progress)
         return path, path.name.rsplit("-", 1)[-1]
     if spec.source == "local":
@@ -171,16 +179,13 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
         return converted_dir(file, progress), installed
     if spec.source == "package":
         return _package_weights(spec)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    import huggingface_hub  # why: with its HTTP client, about 0.3 s of pytest's start-up; only hub models need it
 
     try:
-        path = snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+        path = huggingface_hub.snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
+    except (huggingface_hub.errors.LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         revision = f" --revision {args.revision}" if args.revision else ""
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        cache = HF_HUB_CACHE
+        cache = huggingface_hub.constants.HF_HUB_CACHE
         raise HarnessError(
             f"the weights of {spec.hub_id} (--model {spec.name}) are not in the local HF cache ({cache}). "
             f"The harness never downloads at run time. Fetch them once, on a machine with access, with:\n"
@@ -192,9 +197,6 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
 
 def _package_weights(spec: ModelSpec) -> tuple[Path, str]:
     """The model directory inside an installed package, and the package version as its revision."""
-    import importlib
-    from importlib.metadata import PackageNotFoundError, version
-
     module_name = spec.package.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
@@ -241,7 +243,7 @@ def check_device(args: ModelArgs) -> None:
     if args.device == "auto" and args.dtype == "float16":
         args = args.resolved()
     if args.device.startswith("cuda"):
-        import torch
+        import torch  # why: pytest's start-up validates --model-args here; torch only for a CUDA device
 
         if not torch.cuda.is_available():
             raise HarnessError(f"--model-args device={args.device}: this machine has no CUDA device "
@@ -359,7 +361,7 @@ class LoadedModel:
 
     def base_digest(self, tensor) -> str | None:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
-        from stance_harness.analysis.digest import tensor_digest
+        from stance_harness.analysis.digest import tensor_digest  # why: imports torch; start-up reads this module
 
         if "owners" not in self._digests:  # once: a setdefault would walk every parameter on every call
             self._digests["owners"] = {p.data_ptr(): p for p in self.base.parameters()}
@@ -394,9 +396,7 @@ def share_frozen_weights(base):
     Each parameter is a new Parameter object (so a run sets its own requires_grad) over the
     same bytes; ties between parameters are kept. Whatever a run trains must be un-shared
     first (the training loop does this), so nothing ever writes to the base."""
-    import copy
-
-    import torch
+    import torch  # why: pytest's start-up reads this module (names, --model-args): torch at first use
 
     memo: dict = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in base.parameters()}
     memo.update({id(b): b for b in base.buffers()})
@@ -417,8 +417,6 @@ def local_weights_hash(path: Path) -> str:
     entry = memo.get(key)
     if isinstance(entry, dict) and entry.get("stamp") == json.loads(json.dumps(stamp)):
         return entry["hash"]
-    import hashlib
-
     digest = hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
     memo[key] = {"stamp": stamp, "hash": digest}
     try:
@@ -429,6 +427,7 @@ def local_weights_hash(path: Path) -> str:
 
 
 def _from_pretrained(path: Path, args: ModelArgs, **overrides):
+    # why: torch and transformers at first load, not at pytest's start-up, which reads this module
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -450,10 +449,9 @@ def _from_pretrained(path: Path, args: ModelArgs, **overrides):
 
 def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
                progress: Callable[[str], None] | None = None) -> LoadedModel:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    import transformers  # why: as in _from_pretrained
 
-    hf_logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()
     args = args or ModelArgs()
     if args.device_map is None:
         args = args.resolved()
@@ -461,7 +459,7 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     path, revision = locate_weights(spec, args, progress)
     if not any(path.glob("*.safetensors")):
         raise HarnessError(f"{path} holds no .safetensors weights; the harness loads only safetensors, never pickles")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     base = _from_pretrained(path, args)

@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 
 from stance_harness.core.devices import resolve_device
-from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
 
 _MODELS: dict = {}  # a Ray worker process keeps the bases it loaded for the next task it is given
 
@@ -35,7 +35,8 @@ class _Quiet:
 
 def train_task(spec: dict, on_gpu: bool) -> dict:
     """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
-    import ray  # here and below: Ray (optional, heavy) only once it trains
+    # why: Ray is the optional extra `ray`, and the plugin imports this module at start-up (so torch too)
+    import ray
     import torch
 
     where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
@@ -74,7 +75,7 @@ class RayExecutor:
 
     def _connect(self) -> bool:
         """Connect (or start a local Ray); True when this session started it and must stop it."""
-        import ray
+        import ray  # why: as in train_task
 
         if ray.is_initialized():  # a caller's own ray.init: used as it is
             return False
@@ -85,7 +86,7 @@ class RayExecutor:
         return True
 
     def run(self, specs: list[dict], progress, claim, release) -> None:
-        import ray
+        import ray  # why: as in train_task
 
         started = self._connect()
         try:

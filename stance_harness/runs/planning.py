@@ -45,7 +45,9 @@ from typing import Callable
 
 from stance_harness.core.devices import count_gpus, resolve_device
 from stance_harness.core.registry import HarnessError, Registry
+from stance_harness.models import ModelArgs, load_model
 from stance_harness.runs.residency import TRAINING_FOOTPRINT, free_memory
+from stance_harness.stances import load_stance
 
 EXECUTORS: Registry = Registry("executor")
 DEFAULT_EXECUTOR = "local"
@@ -286,7 +288,7 @@ def worker_slots(requested: int | None, device: str, runs: int, base_bytes: int,
 
 def spec_of(planned, options, store_root: Path | str) -> dict:
     """Everything a worker process needs to rebuild the request exactly, and where to store the run."""
-    from stance_harness.runs.methods import METHODS  # torch: not at the plugin's start-up, which reads EXECUTORS
+    from stance_harness.runs.methods import METHODS  # why: torch; pytest's start-up imports this module (EXECUTORS)
 
     request = planned.request
     method = type(METHODS.get(request.method))
@@ -430,11 +432,10 @@ class _StepSender:
 
 def train_spec(spec: dict, models: dict, progress) -> float:
     """Train one spec in this process and store the run; returns its training seconds."""
+    # why: the training side imports torch; the session imports this module at pytest's start-up
     from stance_harness.runs.methods import METHODS
-    from stance_harness.models import ModelArgs, load_model
     from stance_harness.runs.request import TrainingRequest
     from stance_harness.runs.runstore import RunStore
-    from stance_harness.stances import load_stance
     from stance_harness.runs.training import train_run
 
     if spec["method"] not in METHODS:  # a method registered by a test module or conftest
@@ -460,7 +461,7 @@ def worker_main(connection, on_gpu: bool, log: str) -> None:
     os.dup2(handle.fileno(), 1)
     os.dup2(handle.fileno(), 2)
 
-    import torch
+    import torch  # why: as in train_spec
 
     if not on_gpu:
         torch.set_num_threads(1)  # one core each: the workers together use the machine

@@ -19,13 +19,22 @@ import time
 from typing import Callable
 
 import torch
+from transformers import PreTrainedModel
 
 from stance_harness.analysis.deltas import layer_label
 from stance_harness.core.devices import autocast_dtype
-from stance_harness.runs.instruments import (StepProbe, Trace, health_events, map_large_allocations, output_change_cosine,
-                          peak_memory, release_freed_memory, reset_peak_memory)
-from stance_harness.runs.methods import METHODS, TrainingContext
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.instruments import (
+    StepProbe,
+    Trace,
+    health_events,
+    map_large_allocations,
+    output_change_cosine,
+    peak_memory,
+    release_freed_memory,
+    reset_peak_memory,
+)
+from stance_harness.runs.methods import METHODS, TrainingContext
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, frozen_digests
 from stance_harness.runs.tasks import TASKS
@@ -102,8 +111,6 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
 def enable_gradient_checkpointing(model, loaded) -> None:
     """Turn on transformers' gradient checkpointing in the Hugging Face model inside `model` (a peft
     or task wrapper around it). Non-reentrant, so a frozen embedding needs no input gradients."""
-    from transformers import PreTrainedModel
-
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if inner is None or not inner.supports_gradient_checkpointing:
         raise HarnessError(
@@ -123,8 +130,6 @@ def sparse_tied_embedding(model, ranks: int):
     otherwise the lookup's backward makes a second dense vocabulary × hidden tensor (0.5 GiB for
     Qwen2-0.5B) just before the step, when every other gradient exists. Not under DDP, whose
     gradient buckets take dense gradients only."""
-    from transformers import PreTrainedModel
-
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     embedding = inner.get_input_embeddings() if inner is not None else None
     head = inner.get_output_embeddings() if inner is not None else None

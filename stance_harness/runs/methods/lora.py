@@ -11,7 +11,14 @@ from stance_harness.analysis.deltas import raw_delta_pairs
 from stance_harness.analysis.geometry import intruder_dimensions, intruder_dimensions_lora
 from stance_harness.analysis.rank import lora_singular_values
 from stance_harness.core.errors import HarnessError
-from stance_harness.runs.methods.base import ChangeUnit, Method, MethodConfig, block_spectrum, register_method, tensor_units
+from stance_harness.runs.methods.base import (
+    ChangeUnit,
+    Method,
+    MethodConfig,
+    block_spectrum,
+    register_method,
+    tensor_units,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Lora(Method):
         return self.wrap(model, ctx.anatomy, ctx.config)
 
     def wrap(self, model, anatomy, config: LoraMethodConfig):
+        # why: peft imports bitsandbytes (seconds, and noise on stderr); only a PEFT method's model needs it
         from peft import LoraConfig, get_peft_model
 
         paths = target_paths(anatomy, config)
@@ -150,7 +158,7 @@ class Lora(Method):
 
 def _lora_modules(model):
     """(module name, LoRA layer, A's and B's parameter names) of each module with a default adapter."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # why: as in Lora.wrap
 
     for module_name, module in model.named_modules():
         if isinstance(module, LoraLayer) and "default" in module.lora_A:

@@ -31,6 +31,7 @@ def _jsonable(value):
 
 
 def _peft_config_class(peft_type):
+    # why: peft imports bitsandbytes (seconds, and noise on stderr); only a PEFT method's model needs it
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     known = {str(getattr(k, "value", k)): cls for k, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
@@ -43,7 +44,7 @@ def _peft_config_class(peft_type):
 
 def build_peft_config(value):
     """A fresh PeftConfig from a PeftConfig or its dict form; peft's own checks, as HarnessErrors."""
-    from peft import PeftConfig
+    from peft import PeftConfig  # why: as in _peft_config_class
 
     if isinstance(value, PeftConfig):
         value = value.to_dict()
@@ -102,7 +103,7 @@ class Peft(Method):
                                "budget schedule fits the run")
 
     def prepare(self, model, ctx):
-        from peft import get_peft_model
+        from peft import get_peft_model  # why: as in _peft_config_class
 
         peft_config = ctx.config.peft_config()
         originals = unshare_rewritten_targets(model, peft_config)
@@ -149,7 +150,7 @@ def unshare_rewritten_targets(model, peft_config) -> dict:
     """Give each target module's weight its own copy when the init may rewrite it (PiSSA, OLoRA,
     CorDA, LoftQ: any init_lora_weights other than True/False). peft's OLoRA subtracts in place,
     which would otherwise write into the session's base. Returns {module path: the base's tensor}."""
-    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.tuners.tuners_utils import check_target_module_exists  # why: as in _peft_config_class
 
     if isinstance(getattr(peft_config, "init_lora_weights", True), bool):
         return {}
@@ -167,7 +168,7 @@ def unshare_rewritten_targets(model, peft_config) -> dict:
 
 def tuner_layers(model):
     """(module path, peft tuner layer) of each module holding the adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer  # why: as in _peft_config_class
 
     for path, module in model.named_modules():
         if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+import torch
+from transformers import BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
 
 from stance_harness.core.devices import resolve_device
 from stance_harness.core.errors import HarnessError
@@ -56,9 +59,6 @@ def _adapter_off(model):
 
 def is_quantizable(module) -> bool:
     """What transformers' replace_with_bnb_linear converts: exact nn.Linear, and Conv1D (transposed)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     return type(module) is torch.nn.Linear or isinstance(module, Conv1D)
 
 
@@ -92,9 +92,8 @@ class Qlora(Lora):
             )
 
     def load(self, ctx):
-        import torch
+        # why: bitsandbytes costs seconds and prints to stderr at import; only QLoRA needs it
         from bitsandbytes.nn import Linear4bit
-        from transformers import BitsAndBytesConfig
 
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -124,6 +123,7 @@ class Qlora(Lora):
         return _adapter_off(model)
 
     def prepare(self, model, ctx):
+        # why: as in load (peft imports bitsandbytes)
         from bitsandbytes.nn import Linear4bit
         from peft import prepare_model_for_kbit_training
 
@@ -145,6 +145,7 @@ class Qlora(Lora):
 
         float32 because effective_deltas adds ΔW in this dtype: in bf16 a small ΔW would round away.
         """
+        # why: as in load
         from bitsandbytes.functional import dequantize_4bit
         from bitsandbytes.nn import Params4bit
 

@@ -27,7 +27,8 @@ from stance_harness.analysis.digest import tensor_digest
 from stance_harness.core.errors import HarnessError
 from stance_harness.core.files import atomic_write
 from stance_harness.models import share_frozen_weights
-from stance_harness.models.loading import _from_pretrained, check_model_directory, local_weights_hash
+from stance_harness.models.loading import check_model_directory, local_weights_hash
+from stance_harness.models.weights import from_pretrained
 from stance_harness.runs.batches import framing_for
 from stance_harness.runs.from_model import check_same_architecture, run_from_model
 from stance_harness.runs.instruments import InstrumentConfig, Trace
@@ -257,7 +258,7 @@ def _full_run(loaded, saved: SavedModel, stance_of, chat_template: str, stance: 
     the checkpoint against the base's own."""
     spec = saved.spec
     stance_obj = stance_of(saved.stance_name(stance))  # before the load: a refusal should cost nothing
-    model = _from_pretrained(spec.path, loaded.args)  # safetensors only, no remote code unless --model-args says
+    model = from_pretrained(spec.path, loaded.args)  # safetensors only, no remote code unless --model-args says
     model.requires_grad_(False)
     check_same_architecture(model, loaded, what=f"--adapter {spec.text}")
     run = run_from_model(model, loaded, stance=stance_obj, name=spec.name, chat_template=chat_template,

@@ -149,7 +149,7 @@ def sparse_tied_embedding(model, ranks: int):
 def build_optimizer(param_groups: list[dict], recipe):
     """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
     if recipe.optim == "adamw_8bit":
-        from bitsandbytes.optim import AdamW8bit
+        from bitsandbytes.optim import AdamW8bit  # why: seconds, and noise on stderr; only this optimizer needs it
 
         return AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,

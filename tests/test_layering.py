@@ -109,7 +109,8 @@ LAYERS = [
      "stance_harness.report.verdicts", "stance_harness.report.model", "stance_harness.report.findings", "stance_harness.report.figures"],
     ["stance_harness.report.markdown", "stance_harness.report.html"],
     ["stance_harness.report.store"],
-    ["stance_harness.session", "stance_harness.scaffold", "stance_harness.runs.distributed", "stance_harness.runs.planning"],
+    ["stance_harness.session", "stance_harness.scaffold", "stance_harness.runs.distributed", "stance_harness.runs.planning",
+     "stance_harness.runs.workers"],
     ["stance_harness.runs.callback", "stance_harness.runs.executors_ray"],
     ["stance_harness.plugin", "stance_harness.cli"],
 ]

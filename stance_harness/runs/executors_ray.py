@@ -1,6 +1,6 @@
 """The "ray" executor (`--executor ray`): each planned run is a Ray task.
 
-A task runs the local workers' own function (`planning.train_spec`: the request rebuilt and its
+A task runs the local workers' own function (`workers.train_spec`: the request rebuilt and its
 key checked, the one training loop, the run saved into the run store by its path or URL), with
 one CPU, and one GPU where the session's model is on CUDA. The session connects to
 `--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores for the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stance_harness.core.devices import resolve_device
 from stance_harness.core.errors import HarnessError
-from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
+from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores
 
 _MODELS: dict = {}  # a Ray worker process keeps the bases it loaded for the next task it is given
 
@@ -35,15 +35,15 @@ class _Quiet:
 
 def train_task(spec: dict, on_gpu: bool) -> dict:
     """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
-    # why: Ray is the optional extra `ray`, and the plugin imports this module at start-up (so torch too)
+    # why: Ray is the optional extra `ray`, and the plugin imports this module at start-up (workers: torch)
     import ray
-    import torch
+
+    import stance_harness.runs.workers as workers  # why: torch, only in a Ray task
 
     where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
-    if not on_gpu:
-        torch.set_num_threads(1)  # as a local worker: one core each, and the same arithmetic
+    workers.set_up(on_gpu)  # as a local worker
     try:
-        return {**where, "seconds": train_spec(spec, _MODELS, _Quiet())}
+        return {**where, "seconds": workers.train_spec(spec, _MODELS, _Quiet())}
     except Exception as exc:  # noqa: BLE001 - reported to the session, which names the run
         last = traceback.extract_tb(exc.__traceback__)[-1:] or [None]
         at = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last[0] is not None else ""

@@ -38,9 +38,10 @@ from stance_harness.analysis.deltas import raw_delta_pairs
 from stance_harness.analysis.geometry import intruder_dimensions
 from stance_harness.analysis.rank import singular_values
 from stance_harness.core.config import build_config, config_fields, plain
-from stance_harness.core.registry import HarnessError, Registry, load_entry_points
-from stance_harness.models import Anatomy, LoadedModel, share_frozen_weights
+from stance_harness.models import share_frozen_weights
+from stance_harness.models import Anatomy, LoadedModel
 from stance_harness.runs.recipe import Recipe
+from stance_harness.core.registry import HarnessError, Registry, load_entry_points
 from stance_harness.runs.tasks import DEFAULT_TASK, TASKS, Task
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from stance_harness.analysis.deltas import layer_label
 from stance_harness.core.errors import HarnessError
 from stance_harness.runs.methods.base import register_method
-from stance_harness.runs.methods.full import FullConfig, FullFineTuning
+from stance_harness.runs.methods.full import FullFineTuning, FullConfig
 
 
 @dataclass(frozen=True)

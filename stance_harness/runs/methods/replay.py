@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from stance_harness.core.errors import HarnessError
 from stance_harness.runs.data import general_text_windows
+from stance_harness.core.errors import HarnessError
 from stance_harness.runs.methods.base import register_method
 from stance_harness.runs.methods.full import FullConfig, FullFineTuning
 

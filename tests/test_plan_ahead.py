@@ -29,12 +29,12 @@ def pytest_sessionfinish(session):
     from stance_harness.plugin import SESSION_KEY
 
     harness = session.config.stash[SESSION_KEY]
-    plan = stance_harness.ahead_plan
+    plan = harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"planned": sorted(plan.requests) if plan else [], "trained": sorted(plan.trained) if plan else [],
-                   "asked": sorted(k for k in stance_harness._runs if isinstance(k, str)),
+                   "asked": sorted(k for k in harness._runs if isinstance(k, str)),
                    "failed": plan.failed if plan else {},
-                   "origins": {k: run.origin for k, run in stance_harness._runs.items() if isinstance(k, str)}}, handle)
+                   "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
 CRASH_METHOD = '''

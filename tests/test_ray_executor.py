@@ -32,11 +32,11 @@ def pytest_sessionfinish(session):
     from stance_harness.plugin import SESSION_KEY
 
     harness = session.config.stash[SESSION_KEY]
-    plan = stance_harness.ahead_plan
+    plan = harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"session_pid": os.getpid(), "planned": sorted(plan.requests), "trained": sorted(plan.trained),
                    "failed": plan.failed, "trained_on": plan.trained_on,
-                   "origins": {k: run.origin for k, run in stance_harness._runs.items() if isinstance(k, str)}}, handle)
+                   "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
 REFUSING_METHOD = '''

@@ -33,14 +33,19 @@ class _Quiet:
         pass
 
 
+def _ray():
+    """Ray, imported once it trains: it is the optional extra `ray`, and the plugin imports this
+    module at start-up to register the executor's name."""
+    import ray  # why: see the docstring
+
+    return ray
+
+
 def train_task(spec: dict, on_gpu: bool) -> dict:
     """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
-    # why: Ray is the optional extra `ray`, and the plugin imports this module at start-up (workers: torch)
-    import ray
+    import stance_harness.runs.workers as workers  # why: torch, in the Ray task only (see _ray)
 
-    import stance_harness.runs.workers as workers  # why: torch, only in a Ray task
-
-    where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    where = {"node": _ray().get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
     workers.set_up(on_gpu)  # as a local worker
     try:
         return {**where, "seconds": workers.train_spec(spec, _MODELS, _Quiet())}
@@ -75,8 +80,7 @@ class RayExecutor:
 
     def _connect(self) -> bool:
         """Connect (or start a local Ray); True when this session started it and must stop it."""
-        import ray  # why: as in train_task
-
+        ray = _ray()
         if ray.is_initialized():  # a caller's own ray.init: used as it is
             return False
         if self.address:
@@ -86,8 +90,7 @@ class RayExecutor:
         return True
 
     def run(self, specs: list[dict], progress, claim, release) -> None:
-        import ray  # why: as in train_task
-
+        ray = _ray()
         started = self._connect()
         try:
             task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if self.on_gpu else 0, max_retries=0)

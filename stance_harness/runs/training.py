@@ -35,6 +35,7 @@ from stance_harness.runs.instruments import (
     reset_peak_memory,
 )
 from stance_harness.runs.methods import METHODS, TrainingContext
+from stance_harness.runs.methods.base import bitsandbytes_module
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, frozen_digests
 from stance_harness.runs.tasks import TASKS
@@ -149,9 +150,7 @@ def sparse_tied_embedding(model, ranks: int):
 def build_optimizer(param_groups: list[dict], recipe):
     """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
     if recipe.optim == "adamw_8bit":
-        from bitsandbytes.optim import AdamW8bit  # why: seconds, and noise on stderr; only this optimizer needs it
-
-        return AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        return bitsandbytes_module().optim.AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
                              fused=recipe.optim == "adamw_torch_fused" or None)
 

@@ -22,6 +22,13 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a run trains in: autocast off, or to bfloat16 / float16
 
 
+def _torch():
+    """torch, imported at first use (see the module's docstring)."""
+    import torch  # why: see the module's docstring
+
+    return torch
+
+
 def check_device_name(name: str) -> None:
     """`name` is one of auto, cpu, cuda, cuda:N (N a non-negative integer)."""
     index = name.split(":", 1)[1] if name.startswith("cuda:") else "0"
@@ -33,8 +40,7 @@ def resolve_device(name: str) -> str:
     """The concrete device: auto is the first CUDA device where there is one, else the CPU;
     cuda means cuda:0."""
     if name == "auto":
-        import torch  # why: see the module's docstring
-
+        torch = _torch()
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     return "cuda:0" if name == "cuda" else name
 
@@ -42,8 +48,7 @@ def resolve_device(name: str) -> str:
 def device_description(device: str) -> str:
     """What the device is, for provenance: the GPU's name, or the CPU."""
     if device.startswith("cuda"):
-        import torch  # why: see the module's docstring
-
+        torch = _torch()
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu"
 
@@ -52,8 +57,7 @@ def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> 
     """fp32, bf16 or fp16 for a recipe's `bf16` (True, False or "auto") and `fp16` on `device`,
     with Hugging Face TrainingArguments' meaning: autocast to that dtype, fp32 master weights.
     bf16="auto" is on where the device supports bfloat16 and off on the CPU."""
-    import torch  # why: see the module's docstring
-
+    torch = _torch()
     cuda = device.startswith("cuda")
     if fp16 and bf16 is True:
         raise HarnessError("recipe: bf16=True and fp16=True are both set; choose one")
@@ -78,8 +82,7 @@ def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> 
 
 def autocast_dtype(precision: str):
     """The torch dtype autocast runs in for `precision`; None for fp32 (autocast off)."""
-    import torch  # why: see the module's docstring
-
+    torch = _torch()
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -40,8 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from stance_harness.core.files import atomic_directory, atomic_write, file_digest, file_lock, stale_temporaries
 from stance_harness.core.registry import HarnessError, suggest
@@ -285,7 +285,7 @@ class RunStore:
         }
 
         def write(folder: Path) -> dict:
-            save_file(tensors, str(folder / TENSORS), metadata={"run_id": run.run_id})
+            safetensors.torch.save_file(tensors, str(folder / TENSORS), metadata={"run_id": run.run_id})
             (folder / RUN).write_text(json.dumps(record, default=str))
             (folder / MEASUREMENTS).write_text(_measurements_document(run))
             return {"format": STORE_FORMAT, "files": {

@@ -4,6 +4,7 @@
 #   ./dev.sh suites [pytest args]   hypothesis suites on the embedded default model -> reports/
 #   ./dev.sh test   [pytest args]   the harness's own tests
 #   ./dev.sh lint                   the static check (ruff, configured in pyproject.toml)
+#   ./dev.sh docs                   build the documentation site (mkdocs, strict: a broken link fails)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -49,5 +50,6 @@ case "$cmd" in
   # Two xdist workers by default (one per core here; they share one fresh run store); -n 0 runs serially.
   test)   exec .venv/bin/python -m pytest tests/ -n "${STANCE_HARNESS_TEST_WORKERS:-2}" "$@" ;;
   lint)   exec .venv/bin/ruff check . "$@" ;;
-  *) echo "usage: ./dev.sh suites|test|lint [args]" >&2; exit 2 ;;
+  docs)   NO_MKDOCS_2_WARNING=1 exec .venv/bin/python -m mkdocs build --strict "$@" ;;
+  *) echo "usage: ./dev.sh suites|test|lint|docs [args]" >&2; exit 2 ;;
 esac

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stance_harness.analysis.paired import correct_claims  # noqa: E402
-from stance_harness.assertions import check_greater, check_less  # noqa: E402
+from stance_harness.checks.comparisons import check_greater, check_less  # noqa: E402
 from stance_harness.models import ModelArgs  # noqa: E402
 from stance_harness.runs.run import RunSet  # noqa: E402
 from stance_harness.session import HarnessOptions, HarnessSession  # noqa: E402

@@ -126,7 +126,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("compare", "compare two reports or baselines; fail on regressions", _compare_arguments)
 def cmd_compare(args) -> int:
-    import stance_harness.assertions  # noqa: F401 - why: declares the helpers' metrics; imports torch, not at start-up
+    import stance_harness.checks  # noqa: F401 - why: declares the helpers' metrics; imports torch, not at start-up
 
     for spec in args.fail_on:
         check_rule_syntax(spec)  # a malformed rule is a usage error before anything is loaded

@@ -241,7 +241,7 @@ def _options(config: pytest.Config):
     compare_to, save = config.getoption(OPT_COMPARE_BASELINE), config.getoption(OPT_SAVE_BASELINE)
     rules = config.getoption(OPT_FAIL_ON)
     if rules:  # the helpers declare their metrics, so rules on them are checked now (it imports torch: only then)
-        from stance_harness import assertions  # noqa: F401
+        from stance_harness import checks  # noqa: F401
     if rules and not compare_to:
         raise HarnessError(f"{OPT_FAIL_ON} needs {OPT_COMPARE_BASELINE} NAME to compare against")
     for rule in rules:
@@ -301,7 +301,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from stance_harness.core.errors import HarnessError
 
     if session.items:  # the helpers' metrics are declared before any test records one (not at start-up: torch)
-        from stance_harness import assertions  # noqa: F401
+        from stance_harness import checks  # noqa: F401
     try:
         harness.parse_rules()
     except HarnessError as exc:
@@ -592,7 +592,7 @@ def pytest_runtest_call(item: pytest.Item):
 def _verdict_of(item: pytest.Item, error: BaseException | None) -> str | None:
     """supported: the test passed; refuted: a helper's HypothesisFailed, or an AssertionError of the
     test's own code; inconclusive: a helper's HypothesisInconclusive; None: anything else."""
-    from stance_harness.assertions import HypothesisFailed, HypothesisInconclusive
+    from stance_harness.checks.common import HypothesisFailed, HypothesisInconclusive
 
     if error is None:
         return "supported"
@@ -715,7 +715,7 @@ def _docstring(item: pytest.Item) -> str | None:
 
 def _short_message(call, report) -> str:
     if call.excinfo is not None:
-        from stance_harness.assertions import HypothesisFailed, HypothesisInconclusive
+        from stance_harness.checks.common import HypothesisFailed, HypothesisInconclusive
 
         if isinstance(call.excinfo.value, (HypothesisFailed, HypothesisInconclusive)):
             return call.excinfo.value.result.summary

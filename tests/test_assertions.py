@@ -137,7 +137,7 @@ def test_results_are_recorded_for_the_report_pass_or_fail(quick_run):
 
 def test_failures_are_assertion_errors_with_hidden_helper_frames():
     assert issubclass(HypothesisFailed, AssertionError)
-    import stance_harness.assertions as module
+    import stance_harness.checks.weights as module
 
     for helper in (module.assert_change_concentrated, module.assert_change_spread, module.assert_only_targets_changed):
         assert "__tracebackhide__" in helper.__code__.co_varnames

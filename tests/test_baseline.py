@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import stance_harness.assertions  # noqa: F401 - these three declare the harness's own metrics and their directions
+import stance_harness.checks  # noqa: F401 - these three declare the harness's own metrics and their directions
 import stance_harness.runs.instruments  # noqa: F401
 import stance_harness.runs.run  # noqa: F401
 from stance_harness.core.errors import HarnessError

@@ -18,7 +18,7 @@ from conftest import QUICK
 from stance_harness.runs.adapters import FULL, PEFT, PROVENANCE_FILE, load_adapter_run, parse_adapter_spec, read_adapter, save_adapter
 from stance_harness.analysis.behavior import effect_of
 from stance_harness.analysis.calibration import ece_interval, ece_of_items
-from stance_harness.assertions import _forgetting_estimate
+from stance_harness.checks.behavior import _forgetting_estimate
 from stance_harness.core.errors import HarnessError
 from stance_harness.report import gate
 from stance_harness.core.metrics import Estimate, Spread, interval_of

@@ -281,7 +281,7 @@ def test_the_rubric_is_in_the_model_judges_identity():
 
 # -- a run's judged values ---------------------------------------------------------------------------
 def test_run_judged_scores_both_replies_per_probe_and_pairs_them(quick_run):
-    from stance_harness.assertions import check_greater
+    from stance_harness.checks.comparisons import check_greater
 
     run = quick_run("lora")
     found = run.judged("embedding")

@@ -105,7 +105,7 @@ LAYERS = [
     ["stance_harness.runs.run"],
     ["stance_harness.runs.training"],
     ["stance_harness.runs.runstore", "stance_harness.runs.residency"],
-    ["stance_harness.runs.adapters", "stance_harness.runs.from_model", "stance_harness.assertions", "stance_harness.report.gate", "stance_harness.report.sections",
+    ["stance_harness.runs.adapters", "stance_harness.runs.from_model", "stance_harness.checks", "stance_harness.report.gate", "stance_harness.report.sections",
      "stance_harness.report.verdicts", "stance_harness.report.model", "stance_harness.report.findings", "stance_harness.report.figures"],
     ["stance_harness.report.markdown", "stance_harness.report.html"],
     ["stance_harness.report.store"],

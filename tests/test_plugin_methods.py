@@ -18,8 +18,7 @@ from stance_harness.runs.methods.base import ENTRY_POINT_GROUP, load_plugin_meth
 from stance_harness.core.registry import HarnessError, Registry
 from stance_harness.session import outside_methods
 
-GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "writing-hypotheses.md").read_text(encoding="utf-8")
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
 
 PLUGIN = '''
 from dataclasses import dataclass, field
@@ -161,15 +160,13 @@ def guide_blocks(heading: str, text: str = GUIDE) -> list[str]:
 
 
 def test_the_guide_method_examples_run_as_written(pytester, monkeypatch):
-    """One pytest session for the guide's peft example, its conftest.py method and the README's peft
-    example, verbatim."""
+    """One pytest session for docs/methods.md's peft example and its conftest.py method, verbatim."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     (peft_example,) = guide_blocks("## Your own peft config")
     conftest, test_file = guide_blocks("## Your own method")
     assert conftest.startswith("# conftest.py") and test_file.startswith("# test_bitfit.py")
     pytester.makeconftest(conftest)
-    (readme_example,) = guide_blocks("## Your own methods: any peft config, plug-ins", README)
-    pytester.makepyfile(test_bitfit=test_file, test_peft_example=peft_example, test_readme_peft=readme_example)
+    pytester.makepyfile(test_bitfit=test_file, test_peft_example=peft_example)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
     report_id = (pytester.path / "reports" / "latest").read_text().strip()
@@ -179,7 +176,7 @@ def test_the_guide_method_examples_run_as_written(pytester, monkeypatch):
     assert method == {"name": "bitfit", "module": "conftest", "package": None, "version": None, "source": source}
     runs = {run["method"] + ("-" + run["config"]["config"]["peft_type"] if run["method"] == "peft" else ""): run
             for run in payload["runs"].values()}
-    assert sorted(runs) == ["bitfit", "peft-IA3", "peft-LORA", "peft-VERA"]  # the README's DoRA run is the guide's
+    assert sorted(runs) == ["bitfit", "peft-IA3", "peft-LORA", "peft-VERA"]
     assert runs["bitfit"]["config"] == {"kinds": ["q_proj", "v_proj"]}
     assert runs["peft-LORA"]["config"]["config"]["use_dora"] is True
     markdown = (pytester.path / "reports" / report_id / "report.md").read_text()

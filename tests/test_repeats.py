@@ -2,7 +2,7 @@
 
 import pytest
 
-import stance_harness.assertions  # noqa: F401 - declares the helpers' metrics (ece), as a session does
+import stance_harness.checks  # noqa: F401 - declares the helpers' metrics (ece), as a session does
 from stance_harness.report.gate import compare
 from stance_harness.core.metrics import metrics_from_payload
 from stance_harness.session import repeat_base, with_repeats

@@ -22,7 +22,8 @@ import torch
 from peft import PeftModel
 from transformers import TrainerCallback
 
-from stance_harness.assertions import check_behavior_shift, check_gradients_stable
+from stance_harness.checks.behavior import check_behavior_shift
+from stance_harness.checks.training import check_gradients_stable
 from stance_harness.runs.from_model import check_same_architecture, loaded_from_object, peft_base, run_from_model
 from stance_harness.runs.instruments import Trace, health_events
 from stance_harness.models import LoadedModel, share_frozen_weights

@@ -183,7 +183,7 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
         return _weights().converted_dir(file, progress), installed
     if spec.source == "package":
         return _package_weights(spec)
-    import huggingface_hub  # why: with its HTTP client, about 0.3 s of pytest's start-up; only hub models need it
+    import huggingface_hub  # why: its HTTP client costs tenths of a second at pytest's start-up; only hub models need it
 
     try:
         path = huggingface_hub.snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)

@@ -157,7 +157,7 @@ class _Remote:
     """A store on an fsspec file system without rename (S3, GCS, ...)."""
 
     def __init__(self, url: str):
-        import fsspec  # only a remote store imports fsspec (and s3fs, gcsfs): the local path stays as fast
+        import fsspec  # why: an optional extra (s3, gcs); only a remote store needs it, the local path stays as fast
 
         protocol = url.partition("://")[0]
         try:

@@ -1,6 +1,7 @@
 """Shared, session-scoped fixtures for the harness's own tests: tiny models, few steps."""
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -107,4 +108,5 @@ def pytest_configure(config):
     # The harness's own tests write no reports/; pytester runs inside them choose for themselves.
     from stance_harness.plugin import SESSION_KEY
 
-    config.stash[SESSION_KEY].options.reports_dir = None
+    session = config.stash[SESSION_KEY]
+    session.options = dataclasses.replace(session.options, reports_dir=None)

@@ -51,20 +51,13 @@ def ctx(tmp_path_factory, harness, tiny_qwen2):
 
 def options(ctx, **given):
     """The plugin's option parsing, on a fake config holding these options over the defaults."""
-    from stance_harness import plugin
+    from stance_harness.options import HarnessOptions, given_defaults
 
-    defaults = {plugin.OPT_MODEL: "tiny-qwen2", plugin.OPT_MODEL_ARGS: "", plugin.OPT_STANCE_DIR: [],
-                plugin.OPT_REPORTS_DIR: str(ctx.root / "reports"), plugin.OPT_NO_REPORTS: False,
-                plugin.OPT_ANALYSIS_TIMEOUT: 600.0, plugin.OPT_REPEAT: 1, plugin.OPT_SEEDS: None, plugin.OPT_ADAPTER: [],
-                plugin.OPT_STANCE: None, plugin.OPT_SAVE_BASELINE: None, plugin.OPT_COMPARE_BASELINE: None, plugin.OPT_FAIL_ON: [],
-                plugin.OPT_RUN_CACHE: None, plugin.OPT_RUN_MEMORY: None, plugin.OPT_RETRAIN: False,
-                plugin.OPT_INCONCLUSIVE: "fail", plugin.OPT_RECORD_VERDICTS: False, plugin.OPT_PLAN: False,
-                plugin.OPT_VERDICT_JSON: None, plugin.OPT_LAUNCHER: None, plugin.OPT_NUM_PROCESSES: 1,
-                plugin.OPT_TRAIN_WORKERS: None, plugin.OPT_EXECUTOR: "local", plugin.OPT_RAY_ADDRESS: None}
+    defaults = {**given_defaults(), "--model": "tiny-qwen2", "--reports-dir": str(ctx.root / "reports")}
     values = {**defaults, **{f"--{k.replace('_', '-')}": v for k, v in given.items()}}
     config = types.SimpleNamespace(getoption=values.__getitem__, rootpath=ctx.root,
                                    invocation_params=types.SimpleNamespace(args=()))
-    return plugin._options(config)
+    return HarnessOptions.from_config(config)
 
 
 def train(ctx, method="lora", **arguments):

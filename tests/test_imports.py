@@ -23,12 +23,11 @@ HEAVY = ("torch", "transformers", "peft")
 START_UP = ("stance_harness", "stance_harness.plugin", "stance_harness.cli")
 
 # The target is 30. This is what the package reaches now; lower it as imports move up.
-MAX_LOCAL_IMPORTS = 85
+MAX_LOCAL_IMPORTS = 49
 # Files whose imports other helpers of this round are reworking; the reason check skips them until
 # their work is merged (then this set is emptied).
-REASONS_PENDING = {"stance_harness/__init__.py", "stance_harness/plugin.py", "stance_harness/session.py",
-                   "stance_harness/judges.py", "stance_harness/runs/run.py", "stance_harness/runs/tasks.py",
-                   "stance_harness/measure.py", "stance_harness/where.py",
+REASONS_PENDING = {"stance_harness/__init__.py", "stance_harness/judges.py", "stance_harness/runs/run.py",
+                   "stance_harness/runs/tasks.py", "stance_harness/measure.py", "stance_harness/where.py",
                    "stance_harness/report/sections.py"}
 
 

@@ -109,10 +109,11 @@ LAYERS = [
      "stance_harness.report.verdicts", "stance_harness.report.model", "stance_harness.report.findings", "stance_harness.report.figures"],
     ["stance_harness.report.markdown", "stance_harness.report.html"],
     ["stance_harness.report.store"],
-    ["stance_harness.session", "stance_harness.scaffold", "stance_harness.runs.distributed", "stance_harness.runs.planning",
+    ["stance_harness.session", "stance_harness.outcome", "stance_harness.options", "stance_harness.scaffold",
+     "stance_harness.runs.distributed", "stance_harness.runs.planning", "stance_harness.runs.executors_ray",
      "stance_harness.runs.workers"],
-    ["stance_harness.runs.callback", "stance_harness.runs.executors_ray"],
-    ["stance_harness.plugin", "stance_harness.cli"],
+    ["stance_harness.runs.callback"],
+    ["stance_harness.plugin", "stance_harness.fixture", "stance_harness.judging", "stance_harness.progress", "stance_harness.cli"],
 ]
 
 

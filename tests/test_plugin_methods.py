@@ -16,7 +16,7 @@ from stance_harness.cli import main
 from stance_harness.runs.methods import METHODS, method_code
 from stance_harness.runs.methods.base import ENTRY_POINT_GROUP, load_plugin_methods
 from stance_harness.core.registry import HarnessError, Registry
-from stance_harness.session import outside_methods
+from stance_harness.outcome import outside_methods
 
 GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
 

@@ -5,7 +5,8 @@ import pytest
 import stance_harness.checks  # noqa: F401 - declares the helpers' metrics (ece), as a session does
 from stance_harness.report.gate import compare
 from stance_harness.core.metrics import metrics_from_payload
-from stance_harness.session import repeat_base, with_repeats
+from stance_harness.outcome import with_repeats
+from stance_harness.report.records import repeat_base
 
 
 @pytest.mark.parametrize("nodeid, base", [

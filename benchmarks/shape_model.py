@@ -26,7 +26,7 @@ def build(out: Path, layers: int = 24) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stance_harness.models.tiny import build_tokenizer
+    from stance_harness.models.weights import build_tokenizer
 
     out = Path(out)
     if (out / "model.safetensors").is_file():

@@ -19,21 +19,40 @@ function `(args) -> int`; `--reports-dir` comes with every subcommand.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from stance_harness.core.files import atomic_write
+from tabulate import tabulate
+
+from stance_harness import __version__
 from stance_harness.core.errors import HarnessError
-from stance_harness.report.gate import check_rule_syntax, compare, parse_rules, report_entry
-from stance_harness.report.findings import findings, table_rows as findings_table
+from stance_harness.core.files import atomic_write
 from stance_harness.core.metrics import declare_from_report
+from stance_harness.report.findings import findings
+from stance_harness.report.findings import table_rows as findings_table
+from stance_harness.report.gate import check_rule_syntax, compare, parse_rules, report_entry
 from stance_harness.report.model import load_report
 from stance_harness.report.sections import reply_order
-from stance_harness.report.store import (check_baseline_name, figure_counts, latest_report, list_baselines, list_reports,
-                           load_baseline, load_source, report_id_of, save_baseline, write_index, write_report_files)
+from stance_harness.report.store import (
+    check_baseline_name,
+    figure_counts,
+    latest_report,
+    list_baselines,
+    list_reports,
+    load_baseline,
+    load_source,
+    report_id_of,
+    save_baseline,
+    write_index,
+    write_report_files,
+)
+from stance_harness.scaffold import write_hypothesis
 
 PROG = "stance-harness"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -64,12 +83,8 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
 
 def _version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         return version("stance-harness")
-    except (ImportError, PackageNotFoundError):
-        from stance_harness import __version__
-
+    except PackageNotFoundError:
         return __version__
 
 
@@ -111,7 +126,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("compare", "compare two reports or baselines; fail on regressions", _compare_arguments)
 def cmd_compare(args) -> int:
-    import stance_harness.checks  # noqa: F401 - declares the helpers' metrics
+    import stance_harness.checks  # noqa: F401 - why: declares the helpers' metrics; imports torch, not at start-up
 
     for spec in args.fail_on:
         check_rule_syntax(spec)  # a malformed rule is a usage error before anything is loaded
@@ -183,8 +198,6 @@ def _report_source(args):
 
 
 def print_findings(report) -> int:
-    from tabulate import tabulate
-
     rows = findings_table(findings(report.to_dict()), width=FINDINGS_WIDTH)
     print(f"findings of report {report.report_id} ({report.model_name or '?'}), one row per claim:")
     if not rows:
@@ -202,8 +215,6 @@ PROBE_WIDTH = 28
 
 
 def print_replies(report, run_id: str) -> int:
-    from tabulate import tabulate
-
     matches = [r for r in report.runs if r == run_id] or [r for r in report.runs if r.startswith(run_id)]
     if len(matches) != 1:
         known = ", ".join(report.runs) or "none"
@@ -265,9 +276,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def list_methods() -> int:
-    from tabulate import tabulate
-
-    from stance_harness.runs.methods import METHODS, method_code
+    from stance_harness.runs.methods import METHODS, method_code  # why: torch; only this subcommand needs it
 
     rows = []
     for name, method in METHODS.items():
@@ -296,8 +305,6 @@ def _outcome_counts(tests) -> tuple[int, int, int]:
 
 @command("list", "list reports (newest first) and baselines, or with --methods the methods", _list_arguments)
 def cmd_list(args) -> int:
-    from tabulate import tabulate
-
     if args.methods:
         return list_methods()
     root = _reports_dir(args)
@@ -368,11 +375,7 @@ def _size(n: int) -> str:
 
 @command("cache", "list, show or prune the run store (finished runs that later sessions load)", _cache_arguments)
 def cmd_cache(args) -> int:
-    import datetime as dt
-
-    from tabulate import tabulate
-
-    from stance_harness.runs.runstore import RunStore  # imports torch: only this subcommand needs it
+    from stance_harness.runs.runstore import RunStore  # why: torch; only this subcommand needs it
 
     store = RunStore(args.run_cache)
     if args.action == "show":
@@ -410,10 +413,6 @@ def _new_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("new", "write a commented hypothesis file to start from: DIR/test_NAME.py", _new_arguments)
 def cmd_new(args) -> int:
-    import shlex
-
-    from stance_harness.scaffold import write_hypothesis
-
     path = write_hypothesis(args.name, args.dir, force=args.force)
     print(f"wrote {path}")
     print(f"run it:  python -m pytest {shlex.quote(path.as_posix())}")

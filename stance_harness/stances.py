@@ -15,6 +15,8 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 from stance_harness.core.registry import HarnessError, suggest
 
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
@@ -333,8 +335,6 @@ def _messages(fail, field: str, value, loss_on_assistant: bool) -> tuple[Message
 
 
 def load_stance_file(path: Path | str) -> Stance:
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -351,8 +351,6 @@ def load_stance_file(path: Path | str) -> Stance:
 
 
 def _no_alias_loader():
-    import yaml
-
     class NoAliasLoader(yaml.SafeLoader):
         """safe_load, refusing YAML aliases: a stance needs none, and an alias bomb expands a few
         lines into gigabytes."""

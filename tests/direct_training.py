@@ -16,7 +16,8 @@ def save_tiny_gpt2(path, layers: int = 2, positions: int = 128):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from stance_harness.models.tiny import EOS, build_tokenizer
+    from stance_harness.models.weights import build_tokenizer
+    from stance_harness.models.tiny import EOS
 
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids(EOS)

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from stance_harness.models import MODELS, ModelArgs, load_model, resolve_model
-from stance_harness.models import gguf_files
-from stance_harness.models.loading import check_model_available
 from stance_harness.core.errors import HarnessError
+from stance_harness.models import MODELS, ModelArgs, gguf_files, load_model, resolve_model, weights
+from stance_harness.models.loading import check_model_available
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
 HIDDEN, HEADS, KV_HEADS, FFN, CONTEXT = 32, 4, 2, 64, 128
@@ -34,7 +33,8 @@ def write_tiny_gguf(path, architecture="llama", layers=2, dtype=np.float32, seed
     from gguf.quants import quantize as quantized
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from stance_harness.models.tiny import EOS, build_tokenizer
+    from stance_harness.models.tiny import EOS
+    from stance_harness.models.weights import build_tokenizer
 
     tokenizer = build_tokenizer()
     vocab = tokenizer.get_vocab()
@@ -116,7 +116,7 @@ def test_a_written_gguf_round_trips_through_the_harness(tiny_gguf, cache):
         torch.testing.assert_close(loaded.base(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
     base = loaded.base
     assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()  # the tie survived
-    from stance_harness.models.tiny import build_tokenizer
+    from stance_harness.models.weights import build_tokenizer
 
     text = "The harness reads GGUF files."
     assert loaded.tokenizer(text)["input_ids"] == build_tokenizer()(text)["input_ids"]
@@ -176,7 +176,7 @@ def test_an_unsupported_tensor_type_is_refused_naming_the_supported_ones(tmp_pat
     path = tmp_path / "f64.gguf"
     write_tiny_gguf(path, layers=1, dtype=np.float64)
     with pytest.raises(HarnessError) as err:
-        gguf_files.inspect_gguf(path)
+        weights.inspect_gguf(path)
     message = str(err.value)
     assert "GGUF tensor type(s) F64 cannot be dequantized" in message
     allowed = message.split("Supported tensor types: ")[1].split(", ")
@@ -187,7 +187,7 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path):
     path = tmp_path / "fake.gguf"
     path.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(HarnessError, match=r"fake.gguf: not a readable GGUF file"):
-        gguf_files.inspect_gguf(path)
+        weights.inspect_gguf(path)
 
 
 def test_the_quantization_label_names_the_quantized_types():
@@ -215,7 +215,7 @@ def test_the_smollm2_file_is_found_through_package_metadata():
     path, found_version = gguf_files.package_file(spec.package, spec.package_file, spec.install)
     assert found_version == version and path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.stat().st_size > 50e6
-    info = gguf_files.inspect_gguf(path)  # the header only
+    info = weights.inspect_gguf(path)  # the header only
     assert (info.architecture, info.file_type) == ("llama", "MOSTLY_Q4_1")
     assert "Q4_1" in info.quantization
 

@@ -6,7 +6,7 @@ import torch
 
 from stance_harness.models import MODELS, ModelArgs, load_model, resolve_model
 from stance_harness.models.loading import check_model_available
-from stance_harness.models.tiny import build_tokenizer
+from stance_harness.models.weights import build_tokenizer
 from stance_harness.core.errors import HarnessError
 
 

@@ -303,3 +303,16 @@ def test_the_code_fingerprint_ignores_comments_docstrings_and_where_imports_sit(
     assert code_logic(inline) == code_logic(hoisted)
     assert code_logic(hoisted) != code_logic(hoisted.replace("zeros", "ones"))  # what it does is kept
     assert code_logic(hoisted) != code_logic(hoisted.replace("import torch", "import numpy as torch"))
+
+
+def test_the_code_fingerprint_ignores_how_imports_are_grouped():
+    from stance_harness.runs.request import code_logic
+
+    split = "from math import exp\nfrom math import log\nimport os, sys\n\n\ndef f(x):\n    return exp(log(x))\n"
+    merged = "import sys\nimport os\nfrom math import exp, log\n\n\ndef f(x):\n    return exp(log(x))\n"
+    assert code_logic(split) == code_logic(merged)
+    # what is imported, from where and under which name still counts
+    assert code_logic(merged) != code_logic(merged.replace("exp, log", "exp, log as ln"))
+    assert code_logic(merged) != code_logic(merged.replace("from math", "from cmath"))
+    assert code_logic(merged) != code_logic(merged.replace("from math", "from .math"))
+    assert code_logic(merged) != code_logic(merged.replace("import os", "import os.path"))

@@ -299,9 +299,9 @@ def test_a_second_session_on_the_remote_store_trains_nothing(pytester, url):
 
 
 def test_a_training_worker_stores_its_run_at_the_url(s3, url, trained, tiny_qwen2, stance):
-    """What a plan-ahead worker process does with its spec (planning.train_spec), here in-process:
+    """What a plan-ahead worker process does with its spec (workers.train_spec), here in-process:
     the spec carries the store's URL as given, and the run lands in S3, loadable."""
-    from stance_harness.runs import planning
+    from stance_harness.runs import planning, workers
     from stance_harness.session import PlannedRequest
 
     store = RunStore(url)
@@ -309,8 +309,8 @@ def test_a_training_worker_stores_its_run_at_the_url(s3, url, trained, tiny_qwen
     options = HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], run_cache=url)
     spec = planning.spec_of(planned, options, store.root)
     assert spec["store"] == url
-    planning.train_spec(spec, {("tiny-qwen2", json.dumps(dataclasses.asdict(ModelArgs()), sort_keys=True)): tiny_qwen2},
-                        lambda _message: None)
+    workers.train_spec(spec, {("tiny-qwen2", json.dumps(dataclasses.asdict(ModelArgs()), sort_keys=True)): tiny_qwen2},
+                       lambda _message: None)
     assert RunStore(url).load(trained.request, tiny_qwen2, stance).trace.loss == trained.trace.loss
 
 

@@ -160,7 +160,7 @@ def test_an_encoder_is_refused_for_the_causal_lm_task(tmp_path, stance):
     from transformers import BertConfig, BertModel
 
     from stance_harness.models import load_model
-    from stance_harness.models.tiny import build_tokenizer
+    from stance_harness.models.weights import build_tokenizer
     BertModel(BertConfig(vocab_size=1024, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(tmp_path)
     build_tokenizer().save_pretrained(tmp_path)

@@ -24,7 +24,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+from scipy import stats
 
 DEFAULT_BINS = 15
 PROB_TOL = 1e-5  # how far a row of probabilities may sum from 1 (float32 softmax rounding)
@@ -116,8 +118,6 @@ def reliability_bins(confidences, correct, n_bins: int = DEFAULT_BINS) -> tuple[
 def ece_of_items(items, n_bins: int = DEFAULT_BINS) -> float:
     """ECE of rows (confidence, correct), binned exactly as `reliability_bins` bins them: a light
     form for resampling (a bootstrap computes it thousands of times)."""
-    import numpy as np
-
     x = np.asarray(items, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] < 2 or len(x) == 0:
         raise ValueError(f"items must be rows of (confidence, correct), got shape {x.shape}")
@@ -133,9 +133,6 @@ def ece_interval(confidences, correct, n_bins: int = DEFAULT_BINS, confidence: f
     which BCa corrects; percentile where BCa is not finite). The resamples are scipy.stats.bootstrap's
     own draws, `default_rng(seed).integers(0, n, (batch, n))`, binned all at once here; the bias
     correction and acceleration are scipy's. The same seed gives the same interval."""
-    import numpy as np
-    from scipy import stats
-
     n_bins = _check_n_bins(n_bins)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 # Transient memory a chunked reduction may use per tensor (or pair), in bytes.
 CHUNK_BYTES = 32 * 2**20
 
@@ -70,8 +72,6 @@ def _index_plan(shape: tuple, n: int, prefix: tuple = ()):
 
 def workspace(numel: int, chunk_elements: int, dtype, device):
     """A flat buffer for one chunk: min(numel, chunk_elements) elements, so a small tensor gets a small one."""
-    import torch
-
     return torch.empty(max(0, min(numel, chunk_elements)), dtype=dtype, device=device)
 
 
@@ -86,8 +86,6 @@ def load(buffer, piece):
 
 def chunked_sq_norm(t, chunk_elements: int | None = None) -> float:
     """Σ x² over every element, in float64 (NaN or inf propagate)."""
-    import torch
-
     n = chunk_size(8, chunk_elements)  # one float64 workspace
     buf = workspace(t.numel(), n, torch.float64, t.device)
     parts = []
@@ -99,8 +97,6 @@ def chunked_sq_norm(t, chunk_elements: int | None = None) -> float:
 
 def count_nonfinite(t, chunk_elements: int | None = None) -> int:
     """How many elements of a real tensor are NaN or ±inf (none, for an integer or bool tensor)."""
-    import torch
-
     if t.is_complex():
         raise TypeError("count_nonfinite counts real elements; pass torch.view_as_real(t) for a complex tensor")
     if not t.is_floating_point():
@@ -118,8 +114,6 @@ def count_nonfinite(t, chunk_elements: int | None = None) -> int:
 
 def _fsum_on_host(parts) -> float:
     """Σ of per-chunk 0-d sums, read back in one transfer."""
-    import torch
-
     return exact_sum(torch.stack(parts).tolist()) if parts else 0.0
 
 

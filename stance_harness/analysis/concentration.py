@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from stance_harness.analysis.deltas import DeltaMoments
+from stance_harness.analysis.deltas import DeltaMoments, aggregate
 
 MEASURES = ("sq_fro", "abs")
 
@@ -29,8 +29,6 @@ def shares(masses: dict[str, float]) -> dict[str, float]:
 
 def block_shares(rows, measure: str = "sq_fro") -> dict[int, float]:
     """Each block's share of the change in all blocks (embeddings and head left out)."""
-    from stance_harness.analysis.deltas import aggregate
-
     masses = {label: change_mass(m, measure) for label, m in aggregate(rows).items() if label.startswith("L")}
     return {int(label[1:]): share for label, share in shares(masses).items()}
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 from stance_harness.analysis.chunks import chunk_size, exact_sum, iter_chunks, load, workspace
 
 
@@ -89,8 +91,6 @@ def delta_moments(before, after, chunk_elements: int | None = None) -> DeltaMome
     element (one would make Σ Δ² or Σ W'² NaN or inf), so it takes plain reductions; only a
     chunk whose sums do not (a non-finite element, or an overflow) is masked element by element.
     """
-    import torch
-
     before, after = before.detach(), after.detach()
     n = chunk_size(_DELTA_BYTES, chunk_elements)
     device, numel = before.device, before.numel()
@@ -118,8 +118,6 @@ def delta_moments(before, after, chunk_elements: int | None = None) -> DeltaMome
 
 def _masked_part(b, a, d, w, bad):
     """A chunk's partial sums over its finite elements only (nonfinite count first)."""
-    import torch
-
     # (a - a) + d - d is 0 where Δ and after are finite and NaN elsewhere, and never overflows
     torch.sub(a, a, out=w).add_(d).sub_(d)
     torch.ne(w, w, out=bad)

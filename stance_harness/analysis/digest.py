@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
+
 from stance_harness.analysis.chunks import chunk_size, iter_chunks, load, workspace
 
 
@@ -11,8 +13,6 @@ def tensor_digest(tensor, chunk_elements: int | None = None) -> str:
     """sha256 hex digest (its first 32 digits) of a tensor's bytes in row-major order: equal digests mean
     bit-identical weights. Strided and CUDA tensors are made contiguous / copied to the
     host one chunk (at most CHUNK_BYTES, or `chunk_elements` elements) at a time."""
-    import torch
-
     t = tensor.detach()
     hasher = hashlib.sha256()  # with the CPU's SHA extensions, twice blake2b's speed (measured here)
     n = chunk_size(t.element_size(), chunk_elements)

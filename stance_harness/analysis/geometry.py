@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from scipy.stats import pearsonr, spearmanr
 
 from stance_harness.analysis.deltas import _label_order
 
@@ -187,9 +189,6 @@ def magnitude_direction_correlation(pairs: Iterable[tuple[float, float]]) -> Sta
     DoRA reports it negative for full fine-tuning and positive for LoRA. NaN with a reason
     for fewer than 3 layers or when ΔM or ΔD does not vary.
     """
-    import numpy as np
-    from scipy.stats import pearsonr
-
     rows = [tuple(p) for p in pairs]
     if any(len(r) != 2 for r in rows):
         raise ValueError("pairs must be (delta_m, delta_d) pairs, one per layer")
@@ -301,8 +300,6 @@ def profile_rank_correlation(profile_a: Mapping, profile_b: Mapping) -> ProfileC
     Needs at least 3 shared labels (ValueError); NaN with a reason when a profile is constant
     over them.
     """
-    from scipy.stats import spearmanr
-
     labels = tuple(sorted((k for k in profile_a if k in profile_b), key=_layer_key))
     if len(labels) < 3:
         raise ValueError(f"profiles must share at least 3 labels to rank-correlate, got {len(labels)}: {list(labels)}")

@@ -1,8 +1,11 @@
 """Where a run executes: what `device=auto` resolves to, the precision a recipe's bf16 / fp16
 resolve to on that device, and which GPU each pytest-xdist worker sees.
 
-torch is imported only inside functions: the plugin calls `assign_worker_gpu` before anything
-may initialise CUDA, and that must not import torch itself.
+torch is imported only inside functions because pytest's start-up imports this module (the
+plugin calls `assign_worker_gpu` in each xdist worker; the session and the model registry
+resolve devices) and must stay free of torch to stay fast. Importing torch would not initialise
+CUDA by itself (that happens at its first CUDA call), so it is start-up time, not correctness,
+that keeps it out; `assign_worker_gpu` refuses where CUDA is already initialised.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
 PRECISIONS = ("fp32", "bf16", "fp16")  # what a run trains in: autocast off, or to bfloat16 / float16
 
 
+def _torch():
+    """torch, imported at first use (see the module's docstring)."""
+    import torch  # why: see the module's docstring
+
+    return torch
+
+
 def check_device_name(name: str) -> None:
     """`name` is one of auto, cpu, cuda, cuda:N (N a non-negative integer)."""
     index = name.split(":", 1)[1] if name.startswith("cuda:") else "0"
@@ -30,8 +40,7 @@ def resolve_device(name: str) -> str:
     """The concrete device: auto is the first CUDA device where there is one, else the CPU;
     cuda means cuda:0."""
     if name == "auto":
-        import torch
-
+        torch = _torch()
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     return "cuda:0" if name == "cuda" else name
 
@@ -39,8 +48,7 @@ def resolve_device(name: str) -> str:
 def device_description(device: str) -> str:
     """What the device is, for provenance: the GPU's name, or the CPU."""
     if device.startswith("cuda"):
-        import torch
-
+        torch = _torch()
         return torch.cuda.get_device_name(torch.device(device))
     return "cpu"
 
@@ -49,8 +57,7 @@ def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> 
     """fp32, bf16 or fp16 for a recipe's `bf16` (True, False or "auto") and `fp16` on `device`,
     with Hugging Face TrainingArguments' meaning: autocast to that dtype, fp32 master weights.
     bf16="auto" is on where the device supports bfloat16 and off on the CPU."""
-    import torch
-
+    torch = _torch()
     cuda = device.startswith("cuda")
     if fp16 and bf16 is True:
         raise HarnessError("recipe: bf16=True and fp16=True are both set; choose one")
@@ -75,8 +82,7 @@ def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> 
 
 def autocast_dtype(precision: str):
     """The torch dtype autocast runs in for `precision`; None for fp32 (autocast off)."""
-    import torch
-
+    torch = _torch()
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

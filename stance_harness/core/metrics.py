@@ -146,7 +146,7 @@ def interval_of(value) -> tuple[float, float] | None:
     if isinstance(value, Estimate):
         return value.low, value.high
     if isinstance(value, Spread) and value.n and value.n >= 2 and value.std is not None:
-        from scipy import stats  # here: the plugin imports this module at start-up, scipy only a gate needs
+        from scipy import stats  # why: pytest's start-up imports this module; only a gate needs scipy
 
         half = float(stats.t.ppf(0.975, value.n - 1)) * value.std / value.n ** 0.5
         return float(value) - half, float(value) + half

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 LIBRARIES = ("stance-harness", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate", "pytest")
@@ -24,8 +25,6 @@ def git_info(root: Path) -> dict:
 
 
 def library_versions(names=LIBRARIES) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for name in names:
         try:
@@ -39,7 +38,7 @@ def environment_info() -> dict:
     machine = {"python": platform.python_version(), "platform": platform.platform(),
                "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()}
     try:
-        import torch
+        import torch  # why: the session imports this module at pytest's start-up
 
         machine["torch_threads"] = torch.get_num_threads()
         machine["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from tabulate import tabulate
+
 VERDICTS = ("supported", "refuted", "inconclusive")
 
 
@@ -28,8 +30,6 @@ class CheckResult:
             raise ValueError(f"verdict must be one of {VERDICTS}, not {self.verdict!r}")
 
     def render(self) -> str:
-        from tabulate import tabulate
-
         text = f"{self.check}: {self.summary}"
         if self.rows:
             text += "\n" + tabulate(self.rows, headers=self.headers, floatfmt=".4g", tablefmt="simple")

@@ -8,8 +8,11 @@ can hang on it.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,9 +20,10 @@ from stance_harness.core.config import build_config
 from stance_harness.core.devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
 from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.core.registry import HarnessError, Registry, suggest
-from stance_harness.models.gguf_files import cached_entry, converted_dir, inspect_gguf, origin as gguf_origin, package_file
 from stance_harness.models.anatomy import Anatomy
-from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root, tiny_model_dir
+from stance_harness.models.gguf_files import cached_entry, package_file
+from stance_harness.models.gguf_files import origin as gguf_origin
+from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root
 
 
 @dataclass(frozen=True)
@@ -157,30 +161,35 @@ class ModelArgs:
         return build_config(cls, values, what="--model-args", unknown="--model-args: unknown key")
 
 
+def _weights():
+    """models.weights: building, converting and opening weights, all of which need torch and
+    transformers. Imported at first use: pytest's start-up reads this module (names, --model-args)."""
+    import stance_harness.models.weights as weights  # why: see the docstring
+
+    return weights
+
+
 def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], None] | None = None) -> tuple[Path, str | None]:
     """The directory holding the weights, and the revision it is; never downloads."""
     if spec.source == "embedded":
-        path = tiny_model_dir(spec.name, progress)
+        path = _weights().tiny_model_dir(spec.name, progress)
         return path, path.name.rsplit("-", 1)[-1]
     if spec.source == "local":
         return Path(spec.path), None
     if spec.source == "gguf":
-        return converted_dir(Path(spec.path), progress), None
+        return _weights().converted_dir(Path(spec.path), progress), None
     if spec.source == "package" and spec.package_file:
         file, installed = package_file(spec.package, spec.package_file, spec.install)
-        return converted_dir(file, progress), installed
+        return _weights().converted_dir(file, progress), installed
     if spec.source == "package":
         return _package_weights(spec)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    import huggingface_hub  # why: its HTTP client costs tenths of a second at pytest's start-up; only hub models need it
 
     try:
-        path = snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
+        path = huggingface_hub.snapshot_download(spec.hub_id, revision=args.revision, local_files_only=True)
+    except (huggingface_hub.errors.LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
         revision = f" --revision {args.revision}" if args.revision else ""
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        cache = HF_HUB_CACHE
+        cache = huggingface_hub.constants.HF_HUB_CACHE
         raise HarnessError(
             f"the weights of {spec.hub_id} (--model {spec.name}) are not in the local HF cache ({cache}). "
             f"The harness never downloads at run time. Fetch them once, on a machine with access, with:\n"
@@ -192,9 +201,6 @@ def locate_weights(spec: ModelSpec, args: ModelArgs, progress: Callable[[str], N
 
 def _package_weights(spec: ModelSpec) -> tuple[Path, str]:
     """The model directory inside an installed package, and the package version as its revision."""
-    import importlib
-    from importlib.metadata import PackageNotFoundError, version
-
     module_name = spec.package.replace("-", "_")
     try:
         module = importlib.import_module(module_name)
@@ -231,7 +237,7 @@ def check_gguf_source(spec: ModelSpec) -> None:
         file = Path(spec.path)
     entry = cached_entry(file)
     if entry is None:
-        inspect_gguf(file)
+        _weights().inspect_gguf(file)
     else:
         check_model_directory(entry, f"--model {spec.name}")
 
@@ -241,7 +247,7 @@ def check_device(args: ModelArgs) -> None:
     if args.device == "auto" and args.dtype == "float16":
         args = args.resolved()
     if args.device.startswith("cuda"):
-        import torch
+        import torch  # why: pytest's start-up validates --model-args here; torch only for a CUDA device
 
         if not torch.cuda.is_available():
             raise HarnessError(f"--model-args device={args.device}: this machine has no CUDA device "
@@ -334,7 +340,7 @@ class LoadedModel:
 
     def fresh(self, **overrides):
         """A new instance loaded from disk (for QLoRA's own 4-bit copy); other runs share `base`."""
-        return _from_pretrained(self.path, self.args, **overrides)
+        return _weights().from_pretrained(self.path, self.args, **overrides)
 
     @property
     def base_bytes(self) -> int:
@@ -359,8 +365,6 @@ class LoadedModel:
 
     def base_digest(self, tensor) -> str | None:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
-        from stance_harness.analysis.digest import tensor_digest
-
         if "owners" not in self._digests:  # once: a setdefault would walk every parameter on every call
             self._digests["owners"] = {p.data_ptr(): p for p in self.base.parameters()}
         owners = self._digests["owners"]
@@ -368,7 +372,7 @@ class LoadedModel:
         if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
             return None
         if owner.data_ptr() not in self._digests:
-            self._digests[owner.data_ptr()] = tensor_digest(owner)
+            self._digests[owner.data_ptr()] = _weights().tensor_digest(owner)
         return self._digests[owner.data_ptr()]
 
     def provenance(self) -> dict:
@@ -389,18 +393,8 @@ def _placement(model) -> dict:
 
 
 def share_frozen_weights(base):
-    """A structural copy of `base` whose parameters and buffers share the base's storage.
-
-    Each parameter is a new Parameter object (so a run sets its own requires_grad) over the
-    same bytes; ties between parameters are kept. Whatever a run trains must be un-shared
-    first (the training loop does this), so nothing ever writes to the base."""
-    import copy
-
-    import torch
-
-    memo: dict = {id(p): torch.nn.Parameter(p.data, requires_grad=False) for p in base.parameters()}
-    memo.update({id(b): b for b in base.buffers()})
-    return copy.deepcopy(base, memo)
+    """A structural copy of `base` sharing its storage (see weights.share_frozen_weights)."""
+    return _weights().share_frozen_weights(base)
 
 
 def local_weights_hash(path: Path) -> str:
@@ -417,8 +411,6 @@ def local_weights_hash(path: Path) -> str:
     entry = memo.get(key)
     if isinstance(entry, dict) and entry.get("stamp") == json.loads(json.dumps(stamp)):
         return entry["hash"]
-    import hashlib
-
     digest = hashlib.sha256("".join(f"{f.name}:{file_digest(f)};" for f in files).encode()).hexdigest()[:16]
     memo[key] = {"stamp": stamp, "hash": digest}
     try:
@@ -428,32 +420,10 @@ def local_weights_hash(path: Path) -> str:
     return digest
 
 
-def _from_pretrained(path: Path, args: ModelArgs, **overrides):
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
-    auto = AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.device_map is not None:
-        overrides.setdefault("device_map", args.device_map)
-    else:
-        args = args.resolved()
-    model = auto.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, local_files_only=True,
-        trust_remote_code=args.trust_remote_code, **overrides,
-    )
-    # a device_map placed the model already (and a 4-bit model cannot move)
-    return model.eval() if "device_map" in overrides else model.to(args.device).eval()
-
-
 def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
                progress: Callable[[str], None] | None = None) -> LoadedModel:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    weights = _weights()
+    weights.disable_progress_bars()
     args = args or ModelArgs()
     if args.device_map is None:
         args = args.resolved()
@@ -461,10 +431,10 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     path, revision = locate_weights(spec, args, progress)
     if not any(path.glob("*.safetensors")):
         raise HarnessError(f"{path} holds no .safetensors weights; the harness loads only safetensors, never pickles")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=args.trust_remote_code)
+    tokenizer = weights.open_tokenizer(path, args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = _from_pretrained(path, args)
+    base = weights.from_pretrained(path, args)
     if args.device_map is not None:  # where the first layers landed: the inputs go there
         args = args.resolved(str(next(base.parameters()).device))
     for parameter in base.parameters():

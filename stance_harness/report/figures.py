@@ -16,6 +16,8 @@ import math
 import re
 from pathlib import Path
 
+from PIL import Image
+
 from stance_harness.core.files import atomic_write
 
 DPI = 90
@@ -26,11 +28,6 @@ VERDICT_COLOURS = {"supported": "#11612a", "refuted": "#b00020", "inconclusive":
 
 def _figure_html(fig, alt: str, caption: str | None = None) -> dict:
     """The figure as an inline PNG (the name is historical: the page's template draws the tag)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from PIL import Image
-
-    FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     fig.clear()  # a bare Figure is not tracked by pyplot: dropping it frees it
@@ -124,9 +121,12 @@ def plain_text(value, floatfmt: str = ".4g") -> str:
 def _new_figure(width: float, height: float, **margins):
     """A bare Figure (not pyplot's, so nothing global) with fixed margins: constrained layout
     would cost a third of the drawing time, and these figures have known shapes."""
+    # why: matplotlib takes about 0.6 s with numpy; pytest's start-up and the CLI import this module
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)  # its canvas: PNG output, and text measured where a margin depends on it
     fig.subplots_adjust(**{"left": 0.07, "right": 0.98, "bottom": 0.15, "top": 0.82, "wspace": 0.22, **margins})
     return fig
 
@@ -588,6 +588,7 @@ def layers_comparison_figure(runs: list[dict], key: str = "rel_change", width: f
     fig = _new_figure(width, height, left=0.3, right=0.9,
                       bottom=0.55 / height + 0.05, top=1 - 0.45 / height)
     ax = fig.subplots()
+    # why: as in _new_figure
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -602,9 +603,7 @@ def layers_comparison_figure(runs: list[dict], key: str = "rel_change", width: f
     ax.set_yticklabels([_run_title(run) for run, _ in drawn], fontsize=7)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=90, fontsize=6 if len(labels) > 20 else 7)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    renderer = FigureCanvasAgg(fig).get_renderer()  # the run labels' real width sets the left margin
+    renderer = fig.canvas.get_renderer()  # the run labels' real width sets the left margin
     widest = max(t.get_window_extent(renderer).width for t in ax.get_yticklabels()) / fig.dpi
     fig.subplots_adjust(left=min(0.6, (1.12 * widest + 0.15) / width))  # hinting at DPI draws text wider
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01)

@@ -39,10 +39,20 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from stance_harness.core.registry import HarnessError, UnknownNameError
-from stance_harness.core.metrics import LOWER, Estimate, Spread, as_number, base_name, direction_of, interval_of, metric_info
-from stance_harness.core.results import json_safe
+from tabulate import tabulate
 
+from stance_harness.core.metrics import (
+    LOWER,
+    Estimate,
+    Spread,
+    as_number,
+    base_name,
+    direction_of,
+    interval_of,
+    metric_info,
+)
+from stance_harness.core.registry import HarnessError, UnknownNameError
+from stance_harness.core.results import json_safe
 
 RULE_FORMAT = ("METRIC:[+|-]TOLERANCE[%][@ci], e.g. ece:+0.01 (absolute), behavior_shift:-10% (relative to the "
                "baseline), acc1:0.02 (no sign: the metric's bad side) or ece:+0.01@ci (only a change whose 95% "
@@ -212,8 +222,6 @@ class Comparison:
         return f"FAILED: {len(failed)} of {len(self.rows)} comparisons ({kinds})"
 
     def render(self) -> str:
-        from tabulate import tabulate
-
         lines = []
         if self.rows:
             table, last = [], None

@@ -5,19 +5,34 @@ from __future__ import annotations
 
 import json
 
-from stance_harness.report.findings import findings, table_rows as finding_rows
+from tabulate import tabulate
+
+from stance_harness.report.findings import findings
+from stance_harness.report.findings import table_rows as finding_rows
 from stance_harness.report.model import normalized
-from stance_harness.report.sections import (LAYER_COLUMNS, OUTCOME_MARK, baseline_text, clean_message, configuration_labels,
-                       configurations, gate_rows, gate_rules, human, measurement_tables, origin_text, reply_order,
-                       report_id_of, session_status, test_rows)
+from stance_harness.report.sections import (
+    LAYER_COLUMNS,
+    OUTCOME_MARK,
+    baseline_text,
+    clean_message,
+    configuration_labels,
+    configurations,
+    gate_rows,
+    gate_rules,
+    human,
+    measurement_tables,
+    origin_text,
+    reply_order,
+    report_id_of,
+    session_status,
+    test_rows,
+)
 
 REPLIES_SHOWN = 5  # as the HTML page: the probes that moved most; report.json has every reply
 REPLY_CHARS = 200
 
 
 def _table(rows: list[dict], floatfmt=".4g", numparse=True) -> str:
-    from tabulate import tabulate
-
     if not rows:
         return "_(empty)_"
     return tabulate([list(r.values()) for r in rows], headers=list(rows[0].keys()), tablefmt="github", floatfmt=floatfmt,

@@ -4,10 +4,12 @@ page), saved baselines (`reports/baselines/NAME.json`), and resolving what a use
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,14 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from stance_harness.core.files import atomic_write, read_json
+from stance_harness.core.metrics import Estimate, Spread, is_number, metrics_from_payload, test_metrics, tests_by_id
 from stance_harness.core.registry import HarnessError, suggest
+from stance_harness.core.results import json_safe
 from stance_harness.report import figures
 from stance_harness.report import html as pages
 from stance_harness.report.findings import changes_since, findings
 from stance_harness.report.markdown import render_markdown
-from stance_harness.core.metrics import Estimate, Spread, is_number, test_metrics, tests_by_id, metrics_from_payload
 from stance_harness.report.model import REPORT_FORMAT, ReportFormatError, load_report, normalized, read_report
-from stance_harness.core.results import json_safe
 from stance_harness.report.sections import report_id_of
 
 BASELINE_FORMAT = 1
@@ -115,9 +117,6 @@ def write_index(reports_dir) -> None:
 def _write_html(cache: figures.FigureCache, report_dir: Path, payload: dict) -> None:
     """The HTML pages. A bug in drawing them must not cost the session its JSON and Markdown
     reports (already written), so a failure becomes a page that says so."""
-    import html
-    import traceback
-
     try:
         # figures drawn for an earlier report of the same runs are reused
         written = pages.render_pages(payload, figure_cache=cache)

@@ -19,8 +19,10 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from stance_harness.core.files import atomic_write
+from tabulate import tabulate
+
 from stance_harness.core.errors import HarnessError
+from stance_harness.core.files import atomic_write
 from stance_harness.core.results import VERDICTS
 from stance_harness.report.records import repeat_base
 
@@ -64,8 +66,6 @@ class VerdictBook:
 
 
 def changed_message(test_id: str, recorded: dict, now: str, interval: str, model: str) -> str:
-    from tabulate import tabulate
-
     table = tabulate([[test_id, recorded["verdict"], now, interval]],
                      headers=["hypothesis", "recorded", "now", "interval"], tablefmt="simple")
     return (f"the verdict on {model} changed: recorded {recorded['verdict']}, now {now}\n{table}\n"
@@ -145,6 +145,14 @@ def _claims(records) -> dict[str, list]:
     return families
 
 
+
+def _holm(p_values: list[float]) -> list[float]:
+    """Holm's adjusted p-values (analysis.paired.holm), imported at the first family of claims."""
+    from stance_harness.analysis.paired import holm  # why: numpy and scipy; pytest's start-up imports this module
+
+    return holm(p_values)
+
+
 def correct_families(records, inconclusive: str = "fail", recorded=None) -> list[str]:
     """Holm over each family, in place on TestRecords: a claim supported alone whose adjusted p
     exceeds its level becomes inconclusive, and so does its test (outcome per --inconclusive:
@@ -152,9 +160,7 @@ def correct_families(records, inconclusive: str = "fail", recorded=None) -> list
     whose outcome changed from passed to failed."""
     failed = []
     for family, claims in _claims(records).items():
-        from stance_harness.analysis.paired import holm  # numpy and scipy: at the first family, never in a session without claims
-
-        adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
+        adjusted = _holm([check["metrics"]["p_value"] for _, check in claims])
         for (record, check), p_holm in zip(claims, adjusted):
             level = check["metrics"].get("level", 0.025)
             check["family"], check["family_size"], check["p_holm"] = family, len(claims), p_holm
@@ -185,9 +191,7 @@ def correct_for_multiplicity(records: list[dict]) -> list[dict]:
     the correction (taken from `correct_families` where it ran; computed here otherwise)."""
     rows = []
     for family, claims in _claims(records).items():
-        from stance_harness.analysis.paired import holm  # as in correct_families
-
-        adjusted = holm([check["metrics"]["p_value"] for _, check in claims])
+        adjusted = _holm([check["metrics"]["p_value"] for _, check in claims])
         for (record, check), p_holm in zip(claims, adjusted):
             level = check["metrics"].get("level", 0.025)
             p_holm = check.get("p_holm", p_holm)

@@ -19,15 +19,22 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from peft import PeftConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+
 from stance_harness.analysis.digest import tensor_digest
-from stance_harness.runs.batches import framing_for
+from stance_harness.core.errors import HarnessError
 from stance_harness.core.files import atomic_write
+from stance_harness.models import share_frozen_weights
+from stance_harness.models.loading import check_model_directory, local_weights_hash
+from stance_harness.models.weights import from_pretrained
+from stance_harness.runs.batches import framing_for
+from stance_harness.runs.from_model import check_same_architecture, run_from_model
 from stance_harness.runs.instruments import InstrumentConfig, Trace
 from stance_harness.runs.methods import METHODS, method_config
-from stance_harness.models import share_frozen_weights
-from stance_harness.models.loading import _from_pretrained, check_model_directory, local_weights_hash
+from stance_harness.runs.methods.peft_method import _peft_config_class
 from stance_harness.runs.recipe import Recipe
-from stance_harness.core.errors import HarnessError
 from stance_harness.runs.run import Run
 from stance_harness.runs.tasks import TASKS
 
@@ -103,8 +110,6 @@ def save_adapter(run, path) -> Path:
     A run with a peft adapter (lora, surgical-lora, qlora, peft with any tuner) saves the adapter
     alone (safetensors); a run without one (full, selective, ...) saves the whole fine-tuned model
     as a checkpoint of its base. Either is gated with `--adapter [NAME=]PATH`."""
-    from peft import PeftModel
-
     if run.task.name != "stance-lm":
         raise HarnessError(f"save_adapter: run {run.run_id} trained task {run.task.name}, a head on the body; only "
                            f"a causal LM (task stance-lm) is saved for --adapter")
@@ -166,10 +171,6 @@ def _json_object(file: Path, text: str) -> dict:
 
 def _check_peft_config(directory: Path, config: dict, text: str) -> None:
     """Any tuner `peft.PeftConfig.from_pretrained` loads; prompt learning (no weight update) is refused."""
-    from peft import PeftConfig
-
-    from stance_harness.runs.methods.peft_method import _peft_config_class
-
     try:
         _peft_config_class(config.get("peft_type"))  # an unknown type, named with the known ones
         loaded = PeftConfig.from_pretrained(str(directory))
@@ -217,8 +218,6 @@ def load_adapter_run(loaded, path, stance_of, chat_template: str = "auto", stanc
     check_base(loaded, spec.text, saved.config if saved.kind == PEFT else {}, saved.provenance)
     if saved.kind == FULL:
         return _full_run(loaded, saved, stance_of, chat_template, stance)
-    from peft import PeftModel
-
     plain_lora = saved.config.get("peft_type") == "LORA" and not any(saved.config.get(k) for k in _NOT_PLAIN_LORA)
     try:
         model = PeftModel.from_pretrained(share_frozen_weights(loaded.base), spec.path, is_trainable=not plain_lora)
@@ -231,13 +230,9 @@ def load_adapter_run(loaded, path, stance_of, chat_template: str = "auto", stanc
     digest = hashlib.sha256(b"".join((spec.path / f).read_bytes() for f in (CONFIG_FILE, WEIGHTS_FILE)))
     run_id = f"adapter-{spec.name}-{digest.hexdigest()[:8]}"
     if not plain_lora:  # any other tuner: its adapter tensors are what trained (requires_grad marks them)
-        from stance_harness.runs.from_model import run_from_model  # imports peft: not at plugin start-up, which imports this module
-
         run = run_from_model(model, loaded, stance=stance_obj, name=spec.name, chat_template=chat_template,
                              recipe=saved.provenance.get("recipe"))
         return dataclasses.replace(run, run_id=run_id, origin="adapter")
-    import torch
-
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     if not lora:
         raise HarnessError(f"--adapter {spec.text}: no LoRA weights matched the {loaded.spec.name} base")
@@ -261,11 +256,9 @@ def load_adapter_run(loaded, path, stance_of, chat_template: str = "auto", stanc
 def _full_run(loaded, saved: SavedModel, stance_of, chat_template: str, stance: str | None) -> Run:
     """A fully fine-tuned checkpoint against the base, as a full fine-tune's run: every tensor of
     the checkpoint against the base's own."""
-    from stance_harness.runs.from_model import check_same_architecture, run_from_model
-
     spec = saved.spec
     stance_obj = stance_of(saved.stance_name(stance))  # before the load: a refusal should cost nothing
-    model = _from_pretrained(spec.path, loaded.args)  # safetensors only, no remote code unless --model-args says
+    model = from_pretrained(spec.path, loaded.args)  # safetensors only, no remote code unless --model-args says
     model.requires_grad_(False)
     check_same_architecture(model, loaded, what=f"--adapter {spec.text}")
     run = run_from_model(model, loaded, stance=stance_obj, name=spec.name, chat_template=chat_template,
@@ -275,7 +268,5 @@ def _full_run(loaded, saved: SavedModel, stance_of, chat_template: str, stance: 
 
 
 def _targets(model) -> list[str]:
-    from peft.tuners.lora import LoraLayer
-
     return [name.removeprefix("base_model.model.") for name, module in model.named_modules()
             if isinstance(module, LoraLayer)]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import weakref
 from functools import lru_cache
+from pydoc_data.topics import topics
+
+import torch
 
 HELDOUT_EVERY = 10  # every 10th topic (sorted by key) is held out
 
@@ -17,8 +20,6 @@ HELDOUT_EVERY = 10  # every 10th topic (sorted by key) is held out
 def general_text(split: str = "pretrain") -> tuple[str, ...]:
     if split not in ("pretrain", "heldout"):
         raise ValueError(f"split must be 'pretrain' or 'heldout', not {split!r}")
-    from pydoc_data.topics import topics
-
     keys = sorted(topics)
     chosen = [k for i, k in enumerate(keys) if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout")]
     return tuple(topics[k] for k in chosen)
@@ -30,8 +31,6 @@ def general_text_windows(tokenizer, seq_len: int, count: int, seed: int, split: 
     Replay mixes these into training; EWC estimates its Fisher on them. The windows are
     drawn with their own seeded generator, so the task's shuffling is unaffected.
     """
-    import torch
-
     ids = _token_ids(tokenizer, split)
     if len(ids) <= seq_len + 1:
         raise ValueError(f"general text ({len(ids)} tokens) is shorter than one window of {seq_len}")

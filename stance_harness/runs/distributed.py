@@ -18,13 +18,17 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+from stance_harness.core.errors import HarnessError
 from stance_harness.core.files import atomic_write
 from stance_harness.models import ModelArgs, load_model
-from stance_harness.core.errors import HarnessError
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.runstore import RunStore
-from stance_harness.stances import load_stance
 from stance_harness.runs.training import train_run
+from stance_harness.stances import load_stance
 
 LAUNCHERS = ("accelerate",)
 SPECS = ".launch"  # the run store's folder of launch specs
@@ -67,10 +71,6 @@ def launch(spec: dict, progress=None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """One worker of a data-parallel launch."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     # a schedule (gradual, hybrid) freezes tensors mid-run: DDP must not wait for their gradients

@@ -1,6 +1,6 @@
 """The "ray" executor (`--executor ray`): each planned run is a Ray task.
 
-A task runs the local workers' own function (`planning.train_spec`: the request rebuilt and its
+A task runs the local workers' own function (`workers.train_spec`: the request rebuilt and its
 key checked, the one training loop, the run saved into the run store by its path or URL), with
 one CPU, and one GPU where the session's model is on CUDA. The session connects to
 `--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores for the
@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 
 from stance_harness.core.devices import resolve_device
-from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores, train_spec
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.planning import EXECUTORS, REDRAW_SECONDS, cpu_cores
 
 _MODELS: dict = {}  # a Ray worker process keeps the bases it loaded for the next task it is given
 
@@ -33,16 +33,22 @@ class _Quiet:
         pass
 
 
+def _ray():
+    """Ray, imported once it trains: it is the optional extra `ray`, and the plugin imports this
+    module at start-up to register the executor's name."""
+    import ray  # why: see the docstring
+
+    return ray
+
+
 def train_task(spec: dict, on_gpu: bool) -> dict:
     """In a Ray worker: train one spec into the run store; say where, and what failed if it did."""
-    import ray  # here and below: Ray (optional, heavy) only once it trains
-    import torch
+    import stance_harness.runs.workers as workers  # why: torch, in the Ray task only (see _ray)
 
-    where = {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
-    if not on_gpu:
-        torch.set_num_threads(1)  # as a local worker: one core each, and the same arithmetic
+    where = {"node": _ray().get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    workers.set_up(on_gpu)  # as a local worker
     try:
-        return {**where, "seconds": train_spec(spec, _MODELS, _Quiet())}
+        return {**where, "seconds": workers.train_spec(spec, _MODELS, _Quiet())}
     except Exception as exc:  # noqa: BLE001 - reported to the session, which names the run
         last = traceback.extract_tb(exc.__traceback__)[-1:] or [None]
         at = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last[0] is not None else ""
@@ -74,8 +80,7 @@ class RayExecutor:
 
     def _connect(self) -> bool:
         """Connect (or start a local Ray); True when this session started it and must stop it."""
-        import ray
-
+        ray = _ray()
         if ray.is_initialized():  # a caller's own ray.init: used as it is
             return False
         if self.address:
@@ -85,8 +90,7 @@ class RayExecutor:
         return True
 
     def run(self, specs: list[dict], progress, claim, release) -> None:
-        import ray
-
+        ray = _ray()
         started = self._connect()
         try:
             task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if self.on_gpu else 0, max_retries=0)

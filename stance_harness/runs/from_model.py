@@ -11,19 +11,19 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 from stance_harness.analysis.digest import tensor_digest
+from stance_harness.core.errors import HarnessError
+from stance_harness.models import Anatomy, LoadedModel, ModelArgs, ModelSpec, share_frozen_weights
 from stance_harness.runs.batches import framing_for
 from stance_harness.runs.instruments import InstrumentConfig, Trace
 from stance_harness.runs.methods import METHODS, method_config
 from stance_harness.runs.methods.peft_method import ADAPTER
-from stance_harness.models import Anatomy, LoadedModel, ModelArgs, ModelSpec, share_frozen_weights
 from stance_harness.runs.recipe import Recipe
-from stance_harness.core.errors import HarnessError
 from stance_harness.runs.run import Run
-from stance_harness.stances import Stance, load_stance
 from stance_harness.runs.tasks import TASKS
+from stance_harness.stances import Stance, load_stance
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -165,8 +165,6 @@ def _peft_before(model, loaded: LoadedModel, trained: list[str]) -> dict:
     if config.peft_type.value == "LORA" and config.init_lora_weights is True:
         return {n: torch.zeros_like(params[n]) if ".lora_B." in n or ".lora_embedding_B." in n
                 else params[n].detach().clone() for n in trained}
-    from peft import get_peft_model
-
     torch.manual_seed(0)
     fresh = dict(get_peft_model(share_frozen_weights(loaded.base), dataclasses.replace(config)).named_parameters())
     return {n: fresh[n].detach().clone() if n in fresh else params[n].detach().clone() for n in trained}

@@ -8,10 +8,14 @@ trained tensor's weight norm (finite-ness of the weights the step started from).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import resource
 import sys
 from dataclasses import asdict, dataclass, field, fields
+
+import torch
 
 from stance_harness.core.config import build_config
 from stance_harness.core.errors import HarnessError
@@ -153,8 +157,6 @@ class StepProbe:
 
     def grad_norms(self):
         """Each tensor's grad norm; 0 for a tensor with no gradient this step (frozen by a schedule)."""
-        import torch
-
         grads = [p.grad for p in self.params]
         present = [g.detach() for g in grads if g is not None]
         norms = iter(torch._foreach_norm(present)) if present else iter(())
@@ -167,8 +169,6 @@ class StepProbe:
         return self.params[0].device
 
     def weight_norms(self):
-        import torch
-
         return torch.stack([n.float().to(self.device) for n in torch._foreach_norm([p.detach() for p in self.params])])
 
     def first_nonfinite(self, norms: list[float]) -> str | None:
@@ -181,8 +181,6 @@ class StepProbe:
 
     def clip_(self, grad_norms, max_norm: float | None):
         """Scale gradients so their global norm is at most max_norm, without a host sync."""
-        import torch
-
         total = grad_norms.pow(2).sum().sqrt()
         grads = [p.grad for p in self.params if p.grad is not None]
         if max_norm is not None and grads:
@@ -194,8 +192,6 @@ class StepProbe:
 
     def read(self, loss, grad_norms, total, weight_norms) -> StepReading:
         """The one host sync of a step."""
-        import torch
-
         values = torch.cat([loss.detach().float().view(1), total.view(1), grad_norms, weight_norms]).tolist()
         n = len(self.params)
         loss_v, total_v, g, w = values[0], values[1], values[2 : 2 + n], values[2 + n :]
@@ -253,9 +249,6 @@ def health_events(trace: "Trace", loss_rise: float = LOSS_RISE, weight_growth: f
 def release_freed_memory() -> None:
     """Hand memory that training freed (activations, optimizer state) back to the OS. glibc keeps
     freed heap in its arenas, so without this a process's RSS only ever grows from run to run."""
-    import ctypes
-    import gc
-
     gc.collect()
     if sys.platform.startswith("linux"):
         try:
@@ -274,8 +267,6 @@ def map_large_allocations() -> None:
     the first step a step's activations come from the heap, and RSS keeps what they freed (measured
     on Qwen2-0.5B's shapes: 0.9 GiB after a full fine-tune's backward pass). Setting it also ends
     glibc's adjustment. A no-op off glibc."""
-    import ctypes
-
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
@@ -284,16 +275,12 @@ def map_large_allocations() -> None:
 
 
 def reset_peak_memory(device) -> None:
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device) -> dict:
     """CUDA max allocated on GPU; the process's peak RSS (a high-water mark for the whole process) on CPU."""
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -309,8 +296,6 @@ def output_change_cosine(forward, group_a: list, group_b: list, step_size: float
     bit-exactly. Returns (cosine, None), or (None, reason) when a group has no gradient.
     `forward()` must return the model's output tensor for a fixed batch.
     """
-    import torch
-
     with torch.no_grad():
         base = forward().float()
         changes = []

@@ -29,7 +29,6 @@ hold a copy of the base); only the first worker (gw0) draws the progress, on its
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import multiprocessing
@@ -38,7 +37,7 @@ import sys
 import time
 import traceback
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable
@@ -286,7 +285,7 @@ def worker_slots(requested: int | None, device: str, runs: int, base_bytes: int,
 
 def spec_of(planned, options, store_root: Path | str) -> dict:
     """Everything a worker process needs to rebuild the request exactly, and where to store the run."""
-    from stance_harness.runs.methods import METHODS  # torch: not at the plugin's start-up, which reads EXECUTORS
+    from stance_harness.runs.methods import METHODS  # why: torch; pytest's start-up imports this module (EXECUTORS)
 
     request = planned.request
     method = type(METHODS.get(request.method))
@@ -428,29 +427,6 @@ class _StepSender:
         self.last = now
 
 
-def train_spec(spec: dict, models: dict, progress) -> float:
-    """Train one spec in this process and store the run; returns its training seconds."""
-    from stance_harness.runs.methods import METHODS
-    from stance_harness.models import ModelArgs, load_model
-    from stance_harness.runs.request import TrainingRequest
-    from stance_harness.runs.runstore import RunStore
-    from stance_harness.stances import load_stance
-    from stance_harness.runs.training import train_run
-
-    if spec["method"] not in METHODS:  # a method registered by a test module or conftest
-        importlib.import_module(spec["module"])
-    args = ModelArgs(**spec["model_args"])
-    if resolve_device(args.device).startswith("cuda"):
-        args = replace(args, device="cuda:0")  # this worker sees only its own GPU
-    key = (spec["model"], json.dumps(asdict(args), sort_keys=True))
-    if key not in models:
-        models[key] = load_model(spec["model"], args)
-    loaded, stance = models[key], load_stance(spec["stance"], spec["stance_dirs"])
-    run = train_run(TrainingRequest.from_spec(spec, loaded, stance, "session"), loaded, stance, progress)
-    RunStore(spec["store"]).save(run)  # a path or a URL
-    return run.train_seconds
-
-
 def worker_main(connection, on_gpu: bool, log: str) -> None:
     """A training worker: specs in, one at a time, until None; events out. Its output (library
     warnings, a crash's last words) goes to `log`, not over the session's terminal."""
@@ -459,18 +435,18 @@ def worker_main(connection, on_gpu: bool, log: str) -> None:
         stream.flush()
     os.dup2(handle.fileno(), 1)
     os.dup2(handle.fileno(), 2)
+    # why: torch, after the redirect so its import-time warnings go to the log; and pytest's start-up
+    # imports this module (EXECUTORS), which must stay free of torch
+    import stance_harness.runs.workers as workers
 
-    import torch
-
-    if not on_gpu:
-        torch.set_num_threads(1)  # one core each: the workers together use the machine
+    workers.set_up(on_gpu)
     models: dict = {}
     while True:
         spec = connection.recv()
         if spec is None:
             return
         try:
-            seconds = train_spec(spec, models, _StepSender(connection, spec["run_id"]))
+            seconds = workers.train_spec(spec, models, _StepSender(connection, spec["run_id"]))
             connection.send(("done", spec["run_id"], seconds))
         except Exception as exc:  # noqa: BLE001 - reported to the session, which names the run
             last = traceback.extract_tb(exc.__traceback__)[-1:] or [None]

@@ -66,8 +66,9 @@ def code_version(entries: tuple[str, ...]) -> str:
 
 def code_logic(source: str) -> bytes:
     """What a module does, without what cannot change a result: its syntax tree less comments,
-    docstrings and positions, with its imports as one sorted set wherever they sit. So a
-    reworded comment or an import moved to the top keeps every stored run."""
+    docstrings and positions, with its imports as one sorted set of imported names wherever they
+    sit and however they are grouped. So a reworded comment, an import moved to the top, or two
+    `from x import` lines merged into one keep every stored run."""
     tree = ast.parse(source)
     imports = set()
     for node in ast.walk(tree):
@@ -80,7 +81,8 @@ def code_logic(source: str) -> bytes:
         kept = []
         for statement in body:
             if isinstance(statement, (ast.Import, ast.ImportFrom)):
-                imports.add(ast.dump(statement))
+                source = "." * statement.level + (statement.module or "") if isinstance(statement, ast.ImportFrom) else ""
+                imports.update(f"{source}:{alias.name}:{alias.asname}" for alias in statement.names)
             else:
                 kept.append(statement)
         node.body = kept or [ast.Pass()]

@@ -32,7 +32,7 @@ def parse_bytes(text: str, option: str = "--run-memory") -> int:
 def free_memory(device: str = "cpu") -> int:
     """Bytes free now: on a CUDA device its free memory, else the machine's available RAM."""
     if str(device).startswith("cuda"):
-        import torch
+        import torch  # why: pytest's start-up imports this module; torch only to ask a GPU
 
         if torch.cuda.is_available():
             return int(torch.cuda.mem_get_info(torch.device(device))[0])

@@ -40,16 +40,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
+from safetensors import safe_open
+
 from stance_harness.core.files import atomic_directory, atomic_write, file_digest, file_lock, stale_temporaries
-from stance_harness.runs.instruments import Trace
-from stance_harness.runs.methods import METHODS
+from stance_harness.core.registry import HarnessError, suggest
 from stance_harness.models import LoadedModel
 from stance_harness.models.tiny import cache_root
-from stance_harness.core.registry import HarnessError, suggest
+from stance_harness.runs.instruments import Trace
+from stance_harness.runs.methods import METHODS
 from stance_harness.runs.request import TrainingRequest, measuring_code_version
 from stance_harness.runs.run import Run
-from stance_harness.stances import Stance
 from stance_harness.runs.tasks import TASKS
+from stance_harness.runs.training import prepare
+from stance_harness.stances import Stance
 
 STORE_FORMAT = 1
 TENSORS, RUN, MANIFEST, MEASUREMENTS = "tensors.safetensors", "run.json", "manifest.json", "measurements.json"
@@ -153,7 +157,7 @@ class _Remote:
     """A store on an fsspec file system without rename (S3, GCS, ...)."""
 
     def __init__(self, url: str):
-        import fsspec  # only a remote store imports fsspec (and s3fs, gcsfs): the local path stays as fast
+        import fsspec  # why: an optional extra (s3, gcs); only a remote store needs it, the local path stays as fast
 
         protocol = url.partition("://")[0]
         try:
@@ -267,8 +271,6 @@ class RunStore:
     # -- writing ----------------------------------------------------------------------------
     def save(self, run: Run) -> Path | str:
         """Store a freshly trained run (its trained tensors, record and measurements so far)."""
-        from safetensors.torch import save_file
-
         base_names = {p.data_ptr(): n for n, p in run.loaded.base.named_parameters()}
         from_base = {n: base_names[t.data_ptr()] for n, t in run.before.items() if t.data_ptr() in base_names}
         model = dict(run.model.named_parameters())
@@ -283,7 +285,7 @@ class RunStore:
         }
 
         def write(folder: Path) -> dict:
-            save_file(tensors, str(folder / TENSORS), metadata={"run_id": run.run_id})
+            safetensors.torch.save_file(tensors, str(folder / TENSORS), metadata={"run_id": run.run_id})
             (folder / RUN).write_text(json.dumps(record, default=str))
             (folder / MEASUREMENTS).write_text(_measurements_document(run))
             return {"format": STORE_FORMAT, "files": {
@@ -362,8 +364,6 @@ class RunStore:
     def load(self, request: TrainingRequest, loaded: LoadedModel, stance: Stance) -> Run | None:
         """The stored run for `request`, without its model (rebuilt when first used); None when
         there is no trustworthy entry (an untrusted one is named in a warning)."""
-        from safetensors import safe_open
-
         where = self.entry(request.run_id)
         try:
             found = self._verified(request.run_id)
@@ -430,10 +430,6 @@ class RunStore:
         """A function that makes `run`'s model again: the method's structure on the shared base,
         with the stored trained tensors put in. Bit-identical to the model that was trained."""
         def make():
-            from safetensors import safe_open
-
-            from stance_harness.runs.training import prepare
-
             ctx, _ = prepare(run.request, run.loaded, run.stance, unshare=False)
             params = dict(ctx.model.named_parameters())
             with safe_open(str(self._tensors_file(run.run_id)), framework="pt") as tensors:

@@ -19,13 +19,23 @@ import time
 from typing import Callable
 
 import torch
+from transformers import PreTrainedModel
 
 from stance_harness.analysis.deltas import layer_label
 from stance_harness.core.devices import autocast_dtype
-from stance_harness.runs.instruments import (StepProbe, Trace, health_events, map_large_allocations, output_change_cosine,
-                          peak_memory, release_freed_memory, reset_peak_memory)
-from stance_harness.runs.methods import METHODS, TrainingContext
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.instruments import (
+    StepProbe,
+    Trace,
+    health_events,
+    map_large_allocations,
+    output_change_cosine,
+    peak_memory,
+    release_freed_memory,
+    reset_peak_memory,
+)
+from stance_harness.runs.methods import METHODS, TrainingContext
+from stance_harness.runs.methods.base import bitsandbytes_module
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, frozen_digests
 from stance_harness.runs.tasks import TASKS
@@ -102,8 +112,6 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
 def enable_gradient_checkpointing(model, loaded) -> None:
     """Turn on transformers' gradient checkpointing in the Hugging Face model inside `model` (a peft
     or task wrapper around it). Non-reentrant, so a frozen embedding needs no input gradients."""
-    from transformers import PreTrainedModel
-
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if inner is None or not inner.supports_gradient_checkpointing:
         raise HarnessError(
@@ -123,8 +131,6 @@ def sparse_tied_embedding(model, ranks: int):
     otherwise the lookup's backward makes a second dense vocabulary × hidden tensor (0.5 GiB for
     Qwen2-0.5B) just before the step, when every other gradient exists. Not under DDP, whose
     gradient buckets take dense gradients only."""
-    from transformers import PreTrainedModel
-
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     embedding = inner.get_input_embeddings() if inner is not None else None
     head = inner.get_output_embeddings() if inner is not None else None
@@ -144,9 +150,7 @@ def sparse_tied_embedding(model, ranks: int):
 def build_optimizer(param_groups: list[dict], recipe):
     """The recipe's optimizer (TrainingArguments' `optim` names) over `param_groups`."""
     if recipe.optim == "adamw_8bit":
-        from bitsandbytes.optim import AdamW8bit
-
-        return AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        return bitsandbytes_module().optim.AdamW8bit(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     return torch.optim.AdamW(param_groups, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
                              fused=recipe.optim == "adamw_torch_fused" or None)
 

@@ -38,10 +38,9 @@ from stance_harness.analysis.deltas import raw_delta_pairs
 from stance_harness.analysis.geometry import intruder_dimensions
 from stance_harness.analysis.rank import singular_values
 from stance_harness.core.config import build_config, config_fields, plain
-from stance_harness.models import share_frozen_weights
-from stance_harness.models import Anatomy, LoadedModel
-from stance_harness.runs.recipe import Recipe
 from stance_harness.core.registry import HarnessError, Registry, load_entry_points
+from stance_harness.models import Anatomy, LoadedModel, share_frozen_weights
+from stance_harness.runs.recipe import Recipe
 from stance_harness.runs.tasks import DEFAULT_TASK, TASKS, Task
 
 
@@ -194,6 +193,21 @@ class Method:
 
 
 ENTRY_POINT_GROUP = "stance_harness.runs.methods"
+
+
+def peft_module():
+    """peft, imported at first use: it imports bitsandbytes, which takes seconds and prints to
+    stderr, while the registry of methods is read where no PEFT model is made (the CLI, planning)."""
+    import peft  # why: see the docstring
+
+    return peft
+
+
+def bitsandbytes_module():
+    """bitsandbytes, imported at first use (see `peft_module`): QLoRA and the 8-bit optimizer need it."""
+    import bitsandbytes  # why: see peft_module
+
+    return bitsandbytes
 
 
 def load_plugin_methods(group: str = ENTRY_POINT_GROUP) -> None:

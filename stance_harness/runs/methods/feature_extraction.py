@@ -9,8 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from stance_harness.core.errors import HarnessError
-from stance_harness.runs.methods.base import Method, MethodConfig, params_where, register_method, set_trainable, tied_head
+from stance_harness.runs.methods.base import (
+    Method,
+    MethodConfig,
+    params_where,
+    register_method,
+    set_trainable,
+    tied_head,
+)
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,6 @@ class FeatureExtraction(Method):
     config_cls = FeatureExtractionConfig
 
     def prepare(self, model, ctx):
-        import torch
-
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if head is None:
             raise HarnessError(f"feature-extraction: the {ctx.anatomy.model_type} model has no output head to train")

@@ -11,7 +11,15 @@ from stance_harness.analysis.deltas import raw_delta_pairs
 from stance_harness.analysis.geometry import intruder_dimensions, intruder_dimensions_lora
 from stance_harness.analysis.rank import lora_singular_values
 from stance_harness.core.errors import HarnessError
-from stance_harness.runs.methods.base import ChangeUnit, Method, MethodConfig, block_spectrum, register_method, tensor_units
+from stance_harness.runs.methods.base import (
+    ChangeUnit,
+    Method,
+    MethodConfig,
+    block_spectrum,
+    peft_module,
+    register_method,
+    tensor_units,
+)
 
 
 @dataclass(frozen=True)
@@ -55,17 +63,16 @@ class Lora(Method):
         return self.wrap(model, ctx.anatomy, ctx.config)
 
     def wrap(self, model, anatomy, config: LoraMethodConfig):
-        from peft import LoraConfig, get_peft_model
-
+        peft = peft_module()
         paths = target_paths(anatomy, config)
         if not paths:
             raise HarnessError(f"{config.method}: no modules of kinds {config.target_modules} in layers {config.layers}")
-        peft_config = LoraConfig(
+        peft_config = peft.LoraConfig(
             r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
             target_modules=paths, bias="none", init_lora_weights=True,
             fan_in_fan_out=anatomy.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
         )
-        return get_peft_model(model, peft_config)
+        return peft.get_peft_model(model, peft_config)
 
     @staticmethod
     def base_weight(module):
@@ -150,8 +157,7 @@ class Lora(Method):
 
 def _lora_modules(model):
     """(module name, LoRA layer, A's and B's parameter names) of each module with a default adapter."""
-    from peft.tuners.lora import LoraLayer
-
+    lora_layer = peft_module().tuners.lora.LoraLayer
     for module_name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+        if isinstance(module, lora_layer) and "default" in module.lora_A:
             yield module_name, module, f"{module_name}.lora_A.default.weight", f"{module_name}.lora_B.default.weight"

@@ -17,7 +17,7 @@ import torch
 
 from stance_harness.analysis.deltas import raw_delta_pairs
 from stance_harness.core.registry import HarnessError, suggest
-from stance_harness.runs.methods.base import Method, MethodConfig, register_method
+from stance_harness.runs.methods.base import Method, MethodConfig, peft_module, register_method
 
 ADAPTER = "default"  # the adapter name get_peft_model gives; the harness trains one adapter
 
@@ -31,9 +31,7 @@ def _jsonable(value):
 
 
 def _peft_config_class(peft_type):
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    known = {str(getattr(k, "value", k)): cls for k, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    known = {str(getattr(k, "value", k)): cls for k, cls in peft_module().mapping.PEFT_TYPE_TO_CONFIG_MAPPING.items()}
     name = str(getattr(peft_type, "value", peft_type)).upper()
     if name not in known:
         raise HarnessError(f"peft: unknown peft_type {peft_type!r}.{suggest(name, list(known))} "
@@ -43,9 +41,7 @@ def _peft_config_class(peft_type):
 
 def build_peft_config(value):
     """A fresh PeftConfig from a PeftConfig or its dict form; peft's own checks, as HarnessErrors."""
-    from peft import PeftConfig
-
-    if isinstance(value, PeftConfig):
+    if isinstance(value, peft_module().PeftConfig):
         value = value.to_dict()
     if not isinstance(value, dict):
         raise HarnessError(f"peft: config must be a peft PeftConfig or its dict form, got {value!r}")
@@ -102,13 +98,11 @@ class Peft(Method):
                                "budget schedule fits the run")
 
     def prepare(self, model, ctx):
-        from peft import get_peft_model
-
         peft_config = ctx.config.peft_config()
         originals = unshare_rewritten_targets(model, peft_config)
         starting = {name: param.data for name, param in model.named_parameters()}  # references, not copies
         try:
-            peft_model = get_peft_model(model, peft_config)
+            peft_model = peft_module().get_peft_model(model, peft_config)
         except (ValueError, TypeError, KeyError) as err:  # e.g. target modules the model lacks
             raise HarnessError(f"peft: get_peft_model refused the config on this model: {err}") from None
         # ΔW is taken against the original base matrix, which is still the session base's tensor.
@@ -149,8 +143,7 @@ def unshare_rewritten_targets(model, peft_config) -> dict:
     """Give each target module's weight its own copy when the init may rewrite it (PiSSA, OLoRA,
     CorDA, LoftQ: any init_lora_weights other than True/False). peft's OLoRA subtracts in place,
     which would otherwise write into the session's base. Returns {module path: the base's tensor}."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
+    check_target_module_exists = peft_module().tuners.tuners_utils.check_target_module_exists
     if isinstance(getattr(peft_config, "init_lora_weights", True), bool):
         return {}
     if peft_config.target_modules is None:
@@ -167,10 +160,9 @@ def unshare_rewritten_targets(model, peft_config) -> dict:
 
 def tuner_layers(model):
     """(module path, peft tuner layer) of each module holding the adapter."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+    tuner_layer = peft_module().tuners.tuners_utils.BaseTunerLayer
     for path, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and ADAPTER in module.active_adapters:
+        if isinstance(module, tuner_layer) and ADAPTER in module.active_adapters:
             yield path, module
 
 

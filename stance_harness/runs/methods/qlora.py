@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
+from transformers import BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
+
 from stance_harness.core.devices import resolve_device
 from stance_harness.core.errors import HarnessError
-from stance_harness.runs.methods.base import register_method
+from stance_harness.runs.methods.base import bitsandbytes_module, peft_module, register_method
 from stance_harness.runs.methods.lora import Lora, LoraMethodConfig, target_paths
 
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -56,9 +59,6 @@ def _adapter_off(model):
 
 def is_quantizable(module) -> bool:
     """What transformers' replace_with_bnb_linear converts: exact nn.Linear, and Conv1D (transposed)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     return type(module) is torch.nn.Linear or isinstance(module, Conv1D)
 
 
@@ -92,10 +92,6 @@ class Qlora(Lora):
             )
 
     def load(self, ctx):
-        import torch
-        from bitsandbytes.nn import Linear4bit
-        from transformers import BitsAndBytesConfig
-
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=getattr(torch, resolve_compute_dtype(ctx.config.compute_dtype, ctx.precision)),
@@ -105,7 +101,8 @@ class Qlora(Lora):
         # sharded base is sharded again the same way.
         device_map = ctx.loaded.args.device_map or {"": resolve_device(ctx.loaded.args.device)}
         model = ctx.loaded.fresh(quantization_config=quantization, device_map=device_map)
-        four_bit = {name for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+        linear_4bit = bitsandbytes_module().nn.Linear4bit
+        four_bit = {name for name, module in model.named_modules() if isinstance(module, linear_4bit)}
         for name in four_bit:
             # On CPUs with AVX512-BF16, an eval-mode no-grad forward repacks the 4-bit weight in
             # place (new bytes, new shape): frozen weights would look changed and dequantize wrongly.
@@ -124,16 +121,14 @@ class Qlora(Lora):
         return _adapter_off(model)
 
     def prepare(self, model, ctx):
-        from bitsandbytes.nn import Linear4bit
-        from peft import prepare_model_for_kbit_training
-
+        linear_4bit = bitsandbytes_module().nn.Linear4bit
         # Freezes the base and upcasts its fp16/bf16 non-4-bit parameters (norms, embeddings) to float32;
         # turns on the recipe's gradient checkpointing (non-reentrant, as the loop does for every method).
-        model = prepare_model_for_kbit_training(
+        model = peft_module().prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=ctx.recipe.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
         for module in model.modules():
-            if isinstance(module, Linear4bit) and module.bias is not None:
+            if isinstance(module, linear_4bit) and module.bias is not None:
                 # Linear4bit.forward casts its bias to the compute dtype in place on first use; done
                 # here, before the frozen snapshot, frozen biases stay bit-identical through training.
                 module.bias.data = module.bias.data.to(module.compute_dtype)
@@ -145,10 +140,8 @@ class Qlora(Lora):
 
         float32 because effective_deltas adds ΔW in this dtype: in bf16 a small ΔW would round away.
         """
-        from bitsandbytes.functional import dequantize_4bit
-        from bitsandbytes.nn import Params4bit
-
+        bnb = bitsandbytes_module()
         weight = module.get_base_layer().weight
-        if isinstance(weight, Params4bit):
-            return dequantize_4bit(weight.data, weight.quant_state).float()
+        if isinstance(weight, bnb.nn.Params4bit):
+            return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
         return Lora.base_weight(module)

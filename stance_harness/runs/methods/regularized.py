@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
+from stance_harness.core.errors import HarnessError
 from stance_harness.runs.batches import collate
 from stance_harness.runs.data import general_text_windows
-from stance_harness.core.errors import HarnessError
 from stance_harness.runs.methods.base import register_method
 from stance_harness.runs.methods.full import FullConfig, FullFineTuning
-
 
 CHUNK = 1 << 22  # elements: the penalties' temporaries are this size, not a whole tensor's
 
@@ -36,8 +37,6 @@ def _chunks(*tensors):
 
 def _grad(param):
     """The parameter's .grad, made (zeros) if this step gave it none; contiguous, so views write into it."""
-    import torch
-
     if param.grad is None:
         param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
     elif not param.grad.is_contiguous():
@@ -48,8 +47,6 @@ def _grad(param):
 def _penalise(pairs, weights, scale: float, device):
     """Σ w·(θ − θ0)² over `pairs` (w = 1 where `weights` is None) as a float32 0-dim tensor, after
     adding its gradient times `scale` (2·scale·w·(θ − θ0)) to each θ's .grad in place."""
-    import torch
-
     total = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
         for i, (param, anchor) in enumerate(pairs):
@@ -107,8 +104,6 @@ def diagonal_fisher(model, batches, device) -> dict:
     With one window per batch (the default) this is the empirical diagonal Fisher; larger
     batches square a mean gradient, which shrinks the estimate as the batch grows.
     """
-    import torch
-
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     for batch in batches:

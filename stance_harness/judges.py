@@ -30,8 +30,9 @@ import numbers
 from functools import lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
-from stance_harness.core.registry import HarnessError, Registry, load_entry_points
 from stance_harness.core.metrics import HIGHER, declare_metric
+from stance_harness.core.registry import HarnessError, Registry, load_entry_points
+from stance_harness.models import load_model
 
 if TYPE_CHECKING:
     from stance_harness.stances import Stance
@@ -143,7 +144,7 @@ def judged_values(ctx, judge: Judge) -> dict:
     """Per probe, the judge's score of the base's and the adapted model's greedy reply (the
     `replies` measurement of the run behind `ctx`, a MeasureContext); the effect is adapted minus
     base, with a bootstrap interval over probes."""
-    from stance_harness.analysis.behavior import effect_of
+    from stance_harness.analysis.behavior import effect_of  # why: torch; the plugin imports this module at load
 
     rows = ctx.measure("replies")["rows"]
     prompts = [r["probe"] for r in rows]
@@ -231,15 +232,13 @@ def _sigmoid(z: float) -> float:
 # -- the embedding judge ------------------------------------------------------------------------
 @lru_cache(maxsize=2)
 def _loaded(name: str):
-    from stance_harness.models import load_model
-
     return load_model(name)
 
 
 def embed(texts: list[str], model: str = "minilm-l6"):
     """Sentence embeddings as sentence-transformers makes them for all-MiniLM-L6-v2: the token
     states mean-pooled over the attention mask, L2-normalised; float64, one row a text."""
-    import torch
+    import torch  # why: the plugin imports this module at load
 
     loaded = _loaded(model)
     rows = []
@@ -350,9 +349,9 @@ class ModelJudge(Judge):
                 "seed": str(self.seed)}
 
     def details(self, stance, replies, prompts=None) -> list[dict]:
-        import torch
+        import torch  # why: the plugin imports this module at load
 
-        from stance_harness.runs.batches import Framing
+        from stance_harness.runs.batches import Framing  # why: torch, as above
 
         loaded = _loaded(self.model)
         tokenizer = loaded.tokenizer

@@ -184,7 +184,7 @@ def test_the_services_keep_measurements_track_use_rebuild_and_report_progress(lo
     run = dataclasses.replace(lora, run_id="served", services=RunServices(store=store, residency=residency,
                                                                           progress=lines.append))
     monkeypatch.setattr(run_module, "SLOW_MEASUREMENT", 0.0)  # every measurement counts as slow
-    run.counts
+    _ = run.counts
     assert store.saved == [["counts"]] and residency.touched == ["served"]
     assert len(lines) == 1 and lines[0].startswith("measured counts on served in ")
     assert run.release_model() > 0 and not run.model_resident

@@ -366,7 +366,8 @@ def test_file_urls_and_paths_are_the_local_store(tmp_path):
 def test_a_local_store_imports_no_fsspec(tmp_path):
     code = ("import sys; from stance_harness.runs.runstore import RunStore; import stance_harness.session; "
             f"store = RunStore({str(tmp_path)!r}); store.entries(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'gcsfs', 'botocore')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fsspec', 's3fs', 'gcsfs')))")
+    # not botocore: transformers imports accelerate, whose CLI config imports botocore wherever it is installed
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

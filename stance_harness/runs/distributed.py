@@ -19,8 +19,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 
 from stance_harness.core.errors import HarnessError
 from stance_harness.core.files import atomic_write
@@ -73,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     """One worker of a data-parallel launch."""
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
+    # why: only a worker needs accelerate, whose import pulls its CLI config and botocore into every session
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
     # a schedule (gradual, hybrid) freezes tensors mid-run: DDP must not wait for their gradients
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])

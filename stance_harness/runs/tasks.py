@@ -22,14 +22,16 @@ from functools import lru_cache
 from typing import ClassVar
 
 import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from stance_harness import measure
 from stance_harness.analysis.ability import summarize as summarize_ability
 from stance_harness.analysis.behavior import contains_marker, kl_divergence, mean_token_logprob
 from stance_harness.analysis.calibration import calibration, calibration_from_predictions
-from stance_harness.runs.batches import IGNORE_INDEX, collate, encode_examples, pad_batch, to_device
-from stance_harness.models.anatomy import Anatomy, unwrap
 from stance_harness.core.registry import HarnessError, Registry, suggest
+from stance_harness.models.anatomy import Anatomy, unwrap
+from stance_harness.runs.batches import IGNORE_INDEX, collate, encode_examples, pad_batch, to_device
 
 CLASS_NAMES = ("neutral", "stance")
 DEFAULT_TASK = "stance-lm"
@@ -136,8 +138,6 @@ PLAIN_HEAD_MODELS = frozenset({"Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaFor
 
 def _inner(model):
     """The transformers model inside `model` (peft, DDP or none around it), or None."""
-    from transformers import PreTrainedModel
-
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
@@ -495,8 +495,6 @@ class SequenceClassifier(torch.nn.Module):
         return self.classifier
 
     def forward(self, input_ids, attention_mask, labels=None):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
         logits = self.classifier(measure.mean_pooled(self.body, input_ids, attention_mask))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

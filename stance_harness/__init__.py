@@ -70,7 +70,7 @@ _EXPORTS = {
     "register_judge": "stance_harness.judges",
     "relative_depth_analog": "stance_harness.models",
     "run_from_model": "stance_harness.runs.from_model",
-    "StanceCallback": "stance_harness.runs.callback",
+    "StanceCallback": "stance_harness.callback",
 }
 
 __all__ = sorted(_EXPORTS)

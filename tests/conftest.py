@@ -39,7 +39,7 @@ def detached(run, **changes):
     store entry, which xdist workers share (a tampered copy once stored all-zero deltas there)."""
     import dataclasses
 
-    return dataclasses.replace(run, services=None, **changes)
+    return dataclasses.replace(run, **{"services": None, **changes})
 
 
 @pytest.fixture(scope="session")

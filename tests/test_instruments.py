@@ -14,6 +14,7 @@ import torch
 from stance_harness import HypothesisFailed, assert_gradients_stable
 from stance_harness.core.stages import StageTimeout, run_stage
 from stance_harness.runs.instruments import InstrumentConfig
+from stance_harness.runs.services import RunServices
 from stance_harness.runs.methods import METHODS
 from stance_harness.runs.methods.base import MethodConfig, register_method
 from stance_harness.runs.methods.full import FullFineTuning
@@ -202,7 +203,7 @@ def test_a_run_whose_analysis_hangs_fails_fast_and_its_summary_says_why(quick_ru
             release.wait()
             return []
 
-    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.5)
+    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), services=RunServices(analysis_timeout=0.5))
     started = time.perf_counter()
     with pytest.raises(StageTimeout, match="'effective_deltas'"):
         stuck.layer_table()
@@ -284,7 +285,7 @@ def test_a_failed_stage_fails_at_once_afterwards(quick_run):
         def effective_deltas(self, model, before, anatomy):
             release.wait()
 
-    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), analysis_timeout=0.3)
+    stuck = detached(run, method=Stuck(), model=copy.deepcopy(run.model), services=RunServices(analysis_timeout=0.3))
     with pytest.raises(StageTimeout):
         stuck.layer_table()
     started = time.perf_counter()

@@ -204,40 +204,16 @@ def _measurement_rows_from_registry(registry) -> list[list]:
 
 
 def measurements_page() -> str:
-    try:
-        registry = importlib.import_module("stance_harness.measurements").MEASUREMENTS
-    except (ModuleNotFoundError, AttributeError):
-        registry = None
-    intro = ("# Measurements\n\nWhat can be measured on a run. Each result is computed once and kept in "
-             "`run.measurements` (the run store keeps it too); the keys each returns are in "
-             "[What a run's measurements return](run-measurements.md).\n\n")
-    if registry is not None:
-        rows = _measurement_rows_from_registry(registry)
-        return HEADER + intro + (
-            "`run.measure(name, **params)` measures any of them; the common ones have named accessors "
-            "(`run.behavior(...)`, `run.forgetting()`, ...). A measurement's *paired* metrics are those a "
-            "comparison (`assert_greater`, `assert_less`, `assert_not_worse`, `assert_equivalent`) pairs per "
-            "unit; its analysis stage is what `--analysis-timeout` limits.\n\n"
-        ) + table(["measurement", "what it is", "stage", "metrics", "paired", "checks"], rows)
-    # No measurement registry in this version: the Run's accessors whose result is kept.
-    from stance_harness.runs import run as run_module
-
-    rows = []
-    for name, member in vars(run_module.Run).items():
-        fn = member.fget if isinstance(member, property) else member
-        if name.startswith("_") or name == "measured" or not callable(fn):
-            continue
-        if "self.measured(" in inspect.getsource(fn):
-            call = f"run.{name}" if isinstance(member, property) else "run." + signature(fn).replace(
-                "(self, ", "(").replace("(self)", "()")
-            rows.append([f"`{call}`", first_line(fn.__doc__)])
-    paired = getattr(run_module, "PAIRED_METRICS", ())
-    text = HEADER + intro + table(["measurement", "what it is"], rows)
-    if paired:
-        text += ("\nThe metrics a comparison (`assert_greater`, `assert_less`, `assert_not_worse`, "
-                 "`assert_equivalent`) pairs per unit: " + ", ".join(f"`{m}`" for m in paired) +
-                 ", and `judge:<judge name>`.\n")
-    return text
+    rows = _measurement_rows_from_registry(importlib.import_module("stance_harness.measurements").MEASUREMENTS)
+    return HEADER + (
+        "# Measurements\n\nWhat can be measured on a run. Each result is computed once and kept in "
+        "`run.measurements` (the run store keeps it too); the keys each returns are in "
+        "[What a run's measurements return](run-measurements.md).\n\n"
+        "`run.measure(name, **params)` measures any of them; the common ones have named accessors "
+        "(`run.behavior(...)`, `run.forgetting()`, ...). A measurement's *paired* metrics are those a "
+        "comparison (`assert_greater`, `assert_less`, `assert_not_worse`, `assert_equivalent`) pairs per "
+        "unit; its analysis stage is what `--analysis-timeout` limits.\n\n"
+    ) + table(["measurement", "what it is", "stage", "metrics", "paired", "checks"], rows)
 
 
 # -- layout ----------------------------------------------------------------------------------

@@ -164,3 +164,23 @@ def test_imports_inside_the_package_are_absolute():
     assert relative_imports("from . import x\nimport os\n\n\ndef f():\n    from ..y import z\n") == [1, 6]
     found = {name: relative_imports(source) for name, source in _package_sources().items()}
     assert {name: lines for name, lines in found.items() if lines} == {}
+
+
+# -- the old name ---------------------------------------------------------------------------------
+OLD_NAME = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import harness
+    import harness.core.metrics as old
+import stance_harness, stance_harness.core.metrics as new
+print(harness is stance_harness, old is new, [str(w.message) for w in caught if w.category is DeprecationWarning])
+"""
+
+
+def test_the_old_import_name_warns_and_is_the_same_package():
+    done = subprocess.run([sys.executable, "-c", OLD_NAME], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    same_package, same_module, warned = done.stdout.strip().split(" ", 2)
+    assert (same_package, same_module) == ("True", "True")  # one module object: no duplicated registries
+    assert "the package `harness` is now `stance_harness`" in warned

@@ -76,7 +76,7 @@ def code_logic(source: str) -> bytes:
         if not isinstance(body, list):
             continue
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str) and not isinstance(node, ast.Expression):
+                and isinstance(body[0].value.value, str):
             body = body[1:]
         kept = []
         for statement in body:

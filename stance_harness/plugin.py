@@ -22,7 +22,7 @@ from stance_harness.fixture import SEEDS_MARK, mark_seeds, or_usage_error, train
 from stance_harness.judges import set_default_judge_model
 from stance_harness.options import HarnessOptions, add_options, declare_check_metrics
 from stance_harness.progress import ProgressWriter
-from stance_harness.runs.planning import stderr_draw, train_ahead
+from stance_harness.runs.planning import close_remote, stderr_draw, train_ahead
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
 XDIST_KEY = "stance_harness_records"
@@ -257,6 +257,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     harness = session.config.stash.get(SESSION_KEY, None)
     if harness is None:
         return
+    close_remote(harness)  # --executor ray: a local Ray started for on-demand requests stops now
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker
         workeroutput[XDIST_KEY] = json.dumps(harness.worker_output(), default=str)

@@ -22,7 +22,7 @@ from stance_harness.models import LoadedModel, load_model, resolve_model
 # re-exported: code builds HarnessSession(HarnessOptions(...)) from here
 from stance_harness.options import HarnessOptions  # noqa: F401
 from stance_harness.outcome import SessionOutcome
-from stance_harness.runs.planning import plan_only_line
+from stance_harness.runs.planning import plan_only_line, remote_executor, train_on_demand
 from stance_harness.runs.residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
 from stance_harness.runs.services import RunServices
 from stance_harness.stances import Stance, load_stance
@@ -57,6 +57,7 @@ class HarnessSession(SessionOutcome):
     ahead_plan: object = None  # planning.Plan: what was trained ahead, what was stored, what failed
     trained_ahead: set = field(default_factory=set)  # run ids trained ahead this session (loaded even under --retrain)
     ahead_failures: dict = field(default_factory=dict)  # run id -> why training it ahead in a worker failed
+    remote: object = None  # the remote executor (--executor ray), once one is asked for: planning.remote_executor
 
     @cached_property
     def store(self) -> RunStore:
@@ -163,8 +164,8 @@ class HarnessSession(SessionOutcome):
 
     def train_request(self, request: TrainingRequest, model: str | None, stance: str):
         """`train`'s work for a built request: the run already handed out, else the stored one,
-        else trained here (or by the launcher) and stored. A run that failed when trained ahead
-        in a worker process fails here, naming it and the worker's error."""
+        else trained here (or by the launcher, or as a task of a remote executor) and stored. A run
+        that failed when trained ahead in a worker process fails here, naming it and the worker's error."""
         # why: imports torch; the plugin builds the session at start-up
         from stance_harness.runs import distributed, training
 
@@ -190,6 +191,10 @@ class HarnessSession(SessionOutcome):
                         if run is None:
                             raise HarnessError(f"the data-parallel launch of {request.run_id} finished but stored "
                                                f"no run in {self.store.root}")
+                    elif (executor := remote_executor(self)) is not None:  # one task of it, then loaded
+                        steps = training.plan(request, loaded, stance_obj)[0].total_steps
+                        run = train_on_demand(self, executor, PlannedRequest(request, model or self.options.model,
+                                                                             stance, steps), loaded, stance_obj)
                     else:
                         run = training.train_run(request, loaded, stance_obj, self.progress)
                         self.store.save(run)

@@ -1,31 +1,42 @@
-"""--executor ray (stance_harness/runs/executors_ray.py): each planned run is a Ray task on a local Ray the
-session starts; the runs are trained in Ray worker processes, a failed task fails only the
-tests that need its run (naming the node), the weights are those of a local run, and without
---executor ray nothing imports Ray."""
+"""--executor ray (stance_harness/runs/executors_ray.py): each planned run, and each request a test
+body computes, is a Ray task on a local Ray cluster (one for the module, `ray.init` with 2 CPUs,
+which the sessions connect to); the runs are trained in Ray worker processes, a failed task fails
+only the tests that need its run (naming the node), the weights are those of a local run, a
+second session on the store trains nothing, and without --executor ray nothing imports Ray."""
 
 import importlib.util
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from stance_harness.core.errors import HarnessError
+from stance_harness.models import ModelArgs
+from stance_harness.options import HarnessOptions
+from stance_harness.runs import executors_ray
+from stance_harness.runs.executors_ray import RayExecutor
+from stance_harness.runs.planning import cpu_cores, remote_executor
+
 RECIPE = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}'
 P = ("-p", "no:cacheprovider", "--no-reports")
 
-# Where the session ran and where the plan says each run was trained.
+# Where the session ran, where each run was trained (the plan's and the on-demand tasks'), and
+# whether the session imported Ray.
 CONFTEST = '''
-import importlib.util
 import json
 import os
+import sys
 
-import refusing_method  # noqa: F401 - registers the method that fails in a Ray worker
+import refusing_method
 
-os.environ["SESSION_PID"] = str(os.getpid())  # the local Ray started later inherits it
+refusing_method.IN_SESSION = True  # a Ray worker imports the module afresh, where it stays False
 
 
 def pytest_sessionfinish(session):
@@ -35,7 +46,9 @@ def pytest_sessionfinish(session):
     plan = harness.ahead_plan
     with open("plan.json", "w") as handle:
         json.dump({"session_pid": os.getpid(), "planned": sorted(plan.requests), "trained": sorted(plan.trained),
-                   "failed": plan.failed, "trained_on": plan.trained_on,
+                   "stored": sorted(plan.stored), "failed": plan.failed, "plan_trained_on": plan.trained_on,
+                   "trained_on": harness.remote.trained_on if harness.remote is not None else {},
+                   "ray_imported": "ray" in sys.modules,
                    "origins": {k: run.origin for k, run in harness._runs.items() if isinstance(k, str)}}, handle)
 '''
 
@@ -45,6 +58,8 @@ import os
 from stance_harness import register_method
 from stance_harness.runs.methods.full import FullFineTuning
 
+IN_SESSION = False  # the session's conftest sets it
+
 
 @register_method
 class RefuseInRay(FullFineTuning):
@@ -53,7 +68,7 @@ class RefuseInRay(FullFineTuning):
     name = "refuse-in-ray"
 
     def prepare(self, model, ctx):
-        if str(os.getpid()) != os.environ.get("SESSION_PID"):
+        if not IN_SESSION:
             raise RuntimeError("refused in a Ray worker")
         return super().prepare(model, ctx)
 
@@ -65,7 +80,7 @@ class DieInRay(FullFineTuning):
     name = "die-in-ray"
 
     def prepare(self, model, ctx):
-        if str(os.getpid()) != os.environ.get("SESSION_PID"):
+        if not IN_SESSION:
             os._exit(3)
         return super().prepare(model, ctx)
 '''
@@ -91,14 +106,54 @@ def test_died(train):
 '''
 
 
+# Requests a test body computes: the second run's rank comes from the first run's trace, so no
+# plan can know it (planning skips the test where it reads the first run).
+ON_DEMAND_SUITE = f'''
+RECIPE = {RECIPE}
+
+
+def test_computed(train):
+    first = train("lora", examples=10, recipe=RECIPE, r=2)
+    second = train("lora", examples=10, recipe=RECIPE, r=2 * len(first.trace.loss))
+    assert second.trace.loss and second.run_id != first.run_id
+
+
+def test_computed_and_refused(train):
+    first = train("lora", examples=10, recipe=RECIPE, r=2)
+    assert train("refuse-in-ray", examples=5 * len(first.trace.loss), recipe=RECIPE).trace.loss
+'''
+
+
+def needs_ray() -> None:
+    if importlib.util.find_spec("ray") is None:  # not imported here: the check itself needs no Ray
+        pytest.skip("Ray is not installed (the extra `ray`, also in `test`): pip install 'stance-harness[ray]' "
+                    "to run this test")
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray cluster with 2 CPUs for the module's sessions to connect to (one start, not one per
+    session), shut down after them. Its token travels in $RAY_AUTH_TOKEN: pytester moves $HOME, where
+    Ray would otherwise look for it. Module-scoped, so Ray is imported before pytester snapshots sys.modules."""
+    needs_ray()
+    import ray  # why: only where Ray is installed (see needs_ray)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield context.address_info["address"]
+        finally:
+            ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def local_weights(tiny_qwen2, stance):
-    """The two requests trained here as a local worker trains them (one thread): run id -> trained tensors.
+    """The requests trained here as a local worker trains them (one thread): run id -> trained tensors.
     A module fixture, so before pytester snapshots sys.modules: its teardown would drop the modules
     training imports (peft, bitsandbytes), which torch cannot register twice for a later test."""
-    if importlib.util.find_spec("ray") is None:  # not imported here: this process never needs Ray
-        pytest.skip("Ray is the optional extra `ray` (~200 MB), not in `test`: pip install 'stance-harness[ray]' "
-                    "to run this test")
+    needs_ray()
     from stance_harness.runs.request import TrainingRequest
     from stance_harness.runs.training import train_run
 
@@ -106,7 +161,7 @@ def local_weights(tiny_qwen2, stance):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for method, options in (("lora", {"r": 2}), ("full", {})):
+        for method, options in (("lora", {"r": 2}), ("full", {}), ("lora", {"r": 4})):  # r=4: test_computed's
             request = TrainingRequest.build(tiny_qwen2, stance, method, examples=10, recipe=json.loads(RECIPE),
                                             options=options)
             run = train_run(request, tiny_qwen2, stance)
@@ -117,13 +172,22 @@ def local_weights(tiny_qwen2, stance):
     return found
 
 
-def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(local_weights, pytester, tmp_path,
-                                                                          monkeypatch):
+def assert_weights_of_a_local_run(store, run_ids, local_weights) -> None:
+    for run_id in run_ids:
+        stored = load_file(str(store / run_id / "tensors.safetensors"))
+        after = {name.removeprefix("after/"): tensor for name, tensor in stored.items() if name.startswith("after/")}
+        assert after and set(after) == set(local_weights[run_id])
+        different = [name for name, tensor in after.items() if not torch.equal(tensor, local_weights[run_id][name])]
+        assert not different, f"{run_id}: weights differ from a local run in {different[:3]}"
+
+
+def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(ray_address, local_weights, pytester,
+                                                                          tmp_path, monkeypatch):
     pytester.makeconftest(CONFTEST)
+    # the Ray workers import the suite's method module from the session's directory (Ray puts the
+    # driver's working directory on its workers' sys.path)
     pytester.makepyfile(refusing_method=REFUSING_METHOD, test_suite=SUITE)
-    # the Ray workers import the suite's method module as the session does
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(pytester.path), os.environ.get("PYTHONPATH")])))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray, started by the session
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)  # the module's cluster, as $RAY_ADDRESS names it
     store = tmp_path / "store"
     result = pytester.runpytest_subprocess(*P, "--run-cache", str(store), "--executor", "ray", "-q")
     result.assert_outcomes(passed=2, failed=2)
@@ -133,7 +197,7 @@ def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(local_w
     good = sorted(run for run in seen["planned"] if run not in (refused, died))
     assert len(good) == 2 and seen["trained"] == good and sorted(seen["failed"]) == sorted([refused, died])
     # every run that finished was trained in a Ray worker process, none in the session's
-    assert set(seen["trained_on"]) == {*good, refused}
+    assert set(seen["trained_on"]) == {*good, refused} and seen["plan_trained_on"] == seen["trained_on"]
     assert all(where["pid"] != seen["session_pid"] and where["node"] for where in seen["trained_on"].values())
     assert seen["origins"] == dict.fromkeys(good, "trained")  # loaded from the store, trained by this session
     node = seen["trained_on"][refused]["node"]
@@ -145,13 +209,44 @@ def test_planned_runs_train_as_ray_tasks_with_the_weights_of_a_local_run(local_w
     assert re.search(rf"stance-harness: run {died} \(die-in-ray\) failed when trained ahead in a worker "
                      rf"process: its Ray task failed: \w+", out), out
     assert "[stance-harness] plan: runs planned 4, stored 0, trained ahead 2, failed 2" in out
-    assert sorted(local_weights) == good  # the same requests, the same run ids
-    for run_id in good:
-        stored = load_file(str(store / run_id / "tensors.safetensors"))
-        after = {name.removeprefix("after/"): tensor for name, tensor in stored.items() if name.startswith("after/")}
-        assert after and set(after) == set(local_weights[run_id])
-        different = [name for name, tensor in after.items() if not torch.equal(tensor, local_weights[run_id][name])]
-        assert not different, f"{run_id}: weights differ from a local run in {different[:3]}"
+    assert set(good) <= set(local_weights)  # the same requests, the same run ids
+    assert_weights_of_a_local_run(store, good, local_weights)
+
+
+def test_requests_computed_in_test_bodies_train_as_ray_tasks_on_demand(ray_address, local_weights, pytester,
+                                                                        tmp_path):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(refusing_method=REFUSING_METHOD, test_suite=ON_DEMAND_SUITE)
+    store = tmp_path / "store"
+    result = pytester.runpytest_subprocess(*P, "--run-cache", str(store), "--executor", "ray",
+                                           "--ray-address", ray_address, "-q")
+    result.assert_outcomes(passed=1, failed=1)
+    seen = json.loads((pytester.path / "plan.json").read_text())
+    (first,) = seen["planned"]  # the plan knew only the first run
+    (second,) = [run for run in seen["trained_on"] if run.startswith("lora-") and run != first]
+    (refused,) = [run for run in seen["trained_on"] if run.startswith("refuse-in-ray-")]
+    assert seen["trained"] == [first] and set(seen["trained_on"]) == {first, second, refused}
+    # the computed run was trained in a Ray worker process, stored, and loaded by the session
+    assert seen["trained_on"][second]["pid"] != seen["session_pid"] and seen["trained_on"][second]["node"]
+    assert seen["origins"] == {first: "trained", second: "trained"}
+    assert_weights_of_a_local_run(store, [second], local_weights)
+    out = result.stdout.str()
+    assert re.search(rf"\[stance-harness\] on demand: {second} trained as a ray task in \d+s \(on \S+, pid "
+                     rf"{seen['trained_on'][second]['pid']}\)", out), out
+    # the failed task fails only its test, with its error and the node it ran on
+    where = seen["trained_on"][refused]
+    assert re.search(rf"stance-harness: run {refused} \(refuse-in-ray\) failed when trained on demand as a ray "
+                     rf"task: RuntimeError: refused in a Ray worker \(at refusing_method.py:\d+\), on Ray node "
+                     rf"{where['node']} \({re.escape(where['host'])}, pid {where['pid']}\)", out), out
+    assert "test_computed_and_refused FAILED" in out or "FAILED test_suite.py::test_computed_and_refused" in out
+
+    # a second session on the same store trains nothing, and does not even import Ray
+    again = pytester.runpytest_subprocess(*P, "--run-cache", str(store), "--executor", "ray",
+                                          "--ray-address", ray_address, "-q", "-k", "test_computed and not refused")
+    again.assert_outcomes(passed=1, deselected=1)
+    seen = json.loads((pytester.path / "plan.json").read_text())
+    assert seen["planned"] == seen["stored"] == [first] and seen["trained"] == [] and seen["trained_on"] == {}
+    assert seen["origins"] == {first: "loaded", second: "loaded"} and not seen["ray_imported"]
 
 
 STARTUP = '''
@@ -173,6 +268,67 @@ def test_without_executor_ray_nothing_imports_ray(tmp_path):
                           cwd=tmp_path, env=env, timeout=120)
     assert done.stdout.strip().endswith("NO_RAY"), done.stdout + done.stderr
     assert "1 test collected" in done.stdout, done.stdout
+
+
+class FakeRay:
+    """What RayExecutor asks of Ray to connect and disconnect, recorded."""
+
+    def __init__(self, initialized: bool = False):
+        self.initialized, self.calls = initialized, []
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, **arguments) -> None:
+        self.calls.append(("init", arguments))
+        self.initialized = True
+
+    def shutdown(self) -> None:
+        self.calls.append(("shutdown", {}))
+        self.initialized = False
+
+
+def test_the_executor_connects_once_and_disconnects_only_what_it_connected(monkeypatch):
+    fake = FakeRay()
+    monkeypatch.setattr(executors_ray, "_ray", lambda: fake)
+    executor = RayExecutor(None, on_gpu=False)
+    executor._connect()
+    executor._connect()  # connected: no second ray.init (an on-demand task after another)
+    assert fake.calls == [("init", {"num_cpus": cpu_cores(), "include_dashboard": False, "log_to_driver": False})]
+    executor.close()
+    executor.close()
+    assert fake.calls[1:] == [("shutdown", {})] and not executor.connected
+    executor._connect()  # a later on-demand request connects again
+    assert fake.calls[2] == ("init", {"num_cpus": cpu_cores(), "include_dashboard": False, "log_to_driver": False})
+
+    fake = FakeRay()
+    monkeypatch.setattr(executors_ray, "_ray", lambda: fake)
+    RayExecutor("ray://head:10001", on_gpu=False)._connect()
+    assert fake.calls == [("init", {"address": "ray://head:10001", "log_to_driver": False})]
+
+    fake = FakeRay(initialized=True)  # the caller's own ray.init: used, and left connected
+    monkeypatch.setattr(executors_ray, "_ray", lambda: fake)
+    executor = RayExecutor(None, on_gpu=False)
+    executor._connect()
+    executor.close()
+    assert fake.calls == [] and fake.initialized
+
+
+def test_only_a_remote_executor_is_kept_on_the_session(monkeypatch):
+    from stance_harness.session import HarnessSession
+
+    def session(**options):
+        return HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], **options))
+
+    local = session()
+    assert remote_executor(local) is None and local.remote is None  # the session's process trains on demand
+    monkeypatch.setattr(RayExecutor, "check", staticmethod(lambda: None))  # Ray need not be installed here
+    ray_session = session(executor="ray", ray_address="auto")
+    made = remote_executor(ray_session)
+    assert isinstance(made, RayExecutor) and made.address == "auto" and not made.connected
+    assert remote_executor(ray_session) is made and ray_session.remote is made  # one per session
+    with pytest.raises(HarnessError, match="slurm"):
+        remote_executor(session(executor="slurm"))
 
 
 def test_ray_options_are_checked_before_collection(pytester, monkeypatch):

@@ -3,9 +3,11 @@
 A task runs the local workers' own function (`workers.train_spec`: the request rebuilt and its
 key checked, the one training loop, the run saved into the run store by its path or URL), with
 one CPU, and one GPU where the session's model is on CUDA. The session connects to
-`--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores for the
-session. Only this module imports Ray, and only when it trains (the plugin imports the module
-to register the name; Ray is the optional extra `ray`).
+`--ray-address`, else $RAY_ADDRESS, else starts a local Ray with this machine's cores; it
+disconnects (a local Ray stops) after the planned runs, and after the tests when a request
+computed in a test body was sent on demand (planning.train_on_demand). Only this module imports
+Ray, and only when it trains (the plugin imports the module to register the name; Ray is the
+optional extra `ray`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class RayExecutor:
     def __init__(self, address: str | None, on_gpu: bool):
         self.address, self.on_gpu = address, on_gpu
         self.trained_on: dict[str, dict] = {}  # run id -> node, host and pid of the task that trained it
+        self.connected = False  # this executor called ray.init, so close() calls ray.shutdown
 
     @staticmethod
     def check() -> None:
@@ -78,20 +81,27 @@ class RayExecutor:
         return cls(harness.options.ray_address or os.environ.get("RAY_ADDRESS") or None,
                    resolve_device(harness.options.model_args.device).startswith("cuda"))
 
-    def _connect(self) -> bool:
-        """Connect (or start a local Ray); True when this session started it and must stop it."""
+    def _connect(self) -> None:
+        """Connect (or start a local Ray), unless connected; a caller's own ray.init is used as it is."""
         ray = _ray()
-        if ray.is_initialized():  # a caller's own ray.init: used as it is
-            return False
+        if ray.is_initialized():
+            return
         if self.address:
             ray.init(address=self.address, log_to_driver=False)
         else:
             ray.init(num_cpus=cpu_cores(), include_dashboard=False, log_to_driver=False)
-        return True
+        self.connected = True
+
+    def close(self) -> None:
+        """Disconnect (a local Ray started for the session stops); a later run connects again."""
+        if self.connected:
+            self.connected = False
+            _ray().shutdown()
 
     def run(self, specs: list[dict], progress, claim, release) -> None:
+        """Train `specs` as tasks, each once `claim(run_id)` says this session may; stays connected (see close)."""
         ray = _ray()
-        started = self._connect()
+        self._connect()
         try:
             task = ray.remote(train_task).options(num_cpus=1, num_gpus=1 if self.on_gpu else 0, max_retries=0)
             waiting: dict = {}  # object ref -> run id
@@ -117,8 +127,6 @@ class RayExecutor:
                     progress.finish(run_id, None if error is None else f"{error}, on {where}")
         finally:
             progress.plan.trained_on.update(self.trained_on)
-            if started:
-                ray.shutdown()
 
 
 EXECUTORS.register("ray", RayExecutor)

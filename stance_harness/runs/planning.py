@@ -6,11 +6,13 @@ own runner but no reporting. What the tests asked for is the plan: its requests 
 run key, less those the run store holds. The rest are trained up front by an executor and put
 in the run store; the tests then run as usual and load them. A test whose planning raises, or
 a request computed from a run's results (not knowable before training), trains on demand, as
-without planning; so does a data-parallel request (--launcher), which has its own processes.
+without planning (in the session's process, or under a remote executor as one task of it:
+`train_on_demand`); so does a data-parallel request (--launcher), which has its own processes.
 
 Executors are a registry (`EXECUTORS`), so others (a cluster's) can be added as entries:
 "ray" (stance_harness/runs/executors_ray.py, registered by the plugin) sends each planned run to a Ray
-cluster as a task, and is `remote`: built by `for_session(harness)`, it gets every planned run.
+cluster as a task, and is `remote`: built once per session by `for_session(harness)`
+(`remote_executor`), it gets every planned run, and every request a test computes on demand.
 "local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`) and saves the run exactly as the
@@ -175,8 +177,8 @@ class PlanProgress:
     measured so far (before any, from the run store's). `draw(text, when)` shows the line (when: step, event or final)."""
 
     def __init__(self, plan: Plan, workers: int, draw: Callable[[str, str], None], step_times: dict | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.plan, self.workers, self.draw, self.clock = plan, max(1, workers), draw, clock
+                 clock: Callable[[], float] = time.monotonic, label: str = "plan"):
+        self.plan, self.workers, self.draw, self.clock, self.label = plan, max(1, workers), draw, clock, label
         self.total = len(plan.to_train)
         self.done = 0
         self.current: dict[str, tuple[int, int]] = {}  # run id -> (step, total steps)
@@ -204,7 +206,7 @@ class PlanProgress:
     def line(self) -> str:
         running = ", ".join(f"{run_id} {step}/{total}" for run_id, (step, total) in self.current.items())
         failed = f", {len(self.plan.failed)} failed" if self.plan.failed else ""
-        return (f"[stance-harness] plan: {self.done}/{self.total} runs trained{failed}"
+        return (f"[stance-harness] {self.label}: {self.done}/{self.total} runs trained{failed}"
                 + (f"; training {running}" if running else "") + f"; ETA {format_seconds(self.eta())}")
 
     def _show(self, force: bool = False) -> None:
@@ -466,10 +468,13 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
         if plan.requests:
             draw(f"[stance-harness] {plan.summary()}", "final")
         return plan
-    entry = EXECUTORS.get(executor)
-    if getattr(entry, "remote", False):  # a cluster's: the session loads no base; the cluster schedules
+    if getattr(EXECUTORS.get(executor), "remote", False):  # a cluster's: the session loads no base; it schedules
         progress = PlanProgress(plan, len(plan.to_train), draw, measured_step_times(harness.store))
-        _train_in_workers(harness, plan, list(plan.to_train), progress, entry.for_session(harness))
+        remote = remote_executor(harness)
+        try:
+            _train_in_workers(harness, plan, list(plan.to_train), progress, remote)
+        finally:
+            remote.close()  # a local Ray's workers and their bases go before the tests run
         progress.close()
         return plan
     loaded = harness.model(plan.requests[plan.to_train[0]].model)
@@ -546,3 +551,65 @@ def stderr_draw(text: str, when: str) -> None:
     per finished run, not per step)."""
     if when != "step":
         print(text, file=sys.__stderr__, flush=True)
+
+
+# -- on demand: a request no plan knew, on the session's remote executor -----------------------
+def remote_executor(harness):
+    """The session's remote executor (--executor ray), built once and kept on the session; None
+    when its executor trains on this machine (then the session's process trains on demand)."""
+    entry = EXECUTORS.get(harness.options.executor)
+    if not getattr(entry, "remote", False):
+        return None
+    if harness.remote is None:
+        harness.remote = entry.for_session(harness)
+    return harness.remote
+
+
+def close_remote(harness) -> None:
+    """At the session's end: disconnect its remote executor, if one connected."""
+    if harness.remote is not None:
+        harness.remote.close()
+
+
+def train_on_demand(harness, executor, planned, loaded, stance):
+    """A request no plan knew (a test computed it), trained as one task of the remote `executor`
+    (with the resources, into the store, of a planned one) and loaded from the run store. The
+    caller holds the run's store lock. A failed task raises, naming the run, the task's error and
+    where it ran. `planned`: a session.PlannedRequest."""
+    request = planned.request
+    plan = Plan({request.run_id: planned}, to_train=[request.run_id])
+    draw = _on_demand_draw(harness)
+    progress = PlanProgress(plan, 1, draw, measured_step_times(harness.store), label="on demand")
+    # the caller holds the lock, so the claim is granted and nothing is released
+    executor.run([spec_of(planned, harness.options, harness.store.root)], progress, lambda _run_id: True,
+                 lambda _run_id: None)
+    if request.run_id in plan.failed:
+        draw(f"[stance-harness] on demand: {request.run_id} failed", "final")
+        raise HarnessError(f"run {request.run_id} ({request.method}) failed when trained on demand as a "
+                           f"{executor.name} task: {plan.failed[request.run_id]}")
+    run = harness.store.load(request, loaded, stance)
+    if run is None:
+        raise HarnessError(f"the {executor.name} task that trained {request.run_id} on demand finished but stored "
+                           f"no run in {harness.store.root}")
+    run.origin = "trained"  # by this session, in a task
+    where = executor.trained_on.get(request.run_id, {})
+    draw(f"[stance-harness] on demand: {request.run_id} trained as a {executor.name} task in "
+         f"{format_seconds(progress.clock() - progress.started)}"
+         + (f" (on {where['host']}, pid {where['pid']})" if where else ""), "final")
+    return run
+
+
+def _on_demand_draw(harness) -> Callable[[str, str], None]:
+    """Where an on-demand request's progress goes: the session's plan line; an xdist worker's
+    stderr (every worker's: the request is its own); a plain progress callable gets the last line."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return stderr_draw
+    plan_line = getattr(harness.progress, "plan", None)
+    if plan_line is not None:
+        return plan_line
+
+    def draw(text: str, when: str) -> None:
+        if when == "final":
+            harness.progress(text)
+
+    return draw

@@ -218,7 +218,8 @@ class HarnessOptions:
         "one per core on the CPU; 1: in this process; 0: no training ahead (each run trains when a test asks "
         "for it)", default=None, metavar="N", type=int, parse=_train_workers)
     executor: str = option("--executor", "what trains the planned runs: local (worker processes on this machine) "
-                           "or ray (a task per run on a Ray cluster; needs the ray extra). Default: local",
+                           "or ray (a task per run on a Ray cluster, and a task for each request a test body "
+                           "computes; needs the ray extra). Default: local",
                            default="local", metavar="NAME", check=_executor)
     ray_address: str | None = option("--ray-address", "the Ray cluster of --executor ray (e.g. ray://head:10001 or "
                                      "auto). Default: $RAY_ADDRESS, else a local Ray started for the session with "

@@ -331,6 +331,82 @@ def test_only_a_remote_executor_is_kept_on_the_session(monkeypatch):
         remote_executor(session(executor="slurm"))
 
 
+class InProcessExecutor:
+    """A remote executor's interface with no Ray: `run` trains each spec in this process as a task
+    does (workers.train_spec, into the store), or fails it, or stores nothing, as told."""
+
+    name = "stand-in"
+    remote = True
+    def __init__(self):
+        self.trained_on, self.runs, self.closed = {}, [], 0
+        self.outcome = "trains"  # or "fails", or "stores nothing"
+
+    @classmethod
+    def for_session(cls, _harness):
+        return cls()
+
+    def run(self, specs, progress, claim, release):
+        from stance_harness.runs.executors_ray import _Quiet
+        from stance_harness.runs.workers import train_spec
+
+        for spec in specs:
+            assert claim(spec["run_id"])
+            progress.start(spec["run_id"])
+            self.runs.append(spec["run_id"])
+            if self.outcome == "fails":
+                progress.finish(spec["run_id"], "RuntimeError: no room, on node n1 (host-a, pid 7)")
+                continue
+            if self.outcome == "trains":
+                train_spec(spec, {}, _Quiet())
+            self.trained_on[spec["run_id"]] = {"node": "n1", "host": "host-a", "pid": 7}
+            release(spec["run_id"])
+            progress.finish(spec["run_id"])
+
+    def close(self):
+        self.closed += 1
+
+
+@pytest.fixture
+def in_process_executor():
+    from stance_harness.runs.planning import EXECUTORS
+
+    EXECUTORS.register(InProcessExecutor.name, InProcessExecutor)
+    yield
+    EXECUTORS.unregister(InProcessExecutor.name)
+
+
+def test_a_request_no_plan_knew_trains_as_one_task_of_the_remote_executor(in_process_executor, tiny_qwen2,
+                                                                          tmp_path, monkeypatch):
+    from stance_harness.runs.planning import close_remote
+    from stance_harness.session import HarnessSession
+
+    lines = []
+    session = HarnessSession(HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [],
+                                            run_cache=str(tmp_path / "store"), executor="stand-in"),
+                             progress=lines.append)
+    session.use_model(tiny_qwen2)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # a plain progress callable gets the last line
+    recipe = json.loads(RECIPE)
+    run = session.train("lora", examples=10, recipe=recipe, r=2)
+    assert session.remote.runs == [run.run_id] and run.origin == "trained"  # one task, then loaded from the store
+    assert (tmp_path / "store" / run.run_id).is_dir() and run.trace.loss
+    assert re.fullmatch(rf"\[stance-harness\] on demand: {run.run_id} trained as a stand-in task in \d+s \(on "
+                        rf"host-a, pid 7\)", lines[-1]), lines
+    assert session.train("lora", examples=10, recipe=recipe, r=2) is run and session.remote.runs == [run.run_id]
+    close_remote(session)
+    assert session.remote.closed == 1
+
+    session.remote.outcome = "fails"
+    with pytest.raises(HarnessError, match=re.escape("(lora) failed when trained on demand as a stand-in task: "
+                                                     "RuntimeError: no room, on node n1 (host-a, pid 7)")):
+        session.train("lora", examples=10, recipe=recipe, r=4)
+    assert lines[-1].endswith("failed")
+    session.remote.outcome = "stores nothing"
+    with pytest.raises(HarnessError, match=r"the stand-in task that trained lora-\S+ on demand finished but "
+                                           r"stored no run in "):
+        session.train("lora", examples=10, recipe=recipe, r=8)
+
+
 def test_ray_options_are_checked_before_collection(pytester, monkeypatch):
     pytester.makepyfile(test_x="def test_x():\n    pass\n")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--ray-address", "auto")

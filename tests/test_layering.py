@@ -92,7 +92,7 @@ def test_harness_has_no_import_cycle():
 LAYERS = [
     ["stance_harness.core.errors", "stance_harness.core.registry"],
     ["stance_harness.core.config", "stance_harness.core.files", "stance_harness.core.provenance", "stance_harness.runs.data",
-     "stance_harness.runs.adapter_spec", "stance_harness.core.metrics",
+     "stance_harness.runs.adapter_spec", "stance_harness.runs.runset", "stance_harness.core.metrics",
      "stance_harness.core.devices", "stance_harness.core.results", "stance_harness.core.stages"],
     ["stance_harness.report.records", "stance_harness.analysis"],
     ["stance_harness.models"],

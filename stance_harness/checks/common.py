@@ -25,7 +25,8 @@ from stance_harness.judges import JUDGES
 from stance_harness.measurements import paired_metrics
 from stance_harness.report.sections import differing_options, short_value
 from stance_harness.runs.request import TrainingRequest
-from stance_harness.runs.run import Run, runset
+from stance_harness.runs.run import Run
+from stance_harness.runs.runset import runset
 
 
 # The metrics the helpers publish beyond those of the measurements (each measurement declares its

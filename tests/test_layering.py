@@ -113,6 +113,7 @@ LAYERS = [
     ["stance_harness.report.store"],
     ["stance_harness.session", "stance_harness.outcome", "stance_harness.options", "stance_harness.scaffold",
      "stance_harness.runs.distributed", "stance_harness.runs.planning", "stance_harness.runs.executors_ray",
+     "stance_harness.runs.provision",
      "stance_harness.runs.workers"],
     ["stance_harness.callback"],
     ["stance_harness.plugin", "stance_harness.fixture", "stance_harness.judging", "stance_harness.progress", "stance_harness.cli"],

@@ -24,6 +24,7 @@ from stance_harness.options import HarnessOptions, add_options, declare_check_me
 from stance_harness.progress import ProgressWriter
 from stance_harness.runs.adapter_spec import parse_adapter_spec
 from stance_harness.runs.planning import stderr_draw, train_ahead
+from stance_harness.session import HarnessSession
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
 XDIST_KEY = "stance_harness_records"
@@ -55,9 +56,6 @@ def pytest_configure(config: pytest.Config) -> None:
                             "seeds (the suite's unit of replication for claims about methods); --seeds overrides")
     if config.option.help or config.option.version:
         return
-    # why: kept out of plugin load (tests/test_layering.py): --help and --version build no session
-    from stance_harness.session import HarnessSession
-
     try:
         options = HarnessOptions.from_config(config)
         if options.judge_model is not None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stance_harness.analysis.paired import correct_claims  # noqa: E402
 from stance_harness.checks.comparisons import check_greater, check_less  # noqa: E402
 from stance_harness.models import ModelArgs  # noqa: E402
-from stance_harness.runs.run import RunSet  # noqa: E402
+from stance_harness.runs.runset import RunSet  # noqa: E402
 from stance_harness.session import HarnessOptions, HarnessSession  # noqa: E402
 
 RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 2, "per_device_train_batch_size": 4}

@@ -3,6 +3,8 @@
 The public names import lazily, so loading the pytest plugin does not import torch.
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -23,8 +25,8 @@ _EXPORTS = {
     "assert_not_worse": "stance_harness.checks.comparisons",
     "check_equivalent": "stance_harness.checks.comparisons",
     "assert_equivalent": "stance_harness.checks.comparisons",
-    "RunSet": "stance_harness.runs.run",
-    "runset": "stance_harness.runs.run",
+    "RunSet": "stance_harness.runs.runset",
+    "runset": "stance_harness.runs.runset",
     "behavior_effect": "stance_harness.checks.behavior",
     "check_bounded": "stance_harness.checks.behavior",
     "assert_bounded": "stance_harness.checks.behavior",
@@ -77,8 +79,6 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    import importlib  # here: this module stays import-free, so loading the plugin does not import torch
-
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     if name.startswith(("check_", "assert_")):  # a check added to stance_harness/checks/ (a new measurement's)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.runset import RunSet
 
 SEEDS_MARK = "seeds"
 
@@ -60,8 +61,6 @@ def train_function(harness_session, stance_report, stance_repeat: int, default_s
 
     def _train(method: str = "full", seeds: int | None = None, **kwargs):  # the checks know it by this name
         __tracebackhide__ = True
-        from stance_harness.runs.run import RunSet  # why: imports torch; not at plugin load
-
         if seeds is None and default_seeds is None:
             return _one(method, stance_repeat, kwargs)
         count = default_seeds if seeds is None else seeds

@@ -30,6 +30,8 @@ import numbers
 from functools import lru_cache
 from typing import TYPE_CHECKING, ClassVar
 
+# _torch: torch at first use (the plugin imports this module at load, for --judge-model)
+from stance_harness.core.devices import _torch
 from stance_harness.core.metrics import HIGHER, declare_metric
 from stance_harness.core.registry import HarnessError, Registry, load_entry_points
 from stance_harness.models import load_model
@@ -140,32 +142,6 @@ def judge_replies(judge: Judge, stance: "Stance", replies: list[str], prompts: l
     return [{**row, "score": float(row["score"])} for row in found]
 
 
-def judged_values(ctx, judge: Judge) -> dict:
-    """Per probe, the judge's score of the base's and the adapted model's greedy reply (the
-    `replies` measurement of the run behind `ctx`, a MeasureContext); the effect is adapted minus
-    base, with a bootstrap interval over probes."""
-    from stance_harness.analysis.behavior import effect_of  # why: torch; the plugin imports this module at load
-
-    rows = ctx.measure("replies")["rows"]
-    prompts = [r["probe"] for r in rows]
-    base = judge_replies(judge, ctx.stance, [r["base_reply"] for r in rows], prompts)
-    adapted = judge_replies(judge, ctx.stance, [r["adapted_reply"] for r in rows], prompts)
-    deltas = [a["score"] - b["score"] for a, b in zip(adapted, base)]
-    per_probe = [{"probe": p, "base_reply": r["base_reply"], "adapted_reply": r["adapted_reply"],
-                  "base": b["score"], "adapted": a["score"], "delta": d,
-                  "base_detail": _without_score(b), "adapted_detail": _without_score(a)}
-                 for p, r, b, a, d in zip(prompts, rows, base, adapted, deltas)]
-    n = len(rows)
-    return {"judge": judge.name, "identity": judge.identity(ctx.stance),
-            "base": math.fsum(b["score"] for b in base) / n, "adapted": math.fsum(a["score"] for a in adapted) / n,
-            "effect": effect_of(deltas).as_dict(), "per_probe": per_probe,
-            "calibration": judge.calibration(ctx.stance), "agreement": agreement(judge, ctx.stance)}
-
-
-def _without_score(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != "score"}
-
-
 # -- agreement with labelled replies ----------------------------------------------------------
 def cohen_kappa(labels: list[int], predicted: list[int]) -> float | None:
     """Cohen's kappa of two binary labellings; None where chance agreement is total (one class)."""
@@ -238,8 +214,7 @@ def _loaded(name: str):
 def embed(texts: list[str], model: str = "minilm-l6"):
     """Sentence embeddings as sentence-transformers makes them for all-MiniLM-L6-v2: the token
     states mean-pooled over the attention mask, L2-normalised; float64, one row a text."""
-    import torch  # why: the plugin imports this module at load
-
+    torch = _torch()
     loaded = _loaded(model)
     rows = []
     with torch.no_grad():
@@ -349,10 +324,10 @@ class ModelJudge(Judge):
                 "seed": str(self.seed)}
 
     def details(self, stance, replies, prompts=None) -> list[dict]:
-        import torch  # why: the plugin imports this module at load
+        # why: runs.batches imports torch at its top, and the plugin imports this module at load
+        from stance_harness.runs.batches import Framing
 
-        from stance_harness.runs.batches import Framing  # why: torch, as above
-
+        torch = _torch()
         loaded = _loaded(self.model)
         tokenizer = loaded.tokenizer
         framing = Framing(tokenizer, chat=bool(getattr(tokenizer, "chat_template", None)))

@@ -22,6 +22,7 @@ from stance_harness.core.metrics import is_declared
 from stance_harness.models.loading import DEFAULT_MODEL, ModelArgs, check_model_available
 from stance_harness.report import gate, store
 from stance_harness.runs import executors_ray  # noqa: F401 - registers "ray" in EXECUTORS (Ray loads when it trains)
+from stance_harness.runs.adapter_spec import parse_adapter_spec
 from stance_harness.runs.planning import EXECUTORS
 from stance_harness.runs.residency import parse_bytes
 from stance_harness.stances import load_stance
@@ -117,9 +118,6 @@ def _ray_address(o: HarnessOptions) -> None:
 def _adapters(o: HarnessOptions) -> None:
     if not o.adapters:
         return
-    # why: reading an adapter imports torch and peft; only when there is one to read
-    from stance_harness.runs.adapters import parse_adapter_spec, read_adapter
-
     names = {}
     for adapter in o.adapters:
         spec = parse_adapter_spec(adapter)
@@ -127,6 +125,9 @@ def _adapters(o: HarnessOptions) -> None:
             raise HarnessError(f"--adapter {names[spec.name]} and {adapter} would both name their metrics "
                                f"{spec.name!r}; give each its own with NAME=PATH")
         names[spec.name] = adapter
+    # why: reading an adapter imports torch and peft; only when there is one to read
+    from stance_harness.runs.adapters import read_adapter
+
     for adapter in names.values():  # a bad path or no stance stops the session before the model loads
         read_adapter(adapter).stance_name(o.stance)
 

@@ -22,7 +22,9 @@ from stance_harness.fixture import SEEDS_MARK, mark_seeds, or_usage_error, train
 from stance_harness.judges import set_default_judge_model
 from stance_harness.options import HarnessOptions, add_options, declare_check_metrics
 from stance_harness.progress import ProgressWriter
+from stance_harness.runs.adapter_spec import parse_adapter_spec
 from stance_harness.runs.planning import close_remote, stderr_draw, train_ahead
+from stance_harness.session import HarnessSession
 
 SESSION_KEY = pytest.StashKey["HarnessSession"]()
 XDIST_KEY = "stance_harness_records"
@@ -54,9 +56,6 @@ def pytest_configure(config: pytest.Config) -> None:
                             "seeds (the suite's unit of replication for claims about methods); --seeds overrides")
     if config.option.help or config.option.version:
         return
-    # why: kept out of plugin load (tests/test_layering.py): --help and --version build no session
-    from stance_harness.session import HarnessSession
-
     try:
         options = HarnessOptions.from_config(config)
         if options.judge_model is not None:
@@ -171,8 +170,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if repeat > 1 and "stance_repeat" in metafunc.fixturenames:
         metafunc.parametrize("stance_repeat", range(repeat), indirect=True, ids=[f"repeat{i}" for i in range(repeat)])
     if "adapter_run" in metafunc.fixturenames:
-        from stance_harness.runs.adapters import parse_adapter_spec  # why: imports torch; not at plugin load
-
         adapters = metafunc.config.getoption("--adapter")
         metafunc.parametrize("adapter_run", adapters or [None], indirect=True,
                              ids=[parse_adapter_spec(a).name for a in adapters] if adapters else ["no-adapter"])

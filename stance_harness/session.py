@@ -5,8 +5,8 @@ wired to the session's time limit, run store and memory budget.
 `HarnessSession` is this and `outcome.SessionOutcome` (the records, and at the end the reports,
 the gate and the terminal table). The pytest plugin only wires hooks and fixtures to it, as
 pytest-benchmark's plugin does to its BenchmarkSession. Nothing here imports pytest, nor torch
-at import: the plugin builds the session at start-up, and the runs wing (training, the run store,
-the methods) is imported where a run is first asked for.
+at import: the plugin builds the session at start-up. What needs torch (requests, training, the
+run store, adapters) is runs/provision.py, imported once, where a run is first asked for.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from stance_harness.models import LoadedModel, load_model, resolve_model
 # re-exported: code builds HarnessSession(HarnessOptions(...)) from here
 from stance_harness.options import HarnessOptions  # noqa: F401
 from stance_harness.outcome import SessionOutcome
-from stance_harness.runs.planning import plan_only_line, remote_executor, train_on_demand
-from stance_harness.runs.residency import DEFAULT_SHARE, TRAINING_FOOTPRINT, ResidentModels, free_memory
+from stance_harness.runs.adapter_spec import parse_adapter_spec
+from stance_harness.runs.planning import PlannedRequest, plan_only_line
+from stance_harness.runs.residency import DEFAULT_SHARE, ResidentModels, free_memory
 from stance_harness.runs.services import RunServices
 from stance_harness.stances import Stance, load_stance
 
@@ -32,15 +33,12 @@ if TYPE_CHECKING:
     from stance_harness.runs.runstore import RunStore
 
 
-@dataclass(frozen=True)
-class PlannedRequest:
-    """A request as a test asked for it: the model and stance named as the session loads them,
-    and its number of optimizer steps (what an estimate of its training time multiplies)."""
+def _provision():
+    """runs/provision.py: the torch half of the provision, imported where a run is first asked for."""
+    # why: it imports torch, and the plugin builds this session at pytest's start-up, before any run is asked for
+    from stance_harness.runs import provision
 
-    request: TrainingRequest
-    model: str
-    stance: str
-    steps: int
+    return provision
 
 
 @dataclass
@@ -61,9 +59,7 @@ class HarnessSession(SessionOutcome):
 
     @cached_property
     def store(self) -> RunStore:
-        from stance_harness.runs.runstore import RunStore  # why: imports torch; a run is first asked for after start-up
-
-        return RunStore(self.options.run_cache)
+        return _provision().open_store(self)
 
     @cached_property
     def resident(self) -> ResidentModels:
@@ -102,31 +98,14 @@ class HarnessSession(SessionOutcome):
         """The validated request for these arguments; `task` None is tasks.DEFAULT_TASK;
         `repeat` (from --repeat) offsets the seed; `chat_template` (auto or none) overrides
         --chat-template for this run."""
-        # why: imports torch; the plugin builds the session at start-up
-        from stance_harness.runs.request import TrainingRequest
-        # why: imports torch; the plugin builds the session at start-up
-        from stance_harness.runs.tasks import DEFAULT_TASK
-
-        return TrainingRequest.build(self.model(model), self.stance(stance), method, examples=examples,
-                                     recipe=recipe, instruments=instruments,
-                                     task=DEFAULT_TASK if task is None else task, seed_offset=repeat,
-                                     options=options, chat_template=chat_template or self.options.chat_template,
-                                     processes=processes)
+        return _provision().build_request(self, method, stance=stance, model=model, examples=examples, recipe=recipe,
+                                          instruments=instruments, task=task, repeat=repeat,
+                                          chat_template=chat_template, processes=processes, options=options)
 
     def processes(self, launcher: str | None, num_processes: int | None) -> int:
         """How many data-parallel processes train a run: a call's launcher= / num_processes=, else
         --launcher / --num-processes; without a launcher, 1."""
-        # why: imports torch; the plugin builds the session at start-up
-        from stance_harness.runs.distributed import LAUNCHERS
-
-        launcher = launcher if launcher is not None else self.options.launcher
-        if launcher is None:
-            if num_processes not in (None, 1):
-                raise HarnessError(f"num_processes={num_processes} needs launcher='accelerate'")
-            return 1
-        if launcher not in LAUNCHERS:
-            raise HarnessError(f"launcher={launcher!r} is not one of {', '.join(LAUNCHERS)}")
-        return num_processes if num_processes is not None else self.options.num_processes
+        return _provision().process_count(self, launcher, num_processes)
 
     def planned_steps(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
                       launcher: str | None = None, num_processes: int | None = None, **arguments) -> int:
@@ -147,11 +126,9 @@ class HarnessSession(SessionOutcome):
 
     def _planned(self, method, stance, model, launcher, num_processes, arguments):
         """The request for these arguments and the training loop's plan of it (its context)."""
-        from stance_harness.runs.training import plan  # why: imports torch; the plugin builds the session at start-up
-
         request = self.request(method, stance=stance, model=model, processes=self.processes(launcher, num_processes),
                                **arguments)
-        return request, plan(request, self.model(model), self.stance(stance))[0]
+        return request, _provision().plan_request(self, request, model, stance)
 
     def train(self, method: str = "full", *, stance: str = "curious-uncertainty", model: str | None = None,
               launcher: str | None = None, num_processes: int | None = None, **arguments):
@@ -166,44 +143,11 @@ class HarnessSession(SessionOutcome):
         """`train`'s work for a built request: the run already handed out, else the stored one,
         else trained here (or by the launcher, or as a task of a remote executor) and stored. A run
         that failed when trained ahead in a worker process fails here, naming it and the worker's error."""
-        # why: imports torch; the plugin builds the session at start-up
-        from stance_harness.runs import distributed, training
-
-        method = request.method
         if request.run_id not in self._runs:
             if request.run_id in self.ahead_failures:
-                raise HarnessError(f"run {request.run_id} ({method}) failed when trained ahead in a worker "
+                raise HarnessError(f"run {request.run_id} ({request.method}) failed when trained ahead in a worker "
                                    f"process: {self.ahead_failures[request.run_id]}")
-            loaded, stance_obj = self.model(model), self.stance(stance)
-            # one process trains a request; others asking for it meanwhile wait here, then load it
-            with self.store.lock(request.run_id):
-                retrain = self.options.retrain and request.run_id not in self.trained_ahead
-                run = None if retrain else self.store.load(request, loaded, stance_obj)
-                if run is None:
-                    self.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
-                    self.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
-                                  f"task {request.task}) -> {request.run_id}")
-                    if request.processes > 1:
-                        spec = distributed.launch_spec(request, model or self.options.model, self.options.model_args,
-                                                       stance, self.options.stance_dirs, self.store)
-                        distributed.launch(spec, self.progress)
-                        run = self.store.load(request, loaded, stance_obj)
-                        if run is None:
-                            raise HarnessError(f"the data-parallel launch of {request.run_id} finished but stored "
-                                               f"no run in {self.store.root}")
-                    elif (executor := remote_executor(self)) is not None:  # one task of it, then loaded
-                        steps = training.plan(request, loaded, stance_obj)[0].total_steps
-                        run = train_on_demand(self, executor, PlannedRequest(request, model or self.options.model,
-                                                                             stance, steps), loaded, stance_obj)
-                    else:
-                        run = training.train_run(request, loaded, stance_obj, self.progress)
-                        self.store.save(run)
-                elif request.run_id in self.trained_ahead:
-                    run.origin = "trained"  # by this session, ahead of its tests, in a worker process
-                    self.progress(f"loaded {request.run_id}, trained ahead, from the run store ({self.store.root})")
-                else:
-                    self.progress(f"loaded {request.run_id} from the run store ({self.store.root})")
-            self._runs[request.run_id] = self._attach(run)
+            self._runs[request.run_id] = self._attach(_provision().obtain_run(self, request, model, stance))
         return self._runs[request.run_id]
 
     def _attach(self, run):
@@ -217,15 +161,11 @@ class HarnessSession(SessionOutcome):
     def adapter_run(self, path: str):
         """A saved adapter or fine-tuned checkpoint (`[NAME=]PATH`) on the --model base, as a Run
         named NAME (loaded once per argument)."""
-        # why: imports torch; the plugin builds the session at start-up
-        from stance_harness.runs.adapters import load_adapter_run, parse_adapter_spec
-
         spec = parse_adapter_spec(path)
         key = ("adapter", spec.name, str(spec.path.resolve()))
         if key not in self._runs:
             self.progress(f"loading {spec.name} ({spec.path}) onto {self.options.model}")
-            self._runs[key] = self._attach(load_adapter_run(self.model(), spec, self.stance,
-                                                            self.options.chat_template, self.options.stance))
+            self._runs[key] = self._attach(_provision().adapter_run(self, spec))
         return self._runs[key]
 
     def adopt(self, run) -> None:

@@ -91,7 +91,8 @@ def test_harness_has_no_import_cycle():
 # its own layer or of a lower one, never of a higher one.
 LAYERS = [
     ["stance_harness.core.errors", "stance_harness.core.registry"],
-    ["stance_harness.core.config", "stance_harness.core.files", "stance_harness.core.provenance", "stance_harness.runs.data", "stance_harness.core.metrics",
+    ["stance_harness.core.config", "stance_harness.core.files", "stance_harness.core.provenance", "stance_harness.runs.data",
+     "stance_harness.runs.adapter_spec", "stance_harness.runs.runset", "stance_harness.core.metrics",
      "stance_harness.core.devices", "stance_harness.core.results", "stance_harness.core.stages"],
     ["stance_harness.report.records", "stance_harness.analysis"],
     ["stance_harness.models"],
@@ -112,6 +113,7 @@ LAYERS = [
     ["stance_harness.report.store"],
     ["stance_harness.session", "stance_harness.outcome", "stance_harness.options", "stance_harness.scaffold",
      "stance_harness.runs.distributed", "stance_harness.runs.planning", "stance_harness.runs.executors_ray",
+     "stance_harness.runs.provision",
      "stance_harness.runs.workers"],
     ["stance_harness.callback"],
     ["stance_harness.plugin", "stance_harness.fixture", "stance_harness.judging", "stance_harness.progress", "stance_harness.cli"],

@@ -13,7 +13,7 @@ from stance_harness.runs.planning import (EXECUTORS, Plan, PlanProgress, estimat
                               measured_step_times, worker_slots, xdist_position)
 from stance_harness.runs.runstore import RunStore
 from stance_harness.core.registry import UnknownNameError
-from stance_harness.session import PlannedRequest
+from stance_harness.runs.planning import PlannedRequest
 
 P = ("-p", "no:cacheprovider", "--no-reports")
 RECIPE = '{"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}'

@@ -302,7 +302,7 @@ def test_a_training_worker_stores_its_run_at_the_url(s3, url, trained, tiny_qwen
     """What a plan-ahead worker process does with its spec (workers.train_spec), here in-process:
     the spec carries the store's URL as given, and the run lands in S3, loadable."""
     from stance_harness.runs import planning, workers
-    from stance_harness.session import PlannedRequest
+    from stance_harness.runs.planning import PlannedRequest
 
     store = RunStore(url)
     planned = PlannedRequest(trained.request, "tiny-qwen2", "curious-uncertainty", steps=len(trained.trace.loss))

@@ -10,7 +10,7 @@ import math
 from stance_harness.analysis import replication
 from stance_harness.analysis.behavior import effect_of
 from stance_harness.analysis.paired import decide, paired_difference
-from stance_harness.checks.common import _arm, _arm_name, _asserting, _conclude, _seeds, _takes_runs
+from stance_harness.checks.common import _arm, _arm_name, _seeds, asserting, conclude, takes_runs
 from stance_harness.core.metrics import Estimate
 from stance_harness.core.registry import HarnessError
 from stance_harness.core.results import CheckResult
@@ -21,7 +21,7 @@ def _interval(effect: dict) -> str:
     return f"{effect['mean']:+.4g} [{effect['low']:+.4g}, {effect['high']:+.4g}]"
 
 
-@_takes_runs("run", pooled=True)
+@takes_runs("run", pooled=True)
 def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float | None = 0.0,
                           max_effect: float | None = None) -> CheckResult:
     """The stance shift on held-out probes, adapted minus base, clears the bounds with confidence.
@@ -54,7 +54,7 @@ def check_behavior_shift(run, metric: str = "loglik_margin", min_effect: float |
         summary += ": " + "; ".join(failures)
     rows = [[p["probe"][:48], p["base"], p["adapted"], p["delta"]] for p in found["per_probe"]]
     shift = Estimate(effect["mean"], effect["low"], effect["high"])  # with its interval, for --fail-on ...@ci
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_behavior_shift", not failures, summary, ["probe", "base", "adapted", "delta"], rows,
         {"metric": metric, **effect, "base": found["base"], "adapted": found["adapted"]},
     ), {f"{run.label}.{metric}": shift,
@@ -107,7 +107,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
     table = [[f"{unit} {i}", *(row[i] for row in rows)] for i in range(len(ids))][:16]
     effect = {"mean": estimate, "low": low_end, "high": high_end, "n": first.units}
     published = Estimate(estimate, low_end, high_end)  # with its interval, for --fail-on ...@ci
-    return _conclude(runs, CheckResult(
+    return conclude(runs, CheckResult(
         check, verdict == "supported", summary, [unit, *(f"seed {s}" for s in _seeds(runs))],
         table, {"metric": metric, **effect, "estimate": estimate, "unit": unit, "seeds": len(runs),
                 "scope": first.scope, "method": first.method, "df": first.df, "level": first.level,
@@ -117,7 +117,7 @@ def _within_bounds(check: str, runs: list, metric: str, low, high, what: str,
          **({f"{runs[0].label}.behavior_shift": published} if metric == "loglik_margin" else {})})
 
 
-@_takes_runs("runs", lists=True, paired=True)
+@takes_runs("runs", lists=True, paired=True)
 def check_bounded(runs, metric: str = "acc1", above: float | None = None, below: float | None = None,
                   confidence: float = 0.95) -> CheckResult:
     """The mean of `metric` over its units (predictions, probes, windows; see Run.unit_values) lies
@@ -151,7 +151,7 @@ def behavior_effect(runs, metric: str = "loglik_margin", confidence: float = 0.9
             "method": found.method}
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
     """Held-out general text is not forgotten beyond `max_increase`.
 
@@ -172,7 +172,7 @@ def check_no_forgetting(run, max_increase: float = 0.1) -> CheckResult:
                    f"{found['sentences']} sentences); allowed {max_increase:.4g}")
         rows = [["embedding drift", 0.0, value, value]]
     published = _forgetting_estimate(found)
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_no_forgetting", ok, summary, ["measure", "base", "adapted", "change"], rows, dict(found),
     ), {f"{run.label}.forgetting": published,
         f"{run.label}.{'perplexity_increase' if found['kind'] == 'perplexity' else 'embedding_drift'}": published})
@@ -193,7 +193,7 @@ def _set_text(layers, kinds) -> str:
         f" x {list(kinds)}" if kinds is not None else "")
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_behavior_localized(run, layers=None, kinds=None, min_retained: float = 0.8,
                              confidence: float = 0.95) -> CheckResult:
     """Keeping only `layers` x `kinds` of the run's change (the rest reverted to the base) keeps
@@ -214,7 +214,7 @@ def check_behavior_localized(run, layers=None, kinds=None, min_retained: float =
                "min_retained": min_retained}
     if full_shift == none_shift:
         summary = f"{run.label}: the whole change shifts behaviour no more than none of it, so nothing can be retained"
-        return _conclude([run], CheckResult("assert_behavior_localized", False, summary, headers, [], metrics),
+        return conclude([run], CheckResult("assert_behavior_localized", False, summary, headers, [], metrics),
                          {f"{run.label}.retained": found["retained"]})
     sign = 1.0 if full_shift > none_shift else -1.0  # a shift away from the stance is retained the same way
     kept = [sign * (k - n) for k, n in zip(found["per_probe"], ends["none"])]
@@ -227,12 +227,12 @@ def check_behavior_localized(run, layers=None, kinds=None, min_retained: float =
     rows = [[i, k, m, d] for i, (k, m, d) in enumerate(zip(kept, needed, effect.differences))][:16]
     metrics.update(estimate=effect.estimate, low=effect.low, high=effect.high, n=effect.n, p_value=verdict.p_value,
                    metric="loglik_margin", unit=effect.unit)
-    return _conclude([run], CheckResult("assert_behavior_localized", verdict.outcome == "supported", summary, headers,
+    return conclude([run], CheckResult("assert_behavior_localized", verdict.outcome == "supported", summary, headers,
                                         rows, metrics, verdict=verdict.outcome),
                      {f"{run.label}.retained": found["retained"]})
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
     """Subtracting the task vector (dose λ = −1: θ₀ − (θ − θ₀)) moves the model away from the
     stance: its loglik margin falls below the base's, paired per probe."""
@@ -247,7 +247,7 @@ def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
     summary = (f"{run.label}: the task vector subtracted shifts the loglik margin by {effect.estimate:+.4g} "
                f"(added: {by_dose[1.0]['shift']:+.4g}); claim: below the base: {verdict.explanation}")
     rows = [[r["dose"], r["shift"], r["low"], r["high"], r["forgetting"]] for r in found["rows"]]
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_negation_reverses", verdict.outcome == "supported", summary,
         ["dose", "shift", "low", "high", "forgetting"], rows,
         {"estimate": effect.estimate, "low": effect.low, "high": effect.high, "n": effect.n,
@@ -255,8 +255,8 @@ def check_negation_reverses(run, confidence: float = 0.95) -> CheckResult:
     ), {f"{run.label}.negated_shift": effect.estimate})
 
 
-assert_behavior_shift = _asserting(check_behavior_shift)
-assert_bounded = _asserting(check_bounded)
-assert_no_forgetting = _asserting(check_no_forgetting)
-assert_behavior_localized = _asserting(check_behavior_localized)
-assert_negation_reverses = _asserting(check_negation_reverses)
+assert_behavior_shift = asserting(check_behavior_shift)
+assert_bounded = asserting(check_bounded)
+assert_no_forgetting = asserting(check_no_forgetting)
+assert_behavior_localized = asserting(check_behavior_localized)
+assert_negation_reverses = asserting(check_negation_reverses)

@@ -5,7 +5,7 @@ another run's.
 from __future__ import annotations
 
 from stance_harness.analysis.calibration import ece_interval
-from stance_harness.checks.common import _asserting, _conclude, _names, _takes_runs
+from stance_harness.checks.common import _names, asserting, conclude, takes_runs
 from stance_harness.core.metrics import Estimate
 from stance_harness.core.results import CheckResult
 
@@ -32,7 +32,7 @@ def _calibration_metrics(run, found: dict, n_bins: int) -> dict:
     return metrics
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: A002 - the issue's name
     """Expected calibration error on held-out data is at most `max` (15 equal-width bins)."""
     bound = max
@@ -41,11 +41,11 @@ def check_ece(run, max: float = 0.1, n_bins: int = 15) -> CheckResult:  # noqa: 
     summary = (f"{run.label}: ECE {adapted['ece']:.4f} ({n_bins} bins, {adapted['n']} {found['unit']} predictions; "
                f"Acc@1 {adapted['acc1']:.3f}, MCE {adapted['mce']:.4f}, Brier {adapted['brier']:.4f}); "
                f"allowed {bound:.4f}")
-    return _conclude([run], CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
+    return conclude([run], CheckResult("assert_ece", adapted["ece"] <= bound, summary, _CALIBRATION_HEADERS,
                                  _calibration_rows(found), dict(adapted, bins=None)), _calibration_metrics(run, found, n_bins))
 
 
-@_takes_runs("run", "than")
+@takes_runs("run", "than")
 def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckResult:
     """ECE of `run` is at most that of `than` (another Run, e.g. a baseline method) plus `tol`."""
     if tol < 0:
@@ -57,11 +57,11 @@ def check_ece_not_worse(run, than, tol: float = 0.0, n_bins: int = 15) -> CheckR
                f"allowed at most {tol:+.4f}")
     rows = [[name, c["adapted"]["ece"], c["adapted"]["mce"], c["adapted"]["brier"], c["adapted"]["acc1"]]
             for name, c in ((mine, found), (theirs, other))]
-    return _conclude([run, than], CheckResult(
+    return conclude([run, than], CheckResult(
         "assert_ece_not_worse", ece <= reference + tol, summary, ["run", "ECE", "MCE", "Brier", "Acc@1"], rows,
         {"ece": ece, "reference_ece": reference, "difference": ece - reference},
     ), _calibration_metrics(run, found, n_bins))
 
 
-assert_ece = _asserting(check_ece)
-assert_ece_not_worse = _asserting(check_ece_not_worse)
+assert_ece = asserting(check_ece)
+assert_ece_not_worse = asserting(check_ece_not_worse)

@@ -25,7 +25,8 @@ from stance_harness.judges import JUDGES
 from stance_harness.measurements import paired_metrics
 from stance_harness.report.sections import differing_options, short_value
 from stance_harness.runs.request import TrainingRequest
-from stance_harness.runs.run import Run, runset
+from stance_harness.runs.run import Run
+from stance_harness.runs.runset import runset
 
 
 # The metrics the helpers publish beyond those of the measurements (each measurement declares its
@@ -56,8 +57,14 @@ class HypothesisInconclusive(Exception):
         super().__init__(result.render())
 
 
-def _conclude(runs, result: CheckResult, published: dict | None = None) -> CheckResult:
-    """Record `result` (and the metrics it publishes) in the report of each test holding one of `runs`."""
+def conclude(runs, result: CheckResult, published: dict | None = None) -> CheckResult:
+    """Record `result` in the report of each test holding one of `runs`, and return it: a check_X
+    ends with `return conclude([run], CheckResult(...), published)`.
+
+    `published` maps metric names to values (a number, or a core.metrics.Estimate with its
+    interval), named by run label as `f"{run.label}.my_metric"`: the test's metrics, which
+    baselines and --fail-on gate, each declared with its direction by the measurement's spec.
+    A run made outside a test records nothing; the result is returned all the same."""
     sinks = []
     for sink in (sink for run in runs for sink in getattr(run, "sinks", ())):
         if sink not in sinks:  # bound methods of one record compare equal, though not identical
@@ -130,12 +137,17 @@ def _check_metric(helper: str, metric) -> None:
                            f"({', '.join(f'judge:{n}' for n in JUDGES.names())})")
 
 
-def _takes_runs(*runs: str, lists: bool = False, paired: bool = False, pooled: bool = False):
-    """check_X's arguments checked before any measurement: `runs` name its Run parameters (with
-    `lists`, a list of runs per seed is allowed too); with `paired`, its `metric` is a paired metric
-    (stance_harness.measurements.paired_metrics(), read at the call: a measurement added later counts).
-    A single-run check given a RunSet checks each seed, unless `pooled` (it then takes the seeds
-    as one arm itself). The message names the helper as called: check_X, or assert_X."""
+def takes_runs(*runs: str, lists: bool = False, paired: bool = False, pooled: bool = False):
+    """Decorate a check_X: its arguments are checked before anything is measured, so a wrong one
+    fails with a message naming the helper as called (check_X or assert_X), the argument and what
+    it got (`train` itself instead of a run, a run compared with itself, an unknown metric).
+
+    `runs` name its Run parameters: `@takes_runs("run")` for a check of one run, `@takes_runs("a",
+    "b")` for a comparison (with `lists`, a list of runs per seed is allowed too). A single-run
+    check given a RunSet checks each seed, and holds when every seed holds, unless `pooled` (it
+    then takes the seeds as one arm itself). With `paired`, its `metric` argument must be a paired
+    metric (stance_harness.measurements.paired_metrics(), read at the call: a measurement added
+    later counts). Pair it with `asserting` for the assert_X form."""
     def decorate(check):
         signature = inspect.signature(check)
         per_seed = runs == ("run",) and not pooled  # a single-run check takes a RunSet too, and checks each seed
@@ -187,8 +199,11 @@ def _each_seed(check):
     return per_seed
 
 
-def _asserting(check):
-    """assert_X from check_X: the same arguments and result, raising when the claim does not hold."""
+def asserting(check):
+    """assert_X from a check_X decorated with `takes_runs`: the same arguments, checked the same
+    way, and the same CheckResult returned when the claim holds; HypothesisFailed (an
+    AssertionError carrying the result) when it is refuted, HypothesisInconclusive when the data
+    cannot tell. A check module ends with `assert_X = asserting(check_X)`."""
     name = check.__name__.replace("check_", "assert_", 1)
 
     @functools.wraps(check)

@@ -8,7 +8,7 @@ import statistics
 
 from stance_harness.analysis import replication
 from stance_harness.analysis.calibration import ece_of_items
-from stance_harness.checks.common import _arm, _asserting, _conclude, _names, _runs, _takes_runs
+from stance_harness.checks.common import _arm, _names, _runs, asserting, conclude, takes_runs
 from stance_harness.core.metrics import HIGHER, direction_of
 from stance_harness.core.registry import HarnessError
 from stance_harness.core.results import CheckResult
@@ -50,7 +50,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
         rows = [[i, x, y, d] for i, (x, y, d) in enumerate(zip(rows_a[0], rows_b[0], found.differences))][:16]
     else:
         rows = [[f"{found.unit} {i}", "", "", d] for i, d in enumerate(found.differences)][:16]
-    return _conclude(runs_a + runs_b, CheckResult(
+    return conclude(runs_a + runs_b, CheckResult(
         check, found.outcome == "supported", summary, [unit, name_a, name_b, "a - b"], rows,
         {"metric": metric, "claim": claim, "margin": margin, "factor": factor, "estimate": found.estimate,
          "low": found.low, "high": found.high, "confidence": confidence, "n": found.units, "unit": found.unit,
@@ -60,7 +60,7 @@ def _compare(check: str, claim: str, a, b, metric: str, margin: float, confidenc
         verdict=found.outcome))
 
 
-@_takes_runs("a", "b", lists=True, paired=True)
+@takes_runs("a", "b", lists=True, paired=True)
 def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, confidence: float = 0.95,
                   factor: float = 1.0) -> CheckResult:
     """`a`'s metric exceeds `factor` times `b`'s by more than `margin` (a − factor·b > margin, per
@@ -71,7 +71,7 @@ def check_greater(a, b, metric: str = "behavior_shift", margin: float = 0.0, con
     return _compare("assert_greater", "greater", a, b, metric, margin, confidence, None, factor)
 
 
-@_takes_runs("a", "b", lists=True, paired=True)
+@takes_runs("a", "b", lists=True, paired=True)
 def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence: float = 0.95,
                factor: float = 1.0) -> CheckResult:
     """`a`'s metric falls below `factor` times `b`'s by more than `margin` (a − factor·b < −margin),
@@ -79,7 +79,7 @@ def check_less(a, b, metric: str = "forgetting", margin: float = 0.0, confidence
     return _compare("assert_less", "less", a, b, metric, margin, confidence, None, factor)
 
 
-@_takes_runs("a", "than", lists=True, paired=True)
+@takes_runs("a", "than", lists=True, paired=True)
 def check_not_worse(a, than, metric: str = "ece", margin: float | None = None, confidence: float = 0.95) -> CheckResult:
     """Non-inferiority: `a` is worse than `than` by less than `margin` (> 0, declared), "worse" in
     the metric's own direction (a higher ECE, a lower behaviour shift), paired as in check_greater."""
@@ -90,7 +90,7 @@ def check_not_worse(a, than, metric: str = "ece", margin: float | None = None, c
     return _compare("assert_not_worse", "not_worse", a, than, metric, margin, confidence, better)
 
 
-@_takes_runs("a", "b", lists=True, paired=True)
+@takes_runs("a", "b", lists=True, paired=True)
 def check_equivalent(a, b, metric: str = "behavior_shift", margin: float | None = None,
                      confidence: float = 0.95) -> CheckResult:
     """No shift: |a − b| < `margin` (> 0, declared), by two one-sided tests (TOST), paired as in
@@ -100,7 +100,7 @@ def check_equivalent(a, b, metric: str = "behavior_shift", margin: float | None 
     return _compare("assert_equivalent", "equivalent", a, b, metric, margin, confidence, None)
 
 
-assert_greater = _asserting(check_greater)
-assert_less = _asserting(check_less)
-assert_not_worse = _asserting(check_not_worse)
-assert_equivalent = _asserting(check_equivalent)
+assert_greater = asserting(check_greater)
+assert_less = asserting(check_less)
+assert_not_worse = asserting(check_not_worse)
+assert_equivalent = asserting(check_equivalent)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from stance_harness.checks.common import _asserting, _conclude, _takes_runs
+from stance_harness.checks.common import asserting, conclude, takes_runs
 from stance_harness.core.errors import HarnessError
 from stance_harness.core.metrics import Estimate
 from stance_harness.core.results import CheckResult
@@ -12,7 +12,7 @@ from stance_harness.core.results import CheckResult
 SHOWN = 5  # probes in the failure table: those whose length moved most
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_reply_length_shift(run, max_shift: float = 8.0) -> CheckResult:
     """The adapted model's greedy replies keep their length: the mean over the probes of adapted
     minus base reply tokens lies within ±`max_shift`. Supported when its 95% bootstrap interval
@@ -26,11 +26,11 @@ def check_reply_length_shift(run, max_shift: float = 8.0) -> CheckResult:
     summary = (f"{run.label}: replies {found['base']:.3g} -> {found['adapted']:.3g} tokens, shift {mean:+.3g} "
                f"tokens per probe (95% interval {low:+.3g} to {high:+.3g}); allowed ±{max_shift:g}")
     moved = sorted(found["per_probe"], key=lambda r: -abs(r["delta"]))[:SHOWN]
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_reply_length_shift", inside, summary, ["probe", "base tokens", "adapted tokens", "shift"],
         [[r["probe"], r["base"], r["adapted"], r["delta"]] for r in moved],
         {"mean": mean, "low": low, "high": high, "max_shift": max_shift, "n": found["effect"]["n"]}, verdict=verdict,
     ), {f"{run.label}.reply_length_shift": Estimate(mean, low, high)})
 
 
-assert_reply_length_shift = _asserting(check_reply_length_shift)
+assert_reply_length_shift = asserting(check_reply_length_shift)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from stance_harness.checks.common import _asserting, _conclude, _takes_runs
+from stance_harness.checks.common import asserting, conclude, takes_runs
 from stance_harness.core.results import CheckResult
 from stance_harness.runs.instruments import LOSS_RISE, WEIGHT_GROWTH, health_events
 
@@ -28,7 +28,7 @@ def _steps_around(trace, step: int, mark: str, radius: int = 2) -> list[list]:
     return rows
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: float | None = None,
                             window: int = 5) -> CheckResult:
     """No non-finite loss, gradient or weight; optionally, no grad norm above `max_grad_norm`
@@ -53,28 +53,28 @@ def check_gradients_stable(run, max_grad_norm: float | None = None, max_spike: f
         halted = f"; the run halted at step {trace.halted_at}" if trace.halted_at is not None else ""
         summary = (f"non-finite {first['what']} at step {first['step']}{where} "
                    f"({len(trace.nonfinite)} non-finite events{halted}, policy {run.instruments.nonfinite})")
-        return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+        return conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
                                             _steps_around(trace, first["step"], "<- first non-finite"), metrics),
                          published)
     if max_grad_norm is not None:
         over = next((s for s, n in enumerate(norms) if n > max_grad_norm), None)
         if over is not None:
             summary = f"grad norm {norms[over]:.4g} at step {over} exceeds max_grad_norm {max_grad_norm:g}"
-            return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+            return conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
                                                 _steps_around(trace, over, "<- over the bound"), metrics), published)
     if max_spike is not None:
         for s, median in _previous_medians(norms, window):
             if median > 0 and norms[s] / median > max_spike:
                 summary = (f"grad norm spike at step {s}: {norms[s]:.4g} is {norms[s] / median:.3g}x the median "
                            f"{median:.4g} of the previous {min(s, window)} steps (allowed {max_spike:g}x)")
-                return _conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
+                return conclude([run], CheckResult("assert_gradients_stable", False, summary, headers,
                                                     _steps_around(trace, s, "<- spike"), metrics), published)
     peak = metrics["max_grad_norm"]
     summary = f"{len(norms)} steps, all finite; max grad norm {peak:.4g}" if peak is not None else "no steps ran"
-    return _conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
+    return conclude([run], CheckResult("assert_gradients_stable", bool(norms), summary, headers, [], metrics), published)
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_growth: float = WEIGHT_GROWTH) -> CheckResult:
     """Training did not collapse, with or without a NaN: nothing non-finite; the loss never rose past
     its start by `max_loss_rise` (a share of it) nor reached the uniform level (ln of the
@@ -91,17 +91,17 @@ def check_training_healthy(run, max_loss_rise: float = LOSS_RISE, max_weight_gro
                "weight_growth": (max(trace.weight_norm) / trace.weight_norm[0]
                                  if trace.weight_norm and trace.weight_norm[0] > 0 else None)}
     if not trace.loss:
-        return _conclude([run], CheckResult("assert_training_healthy", False, "no steps ran", headers, [], metrics))
+        return conclude([run], CheckResult("assert_training_healthy", False, "no steps ran", headers, [], metrics))
     if not events:
         summary = (f"{len(trace.loss)} steps: no non-finite value, loss {trace.loss[0]:.4g} -> {trace.loss[-1]:.4g}, "
                    f"weights x{metrics['weight_growth'] or 1:.3g}, gradients alive")
-        return _conclude([run], CheckResult("assert_training_healthy", True, summary, headers, [], metrics))
+        return conclude([run], CheckResult("assert_training_healthy", True, summary, headers, [], metrics))
     first = min(events, key=lambda e: e["step"])
     summary = (f"training collapsed at step {first['step']}: {first['what']} ({first['detail']}); "
                f"{len(events)} events: " + ", ".join(f"{e['what']} at step {e['step']}" for e in events))
-    return _conclude([run], CheckResult("assert_training_healthy", False, summary, headers,
+    return conclude([run], CheckResult("assert_training_healthy", False, summary, headers,
                                         _steps_around(trace, first["step"], f"<- {first['what']}"), metrics))
 
 
-assert_gradients_stable = _asserting(check_gradients_stable)
-assert_training_healthy = _asserting(check_training_healthy)
+assert_gradients_stable = asserting(check_gradients_stable)
+assert_training_healthy = asserting(check_training_healthy)

@@ -9,7 +9,7 @@ from stance_harness.analysis.concentration import block_shares, change_mass, gin
 from stance_harness.analysis.deltas import aggregate, layer_label
 from stance_harness.analysis.geometry import profile_rank_correlation
 from stance_harness.analysis.paired import spearman_with_interval
-from stance_harness.checks.common import _asserting, _conclude, _names, _takes_runs
+from stance_harness.checks.common import _names, asserting, conclude, takes_runs
 from stance_harness.core.registry import HarnessError
 from stance_harness.core.results import CheckResult
 
@@ -18,7 +18,7 @@ def _targeted(row, layers, kinds) -> bool:
     return (layers is None or row.layer in layers) and (kinds is None or row.kind in kinds)
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
                                view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """At least `min_share` of the run's total change lies in `layers` (x `kinds`).
@@ -50,13 +50,13 @@ def check_change_concentrated(run, layers, kinds=None, min_share: float = 0.5,
         summary = f"{share:.1%} of the change ({measure}, {view} view) is in {where}; {verdict} required {min_share:.1%}"
     table = [[label, s, in_target[label] / (total or 1.0) if label in in_target else ""]
              for label, s in group_share.items()]
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_change_concentrated", total > 0 and share >= min_share, summary,
         ["layer", "share", "in target"], table, metrics,
     ), {f"{run.label}.concentration_share": share})
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
                          view: str = "effective", measure: str = "sq_fro") -> CheckResult:
     """The `top_k` layers that changed most hold at most `max_share` of the change."""
@@ -72,14 +72,14 @@ def check_change_spread(run, top_k: int = 2, max_share: float = 0.5,
         verdict = "<=" if held <= max_share else ">"
         top = ", ".join(label for label, _ in ranked[:top_k])
         summary = f"the top {top_k} layers ({top}) hold {held:.1%} of the layer change; {verdict} allowed {max_share:.1%}"
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_change_spread", changed and held <= max_share, summary,
         ["layer", "share", "rank"], [[label, s, i + 1] for i, (label, s) in enumerate(ranked)],
         {"top_k_share": held, "gini": gini(layer_share.values())},
     ))
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
     """Frozen weights are bit-identical; trained ones changed.
 
@@ -109,14 +109,14 @@ def check_only_targets_changed(run, layers=None, kinds=None) -> CheckResult:
         summary = f"{len(offenders)} tensors break the rule (targets: {scope})"
     else:
         summary = f"{frozen} frozen tensors bit-identical; {changed} trained tensors changed (targets: {scope})"
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_only_targets_changed", not offenders, summary,
         ["parameter", "problem", "mean |Δ|"], offenders,
         {"frozen_tensors": frozen, "changed_tensors": changed, "unchanged_trainable": unchanged},
     ))
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckResult:
     """Every block matrix's update ΔW needs at most `max_rank` singular directions to hold
     `energy` of its squared norm (LoRA with rank r gives at most r)."""
@@ -133,13 +133,13 @@ def check_low_rank_update(run, energy: float = 0.9, max_rank: int = 8) -> CheckR
         summary = (f"{run.label}: the highest energy-{energy:g} rank of ΔW over {len(rows)} block matrices is {worst} "
                    f"(mean {mean_rank:.3g}); allowed {max_rank}" + (f"; {len(over)} matrices exceed it" if over else ""))
     table = [[r["matrix"], r["rank"], r["stable_rank"], "x".join(map(str, r["shape"]))] for r in (over or ranked)[:12]]
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_low_rank_update", bool(rows) and not over, summary, ["matrix", "rank", "stable rank", "shape"], table,
         {"energy": energy, "max_rank_seen": worst, "mean_rank": mean_rank, "matrices": len(rows)},
     ), {f"{run.label}.effective_rank": mean_rank})
 
 
-@_takes_runs("run")
+@takes_runs("run")
 def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
     """The run's changed block matrices carry at most `max_per_matrix` intruder dimensions on
     average: singular vectors among the top 10 of W + ΔW whose largest |cosine| with the base's
@@ -157,14 +157,14 @@ def check_few_intruders(run, max_per_matrix: float = 1.0) -> CheckResult:
         summary = (f"{run.label}: {total} intruder dimensions over {len(rows)} changed block matrices "
                    f"({mean:.3g} per matrix; top {found['top_k']}, cosine < {found['epsilon']:g}); "
                    f"allowed {max_per_matrix:g} per matrix")
-    return _conclude([run], CheckResult(
+    return conclude([run], CheckResult(
         "assert_few_intruders", mean <= max_per_matrix, summary, ["matrix", "intruders", "checked"],
         [[r["matrix"], r["count"], r["checked"]] for r in worst[:12]],
         {"intruders": total, "matrices": len(rows), "per_matrix": mean},
     ), {f"{run.label}.intruders": mean})
 
 
-@_takes_runs("a", "b")
+@takes_runs("a", "b")
 def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fro", view: str = "effective",
                                confidence: float = 0.95) -> CheckResult:
     """The per-layer change profiles of runs `a` and `b` (each layer's share of the block
@@ -180,23 +180,23 @@ def check_layer_profiles_agree(a, b, min_rho: float = 0.0, measure: str = "sq_fr
     rows = [[f"L{label}", x, y] for label, x, y in zip(aligned.labels, aligned.a, aligned.b)]
     if aligned.reason:
         summary = f"{name_a} vs {name_b}: no rank correlation: {aligned.reason}"
-        return _conclude([a, b], CheckResult("assert_layer_profiles_agree", False, summary, headers, rows,
+        return conclude([a, b], CheckResult("assert_layer_profiles_agree", False, summary, headers, rows,
                                              {"rho": aligned.rho}, verdict="inconclusive"))
     found = spearman_with_interval(aligned.a, aligned.b, confidence=confidence)
     outcome = "supported" if found.low > min_rho else "refuted" if found.high <= min_rho else "inconclusive"
     summary = (f"{name_a} vs {name_b}: per-layer change profiles rank-correlate rho = {found.rho:+.3f} "
                f"[{found.low:+.3f}, {found.high:+.3f}] ({confidence:.0%} bootstrap over {found.n} layers); "
                f"required above {min_rho:+g}: {outcome}")
-    return _conclude([a, b], CheckResult(
+    return conclude([a, b], CheckResult(
         "assert_layer_profiles_agree", outcome == "supported", summary, headers, rows,
         {"rho": found.rho, "low": found.low, "high": found.high, "n": found.n, "min_rho": min_rho,
          "p_value": found.p_value, "note": found.note}, verdict=outcome,
     ), {f"{a.label}.profile_rho": found.rho})
 
 
-assert_change_concentrated = _asserting(check_change_concentrated)
-assert_change_spread = _asserting(check_change_spread)
-assert_only_targets_changed = _asserting(check_only_targets_changed)
-assert_low_rank_update = _asserting(check_low_rank_update)
-assert_few_intruders = _asserting(check_few_intruders)
-assert_layer_profiles_agree = _asserting(check_layer_profiles_agree)
+assert_change_concentrated = asserting(check_change_concentrated)
+assert_change_spread = asserting(check_change_spread)
+assert_only_targets_changed = asserting(check_only_targets_changed)
+assert_low_rank_update = asserting(check_low_rank_update)
+assert_few_intruders = asserting(check_few_intruders)
+assert_layer_profiles_agree = asserting(check_layer_profiles_agree)

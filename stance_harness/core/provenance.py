@@ -8,6 +8,8 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from stance_harness.core.devices import _torch  # torch at first use (pytest's start-up imports this module)
+
 LIBRARIES = ("stance-harness", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate", "pytest")
 
 
@@ -38,8 +40,7 @@ def environment_info() -> dict:
     machine = {"python": platform.python_version(), "platform": platform.platform(),
                "machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count()}
     try:
-        import torch  # why: the session imports this module at pytest's start-up
-
+        torch = _torch()
         machine["torch_threads"] = torch.get_num_threads()
         machine["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stance_harness.core.config import build_config
-from stance_harness.core.devices import DEVICE_CHOICES, check_device_name, device_description, resolve_device
+# _torch: torch at first use (pytest's start-up validates --model-args here)
+from stance_harness.core.devices import DEVICE_CHOICES, _torch, check_device_name, device_description, resolve_device
 from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.core.registry import HarnessError, Registry, suggest
 from stance_harness.models.anatomy import Anatomy
@@ -247,8 +248,7 @@ def check_device(args: ModelArgs) -> None:
     if args.device == "auto" and args.dtype == "float16":
         args = args.resolved()
     if args.device.startswith("cuda"):
-        import torch  # why: pytest's start-up validates --model-args here; torch only for a CUDA device
-
+        torch = _torch()  # only for a CUDA device
         if not torch.cuda.is_available():
             raise HarnessError(f"--model-args device={args.device}: this machine has no CUDA device "
                                f"(torch {torch.__version__} sees none); use device=cpu or auto")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from stance_harness.core.files import atomic_write
 from stance_harness.models import share_frozen_weights
 from stance_harness.models.loading import check_model_directory, local_weights_hash
 from stance_harness.models.weights import from_pretrained
+# re-exported: the spec of an --adapter argument lives in a torch-free module
+from stance_harness.runs.adapter_spec import AdapterSpec, parse_adapter_spec
 from stance_harness.runs.batches import framing_for
 from stance_harness.runs.from_model import check_same_architecture, run_from_model
 from stance_harness.runs.instruments import InstrumentConfig, Trace
@@ -42,37 +43,9 @@ PROVENANCE_FILE = "stance_harness.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT, FULL = "peft", "full"  # the two kinds of saved model --adapter gates
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # no '.': a NAME is one component of a metric's name
 # LoRA options the `lora` method's ΔW (scale alpha / r, B @ A) does not model: such adapters are measured
 # as `peft` measures any tuner, from peft's own merge
 _NOT_PLAIN_LORA = ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern")
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """One `--adapter` argument: the directory, and the name its metrics are namespaced by."""
-
-    name: str
-    path: Path
-    text: str  # as given, for messages
-
-
-def parse_adapter_spec(text) -> AdapterSpec:
-    """`NAME=PATH` (the namespace is NAME) or `PATH` (the directory's name). A PATH that exists
-    as given is taken whole, even if it holds '='."""
-    if isinstance(text, AdapterSpec):
-        return text
-    text = str(text)
-    head, equals, tail = text.partition("=")
-    if equals and not Path(text).expanduser().exists():
-        if not _NAME_RE.match(head):
-            raise HarnessError(f"--adapter {text}: {head!r} is not a NAME for NAME=PATH; use letters, digits, '_' "
-                               f"and '-' (it names the metrics, e.g. curious-v2.ece)")
-        if not tail:
-            raise HarnessError(f"--adapter {text}: no PATH after '='; write NAME=PATH, e.g. curious-v2=adapters/mine")
-        return AdapterSpec(head, Path(tail).expanduser(), text)
-    path = Path(text).expanduser()
-    return AdapterSpec(path.name or path.resolve().name, path, text)
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
     # why: only a worker needs accelerate, whose import pulls its CLI config and botocore into every session
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     # a schedule (gradual, hybrid) freezes tensors mid-run: DDP must not wait for their gradients
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),

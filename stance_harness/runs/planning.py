@@ -55,11 +55,22 @@ REDRAW_SECONDS = 0.5  # the progress line is redrawn at most this often on a ter
 
 
 # -- the plan --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRequest:
+    """A request as a test asked for it: the model and stance named as the session loads them,
+    and its number of optimizer steps (what an estimate of its training time multiplies)."""
+
+    request: object  # runs/request.TrainingRequest (not imported: it imports torch)
+    model: str
+    stance: str
+    steps: int
+
+
 @dataclass
 class Plan:
     """The session's training requests as planned: all of them, those already stored, those to train."""
 
-    requests: dict  # run id -> session.PlannedRequest, in the order the tests asked
+    requests: dict  # run id -> PlannedRequest, in the order the tests asked
     stored: list[str] = field(default_factory=list)
     to_train: list[str] = field(default_factory=list)
     on_demand: list[str] = field(default_factory=list)  # planned, but left to train when asked (data-parallel)
@@ -575,7 +586,7 @@ def train_on_demand(harness, executor, planned, loaded, stance):
     """A request no plan knew (a test computed it), trained as one task of the remote `executor`
     (with the resources, into the store, of a planned one) and loaded from the run store. The
     caller holds the run's store lock. A failed task raises, naming the run, the task's error and
-    where it ran. `planned`: a session.PlannedRequest."""
+    where it ran. `planned`: a PlannedRequest."""
     request = planned.request
     plan = Plan({request.run_id: planned}, to_train=[request.run_id])
     draw = _on_demand_draw(harness)

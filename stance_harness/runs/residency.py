@@ -11,6 +11,7 @@ import os
 import re
 from collections import OrderedDict
 
+from stance_harness.core.devices import _torch  # torch at first use (pytest's start-up imports this module)
 from stance_harness.core.errors import HarnessError
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -32,8 +33,7 @@ def parse_bytes(text: str, option: str = "--run-memory") -> int:
 def free_memory(device: str = "cpu") -> int:
     """Bytes free now: on a CUDA device its free memory, else the machine's available RAM."""
     if str(device).startswith("cuda"):
-        import torch  # why: pytest's start-up imports this module; torch only to ask a GPU
-
+        torch = _torch()  # only to ask a GPU
         if torch.cuda.is_available():
             return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:

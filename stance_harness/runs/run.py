@@ -16,7 +16,6 @@ released to keep memory bounded and is rebuilt on demand from base + stored tens
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,6 +28,8 @@ from stance_harness.core.stages import DEFAULT_TIMEOUT, run_stage
 from stance_harness.measurements import MEASUREMENTS, MeasureContext, measure, producer_of
 from stance_harness.measurements.counts import logical_numel  # noqa: F401 (imported from here by callers)
 from stance_harness.runs.batches import Framing
+# re-exported: RunSet is torch-free, in its own module so the plugin's train fixture imports it at load
+from stance_harness.runs.runset import RunSet, runset  # noqa: F401
 from stance_harness.runs.services import RunServices
 from stance_harness.core.errors import HarnessError
 
@@ -386,45 +387,6 @@ class Run:
             return {"layers": {"effective": self.layer_table("effective"), "adapter": self.layer_table("adapter")}}
         except Exception as exc:  # one run's broken analysis must not cost the session its report
             return {"layers": {"effective": [], "adapter": []}, "analysis_error": f"{type(exc).__name__}: {exc}"}
-
-
-class RunSet(tuple):
-    """Runs that differ only in the training seed (`train(..., seeds=N)`): a sequence of Run.
-
-    Comparative checks take it as one arm, seeds as the unit of replication; single-run checks
-    apply to each run (each must pass)."""
-
-    def __new__(cls, runs):
-        runs = tuple(runs)
-        if not runs:
-            raise HarnessError("a RunSet needs at least one run")
-        return super().__new__(cls, runs)
-
-    @property
-    def label(self) -> str:
-        return self[0].label
-
-    @property
-    def seeds(self) -> list:
-        return [getattr(getattr(r, "recipe", None), "seed", i) for i, r in enumerate(self)]
-
-    def __repr__(self) -> str:
-        return f"RunSet({self.label!r}, seeds={self.seeds})"
-
-    def each(self, measure) -> list:
-        """`measure(run)` for each seed's run, in seed order."""
-        return [measure(run) for run in self]
-
-    def mean(self, measure) -> float:
-        """The mean over seeds of `measure(run)` (a number per run): what a table shows for the arm."""
-        values = [float(v) for v in self.each(measure)]
-        return math.fsum(values) / len(values)
-
-
-def runset(value) -> RunSet:
-    """A RunSet from a RunSet, a list of runs (one per seed) or a single Run (one seed), so code that
-    summarises an arm takes either."""
-    return value if isinstance(value, RunSet) else RunSet(value if isinstance(value, (list, tuple)) else [value])
 
 
 # `model` is an init field (so `dataclasses.replace(run, model=...)` works) kept outside the

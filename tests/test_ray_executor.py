@@ -386,25 +386,25 @@ def test_a_request_no_plan_knew_trains_as_one_task_of_the_remote_executor(in_pro
                              progress=lines.append)
     session.use_model(tiny_qwen2)
     monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # a plain progress callable gets the last line
-    recipe = json.loads(RECIPE)
-    run = session.train("lora", examples=10, recipe=recipe, r=2)
+    recipe = json.loads(RECIPE)  # full fine-tuning: no peft, which an earlier pytester run may have dropped
+    run = session.train("full", examples=10, recipe=recipe)
     assert session.remote.runs == [run.run_id] and run.origin == "trained"  # one task, then loaded from the store
     assert (tmp_path / "store" / run.run_id).is_dir() and run.trace.loss
     assert re.fullmatch(rf"\[stance-harness\] on demand: {run.run_id} trained as a stand-in task in \d+s \(on "
                         rf"host-a, pid 7\)", lines[-1]), lines
-    assert session.train("lora", examples=10, recipe=recipe, r=2) is run and session.remote.runs == [run.run_id]
+    assert session.train("full", examples=10, recipe=recipe) is run and session.remote.runs == [run.run_id]
     close_remote(session)
     assert session.remote.closed == 1
 
     session.remote.outcome = "fails"
-    with pytest.raises(HarnessError, match=re.escape("(lora) failed when trained on demand as a stand-in task: "
+    with pytest.raises(HarnessError, match=re.escape("(full) failed when trained on demand as a stand-in task: "
                                                      "RuntimeError: no room, on node n1 (host-a, pid 7)")):
-        session.train("lora", examples=10, recipe=recipe, r=4)
+        session.train("full", examples=10, recipe={**recipe, "seed": 1})
     assert lines[-1].endswith("failed")
     session.remote.outcome = "stores nothing"
-    with pytest.raises(HarnessError, match=r"the stand-in task that trained lora-\S+ on demand finished but "
+    with pytest.raises(HarnessError, match=r"the stand-in task that trained full-\S+ on demand finished but "
                                            r"stored no run in "):
-        session.train("lora", examples=10, recipe=recipe, r=8)
+        session.train("full", examples=10, recipe={**recipe, "seed": 2})
 
 
 def test_ray_options_are_checked_before_collection(pytester, monkeypatch):

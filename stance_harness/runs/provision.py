@@ -13,7 +13,6 @@ from __future__ import annotations
 from stance_harness.core.errors import HarnessError
 from stance_harness.runs import distributed, training
 from stance_harness.runs.adapter_spec import AdapterSpec
-from stance_harness.runs.adapters import load_adapter_run
 from stance_harness.runs.distributed import LAUNCHERS
 from stance_harness.runs.planning import PlannedRequest, remote_executor, train_on_demand
 from stance_harness.runs.request import TrainingRequest
@@ -94,5 +93,8 @@ def obtain_run(harness, request: TrainingRequest, model: str | None, stance: str
 
 def adapter_run(harness, spec: AdapterSpec) -> Run:
     """A saved adapter or fine-tuned checkpoint on the --model base, as a Run named by the spec."""
+    # why: adapters imports peft, which imports bitsandbytes (seconds, and output on stderr); only --adapter needs it
+    from stance_harness.runs.adapters import load_adapter_run
+
     return load_adapter_run(harness.model(), spec, harness.stance, harness.options.chat_template,
                             harness.options.stance)

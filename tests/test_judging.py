@@ -105,6 +105,20 @@ def test_a_changed_verdict_fails_with_the_record_and_the_interval():
     assert "+0.2 [+0.1, +0.3] (ece, 3 seeds)" in message and "the record said: clear" in message
 
 
+def test_a_record_made_with_other_seeds_is_another_claim_and_does_not_fail():
+    record = TestRecord(RECORD_TEST, seeds=1)  # --seeds 1 against a record of 5 seeds per arm
+    with pytest.raises(pytest.xfail.Exception, match=r"^recorded inconclusive on tiny-qwen2 with 5 seeds per arm; "
+                                                     r"this session trained 1, another claim, and found it refuted: "
+                                                     r"not held against the record$"):
+        hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "inconclusive", "seeds": 5}, "refuted", record)
+    assert not record.held_for_family
+    # the same verdict with other seeds stands as recorded; the same seeds and another verdict still fail
+    assert hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "supported", "seeds": 5}, "supported",
+                               record) is None
+    with pytest.raises(VerdictChanged):
+        hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "inconclusive", "seeds": 1}, "refuted", record)
+
+
 # -- without a record: --inconclusive ---------------------------------------------------------
 def test_inconclusive_without_a_record_does_what_the_option_says():
     with pytest.raises(pytest.skip.Exception, match=r"^inconclusive: straddles 0$"):

@@ -70,10 +70,10 @@ class Qlora(Lora):
     config_cls = QloraConfig
 
     def check(self, ctx):
-        # Decided on the already-loaded full-precision base, before any 4-bit copy is made; paths
-        # are the raw model's (a task head, wrapped on later, adds its own prefix).
+        # Decided on the base's modules without its weights (the skeleton), before any 4-bit copy is
+        # made; paths are the raw model's (a task head, wrapped on later, adds its own prefix).
         anatomy = ctx.loaded.anatomy
-        modules = dict(ctx.loaded.base.named_modules())
+        modules = dict(ctx.loaded.skeleton.named_modules())
         refused = {}
         for path in target_paths(anatomy, ctx.config):
             module = modules.get(path)

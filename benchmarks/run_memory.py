@@ -15,8 +15,11 @@ and what stays allocated after it.
         [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"]
 
 Labels beyond the six: "full, checkpointed" (recipe gradient_checkpointing=True), "full, adamw_8bit"
-(recipe optim="adamw_8bit") and "qlora r8". It prints whether full and l2sp peak within 5.5 x the
-base's bytes, and whether the checkpointed and 8-bit full fine-tunes peak lower than full.
+(recipe optim="adamw_8bit"), "qlora r8", and "lora r8, checkpointed" and "qlora r8, checkpointed".
+It prints whether full and l2sp peak within 5.5 x the base's bytes, whether the checkpointed and
+8-bit full fine-tunes peak lower than full, and with --runs "" --alone "lora r8;qlora r8" a
+QLoRA-only session's peak against a LoRA-only one's, each alone in a fresh process (a QLoRA-only
+session never loads the full-precision base).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ RUNS = [
     ("full, checkpointed", "full", {"recipe": {"gradient_checkpointing": True}}),
     ("full, adamw_8bit", "full", {"recipe": {"optim": "adamw_8bit"}}),
     ("qlora r8", "qlora", {"r": 8}),
+    ("lora r8, checkpointed", "lora", {"r": 8, "recipe": {"gradient_checkpointing": True}}),
+    ("qlora r8, checkpointed", "qlora", {"r": 8, "recipe": {"gradient_checkpointing": True}}),
 ]
 DEFAULT_RUNS = RUNS[:6]  # the six the session has always trained
 HEAVY = ["full", "l2sp"]
@@ -185,9 +190,11 @@ def main() -> None:
         session_peak, session_cuda_peak = figures["session_peak"], figures["session_cuda_peak"]
         print(f"session peak / largest single run's peak = {session_peak / max(p['rss'] for p in heavy):.3f} (RSS)"
               + (f", {session_cuda_peak / max(p['cuda_peak'] for p in heavy):.3f} (GPU)" if session_cuda_peak else ""))
-    if "lora r8" in alone_peaks and "qlora r8" in alone_peaks:
-        print(f"a QLoRA-only session's peak / a LoRA-only session's = "
-              f"{alone_peaks['qlora r8']['rss'] / alone_peaks['lora r8']['rss']:.3f} (RSS; issue 30 asks <= 0.6)")
+    for lora, qlora in (("lora r8", "qlora r8"), ("lora r8", "qlora r8, checkpointed"),
+                        ("lora r8, checkpointed", "qlora r8, checkpointed")):
+        if lora in alone_peaks and qlora in alone_peaks:
+            print(f"a QLoRA-only session's peak ({qlora}) / a LoRA-only session's ({lora}) = "
+                  f"{alone_peaks[qlora]['rss'] / alone_peaks[lora]['rss']:.3f} (RSS; issue 30 asks <= 0.6)")
     print(json.dumps({**figures, "alone": alone_peaks}))
 
 

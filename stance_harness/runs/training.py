@@ -28,6 +28,7 @@ from stance_harness.runs.instruments import (
     StepProbe,
     Trace,
     health_events,
+    MAP_LARGE_FROM,
     map_large_allocations,
     output_change_cosine,
     peak_memory,
@@ -39,11 +40,6 @@ from stance_harness.runs.methods.base import bitsandbytes_module
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, frozen_digests
 from stance_harness.runs.tasks import TASKS
-
-# Mapping each large allocation returns freed activations to the OS (RSS near the floor at real
-# size) but costs page faults: 15% per step on SmolLM2-135M's MLP shapes measured here. Only a
-# base this large makes the memory worth the time.
-MAP_LARGE_FROM = 1 << 30
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:

@@ -15,8 +15,11 @@ and what stays allocated after it.
         [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"]
 
 Labels beyond the six: "full, checkpointed" (recipe gradient_checkpointing=True), "full, adamw_8bit"
-(recipe optim="adamw_8bit") and "qlora r8". It prints whether full and l2sp peak within 5.5 x the
-base's bytes, and whether the checkpointed and 8-bit full fine-tunes peak lower than full.
+(recipe optim="adamw_8bit"), "qlora r8", and "lora r8, checkpointed" and "qlora r8, checkpointed".
+It prints whether full and l2sp peak within 5.5 x the base's bytes, whether the checkpointed and
+8-bit full fine-tunes peak lower than full, and with --runs "" --alone "lora r8;qlora r8" a
+QLoRA-only session's peak against a LoRA-only one's, each alone in a fresh process (a QLoRA-only
+session never loads the full-precision base).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ RUNS = [
     ("full, checkpointed", "full", {"recipe": {"gradient_checkpointing": True}}),
     ("full, adamw_8bit", "full", {"recipe": {"optim": "adamw_8bit"}}),
     ("qlora r8", "qlora", {"r": 8}),
+    ("lora r8, checkpointed", "lora", {"r": 8, "recipe": {"gradient_checkpointing": True}}),
+    ("qlora r8, checkpointed", "qlora", {"r": 8, "recipe": {"gradient_checkpointing": True}}),
 ]
 DEFAULT_RUNS = RUNS[:6]  # the six the session has always trained
 HEAVY = ["full", "l2sp"]
@@ -145,7 +150,7 @@ def alone(model_dir: str, label: str, device: str = "auto") -> dict:
         s = session(Path(model_dir), Path(store), device)
         recipe, options = _split(options)
         s.train(method, examples=10, recipe=recipe, **_on(s.model().anatomy, options))
-        return {"rss": sampler.read(), **cuda_figures(s.model().args.device)}
+        return {"rss": sampler.read(), "base_loaded": s.model().base_loaded, **cuda_figures(s.model().args.device)}
 
 
 def main() -> None:
@@ -174,15 +179,39 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = build(args.model_dir, args.layers)
+    figures = session_figures(model_dir, chosen, args.device) if chosen else {}
+    alone_peaks = {label: train_alone(model_dir, label, args.device) for label in alone_labels}
+    for label, peak in alone_peaks.items():
+        print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
+              + (f", GPU peak {peak['cuda_peak'] / 2**30:.2f} GiB" if "cuda_peak" in peak else "")
+              + f"; full-precision base loaded: {'yes' if peak['base_loaded'] else 'no'}")
+    heavy = [p for label, p in alone_peaks.items() if label in chosen]
+    if heavy:
+        session_peak, session_cuda_peak = figures["session_peak"], figures["session_cuda_peak"]
+        print(f"session peak / largest single run's peak = {session_peak / max(p['rss'] for p in heavy):.3f} (RSS)"
+              + (f", {session_cuda_peak / max(p['cuda_peak'] for p in heavy):.3f} (GPU)" if session_cuda_peak else ""))
+    for lora, qlora in (("lora r8", "qlora r8"), ("lora r8", "qlora r8, checkpointed"),
+                        ("lora r8, checkpointed", "qlora r8, checkpointed")):
+        if lora in alone_peaks and qlora in alone_peaks:
+            print(f"a QLoRA-only session's peak ({qlora}) / a LoRA-only session's ({lora}) = "
+                  f"{alone_peaks[qlora]['rss'] / alone_peaks[lora]['rss']:.3f} (RSS; issue 30 asks <= 0.6)")
+    print(json.dumps({**figures, "alone": alone_peaks}))
+
+
+def session_figures(model_dir: Path, chosen: list[str], device: str) -> dict:
+    """Train the `chosen` runs in one session here, print their figures and return them. The base
+    is loaded first (it loads on first use), so each run's figures are over what it took."""
+    import torch
+
     sampler = PeakSampler()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as store:
-        s = session(model_dir, Path(store), args.device)
+        s = session(model_dir, Path(store), device)
         before_base = rss()
         loaded = s.model()
+        base_bytes = sum(p.numel() * p.element_size() for p in loaded.base.parameters())  # loads it here
         device = loaded.args.device
         base_rss = rss() - before_base
-        base_bytes = sum(p.numel() * p.element_size() for p in loaded.base.parameters())
         print(f"model {model_dir}: {sum(p.numel() for p in loaded.base.parameters()) / 1e6:.0f}M parameters, "
               f"{base_bytes / 2**30:.2f} GiB as float32; the base took {base_rss / 2**30:.2f} GiB of RSS; "
               f"run memory budget {s.resident.budget / 2**30:.1f} GiB; {torch.get_num_threads()} threads; "
@@ -227,19 +256,8 @@ def main() -> None:
         if label in peaks and "full" in peaks:
             print(f"{label}: peak {peaks[label]:.2f} x base bytes against full's {peaks['full']:.2f} x "
                   f"({'lower' if peaks[label] < peaks['full'] else 'NOT lower'})")
-    alone_peaks = {label: train_alone(model_dir, label, args.device) for label in alone_labels}
-    for label, peak in alone_peaks.items():
-        print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
-              + (f", GPU peak {peak['cuda_peak'] / 2**30:.2f} GiB" if "cuda_peak" in peak else ""))
-    heavy = [p for label, p in alone_peaks.items() if label in chosen]
-    if heavy:
-        print(f"session peak / largest single run's peak = {session_peak / max(p['rss'] for p in heavy):.3f} (RSS)"
-              + (f", {session_cuda_peak / max(p['cuda_peak'] for p in heavy):.3f} (GPU)" if session_cuda_peak else ""))
-    if "lora r8" in alone_peaks and "qlora r8" in alone_peaks:
-        print(f"a QLoRA-only session's peak / a LoRA-only session's = "
-              f"{alone_peaks['qlora r8']['rss'] / alone_peaks['lora r8']['rss']:.3f} (RSS; issue 30 asks <= 0.6)")
-    print(json.dumps({"rows": rows, "session_peak": session_peak, "session_cuda_peak": session_cuda_peak or None,
-                      "alone": alone_peaks, "base_bytes": base_bytes, "base_rss": base_rss, "device": device}))
+    return {"rows": rows, "session_peak": session_peak, "session_cuda_peak": session_cuda_peak or None,
+            "base_bytes": base_bytes, "base_rss": base_rss, "device": device}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def counts(ctx) -> dict:
     model = ctx.model
     trainable = sum(t.numel() for t in ctx.before.values())
     total = sum(logical_numel(p) for p in model.parameters())
-    full_bytes = sum(p.numel() * p.element_size() for p in ctx.loaded.base.parameters())
+    full_bytes = ctx.loaded.base_bytes
     return {
         "trainable": trainable, "frozen": total - trainable,
         "trainable_pct": 100.0 * trainable / total if total else 0.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -308,19 +309,23 @@ class LoadedModel:
     """A base model ready to measure, and the means to adapt it without copying it.
 
     `base` is frozen and never written to: every run's model shares its storage for the
-    weights that run does not train. `measurement_cache` holds what was measured on the base
-    (the same for every run on it), each computed once."""
+    weights that run does not train. load_model leaves it unloaded until first use, so a session
+    whose methods load their own model (QLoRA's 4-bit copy) never holds it; what needs only its
+    class, config, modules or parameter shapes reads `skeleton`. `measurement_cache` holds what
+    was measured on the base (the same for every run on it), each computed once."""
 
     spec: ModelSpec
     args: ModelArgs
     path: Path
     revision: str | None
     tokenizer: Any
-    base: Any  # the untouched base model, in eval mode
+    _base: Any  # the untouched base model, in eval mode; None until `base` is first read
     anatomy: Anatomy
     origin: dict | None = None  # for a model converted from GGUF: the file, its sha256 and quantization
     measurement_cache: dict = field(default_factory=dict, init=False)
     _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor; "owners"
+    _skeleton: Any = field(default=None, init=False, repr=False)
+    _loading: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __repr__(self) -> str:
         # Short: the generated one would print the whole model and tokenizer (see Run.__repr__).
@@ -331,8 +336,35 @@ class LoadedModel:
         return self.spec.name
 
     @property
+    def base(self):
+        """The full-precision base, loaded from `path` on first use."""
+        with self._loading:  # measurement threads may ask at once: one load
+            if self._base is None:
+                self._base = _load_base(self.path, self.args)
+        return self._base
+
+    @property
+    def base_loaded(self) -> bool:
+        """Whether `base` has been loaded (a model built before it cannot share its storage)."""
+        return self._base is not None
+
+    @property
+    def skeleton(self):
+        """The base when loaded, else the same model on the meta device: its class, config, modules
+        and parameter shapes and dtypes, without a weight in memory."""
+        if self._base is not None:
+            return self._base
+        if self._skeleton is None:
+            self._skeleton = _weights().skeleton(self.path, self.args)
+        return self._skeleton
+
+    def base_parameters(self):
+        """(name, parameter) of the base if it is loaded, else none: what a model may share storage with."""
+        return self._base.named_parameters() if self._base is not None else iter(())
+
+    @property
     def is_causal_lm(self) -> bool:
-        return type(self.base).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        return type(self.skeleton).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     @property
     def model_id(self) -> str:
@@ -344,8 +376,8 @@ class LoadedModel:
 
     @property
     def base_bytes(self) -> int:
-        """Bytes of the base's parameters (each shared tensor once)."""
-        return sum(p.numel() * p.element_size() for p in self.base.parameters())
+        """Bytes of the base's parameters (each shared tensor once), loaded or not."""
+        return sum(p.numel() * p.element_size() for p in self.skeleton.parameters())
 
     def identity(self) -> dict:
         """What names these weights exactly: the revision, or for a local directory a hash of its
@@ -365,8 +397,10 @@ class LoadedModel:
 
     def base_digest(self, tensor) -> str | None:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
+        if self._base is None:
+            return None  # nothing shares the storage of a base not loaded
         if "owners" not in self._digests:  # once: a setdefault would walk every parameter on every call
-            self._digests["owners"] = {p.data_ptr(): p for p in self.base.parameters()}
+            self._digests["owners"] = {p.data_ptr(): p for p in self._base.parameters()}
         owners = self._digests["owners"]
         owner = owners.get(tensor.data_ptr())
         if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
@@ -420,8 +454,18 @@ def local_weights_hash(path: Path) -> str:
     return digest
 
 
+def _load_base(path: Path, args: ModelArgs):
+    """The base model's weights from `path`, in eval mode and frozen."""
+    base = _weights().from_pretrained(path, args)
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return base
+
+
 def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
                progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """The model `name` names, with its tokenizer and anatomy; its weights load on first use of `.base`
+    (at once when a device_map shards them: where the first layers land is the inputs' device)."""
     weights = _weights()
     weights.disable_progress_bars()
     args = args or ModelArgs()
@@ -434,14 +478,15 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     tokenizer = weights.open_tokenizer(path, args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = weights.from_pretrained(path, args)
+    base = None
     if args.device_map is not None:  # where the first layers landed: the inputs go there
+        base = _load_base(path, args)
         args = args.resolved(str(next(base.parameters()).device))
-    for parameter in base.parameters():
-        parameter.requires_grad_(False)
     origin = None
     if spec.from_gguf:
         origin = gguf_origin(path)
         if spec.package:
             origin = {**origin, "package": spec.package, "package_version": revision, "package_file": spec.package_file}
-    return LoadedModel(spec, args, path, revision, tokenizer, base, Anatomy.of(base), origin)
+    loaded = LoadedModel(spec, args, path, revision, tokenizer, base, None, origin)
+    loaded.anatomy = Anatomy.of(loaded.skeleton)
+    return loaded

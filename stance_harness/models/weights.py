@@ -170,8 +170,7 @@ def from_pretrained(path: Path, args, **overrides):
     """The saved model at `path` loaded with `args` (a ModelArgs), in eval mode: safetensors only, local files
     only, remote code only where the args allow it."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
-    auto = AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
+    auto = _auto_class(config)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.device_map is not None:
         overrides.setdefault("device_map", args.device_map)
@@ -183,6 +182,25 @@ def from_pretrained(path: Path, args, **overrides):
     )
     # a device_map placed the model already (and a 4-bit model cannot move)
     return model.eval() if "device_map" in overrides else model.to(args.device).eval()
+
+
+def _auto_class(config):
+    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    return AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
+
+
+def skeleton(path: Path, args):
+    """The model `from_pretrained(path, args)` builds, on the meta device: its class, config, modules
+    and parameters' shapes and dtypes, without reading or holding a weight."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    if args.dtype == "auto":  # what from_pretrained's "auto" reads: the checkpoint's recorded dtype
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    else:
+        dtype = getattr(torch, args.dtype)
+    with torch.device("meta"):
+        model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    return model.eval()
 
 
 def share_frozen_weights(base):

@@ -53,7 +53,8 @@ def frozen_digests(model, loaded: "LoadedModel") -> dict[str, str]:
 
 def owned_bytes(model, loaded: "LoadedModel") -> int:
     """Bytes of the model's parameters and buffers that are not the base's own storage."""
-    shared = {t.data_ptr() for t in (*loaded.base.parameters(), *loaded.base.buffers())}
+    base = loaded.base if loaded.base_loaded else None  # an unloaded base shares nothing
+    shared = {t.data_ptr() for t in (*base.parameters(), *base.buffers())} if base is not None else set()
     seen, total = set(), 0
     for tensor in (*model.parameters(), *model.buffers()):
         ptr = tensor.data_ptr()

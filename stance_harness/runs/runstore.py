@@ -271,7 +271,7 @@ class RunStore:
     # -- writing ----------------------------------------------------------------------------
     def save(self, run: Run) -> Path | str:
         """Store a freshly trained run (its trained tensors, record and measurements so far)."""
-        base_names = {p.data_ptr(): n for n, p in run.loaded.base.named_parameters()}
+        base_names = {p.data_ptr(): n for n, p in run.loaded.base_parameters()}
         from_base = {n: base_names[t.data_ptr()] for n, t in run.before.items() if t.data_ptr() in base_names}
         model = dict(run.model.named_parameters())
         tensors = {f"after/{n}": model[n].detach().contiguous().cpu() for n in run.before}
@@ -379,7 +379,8 @@ class RunStore:
             warnings.warn(StoreWarning(f"stance-harness: run store entry {where} holds another request; "
                                        f"training it again"), stacklevel=2)
             return None
-        base = dict(loaded.base.named_parameters())
+        # the base only when a trained tensor starts from it (a QLoRA run's adapters never do)
+        base = dict(loaded.base.named_parameters()) if record["before_from_base"] else {}
         before = {n: base[b].detach() for n, b in record["before_from_base"].items()}
         with safe_open(str(files[TENSORS]), framework="pt") as tensors:
             for key in tensors.keys():

@@ -208,14 +208,14 @@ class StanceLM(Task):
     def check(self, loaded) -> None:
         if not loaded.is_causal_lm:
             raise NotApplicable(
-                f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.base).__name__}); the "
+                f"{loaded.name} is a {loaded.anatomy.model_type} encoder ({type(loaded.skeleton).__name__}); the "
                 f"stance-lm task needs a causal LM. Use task='stance-classification' for encoders.")
 
     def encode(self, framing, examples, max_len: int) -> list:
         return encode_examples(framing, examples, max_len)
 
     def uniform_loss(self, loaded) -> float:
-        return math.log(loaded.base.config.vocab_size)
+        return math.log(loaded.skeleton.config.vocab_size)
 
     def collate(self, items, pad_id: int, device) -> dict:
         return collate(items, pad_id, device)
@@ -226,7 +226,7 @@ class StanceLM(Task):
         prompt and padding positions, their softmax and its gradient were most of a step's memory.
         Where the head is a plain linear layer whose output is the logits, they are not kept even
         there: the loss takes the head's input and computes them a chunk of tokens at a time."""
-        if not keeps_logits(type(loaded.base)):
+        if not keeps_logits(type(loaded.skeleton)):
             return forward(**batch).loss
         targets = batch["labels"][:, 1:]
         positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
@@ -363,7 +363,7 @@ class StanceClassification(Task):
         return SequenceClassifier.around(model, len(CLASS_NAMES))
 
     def anatomy(self, loaded):
-        prefix = _backbone_prefix(loaded.base)
+        prefix = _backbone_prefix(loaded.skeleton)
         source = loaded.anatomy
         block_path = source.block_path if prefix is None else f"{prefix}.{source.block_path}"
         return Anatomy(source.model_type, source.num_layers, block_path, source.layout)

@@ -28,6 +28,7 @@ from stance_harness.runs.instruments import (
     StepProbe,
     Trace,
     health_events,
+    MAP_LARGE_FROM,
     map_large_allocations,
     output_change_cosine,
     peak_memory,
@@ -39,11 +40,6 @@ from stance_harness.runs.methods.base import bitsandbytes_module
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.run import Run, frozen_digests
 from stance_harness.runs.tasks import TASKS
-
-# Mapping each large allocation returns freed activations to the OS (RSS near the floor at real
-# size) but costs page faults: 15% per step on SmolLM2-135M's MLP shapes measured here. Only a
-# base this large makes the memory worth the time.
-MAP_LARGE_FROM = 1 << 30
 
 
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -115,7 +111,7 @@ def enable_gradient_checkpointing(model, loaded) -> None:
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
     if inner is None or not inner.supports_gradient_checkpointing:
         raise HarnessError(
-            f"recipe: gradient_checkpointing=True, but {loaded.name} ({type(loaded.base).__name__}) does not "
+            f"recipe: gradient_checkpointing=True, but {loaded.name} ({type(loaded.skeleton).__name__}) does not "
             f"support transformers' gradient checkpointing; set gradient_checkpointing=False")
     enable = getattr(inner, "activation_checkpointing_enable", None)  # transformers 5's name
     if enable is not None:
@@ -157,7 +153,7 @@ def build_optimizer(param_groups: list[dict], recipe):
 
 def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
     """Each trainable tensor's starting value, un-sharing it from the base when asked."""
-    base_tensors = {p.data_ptr(): p for p in loaded.base.parameters()}
+    base_tensors = {p.data_ptr(): p for _, p in loaded.base_parameters()}
     before = {}
     for name, param in trainable.items():
         owner = base_tensors.get(param.data_ptr())

@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from stance_harness.core.devices import resolve_device
 from stance_harness.core.errors import HarnessError
+from stance_harness.runs.instruments import MAP_LARGE_FROM, map_large_allocations
 from stance_harness.runs.methods.base import bitsandbytes_module, peft_module, register_method
 from stance_harness.runs.methods.lora import Lora, LoraMethodConfig, target_paths
 
@@ -70,10 +71,10 @@ class Qlora(Lora):
     config_cls = QloraConfig
 
     def check(self, ctx):
-        # Decided on the already-loaded full-precision base, before any 4-bit copy is made; paths
-        # are the raw model's (a task head, wrapped on later, adds its own prefix).
+        # Decided on the base's modules without its weights (the skeleton), before any 4-bit copy is
+        # made; paths are the raw model's (a task head, wrapped on later, adds its own prefix).
         anatomy = ctx.loaded.anatomy
-        modules = dict(ctx.loaded.base.named_modules())
+        modules = dict(ctx.loaded.skeleton.named_modules())
         refused = {}
         for path in target_paths(anatomy, ctx.config):
             module = modules.get(path)
@@ -100,6 +101,10 @@ class Qlora(Lora):
         # Without a device_map transformers puts 4-bit models on cuda:0 whenever CUDA exists; a
         # sharded base is sharded again the same way.
         device_map = ctx.loaded.args.device_map or {"": resolve_device(ctx.loaded.args.device)}
+        if device_map == {"": "cpu"} and ctx.loaded.base_bytes >= MAP_LARGE_FROM:
+            # The load reads each matrix in float32 and frees it once quantized; with glibc's adaptive
+            # threshold the freed blocks stay in the heap (Qwen2-0.5B's shapes: 2.5 GiB of RSS, not 1.2).
+            map_large_allocations()
         model = ctx.loaded.fresh(quantization_config=quantization, device_map=device_map)
         linear_4bit = bitsandbytes_module().nn.Linear4bit
         four_bit = {name for name, module in model.named_modules() if isinstance(module, linear_4bit)}

@@ -90,11 +90,18 @@ def heldout_sentences(count: int = HELDOUT_SENTENCES) -> list[str]:
 
 
 @torch.no_grad()
-def sentence_embeddings(body, tokenizer, sentences, max_len: int = 128):
-    """Mean-pooled last hidden states of a transformer body: [N, H] float32."""
+def sentence_embeddings(body, tokenizer, sentences, max_len: int = 128, batch_size: int = 16):
+    """Mean-pooled last hidden states of a transformer body: [N, H] float32, in the order given.
+    Sentences of like length are batched together: one batch padded to the longest cost 3x the
+    real tokens on the held-out sentences (64 of 11 to 92 tokens)."""
     ids = [tokenizer(s, truncation=True, max_length=max_len)["input_ids"] for s in sentences]
-    batch = to_device(pad_batch(ids, tokenizer.pad_token_id), _device(body))
-    return mean_pooled(body, batch["input_ids"], batch["attention_mask"])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids), body.config.hidden_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = to_device(pad_batch([ids[i] for i in rows], tokenizer.pad_token_id), _device(body))
+        out[rows] = mean_pooled(body, batch["input_ids"], batch["attention_mask"]).cpu()
+    return out
 
 
 @torch.no_grad()

@@ -33,6 +33,23 @@ def test_mean_pooled_embeddings_match_sentence_transformers(minilm):
     assert torch.allclose(ours, reference.float(), atol=1e-5)
 
 
+def test_embeddings_batched_by_length_keep_the_order_and_the_one_batch_values(minilm):
+    """Batching like lengths together changes only the padding, which the mask hides: each
+    sentence's embedding is its own, in the order given (a wrong reorder would swap rows)."""
+    from stance_harness.measure import heldout_sentences, mean_pooled, sentence_embeddings
+    from stance_harness.runs.batches import pad_batch
+
+    sentences = heldout_sentences()[:20] + ["Short one.", "A much longer sentence than that, with several clauses in it."]
+    ids = [minilm.tokenizer(s, truncation=True, max_length=128)["input_ids"] for s in sentences]
+    assert len({len(i) for i in ids}) > 3 and ids != sorted(ids, key=len)  # mixed lengths, not already sorted
+    batch = pad_batch(ids, minilm.tokenizer.pad_token_id)
+    one_batch = mean_pooled(minilm.base, batch["input_ids"], batch["attention_mask"])
+    by_length = sentence_embeddings(minilm.base, minilm.tokenizer, sentences, batch_size=4)
+    assert by_length.shape == one_batch.shape
+    assert torch.allclose(by_length, one_batch, atol=1e-5)
+    assert sentence_embeddings(minilm.base, minilm.tokenizer, []).shape[0] == 0
+
+
 @pytest.mark.parametrize("method, options, trainable", [
     ("feature-extraction", {}, {"head.weight", "head.bias"}),
     ("lora", {"target_modules": ["qv"], "r": 4}, None),

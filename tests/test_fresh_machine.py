@@ -104,39 +104,3 @@ def test_every_embedded_model_builds_from_a_cache_that_lacks_it(empty_cache, nam
         if cache == empty_cache:  # the session's cache has its own build
             _same_as_cached(name, entry)
     _no_half_built_entry(cache, embedded_entry(name))
-
-
-# -- threads for a build ------------------------------------------------------------------------
-def test_a_build_uses_the_cores_other_processes_leave_idle():
-    from stance_harness.models.weights import build_threads
-
-    assert build_threads({}, cores=2, load=1.0) == 2  # only this process busy
-    assert build_threads({}, cores=2, load=0.2) == 2
-    assert build_threads({}, cores=2, load=2.1) == 1  # another process on a core
-    assert build_threads({}, cores=2, load=7.5) == 1  # never fewer than one
-    assert build_threads({}, cores=16, load=4.0) == 13
-    assert build_threads({"PYTEST_XDIST_WORKER": "gw1"}, cores=16, load=0.0) == 1  # workers build side by side
-    assert build_threads({"STANCE_HARNESS_THREADS": "1"}, cores=16, load=0.0) is None  # torch's own setting
-
-
-def test_a_build_gives_the_same_weights_on_one_thread_and_on_two(tmp_path, monkeypatch):
-    """What makes the thread count a matter of time only: a short build of a 2-layer Qwen2 on one
-    and on two threads, compared bit for bit (the 500-step tiny-qwen2 was compared in RESULTS.md)."""
-    import dataclasses
-
-    import torch
-    from safetensors.torch import load_file
-
-    from stance_harness.models import weights
-
-    recipe = dataclasses.replace(TINY_RECIPES["tiny-qwen2"], num_layers=2, steps=6)
-    before = torch.get_num_threads()
-    built = {}
-    for threads in (1, 2):
-        monkeypatch.setattr(weights, "build_threads", lambda threads=threads: threads)
-        weights.build_model("tiny-qwen2", recipe, tmp_path / str(threads), lambda _line: None)
-        assert torch.get_num_threads() == before  # restored after the build
-        assert json.loads((tmp_path / str(threads) / "stance_harness.json").read_text())["threads"] == threads
-        built[threads] = load_file(str(tmp_path / str(threads) / "model.safetensors"))
-    assert built[1].keys() == built[2].keys()
-    assert all(torch.equal(built[1][name], built[2][name]) for name in built[1])

@@ -76,32 +76,7 @@ def build_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
-def build_threads(environ=os.environ, cores: int | None = None, load: float | None = None) -> int | None:
-    """Torch threads for building an embedded model, or None to leave torch's setting: the cores
-    other processes leave idle (the 1-minute load average, less this process's own one). The
-    weights are the same bit for bit with 1 or 2 threads (benchmarks/RESULTS.md), so only the
-    time depends on it; a thread that waits on a busy core costs many times its gain, hence one
-    under pytest-xdist, whose workers build side by side. STANCE_HARNESS_THREADS keeps torch's."""
-    if "STANCE_HARNESS_THREADS" in environ:
-        return None
-    if "PYTEST_XDIST_WORKER" in environ:
-        return 1
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
-    load = load if load is not None else os.getloadavg()[0]
-    return max(1, min(cores, cores - round(max(0.0, load - 1.0))))
-
-
 def build_model(name: str, recipe: TinyRecipe, out: Path, progress: Callable[[str], None]) -> None:
-    threads, before = build_threads(), torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        _build_model(name, recipe, out, progress, threads or before)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _build_model(name: str, recipe: TinyRecipe, out: Path, progress: Callable[[str], None], threads: int) -> None:
     started = time.perf_counter()
     progress(f"building embedded model {name} (first use; cached after): {recipe.num_layers} layers like {recipe.like}")
     tokenizer = build_tokenizer()
@@ -141,11 +116,10 @@ def _build_model(name: str, recipe: TinyRecipe, out: Path, progress: Callable[[s
     tokenizer.save_pretrained(out)
     (out / "stance_harness.json").write_text(json.dumps(
         {"name": name, "fingerprint": recipe.fingerprint(), "recipe": asdict(recipe),
-         "final_pretrain_loss": loss.item(), "build_seconds": time.perf_counter() - started, "threads": threads},
+         "final_pretrain_loss": loss.item(), "build_seconds": time.perf_counter() - started},
         indent=2,
     ))
-    progress(f"  {name} built in {time.perf_counter() - started:.0f}s on {threads} torch thread{'s' * (threads > 1)} "
-             f"(final pretraining loss {loss.item():.3f})")
+    progress(f"  {name} built in {time.perf_counter() - started:.0f}s (final pretraining loss {loss.item():.3f})")
 
 
 def tiny_model_dir(name: str, progress: Callable[[str], None] | None = None) -> Path:

@@ -4,7 +4,7 @@ Each build runs in a fresh process with an empty model cache, so it trains the m
 nothing as a new machine does, on the thread count given. Per build it prints the wall and CPU
 seconds, the thread count and a digest of every weight, so the weights can be compared bit for
 bit, and the machine's load average before the build (a thread that waits on a busy core costs
-far more than it gains: `weights.build_threads` takes only idle cores).
+far more than it gains). The build itself keeps the one thread the suites' conftest sets.
 
     python benchmarks/build_threads.py [--model tiny-qwen2] [--threads 1 2]
 """

@@ -23,7 +23,7 @@ from stance_harness.models.loading import DEFAULT_MODEL, ModelArgs, check_model_
 from stance_harness.report import gate, store
 from stance_harness.runs import executors_ray  # noqa: F401 - registers "ray" in EXECUTORS (Ray loads when it trains)
 from stance_harness.runs.adapter_spec import parse_adapter_spec
-from stance_harness.runs.planning import EXECUTORS
+from stance_harness.runs.planning import DEFAULT_EXECUTOR, EXECUTORS
 from stance_harness.runs.residency import parse_bytes
 from stance_harness.stances import load_stance
 
@@ -221,7 +221,7 @@ class HarnessOptions:
     executor: str = option("--executor", "what trains the planned runs: local (worker processes on this machine) "
                            "or ray (a task per run on a Ray cluster, and a task for each request a test body "
                            "computes; needs the ray extra). Default: local",
-                           default="local", metavar="NAME", check=_executor)
+                           default=DEFAULT_EXECUTOR, metavar="NAME", check=_executor)
     ray_address: str | None = option("--ray-address", "the Ray cluster of --executor ray (e.g. ray://head:10001 or "
                                      "auto). Default: $RAY_ADDRESS, else a local Ray started for the session with "
                                      "this machine's cores", default=None, metavar="ADDRESS", check=_ray_address)

@@ -91,7 +91,7 @@ def pytest_runtestloop(session: pytest.Session):
         try:
             train_ahead(harness, session.items, lambda item, following: runtestprotocol(item, log=False,
                                                                                         nextitem=following),
-                        draw, harness.options.train_workers, harness.options.executor)
+                        draw, harness.options.train_workers)
         except Exception as exc:  # noqa: BLE001 - the tests still run, training what they ask for
             draw(f"[stance-harness] plan: training ahead stopped ({type(exc).__name__}: {exc}); the runs not "
                  f"stored train when a test asks for them", "final")

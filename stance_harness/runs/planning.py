@@ -469,8 +469,9 @@ def worker_main(connection, on_gpu: bool, log: str) -> None:
 
 # -- the whole step --------------------------------------------------------------------------
 def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, str], None],
-                workers: int | None = None, executor: str = DEFAULT_EXECUTOR) -> Plan:
-    """Plan `items`, then train what the run store lacks before the tests run (see the module's doc)."""
+                workers: int | None = None) -> Plan:
+    """Plan `items`, then train what the run store lacks before the tests run (see the module's doc),
+    with the session's executor (--executor)."""
     unplanned = plan_items(harness, items, runtest)
     plan = make_plan(harness)
     plan.unplanned = unplanned
@@ -479,9 +480,9 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
         if plan.requests:
             draw(f"[stance-harness] {plan.summary()}", "final")
         return plan
-    if getattr(EXECUTORS.get(executor), "remote", False):  # a cluster's: the session loads no base; it schedules
+    remote = remote_executor(harness)
+    if remote is not None:  # a cluster's: the session loads no base; it schedules
         progress = PlanProgress(plan, len(plan.to_train), draw, measured_step_times(harness.store))
-        remote = remote_executor(harness)
         try:
             _train_in_workers(harness, plan, list(plan.to_train), progress, remote)
         finally:
@@ -497,7 +498,8 @@ def train_ahead(harness, items: list, runtest: Callable, draw: Callable[[str, st
     if len(slots) <= 1 or loaded.sharded:
         _train_here(harness, plan, order, progress)
     else:
-        _train_in_workers(harness, plan, order, progress, EXECUTORS.get(executor)(slots, harness.store.local_dir / LOGS))
+        executor = EXECUTORS.get(harness.options.executor)(slots, harness.store.local_dir / LOGS)
+        _train_in_workers(harness, plan, order, progress, executor)
     progress.close()
     return plan
 

@@ -53,7 +53,7 @@ def main() -> None:
     from stance_harness.runs.methods import METHODS
     from stance_harness.models import load_model
     from stance_harness.stances import load_stance
-    from stance_harness.runs.batches import encode_examples
+    from stance_harness.runs.batches import encode_examples, framing_for
     from stance_harness.runs.recipe import Recipe
     from stance_harness.runs.request import TrainingRequest
     from stance_harness.runs.training import train_run
@@ -61,7 +61,7 @@ def main() -> None:
     loaded = load_model(args.model)
     stance = load_stance("curious-uncertainty")
     examples = stance.training_examples(min(len(stance.examples), args.steps * args.batch_size))
-    data = encode_examples(loaded.tokenizer, examples, 128)
+    data = encode_examples(framing_for(loaded.tokenizer), examples, 128)
     epochs = max(1, -(-args.steps * args.batch_size // len(data)))
     recipe = Recipe.of(learning_rate=1e-4, num_train_epochs=epochs, per_device_train_batch_size=args.batch_size, seed=0)
     # the same micro-batches, in the same order, as the harness loop draws them

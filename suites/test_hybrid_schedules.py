@@ -44,7 +44,9 @@ REAL_K = [25, 50, 100]  # alternation periods (seed 004)
 LORA = {"r": 8, "alpha": 16, "target_modules": ["qv"]}
 RECIPE = {"learning_rate": 2e-3, "num_train_epochs": 6, "per_device_train_batch_size": 16, "seed": 0,
           "max_seq_length": 96}
-INSTRUMENTS = {"interference": ("lora", "norm")}
+# measured at every third step (each costs three forward passes, outside the step's time): two or
+# three steps of every epoch here, enough for the epoch's mean cosine the table shows
+INSTRUMENTS = {"interference": ("lora", "norm"), "interference_every": 3}
 
 
 SEED_STEPS = 1955  # seed 004: 5 epochs x ceil(50,000 / 128) batches

@@ -310,3 +310,41 @@ def test_instruments_must_be_a_dict():
         InstrumentConfig.of("record")
     with pytest.raises(HarnessError, match="Did you mean: nonfinite"):
         InstrumentConfig.of({"nonfinit": "record"})
+
+
+def test_interference_every_measures_only_every_nth_step(harness):
+    run = harness.train("hybrid", examples=10, recipe=RECIPE, freeze_lora_steps=0,
+                        instruments={"interference": ["lora", "norm"], "interference_every": 2})
+    assert [e["step"] for e in run.trace.interference] == [0, 2, 4]
+    (epoch,) = run.trace.summary()["interference_by_epoch"]
+    assert epoch["steps"] == 3
+
+
+def test_interference_every_must_be_a_positive_whole_number():
+    from stance_harness.runs.instruments import InstrumentConfig
+
+    for bad in (0, -1):
+        with pytest.raises(HarnessError, match="interference_every must be a whole number of steps >= 1, got -?[01]"):
+            InstrumentConfig.of({"interference": ["lora", "norm"], "interference_every": bad})
+    with pytest.raises(HarnessError, match="interference_every must be an integer, got 1.5"):
+        InstrumentConfig.of({"interference": ["lora", "norm"], "interference_every": 1.5})
+    assert InstrumentConfig.of({"interference": ["lora", "norm"], "interference_every": 4}).interference_every == 4
+
+
+def test_interference_time_is_not_the_steps_time(harness, monkeypatch):
+    """A step's time leaves out the instrument's forward passes: a slow instrument leaves it unchanged."""
+    import time as time_module
+
+    import stance_harness.runs.training as training
+
+    measured = training._trace_interference
+
+    def slow(*args, **kwargs):
+        measured(*args, **kwargs)
+        time_module.sleep(0.5)
+
+    monkeypatch.setattr(training, "_trace_interference", slow)
+    run = harness.train("hybrid", examples=10, recipe=RECIPE, freeze_lora_steps=0,
+                        instruments={"interference": ["lora", "norm"], "interference_every": 3})
+    assert [e["step"] for e in run.trace.interference] == [0, 3]
+    assert max(run.trace.step_time) < 0.5, run.trace.step_time

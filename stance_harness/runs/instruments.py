@@ -38,6 +38,9 @@ class InstrumentConfig:
         "help": "on a NaN/Inf loss, gradient or weight: halt (default), skip_step, or record and go on"})
     interference: tuple | None = field(default=None, metadata={
         "help": "two parameter-group names (e.g. ('lora', 'norm')): trace their gradient interference"})
+    interference_every: int = field(default=1, metadata={
+        "help": "measure the interference at every N-th optimizer step (steps 0, N, 2N, ...): each costs "
+                "three forward passes, kept out of the step's time"})
 
     def __post_init__(self):
         if self.nonfinite not in POLICIES:
@@ -47,6 +50,9 @@ class InstrumentConfig:
                 object.__setattr__(self, "interference", tuple(self.interference))
             if len(self.interference) != 2 or len(set(self.interference)) != 2:
                 raise HarnessError(f"instruments: interference needs two different group names, got {self.interference!r}")
+        if self.interference_every < 1:  # its type is checked where the config is built
+            raise HarnessError(f"instruments: interference_every must be a whole number of steps >= 1, "
+                               f"got {self.interference_every!r}")
 
     @classmethod
     def of(cls, value) -> "InstrumentConfig":
@@ -301,15 +307,19 @@ def output_change_cosine(forward, group_a: list, group_b: list, step_size: float
     `forward()` must return the model's output tensor for a fixed batch.
     """
     with torch.no_grad():
-        base = forward().float()
-        changes = []
-        for label, params in (("first", group_a), ("second", group_b)):
+        norms = []
+        for label, params in (("first", group_a), ("second", group_b)):  # before any forward pass
             grads = [p.grad for p in params]
             if not params or any(g is None for g in grads):
                 return None, f"the {label} group has no gradient at this step"
             grad_norm = torch.stack(torch._foreach_norm(grads)).norm()
             if not torch.isfinite(grad_norm) or grad_norm == 0:
                 return None, f"the {label} group's gradient is zero or non-finite"
+            norms.append(grad_norm)
+        base = forward().float()
+        changes = []
+        for params, grad_norm in zip((group_a, group_b), norms):
+            grads = [p.grad for p in params]
             weight_norm = torch.stack(torch._foreach_norm([p.detach() for p in params])).norm()
             saved = [p.detach().clone() for p in params]
             scale = step_size * max(weight_norm.item(), 1.0) / grad_norm.item()

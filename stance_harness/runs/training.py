@@ -253,8 +253,11 @@ def train_run(request: TrainingRequest, loaded, stance, progress: Callable[[str]
             penalty = method.penalty_gradient(ctx, step)  # after DDP's sum: counted once, as extra_loss is
             if penalty is not None:
                 loss_sum += penalty.detach().float().to(device)
-            if interference_groups:
+            if interference_groups and step % instruments.interference_every == 0:
+                # the instrument's forward passes are not the step's cost: its time leaves step_started
+                measured_at = time.perf_counter()
                 _trace_interference(trace, model, task_obj.collate(group[-1], pad_id, device), interference_groups, step, epoch)
+                step_started += time.perf_counter() - measured_at
             grad_norms = probe.grad_norms()
             total = probe.clip_(grad_norms, recipe.max_grad_norm)
             reading = probe.read(loss_sum, grad_norms, total, weight_norms)  # the step's one host sync

@@ -196,3 +196,41 @@ def test_a_budget_that_knows_no_run_on_a_base_leaves_the_base_alone():
     loaded.base
     budget.make_room(1)  # it knows no run, so no base
     assert loaded.base_loaded and budget.base_released == 0 and budget.held_bytes() == 0
+
+
+# -- through the plugin: --run-memory ---------------------------------------------------------------
+MIXED = '''
+import os
+
+RECIPE = {recipe!r}
+
+
+def afresh(run):
+    """Measurements that read the base, made again (not read from what was kept)."""
+    run.measurements.clear()
+    run._scratch.clear()
+    run.loaded.measurement_cache.clear()
+    return run.behavior("loglik_margin"), run.forgetting()
+
+
+def test_lora_then_qlora_then_lora_again(train, base_model, harness_session):
+    budget = harness_session.resident
+    assert budget.budget == int(os.environ["BUDGET"])
+    lora = train("lora", examples=10, recipe=RECIPE, r=4)
+    first = afresh(lora)
+    assert base_model.base_loaded and budget.base_released == 0  # lora's model is built on it
+    qlora = train("qlora", examples=10, recipe=RECIPE, r=4)
+    qlora.behavior("loglik_margin")
+    assert qlora.model_resident and not base_model.base_loaded and budget.base_released == 1
+    assert afresh(lora) == first and base_model.base_loaded and budget.base_released == 1
+'''
+
+
+def test_run_memory_releases_the_base_in_a_pytest_session(pytester, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    budget = load_model("tiny-qwen2").base_bytes  # the base alone: a run's model beside it is past it
+    monkeypatch.setenv("BUDGET", str(budget))
+    pytester.makepyfile(test_mixed=MIXED.format(recipe=RECIPE))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-qwen2",
+                                           f"--run-memory={budget}")
+    result.assert_outcomes(passed=1)

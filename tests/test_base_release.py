@@ -157,7 +157,7 @@ def test_a_mixed_session_releases_the_base_for_qlora_and_loads_it_again_for_lora
     order = []
     release_model, release_base = Run.release_model, loaded.release_base
     monkeypatch.setattr(Run, "release_model", lambda run: order.append(run.method.name) or release_model(run))
-    monkeypatch.setattr(loaded, "release_base", lambda: order.append("base") or release_base())
+    monkeypatch.setattr(loaded, "release_base", lambda **how: order.append("base") or release_base(**how))
     qlora.model  # the most recent
     harness.resident.make_room(10 * harness.resident.budget)
     assert order == ["lora", "base", "qlora"]
@@ -188,6 +188,41 @@ def test_a_full_fine_tune_keeps_the_base_as_its_before_side(tmp_path, counted_lo
     assert base_while_training == [("full", False, True), ("qlora", True, True)]
     assert all(t.data_ptr() in base_pointers(loaded) for t in full.before.values())
     assert counted_loads == [loaded.path]
+
+
+class OwnModel:
+    """A run whose model does not share the base (as QLoRA's 4-bit copy does not), of `size` bytes."""
+
+    def __init__(self, loaded, size: int):
+        self.loaded, self.before, self.size, self._model = loaded, {}, size, torch.nn.Linear(2, 2)
+        self.rebuild = object  # it can be rebuilt, so it can be released
+
+    def resident_bytes(self) -> int:
+        return self.size if self._model is not None else 0
+
+    def release_model(self) -> int:
+        freed, self._model = self.resident_bytes(), None
+        return freed
+
+
+def test_a_base_held_outside_the_runs_is_kept_and_collected_for_once_per_model_released(monkeypatch):
+    loaded = load_model("tiny-qwen2")
+    held = next(loaded.base.parameters()).detach()  # a caller's hold on the base's storage
+    collections = []
+    monkeypatch.setattr(loading.gc, "collect", lambda: collections.append(1))
+    budget = ResidentModels(loaded.base_bytes + 5)  # the base and nothing beside it
+    a, b = OwnModel(loaded, 10), OwnModel(loaded, 10)
+    budget.touch(a)
+    budget.touch(a)  # past the budget at each use: the base is asked again, without collecting again
+    assert loaded.base_loaded and budget.base_released == 0 and len(collections) == 1
+    budget.touch(b)  # a goes (b is in use); the base was asked before it, in the same round
+    assert (budget.released, len(collections)) == (1, 1) and a._model is None
+    budget.touch(b)  # a model went since the last failure: collect once more
+    assert loaded.base_loaded and len(collections) == 2
+    del held
+    budget.touch(b)
+    assert not loaded.base_loaded and budget.base_released == 1 and len(collections) == 2
+    assert budget.held_bytes() == 10 <= budget.budget
 
 
 def test_a_budget_that_knows_no_run_on_a_base_leaves_the_base_alone():

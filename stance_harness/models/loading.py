@@ -358,14 +358,15 @@ class LoadedModel:
                 self._storage_uses = _storage_uses(self._base)
         return self._base
 
-    def release_base(self) -> bool:
+    def release_base(self, collect: bool = True) -> bool:
         """Drop the base so that its memory can go; the next read of `base` loads it again from
         `path`. Done only where that frees it: False (kept) when it is not loaded, was handed in
         as an object (nothing to load it from), or a tensor outside it shares its storage (a run's
         model built on it, a run's "before" side, a caller's reference): then it would stay in memory
-        and a second copy would load beside it. What was measured on it, by name, stays."""
+        and a second copy would load beside it. What was measured on it, by name, stays.
+        collect=False: no garbage collection first (a model released but in a reference cycle counts as holding it)."""
         with self._loading:
-            if self._base is None or not self.releasable or self._storage_held():
+            if self._base is None or not self.releasable or self._storage_held(collect):
                 return False
             self._released = weakref.ref(self._base)
             self._base = None
@@ -373,16 +374,16 @@ class LoadedModel:
             self._storage_uses = {}
             return True
 
-    def _storage_held(self) -> bool:
+    def _storage_held(self, collect: bool) -> bool:
         """Whether a tensor outside the base shares one of its storages (its use count is above
         what the base alone gave right after loading); unknown counts as held."""
         if not hasattr(_torch()._C, "_storage_Use_Count"):
             return True
-        for attempt in range(2):
+        for attempt in range(2 if collect else 1):
             now = _storage_uses(self._base)
             if all(now.get(ptr, 0) <= uses for ptr, uses in self._storage_uses.items()):
                 return False
-            if attempt == 0:
+            if attempt == 0 and collect:
                 gc.collect()  # a released model may only wait for the cycle collector
         return True
 

@@ -81,6 +81,7 @@ class ResidentModels:
         self._runs: dict = {}  # every run of the session, resident or not: what may hold a base
         self.released = 0  # how many times a run's model was released
         self.base_released = 0  # how many times a base was released
+        self._collected: dict = {}  # id(loaded) -> `released` when a release of its base last failed
 
     def track(self, run) -> None:
         """A run of the session: its base becomes an entry the budget may release."""
@@ -130,7 +131,11 @@ class ResidentModels:
         if not loaded.base_loaded or any(holds_base(r) for r in self._runs.values() if r.loaded is loaded):
             return 0
         size = loaded.base_bytes
-        return size if loaded.release_base() else 0
+        # a garbage collection (tenths of a second) once per model released, not at every use past the budget
+        if loaded.release_base(collect=self._collected.get(id(loaded)) != self.released):
+            return size
+        self._collected[id(loaded)] = self.released
+        return 0
 
     def held_bytes(self) -> int:
         """Bytes of the models in memory: each run's own tensors, and each loaded base."""

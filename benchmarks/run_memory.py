@@ -12,14 +12,17 @@ the same figures are also taken of GPU memory: torch.cuda's max allocated while 
 and what stays allocated after it.
 
     .venv/bin/python benchmarks/run_memory.py [--model-dir DIR] [--layers N] [--skip-alone] [--device auto]
-        [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"]
+        [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"] [--run-memory 1GiB]
 
 Labels beyond the six: "full, checkpointed" (recipe gradient_checkpointing=True), "full, adamw_8bit"
 (recipe optim="adamw_8bit"), "qlora r8", and "lora r8, checkpointed" and "qlora r8, checkpointed".
 It prints whether full and l2sp peak within 5.5 x the base's bytes, whether the checkpointed and
 8-bit full fine-tunes peak lower than full, and with --runs "" --alone "lora r8;qlora r8" a
 QLoRA-only session's peak against a LoRA-only one's, each alone in a fresh process (a QLoRA-only
-session never loads the full-precision base).
+session never loads the full-precision base). With --run-memory (the session's budget, as the
+pytest option) each row also says how often the full-precision base was released and whether it is
+loaded: --runs "lora r8;qlora r8" --run-memory 1GiB --layers 2 releases it before QLoRA trains.
+"models held" counts the base while it is loaded, as the budget does.
 """
 
 from __future__ import annotations
@@ -111,12 +114,12 @@ def measure(fn, sampler: PeakSampler):
     return value, time.perf_counter() - t, max(0, sampler.read() - start)
 
 
-def session(model_dir: Path, store: Path, device: str = "auto"):
+def session(model_dir: Path, store: Path, device: str = "auto", run_memory: int | None = None):
     from stance_harness.models import ModelArgs
     from stance_harness.session import HarnessOptions, HarnessSession
 
     return HarnessSession(HarnessOptions(str(model_dir), ModelArgs(device=device), [], None, Path("."), [],
-                                         run_cache=store))
+                                         run_cache=store, run_memory=run_memory))
 
 
 def cuda_reset(device: str) -> None:
@@ -162,6 +165,8 @@ def main() -> None:
                         help="torch threads (1 on a shared machine)")
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
     parser.add_argument("--runs", default=None, help="labels of RUNS to train, joined by ';' (or ','; default: the first six)")
+    parser.add_argument("--run-memory", default=None, metavar="SIZE",
+                        help="the session's memory budget, as --run-memory (default: half of what is free)")
     parser.add_argument("--alone", default=";".join(HEAVY),
                         help="labels to train alone in fresh processes, joined by ';' (with 'lora r8' and 'qlora r8' "
                              "it compares a QLoRA-only session with a LoRA-only one)")
@@ -176,10 +181,12 @@ def main() -> None:
     import torch
 
     from shape_model import build
+    from stance_harness.runs.residency import parse_bytes
 
+    budget = parse_bytes(args.run_memory) if args.run_memory else None
     torch.set_num_threads(args.threads)
     model_dir = build(args.model_dir, args.layers)
-    figures = session_figures(model_dir, chosen, args.device) if chosen else {}
+    figures = session_figures(model_dir, chosen, args.device, budget) if chosen else {}
     alone_peaks = {label: train_alone(model_dir, label, args.device) for label in alone_labels}
     for label, peak in alone_peaks.items():
         print(f"  {label} alone, fresh process: peak RSS {peak['rss'] / 2**30:.2f} GiB"
@@ -198,7 +205,7 @@ def main() -> None:
     print(json.dumps({**figures, "alone": alone_peaks}))
 
 
-def session_figures(model_dir: Path, chosen: list[str], device: str) -> dict:
+def session_figures(model_dir: Path, chosen: list[str], device: str, run_memory: int | None = None) -> dict:
     """Train the `chosen` runs in one session here, print their figures and return them. The base
     is loaded first (it loads on first use), so each run's figures are over what it took."""
     import torch
@@ -206,7 +213,7 @@ def session_figures(model_dir: Path, chosen: list[str], device: str) -> dict:
     sampler = PeakSampler()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as store:
-        s = session(model_dir, Path(store), device)
+        s = session(model_dir, Path(store), device, run_memory)
         before_base = rss()
         loaded = s.model()
         base_bytes = sum(p.numel() * p.element_size() for p in loaded.base.parameters())  # loads it here
@@ -230,7 +237,8 @@ def session_figures(model_dir: Path, chosen: list[str], device: str) -> dict:
             session_peak = max(session_peak, peak)
             rows.append({"run": label, "trainable": run.counts["trainable"], "seconds": time.perf_counter() - t,
                          "retained_over_base_rss": (now - previous) / base_rss, "peak_over_base_bytes": peak / base_bytes,
-                         "held_models_GiB": s.resident.held_bytes() / 2**30})
+                         "held_models_GiB": s.resident.held_bytes() / 2**30,
+                         "base_released": s.resident.base_released, "base_loaded": loaded.base_loaded})
             cuda = cuda_figures(device)
             if cuda:
                 rows[-1].update({"cuda_peak_over_base_bytes": cuda["cuda_peak"] / base_bytes,
@@ -240,7 +248,8 @@ def session_figures(model_dir: Path, chosen: list[str], device: str) -> dict:
             print(f"  {label:16s} trainable {run.counts['trainable'] / 1e6:8.2f}M  {rows[-1]['seconds']:6.1f}s  "
                   f"retained {rows[-1]['retained_over_base_rss']:+.3f} x base RSS  "
                   f"peak {rows[-1]['peak_over_base_bytes']:.2f} x base bytes  "
-                  f"(models held {rows[-1]['held_models_GiB']:.2f} GiB, released so far {s.resident.released})"
+                  f"(models held {rows[-1]['held_models_GiB']:.2f} GiB, released so far {s.resident.released}; "
+                  f"base released {s.resident.base_released}, loaded {'yes' if loaded.base_loaded else 'no'})"
                   + (f"  GPU peak {rows[-1]['cuda_peak_over_base_bytes']:.2f} x base bytes, retained "
                      f"{rows[-1]['cuda_retained_over_base_bytes']:+.3f} x" if cuda else ""),
                   flush=True)

@@ -263,8 +263,9 @@ class HarnessOptions:
         "else runs/ in the harness cache (~/.cache/stance-harness)", default=None, metavar="DIR|URL",
         parse=lambda text, raw: text or None)
     run_memory: int | None = option(  # bytes; None: half of what is free
-        "--run-memory", "memory for adapted models (e.g. 8GiB); past it the least recently used is released and "
-        "rebuilt when needed. Default: half of the memory free at start (GPU memory on CUDA)", default=None,
+        "--run-memory", "memory for adapted models and the full-precision base they share (e.g. 8GiB); past it "
+        "the least recently used is released (the base after the runs built on it) and rebuilt or loaded again "
+        "when needed. Default: half of the memory free at start (GPU memory on CUDA)", default=None,
         metavar="SIZE", parse=lambda text, raw: parse_bytes(text) if text else None)
     retrain: bool = option("--retrain", "train every run, even one the run store holds (and store it anew)",
                            default=False, action="store_true")

@@ -154,6 +154,7 @@ class HarnessSession(SessionOutcome):
         """Hand a run this session's services: its time limit, its store entry, the memory budget, progress."""
         run.attach(RunServices(store=self.store, residency=self.resident, progress=self.progress,
                                analysis_timeout=self.options.analysis_timeout, sinks=run.sinks))
+        self.resident.track(run)  # its model, or its "before" side, may hold the base the budget releases
         if run.model_resident:
             self.resident.touch(run)
         return run

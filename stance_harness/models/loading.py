@@ -8,10 +8,12 @@ can hang on it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib
 import json
 import threading
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -311,8 +313,10 @@ class LoadedModel:
     `base` is frozen and never written to: every run's model shares its storage for the
     weights that run does not train. load_model leaves it unloaded until first use, so a session
     whose methods load their own model (QLoRA's 4-bit copy) never holds it; what needs only its
-    class, config, modules or parameter shapes reads `skeleton`. `measurement_cache` holds what
-    was measured on the base (the same for every run on it), each computed once."""
+    class, config, modules or parameter shapes reads `skeleton`. A base that load_model loaded may
+    be released (`release_base`, under the session's memory budget) once nothing else holds its
+    storage, and loads again, bit-identical, on the next read. `measurement_cache` holds what
+    was measured on the base (the same for every run on it, keyed by name), each computed once."""
 
     spec: ModelSpec
     args: ModelArgs
@@ -326,6 +330,13 @@ class LoadedModel:
     _digests: dict = field(default_factory=dict, init=False, repr=False)  # data_ptr -> digest of a base tensor; "owners"
     _skeleton: Any = field(default=None, init=False, repr=False)
     _loading: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    releasable: bool = field(default=False, init=False)  # the base loads from `path` (load_model sets it)
+    _storage_uses: dict = field(default_factory=dict, init=False, repr=False)  # storage -> its use count alone
+    _released: Any = field(default=None, init=False, repr=False)  # a weak reference to the base last released
+
+    def __post_init__(self):
+        if self._base is not None:
+            self._storage_uses = _storage_uses(self._base)
 
     def __repr__(self) -> str:
         # Short: the generated one would print the whole model and tokenizer (see Run.__repr__).
@@ -337,11 +348,57 @@ class LoadedModel:
 
     @property
     def base(self):
-        """The full-precision base, loaded from `path` on first use."""
+        """The full-precision base, loaded from `path` on first use (and on the first use after a release)."""
         with self._loading:  # measurement threads may ask at once: one load
             if self._base is None:
-                self._base = _load_base(self.path, self.args)
+                # a released base that something still holds as a module is taken back, not loaded twice
+                kept = self._released() if self._released is not None else None
+                self._base = kept if kept is not None else _load_base(self.path, self.args)
+                self._released = None
+                self._storage_uses = _storage_uses(self._base)
         return self._base
+
+    def release_base(self, collect: bool = True) -> bool:
+        """Drop the base so that its memory can go; the next read of `base` loads it again from
+        `path`. Done only where that frees it: False (kept) when it is not loaded, was handed in
+        as an object (nothing to load it from), or a tensor outside it shares its storage (a run's
+        model built on it, a run's "before" side, a caller's reference): then it would stay in memory
+        and a second copy would load beside it. What was measured on it, by name, stays.
+        collect=False: no garbage collection first (a model released but in a reference cycle counts as holding it)."""
+        with self._loading:
+            if self._base is None or not self.releasable or self._storage_held(collect):
+                return False
+            self._released = weakref.ref(self._base)
+            self._base = None
+            self._digests.clear()  # keyed by data_ptr: a new load's tensors may reuse the addresses
+            self._storage_uses = {}
+            return True
+
+    def _storage_held(self, collect: bool) -> bool:
+        """Whether a tensor outside the base shares one of its storages (its use count is above
+        what the base alone gave right after loading); unknown counts as held."""
+        if not hasattr(_torch()._C, "_storage_Use_Count"):
+            return True
+        for attempt in range(2 if collect else 1):
+            now = _storage_uses(self._base)
+            if all(now.get(ptr, 0) <= uses for ptr, uses in self._storage_uses.items()):
+                return False
+            if attempt == 0 and collect:
+                gc.collect()  # a released model may only wait for the cycle collector
+        return True
+
+    def shares_base(self, tensors) -> bool:
+        """Whether any of `tensors` lies over a loaded base parameter's storage."""
+        if self._base is None:
+            return False
+        owners = self._owners()
+        return any(t.data_ptr() in owners for t in tensors)
+
+    def _owners(self) -> dict:
+        """data_ptr -> base parameter, built once per load (a setdefault would walk every parameter per call)."""
+        if "owners" not in self._digests:
+            self._digests["owners"] = {p.data_ptr(): p for p in self._base.parameters()}
+        return self._digests["owners"]
 
     @property
     def base_loaded(self) -> bool:
@@ -399,10 +456,7 @@ class LoadedModel:
         """The digest of the base tensor whose storage `tensor` shares, computed once; None if it shares none."""
         if self._base is None:
             return None  # nothing shares the storage of a base not loaded
-        if "owners" not in self._digests:  # once: a setdefault would walk every parameter on every call
-            self._digests["owners"] = {p.data_ptr(): p for p in self._base.parameters()}
-        owners = self._digests["owners"]
-        owner = owners.get(tensor.data_ptr())
+        owner = self._owners().get(tensor.data_ptr())
         if owner is None or owner.shape != tensor.shape or owner.dtype != tensor.dtype:
             return None
         if owner.data_ptr() not in self._digests:
@@ -454,6 +508,20 @@ def local_weights_hash(path: Path) -> str:
     return digest
 
 
+def _storage_uses(model) -> dict:
+    """storage address -> how many tensors use that storage now, for each parameter and buffer of
+    `model` that holds memory (each count includes the one this call holds while it reads it)."""
+    count = getattr(_torch()._C, "_storage_Use_Count", None)  # torch's own count (cudagraph trees read it)
+    uses = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.device.type == "meta" or count is None:
+            continue
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            uses[storage.data_ptr()] = count(storage._cdata)
+    return uses
+
+
 def _load_base(path: Path, args: ModelArgs):
     """The base model's weights from `path`, in eval mode and frozen."""
     base = _weights().from_pretrained(path, args)
@@ -488,5 +556,6 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
         if spec.package:
             origin = {**origin, "package": spec.package, "package_version": revision, "package_file": spec.package_file}
     loaded = LoadedModel(spec, args, path, revision, tokenizer, base, None, origin)
+    loaded.releasable = True  # its base comes from `path`, so it can be released and loaded again
     loaded.anatomy = Anatomy.of(loaded.skeleton)
     return loaded

@@ -14,6 +14,7 @@ from stance_harness.core.errors import HarnessError
 from stance_harness.runs import distributed, training
 from stance_harness.runs.adapter_spec import AdapterSpec
 from stance_harness.runs.distributed import LAUNCHERS
+from stance_harness.runs.methods import METHODS, Method
 from stance_harness.runs.planning import PlannedRequest, remote_executor, train_on_demand
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.residency import TRAINING_FOOTPRINT
@@ -65,7 +66,9 @@ def obtain_run(harness, request: TrainingRequest, model: str | None, stance: str
         retrain = harness.options.retrain and request.run_id not in harness.trained_ahead
         run = None if retrain else harness.store.load(request, loaded, stance_obj)
         if run is None:
-            harness.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes)
+            # a method on the shared base reads it at once, so the budget keeps it; QLoRA loads its own model
+            reads_base = type(METHODS.get(method)).load is Method.load
+            harness.resident.make_room(TRAINING_FOOTPRINT * loaded.base_bytes, keep=loaded if reads_base else None)
             harness.progress(f"training {method} on {loaded.name} ({stance}, {request.examples} examples, "
                              f"task {request.task}) -> {request.run_id}")
             if request.processes > 1:

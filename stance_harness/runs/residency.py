@@ -1,8 +1,10 @@
-"""Adapted models held in memory under a byte budget: the least recently used is released first.
+"""Adapted models, and the full-precision base they share, held in memory under a byte budget:
+the least recently used is released first.
 
 A run's model costs what it does not share with the base (its trained tensors, or QLoRA's own
-4-bit copy). A released model is rebuilt from base + stored tensors when a test asks for it;
-a run's small data (trace, tables, measurements) always stays.
+4-bit copy); a loaded base costs its bytes. A released model is rebuilt from base + stored
+tensors when a test asks for it, a released base loads again from its files when something reads
+it; a run's small data (trace, tables, measurements) always stays.
 """
 
 from __future__ import annotations
@@ -46,42 +48,96 @@ def free_memory(device: str = "cpu") -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def _in_memory(run):
+    """The run's model if it is in memory, else None: Run's own slot (`.model` would rebuild a
+    released model and count as a use; run.py is measuring code, so it is read from here)."""
+    return run.__dict__.get("_model")
+
+
+def shares_base(run) -> bool:
+    """Whether the run's model in memory is built over its base's storage (the base cannot go before it)."""
+    model = _in_memory(run)
+    return model is not None and run.loaded.shares_base(model.parameters())
+
+
+def holds_base(run) -> bool:
+    """Whether anything the run keeps shares its base's storage: its model, or its "before" side
+    (a full fine-tune's starting weights are the base's own tensors)."""
+    return shares_base(run) or run.loaded.shares_base(run.before.values())
+
+
 class ResidentModels:
-    """Runs whose models are in memory, in order of last use."""
+    """Runs whose models are in memory, and the full-precision bases they are built on, in order of
+    last use.
+
+    A base is an entry too: when a run built over it is used, the base moves just after it, so the
+    runs sharing it are released first. It is released (and loads again on its next read) only
+    when no run of the session holds its storage and nothing else does (LoadedModel.release_base);
+    a QLoRA run's own 4-bit model does not hold it."""
 
     def __init__(self, budget: int):
         self.budget = budget
-        self._runs: OrderedDict = OrderedDict()
-        self.released = 0  # how many times a model was released
+        self._entries: OrderedDict = OrderedDict()  # id(run) -> run; ("base", id(loaded)) -> loaded
+        self._runs: dict = {}  # every run of the session, resident or not: what may hold a base
+        self.released = 0  # how many times a run's model was released
+        self.base_released = 0  # how many times a base was released
+        self._collected: dict = {}  # id(loaded) -> `released` when a release of its base last failed
+
+    def track(self, run) -> None:
+        """A run of the session: its base becomes an entry the budget may release."""
+        self._runs[id(run)] = run
+        key = ("base", id(run.loaded))
+        if key not in self._entries:
+            self._entries[key] = run.loaded
+            self._entries.move_to_end(key, last=False)  # used by no run yet: the least recent
 
     def touch(self, run) -> None:
         """`run`'s model was just used: it is the most recent; release the oldest past the budget."""
-        self._runs[id(run)] = run
-        self._runs.move_to_end(id(run))
-        held = sum(r.resident_bytes() for r in self._runs.values())
-        for key in list(self._runs):
-            if held <= self.budget:
+        self.track(run)
+        self._entries[id(run)] = run
+        self._entries.move_to_end(id(run))
+        if shares_base(run):
+            self._entries.move_to_end(("base", id(run.loaded)))
+        self._release(lambda held: held <= self.budget, keep=run)
+
+    def make_room(self, need: int, keep=None) -> None:
+        """Release the least recently used models until `need` more bytes fit in the budget (all of
+        them if it never fits): training a run needs the memory more than idle models do. `keep`: a
+        base (LoadedModel) the training about to start reads, which stays."""
+        self._release(lambda held: held + need <= self.budget, keep=keep)
+
+    def _release(self, fits, keep=None) -> None:
+        held = self.held_bytes()
+        for key in list(self._entries):
+            if fits(held):
                 break
-            other = self._runs[key]
-            if other is run or other.rebuild is None:
+            entry = self._entries[key]
+            if entry is keep:
                 continue
-            held -= other.release_model()
-            del self._runs[key]
+            if isinstance(key, tuple):
+                freed = self._release_base(entry)
+                if freed:
+                    held -= freed
+                    self.base_released += 1
+                continue  # the entry stays: the base may load again
+            if entry.rebuild is None:
+                continue
+            held -= entry.release_model()
+            del self._entries[key]
             self.released += 1
 
-    def make_room(self, need: int) -> None:
-        """Release the least recently used models until `need` more bytes fit in the budget (all of
-        them if it never fits): training a run needs the memory more than idle models do."""
-        held = self.held_bytes()
-        for key in list(self._runs):
-            if held + need <= self.budget:
-                break
-            run = self._runs[key]
-            if run.rebuild is None:
-                continue
-            held -= run.release_model()
-            del self._runs[key]
-            self.released += 1
+    def _release_base(self, loaded) -> int:
+        """Release `loaded`'s base if no run holds it (cheap, asked first) and nothing else does; the bytes freed."""
+        if not loaded.base_loaded or any(holds_base(r) for r in self._runs.values() if r.loaded is loaded):
+            return 0
+        size = loaded.base_bytes
+        # a garbage collection (tenths of a second) once per model released, not at every use past the budget
+        if loaded.release_base(collect=self._collected.get(id(loaded)) != self.released):
+            return size
+        self._collected[id(loaded)] = self.released
+        return 0
 
     def held_bytes(self) -> int:
-        return sum(r.resident_bytes() for r in self._runs.values())
+        """Bytes of the models in memory: each run's own tensors, and each loaded base."""
+        return sum((entry.base_bytes if entry.base_loaded else 0) if isinstance(key, tuple) else entry.resident_bytes()
+                   for key, entry in self._entries.items())

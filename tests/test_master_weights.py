@@ -20,6 +20,8 @@ from stance_harness.runs.master_weights import cast_at_boundaries
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.session import HarnessOptions, HarnessSession
 
+from test_methods import TEST_CASES
+
 QUICK = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 
 
@@ -207,6 +209,31 @@ def test_a_stored_run_round_trips_its_float32_tensors(bf16_qwen2, tmp_path):
         assert {params[n].dtype for n in run.before} == {torch.float32}
 
 
+EVERY_METHOD = [(m, o) for m, o, _ in TEST_CASES] + [("qlora", {"r": 4}), ("peft", {"config": {
+    "peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "layers_to_transform": [0, 5]}})]
+
+
+@pytest.mark.parametrize("method, options", EVERY_METHOD,
+                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items() if k != 'config') or 'defaults'}"
+                              for m, o in EVERY_METHOD])
+def test_every_method_trains_float32_on_a_bfloat16_base_and_is_measured(bf16_qwen2, stance, optimizers, method,
+                                                                         options):
+    request = TrainingRequest.build(bf16_qwen2, stance, method, examples=10,
+                                    recipe={**QUICK, "per_device_train_batch_size": 2}, options=options)
+    run = training.train_run(request, bf16_qwen2, stance)
+    base_ptrs = {p.data_ptr() for p in bf16_qwen2.base.parameters()}
+    params = dict(run.model.named_parameters())
+    assert run.trace.halted_at is None and all(map(math.isfinite, run.trace.loss))
+    assert {params[n].dtype for n in run.before} == {torch.float32}
+    assert _state_dtypes(optimizers[0]) == {torch.float32}
+    frozen = [p for n, p in params.items() if n not in run.before]
+    if method != "qlora":  # its own 4-bit model shares nothing with the base
+        assert all(p.data_ptr() in base_ptrs or p.dtype == torch.float32 for p in frozen)
+        assert any(p.dtype == torch.bfloat16 and p.data_ptr() in base_ptrs for p in frozen) == bool(frozen)
+    assert run.changed_frozen() == []
+    assert math.isfinite(run.forgetting()["adapted"])
+
+
 # -- the casts at a trained module's boundary -----------------------------------------------------
 def _three_layers():
     torch.manual_seed(0)
@@ -239,3 +266,15 @@ def test_a_float32_model_gets_no_casts():
     model[0].weight.requires_grad_(False)
     assert cast_at_boundaries(model, {"1.weight": model[1].weight}) == []
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def test_a_task_head_keeps_its_float32_output():
+    torch.manual_seed(0)
+    body = torch.nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False)
+    head = torch.nn.Linear(4, 2)  # a fresh float32 classifier: the model's output
+    model = torch.nn.Sequential(body, head)
+    x = torch.randn(3, 4).to(torch.bfloat16)
+    trained = {"1.weight": head.weight, "1.bias": head.bias}
+    assert len(cast_at_boundaries(model, trained, heads=trained.values())) == 1  # its inputs cast up, no more
+    out = model(x)
+    assert out.dtype == torch.float32 and torch.equal(out, head(body(x).float()))

@@ -7,8 +7,9 @@ that trains some tensors and not others holds both dtypes, and one matmul takes 
 module that owns a trained tensor computes in float32: its half-precision floating inputs are cast
 up and its float32 outputs cast back to the base's dtype, so the frozen modules around it see the
 dtype they were loaded in (peft does the same around a LoRA adapter; peft's own layers are left to
-it). This holds in training and in every measurement after it; under the recipe's autocast (bf16
-or fp16) autocast still decides what each matmul runs in. A frozen half-precision tensor owned by
+it); a task's fresh head (the classifier) keeps its float32 logits. This holds in training and in
+every measurement after it; under the recipe's autocast (bf16 or fp16) autocast still decides
+what each matmul runs in. A frozen half-precision tensor owned by
 the same module as a trained one (a bias left frozen beside its trained weight) gets a float32
 copy of its own, for the same reason. On a float32 base none of this does anything.
 """
@@ -54,12 +55,13 @@ def _cast(value, to: torch.dtype, source: tuple):
     return value
 
 
-def cast_at_boundaries(model, trained: dict) -> list:
+def cast_at_boundaries(model, trained: dict, heads=()) -> list:
     """On a model holding frozen half-precision parameters, make each module that owns a trained
     (float32) parameter of `trained` (name -> parameter) compute in float32 between the base's
-    dtype outside it: see the module's docstring. Returns the hooks' handles (none on a float32
-    base)."""
-    trained_ids = {id(p) for p in trained.values()}
+    dtype outside it: see the module's docstring. A module owning only `heads` parameters (a
+    task's fresh head, whose output is the model's) keeps its float32 output. Returns the hooks'
+    handles (none on a float32 base)."""
+    trained_ids, head_ids = {id(p) for p in trained.values()}, {id(p) for p in heads}
     stream = stream_dtype(model, trained_ids)
     if stream is None:
         return []
@@ -80,5 +82,6 @@ def cast_at_boundaries(model, trained: dict) -> list:
             if id(param) not in trained_ids and param.dtype in HALF:
                 param.data = param.data.to(MASTER)  # frozen, but beside a trained tensor in one matmul
         handles.append(module.register_forward_pre_hook(inputs_up, with_kwargs=True))
-        handles.append(module.register_forward_hook(outputs_down))
+        if not all(id(p) in head_ids for _, p in own):
+            handles.append(module.register_forward_hook(outputs_down))
     return handles

@@ -104,7 +104,7 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
     if not trainable:
         raise HarnessError(f"method {request.method!r} with {config.as_dict()} left no parameter trainable")
     ctx.before = _starting_values(trainable, loaded, unshare)
-    cast_at_boundaries(model, trainable)
+    cast_at_boundaries(model, trainable, task.head_parameters(model))
     return ctx, data
 
 

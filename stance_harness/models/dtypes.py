@@ -42,7 +42,7 @@ def resolve_dtype(given: str | None, device: str, checkpoint: str | None, what: 
     if given in LOADABLE:
         resolved = given
     elif given is None and not cuda:
-        return "float32"  # the CPU default: nothing is read, so every earlier run keeps its key
+        return "float32"  # the CPU default, whatever the checkpoint records
     else:
         resolved = checkpoint or "float32"
         if resolved not in LOADABLE:

@@ -182,8 +182,9 @@ class HarnessOptions:
     model: str = option("--model", "model alias, hub id (from the local HF cache), local directory or GGUF file "
                         f"(converted once). Default: {DEFAULT_MODEL}", given=DEFAULT_MODEL, metavar="NAME")
     model_args: ModelArgs = option(
-        "--model-args", "dtype=float32|bfloat16|float16|auto, revision=REV, device=auto|cpu|cuda[:N] (auto: the first "
-        "CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false, "
+        "--model-args", "dtype=float32|bfloat16|float16|auto (auto: the checkpoint's own; not given: the checkpoint's "
+        "own on CUDA, float32 on the CPU; what trains stays float32), revision=REV, device=auto|cpu|cuda[:N] (auto: "
+        "the first CUDA device, else cpu), device_map=auto (shard the base over the GPUs), trust_remote_code=false, "
         "gguf_file=NAME (a GGUF file in the --model directory)",
         given="", metavar="K=V,...", parse=lambda text, raw: ModelArgs.parse(text), check=_model_available)
     stance_dirs: list[str] = option("--stance-dir", "extra directory of stance YAML files (repeatable); ./stances is "

@@ -71,17 +71,16 @@ def test_precision_resolves_like_training_arguments(monkeypatch, bf16, fp16, dev
     assert resolve_precision(bf16, fp16, device) == expected
 
 
-@pytest.mark.parametrize("bf16, fp16, device, dtype, message", [
-    ("auto", True, "cpu", "float32", r"fp16=True on the CPU \(device cpu\): float16 autocast with a grad scaler is "
-                                     r"for CUDA; on the CPU use bf16=True, or neither"),
-    (True, True, "cuda:0", "float32", "bf16=True and fp16=True are both set; choose one"),
-    (True, False, "cuda:0", "float32", "bf16=True, but cuda:0 does not support bfloat16; use fp16=True there"),
-    ("auto", True, "cuda:0", "float16", "fp16=True keeps float32 master weights, but --model-args dtype=float16"),
+@pytest.mark.parametrize("bf16, fp16, device, message", [
+    ("auto", True, "cpu", r"fp16=True on the CPU \(device cpu\): float16 autocast with a grad scaler is "
+                          r"for CUDA; on the CPU use bf16=True, or neither"),
+    (True, True, "cuda:0", "bf16=True and fp16=True are both set; choose one"),
+    (True, False, "cuda:0", "bf16=True, but cuda:0 does not support bfloat16; use fp16=True there"),
 ])
-def test_precision_refusals(monkeypatch, bf16, fp16, device, dtype, message):
+def test_precision_refusals(monkeypatch, bf16, fp16, device, message):
     fake_cuda(monkeypatch, bf16=False)
     with pytest.raises(HarnessError, match=message):
-        resolve_precision(bf16, fp16, device, dtype)
+        resolve_precision(bf16, fp16, device)
 
 
 @pytest.mark.parametrize("values, message", [

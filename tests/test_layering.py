@@ -97,7 +97,7 @@ LAYERS = [
     ["stance_harness.report.records", "stance_harness.analysis"],
     ["stance_harness.models"],
     ["stance_harness.stances", "stance_harness.runs.recipe"],
-    ["stance_harness.runs.instruments", "stance_harness.runs.batches"],
+    ["stance_harness.runs.instruments", "stance_harness.runs.batches", "stance_harness.runs.master_weights"],
     ["stance_harness.measure", "stance_harness.judges"],
     ["stance_harness.runs.tasks"],
     ["stance_harness.runs.methods"],

@@ -53,10 +53,10 @@ def device_description(device: str) -> str:
     return "cpu"
 
 
-def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> str:
+def resolve_precision(bf16, fp16: bool, device: str) -> str:
     """fp32, bf16 or fp16 for a recipe's `bf16` (True, False or "auto") and `fp16` on `device`,
-    with Hugging Face TrainingArguments' meaning: autocast to that dtype, fp32 master weights.
-    bf16="auto" is on where the device supports bfloat16 and off on the CPU."""
+    with Hugging Face TrainingArguments' meaning: autocast to that dtype, fp32 master weights
+    (whatever the base's dtype). bf16="auto" is on where the device supports bfloat16 and off on the CPU."""
     torch = _torch()
     cuda = device.startswith("cuda")
     if fp16 and bf16 is True:
@@ -65,9 +65,7 @@ def resolve_precision(bf16, fp16: bool, device: str, dtype: str = "float32") -> 
         if not cuda:
             raise HarnessError(f"recipe: fp16=True on the CPU (device {device}): float16 autocast with a grad scaler "
                                f"is for CUDA; on the CPU use bf16=True, or neither")
-        if dtype == "float16":
-            raise HarnessError("recipe: fp16=True keeps float32 master weights, but --model-args dtype=float16 "
-                               "loads the weights in float16 (a grad scaler cannot unscale them); load float32")
+        # a float16 base is fine: what trains is float32 (runs/master_weights.py), so the scaler unscales float32
         return "fp16"
     if bf16 == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"

@@ -25,6 +25,7 @@ from stance_harness.core.devices import DEVICE_CHOICES, _torch, check_device_nam
 from stance_harness.core.files import atomic_write, file_digest
 from stance_harness.core.registry import HarnessError, Registry, suggest
 from stance_harness.models.anatomy import Anatomy
+from stance_harness.models.dtypes import DTYPES, MASTER, checkpoint_dtype, resolve_dtype
 from stance_harness.models.gguf_files import cached_entry, package_file
 from stance_harness.models.gguf_files import origin as gguf_origin
 from stance_harness.models.tiny import TINY_CHAT_VARIANTS, TINY_RECIPES, cache_root
@@ -113,16 +114,18 @@ def resolve_model(name: str, gguf_file: str | None = None) -> ModelSpec:
     )
 
 
-_DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICE_MAPS = ("auto",)
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """`--model-args dtype=bfloat16,revision=main,device=auto`; `device_map=auto` shards the base
-    over the visible GPUs (transformers' big-model loading through accelerate)."""
+    over the visible GPUs (transformers' big-model loading through accelerate). load_model makes
+    device and dtype concrete (`resolved`, `dtypes.resolve_dtype`)."""
 
-    dtype: str = field(default="float32", metadata={"help": f"one of {', '.join(_DTYPES)}"})
+    dtype: str | None = field(default=None, metadata={
+        "help": f"one of {', '.join(DTYPES)} (auto: the checkpoint's own); not given: the checkpoint's own on "
+                f"CUDA, float32 on the CPU. What a run trains stays float32"})
     revision: str | None = field(default=None, metadata={"help": "hub revision (branch, tag or commit)"})
     device: str = field(default="auto", metadata={"help": f"{DEVICE_CHOICES}; auto: the first CUDA device, else cpu"})
     trust_remote_code: bool = field(default=False, metadata={"help": "off unless you ask for it"})
@@ -131,8 +134,8 @@ class ModelArgs:
     gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file in the directory --model names"})
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise HarnessError(f"--model-args dtype={self.dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise HarnessError(f"--model-args dtype={self.dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
         check_device_name(self.device)
         if self.device_map is not None:
             if self.device_map not in DEVICE_MAPS:
@@ -140,7 +143,8 @@ class ModelArgs:
                                    f"{', '.join(DEVICE_MAPS)}")
 
     def resolved(self, device: str | None = None) -> "ModelArgs":
-        """These arguments with the device made concrete (auto -> cuda:0 or cpu), or set to `device`."""
+        """These arguments with the device made concrete (auto -> cuda:0 or cpu), or set to `device`
+        (the dtype needs the checkpoint: load_model resolves it)."""
         return replace(self, device=device or resolve_device(self.device))
 
     @classmethod
@@ -466,7 +470,7 @@ class LoadedModel:
     def provenance(self) -> dict:
         return {"name": self.spec.name, "id": self.model_id, "source": self.spec.source, "package": self.spec.package,
                 "revision": self.revision, "model_type": self.anatomy.model_type,
-                "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype,
+                "num_layers": self.anatomy.num_layers, "dtype": self.args.dtype, "trained_dtype": MASTER,
                 "device": self.args.device, "device_name": device_description(self.args.device),
                 "device_map": _placement(self.base) if self.sharded else None,
                 **({"converted_from": self.origin} if self.origin is not None else {})}
@@ -543,6 +547,10 @@ def load_model(name: str = DEFAULT_MODEL, args: ModelArgs | None = None,
     path, revision = locate_weights(spec, args, progress)
     if not any(path.glob("*.safetensors")):
         raise HarnessError(f"{path} holds no .safetensors weights; the harness loads only safetensors, never pickles")
+    # device_map=auto puts the first layers where device=auto would: that device decides the dtype
+    dtype_device = args.device if args.device_map is None else resolve_device(args.device)
+    args = replace(args, dtype=resolve_dtype(args.dtype, dtype_device, checkpoint_dtype(path),
+                                             f"--model {name} ({path / 'config.json'})"))
     tokenizer = weights.open_tokenizer(path, args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

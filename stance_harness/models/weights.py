@@ -27,8 +27,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
 from stance_harness.analysis.digest import tensor_digest  # noqa: F401 - for loading.LoadedModel.base_digest
+from stance_harness.core.devices import resolve_device
 from stance_harness.core.errors import HarnessError
 from stance_harness.core.files import atomic_write, file_digest
+from stance_harness.models.dtypes import checkpoint_dtype, resolve_dtype
 from stance_harness.models.gguf_files import CONVERTER_VERSION, ORIGIN_FILE, GGUFInfo, entry_name
 from stance_harness.models.tiny import (
     EOS,
@@ -145,7 +147,7 @@ def from_pretrained(path: Path, args, **overrides):
     only, remote code only where the args allow it."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     auto = _auto_class(config)
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = _dtype(path, args)
     if args.device_map is not None:
         overrides.setdefault("device_map", args.device_map)
     else:
@@ -158,6 +160,13 @@ def from_pretrained(path: Path, args, **overrides):
     return model.eval() if "device_map" in overrides else model.to(args.device).eval()
 
 
+def _dtype(path: Path, args):
+    """The torch dtype `args` load the model at `path` in: concrete once load_model has resolved
+    them, else resolved here the same way (dtypes.resolve_dtype)."""
+    device = resolve_device(args.device)
+    return getattr(torch, resolve_dtype(args.dtype, device, checkpoint_dtype(path), f"{path / 'config.json'}"))
+
+
 def _auto_class(config):
     is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
     return AutoModelForCausalLM if is_decoder or config.model_type in ("qwen2", "llama", "phi", "gpt2") else AutoModel
@@ -167,11 +176,7 @@ def skeleton(path: Path, args):
     """The model `from_pretrained(path, args)` builds, on the meta device: its class, config, modules
     and parameters' shapes and dtypes, without reading or holding a weight."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    if args.dtype == "auto":  # what from_pretrained's "auto" reads: the checkpoint's recorded dtype
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    else:
-        dtype = getattr(torch, args.dtype)
+    dtype = _dtype(path, args)
     with torch.device("meta"):
         model = _auto_class(config).from_config(config, dtype=dtype, trust_remote_code=args.trust_remote_code)
     return model.eval()

@@ -32,6 +32,7 @@ from stance_harness.runs.tasks import DEFAULT_TASK, TASKS
 # The modules whose code decides what training produces: a change to any of them is a new key.
 TRAINING_CODE = ("runs/training.py", "runs/batches.py", "runs/tasks.py", "runs/instruments.py", "runs/data.py",
                  "runs/recipe.py", "runs/methods",
+                 "runs/master_weights.py",  # what a run trains in, on a half-precision base
                  "core/devices.py",  # the precision a recipe resolves to
                  "analysis/digest.py")  # the digests a stored run's frozen weights are checked against
 
@@ -139,7 +140,7 @@ class TrainingRequest:
         if seed_offset:
             recipe = Recipe.of(recipe, seed=recipe.seed + seed_offset)
         count = len(stance.training_examples(examples))
-        precision = resolve_precision(recipe.bf16, recipe.fp16, loaded.args.device, loaded.args.dtype)
+        precision = resolve_precision(recipe.bf16, recipe.fp16, loaded.args.device)
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise HarnessError(f"num_processes must be an integer >= 1, got {processes!r}")
         if processes > 1 and loaded.sharded:

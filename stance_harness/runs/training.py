@@ -35,6 +35,7 @@ from stance_harness.runs.instruments import (
     release_freed_memory,
     reset_peak_memory,
 )
+from stance_harness.runs.master_weights import cast_at_boundaries, master_dtype
 from stance_harness.runs.methods import METHODS, TrainingContext
 from stance_harness.runs.methods.base import bitsandbytes_module
 from stance_harness.runs.request import TrainingRequest
@@ -88,7 +89,8 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
 
     `ctx.before` holds the starting value of every tensor that may train: the base's own tensor
     where the run's parameter shared it, else a copy. With unshare=True each of those
-    parameters gets its own storage; the run store passes False and puts stored values in."""
+    parameters gets its own float32 storage (runs/master_weights.py); the run store passes False
+    and puts stored values in."""
     ctx, data = plan(request, loaded, stance)
     method, task, recipe, config = METHODS.get(request.method), ctx.task, request.recipe, request.config
     torch.manual_seed(recipe.seed)
@@ -102,6 +104,7 @@ def prepare(request: TrainingRequest, loaded, stance, unshare: bool = True) -> t
     if not trainable:
         raise HarnessError(f"method {request.method!r} with {config.as_dict()} left no parameter trainable")
     ctx.before = _starting_values(trainable, loaded, unshare)
+    cast_at_boundaries(model, trainable, task.head_parameters(model))
     return ctx, data
 
 
@@ -152,7 +155,9 @@ def build_optimizer(param_groups: list[dict], recipe):
 
 
 def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
-    """Each trainable tensor's starting value, un-sharing it from the base when asked."""
+    """Each trainable tensor's starting value, un-sharing it from the base when asked. What trains
+    is float32 (master weights): a half-precision tensor trains in a float32 copy, while its
+    starting value stays the base's own tensor, which that copy equals exactly."""
     base_tensors = {p.data_ptr(): p for _, p in loaded.base_parameters()}
     before = {}
     for name, param in trainable.items():
@@ -160,8 +165,9 @@ def _starting_values(trainable: dict, loaded, unshare: bool) -> dict:
         if owner is not None and owner.shape == param.shape and owner.dtype == param.dtype:
             before[name] = owner.detach()  # the base's own tensor: no second copy
             if unshare:
-                param.data = param.data.clone()
+                param.data = param.data.to(master_dtype(param.dtype), copy=True)
         else:
+            param.data = param.data.to(master_dtype(param.dtype))
             before[name] = param.detach().clone()  # new tensors (adapters, a fresh head)
     return before
 

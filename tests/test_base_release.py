@@ -98,7 +98,7 @@ def test_a_released_base_still_held_as_a_module_is_taken_back_not_loaded_twice(c
     assert loaded.base is base and counted_loads == [loaded.path]  # the same object: no second copy
     del base
     assert loaded.release_base() is True
-    loaded.base
+    _ = loaded.base  # loads it
     assert counted_loads == [loaded.path, loaded.path]
 
 
@@ -110,7 +110,7 @@ def test_a_base_handed_in_as_an_object_is_never_released():
 
 def test_without_torchs_storage_count_the_base_counts_as_held(monkeypatch):
     loaded = load_model("tiny-qwen2")
-    loaded.base
+    _ = loaded.base  # loads it
     monkeypatch.delattr(torch._C, "_storage_Use_Count")
     assert loaded.release_base() is False and loaded.base_loaded
 
@@ -158,7 +158,7 @@ def test_a_mixed_session_releases_the_base_for_qlora_and_loads_it_again_for_lora
     release_model, release_base = Run.release_model, loaded.release_base
     monkeypatch.setattr(Run, "release_model", lambda run: order.append(run.method.name) or release_model(run))
     monkeypatch.setattr(loaded, "release_base", lambda **how: order.append("base") or release_base(**how))
-    qlora.model  # the most recent
+    _ = qlora.model  # the most recent
     harness.resident.make_room(10 * harness.resident.budget)
     assert order == ["lora", "base", "qlora"]
     assert not loaded.base_loaded and harness.resident.held_bytes() == 0
@@ -228,7 +228,7 @@ def test_a_base_held_outside_the_runs_is_kept_and_collected_for_once_per_model_r
 def test_a_budget_that_knows_no_run_on_a_base_leaves_the_base_alone():
     budget = ResidentModels(0)
     loaded = load_model("tiny-qwen2")
-    loaded.base
+    _ = loaded.base  # loads it
     budget.make_room(1)  # it knows no run, so no base
     assert loaded.base_loaded and budget.base_released == 0 and budget.held_bytes() == 0
 

@@ -79,6 +79,22 @@ def quick_run(harness):
     return make
 
 
+@pytest.fixture
+def counted_loads(monkeypatch):
+    """How many times a full-precision base has been loaded from its files since the test began."""
+    import stance_harness.models.loading as loading
+
+    loads = []
+    real = loading._load_base
+
+    def load(path, args):
+        loads.append(path)
+        return real(path, args)
+
+    monkeypatch.setattr(loading, "_load_base", load)
+    return loads
+
+
 @pytest.fixture(autouse=True)
 def _own_run_store(request, monkeypatch, tmp_path):
     """Each pytester session gets its own run store: a run stored by one test is not loaded by the next.

@@ -21,20 +21,6 @@ RECIPE = {"learning_rate": 1e-3, "num_train_epochs": 1, "per_device_train_batch_
 
 
 @pytest.fixture
-def counted_loads(monkeypatch):
-    """How many times a full-precision base has been loaded from its files since the test began."""
-    loads = []
-    real = loading._load_base
-
-    def load(path, args):
-        loads.append(path)
-        return real(path, args)
-
-    monkeypatch.setattr(loading, "_load_base", load)
-    return loads
-
-
-@pytest.fixture
 def base_while_training(monkeypatch):
     """(method, whether the base was loaded when training began, and when it ended), per run trained."""
     seen = []

@@ -4,9 +4,7 @@ mixes methods builds it once, when the first method that shares it runs."""
 
 from pathlib import Path
 
-import pytest
 
-import stance_harness.models.loading as loading
 from stance_harness.models import ModelArgs, load_model
 from stance_harness.session import HarnessOptions, HarnessSession
 
@@ -65,20 +63,6 @@ def test_a_qlora_only_session_trains_stores_reloads_and_measures_without_the_ful
         monkeypatch.setenv("EXPECT_ORIGIN", origin)
         result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--model", "tiny-qwen2")
         result.assert_outcomes(passed=1)
-
-
-@pytest.fixture
-def counted_loads(monkeypatch):
-    """How many times a full-precision base has been loaded since the test began."""
-    loads = []
-    real = loading._load_base
-
-    def load(path, args):
-        loads.append(path)
-        return real(path, args)
-
-    monkeypatch.setattr(loading, "_load_base", load)
-    return loads
 
 
 def session(loaded, store) -> HarnessSession:

@@ -5,7 +5,8 @@ the plan's line, and a run trained in a worker has the weights of one trained in
 import json
 import re
 
-import pytest
+import peft  # noqa: F401 - at collection: an inline pytester run drops modules first imported during it, and
+import pytest  # bitsandbytes (which peft imports) cannot register its torch operators a second time
 import torch
 from safetensors.torch import load_file
 
@@ -346,3 +347,51 @@ def test_workers_take_only_the_runs_whose_lock_they_get_and_that_are_not_stored(
     assert harness.trained_ahead == {"lora-c"} and progress.done == 3
     with store.lock("lora-c", timeout=0):  # released once its run was done
         pass
+
+
+def _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured: bool):
+    """A LoRA run (its effective change needs the model: scale * B @ A on the base) trained and
+    stored as a plan-ahead worker does (workers.train_spec, here in-process), or stored straight
+    after training without the worker's measurements; then loaded as the session loads it."""
+    import dataclasses
+    from pathlib import Path
+
+    from stance_harness.models import ModelArgs
+    from stance_harness.runs import planning, workers
+    from stance_harness.runs.request import TrainingRequest
+    from stance_harness.runs.services import RunServices
+    from stance_harness.runs.training import train_run
+    from stance_harness.session import HarnessOptions
+
+    store = RunStore(tmp_path / "store")
+    request = TrainingRequest.build(tiny_qwen2, stance, "lora", examples=10, recipe=json.loads(RECIPE), options={"r": 2})
+    if measured:
+        options = HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], run_cache=store.root)
+        spec = planning.spec_of(PlannedRequest(request, "tiny-qwen2", "curious-uncertainty", steps=2), options,
+                                store.root)
+        models = {("tiny-qwen2", json.dumps(dataclasses.asdict(ModelArgs()), sort_keys=True)): tiny_qwen2}
+        workers.train_spec(spec, models, lambda _message: None)
+    else:
+        store.save(train_run(request, tiny_qwen2, stance))
+    return store.load(request, tiny_qwen2, stance).attach(RunServices(store=store))  # as the session holds it
+
+
+REPORTED = {"counts", "deltas:effective", "deltas:adapter"}  # what Run.summary reads of a run
+
+
+def test_a_worker_stores_what_the_report_reads(tmp_path, tiny_qwen2, stance):
+    run = _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured=True)
+    stored = {key: run.measurements[key] for key in REPORTED}  # read from the store, not measured here
+    summary = run.summary()
+    assert {key: run.measurements[key] for key in REPORTED} == stored
+    assert run.__dict__.get("_model") is None  # the report never rebuilt the model
+    assert summary["counts"]["trainable"] > 0 and summary["layers"]["effective"] and summary["layers"]["adapter"]
+    assert "analysis_error" not in summary
+
+
+def test_a_run_stored_without_them_is_rebuilt_for_the_report(tmp_path, tiny_qwen2, stance):
+    run = _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured=False)
+    assert not {"deltas:effective", "deltas:adapter"} & set(run.measurements)
+    summary = run.summary()
+    assert REPORTED <= set(run.measurements) and summary["layers"]["effective"]
+    assert run.__dict__.get("_model") is not None  # LoRA's effective change: scale * B @ A on the rebuilt model

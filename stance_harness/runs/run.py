@@ -382,6 +382,17 @@ class Run:
             **self._layer_tables(),
         }
 
+    def measure_reported(self) -> None:
+        """Measure now what `summary` reads of the model (its counts and per-layer change in both
+        views): a training worker does it while the model is in memory, and stores the values with
+        the run, so the session's report need not rebuild the model. A failure is left for
+        `summary`, which meets it again and reports it."""
+        try:
+            _ = self.counts
+        except Exception:  # noqa: BLE001 - summary() measures it again and reports the error
+            pass
+        self._layer_tables()
+
     def _layer_tables(self) -> dict:
         """Per-layer tables for the report; an analysis that fails or overruns is reported, not raised."""
         try:

@@ -38,5 +38,6 @@ def train_spec(spec: dict, models: dict, progress) -> float:
         models[key] = load_model(spec["model"], args)
     loaded, stance = models[key], load_stance(spec["stance"], spec["stance_dirs"])
     run = train_run(TrainingRequest.from_spec(spec, loaded, stance, "session"), loaded, stance, progress)
+    run.measure_reported()  # while its model is here: the session's report then reads them from the store
     RunStore(spec["store"]).save(run)  # a path or a URL
     return run.train_seconds

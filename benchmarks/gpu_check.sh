@@ -6,15 +6,20 @@
 # 1. benchmarks/run_memory.py on CUDA: six runs in one session, RSS and GPU memory per run;
 # 2. suites/ on a model with Qwen2-0.5B's shapes with --model-args device=auto: wall time and
 #    peak memory (the runs' CUDA max allocated, and nvidia-smi's device peak);
-# 3. benchmarks/qlora_vs_lora.py: QLoRA against LoRA, step time and peak memory.
+# 3. benchmarks/qlora_vs_lora.py: QLoRA against LoRA, step time and peak memory (CUDA max allocated),
+#    at Qwen2-0.5B's shapes (LAYERS, EXAMPLES) and then at Llama-3.2-3B's (all 28 layers, 16 examples),
+#    each model built from its config with random weights by benchmarks/shape_model.py. The 3B
+#    build and runs have at most LLAMA_TIMEOUT seconds (300); past it they are stopped and an error
+#    line is recorded beside any figures already printed.
 #
 # Without CUDA the same stages run shortened on the CPU, every figure labelled mode=cpu-shortened:
 # a 2-layer build of the shape model, run_memory's lora r8 run only, without its
 # single-run reference, two suite tests on the embedded tiny-qwen2 (one step of the shape model
-# takes ~20 s on a 2-core CPU), 8 examples for QLoRA against LoRA.
+# takes ~20 s on a 2-core CPU), 8 examples for QLoRA against LoRA at both shapes, each 2 layers deep.
 # Knobs: PY, LAYERS, EXAMPLES, MEMORY_RUNS, SUITES, SUITE_MODEL, SUITE_K, SUITE_TIMEOUT (s, then the
-# suites stop with SIGINT and their report is marked interrupted), WHEELS (a folder of wheels to
-# install first, e.g. bitsandbytes on a machine that reaches no registry).
+# suites stop with SIGINT and their report is marked interrupted), LLAMA_LAYERS, LLAMA_EXAMPLES,
+# LLAMA_TIMEOUT (s, for the Llama-3.2-3B shapes' build and runs together), WHEELS (a folder of
+# wheels to install first, e.g. bitsandbytes on a machine that reaches no registry).
 # Writes OUT_DIR/figures.jsonl (one JSON line per stage), a log per stage and the suites' report.json;
 # prints the figures at the end.
 set -u
@@ -39,12 +44,14 @@ started_all=$(date +%s)
 if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null)" = 1 ]; then
   MODE=gpu; LAYERS=${LAYERS:-24}; EXAMPLES=${EXAMPLES:-40}; SUITES=${SUITES:-suites/}
   SUITE_TIMEOUT=${SUITE_TIMEOUT:-300}; MEMORY_FLAGS=""; SUITE_K=${SUITE_K:-}
+  LLAMA_LAYERS=${LLAMA_LAYERS:-28}; LLAMA_EXAMPLES=${LLAMA_EXAMPLES:-16}; LLAMA_TIMEOUT=${LLAMA_TIMEOUT:-300}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 else
   MODE=cpu-shortened; LAYERS=${LAYERS:-2}; EXAMPLES=${EXAMPLES:-8}; SUITES=${SUITES:-suites/test_locus_of_learning.py}
   SUITE_TIMEOUT=${SUITE_TIMEOUT:-240}; MEMORY_FLAGS="--skip-alone"; MEMORY_RUNS=${MEMORY_RUNS:-lora r8}
   SUITE_MODEL=${SUITE_MODEL:-tiny-qwen2}
   SUITE_K=${SUITE_K-lora_changes_only_its_adapters or full_finetuning_moves_every_tensor}
+  LLAMA_LAYERS=${LLAMA_LAYERS:-2}; LLAMA_EXAMPLES=${LLAMA_EXAMPLES:-$EXAMPLES}; LLAMA_TIMEOUT=${LLAMA_TIMEOUT:-600}
   echo "no CUDA device: running the shortened CPU version (mode=$MODE, $LAYERS layers, $EXAMPLES examples)"
 fi
 MODEL_DIR=${MODEL_DIR:-/tmp/qwen2-0.5b-shape-$LAYERS}
@@ -93,12 +100,24 @@ else
 fi
 rm -rf "$OUT/run-cache"
 
-echo "== 3/3 qlora vs lora ($EXAMPLES examples)"
-if $PY benchmarks/qlora_vs_lora.py --model-dir "$MODEL_DIR" --layers "$LAYERS" --examples "$EXAMPLES" > "$OUT/qlora_vs_lora.log" 2>&1; then
-  grep '^{' "$OUT/qlora_vs_lora.log" | while read -r line; do record qlora_vs_lora "$line"; done
-else
-  tail -5 "$OUT/qlora_vs_lora.log"; record qlora_vs_lora '{"error": "failed, see qlora_vs_lora.log"}'
-fi
+qlora_vs_lora() {  # qlora_vs_lora SHAPE LAYERS EXAMPLES LOG LIMIT_S [--model-dir DIR]: one line per method
+  local shape=$1 layers=$2 examples=$3 log=$4 limit=$5; shift 5
+  echo "-- $shape, $layers layers, $examples examples${limit:+, at most ${limit}s}"
+  timeout -k 30 "${limit:-0}" $PY benchmarks/qlora_vs_lora.py --shape "$shape" --layers "$layers" \
+    --examples "$examples" "$@" > "$log" 2>&1
+  local status=$?
+  # each method's line is printed as it finishes: keep those a timeout or a failure left
+  grep '^{' "$log" | while read -r line; do record qlora_vs_lora "$line"; done
+  if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+    record qlora_vs_lora "{\"shape\": \"$shape\", \"layers\": $layers, \"error\": \"stopped at the ${limit}s limit, see $(basename "$log")\"}"
+  elif [ "$status" != 0 ]; then
+    tail -5 "$log"
+    record qlora_vs_lora "{\"shape\": \"$shape\", \"layers\": $layers, \"error\": \"failed (exit $status), see $(basename "$log")\"}"
+  fi
+}
+echo "== 3/3 qlora vs lora"
+qlora_vs_lora qwen2-0.5b "$LAYERS" "$EXAMPLES" "$OUT/qlora_vs_lora.log" "" --model-dir "$MODEL_DIR"
+qlora_vs_lora llama-3.2-3b "$LLAMA_LAYERS" "$LLAMA_EXAMPLES" "$OUT/qlora_vs_lora_llama.log" "$LLAMA_TIMEOUT"
 
 echo "== figures ($MODE, $(( $(date +%s) - started_all ))s in all) -> $FIGURES"
 cat "$FIGURES"

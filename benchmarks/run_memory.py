@@ -1,6 +1,7 @@
-"""Memory of one session that trains six runs on a model with Qwen2-0.5B's shapes.
+"""Memory of one session that trains six runs on a model with Qwen2-0.5B's shapes (or, with
+--shape llama-3.2-3b, Llama-3.2-3B's).
 
-It builds the model itself (random weights; nothing downloaded), loads it as the harness does
+It builds the model itself (shape_model.py: random weights; nothing downloaded), loads it as the harness does
 (float32), and in one HarnessSession trains lora r8, full, selective (13, 15), l2sp, lora r16 and
 gradual, 10 examples each (2 steps). A sampler thread reads the process's RSS every 5 ms. Per
 run it prints:
@@ -11,7 +12,8 @@ is also trained alone, in a fresh process, for that reference. On CUDA (--device
 the same figures are also taken of GPU memory: torch.cuda's max allocated while the run trained,
 and what stays allocated after it.
 
-    .venv/bin/python benchmarks/run_memory.py [--model-dir DIR] [--layers N] [--skip-alone] [--device auto]
+    .venv/bin/python benchmarks/run_memory.py [--shape qwen2-0.5b] [--layers N] [--model-dir DIR] [--skip-alone]
+        [--device auto]
         [--runs "lora r8;full;full, checkpointed;full, adamw_8bit"] [--alone "lora r8;qlora r8"] [--run-memory 1GiB]
 
 Labels beyond the six: "full, checkpointed" (recipe gradient_checkpointing=True), "full, adamw_8bit"
@@ -23,7 +25,9 @@ session never loads the full-precision base), as RSS and as anonymous RSS (RSS l
 files' resident pages: the safetensors pages a load reads count in RSS until the file is closed). With --run-memory (the session's budget, as the
 pytest option) each row also says how often the full-precision base was released and whether it is
 loaded: --runs "lora r8;qlora r8" --run-memory 1GiB --layers 2 releases it before QLoRA trains.
-"models held" counts the base while it is loaded, as the budget does.
+"models held" counts the base while it is loaded, as the budget does. --layers defaults to the shape's
+full depth and --model-dir to shape_model's $TMPDIR/<shape>-shape-<layers>; the last line, the
+figures as JSON, names the shape and its layers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shape_model import DEFAULT_SHAPE, SHAPES, build, default_dir, full_depth  # noqa: E402
 
 RECIPE = {"learning_rate": 1e-4, "num_train_epochs": 1, "per_device_train_batch_size": 5, "seed": 0}
 RUNS = [
@@ -72,7 +78,7 @@ def _split(options: dict) -> tuple[dict, dict]:
 
 
 def _on(anatomy, options: dict) -> dict:
-    """Layer options are Qwen2-0.5B's (24 layers): map them to this build's depth."""
+    """Layer options are written for Qwen2-0.5B's 24 layers: map them by relative depth to this build's."""
     if "layers" in options and options["layers"] is not None:
         return {**options, "layers": anatomy.analog(options["layers"], depth=24)}
     if "start_layers" in options:
@@ -176,8 +182,9 @@ def alone(model_dir: str, label: str, device: str = "auto") -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=DEFAULT_SHAPE)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's full depth)")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: $TMPDIR/<shape>-shape-<layers>")
     parser.add_argument("--skip-alone", action="store_true", help="skip the single-run reference processes")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (1 on a shared machine)")
@@ -198,12 +205,12 @@ def main() -> None:
 
     import torch
 
-    from shape_model import build
     from stance_harness.runs.residency import parse_bytes
 
     budget = parse_bytes(args.run_memory) if args.run_memory else None
     torch.set_num_threads(args.threads)
-    model_dir = build(args.model_dir, args.layers)
+    layers = full_depth(args.shape) if args.layers is None else args.layers
+    model_dir = build(args.model_dir or default_dir(args.shape, layers), layers, args.shape)
     figures = session_figures(model_dir, chosen, args.device, budget) if chosen else {}
     alone_peaks = {label: train_alone(model_dir, label, args.device) for label in alone_labels}
     for label, peak in alone_peaks.items():
@@ -222,7 +229,7 @@ def main() -> None:
             print(f"a QLoRA-only session's peak ({qlora}) / a LoRA-only session's ({lora}) = "
                   f"{alone_peaks[qlora]['rss'] / alone_peaks[lora]['rss']:.3f} (RSS), "
                   f"{alone_peaks[qlora]['anon'] / alone_peaks[lora]['anon']:.3f} (anonymous); issue 30 asks <= 0.6")
-    print(json.dumps({**figures, "alone": alone_peaks}))
+    print(json.dumps({"shape": args.shape, "layers": layers, **figures, "alone": alone_peaks}))
 
 
 def session_figures(model_dir: Path, chosen: list[str], device: str, run_memory: int | None = None) -> dict:

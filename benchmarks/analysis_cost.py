@@ -45,7 +45,7 @@ def read_pass(pairs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: shape_model.default_dir for --layers")
     parser.add_argument("--layers", type=int, default=24)
     args = parser.parse_args()
 
@@ -53,10 +53,10 @@ def main() -> None:
 
     from stance_harness.analysis.deltas import delta_table, raw_delta_pairs
     from stance_harness.analysis.digest import tensor_digest
-    from shape_model import build
+    from shape_model import build, default_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model_dir = build(args.model_dir, args.layers)
+    model_dir = build(args.model_dir or default_dir(layers=args.layers), args.layers)
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:
         s = session(model_dir, Path(store))

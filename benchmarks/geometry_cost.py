@@ -27,7 +27,7 @@ from run_memory import RECIPE, PeakSampler, measure, session  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen2-0.5b-shape")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: shape_model.default_dir for --layers")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (1 on a shared machine: spinning BLAS threads slow SVDs many-fold)")
@@ -36,10 +36,10 @@ def main() -> None:
 
     import torch
 
-    from shape_model import build
+    from shape_model import build, default_dir
 
     torch.set_num_threads(args.threads)
-    model_dir = build(args.model_dir, args.layers)
+    model_dir = build(args.model_dir or default_dir(layers=args.layers), args.layers)
     sampler = PeakSampler()
     with tempfile.TemporaryDirectory() as store:
         s = session(model_dir, Path(store))

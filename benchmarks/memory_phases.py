@@ -33,11 +33,10 @@ def main() -> None:
 
     import torch
 
-    from shape_model import build
+    from shape_model import build, default_dir
 
     torch.set_num_threads(1)
-    default = "qwen2-0.5b-shape" if args.layers == 24 else f"qwen2-0.5b-shape-{args.layers}"
-    model_dir = build(args.model_dir or Path(tempfile.gettempdir()) / default, args.layers)
+    model_dir = build(args.model_dir or default_dir(layers=args.layers), args.layers)
     sampler = PeakSampler(0.002)
 
     def mark(what: str) -> None:

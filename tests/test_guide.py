@@ -149,7 +149,8 @@ def cli_options() -> set[str]:
 
 # Options of pytest and other tools that the docs show in commands (pip, accelerate, torchrun, the example script)
 OTHER_TOOLS = {"--junitxml", "--head", "--address", "--no-deps", "--upgrade", "--num_processes", "--num_machines",
-               "--machine_rank", "--main_process_ip", "--nnodes", "--nproc_per_node", "--standalone", "--strict", "--method", "--options", "--recipe", "--out"}
+               "--machine_rank", "--main_process_ip", "--nnodes", "--nproc_per_node", "--standalone", "--strict", "--method", "--options", "--recipe", "--out",
+               "--shape", "--layers"}  # the last two: benchmarks/shape_model.py's
 
 
 def test_every_option_in_the_docs_exists():

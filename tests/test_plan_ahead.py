@@ -349,7 +349,7 @@ def test_workers_take_only_the_runs_whose_lock_they_get_and_that_are_not_stored(
         pass
 
 
-def _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured: bool):
+def _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured: bool, analysis_timeout: float | None = None):
     """A LoRA run (its effective change needs the model: scale * B @ A on the base) trained and
     stored as a plan-ahead worker does (workers.train_spec, here in-process), or stored straight
     after training without the worker's measurements; then loaded as the session loads it."""
@@ -366,7 +366,8 @@ def _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured: bool):
     store = RunStore(tmp_path / "store")
     request = TrainingRequest.build(tiny_qwen2, stance, "lora", examples=10, recipe=json.loads(RECIPE), options={"r": 2})
     if measured:
-        options = HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], run_cache=store.root)
+        options = HarnessOptions("tiny-qwen2", ModelArgs(), [], None, Path("."), [], run_cache=store.root,
+                                 analysis_timeout=analysis_timeout)
         spec = planning.spec_of(PlannedRequest(request, "tiny-qwen2", "curious-uncertainty", steps=2), options,
                                 store.root)
         models = {("tiny-qwen2", json.dumps(dataclasses.asdict(ModelArgs()), sort_keys=True)): tiny_qwen2}
@@ -395,3 +396,9 @@ def test_a_run_stored_without_them_is_rebuilt_for_the_report(tmp_path, tiny_qwen
     summary = run.summary()
     assert REPORTED <= set(run.measurements) and summary["layers"]["effective"]
     assert run.__dict__.get("_model") is not None  # LoRA's effective change: scale * B @ A on the rebuilt model
+
+
+def test_the_worker_measures_under_the_sessions_analysis_timeout(tmp_path, tiny_qwen2, stance):
+    run = _stored_by_a_worker(tmp_path, tiny_qwen2, stance, measured=True, analysis_timeout=1e-6)
+    assert not {"deltas:effective", "deltas:adapter"} & set(run.measurements)  # over the limit: left to the session
+    assert run.summary()["layers"]["effective"]  # which measures them

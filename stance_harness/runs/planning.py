@@ -308,7 +308,8 @@ def spec_of(planned, options, store_root: Path | str) -> dict:
             "recipe": request.recipe.as_dict(), "examples": request.examples, "task": request.task,
             "instruments": asdict(request.instruments), "precision": request.precision,
             "chat_template": "none" if request.framing.get("kind") == "plain" else "auto",
-            "module": method.__module__, "steps": planned.steps, "store": str(store_root)}
+            "module": method.__module__, "steps": planned.steps, "store": str(store_root),
+            "analysis_timeout": options.analysis_timeout}
 
 
 # -- the local executor ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from stance_harness.models import ModelArgs, load_model
 from stance_harness.runs.methods import METHODS
 from stance_harness.runs.request import TrainingRequest
 from stance_harness.runs.runstore import RunStore
+from stance_harness.runs.services import RunServices
 from stance_harness.runs.training import train_run
 from stance_harness.stances import load_stance
 
@@ -38,6 +39,7 @@ def train_spec(spec: dict, models: dict, progress) -> float:
         models[key] = load_model(spec["model"], args)
     loaded, stance = models[key], load_stance(spec["stance"], spec["stance_dirs"])
     run = train_run(TrainingRequest.from_spec(spec, loaded, stance, "session"), loaded, stance, progress)
-    run.measure_reported()  # while its model is here: the session's report then reads them from the store
+    # while its model is here, under the session's --analysis-timeout: the report then reads them from the store
+    run.attach(RunServices(analysis_timeout=spec.get("analysis_timeout"))).measure_reported()
     RunStore(spec["store"]).save(run)  # a path or a URL
     return run.train_seconds

@@ -15,6 +15,7 @@ import pytest
 
 import stance_harness
 from stance_harness.core.errors import HarnessError
+from stance_harness.core.metrics import is_wall_clock
 from stance_harness.report.records import repeat_base
 from stance_harness.report.verdicts import changed_message, interval_of
 
@@ -86,11 +87,17 @@ def hold_against_record(nodeid: str, model: str, recorded: dict, verdict: str, r
     where inconclusive was recorded waits for the Holm correction over its test file (xfail now;
     `record`, the test's TestRecord, is marked to be judged at the end of the session). A record
     made with another number of training seeds per arm is of another claim (one seed: two runs,
-    not the methods), so a different verdict then xfails, saying so, instead of failing."""
+    not the methods), so a different verdict then xfails, saying so, instead of failing; so does a
+    claim on clock times (`wall_clock_metrics`), whose record is data about another machine's load."""
     seeds, recorded_seeds = getattr(record, "seeds", None), recorded.get("seeds")
     if verdict != recorded["verdict"] and seeds and recorded_seeds and seeds != recorded_seeds:
         pytest.xfail(f"recorded {recorded['verdict']} on {model} with {recorded_seeds} seeds per arm; this session "
                      f"trained {seeds}, another claim, and found it {verdict}: not held against the record")
+    timed = wall_clock_metrics(record.checks if record else []) if verdict != recorded["verdict"] else []
+    if timed:
+        pytest.xfail(f"recorded {recorded['verdict']} on {model}, found {verdict} here: a claim on clock times "
+                     f"({', '.join(timed)}) depends on the machine and its load, so its record is data about "
+                     f"the machine it was made on, not held against this one")
     if verdict == "supported" and recorded["verdict"] == "inconclusive":
         # supported alone; whether it stays supported is known only when its family (the test
         # file) is Holm-corrected at the end of the session, which then judges it against the record
@@ -102,6 +109,12 @@ def hold_against_record(nodeid: str, model: str, recorded: dict, verdict: str, r
         raise VerdictChanged(changed_message(repeat_base(nodeid), recorded, verdict, interval, model))
     if verdict != "supported":
         pytest.xfail(f"recorded {verdict} on {model}: {recorded.get('reason') or '-'}")
+
+
+def wall_clock_metrics(checks: list[dict]) -> list[str]:
+    """The metrics a test's checks compared, when every one is a clock time (else none)."""
+    metrics = sorted({(c.get("metrics") or {}).get("metric") for c in checks} - {None})
+    return metrics if metrics and all(is_wall_clock(m) for m in metrics) else []
 
 
 def without_record(verdict: str, inconclusive: str, error: BaseException | None, result):

@@ -105,6 +105,25 @@ def test_a_changed_verdict_fails_with_the_record_and_the_interval():
     assert "+0.2 [+0.1, +0.3] (ece, 3 seeds)" in message and "the record said: clear" in message
 
 
+def test_a_changed_verdict_on_clock_times_is_data_about_a_machine_and_does_not_fail():
+    import stance_harness.measurements  # noqa: F401 - declares step_time, a wall-clock metric
+
+    timed = TestRecord(RECORD_TEST)
+    timed.checks.append({"metrics": {"low": -0.01, "high": 0.01, "estimate": 0.0, "metric": "step_time", "n": 10,
+                                     "unit": "run"}})
+    with pytest.raises(pytest.xfail.Exception, match=r"^recorded refuted on tiny-qwen2, found inconclusive here: a "
+                                                     r"claim on clock times \(step_time\) depends on the machine"):
+        hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "refuted", "seeds": 5}, "inconclusive", timed)
+    with pytest.raises(pytest.xfail.Exception, match=r"^recorded inconclusive on tiny-qwen2, found supported here"):
+        hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "inconclusive", "seeds": 5}, "supported", timed)
+    assert not timed.held_for_family  # not left for the family's correction to fail at the end
+    # one check on a metric that is not a clock time makes it a claim about the runs: held against the record
+    timed.checks.append({"metrics": {"low": 0.1, "high": 0.3, "estimate": 0.2, "metric": "ece", "n": 3,
+                                     "unit": "seed"}})
+    with pytest.raises(VerdictChanged, match="recorded refuted, now inconclusive"):
+        hold_against_record(RECORD_TEST, "tiny-qwen2", {"verdict": "refuted", "seeds": 5}, "inconclusive", timed)
+
+
 def test_a_record_made_with_other_seeds_is_another_claim_and_does_not_fail():
     record = TestRecord(RECORD_TEST, seeds=1)  # --seeds 1 against a record of 5 seeds per arm
     with pytest.raises(pytest.xfail.Exception, match=r"^recorded inconclusive on tiny-qwen2 with 5 seeds per arm; "

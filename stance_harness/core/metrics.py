@@ -34,13 +34,18 @@ class MetricInfo:
 
 
 METRICS: Registry[MetricInfo] = Registry("metric")
+WALL_CLOCK: set[str] = set()  # metrics timed by the clock: their values depend on the machine and its load
 
 
-def declare_metric(name: str, direction: str, description: str) -> MetricInfo:
+def declare_metric(name: str, direction: str, description: str, wall_clock: bool = False) -> MetricInfo:
     """Declare a metric's direction where it is produced (a bare name: namespaces share it).
-    Declaring it again with the same direction is a no-op; with the other direction, an error."""
+    Declaring it again with the same direction is a no-op; with the other direction, an error.
+    wall_clock: its values are times the clock measured (a step's seconds), not a function of
+    the runs alone."""
     if "." in name:
         raise ValueError(f"declare the bare metric name, not {name!r}: namespaces share its direction")
+    if wall_clock:
+        WALL_CLOCK.add(name)
     info = MetricInfo(direction, description)
     if name in METRICS:
         known = METRICS.get(name)
@@ -58,6 +63,11 @@ def declare_metrics(entries) -> None:
 
 def is_declared(name: str) -> bool:
     return base_name(name) in METRICS
+
+
+def is_wall_clock(name: str) -> bool:
+    """Whether the metric's values are clock times (declared wall_clock)."""
+    return base_name(name) in WALL_CLOCK
 
 
 def declared_directions(names) -> dict[str, dict]:

@@ -36,6 +36,7 @@ class Metric:
     name: str
     direction: str  # core.metrics.LOWER or HIGHER
     description: str
+    wall_clock: bool = False  # a time the clock measured: it depends on the machine and its load
 
 
 @dataclass(eq=False)
@@ -157,7 +158,7 @@ def register_measurement(spec: MeasurementSpec) -> MeasurementSpec:
             raise ValueError(f"measurement {spec.name!r}: paired metric(s) {', '.join(sorted(clash))} already "
                              f"come from measurement {other_name!r}")
     for metric in spec.metrics:
-        declare_metric(metric.name, metric.direction, metric.description)
+        declare_metric(metric.name, metric.direction, metric.description, metric.wall_clock)
     MEASUREMENTS.register(spec.name, spec)
     return spec
 

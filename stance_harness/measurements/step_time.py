@@ -12,5 +12,5 @@ def step_times(ctx) -> list[float]:
 
 register_measurement(MeasurementSpec(
     "step_time", step_times, "seconds per optimizer step, from the training trace", kept=False,
-    metrics=(Metric("step_time", LOWER, "seconds per optimizer step"),),
+    metrics=(Metric("step_time", LOWER, "seconds per optimizer step", wall_clock=True),),
     paired={"step_time": lambda ctx, metric: ("step", ctx.measure("step_time"))}))

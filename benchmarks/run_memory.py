@@ -96,12 +96,12 @@ def rss() -> int:
     return _statm()[1]
 
 
-def anon() -> int:
-    """Resident bytes not backed by a file: RSS less the resident pages of mapped files (a
-    memory-mapped safetensors file's pages count in RSS while the loader reads it, but they are
-    page cache the kernel can reclaim, not memory the process allocated)."""
+def rss_and_anon() -> tuple[int, int]:
+    """RSS, and the resident bytes not backed by a file (RSS less the resident pages of mapped
+    files: a memory-mapped safetensors file's pages count in RSS while the loader reads it, but
+    they are page cache the kernel can reclaim, not memory the process allocated), from one read."""
     fields = _statm()
-    return fields[1] - fields[2]
+    return fields[1], fields[1] - fields[2]
 
 
 class PeakSampler:
@@ -115,16 +115,20 @@ class PeakSampler:
 
     def _run(self):
         while not self._stop.wait(self.every):
-            self.peak, self.anon_peak = max(self.peak, rss()), max(self.anon_peak, anon())
+            self._sample()
+
+    def _sample(self) -> None:
+        resident, anonymous = rss_and_anon()
+        self.peak, self.anon_peak = max(self.peak, resident), max(self.anon_peak, anonymous)
 
     def reset(self) -> None:
-        self.peak, self.anon_peak = rss(), anon()
+        self.peak, self.anon_peak = rss_and_anon()
 
     def read(self) -> int:
-        return max(self.peak, rss())
+        return max(self.peak, rss_and_anon()[0])
 
     def read_anon(self) -> int:
-        return max(self.anon_peak, anon())
+        return max(self.anon_peak, rss_and_anon()[1])
 
 
 def measure(fn, sampler: PeakSampler):

@@ -16,8 +16,9 @@ cluster as a task, and is `remote`: built once per session by `for_session(harne
 "local" trains in spawned worker processes on this machine, one per GPU where the model is on
 CUDA, else one per core with one torch thread each (`--train-workers N` overrides). Each
 worker trains through the one loop (`training.train_run`), measures what the report reads of
-the run while its model is in memory (`Run.measure_reported`), and saves it as the session would. A worker that dies loses only the run it was training: the tests that ask for
-that run fail with its name and the error; the executor starts a fresh worker for the rest.
+the run while its model is in memory (`Run.measure_reported`), and saves it as the session
+would. A worker that dies loses only the run it was training: the tests that ask for that run
+fail with its name and the error; the executor starts a fresh worker for the rest.
 With one worker the runs are trained in the session's own process (no second copy of the base).
 
 Under pytest-xdist each worker collects every test, so each plans them all; each trains ahead
